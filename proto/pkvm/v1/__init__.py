@@ -1,0 +1,1 @@
+"""pkvm.v1: the HypervisorService protocol."""

@@ -1,0 +1,172 @@
+"""The simulated machine's configuration (SEMANTICS A.1).
+
+`SimConfig` is immutable and validated on construction; the CLI, the server's flags,
+config file and environment, and the tests all build one through `SimConfig.from_mapping`
+(or the constructor), so there is exactly one place that knows the knobs and defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .layout import (
+    GIB,
+    LAYOUTS,
+    PAGE_SIZES,
+    HypPageLayout,
+    PageGeometry,
+    Profile,
+)
+
+HYP_MEMBLOCK_REGIONS = 128  # the kernel copies at most this many memblock regions
+
+_SIZE_RE = re.compile(r"^\s*(0x[0-9a-f_]+|[0-9_]+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
+_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse '4G', '4GiB', '512M', '0x8000_0000', '65536' into bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a size or address: {text!r}")
+    number, suffix = m.groups()
+    value = int(number.replace("_", ""), 0)
+    return value * _SUFFIX[(suffix or "")[:1].lower()]
+
+
+@dataclass(frozen=True, order=True)
+class Memblock:
+    """One RAM region [base, base + size) of the host's memblock 'memory' list."""
+
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    @classmethod
+    def parse(cls, text: str) -> Memblock:
+        """Parse 'BASE:SIZE', e.g. '0x80000000:4G'."""
+        base, sep, size = text.partition(":")
+        if not sep:
+            raise ValueError(f"memblock must be BASE:SIZE, not {text!r}")
+        return cls(parse_size(base), parse_size(size))
+
+    def __str__(self) -> str:
+        return f"[{self.base:#x}, {self.end:#x})"
+
+
+DEFAULT_MEMBLOCKS = (Memblock(0x8000_0000, 4 * GIB),)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """All knobs of the simulated machine; defaults are the quick-start configuration."""
+
+    profile: Profile = Profile.V5_14
+    hyp_page_layout: str | None = None  # '32', '4', '2'; None = the profile's
+    page_size: int = PAGE_SIZES["4K"]
+    vmemmap_coverage: str = "all"  # 'carveout' (V13/V14) or 'all' (V62)
+    max_order_formula: str = "v5.14"  # or 'v5.17' ("Fix hyp_pool max order")
+    memblocks: tuple[Memblock, ...] = DEFAULT_MEMBLOCKS
+    ia_bits: int = 40
+    nr_cpus: int = 8
+    hyp_s1_early_used_pages: int = 0
+    hyp_pool_extra_pages: int = 0
+    carveout_base: int | None = None  # None = top-down placement (SEMANTICS 1.5)
+    faithful_bugs: bool = False  # reproduce the V14 quirks of SEMANTICS 3.10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "profile", Profile(self.profile))
+        object.__setattr__(self, "memblocks", tuple(sorted(self.memblocks)))
+        self._validate()
+
+    def _validate(self) -> None:
+        geometry = PageGeometry(self.page_size)  # raises on a bad page size
+        if self.hyp_page_layout is not None and self.hyp_page_layout not in LAYOUTS:
+            raise ValueError(f"hyp_page_layout must be one of 32, 4, 2, not {self.hyp_page_layout}")
+        if self.vmemmap_coverage not in ("carveout", "all"):
+            raise ValueError("vmemmap_coverage must be 'carveout' or 'all'")
+        if self.max_order_formula not in ("v5.14", "v5.17"):
+            raise ValueError("max_order_formula must be 'v5.14' or 'v5.17'")
+        if not 32 <= self.ia_bits <= 48:
+            raise ValueError(f"ia_bits must be in 32..48, not {self.ia_bits}")
+        if not 1 <= self.nr_cpus <= 4096:
+            raise ValueError(f"nr_cpus must be in 1..4096, not {self.nr_cpus}")
+        if not self.memblocks:
+            raise ValueError("at least one memblock is needed")
+        if len(self.memblocks) > HYP_MEMBLOCK_REGIONS:
+            raise ValueError(f"at most {HYP_MEMBLOCK_REGIONS} memblocks (HYP_MEMBLOCK_REGIONS)")
+        for block in self.memblocks:
+            if block.size <= 0 or block.base < 0:
+                raise ValueError(f"memblock {block} is empty or negative")
+            if block.base % geometry.page_size or block.size % geometry.page_size:
+                raise ValueError(f"memblock {block} is not page aligned")
+            if block.end > 1 << self.ia_bits:
+                raise ValueError(f"memblock {block} lies beyond the {self.ia_bits}-bit IPA space")
+        for lower, upper in zip(self.memblocks, self.memblocks[1:], strict=False):
+            if upper.base < lower.end:
+                raise ValueError(f"memblocks {lower} and {upper} overlap")
+        for name in ("hyp_s1_early_used_pages", "hyp_pool_extra_pages"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    @property
+    def layout(self) -> HypPageLayout:
+        if self.hyp_page_layout is None:
+            return self.profile.default_layout
+        return LAYOUTS[self.hyp_page_layout]
+
+    @property
+    def geometry(self) -> PageGeometry:
+        return PageGeometry(self.page_size)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(block.size for block in self.memblocks)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SimConfig:
+        """Build from loosely typed values (CLI flags, TOML/YAML, environment strings)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            kwargs[key] = _coerce(key, value)
+        return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key == "memblocks":
+        items = [value] if isinstance(value, str) else list(value)
+        return tuple(
+            Memblock.parse(v) if isinstance(v, str)
+            else Memblock(parse_size(v["base"]), parse_size(v["size"])) if isinstance(v, Mapping)
+            else v
+            for v in items
+        )
+    if key == "page_size":
+        if isinstance(value, str) and value.upper() in PAGE_SIZES:
+            return PAGE_SIZES[value.upper()]
+        return parse_size(value)
+    if key == "hyp_page_layout":
+        return str(value)
+    if key == "carveout_base":
+        return parse_size(value)
+    if key in ("ia_bits", "nr_cpus", "hyp_s1_early_used_pages", "hyp_pool_extra_pages"):
+        return int(value, 0) if isinstance(value, str) else int(value)
+    if key == "faithful_bugs":
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    return value

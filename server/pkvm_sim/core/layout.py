@@ -1,0 +1,117 @@
+"""Page geometry and the `struct hyp_page` layouts (SEMANTICS A.1, 1.1, 1.2).
+
+A *layout* is what one vmemmap entry looks like at EL2. The simulator stores each entry's
+two live fields (refcount, order) in two parallel typed arrays whose item sizes are never
+larger than the modelled fields, so the simulator's memory per page tracks the layout:
+
+    layout | modelled entry                      | stored as            | refcount max | NO_ORDER
+    -------+-------------------------------------+----------------------+--------------+---------
+    32     | u32 refcount, u32 order, ptr, list  | array('I') + ('I')   | 2**32 - 1    | 2**32-1
+    4      | u16 refcount, u16 order             | array('H') + ('H')   | 65535        | 65535
+    2      | 13-bit refcount, 3-bit order        | array('H') + ('B')   | 8191         | 7
+
+(The 2-byte proposal is stored in 3 bytes; its limits are enforced exactly.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class HypPageLayout:
+    """One `struct hyp_page` layout: its size and the limits of its fields."""
+
+    name: str
+    entry_bytes: int
+    refcount_max: int
+    no_order: int  # HYP_NO_ORDER: the order value of every page that is not a block head
+    max_order_cap: int | None  # layout-imposed MAX_ORDER (3-bit order field), None = none
+    refcount_typecode: str  # array typecode storing the refcount
+    order_typecode: str  # array typecode storing the order
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the simulator itself spends per vmemmap entry."""
+        from array import array
+
+        return array(self.refcount_typecode).itemsize + array(self.order_typecode).itemsize
+
+
+LAYOUT_32 = HypPageLayout("32", 32, 2**32 - 1, 2**32 - 1, None, "I", "I")
+LAYOUT_4 = HypPageLayout("4", 4, 65535, 65535, None, "H", "H")
+LAYOUT_2 = HypPageLayout("2", 2, 8191, 7, 7, "H", "B")
+
+LAYOUTS: dict[str, HypPageLayout] = {lay.name: lay for lay in (LAYOUT_32, LAYOUT_4, LAYOUT_2)}
+
+
+class Profile(str, Enum):
+    """Kernel version modelled: before (v5.13) or after (v5.14) the series."""
+
+    V5_13 = "v5.13"
+    V5_14 = "v5.14"
+
+    @property
+    def default_layout(self) -> HypPageLayout:
+        return LAYOUT_32 if self is Profile.V5_13 else LAYOUT_4
+
+
+@dataclass(frozen=True)
+class PageGeometry:
+    """Everything that follows from PAGE_SIZE (SEMANTICS notation, 3.1)."""
+
+    page_size: int
+
+    def __post_init__(self) -> None:
+        if self.page_size not in PAGE_SIZES.values():
+            raise ValueError(f"page size must be 4K, 16K or 64K, not {self.page_size}")
+
+    @property
+    def page_shift(self) -> int:
+        return self.page_size.bit_length() - 1
+
+    @property
+    def ptrs_per_table(self) -> int:
+        """E: 8-byte entries per table page (512 / 2048 / 8192)."""
+        return self.page_size // 8
+
+    @property
+    def kernel_max_order(self) -> int:
+        """The kernel's MAX_ORDER for this page size on arm64 (11 / 12 / 14)."""
+        return {4 * KIB: 11, 16 * KIB: 12, 64 * KIB: 14}[self.page_size]
+
+    @property
+    def pmd_size(self) -> int:
+        """Size mapped by one level-2 block (2 MiB / 32 MiB / 512 MiB)."""
+        return self.page_size * self.ptrs_per_table
+
+    @property
+    def pages_per_gib(self) -> int:
+        return GIB // self.page_size
+
+    def level_shift(self, level: int) -> int:
+        """Address shift of a level (4K: 39/30/21/12 for levels 0..3; level -1 gives 48)."""
+        return (self.page_shift - 3) * (4 - level) + 3
+
+    def granule(self, level: int) -> int:
+        """Bytes mapped by one entry at `level`."""
+        return 1 << self.level_shift(level)
+
+
+PAGE_SIZES: dict[str, int] = {"4K": 4 * KIB, "16K": 16 * KIB, "64K": 64 * KIB}
+
+
+def effective_max_order(geometry: PageGeometry, layout: HypPageLayout) -> int:
+    """MAX_ORDER for the allocator: the kernel's, capped by a narrow order field."""
+    if layout.max_order_cap is None:
+        return geometry.kernel_max_order
+    return min(geometry.kernel_max_order, layout.max_order_cap)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
