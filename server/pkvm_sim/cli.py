@@ -1,0 +1,41 @@
+"""`pkvm-sim`: one command, one subcommand per tool.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args)`;
+modules are imported only when their subcommand runs, so `pkvm-sim reserve` never loads gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("pkvm_sim.service.serve", "run the gRPC service (default configuration: 4 GiB)"),
+    "reserve": ("pkvm_sim.tools.reserve", "print the EL2 carve-out (reservation) breakdown"),
+    "replay-trace": ("pkvm_sim.tools.replay_trace", "replay hyp-pool-trace/1 oracle traces"),
+    "scenario": ("pkvm_sim.tools.scenario", "run a seeded workload, e.g. mmio-pressure"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pkvm-sim", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        if name == wanted:  # import only what runs
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,586 @@
+"""The EL2 buddy allocator, `struct hyp_pool`, exactly as in Linux v5.14 (SEMANTICS section 2).
+
+A pool owns the pfns [base_pfn, base_pfn + nr_pages). Its first `reserved_pages` are held
+with refcount 1 and never handed out; the rest are cut into naturally aligned blocks of
+2**order pages, order < max_order, kept on one FIFO free list per order.
+
+Where things live, as in the kernel after the series:
+- refcount and order of every page: the vmemmap (`struct hyp_page`, 4 bytes in V14);
+- the free-list node of a free block: inside the free block's first page. Here that is
+  `_next`/`_prev`, sparse maps keyed by pfn holding an entry only while the block is free.
+  Each list is circular with a sentinel key `-1 - order` standing for `free_area[order]`.
+
+Page states (2.2), for every pfn q of the pool:
+
+    FREE-HEAD   on free list o, order == o, refcount == 0, block aligned and in range
+    FREE-TAIL   inside a free block:          order == NO_ORDER, refcount == 0
+    ALLOC-HEAD  head of a held block:         order == o,        refcount >= 1
+    ALLOC-TAIL  inside a held block:          order == NO_ORDER, refcount == 0
+    RESERVED    q < base_pfn + reserved:      order == 0,        refcount == 1
+
+Buddies are found by XOR on the absolute pfn, so alignment is physical, not pool-relative.
+Splitting keeps the lower half and releases upper halves, largest first:
+
+    alloc(order 0) from a free order-2 block at pfn 8:
+
+      [ 8  9 10 11 ]  o2 head 8        take 8 off list 2
+      [ 8  9][10 11]  10 -> tail of list 1
+      [ 8][9][10 11]  9  -> tail of list 0, return 8 (refcount 1)
+
+Freeing is the mirror image: the block goes back at the tail of its list after merging with
+every free buddy of the same order (buddy = pfn ^ (1 << order)) while order + 1 < max_order.
+
+Every refusal raises before the first write, so a failed call leaves the pool unchanged. The
+one lock of the simulator is taken by the caller; the methods here assume it is held.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
+from .physmem import PhysicalMemory
+from .vmemmap import Vmemmap
+
+U32_MASK = 0xFFFF_FFFF
+
+
+def get_order(size_bytes: int, page_shift: int) -> int:
+    """The kernel's get_order() on a 64-bit unsigned long (0 bytes gives 64 - PAGE_SHIFT)."""
+    return ((size_bytes - 1) % (1 << 64) >> page_shift).bit_length()
+
+
+def pool_max_order(
+    nr_pages: int,
+    *,
+    page_shift: int,
+    max_order_cap: int,
+    formula: str = "v5.14",
+    u32_arithmetic: bool = False,
+) -> int:
+    """max_order of a pool of nr_pages (SEMANTICS 2.1).
+
+    v5.14: min(MAX_ORDER, get_order(nr_pages << PAGE_SHIFT)); a power-of-two pool can never
+    hold a block of its own size. v5.17: get_order((nr_pages + 1) << PAGE_SHIFT).
+    `u32_arithmetic` reproduces the kernel's C types: nr_pages is an unsigned int, so the
+    shift wraps for pools of 4 GiB or more (only the trace replay asks for this).
+    """
+    pages = nr_pages + 1 if formula == "v5.17" else nr_pages
+    size_bytes = pages << page_shift
+    if u32_arithmetic:
+        size_bytes &= U32_MASK
+    return min(max_order_cap, get_order(size_bytes, page_shift))
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """A consistent snapshot of one pool; the service, metrics and CLI all render this."""
+
+    name: str
+    base_pfn: int
+    nr_pages: int  # the pool's range
+    admitted_pages: int  # pages outside the range given to the pool later (memcache)
+    reserved_pages: int
+    free_pages: int
+    allocated_pages: int
+    max_order: int
+    free_blocks_per_order: tuple[int, ...]
+    alloc_failures: int
+
+    @property
+    def total_pages(self) -> int:
+        return self.nr_pages + self.admitted_pages
+
+    @property
+    def largest_free_order(self) -> int | None:
+        orders = [o for o, n in enumerate(self.free_blocks_per_order) if n]
+        return max(orders) if orders else None
+
+
+class HypPool:
+    """struct hyp_pool: a buddy allocator over a contiguous pfn range."""
+
+    __slots__ = (
+        "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
+        "refcount_max", "vmemmap", "physmem", "free_pages", "alloc_failures",
+        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_rc", "_ord",
+        "_next", "_prev", "_nr_free", "_admitted",
+    )
+
+    def __init__(
+        self,
+        vmemmap: Vmemmap,
+        physmem: PhysicalMemory,
+        base_pfn: int,
+        nr_pages: int,
+        reserved_pages: int = 0,
+        *,
+        page_shift: int = 12,
+        max_order_cap: int = 11,
+        max_order_formula: str = "v5.14",
+        u32_arithmetic: bool = False,
+        name: str = "pool",
+    ) -> None:
+        """hyp_pool_init(pool, base_pfn, nr_pages, reserved_pages) (SEMANTICS 2.3)."""
+        if nr_pages < 1 or not 0 <= reserved_pages <= nr_pages:
+            raise InvalidArgument(
+                f"pool {name}: need nr_pages >= 1 and 0 <= reserved_pages <= nr_pages",
+                reason="BAD_POOL_GEOMETRY",
+            )
+        max_order = pool_max_order(
+            nr_pages, page_shift=page_shift, max_order_cap=max_order_cap,
+            formula=max_order_formula, u32_arithmetic=u32_arithmetic,
+        )
+        if max_order < 1:
+            # The kernel would INIT no list and then insert into free_area[0]: corruption.
+            raise InvalidArgument(
+                f"pool {name}: {nr_pages} page(s) give max_order 0 with the {max_order_formula}"
+                " formula; the kernel would corrupt its free lists (use the v5.17 formula)",
+                reason="POOL_MAX_ORDER_ZERO",
+            )
+        segment = vmemmap.segment_for(base_pfn, nr_pages)
+        assert segment is not None
+        self.name = name
+        self.base_pfn = base_pfn
+        self.nr_pages = nr_pages
+        self.reserved_pages = reserved_pages
+        self.max_order = max_order
+        self.no_order = vmemmap.layout.no_order
+        self.refcount_max = vmemmap.layout.refcount_max
+        self.vmemmap = vmemmap
+        self.physmem = physmem
+        self._end_pfn = base_pfn + nr_pages
+        # range_end as the kernel computes it: equal to the end unless u32 wrap applies.
+        range_bytes = nr_pages << page_shift
+        if u32_arithmetic:
+            range_bytes &= U32_MASK
+        self._range_end_pfn = base_pfn + (range_bytes >> page_shift)
+        self._first_unreserved = base_pfn + reserved_pages
+        self._off = segment.base_pfn
+        self._rc = segment.refcount
+        self._ord = segment.order
+        self._next: dict[int, int] = {}
+        self._prev: dict[int, int] = {}
+        for order in range(max_order):
+            self._next[-1 - order] = self._prev[-1 - order] = -1 - order
+        self._nr_free = [0] * max_order
+        self._admitted: set[int] = set()
+        self.free_pages = 0
+        self.alloc_failures = 0
+        self._init_vmemmap_and_free_lists()
+
+    # -- init ------------------------------------------------------------------------------
+
+    def _init_vmemmap_and_free_lists(self) -> None:
+        """The end state of the kernel's page-by-page init, computed block by block.
+
+        The kernel sets every page refcounted (BUG unless its refcount was 0), then puts pages
+        reserved..nr_pages-1 in increasing order. Each put merges with the lower buddies
+        already freed, and a block is appended to its list when its last page is put and it
+        can grow no further. So each list ends up holding the maximal naturally aligned
+        blocks of the unreserved range (capped at max_order - 1), in increasing address
+        order, which is what we build directly: O(number of blocks), not O(pages).
+        """
+        lo = self.base_pfn - self._off
+        hi = self._end_pfn - self._off
+        if not _all_zero(self._rc, lo, hi):
+            raise WouldPanic(
+                f"pool {self.name}: a page in [{self.base_pfn:#x}, {self._end_pfn:#x}) already"
+                " has a refcount (overlapping pools?)",
+                reason="POOL_PAGES_IN_USE",
+            )
+        first_free = self._first_unreserved - self._off
+        _fill(self._rc, lo, first_free, 1)  # RESERVED: refcount 1, order 0
+        _fill(self._ord, lo, first_free, 0)
+        _fill(self._ord, first_free, hi, self.no_order)  # every free page is a tail...
+        for pfn, order in self._canonical_blocks():
+            self._ord[pfn - self._off] = order  # ...except block heads
+            self._list_append(pfn, order)
+            self.free_pages += 1 << order
+
+    def _canonical_blocks(self) -> Iterator[tuple[int, int]]:
+        """Maximal aligned blocks of the unreserved range, in address order."""
+        pfn, end = self._first_unreserved, self._range_end_pfn
+        top = self.max_order - 1
+        while pfn < end:
+            order = min(top, (pfn & -pfn).bit_length() - 1) if pfn else top
+            while pfn + (1 << order) > end:
+                order -= 1
+            yield pfn, order
+            pfn += 1 << order
+        # Beyond a u32-wrapped range_end, buddies are never merged: every page is alone.
+        for pfn in range(max(end, self._first_unreserved), self._end_pfn):
+            yield pfn, 0
+
+    # -- free lists (pool lock held) ------------------------------------------------------
+
+    def _list_append(self, pfn: int, order: int) -> None:
+        """page_add_to_list: the node is written into the free page, at the list's tail."""
+        head = -1 - order
+        prev = self._prev
+        last = prev[head]
+        self._next[last] = pfn
+        prev[pfn] = last
+        self._next[pfn] = head
+        prev[head] = pfn
+        self._nr_free[order] += 1
+
+    def _list_remove(self, pfn: int, order: int) -> None:
+        """page_remove_from_list: unlink, and the node bytes in the page are zeroed."""
+        nxt = self._next.pop(pfn)
+        prv = self._prev.pop(pfn)
+        self._next[prv] = nxt
+        self._prev[nxt] = prv
+        self._nr_free[order] -= 1
+
+    # -- the allocator ----------------------------------------------------------------------
+
+    def try_alloc_pages(self, order: int) -> int | None:
+        """hyp_alloc_pages: the head pfn of a fresh block of 2**order pages, or None (NULL).
+
+        The smallest non-empty list at or above `order` gives up its head; it is split down,
+        keeping the lower half. The block's head gets refcount 1; its pages are all zero.
+        """
+        nxt = self._next
+        max_order = self.max_order
+        i = order
+        while i < max_order:
+            pfn = nxt[-1 - i]
+            if pfn >= 0:
+                break
+            i += 1
+        else:
+            self.alloc_failures += 1
+            return None
+        rc = self._rc
+        ordr = self._ord
+        off = self._off
+        if self._admitted and pfn in self._admitted:
+            return self._alloc_admitted(pfn)
+        if rc[pfn - off]:
+            raise WouldPanic(
+                f"free block {pfn:#x} has refcount {rc[pfn - off]}", reason="FREE_PAGE_REFCOUNTED"
+            )
+        self._list_remove(pfn, i)
+        prev = self._prev
+        nr_free = self._nr_free
+        while i > order:
+            i -= 1
+            buddy = pfn ^ (1 << i)
+            ordr[buddy - off] = i
+            head = -1 - i  # inline _list_append(buddy, i): this loop is the hot path
+            last = prev[head]
+            nxt[last] = buddy
+            prev[buddy] = last
+            nxt[buddy] = head
+            prev[head] = buddy
+            nr_free[i] += 1
+        ordr[pfn - off] = order
+        rc[pfn - off] = 1
+        self.free_pages -= 1 << order
+        return pfn
+
+    def alloc_pages(self, order: int) -> int:
+        """Like try_alloc_pages, but an empty pool raises OutOfMemory (-ENOMEM)."""
+        pfn = self.try_alloc_pages(order)
+        if pfn is None:
+            raise OutOfMemory(
+                f"pool {self.name}: no free block of order {order}"
+                + (f" (max_order is {self.max_order})" if order >= self.max_order else ""),
+                reason="POOL_EXHAUSTED",
+            )
+        return pfn
+
+    def put_page(self, pfn: int) -> int:
+        """hyp_put_page: drop one reference; at 0 the block goes back to the free lists.
+
+        Returns the refcount after the call.
+        """
+        if not self._first_unreserved <= pfn < self._end_pfn:
+            return self._put_outside_range(pfn)
+        rc = self._rc
+        i = pfn - self._off
+        count = rc[i]
+        if count == 0:
+            raise WouldPanic(
+                f"put of pfn {pfn:#x} with refcount 0 (a free page or the tail of a block):"
+                " the refcount would wrap",
+                reason="PUT_OF_FREE_PAGE",
+            )
+        count -= 1
+        rc[i] = count
+        if count == 0:
+            self._attach(pfn)
+        return count
+
+    def get_page(self, pfn: int) -> int:
+        """hyp_get_page: take one more reference on an allocated head. Returns the count."""
+        if not self._first_unreserved <= pfn < self._end_pfn:
+            return self._get_outside_range(pfn)
+        rc = self._rc
+        i = pfn - self._off
+        count = rc[i]
+        if count == 0:
+            raise WouldPanic(
+                f"get of pfn {pfn:#x} with refcount 0 (free page or tail page)",
+                reason="GET_OF_FREE_PAGE",
+            )
+        if count >= self.refcount_max:
+            raise WouldPanic(
+                f"refcount of pfn {pfn:#x} is at its limit {self.refcount_max}",
+                reason="REFCOUNT_OVERFLOW",
+            )
+        rc[i] = count + 1
+        return count + 1
+
+    def _attach(self, pfn: int) -> None:
+        """__hyp_attach_page: zero the block, merge with free buddies, append to its list.
+
+        Precondition: pfn is a head whose refcount just became 0 (it is on no list yet).
+        A buddy outside [base_pfn, range_end) is never looked at: it belongs to someone else.
+        """
+        ordr = self._ord
+        off = self._off
+        order = ordr[pfn - off]
+        if self.physmem._contents:
+            self.physmem.zero_range(pfn, 1 << order)
+        self.free_pages += 1 << order
+        ordr[pfn - off] = self.no_order
+        rc = self._rc
+        lo, hi = self.base_pfn, self._range_end_pfn
+        while order + 1 < self.max_order:
+            buddy = pfn ^ (1 << order)
+            if not lo <= buddy < hi:
+                break
+            b = buddy - off
+            if ordr[b] != order or rc[b]:
+                break
+            self._list_remove(buddy, order)
+            ordr[b] = self.no_order
+            pfn &= ~(1 << order)
+            order += 1
+        ordr[pfn - off] = order
+        self._list_append(pfn, order)
+
+    def split_page(self, pfn: int) -> None:
+        """hyp_split_page (V15): turn a held block into 2**order held order-0 pages."""
+        self._require_held_head(pfn)
+        i = pfn - self._off
+        order = self._ord[i]
+        tails = range(i + 1, i + (1 << order))
+        if any(self._rc[t] for t in tails):
+            raise WouldPanic(f"a tail of block {pfn:#x} has a refcount", reason="TAIL_REFCOUNTED")
+        self._ord[i] = 0
+        for t in tails:
+            self._ord[t] = 0
+            self._rc[t] = 1
+
+    # -- pages outside the range: memcache pages admitted into VM pools (V62) ---------------
+
+    def admit_page(self, pfn: int) -> None:
+        """Take ownership of a page outside the range as a held order-0 page (refcount 1).
+
+        Such pages are never coalesced (SEMANTICS 2.5, V62 "non-coalescable pages"): when
+        their refcount drops to 0 they join free list 0 on their own.
+        """
+        if self.base_pfn <= pfn < self._end_pfn or pfn in self._admitted:
+            raise InvalidArgument(f"pfn {pfn:#x} already belongs to pool {self.name}",
+                                  reason="PAGE_ALREADY_IN_POOL")
+        if self.vmemmap.refcount(pfn):
+            raise WouldPanic(f"pfn {pfn:#x} already has a refcount", reason="PAGE_IN_USE")
+        self.vmemmap.set_entry(pfn, refcount=1, order=0)
+        self._admitted.add(pfn)
+
+    def release_admitted(self, pfn: int) -> None:
+        """Give a free admitted page back (teardown): it leaves the pool entirely."""
+        if pfn not in self._admitted or self.vmemmap.refcount(pfn):
+            raise FailedPrecondition(f"pfn {pfn:#x} is not a free admitted page of {self.name}",
+                                     reason="NOT_FREE_ADMITTED_PAGE")
+        self._list_remove(pfn, 0)
+        self.free_pages -= 1
+        self._admitted.discard(pfn)
+        self.vmemmap.set_entry(pfn, refcount=0, order=0)
+
+    def _alloc_admitted(self, pfn: int) -> int:
+        self._list_remove(pfn, 0)
+        self.vmemmap.set_entry(pfn, refcount=1, order=0)
+        self.free_pages -= 1
+        return pfn
+
+    def _put_outside_range(self, pfn: int) -> int:
+        if pfn not in self._admitted:
+            raise self._not_ours(pfn)
+        count = self.vmemmap.refcount(pfn)
+        if count == 0:
+            raise WouldPanic(f"put of free page {pfn:#x}", reason="PUT_OF_FREE_PAGE")
+        self.vmemmap.set_entry(pfn, refcount=count - 1)
+        if count == 1:
+            self.physmem.zero_range(pfn, 1)
+            self._list_append(pfn, 0)
+            self.free_pages += 1
+        return count - 1
+
+    def _get_outside_range(self, pfn: int) -> int:
+        if pfn not in self._admitted:
+            raise self._not_ours(pfn)
+        count = self.vmemmap.refcount(pfn)
+        if count == 0:
+            raise WouldPanic(f"get of free page {pfn:#x}", reason="GET_OF_FREE_PAGE")
+        if count >= self.refcount_max:
+            raise WouldPanic(f"refcount of pfn {pfn:#x} at its limit", reason="REFCOUNT_OVERFLOW")
+        self.vmemmap.set_entry(pfn, refcount=count + 1)
+        return count + 1
+
+    def _not_ours(self, pfn: int) -> Exception:
+        if self.base_pfn <= pfn < self._first_unreserved:
+            return FailedPrecondition(
+                f"pfn {pfn:#x} is one of pool {self.name}'s reserved pages",
+                reason="RESERVED_PAGE",
+            )
+        return WouldPanic(
+            f"pfn {pfn:#x} is outside pool {self.name} [{self.base_pfn:#x}, {self._end_pfn:#x})",
+            reason="PAGE_OUTSIDE_POOL",
+        )
+
+    def _require_held_head(self, pfn: int) -> None:
+        if not self._first_unreserved <= pfn < self._end_pfn:
+            raise self._not_ours(pfn)
+        i = pfn - self._off
+        if self._rc[i] == 0 or self._ord[i] == self.no_order:
+            raise WouldPanic(f"pfn {pfn:#x} is not the head of a held block",
+                             reason="NOT_A_HELD_HEAD")
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def contains(self, pfn: int) -> bool:
+        return self.base_pfn <= pfn < self._end_pfn or pfn in self._admitted
+
+    @property
+    def end_pfn(self) -> int:
+        return self._end_pfn
+
+    def refcount(self, pfn: int) -> int:
+        return self.vmemmap.refcount(pfn)
+
+    def page_order(self, pfn: int) -> int:
+        """The vmemmap order field (no_order for tails and non-head free pages)."""
+        return self.vmemmap.order(pfn)
+
+    def is_free(self, pfn: int) -> bool:
+        """True when pfn is the head of a block on a free list."""
+        return pfn in self._prev
+
+    def free_list(self, order: int) -> list[int]:
+        """Heads of free_area[order], head (next to be allocated) first."""
+        out = []
+        head = -1 - order
+        pfn = self._next[head]
+        while pfn != head:
+            out.append(pfn)
+            pfn = self._next[pfn]
+        return out
+
+    def free_lists(self) -> dict[int, list[int]]:
+        return {order: self.free_list(order) for order in range(self.max_order)}
+
+    def held_blocks(self) -> Iterator[tuple[int, int, int]]:
+        """(head pfn, refcount, order) of every held block, reserved pages excluded. O(range)."""
+        rc, ordr, off = self._rc, self._ord, self._off
+        for pfn in range(self._first_unreserved, self._end_pfn):
+            count = rc[pfn - off]
+            if count:
+                yield pfn, count, ordr[pfn - off]
+        for pfn in sorted(self._admitted):
+            count = self.vmemmap.refcount(pfn)
+            if count:
+                yield pfn, count, self.vmemmap.order(pfn)
+
+    def statistics(self) -> PoolStatistics:
+        total = self.nr_pages + len(self._admitted)
+        return PoolStatistics(
+            name=self.name,
+            base_pfn=self.base_pfn,
+            nr_pages=self.nr_pages,
+            admitted_pages=len(self._admitted),
+            reserved_pages=self.reserved_pages,
+            free_pages=self.free_pages,
+            allocated_pages=total - self.free_pages - self.reserved_pages,
+            max_order=self.max_order,
+            free_blocks_per_order=tuple(self._nr_free),
+            alloc_failures=self.alloc_failures,
+        )
+
+    def check_invariants(self) -> None:
+        """Prove SEMANTICS 2.2 for this pool; raises AssertionError naming the first breach.
+
+        O(pool size): for tests and audits, never on the hot path.
+        """
+        free_heads: dict[int, int] = {}
+        for order in range(self.max_order):
+            blocks = self.free_list(order)
+            assert len(blocks) == self._nr_free[order], f"list {order} count drifted"
+            for pfn in blocks:
+                assert pfn not in free_heads, f"{pfn:#x} is on two free lists"
+                free_heads[pfn] = order
+        assert set(self._next) == set(free_heads) | {-1 - o for o in range(self.max_order)}, \
+            "a list node outlived its free block"
+        for pfn in self._admitted:
+            assert self._end_pfn <= pfn or pfn < self.base_pfn
+            if pfn in free_heads:
+                assert free_heads[pfn] == 0 and self.vmemmap.refcount(pfn) == 0
+        self._check_range(free_heads)
+        assert self.free_pages == sum(1 << o for o in free_heads.values()), "free_pages drifted"
+        for pfn in self.physmem.written_pfns():
+            if pfn in free_heads or (self.contains(pfn) and self._in_free_block(pfn, free_heads)):
+                raise AssertionError(f"free page {pfn:#x} is not zero")
+
+    def _check_range(self, free_heads: dict[int, int]) -> None:
+        rc, ordr, off, no_order = self._rc, self._ord, self._off, self.no_order
+        for pfn in range(self.base_pfn, self._first_unreserved):
+            assert rc[pfn - off] == 1 and ordr[pfn - off] == 0, f"reserved {pfn:#x} changed"
+        pfn = self._first_unreserved
+        while pfn < self._end_pfn:
+            i = pfn - off
+            order = ordr[i]
+            if pfn in free_heads:
+                assert order == free_heads[pfn] and rc[i] == 0, f"free head {pfn:#x} is wrong"
+            else:
+                assert rc[i] >= 1, f"{pfn:#x} has refcount 0 but is on no list: leaked"
+                assert order < self.max_order, f"held head {pfn:#x} has order {order}"
+            assert pfn % (1 << order) == 0, f"block {pfn:#x} of order {order} is misaligned"
+            assert pfn + (1 << order) <= self._end_pfn, f"block {pfn:#x} overruns the pool"
+            for tail in range(i + 1, i + (1 << order)):
+                assert ordr[tail] == no_order and rc[tail] == 0, \
+                    f"tail {tail + off:#x} of block {pfn:#x} is not a clean tail"
+            pfn += 1 << order
+
+    def _in_free_block(self, pfn: int, free_heads: dict[int, int]) -> bool:
+        if not self.base_pfn <= pfn < self._end_pfn:
+            return False
+        for order in range(self.max_order):
+            head = pfn & ~((1 << order) - 1)
+            if free_heads.get(head) == order:
+                return True
+        return False
+
+
+def _fill(arr: array, start: int, stop: int, value: int) -> None:  # type: ignore[type-arg]
+    """arr[start:stop] = value, in bounded chunks so no temporary is larger than 1 Mi items."""
+    chunk = 1 << 20
+    pattern = array(arr.typecode, [value]) * min(chunk, max(stop - start, 0))
+    while start < stop:
+        n = min(chunk, stop - start)
+        arr[start:start + n] = pattern if n == len(pattern) else pattern[:n]
+        start += n
+
+
+def _all_zero(arr: array, start: int, stop: int) -> bool:  # type: ignore[type-arg]
+    """True when arr[start:stop] is all zeros, copying at most 1 Mi items at a time."""
+    chunk = 1 << 20
+    for lo in range(start, stop, chunk):
+        hi = min(lo + chunk, stop)
+        if arr[lo:hi].count(0) != hi - lo:
+            return False
+    return True
