@@ -1,0 +1,126 @@
+"""Plain result types of the simulated hypervisor's public API.
+
+All are frozen dataclasses holding ints, strings and enums only, so the service, the
+metrics collector and the CLI render the same figures without recomputing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .hyp_pool import PoolStatistics
+
+
+class PoolKind(str, Enum):
+    """Which pool a client allocation draws from."""
+
+    HYP = "hyp"  # the EL2 stage-1 pool (hpool)
+    VM = "vm"  # the calling VM's own stage-2 pool
+
+
+class PageState(str, Enum):
+    """Page state of one component (SEMANTICS 4.2); NOPAGE = no access."""
+
+    OWNED = "owned"
+    SHARED_OWNED = "shared_owned"
+    SHARED_BORROWED = "shared_borrowed"
+    NOPAGE = "nopage"
+
+
+class FaultOutcome(str, Enum):
+    MAPPED = "mapped"  # a new leaf was installed
+    SPURIOUS = "spurious"  # -EAGAIN: already mapped identically
+    FATAL = "fatal"  # the real hypervisor would panic; nothing was changed
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    handle: int  # table index + 0x1000 (SEMANTICS 5)
+    vmid: int  # table index + 1 (VMID 0 is the host)
+    name: str
+    nr_vcpus: int
+    slice_base_pfn: int  # the VM's slice of host RAM: its VMM's memory
+    slice_nr_pages: int
+    donated_pages: int  # host pages donated to hyp at creation (metadata + guest PGD)
+
+
+@dataclass(frozen=True)
+class FaultResult:
+    """Outcome of a host stage-2 fault (host_fault) or an MMIO fault (map_mmio)."""
+
+    addr: int
+    is_memory: bool
+    outcome: FaultOutcome
+    range_start: int  # the mapped block [range_start, range_end); equals addr's page if fatal
+    range_end: int
+    level: int  # page-table level of the leaf (1, 2 or 3)
+    recycled: bool  # unmap_dev_all ran to make room
+    recycled_pages: int  # table pages that recycle freed
+    tables_allocated: int  # table pages taken from the pool by this fault
+    errno_name: str | None = None  # for FATAL: 'EEXIST', 'ENOMEM', ...
+    reason: str | None = None  # for FATAL: human-readable cause
+
+
+@dataclass(frozen=True)
+class ShareResult:
+    pfn: int
+    nr_pages: int
+    host_state: PageState
+    hyp_state: PageState
+
+
+@dataclass(frozen=True)
+class GuestMapResult:
+    ipa: int
+    pfn: int
+    level: int
+    tables_allocated: int
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    pfn: int
+    covered: bool  # the vmemmap has an entry for this pfn
+    refcount: int | None  # None when not covered
+    order: int | None  # None for tails / uncovered (HYP_NO_ORDER)
+    owner: str  # 'host', 'hyp', 'vm:<handle>', 'free', 'none' (not memory)
+    pool: str | None  # the pool this page belongs to, if any
+    host_state: PageState
+    hyp_state: PageState
+
+
+@dataclass(frozen=True)
+class VmemmapStatistics:
+    layout: str  # '32', '4' or '2'
+    entry_bytes: int
+    coverage: str  # 'carveout' or 'all'
+    covered_pages: int
+    modelled_bytes: int  # what EL2 spends
+    stored_bytes: int  # what the simulator spends
+    bytes_per_gib: int  # modelled cost per GiB covered
+
+
+@dataclass(frozen=True)
+class HostStage2Statistics:
+    faults_memory: int
+    faults_mmio: int
+    spurious_faults: int
+    fatal_faults: int
+    mmio_recycles: int  # unmap_dev_all runs
+    mmio_recycled_pages: int  # table pages those runs freed
+    map_failures: int  # faults that failed with -ENOMEM even after recycling
+    table_pages: int  # table pages currently in use (PGD included)
+    refcount_limit_hits: int  # a table page hit the hyp_page refcount limit
+
+
+@dataclass(frozen=True)
+class HypervisorStatistics:
+    pools: tuple[PoolStatistics, ...]
+    vmemmap: VmemmapStatistics
+    host_stage2: HostStage2Statistics
+    nr_vms: int
+    shared_pages: int
+    hyp_mem_pages: int
+    carveout_base: int
+    carveout_bytes: int
