@@ -1,0 +1,281 @@
+"""`pkvm-sim reserve`: what kvm_hyp_reserve would reserve, and how EL2 divides it.
+
+    pkvm-sim reserve                                  # v5.14, one 4 GiB memblock
+    pkvm-sim reserve --profile v5.13 --memblock 0x80000000:2G --memblock 0x880000000:6G
+    pkvm-sim reserve --compare                        # v5.13 vs v5.14 side by side
+    pkvm-sim reserve --json                           # the six figures as one JSON object
+
+The numbers come from `pkvm_sim.core.reservation`; this module only parses and renders.
+Configuration errors (from SimConfig or the reservation) go to stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pkvm_sim.core.config import SimConfig
+from pkvm_sim.core.layout import GIB, KIB, MIB
+from pkvm_sim.core.reservation import (
+    CarveoutLayout,
+    Reservation,
+    compare_profiles,
+    compute_reservation,
+    partition_carveout,
+)
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+# flag dest -> SimConfig key; values are passed as strings so SimConfig does all validation
+_CONFIG_FLAGS = {
+    "memblock": "memblocks",
+    "profile": "profile",
+    "page_size": "page_size",
+    "hyp_page_layout": "hyp_page_layout",
+    "vmemmap_coverage": "vmemmap_coverage",
+    "carveout_base": "carveout_base",
+    "hyp_pool_extra_pages": "hyp_pool_extra_pages",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the reserve flags; every default is SimConfig's (None = not given)."""
+    parser.add_argument(
+        "--memblock",
+        action="append",
+        metavar="BASE:SIZE",
+        help="RAM region, repeatable (default: one 4 GiB block at 0x8000_0000)",
+    )
+    parser.add_argument("--profile", metavar="v5.13|v5.14", help="kernel modelled (default v5.14)")
+    parser.add_argument("--page-size", metavar="4K|16K|64K", help="PAGE_SIZE (default 4K)")
+    parser.add_argument(
+        "--hyp-page-layout", metavar="32|4|2", help="struct hyp_page size (default: the profile's)"
+    )
+    parser.add_argument(
+        "--vmemmap-coverage", metavar="carveout|all", help="vmemmap coverage (default all)"
+    )
+    parser.add_argument(
+        "--carveout-base", metavar="ADDR", help="place the carve-out here (default: top-down)"
+    )
+    parser.add_argument(
+        "--hyp-pool-extra-pages", metavar="N", help="enlarge the hyp pool by N pages (default 0)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--compare", action="store_true", help="v5.13 vs v5.14 side by side (same memory map)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute and print; returns the exit code (2 on a configuration error)."""
+    try:
+        config = config_from_args(args)
+        if args.compare:
+            _warn_ignored_by_compare(args)
+            before, after = compare_profiles(config)
+            output = (
+                render_compare_json(before, after) if args.json else render_compare(before, after)
+            )
+        else:
+            reservation = compute_reservation(config)
+            layout = partition_carveout(reservation, config)
+            output = render_json(reservation) if args.json else render_table(reservation, layout)
+    except ValueError as error:
+        print(f"reserve: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(output)
+    return EXIT_OK
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    values: dict[str, Any] = {}
+    for dest, key in _CONFIG_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[key] = value
+    return SimConfig.from_mapping(values)
+
+
+def _warn_ignored_by_compare(args: argparse.Namespace) -> None:
+    for dest in ("profile", "hyp_page_layout"):
+        if getattr(args, dest, None) is not None:
+            flag = "--" + dest.replace("_", "-")
+            print(
+                f"reserve: note: {flag} is ignored with --compare "
+                "(each profile uses its own hyp_page layout)",
+                file=sys.stderr,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def hex_address(value: int) -> str:
+    """0x1_7EA0_0000: upper-case hex, underscores every 4 digits."""
+    return f"0x{value:_X}"
+
+
+def human_bytes(value: int) -> str:
+    """Exact binary units when they divide (8 MiB, 512 KiB), else MiB with 2 decimals."""
+    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
+        if value >= unit and value % unit == 0:
+            return f"{value // unit} {name}"
+    if value >= MIB:
+        return f"{value / MIB:.2f} MiB"
+    return f"{value} B"
+
+
+def _mib(pages: int, page_size: int) -> str:
+    return f"{pages * page_size / MIB:.2f}"
+
+
+def _page_size_name(page_size: int) -> str:
+    return f"{page_size // KIB}K"
+
+
+def render_json(reservation: Reservation) -> str:
+    return json.dumps(reservation.to_json_dict())
+
+
+def render_compare_json(before: Reservation, after: Reservation) -> str:
+    return json.dumps({"v5.13": before.to_json_dict(), "v5.14": after.to_json_dict()})
+
+
+def _budget_rows(r: Reservation) -> list[tuple[str, int]]:
+    rows = [
+        ("T   hyp tables for all memory", r.hyp_pgtable_total_pages),
+        ("G   1 GiB allowance", r.gib_allowance_pages),
+    ]
+    if r.hyp_pool_extra_pages:
+        rows.append(("    hyp_pool_extra_pages", r.hyp_pool_extra_pages))
+    rows.append(("S1  hyp stage-1 pool", r.hyp_s1_pgtable_pages))
+    if r.host_s2_mem_pages is not None and r.host_s2_dev_pages is not None:
+        rows += [
+            ("MEM host stage-2 memory pool", r.host_s2_mem_pages),
+            ("DEV host stage-2 MMIO pool", r.host_s2_dev_pages),
+        ]
+    else:
+        rows.append(("S2  host stage-2 pool", r.host_s2_pgtable_pages))
+    rows += [
+        ("H   before the vmemmap", r.pre_vmemmap_pages),
+        ("V   vmemmap (fixed point)", r.vmemmap_pages),
+        ("hyp_mem_pages = H + V", r.hyp_mem_pages),
+        ("reserved" + (" (PMD-rounded)" if r.pmd_rounded else " (exact)"), r.reserved_pages),
+    ]
+    return rows
+
+
+def render_table(r: Reservation, layout: CarveoutLayout) -> str:
+    lines = [
+        f"profile {r.profile.value}, {_page_size_name(r.page_size)} pages, "
+        f"hyp_page layout {r.layout_name} ({r.entry_bytes} B/entry)",
+        "memblocks:",
+        *(
+            f"  [{hex_address(b.base)}, {hex_address(b.end)})  {human_bytes(b.size)}"
+            for b in r.memblocks
+        ),
+        "",
+        f"  {'budget':<34}{'pages':>8}{'MiB':>10}",
+        *(
+            f"  {label:<34}{pages:>8}{_mib(pages, r.page_size):>10}"
+            for label, pages in _budget_rows(r)
+        ),
+        "",
+        f"vmemmap cost: {human_bytes(r.vmemmap_bytes_per_gib)}/GiB of covered memory",
+        f"vmemmap coverage '{r.vmemmap_coverage}': {r.all_memory_vmemmap_pages} pages "
+        f"({_mib(r.all_memory_vmemmap_pages, r.page_size)} MiB)",
+        f"Reserved {human_bytes(r.reserved_bytes)} at {hex_address(r.carveout_base)} "
+        f"(end {hex_address(r.carveout_end)})",
+        "",
+        "carve-out layout (divide_memory_pool, bump order):",
+        f"  {'region':<12}{'base':>16}{'end':>16}{'pages':>8}",
+        *(
+            f"  {reg.name:<12}{hex_address(reg.base):>16}{hex_address(reg.end):>16}"
+            f"{reg.nr_pages:>8}"
+            for reg in layout.regions
+        ),
+    ]
+    if layout.hyp_reserved_pages:
+        lines.append(f"  (hyp pool: first {layout.hyp_reserved_pages} pages reserved)")
+    return "\n".join(lines)
+
+
+def _compare_rows(before: Reservation, after: Reservation) -> list[tuple[str, str, str, str]]:
+    def pages(label: str, a: int, b: int) -> tuple[str, str, str, str]:
+        return (label, str(a), str(b), f"{b - a:+d}")
+
+    def host_s2(r: Reservation) -> str:
+        if r.host_s2_mem_pages is None:
+            return str(r.host_s2_pgtable_pages)
+        return f"{r.host_s2_mem_pages}+{r.host_s2_dev_pages}"
+
+    return [
+        (
+            "hyp_page entry",
+            f"{before.entry_bytes} B",
+            f"{after.entry_bytes} B",
+            f"{after.entry_bytes - before.entry_bytes:+d} B",
+        ),
+        (
+            "vmemmap per GiB",
+            f"{human_bytes(before.vmemmap_bytes_per_gib)}/GiB",
+            f"{human_bytes(after.vmemmap_bytes_per_gib)}/GiB",
+            f"/{before.vmemmap_bytes_per_gib // after.vmemmap_bytes_per_gib}",
+        ),
+        pages("hyp_s1_pgtable_pages", before.hyp_s1_pgtable_pages, after.hyp_s1_pgtable_pages),
+        (
+            "host_s2_pgtable_pages",
+            host_s2(before),
+            host_s2(after),
+            f"{after.host_s2_pgtable_pages - before.host_s2_pgtable_pages:+d}",
+        ),
+        pages("vmemmap_pages", before.vmemmap_pages, after.vmemmap_pages),
+        pages("hyp_mem_pages", before.hyp_mem_pages, after.hyp_mem_pages),
+        (
+            "reserved",
+            human_bytes(before.reserved_bytes),
+            human_bytes(after.reserved_bytes),
+            f"{(after.reserved_bytes - before.reserved_bytes) // after.page_size:+d} pages",
+        ),
+        ("carve-out base", hex_address(before.carveout_base), hex_address(after.carveout_base), ""),
+        pages(
+            f"vmemmap pages ({after.vmemmap_coverage})",
+            before.all_memory_vmemmap_pages,
+            after.all_memory_vmemmap_pages,
+        ),
+    ]
+
+
+def render_compare(before: Reservation, after: Reservation) -> str:
+    rows = _compare_rows(before, after)
+    header = ("", before.profile.value, after.profile.value, "v5.14 - v5.13")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+    def line(row: tuple[str, str, str, str]) -> str:
+        return "  ".join(
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
+        ).rstrip()
+
+    memory = human_bytes(sum(b.size for b in after.memblocks))
+    title = (
+        f"v5.13 vs v5.14: {memory} in {len(after.memblocks)} memblock(s), "
+        f"{_page_size_name(after.page_size)} pages"
+    )
+    return "\n".join([title, "", line(header), *(line(row) for row in rows)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m pkvm_sim.tools.reserve`)."""
+    parser = argparse.ArgumentParser(prog="pkvm-sim reserve", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
