@@ -106,7 +106,7 @@ class HypPool:
         "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
         "refcount_max", "vmemmap", "physmem", "free_pages", "alloc_failures",
         "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_rc", "_ord",
-        "_next", "_prev", "_nr_free", "_admitted",
+        "_next", "_prev", "_nr_free", "_admitted", "_contents",
     )
 
     def __init__(
@@ -167,6 +167,7 @@ class HypPool:
             self._next[-1 - order] = self._prev[-1 - order] = -1 - order
         self._nr_free = [0] * max_order
         self._admitted: set[int] = set()
+        self._contents = physmem._contents  # read-only peek: is any page written at all?
         self.free_pages = 0
         self.alloc_failures = 0
         self._init_vmemmap_and_free_lists()
@@ -254,30 +255,36 @@ class HypPool:
         else:
             self.alloc_failures += 1
             return None
-        rc = self._rc
-        ordr = self._ord
-        off = self._off
         if self._admitted and pfn in self._admitted:
             return self._alloc_admitted(pfn)
+        off = self._off
+        rc = self._rc
         if rc[pfn - off]:
             raise WouldPanic(
                 f"free block {pfn:#x} has refcount {rc[pfn - off]}", reason="FREE_PAGE_REFCOUNTED"
             )
-        self._list_remove(pfn, i)
+        # Unlink the head (page_remove_from_list); its node leaves the page with it.
         prev = self._prev
+        after = nxt.pop(pfn)
+        before = prev.pop(pfn)
+        nxt[before] = after
+        prev[after] = before
         nr_free = self._nr_free
-        while i > order:
-            i -= 1
-            buddy = pfn ^ (1 << i)
-            ordr[buddy - off] = i
-            head = -1 - i  # inline _list_append(buddy, i): this loop is the hot path
-            last = prev[head]
-            nxt[last] = buddy
-            prev[buddy] = last
-            nxt[buddy] = head
-            prev[head] = buddy
-            nr_free[i] += 1
-        ordr[pfn - off] = order
+        nr_free[i] -= 1
+        if i > order:
+            ordr = self._ord
+            while i > order:  # split: release the upper half at the tail of list i - 1
+                i -= 1
+                buddy = pfn ^ (1 << i)
+                ordr[buddy - off] = i
+                head = -1 - i
+                last = prev[head]
+                nxt[last] = buddy
+                prev[buddy] = last
+                nxt[buddy] = head
+                prev[head] = buddy
+                nr_free[i] += 1
+            ordr[pfn - off] = order
         rc[pfn - off] = 1
         self.free_pages -= 1 << order
         return pfn
@@ -344,25 +351,41 @@ class HypPool:
         ordr = self._ord
         off = self._off
         order = ordr[pfn - off]
-        if self.physmem._contents:
+        if self._contents:
             self.physmem.zero_range(pfn, 1 << order)
         self.free_pages += 1 << order
-        ordr[pfn - off] = self.no_order
+        no_order = self.no_order
+        ordr[pfn - off] = no_order
         rc = self._rc
-        lo, hi = self.base_pfn, self._range_end_pfn
-        while order + 1 < self.max_order:
+        nxt = self._next
+        prev = self._prev
+        nr_free = self._nr_free
+        lo = self.base_pfn
+        hi = self._range_end_pfn
+        top = self.max_order - 1
+        while order < top:
             buddy = pfn ^ (1 << order)
-            if not lo <= buddy < hi:
+            if buddy < lo or buddy >= hi:
                 break
             b = buddy - off
             if ordr[b] != order or rc[b]:
                 break
-            self._list_remove(buddy, order)
-            ordr[b] = self.no_order
+            after = nxt.pop(buddy)  # take the buddy off its list
+            before = prev.pop(buddy)
+            nxt[before] = after
+            prev[after] = before
+            nr_free[order] -= 1
+            ordr[b] = no_order
             pfn &= ~(1 << order)
             order += 1
         ordr[pfn - off] = order
-        self._list_append(pfn, order)
+        head = -1 - order  # append at the tail of free_area[order]
+        last = prev[head]
+        nxt[last] = pfn
+        prev[pfn] = last
+        nxt[pfn] = head
+        prev[head] = pfn
+        nr_free[order] += 1
 
     def split_page(self, pfn: int) -> None:
         """hyp_split_page (V15): turn a held block into 2**order held order-0 pages."""
@@ -566,7 +589,7 @@ class HypPool:
         return False
 
 
-def _fill(arr: array, start: int, stop: int, value: int) -> None:  # type: ignore[type-arg]
+def _fill(arr: array[int], start: int, stop: int, value: int) -> None:
     """arr[start:stop] = value, in bounded chunks so no temporary is larger than 1 Mi items."""
     chunk = 1 << 20
     pattern = array(arr.typecode, [value]) * min(chunk, max(stop - start, 0))
@@ -576,7 +599,7 @@ def _fill(arr: array, start: int, stop: int, value: int) -> None:  # type: ignor
         start += n
 
 
-def _all_zero(arr: array, start: int, stop: int) -> bool:  # type: ignore[type-arg]
+def _all_zero(arr: array[int], start: int, stop: int) -> bool:
     """True when arr[start:stop] is all zeros, copying at most 1 Mi items at a time."""
     chunk = 1 << 20
     for lo in range(start, stop, chunk):

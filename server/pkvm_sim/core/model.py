@@ -7,19 +7,19 @@ metrics collector and the CLI render the same figures without recomputing them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .hyp_pool import PoolStatistics
 
 
-class PoolKind(str, Enum):
+class PoolKind(StrEnum):
     """Which pool a client allocation draws from."""
 
     HYP = "hyp"  # the EL2 stage-1 pool (hpool)
     VM = "vm"  # the calling VM's own stage-2 pool
 
 
-class PageState(str, Enum):
+class PageState(StrEnum):
     """Page state of one component (SEMANTICS 4.2); NOPAGE = no access."""
 
     OWNED = "owned"
@@ -28,7 +28,7 @@ class PageState(str, Enum):
     NOPAGE = "nopage"
 
 
-class FaultOutcome(str, Enum):
+class FaultOutcome(StrEnum):
     MAPPED = "mapped"  # a new leaf was installed
     SPURIOUS = "spurious"  # -EAGAIN: already mapped identically
     FATAL = "fatal"  # the real hypervisor would panic; nothing was changed

@@ -26,15 +26,15 @@ class VmemmapSegment:
 
     base_pfn: int
     nr_pages: int
-    refcount: array  # type: ignore[type-arg]
-    order: array  # type: ignore[type-arg]
+    refcount: array[int]
+    order: array[int]
 
     @property
     def end_pfn(self) -> int:
         return self.base_pfn + self.nr_pages
 
 
-def _zeroed_array(typecode: str, n: int) -> array:  # type: ignore[type-arg]
+def _zeroed_array(typecode: str, n: int) -> array[int]:
     # Repetition runs in C and allocates exactly once; 1 TiB of 4K pages takes well under 1 s.
     return array(typecode, [0]) * n
 

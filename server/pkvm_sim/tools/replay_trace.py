@@ -83,7 +83,9 @@ def pool_from_header(header: dict[str, Any]) -> HypPool:
         name=header.get("name", "trace"),
     )
     if "max_order" in spec and spec["max_order"] != pool.max_order:
-        raise _Diverged(f"max_order: trace says {spec['max_order']}, pool computed {pool.max_order}")
+        raise _Diverged(
+            f"max_order: trace says {spec['max_order']}, pool computed {pool.max_order}"
+        )
     return pool
 
 
@@ -97,8 +99,14 @@ def _compare_free_lists(pool: HypPool, recorded: dict[str, list[int]]) -> None:
         expected = recorded.get(str(order), [])
         actual = pool.free_list(order) if order < pool.max_order else []
         if expected != actual:
-            raise _Diverged(f"free list {order}: expected {expected[:8]}{'...' if len(expected) > 8 else ''}"
-                            f" ({len(expected)} blocks), got {actual[:8]} ({len(actual)} blocks)")
+            raise _Diverged(
+                f"free list {order}: expected {_head(expected)} ({len(expected)} blocks),"
+                f" got {_head(actual)} ({len(actual)} blocks)"
+            )
+
+
+def _head(blocks: list[int]) -> str:
+    return str(blocks[:8])[:-1] + (", ...]" if len(blocks) > 8 else "]")
 
 
 def _compare_counts(pool: HypPool, recorded: dict[str, int]) -> None:
@@ -147,7 +155,7 @@ def replay(path: str | Path) -> ReplayResult:
         name = header.get("name", name)
         pool = pool_from_header(header)
         saw_final = False
-        for line, record in records:
+        for line, record in records:  # noqa: B007 (line is reported on divergence)
             _step(pool, record)
             operations += record["op"] in ("alloc", "put", "get")
             saw_final = record["op"] == "final"

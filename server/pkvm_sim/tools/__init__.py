@@ -1,0 +1,1 @@
+"""pkvm_sim.tools"""
