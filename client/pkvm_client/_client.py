@@ -1,0 +1,290 @@
+"""The synchronous SDK: a `Hypervisor` connection and the `VM` handles it creates.
+
+    with Hypervisor("localhost:50051") as hv:
+        with hv.create_vm(nr_vcpus=2, slice_pages=256) as vm:   # destroyed on exit
+            pfn = vm.alloc_pages(order=2)
+            vm.put_page(pfn)
+        print(hv.stats().pools[0].free_pages)
+
+Retries: only the read-only calls (GetStats, GetPageInfo, Reserve, health) are retried, by
+gRPC's own retry policy, when the server is UNAVAILABLE; a mutation is never retried because
+the client cannot know whether it ran.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from pkvm.v1 import hypervisor_pb2 as pb2
+from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
+
+from ._batch import Batch, BatchResult, pool_kind
+from ._errors import PkvmError, from_rpc_error
+
+T = TypeVar("T")
+SERVICE = "pkvm.v1.HypervisorService"
+READ_ONLY_METHODS = ("GetStats", "GetPageInfo", "Reserve")
+
+# gRPC retry policy: transparent retries of the idempotent, read-only calls only.
+SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": SERVICE, "method": m} for m in READ_ONLY_METHODS]
+        + [{"service": "grpc.health.v1.Health", "method": "Check"}],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.max_send_message_length", 4 << 20),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _call(fn: Callable[..., T], request: Any, **kwargs: Any) -> T:
+    try:
+        return fn(request, **kwargs)
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+
+
+class Hypervisor:
+    """A connection to a pkvm-sim server. Thread-safe; share one per process."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = 30.0,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._owns_channel = channel is None
+        self.channel = channel or grpc.insecure_channel(
+            target, options=[*CHANNEL_OPTIONS, *options]
+        )
+        self.stub = pb2_grpc.HypervisorServiceStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> Hypervisor:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self.channel.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected (TransportError on timeout)."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise PkvmError("server not reachable", code=grpc.StatusCode.UNAVAILABLE) from None
+
+    # -- VMs -----------------------------------------------------------------------------------
+
+    def create_vm(self, nr_vcpus: int = 1, slice_pages: int = 256, name: str = "") -> VM:
+        response = _call(
+            self.stub.CreateVM,
+            pb2.CreateVMRequest(nr_vcpus=nr_vcpus, slice_pages=slice_pages, name=name),
+            timeout=self.timeout,
+        )
+        return VM(self, response.vm, response.token)
+
+    def attach(self, handle: int, token: str) -> VM:
+        """A VM handle for a VM created elsewhere (e.g. by another process)."""
+        return VM(self, pb2.VM(handle=handle), token)
+
+    # -- host-level calls and read-only views ----------------------------------------------------
+
+    def map_mmio(self, addr: int) -> pb2.Fault:
+        return _call(self.stub.MapMMIO, pb2.MapMMIORequest(addr=addr), timeout=self.timeout).fault
+
+    def host_fault(self, addr: int) -> pb2.Fault:
+        return _call(
+            self.stub.HostFault, pb2.HostFaultRequest(addr=addr), timeout=self.timeout
+        ).fault
+
+    def stats(self) -> pb2.GetStatsResponse:
+        return _call(self.stub.GetStats, pb2.GetStatsRequest(), timeout=self.timeout)
+
+    def page_info(self, pfn: int) -> pb2.GetPageInfoResponse:
+        return _call(self.stub.GetPageInfo, pb2.GetPageInfoRequest(pfn=pfn), timeout=self.timeout)
+
+    def reserve(self) -> pb2.ReserveResponse:
+        return _call(self.stub.Reserve, pb2.ReserveRequest(), timeout=self.timeout)
+
+
+class VM:
+    """One client VM: its handle, token and the per-VM operations. As a context manager it
+    destroys the VM on exit (the server reclaims everything it held)."""
+
+    def __init__(self, hypervisor: Hypervisor, info: pb2.VM, token: str) -> None:
+        self.hypervisor = hypervisor
+        self.info = info
+        self.handle: int = info.handle
+        self.token = token
+        self._stub = hypervisor.stub
+        self._md = auth_metadata(token)
+        self._timeout = hypervisor.timeout
+        self.destroyed = False
+
+    def __repr__(self) -> str:
+        return f"VM(handle={self.handle:#x}, name={self.info.name!r})"
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.destroyed:
+            self.destroy()
+
+    def _call(self, fn: Callable[..., T], request: Any) -> T:
+        try:
+            return fn(request, metadata=self._md, timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def destroy(self) -> int:
+        """Tear the VM down; returns the number of pages given back to the host."""
+        response = self._call(self._stub.DestroyVM, pb2.DestroyVMRequest(handle=self.handle))
+        self.destroyed = True
+        return response.pages_returned
+
+    def alloc_pages(self, order: int = 0, pool: str | int = "hyp") -> int:
+        """Allocate a 2**order block from the hyp pool ('hyp') or the VM's own ('vm')."""
+        request = pb2.AllocPagesRequest(handle=self.handle, order=order, pool=pool_kind(pool))
+        return self._call(self._stub.AllocPages, request).pfn
+
+    def put_page(self, pfn: int) -> int:
+        request = pb2.PutPageRequest(handle=self.handle, pfn=pfn)
+        return self._call(self._stub.PutPage, request).refcount
+
+    def get_page(self, pfn: int) -> int:
+        request = pb2.GetPageRequest(handle=self.handle, pfn=pfn)
+        return self._call(self._stub.GetPage, request).refcount
+
+    def host_share(self, pfn: int, nr_pages: int = 1) -> pb2.HostShareResponse:
+        return self._call(
+            self._stub.HostShare,
+            pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
+        )
+
+    def host_unshare(self, pfn: int, nr_pages: int = 1) -> pb2.HostUnshareResponse:
+        return self._call(
+            self._stub.HostUnshare,
+            pb2.HostUnshareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
+        )
+
+    def pin_shared(self, pfn: int, nr_pages: int = 1) -> None:
+        self._call(
+            self._stub.PinShared,
+            pb2.PinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
+        )
+
+    def unpin_shared(self, pfn: int, nr_pages: int = 1) -> None:
+        self._call(
+            self._stub.UnpinShared,
+            pb2.UnpinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
+        )
+
+    def map_mmio(self, addr: int) -> pb2.Fault:
+        return self.hypervisor.map_mmio(addr)
+
+    def host_fault(self, addr: int) -> pb2.Fault:
+        return self.hypervisor.host_fault(addr)
+
+    def topup_memcache(self, nr_pages: int) -> int:
+        request = pb2.TopupMemcacheRequest(handle=self.handle, nr_pages=nr_pages)
+        return self._call(self._stub.TopupMemcache, request).memcache_pages
+
+    def guest_map(self, ipa: int, pfn: int) -> pb2.GuestMapResponse:
+        request = pb2.GuestMapRequest(handle=self.handle, ipa=ipa, pfn=pfn)
+        return self._call(self._stub.GuestMap, request)
+
+    def stats(self) -> pb2.GetStatsResponse:
+        return self.hypervisor.stats()
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def execute(self, batch: Batch) -> BatchResult:
+        """Run one batch on a short-lived Execute stream."""
+        with self.stream() as stream:
+            return stream.execute(batch)
+
+    def stream(self) -> BatchStream:
+        """A long-lived Execute stream: many batches, one after another, on one call."""
+        return BatchStream(self)
+
+
+_END = object()
+
+
+class BatchStream:
+    """An open Execute stream of one VM (use as a context manager)."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._responses: Iterator[pb2.ExecuteResponse] = vm._stub.Execute(
+            iter(self._requests.get, _END), metadata=vm._md
+        )
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._failed = False
+        self._closed = False
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def execute(self, batch: Batch) -> BatchResult:
+        with self._lock:
+            self._next_id += 1
+            self._requests.put(batch.request(self.vm.handle, self._next_id))
+            try:
+                response = next(self._responses)
+            except grpc.RpcError as error:
+                self._failed = True
+                raise from_rpc_error(error) from None
+        return BatchResult.from_response(response)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.put(_END)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError as error:
+            if not self._failed:
+                raise from_rpc_error(error) from None
