@@ -217,7 +217,7 @@ class TestRefusals:
     def test_32_byte_layout_counts_past_16_bits(self) -> None:
         pool = make_pool(0, 16, layout=LAYOUT_32)
         pfn = pool.alloc_pages(0)
-        pool._rc[pfn] = 65535  # reaching it by 65534 gets is slow; the field is 32-bit
+        pool.vmemmap.set_entry(pfn, refcount=65535)  # 65534 gets would be slow
         assert pool.get_page(pfn) == 65536
         assert pool.no_order == 2**32 - 1
 

@@ -5,18 +5,25 @@ with refcount 1 and never handed out; the rest are cut into naturally aligned bl
 2**order pages, order < max_order, kept on one FIFO free list per order.
 
 Where things live, as in the kernel after the series:
-- refcount and order of every page: the vmemmap (`struct hyp_page`, 4 bytes in V14);
-- the free-list node of a free block: inside the free block's first page. Here that is
-  `_next`/`_prev`, sparse maps keyed by pfn holding an entry only while the block is free.
-  Each list is circular with a sentinel key `-1 - order` standing for `free_area[order]`.
+- refcount and order of every page: its packed vmemmap entry (`struct hyp_page`, 4 bytes in
+  V14), `order << S | refcount`. A free head of order o is exactly `o << S`, so "is the buddy
+  free with order o" (V14's `buddy->order == order && !buddy->refcount`) is one compare.
+- the free lists: one FIFO per order. The kernel threads a list node through the first 16
+  bytes of each free block; here a block's place in its order's deque plays that node, and
+  like the node it exists only while the block is free (nothing per page, nothing in the
+  vmemmap). Removing a block from the middle of a list (when its buddy merges with it) is
+  lazy: the deque keeps a *ghost* of it, counted in `_ghosts[order]`, which is skipped when it
+  reaches the head. Ghosts always precede a later live copy of the same pfn, since appends go
+  to the tail, so the live order of each list is exactly the kernel's. Lists are compacted
+  when ghosts outnumber live blocks, so every operation is amortised O(1).
 
 Page states (2.2), for every pfn q of the pool:
 
-    FREE-HEAD   on free list o, order == o, refcount == 0, block aligned and in range
-    FREE-TAIL   inside a free block:          order == NO_ORDER, refcount == 0
-    ALLOC-HEAD  head of a held block:         order == o,        refcount >= 1
-    ALLOC-TAIL  inside a held block:          order == NO_ORDER, refcount == 0
-    RESERVED    q < base_pfn + reserved:      order == 0,        refcount == 1
+    FREE-HEAD   in free list o, order == o, refcount == 0, block aligned and in range
+    FREE-TAIL   inside a free block:        order == NO_ORDER, refcount == 0
+    ALLOC-HEAD  head of a held block:       order == o,        refcount >= 1
+    ALLOC-TAIL  inside a held block:        order == NO_ORDER, refcount == 0
+    RESERVED    q < base_pfn + reserved:    order == 0,        refcount == 1
 
 Buddies are found by XOR on the absolute pfn, so alignment is physical, not pool-relative.
 Splitting keeps the lower half and releases upper halves, largest first:
@@ -37,6 +44,7 @@ one lock of the simulator is taken by the caller; the methods here assume it is 
 from __future__ import annotations
 
 from array import array
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -105,8 +113,8 @@ class HypPool:
     __slots__ = (
         "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
         "refcount_max", "vmemmap", "physmem", "free_pages", "alloc_failures",
-        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_rc", "_ord",
-        "_next", "_prev", "_nr_free", "_admitted", "_contents",
+        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_vm", "_shift", "_tail",
+        "_lists", "_ghosts", "_nr_free", "_admitted", "_contents",
     )
 
     def __init__(
@@ -142,13 +150,14 @@ class HypPool:
             )
         segment = vmemmap.segment_for(base_pfn, nr_pages)
         assert segment is not None
+        layout = vmemmap.layout
         self.name = name
         self.base_pfn = base_pfn
         self.nr_pages = nr_pages
         self.reserved_pages = reserved_pages
         self.max_order = max_order
-        self.no_order = vmemmap.layout.no_order
-        self.refcount_max = vmemmap.layout.refcount_max
+        self.no_order = layout.no_order
+        self.refcount_max = layout.refcount_max
         self.vmemmap = vmemmap
         self.physmem = physmem
         self._end_pfn = base_pfn + nr_pages
@@ -159,12 +168,11 @@ class HypPool:
         self._range_end_pfn = base_pfn + (range_bytes >> page_shift)
         self._first_unreserved = base_pfn + reserved_pages
         self._off = segment.base_pfn
-        self._rc = segment.refcount
-        self._ord = segment.order
-        self._next: dict[int, int] = {}
-        self._prev: dict[int, int] = {}
-        for order in range(max_order):
-            self._next[-1 - order] = self._prev[-1 - order] = -1 - order
+        self._vm = segment.entries
+        self._shift = layout.order_shift
+        self._tail = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
+        self._lists: list[deque[int]] = [deque() for _ in range(max_order)]
+        self._ghosts: list[dict[int, int]] = [{} for _ in range(max_order)]
         self._nr_free = [0] * max_order
         self._admitted: set[int] = set()
         self._contents = physmem._contents  # read-only peek: is any page written at all?
@@ -186,19 +194,19 @@ class HypPool:
         """
         lo = self.base_pfn - self._off
         hi = self._end_pfn - self._off
-        if not _all_zero(self._rc, lo, hi):
+        if not _all_zero(self._vm, lo, hi):
             raise WouldPanic(
                 f"pool {self.name}: a page in [{self.base_pfn:#x}, {self._end_pfn:#x}) already"
                 " has a refcount (overlapping pools?)",
                 reason="POOL_PAGES_IN_USE",
             )
         first_free = self._first_unreserved - self._off
-        _fill(self._rc, lo, first_free, 1)  # RESERVED: refcount 1, order 0
-        _fill(self._ord, lo, first_free, 0)
-        _fill(self._ord, first_free, hi, self.no_order)  # every free page is a tail...
+        _fill(self._vm, lo, first_free, 1)  # RESERVED: order 0, refcount 1
+        _fill(self._vm, first_free, hi, self._tail)  # every free page is a tail...
         for pfn, order in self._canonical_blocks():
-            self._ord[pfn - self._off] = order  # ...except block heads
-            self._list_append(pfn, order)
+            self._vm[pfn - self._off] = order << self._shift  # ...except block heads
+            self._lists[order].append(pfn)
+            self._nr_free[order] += 1
             self.free_pages += 1 << order
 
     def _canonical_blocks(self) -> Iterator[tuple[int, int]]:
@@ -217,24 +225,40 @@ class HypPool:
 
     # -- free lists (pool lock held) ------------------------------------------------------
 
-    def _list_append(self, pfn: int, order: int) -> None:
-        """page_add_to_list: the node is written into the free page, at the list's tail."""
-        head = -1 - order
-        prev = self._prev
-        last = prev[head]
-        self._next[last] = pfn
-        prev[pfn] = last
-        self._next[pfn] = head
-        prev[head] = pfn
-        self._nr_free[order] += 1
-
     def _list_remove(self, pfn: int, order: int) -> None:
-        """page_remove_from_list: unlink, and the node bytes in the page are zeroed."""
-        nxt = self._next.pop(pfn)
-        prv = self._prev.pop(pfn)
-        self._next[prv] = nxt
-        self._prev[nxt] = prv
+        """page_remove_from_list for a block anywhere in its list: it becomes a ghost."""
+        ghosts = self._ghosts[order]
+        ghosts[pfn] = ghosts.get(pfn, 0) + 1
         self._nr_free[order] -= 1
+        if len(self._lists[order]) > 2 * self._nr_free[order] + 64:
+            self._compact(order)
+
+    def _compact(self, order: int) -> None:
+        """Drop every ghost from list `order`, keeping the live blocks in order."""
+        self._lists[order] = deque(self._live_blocks(order))
+        self._ghosts[order] = {}
+
+    def _live_blocks(self, order: int) -> Iterator[int]:
+        pending = dict(self._ghosts[order])
+        for pfn in self._lists[order]:
+            count = pending.get(pfn)
+            if count:
+                pending[pfn] = count - 1
+            else:
+                yield pfn
+
+    def _pop_head(self, order: int) -> int:
+        """Take the first live block off list `order` (the caller knows one exists)."""
+        queue = self._lists[order]
+        ghosts = self._ghosts[order]
+        pfn = queue.popleft()
+        while ghosts and pfn in ghosts:
+            count = ghosts.pop(pfn)
+            if count > 1:
+                ghosts[pfn] = count - 1
+            pfn = queue.popleft()
+        self._nr_free[order] -= 1
+        return pfn
 
     # -- the allocator ----------------------------------------------------------------------
 
@@ -244,48 +268,34 @@ class HypPool:
         The smallest non-empty list at or above `order` gives up its head; it is split down,
         keeping the lower half. The block's head gets refcount 1; its pages are all zero.
         """
-        nxt = self._next
+        nr_free = self._nr_free
         max_order = self.max_order
         i = order
-        while i < max_order:
-            pfn = nxt[-1 - i]
-            if pfn >= 0:
-                break
+        while i < max_order and not nr_free[i]:
             i += 1
-        else:
+        if i >= max_order:
             self.alloc_failures += 1
             return None
-        if self._admitted and pfn in self._admitted:
-            return self._alloc_admitted(pfn)
+        if self._ghosts[i] or self._admitted:
+            pfn = self._pop_head(i)
+            if pfn in self._admitted:
+                return self._alloc_admitted(pfn)
+        else:
+            pfn = self._lists[i].popleft()
+            nr_free[i] -= 1
+        vm = self._vm
         off = self._off
-        rc = self._rc
-        if rc[pfn - off]:
-            raise WouldPanic(
-                f"free block {pfn:#x} has refcount {rc[pfn - off]}", reason="FREE_PAGE_REFCOUNTED"
-            )
-        # Unlink the head (page_remove_from_list); its node leaves the page with it.
-        prev = self._prev
-        after = nxt.pop(pfn)
-        before = prev.pop(pfn)
-        nxt[before] = after
-        prev[after] = before
-        nr_free = self._nr_free
-        nr_free[i] -= 1
+        shift = self._shift
+        # Invariant: a live list entry is a free head (entry == i << shift); no check needed.
         if i > order:
-            ordr = self._ord
+            lists = self._lists
             while i > order:  # split: release the upper half at the tail of list i - 1
                 i -= 1
                 buddy = pfn ^ (1 << i)
-                ordr[buddy - off] = i
-                head = -1 - i
-                last = prev[head]
-                nxt[last] = buddy
-                prev[buddy] = last
-                nxt[buddy] = head
-                prev[head] = buddy
+                vm[buddy - off] = i << shift
+                lists[i].append(buddy)
                 nr_free[i] += 1
-            ordr[pfn - off] = order
-        rc[pfn - off] = 1
+        vm[pfn - off] = order << shift | 1
         self.free_pages -= 1 << order
         return pfn
 
@@ -303,102 +313,83 @@ class HypPool:
     def put_page(self, pfn: int) -> int:
         """hyp_put_page: drop one reference; at 0 the block goes back to the free lists.
 
-        Returns the refcount after the call.
+        Returns the refcount after the call. When the last reference goes, this is
+        __hyp_attach_page: zero the block, merge with every free buddy of the same order
+        (a buddy outside [base_pfn, range_end) is never looked at: it belongs to someone
+        else), and append the result at the tail of its list. The freed head becomes a tail
+        if it merged with a lower buddy.
         """
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._put_outside_range(pfn)
-        rc = self._rc
-        i = pfn - self._off
-        count = rc[i]
+        vm = self._vm
+        off = self._off
+        entry = vm[pfn - off]
+        count = entry & self.refcount_max
+        if count > 1:
+            vm[pfn - off] = entry - 1
+            return count - 1
         if count == 0:
             raise WouldPanic(
                 f"put of pfn {pfn:#x} with refcount 0 (a free page or the tail of a block):"
                 " the refcount would wrap",
                 reason="PUT_OF_FREE_PAGE",
             )
-        count -= 1
-        rc[i] = count
-        if count == 0:
-            self._attach(pfn)
-        return count
-
-    def get_page(self, pfn: int) -> int:
-        """hyp_get_page: take one more reference on an allocated head. Returns the count."""
-        if not self._first_unreserved <= pfn < self._end_pfn:
-            return self._get_outside_range(pfn)
-        rc = self._rc
-        i = pfn - self._off
-        count = rc[i]
-        if count == 0:
-            raise WouldPanic(
-                f"get of pfn {pfn:#x} with refcount 0 (free page or tail page)",
-                reason="GET_OF_FREE_PAGE",
-            )
-        if count >= self.refcount_max:
-            raise WouldPanic(
-                f"refcount of pfn {pfn:#x} is at its limit {self.refcount_max}",
-                reason="REFCOUNT_OVERFLOW",
-            )
-        rc[i] = count + 1
-        return count + 1
-
-    def _attach(self, pfn: int) -> None:
-        """__hyp_attach_page: zero the block, merge with free buddies, append to its list.
-
-        Precondition: pfn is a head whose refcount just became 0 (it is on no list yet).
-        A buddy outside [base_pfn, range_end) is never looked at: it belongs to someone else.
-        """
-        ordr = self._ord
-        off = self._off
-        order = ordr[pfn - off]
+        shift = self._shift
+        order = entry >> shift
         if self._contents:
             self.physmem.zero_range(pfn, 1 << order)
         self.free_pages += 1 << order
-        no_order = self.no_order
-        ordr[pfn - off] = no_order
-        rc = self._rc
-        nxt = self._next
-        prev = self._prev
-        nr_free = self._nr_free
+        freed = pfn
         lo = self.base_pfn
         hi = self._range_end_pfn
         top = self.max_order - 1
         while order < top:
             buddy = pfn ^ (1 << order)
-            if buddy < lo or buddy >= hi:
-                break
-            b = buddy - off
-            if ordr[b] != order or rc[b]:
-                break
-            after = nxt.pop(buddy)  # take the buddy off its list
-            before = prev.pop(buddy)
-            nxt[before] = after
-            prev[after] = before
-            nr_free[order] -= 1
-            ordr[b] = no_order
+            if buddy < lo or buddy >= hi or vm[buddy - off] != order << shift:
+                break  # not in range, or not a free head of this order
+            self._list_remove(buddy, order)
+            vm[buddy - off] = self._tail
             pfn &= ~(1 << order)
             order += 1
-        ordr[pfn - off] = order
-        head = -1 - order  # append at the tail of free_area[order]
-        last = prev[head]
-        nxt[last] = pfn
-        prev[pfn] = last
-        nxt[pfn] = head
-        prev[head] = pfn
-        nr_free[order] += 1
+        if pfn != freed:
+            vm[freed - off] = self._tail
+        vm[pfn - off] = order << shift
+        self._lists[order].append(pfn)
+        self._nr_free[order] += 1
+        return 0
+
+    def get_page(self, pfn: int) -> int:
+        """hyp_get_page: take one more reference on an allocated head. Returns the count."""
+        if not self._first_unreserved <= pfn < self._end_pfn:
+            return self._get_outside_range(pfn)
+        vm = self._vm
+        i = pfn - self._off
+        entry = vm[i]
+        count = entry & self.refcount_max
+        if count == 0:
+            raise WouldPanic(
+                f"get of pfn {pfn:#x} with refcount 0 (free page or tail page)",
+                reason="GET_OF_FREE_PAGE",
+            )
+        if count == self.refcount_max:
+            raise WouldPanic(
+                f"refcount of pfn {pfn:#x} is at its limit {self.refcount_max}",
+                reason="REFCOUNT_OVERFLOW",
+            )
+        vm[i] = entry + 1
+        return count + 1
 
     def split_page(self, pfn: int) -> None:
         """hyp_split_page (V15): turn a held block into 2**order held order-0 pages."""
         self._require_held_head(pfn)
         i = pfn - self._off
-        order = self._ord[i]
+        order = self._vm[i] >> self._shift
         tails = range(i + 1, i + (1 << order))
-        if any(self._rc[t] for t in tails):
+        if any(self._vm[t] != self._tail for t in tails):
             raise WouldPanic(f"a tail of block {pfn:#x} has a refcount", reason="TAIL_REFCOUNTED")
-        self._ord[i] = 0
+        self._vm[i] &= self.refcount_max  # order 0, refcount kept
         for t in tails:
-            self._ord[t] = 0
-            self._rc[t] = 1
+            self._vm[t] = 1
 
     # -- pages outside the range: memcache pages admitted into VM pools (V62) ---------------
 
@@ -427,7 +418,6 @@ class HypPool:
         self.vmemmap.set_entry(pfn, refcount=0, order=0)
 
     def _alloc_admitted(self, pfn: int) -> int:
-        self._list_remove(pfn, 0)
         self.vmemmap.set_entry(pfn, refcount=1, order=0)
         self.free_pages -= 1
         return pfn
@@ -441,7 +431,8 @@ class HypPool:
         self.vmemmap.set_entry(pfn, refcount=count - 1)
         if count == 1:
             self.physmem.zero_range(pfn, 1)
-            self._list_append(pfn, 0)
+            self._lists[0].append(pfn)
+            self._nr_free[0] += 1
             self.free_pages += 1
         return count - 1
 
@@ -470,8 +461,8 @@ class HypPool:
     def _require_held_head(self, pfn: int) -> None:
         if not self._first_unreserved <= pfn < self._end_pfn:
             raise self._not_ours(pfn)
-        i = pfn - self._off
-        if self._rc[i] == 0 or self._ord[i] == self.no_order:
+        entry = self._vm[pfn - self._off]
+        if not entry & self.refcount_max or entry >> self._shift == self.no_order:
             raise WouldPanic(f"pfn {pfn:#x} is not the head of a held block",
                              reason="NOT_A_HELD_HEAD")
 
@@ -493,28 +484,26 @@ class HypPool:
 
     def is_free(self, pfn: int) -> bool:
         """True when pfn is the head of a block on a free list."""
-        return pfn in self._prev
+        if not self.contains(pfn):
+            return False
+        entry = self.vmemmap.entry(pfn)
+        return entry & self.refcount_max == 0 and entry >> self._shift < self.max_order \
+            and (pfn in self._admitted or pfn >= self._first_unreserved)
 
     def free_list(self, order: int) -> list[int]:
         """Heads of free_area[order], head (next to be allocated) first."""
-        out = []
-        head = -1 - order
-        pfn = self._next[head]
-        while pfn != head:
-            out.append(pfn)
-            pfn = self._next[pfn]
-        return out
+        return list(self._live_blocks(order))
 
     def free_lists(self) -> dict[int, list[int]]:
         return {order: self.free_list(order) for order in range(self.max_order)}
 
     def held_blocks(self) -> Iterator[tuple[int, int, int]]:
         """(head pfn, refcount, order) of every held block, reserved pages excluded. O(range)."""
-        rc, ordr, off = self._rc, self._ord, self._off
+        vm, off, shift, mask = self._vm, self._off, self._shift, self.refcount_max
         for pfn in range(self._first_unreserved, self._end_pfn):
-            count = rc[pfn - off]
-            if count:
-                yield pfn, count, ordr[pfn - off]
+            entry = vm[pfn - off]
+            if entry & mask:
+                yield pfn, entry & mask, entry >> shift
         for pfn in sorted(self._admitted):
             count = self.vmemmap.refcount(pfn)
             if count:
@@ -544,45 +533,50 @@ class HypPool:
         for order in range(self.max_order):
             blocks = self.free_list(order)
             assert len(blocks) == self._nr_free[order], f"list {order} count drifted"
+            assert len(blocks) + sum(self._ghosts[order].values()) == len(self._lists[order]), \
+                f"list {order}: a ghost has no entry"
             for pfn in blocks:
-                assert pfn not in free_heads, f"{pfn:#x} is on two free lists"
+                assert pfn not in free_heads, f"{pfn:#x} is twice on the free lists"
                 free_heads[pfn] = order
-        assert set(self._next) == set(free_heads) | {-1 - o for o in range(self.max_order)}, \
-            "a list node outlived its free block"
         for pfn in self._admitted:
-            assert self._end_pfn <= pfn or pfn < self.base_pfn
+            assert not self.base_pfn <= pfn < self._end_pfn
             if pfn in free_heads:
-                assert free_heads[pfn] == 0 and self.vmemmap.refcount(pfn) == 0
+                assert free_heads[pfn] == 0 and self.vmemmap.entry(pfn) == 0, \
+                    f"free admitted page {pfn:#x} is not a clean order-0 head"
+            else:
+                assert self.vmemmap.refcount(pfn) >= 1, f"admitted page {pfn:#x} leaked"
         self._check_range(free_heads)
         assert self.free_pages == sum(1 << o for o in free_heads.values()), "free_pages drifted"
         for pfn in self.physmem.written_pfns():
-            if pfn in free_heads or (self.contains(pfn) and self._in_free_block(pfn, free_heads)):
+            if self._in_free_block(pfn, free_heads):
                 raise AssertionError(f"free page {pfn:#x} is not zero")
 
     def _check_range(self, free_heads: dict[int, int]) -> None:
-        rc, ordr, off, no_order = self._rc, self._ord, self._off, self.no_order
+        vm, off, shift, mask = self._vm, self._off, self._shift, self.refcount_max
         for pfn in range(self.base_pfn, self._first_unreserved):
-            assert rc[pfn - off] == 1 and ordr[pfn - off] == 0, f"reserved {pfn:#x} changed"
+            assert vm[pfn - off] == 1, f"reserved page {pfn:#x} changed"
         pfn = self._first_unreserved
         while pfn < self._end_pfn:
-            i = pfn - off
-            order = ordr[i]
+            entry = vm[pfn - off]
+            order = entry >> shift
             if pfn in free_heads:
-                assert order == free_heads[pfn] and rc[i] == 0, f"free head {pfn:#x} is wrong"
+                assert entry == free_heads[pfn] << shift, f"free head {pfn:#x} is wrong"
             else:
-                assert rc[i] >= 1, f"{pfn:#x} has refcount 0 but is on no list: leaked"
+                assert entry & mask >= 1, f"{pfn:#x} has refcount 0 but is on no list: leaked"
                 assert order < self.max_order, f"held head {pfn:#x} has order {order}"
             assert pfn % (1 << order) == 0, f"block {pfn:#x} of order {order} is misaligned"
             assert pfn + (1 << order) <= self._end_pfn, f"block {pfn:#x} overruns the pool"
-            for tail in range(i + 1, i + (1 << order)):
-                assert ordr[tail] == no_order and rc[tail] == 0, \
-                    f"tail {tail + off:#x} of block {pfn:#x} is not a clean tail"
+            for tail in range(pfn + 1, pfn + (1 << order)):
+                assert vm[tail - off] == self._tail, \
+                    f"tail {tail:#x} of block {pfn:#x} is not a clean tail"
             pfn += 1 << order
 
     def _in_free_block(self, pfn: int, free_heads: dict[int, int]) -> bool:
+        if pfn in free_heads:
+            return True
         if not self.base_pfn <= pfn < self._end_pfn:
             return False
-        for order in range(self.max_order):
+        for order in range(1, self.max_order):
             head = pfn & ~((1 << order) - 1)
             if free_heads.get(head) == order:
                 return True

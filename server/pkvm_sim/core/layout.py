@@ -1,22 +1,24 @@
 """Page geometry and the `struct hyp_page` layouts (SEMANTICS A.1, 1.1, 1.2).
 
-A *layout* is what one vmemmap entry looks like at EL2. The simulator stores each entry's
-two live fields (refcount, order) in two parallel typed arrays whose item sizes are never
-larger than the modelled fields, so the simulator's memory per page tracks the layout:
+A *layout* is what one vmemmap entry looks like at EL2. The simulator stores each entry as
+one packed unsigned integer, `order << order_shift | refcount`, in a typed array whose item
+is never wider than the modelled struct, so "is this buddy free with order o" is a single
+compare against `o << order_shift` (refcount 0), as cheap as it is in the kernel:
 
-    layout | modelled entry                      | stored as            | refcount max | NO_ORDER
-    -------+-------------------------------------+----------------------+--------------+---------
-    32     | u32 refcount, u32 order, ptr, list  | array('I') + ('I')   | 2**32 - 1    | 2**32-1
-    4      | u16 refcount, u16 order             | array('H') + ('H')   | 65535        | 65535
-    2      | 13-bit refcount, 3-bit order        | array('H') + ('B')   | 8191         | 7
+    layout | modelled entry                      | stored as       | refcount max | NO_ORDER
+    -------+-------------------------------------+-----------------+--------------+---------
+    32     | u32 refcount, u32 order, ptr, list  | array('Q'), 8 B | 2**32 - 1    | 2**32-1
+    4      | u16 refcount, u16 order             | array('I'), 4 B | 65535        | 65535
+    2      | 13-bit refcount, 3-bit order        | array('H'), 2 B | 8191         | 7
 
-(The 2-byte proposal is stored in 3 bytes; its limits are enforced exactly.)
+(The V13 pool pointer and list_head are not stored: the pool is known from context and the
+free-list node lives with the free block, see hyp_pool.py.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -32,25 +34,29 @@ class HypPageLayout:
     refcount_max: int
     no_order: int  # HYP_NO_ORDER: the order value of every page that is not a block head
     max_order_cap: int | None  # layout-imposed MAX_ORDER (3-bit order field), None = none
-    refcount_typecode: str  # array typecode storing the refcount
-    order_typecode: str  # array typecode storing the order
+    entry_typecode: str  # array typecode of one packed entry
+    order_shift: int  # entry = order << order_shift | refcount
 
     @property
     def stored_bytes(self) -> int:
         """Bytes the simulator itself spends per vmemmap entry."""
         from array import array
 
-        return array(self.refcount_typecode).itemsize + array(self.order_typecode).itemsize
+        return array(self.entry_typecode).itemsize
+
+    @property
+    def refcount_mask(self) -> int:
+        return (1 << self.order_shift) - 1
 
 
-LAYOUT_32 = HypPageLayout("32", 32, 2**32 - 1, 2**32 - 1, None, "I", "I")
-LAYOUT_4 = HypPageLayout("4", 4, 65535, 65535, None, "H", "H")
-LAYOUT_2 = HypPageLayout("2", 2, 8191, 7, 7, "H", "B")
+LAYOUT_32 = HypPageLayout("32", 32, 2**32 - 1, 2**32 - 1, None, "Q", 32)
+LAYOUT_4 = HypPageLayout("4", 4, 65535, 65535, None, "I", 16)
+LAYOUT_2 = HypPageLayout("2", 2, 8191, 7, 7, "H", 13)
 
 LAYOUTS: dict[str, HypPageLayout] = {lay.name: lay for lay in (LAYOUT_32, LAYOUT_4, LAYOUT_2)}
 
 
-class Profile(str, Enum):
+class Profile(StrEnum):
     """Kernel version modelled: before (v5.13) or after (v5.14) the series."""
 
     V5_13 = "v5.13"

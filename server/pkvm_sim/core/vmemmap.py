@@ -1,8 +1,9 @@
 """The hyp vmemmap: one `struct hyp_page` per covered pfn (SEMANTICS 1.1 to 1.3).
 
-Entries are stored as two parallel typed arrays per covered segment (refcount, order), so the
-simulator spends `layout.stored_bytes` per page and nothing per page beyond that. A fresh
-vmemmap reads as zeros (refcount 0, order 0), as the kernel's zeroed early allocation does.
+Entries are stored packed (`order << shift | refcount`, see layout.py) in one typed array per
+covered segment, so the simulator spends `layout.stored_bytes` per page and nothing per page
+beyond that. A fresh vmemmap reads as zeros (refcount 0, order 0), as the kernel's zeroed
+early allocation does.
 
 Coverage: with 'carveout' (V13/V14) only the carve-out's pfns have entries; with 'all'
 (V62) every memblock pfn has one. Touching any other pfn's entry is the EL2 fault the
@@ -26,8 +27,7 @@ class VmemmapSegment:
 
     base_pfn: int
     nr_pages: int
-    refcount: array[int]
-    order: array[int]
+    entries: array[int]  # order << layout.order_shift | refcount
 
     @property
     def end_pfn(self) -> int:
@@ -47,12 +47,7 @@ class Vmemmap:
         self.segments: list[VmemmapSegment] = []
         for base_pfn, nr_pages in sorted(_merge_ranges(pfn_ranges)):
             self.segments.append(
-                VmemmapSegment(
-                    base_pfn,
-                    nr_pages,
-                    _zeroed_array(layout.refcount_typecode, nr_pages),
-                    _zeroed_array(layout.order_typecode, nr_pages),
-                )
+                VmemmapSegment(base_pfn, nr_pages, _zeroed_array(layout.entry_typecode, nr_pages))
             )
         self._bases = [seg.base_pfn for seg in self.segments]
 
@@ -68,10 +63,7 @@ class Vmemmap:
     @property
     def stored_bytes(self) -> int:
         """What the simulator's arrays occupy."""
-        return sum(
-            seg.refcount.itemsize * len(seg.refcount) + seg.order.itemsize * len(seg.order)
-            for seg in self.segments
-        )
+        return sum(seg.entries.itemsize * len(seg.entries) for seg in self.segments)
 
     def covers(self, pfn: int) -> bool:
         i = bisect.bisect_right(self._bases, pfn) - 1
@@ -96,23 +88,29 @@ class Vmemmap:
             )
         return None
 
-    def refcount(self, pfn: int) -> int:
+    def entry(self, pfn: int) -> int:
+        """The packed struct hyp_page of pfn (WouldPanic if not covered)."""
         seg = self.segment_for(pfn)
         assert seg is not None
-        return int(seg.refcount[pfn - seg.base_pfn])
+        return seg.entries[pfn - seg.base_pfn]
+
+    def refcount(self, pfn: int) -> int:
+        return self.entry(pfn) & self.layout.refcount_mask
 
     def order(self, pfn: int) -> int:
-        seg = self.segment_for(pfn)
-        assert seg is not None
-        return int(seg.order[pfn - seg.base_pfn])
+        """The order field; layout.no_order for pages that are not a block head."""
+        return self.entry(pfn) >> self.layout.order_shift
 
     def set_entry(self, pfn: int, *, refcount: int | None = None, order: int | None = None) -> None:
         seg = self.segment_for(pfn)
         assert seg is not None
-        if refcount is not None:
-            seg.refcount[pfn - seg.base_pfn] = refcount
-        if order is not None:
-            seg.order[pfn - seg.base_pfn] = order
+        old = seg.entries[pfn - seg.base_pfn]
+        shift = self.layout.order_shift
+        new_refcount = old & self.layout.refcount_mask if refcount is None else refcount
+        new_order = old >> shift if order is None else order
+        if not 0 <= new_refcount <= self.layout.refcount_max:
+            raise ValueError(f"refcount {new_refcount} does not fit layout {self.layout.name}")
+        seg.entries[pfn - seg.base_pfn] = new_order << shift | new_refcount
 
 
 def _merge_ranges(pfn_ranges: Iterable[tuple[int, int]]) -> Sequence[tuple[int, int]]:
