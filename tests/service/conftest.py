@@ -1,0 +1,1 @@
+from tests.service.fixtures import channel, raw_vm, service, stub  # noqa: F401
