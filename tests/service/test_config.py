@@ -1,0 +1,65 @@
+"""`pkvm-sim serve` configuration: defaults < file < environment < flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from pkvm_sim.core.config import Memblock, SimConfig
+from pkvm_sim.core.layout import Profile
+from pkvm_sim.service import serve
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_are_quick_start() -> None:
+    config, server = serve.resolve(parse(), environ={})
+    assert config == SimConfig() and server == {}
+    settings = serve.settings_from(server)
+    assert settings.listen == "0.0.0.0:50051" and settings.metrics_listen == "0.0.0.0:9100"
+
+
+def test_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "pkvm.toml"
+    path.write_text(
+        'profile = "v5.13"\nnr_cpus = 4\nia_bits = 44\n'
+        'memblocks = ["0x80000000:2G", "0x880000000:6G"]\n'
+        '[server]\nlisten = "127.0.0.1:6000"\nworkers = 4\n'
+    )
+    env = {"PKVM_SIM_NR_CPUS": "16", "PKVM_SIM_LISTEN": "127.0.0.1:7000",
+           "PKVM_SIM_PAGE_SIZE": "16K"}
+    config, server = serve.resolve(
+        parse("--config", str(path), "--page-size", "4K", "--metrics-listen", "off"), environ=env
+    )
+    assert config.profile is Profile.V5_13 and config.ia_bits == 44  # file
+    assert config.nr_cpus == 16  # env over file
+    assert config.page_size == 4096  # flag over env
+    assert config.memblocks == (Memblock(0x8000_0000, 2 << 30), Memblock(0x8_8000_0000, 6 << 30))
+    settings = serve.settings_from(server)
+    assert settings.listen == "127.0.0.1:7000" and settings.workers == 4
+    assert settings.metrics_listen is None
+
+
+def test_env_memblocks_and_flags() -> None:
+    config, _ = serve.resolve(
+        parse("--hyp-pool-extra-pages", "64", "--faithful-bugs", "true"),
+        environ={"PKVM_SIM_MEMBLOCKS": "0x80000000:4G, 0x880000000:6G"},
+    )
+    assert len(config.memblocks) == 2 and config.hyp_pool_extra_pages == 64
+    assert config.faithful_bugs
+    config, _ = serve.resolve(parse("--memblock", "0x40000000:1G", "--memblock", "0x80000000:1G"),
+                              environ={})
+    assert [b.size for b in config.memblocks] == [1 << 30, 1 << 30]
+
+
+def test_unknown_file_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("no_such_knob = 1\n")
+    with pytest.raises(ValueError, match="no_such_knob"):
+        serve.resolve(parse("--config", str(path)), environ={})
