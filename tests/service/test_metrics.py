@@ -1,0 +1,89 @@
+"""Metrics: the names of deploy/metrics.txt, read at scrape time, seen by a real Prometheus."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pkvm.v1 import hypervisor_pb2 as pb2
+from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
+from pkvm_sim.service.server import RunningService
+from tests.service.fixtures import RawVM
+
+METRICS_LIST = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
+
+
+def scrape(service: RunningService) -> dict[str, list[tuple[dict[str, str], float]]]:
+    text = urllib.request.urlopen(f"http://{service.metrics_address}/metrics", timeout=5).read()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def listed_metrics() -> dict[str, list[str]]:
+    metrics: dict[str, list[str]] = {}
+    for line in METRICS_LIST.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _type, labels, *_ = line.split()
+            metrics[name] = [] if labels == "-" else [lab.split("=")[0] for lab in labels.split(",")]
+    return metrics
+
+
+@pytest.mark.skipif(not METRICS_LIST.exists(), reason="deploy/metrics.txt not written yet")
+def test_exported_names_match_the_list(service: RunningService, stub: pb2_grpc.HypervisorServiceStub,
+                                       raw_vm: RawVM) -> None:
+    stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=0), metadata=raw_vm.md)
+    samples = scrape(service)
+    listed = listed_metrics()
+    exported = {name for name in samples if not name.endswith("_created")}
+    assert exported == set(listed)
+    for name, label_names in listed.items():
+        for labels, _ in samples[name]:
+            assert sorted(labels) == sorted(label_names), name
+
+
+def test_values_follow_the_state(service: RunningService, stub: pb2_grpc.HypervisorServiceStub,
+                                 raw_vm: RawVM) -> None:
+    stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=1), metadata=raw_vm.md)
+    stats = stub.GetStats(pb2.GetStatsRequest())
+    samples = scrape(service)
+    free = {labels["pool"]: value for labels, value in samples["pkvm_pool_free_pages"]}
+    for pool in stats.pools:
+        assert free[pool.name] == pool.free_pages
+    assert samples["pkvm_vms"][0][1] == stats.nr_vms
+    assert samples["pkvm_hyp_mem_pages"][0][1] == 5164
+    requests = {(lab["method"], lab["code"]): v for lab, v in samples["pkvm_grpc_requests_total"]}
+    assert requests[("AllocPages", "OK")] >= 1
+    ops = {lab["op"]: v for lab, v in samples["pkvm_operations_total"]}
+    assert ops["alloc_pages"] >= 1 and ops["create_vm"] >= 1
+
+
+def test_real_prometheus_scrapes_the_service(tmp_path: Path) -> None:
+    from tests.prometheus_harness import free_loopback_port, running_prometheus
+    from tests.service.fixtures import start_service
+    from pkvm_sim.service.server import ServerSettings
+
+    port = free_loopback_port()
+    service = start_service(settings=ServerSettings(
+        listen="127.0.0.1:0", metrics_listen=f"127.0.0.1:{port}", workers=4))
+    try:
+        stub = pb2_grpc.HypervisorServiceStub(__import__("grpc").insecure_channel(service.target))
+        vm = RawVM(stub)
+        stub.AllocPages(pb2.AllocPagesRequest(handle=vm.handle, order=3), metadata=vm.md)
+        expected = next(
+            p.free_pages for p in stub.GetStats(pb2.GetStatsRequest()).pools if p.name == "hyp"
+        )
+        with running_prometheus([f"127.0.0.1:{port}"], tmp_path) as prom:
+            prom.wait_for_target_up(timeout=30)
+            [sample] = prom.wait_for_query(
+                'pkvm_pool_free_pages{job="pkvm-sim",pool="hyp"}', timeout=20
+            )
+            assert sample.value == expected
+    finally:
+        service.stop(0)
