@@ -6,9 +6,8 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
-
 import pkvm_client
+import pytest
 from pkvm_client import (
     AsyncHypervisor,
     AuthenticationError,
@@ -151,9 +150,8 @@ def test_concurrent_vms(hv: Hypervisor) -> None:
 
 
 def test_unreachable_server_is_transport_error() -> None:
-    with Hypervisor("127.0.0.1:1", timeout=0.5) as dead:
-        with pytest.raises(TransportError):
-            dead.stats()
+    with Hypervisor("127.0.0.1:1", timeout=0.5) as dead, pytest.raises(TransportError):
+        dead.stats()
 
 
 def test_async_twin(service: RunningService) -> None:

@@ -7,12 +7,26 @@ from typing import Any
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.errors import (
-    Busy, InvalidArgument, NotFound, OutOfMemory, PermissionDenied, WouldPanic,
+    Busy,
+    InvalidArgument,
+    NotFound,
+    OutOfMemory,
+    PermissionDenied,
+    WouldPanic,
 )
 from pkvm_sim.core.hyp_pool import PoolStatistics
 from pkvm_sim.core.model import (
-    FaultOutcome, FaultResult, GuestMapResult, HostStage2Statistics, HypervisorStatistics,
-    PageInfo, PageState, PoolKind, ShareResult, VmemmapStatistics, VmInfo,
+    FaultOutcome,
+    FaultResult,
+    GuestMapResult,
+    HostStage2Statistics,
+    HypervisorStatistics,
+    PageInfo,
+    PageState,
+    PoolKind,
+    ShareResult,
+    VmemmapStatistics,
+    VmInfo,
 )
 
 HYP_BASE, HYP_PAGES = 0x17EA06, 2048

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 from pkvm_sim.core.config import SimConfig

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 import pytest
-
 from pkvm_sim.core.config import Memblock, SimConfig
 from pkvm_sim.core.layout import Profile
 from pkvm_sim.service import serve

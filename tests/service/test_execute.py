@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_status import rpc_status
-
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
+
 from tests.service.fixtures import RawVM
 
 Stub = pb2_grpc.HypervisorServiceStub

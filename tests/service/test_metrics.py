@@ -6,11 +6,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 from pkvm_sim.service.server import RunningService
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.service.fixtures import RawVM
 
 METRICS_LIST = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
@@ -65,9 +65,10 @@ def test_values_follow_the_state(service: RunningService, stub: pb2_grpc.Hypervi
 
 
 def test_real_prometheus_scrapes_the_service(tmp_path: Path) -> None:
+    from pkvm_sim.service.server import ServerSettings
+
     from tests.prometheus_harness import free_loopback_port, running_prometheus
     from tests.service.fixtures import start_service
-    from pkvm_sim.service.server import ServerSettings
 
     port = free_loopback_port()
     service = start_service(settings=ServerSettings(
