@@ -1,0 +1,308 @@
+"""Benchmark: the real pkvm-sim service against a trivial echo service with the same server
+settings, driven by the same client in the same run (a benchmark, not a test).
+
+    python bench/bench_service.py                  # about a minute
+    python bench/bench_service.py --seconds 2      # quicker, noisier
+
+Phases, each against both servers (each server runs in its own process; the client is this
+process):
+  1. unary: 64 concurrent VMs, each looping AllocPages(order 0) + PutPage pairs;
+  2. Execute: 8 streams, batches of 1, 64 and 1024 operations (an alloc batch, then a put
+     batch of the pfns it returned);
+  3. the in-process core: alloc_pages + put_page pairs on Hypervisor directly.
+It prints ops/s, p50/p99 latency per call (unary) or per batch (Execute) and the ratios.
+Targets: unary real/echo >= 0.8; Execute(1024) real / in-process core >= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from pkvm.v1 import hypervisor_pb2 as pb2
+from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
+
+NR_VMS = 64
+NR_STREAMS = 8
+BATCH_SIZES = (1, 64, 1024)
+EXTRA_HYP_PAGES = 1 << 16  # room for 8 streams x 1024 pages (hyp_pool_extra_pages knob)
+
+
+# -- servers (run in a child process) ------------------------------------------------------------
+
+
+class EchoServicer(pb2_grpc.HypervisorServiceServicer):
+    """Does no work: the cost of gRPC itself with the same messages."""
+
+    def __init__(self) -> None:
+        self._next = 0x1000
+
+    def CreateVM(self, request: Any, context: Any) -> Any:
+        self._next += 1
+        return pb2.CreateVMResponse(vm=pb2.VM(handle=self._next), token="echo")
+
+    def DestroyVM(self, request: Any, context: Any) -> Any:
+        return pb2.DestroyVMResponse()
+
+    def AllocPages(self, request: Any, context: Any) -> Any:
+        return pb2.AllocPagesResponse(pfn=request.handle, order=request.order)
+
+    def PutPage(self, request: Any, context: Any) -> Any:
+        return pb2.PutPageResponse(refcount=0)
+
+    def Execute(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+        for request in request_iterator:
+            n = len(request.ops)
+            yield pb2.ExecuteResponse(
+                batch_id=request.batch_id, codes=[0] * n, values=list(request.arg0),
+                completed=n,
+            )
+
+
+def serve(kind: str) -> None:
+    from pkvm_sim.core.config import SimConfig
+    from pkvm_sim.service.server import ServerSettings, start
+
+    settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None)
+    if kind == "real":
+        service = start(SimConfig(hyp_pool_extra_pages=EXTRA_HYP_PAGES), settings)
+        port = service.port
+        stop = service.stop
+    else:  # the same server construction, with the echo servicer
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers),
+            options=settings.grpc_options(),
+        )
+        pb2_grpc.add_HypervisorServiceServicer_to_server(EchoServicer(), server)
+        port = server.add_insecure_port(settings.listen)
+        server.start()
+
+        def stop(grace: float | None = 0) -> None:
+            server.stop(grace).wait()
+
+    print(port, flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    stop(0)
+
+
+class ServerProcess:
+    def __init__(self, kind: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.process.stdout is not None
+        self.target = f"127.0.0.1:{int(self.process.stdout.readline())}"
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+# -- client ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    ops: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops / self.seconds
+
+    def percentile(self, q: float) -> float:
+        data = sorted(self.latencies)
+        return data[min(len(data) - 1, int(q * len(data)))] * 1e3 if data else float("nan")
+
+    def line(self, label: str, unit: str) -> str:
+        return (f"  {label:<22} {self.ops_per_s:>12,.0f} ops/s   p50 {self.percentile(0.5):7.3f} ms"
+                f"   p99 {self.percentile(0.99):7.3f} ms  (per {unit})")
+
+
+def create_vms(stub: Any, n: int) -> list[tuple[int, tuple[tuple[str, str], ...]]]:
+    vms = []
+    for _ in range(n):
+        created = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=4))
+        vms.append((created.vm.handle, (("authorization", f"Bearer {created.token}"),)))
+    return vms
+
+
+def bench_unary(target: str, seconds: float) -> Figures:
+    """64 VMs, each keeping one AllocPages/PutPage chain in flight (futures + callbacks)."""
+    channel = grpc.insecure_channel(target)
+    stub = pb2_grpc.HypervisorServiceStub(channel)
+    vms = create_vms(stub, NR_VMS)
+    latencies: list[float] = []
+    counts = [0]
+    lock = threading.Lock()
+    stop_at = [float("inf")]
+    finished = threading.Semaphore(0)
+
+    def chain(handle: int, md: Any) -> None:
+        def alloc() -> None:
+            if time.perf_counter() >= stop_at[0]:
+                finished.release()
+                return
+            t0 = time.perf_counter()
+            f = stub.AllocPages.future(pb2.AllocPagesRequest(handle=handle, order=0), metadata=md)
+            f.add_done_callback(lambda fut: put(fut, t0))
+
+        def put(fut: Any, t0: float) -> None:
+            t1 = time.perf_counter()
+            pfn = fut.result().pfn
+            f = stub.PutPage.future(pb2.PutPageRequest(handle=handle, pfn=pfn), metadata=md)
+            f.add_done_callback(lambda fut2: done(fut2, t0, t1))
+
+        def done(fut: Any, t0: float, t1: float) -> None:
+            t2 = time.perf_counter()
+            fut.result()
+            with lock:
+                counts[0] += 2
+                latencies.append(t1 - t0)
+                latencies.append(t2 - t1)
+            alloc()
+
+        alloc()
+
+    # warm up, then measure
+    start = time.perf_counter()
+    stop_at[0] = start + seconds + 0.5
+    for handle, md in vms:
+        chain(handle, md)
+    time.sleep(0.5)
+    with lock:
+        counts[0] = 0
+        latencies.clear()
+    t_start = time.perf_counter()
+    for _ in vms:
+        finished.acquire()
+    elapsed = time.perf_counter() - t_start
+    for handle, md in vms:
+        stub.DestroyVM(pb2.DestroyVMRequest(handle=handle), metadata=md)
+    channel.close()
+    return Figures(counts[0], elapsed, latencies)
+
+
+def bench_execute(target: str, batch: int, seconds: float) -> Figures:
+    """NR_STREAMS streams, each alternating an alloc batch and a put batch of `batch` ops."""
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 4 << 20)])
+    stub = pb2_grpc.HypervisorServiceStub(channel)
+    vms = create_vms(stub, NR_STREAMS)
+    latencies: list[float] = []
+    counts = [0]
+    lock = threading.Lock()
+    barrier = threading.Barrier(NR_STREAMS + 1)
+    stop_at = [0.0]
+
+    def worker(handle: int, md: Any) -> None:
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        responses = stub.Execute(iter(requests.get, None), metadata=md)
+        alloc = pb2.ExecuteRequest(handle=handle, ops=[pb2.BATCH_OP_ALLOC_PAGES] * batch)
+        put_ops = [pb2.BATCH_OP_PUT_PAGE] * batch
+        local: list[float] = []
+        ops = 0
+        barrier.wait()
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            requests.put(alloc)
+            pfns = next(responses).values
+            t1 = time.perf_counter()
+            requests.put(pb2.ExecuteRequest(handle=handle, ops=put_ops, arg0=pfns))
+            next(responses)
+            t2 = time.perf_counter()
+            local += (t1 - t0, t2 - t1)
+            ops += 2 * batch
+        requests.put(None)
+        list(responses)
+        with lock:
+            counts[0] += ops
+            latencies.extend(local)
+
+    threads = [threading.Thread(target=worker, args=vm) for vm in vms]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    t_start = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    for handle, md in vms:
+        stub.DestroyVM(pb2.DestroyVMRequest(handle=handle), metadata=md)
+    channel.close()
+    return Figures(counts[0], elapsed, latencies)
+
+
+def bench_core(seconds: float) -> Figures:
+    """alloc_pages + put_page pairs on the in-process core, no gRPC, no lock."""
+    from pkvm_sim.core.config import SimConfig
+    from pkvm_sim.core.hypervisor import Hypervisor
+
+    hv = Hypervisor.boot(SimConfig(hyp_pool_extra_pages=EXTRA_HYP_PAGES))
+    handle = hv.create_vm(nr_vcpus=1, slice_pages=4).handle
+    alloc, put = hv.alloc_pages, hv.put_page
+    ops = 0
+    t_start = time.perf_counter()
+    deadline = t_start + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(1000):
+            put(handle, alloc(handle, 0))
+        ops += 2000
+    return Figures(ops, time.perf_counter() - t_start, [])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--serve", choices=("echo", "real"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return 0
+
+    print(f"pkvm-sim service benchmark ({os.cpu_count()} CPUs, {args.seconds:g} s per phase)")
+    results: dict[tuple[str, str], Figures] = {}
+    for kind in ("echo", "real"):
+        server = ServerProcess(kind)
+        try:
+            print(f"{kind} service at {server.target}")
+            figures = bench_unary(server.target, args.seconds)
+            results[(kind, "unary")] = figures
+            print(figures.line(f"unary ({NR_VMS} VMs)", "call"))
+            for batch in BATCH_SIZES:
+                figures = bench_execute(server.target, batch, args.seconds / 2)
+                results[(kind, f"execute{batch}")] = figures
+                print(figures.line(f"Execute batch {batch}", "batch"))
+        finally:
+            server.close()
+    core = bench_core(args.seconds / 2)
+    print("in-process core")
+    print(f"  alloc+put pairs        {core.ops_per_s:>12,.0f} ops/s")
+
+    unary_ratio = results[("real", "unary")].ops_per_s / results[("echo", "unary")].ops_per_s
+    print("ratios")
+    print(f"  unary real/echo            {unary_ratio:6.2f}   (target >= 0.8)")
+    for batch in BATCH_SIZES:
+        real = results[("real", f"execute{batch}")].ops_per_s
+        echo = results[("echo", f"execute{batch}")].ops_per_s
+        print(f"  Execute {batch:>4} real/echo       {real / echo:6.2f}"
+              f"   real/core {real / core.ops_per_s:6.2f}"
+              + ("   (target >= 0.5)" if batch == BATCH_SIZES[-1] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
