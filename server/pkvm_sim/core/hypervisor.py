@@ -5,37 +5,154 @@
 vmemmap for the configured coverage, create the host stage-2 with its PGD allocated from its
 pool, and annotate everything the hypervisor owns so the host can never map it.
 
-This class is not thread-safe: callers serialise every call (the service holds one lock
-around each request or batch, SEMANTICS A.7). Every public method either completes or
-raises a `PkvmError` subclass and leaves the state exactly as it was.
+This class is not thread-safe and takes no locks: callers serialise every call (the service
+holds one lock around each request or batch, SEMANTICS A.7). Every public method either
+completes or raises a `PkvmError` subclass and leaves the state exactly as it was. (One
+documented exception, kernel behaviour: a host fault that fails with -ENOMEM even after
+recycling MMIO is reported FATAL and keeps the partial page-table edits of 3.5.)
 
 Clients are VMs (A.4): per-VM operations take the acting VM's `handle`; a VM may only put,
 get, share, unshare or map what it owns or what lies in its slice of host RAM.
+
+Who owns a page (what `audit` proves, and what `page_info` reports):
+
+    carve-out   vmemmap slice, slack                  hyp
+                hyp pool / host_s2 pool(s) pages       free, hyp (tables), or vm:<h> (blocks
+                                                       a VM allocated with alloc_pages)
+    host RAM    free or a VM's slice                   host
+                VM metadata, PGD, memcache pages       vm:<h> (donated: hyp-owned for the VM;
+                                                       PGD and admitted memcache pages are
+                                                       vm/<h> pool pages: free or tables)
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import asdict
 from typing import Any
 
 from .config import SimConfig
+from .errors import (
+    AlreadyExists,
+    Busy,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfMemory,
+    OutOfRange,
+    PermissionDenied,
+    PkvmError,
+    WouldPanic,
+)
+from .guest import GuestMmOps, GuestVm
+from .host_memory import HostMemory
+from .host_stage2 import HostStage2
+from .hyp_pool import HypPool, get_order
+from .layout import Profile, ceil_div, effective_max_order
 from .model import (
     FaultResult,
     GuestMapResult,
     HypervisorStatistics,
     PageInfo,
+    PageState,
     PoolKind,
     ShareResult,
+    VmemmapStatistics,
     VmInfo,
+)
+from .pgtable import (
+    ANNOTATED,
+    LEAF,
+    OK,
+    OWNER_HOST,
+    OWNER_HYP,
+    PROT_RWX,
+    STATE_OWNED,
+    STATE_SHARED_OWNED,
+    Stage2PageTable,
+    leaf_pte,
+    pgd_geometry,
+)
+from .physmem import PhysicalMemory
+from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
+from .vmemmap import Vmemmap
+
+VM_HANDLE_OFFSET = 0x1000  # handle = table index + 0x1000 (SEMANTICS 5)
+MAX_VMS = 4096  # the kernel's KVM_MAX_PVMS is 255; widened so load tests can run many VMs
+PKVM_HYP_VM_BYTES = 1024  # struct pkvm_hyp_vm without the vCPU pointer array (illustrative)
+PKVM_HYP_VCPU_BYTES = 4096  # struct pkvm_hyp_vcpu (illustrative), donated per vCPU
+MAX_VCPUS = 512
+COVER_LETTER_POINT = (
+    "sharing and guest VMs need a hyp_page for every page of host memory (vmemmap_coverage"
+    " 'all'); with coverage 'carveout' (v5.13/v5.14) EL2 has no struct hyp_page for host"
+    " pages. Making that affordable is the point of the series' cover letter: 4-byte"
+    " entries cost 1 MiB per GiB instead of 8"
 )
 
 
 class Hypervisor:
     """The simulated pKVM EL2 memory manager of one machine."""
 
+    def __init__(self, config: SimConfig, reservation: Reservation, layout: CarveoutLayout,
+                 vmemmap: Vmemmap, physmem: PhysicalMemory, hyp_pool: HypPool,
+                 host_pools: list[HypPool], host_stage2: HostStage2,
+                 host_memory: HostMemory) -> None:
+        """Use `Hypervisor.boot(config)`."""
+        self.config = config
+        self.reservation = reservation
+        self.carveout = layout
+        self.vmemmap = vmemmap
+        self.physmem = physmem
+        self.hyp_pool = hyp_pool
+        self.host_pools = host_pools
+        self.host_stage2 = host_stage2
+        self.host_memory = host_memory
+        self.geometry = config.geometry
+        self.page_size = self.geometry.page_size
+        self.page_shift = self.geometry.page_shift
+        self.max_order = effective_max_order(self.geometry, config.layout)
+        self._vms: dict[int, GuestVm] = {}  # handle -> VM
+        self._owners: dict[int, tuple[int, PoolKind]] = {}  # block head -> (handle, pool)
+        self._hyp_shared: dict[int, int] = {}  # pfn -> handle: hyp SHARED_BORROWED pages
+
+    # -- boot ------------------------------------------------------------------------------
+
     @classmethod
     def boot(cls, config: SimConfig) -> Hypervisor:
         """Boot a machine from `config`; raises ValueError for an impossible configuration."""
-        raise NotImplementedError
+        reservation = compute_reservation(config)
+        layout = partition_carveout(reservation, config)
+        geometry = config.geometry
+        shift = geometry.page_shift
+        if config.vmemmap_coverage == "all":
+            ranges = [(b.base >> shift, b.size >> shift) for b in config.memblocks]
+        else:
+            ranges = [(layout.base_pfn, layout.nr_pages)]
+        vmemmap = Vmemmap(config.layout, ranges)
+        physmem = PhysicalMemory()
+        cap = effective_max_order(geometry, config.layout)
+
+        def pool(name: str, reserved: int = 0) -> HypPool:
+            region = layout.region(name)
+            return HypPool(vmemmap, physmem, region.base_pfn, region.nr_pages, reserved,
+                           page_shift=shift, max_order_cap=cap,
+                           max_order_formula=config.max_order_formula, name=name)
+
+        try:
+            hyp_pool = pool("hyp", layout.hyp_reserved_pages)
+            if config.profile is Profile.V5_13:
+                host_pools = [pool("host_s2_mem"), pool("host_s2_dev")]
+            else:
+                host_pools = [pool("host_s2")]
+            host_stage2 = HostStage2(config, physmem, vmemmap, host_pools[0],
+                                     host_pools[1] if len(host_pools) > 1 else None)
+            host_stage2.mark_hyp(reservation.carveout_base, reservation.carveout_end)
+        except PkvmError as err:
+            raise ValueError(f"boot failed: {err.message} ({err.reason})") from err
+        ram = [(b.base >> shift, b.size >> shift) for b in config.memblocks]
+        host_memory = HostMemory(_subtract(ram, layout.base_pfn, layout.nr_pages))
+        return cls(config, reservation, layout, vmemmap, physmem, hyp_pool, host_pools,
+                   host_stage2, host_memory)
 
     # -- VMs (SEMANTICS 5, A.4) -------------------------------------------------------------
 
@@ -43,19 +160,121 @@ class Hypervisor:
         """Create a VM: a slice of host RAM for its VMM, donated metadata and guest PGD pages,
         and a VM pool initialised over the PGD pages. -EINVAL for nr_vcpus < 1 or a bad
         size; -ENOMEM when host RAM cannot supply the slice or the donations."""
-        raise NotImplementedError
+        if not 1 <= nr_vcpus <= MAX_VCPUS:
+            raise InvalidArgument(f"nr_vcpus must be in 1..{MAX_VCPUS}, not {nr_vcpus}",
+                                  reason="BAD_NR_VCPUS")
+        if slice_pages < 1:
+            raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
+                                  reason="BAD_SLICE_SIZE")
+        self._require_full_vmemmap("create a VM")
+        index = next((i for i in range(MAX_VMS) if i + VM_HANDLE_OFFSET not in self._vms), None)
+        if index is None:
+            raise OutOfMemory(f"the VM table is full ({MAX_VMS} VMs)", reason="VM_TABLE_FULL")
+        handle = index + VM_HANDLE_OFFSET
+        _start, pgd_pages = pgd_geometry(self.geometry, self.config.ia_bits)
+        meta_pages = (ceil_div(PKVM_HYP_VM_BYTES + 8 * nr_vcpus, self.page_size)
+                      + nr_vcpus * ceil_div(PKVM_HYP_VCPU_BYTES, self.page_size))
+        hm = self.host_memory
+        made: list[int] = []
+        try:
+            meta = hm.alloc(meta_pages, f"meta:{handle}")
+            made.append(meta)
+            pgd_base = hm.alloc(pgd_pages, f"pgd:{handle}", align_pages=pgd_pages)
+            made.append(pgd_base)
+            slice_base = hm.alloc(slice_pages, f"slice:{handle}")
+            made.append(slice_base)
+            self.host_stage2.set_owner_pages(meta, meta_pages, OWNER_HYP)
+            try:
+                self.host_stage2.set_owner_pages(pgd_base, pgd_pages, OWNER_HYP)
+            except PkvmError:
+                self.host_stage2.set_owner_pages(meta, meta_pages, OWNER_HOST)
+                raise
+        except PkvmError as err:
+            for base in made:
+                hm.free(base)
+            raise OutOfMemory(f"cannot create VM: {err.message}", reason=err.reason) from err
+        pool = HypPool(self.vmemmap, self.physmem, pgd_base, pgd_pages, 0,
+                       page_shift=self.page_shift, max_order_cap=self.max_order,
+                       max_order_formula="v5.17", name=f"vm/{handle}")
+        vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
+                     slice_pages, meta, meta_pages, pgd_base, pgd_pages, pool)
+        vm.mm = GuestMmOps(vm, self.physmem, self.vmemmap.layout.refcount_max)
+        order = get_order(pgd_pages * self.page_size, self.page_shift)
+        pgd = pool.alloc_pages(order)
+        pool.split_page(pgd)
+        vm.pgt = Stage2PageTable(self.geometry, self.config.ia_bits, self.physmem, vm.mm,
+                                 [pgd + i for i in range(pgd_pages)])
+        self._vms[handle] = vm  # published last
+        return self._vm_info(vm)
 
     def destroy_vm(self, handle: int) -> int:
         """Tear a VM down and return everything to the host; returns the number of pages
         given back (slice + donated + memcache + pages it held in the hyp pool)."""
-        raise NotImplementedError
+        vm = self._vm(handle)
+        del self._vms[handle]
+        returned = 0
+        # Shares and pins: EL2 drops its pins, the host takes its pages back.
+        for pfn in sorted(vm.pins):
+            self.vmemmap.set_entry(pfn, refcount=0)
+        vm.pins.clear()
+        if vm.shared:
+            self.host_stage2.set_page_state(sorted(vm.shared), STATE_OWNED)
+            for pfn in vm.shared:
+                del self._hyp_shared[pfn]
+            vm.shared.clear()
+        # Blocks the VM allocated: back to their pools, whatever their refcount.
+        for head, (owner, kind) in sorted(self._owners.items()):
+            if owner != handle:
+                continue
+            pool = self.hyp_pool if kind is PoolKind.HYP else vm.pool
+            if kind is PoolKind.HYP:
+                returned += 1 << pool.page_order(head)
+            while pool.put_page(head):
+                pass
+            del self._owners[head]
+        # Guest stage-2: every table back into vm.pool, then the PGD pages.
+        assert vm.pgt is not None
+        vm.pgt.unmap(0, vm.pgt.ia_size)
+        for pfn in vm.pgt.pgd_pfns:
+            vm.pool.put_page(pfn)
+        # Drain vm.pool: admitted memcache pages leave it, the PGD range is reset.
+        for pfn in vm.admitted:
+            vm.pool.release_admitted(pfn)
+        while (drained := vm.pool.try_alloc_pages(0)) is not None:
+            self.vmemmap.set_entry(drained, refcount=0, order=0)
+        # Donated pages back to the host (annotations reset), then the slice.
+        hs2 = self.host_stage2
+        for pfn in vm.admitted + vm.memcache:
+            self.physmem.zero_range(pfn, 1)
+            hs2.set_owner_pages(pfn, 1, OWNER_HOST)
+            self.host_memory.free(pfn)
+            returned += 1
+        self.physmem.zero_range(vm.meta_pfn, vm.meta_pages)
+        hs2.set_owner_pages(vm.meta_pfn, vm.meta_pages, OWNER_HOST)
+        hs2.set_owner_pages(vm.pgd_base_pfn, vm.pgd_pages, OWNER_HOST)
+        self.host_memory.free(vm.meta_pfn)
+        self.host_memory.free(vm.pgd_base_pfn)
+        self.host_memory.free(vm.slice_base_pfn)
+        returned += vm.donated_pages + vm.slice_nr_pages
+        return returned
 
     def vm(self, handle: int) -> VmInfo:
         """-ENOENT (NotFound) for an unknown handle."""
-        raise NotImplementedError
+        return self._vm_info(self._vm(handle))
 
     def vms(self) -> list[VmInfo]:
-        raise NotImplementedError
+        return [self._vm_info(vm) for _h, vm in sorted(self._vms.items())]
+
+    def _vm(self, handle: int) -> GuestVm:
+        vm = self._vms.get(handle)
+        if vm is None:
+            raise NotFound(f"no VM with handle {handle:#x}", reason="UNKNOWN_VM")
+        return vm
+
+    @staticmethod
+    def _vm_info(vm: GuestVm) -> VmInfo:
+        return VmInfo(vm.handle, vm.vmid, vm.name, vm.nr_vcpus, vm.slice_base_pfn,
+                      vm.slice_nr_pages, vm.donated_pages)
 
     # -- pool pages on behalf of a VM (A.5) ------------------------------------------------
 
@@ -63,67 +282,415 @@ class Hypervisor:
         """hyp_alloc_pages on the hyp pool (default) or the VM's own pool; the block's owner
         becomes the VM. Returns the head pfn. -EINVAL for order < 0 or > MAX_ORDER; -ENOMEM
         when the pool has no block (including order >= the pool's max_order)."""
-        raise NotImplementedError
+        vm = self._vm(handle)
+        if not 0 <= order <= self.max_order:
+            raise InvalidArgument(f"order must be in 0..{self.max_order}, not {order}",
+                                  reason="BAD_ORDER")
+        kind = PoolKind(pool)
+        target = self.hyp_pool if kind is PoolKind.HYP else vm.pool
+        pfn = target.alloc_pages(order)
+        self._owners[pfn] = (handle, kind)
+        return pfn
+
+    def _owned_block(self, handle: int, pfn: int) -> HypPool:
+        vm = self._vm(handle)
+        owner = self._owners.get(pfn)
+        if owner is None or owner[0] != handle:
+            raise PermissionDenied(
+                f"pfn {pfn:#x} is not the head of a block VM {handle:#x} allocated",
+                reason="NOT_OWNER",
+            )
+        return self.hyp_pool if owner[1] is PoolKind.HYP else vm.pool
 
     def put_page(self, handle: int, pfn: int) -> int:
         """hyp_put_page on a head the VM owns; returns the refcount after."""
-        raise NotImplementedError
+        count = self._owned_block(handle, pfn).put_page(pfn)
+        if count == 0:
+            del self._owners[pfn]
+        return count
 
     def get_page(self, handle: int, pfn: int) -> int:
         """hyp_get_page on a head the VM owns; returns the refcount after."""
-        raise NotImplementedError
+        return self._owned_block(handle, pfn).get_page(pfn)
 
     # -- host <-> hyp sharing (SEMANTICS 4.2, 4.4) ---------------------------------------
+
+    def _share_pages(self, handle: int, pfn: int, nr_pages: int, what: str) -> tuple[GuestVm,
+                                                                                     list[int]]:
+        vm = self._vm(handle)
+        if nr_pages < 1:
+            raise InvalidArgument(f"nr_pages must be >= 1, not {nr_pages}", reason="BAD_SIZE")
+        if not vm.in_slice(pfn, nr_pages):
+            raise PermissionDenied(
+                f"pages [{pfn:#x}, +{nr_pages}) are not all in VM {handle:#x}'s slice"
+                f" [{vm.slice_base_pfn:#x}, +{vm.slice_nr_pages})",
+                reason="NOT_IN_SLICE",
+            )
+        self._require_full_vmemmap(what)
+        return vm, list(range(pfn, pfn + nr_pages))
+
+    def _require_full_vmemmap(self, what: str) -> None:
+        if self.config.vmemmap_coverage != "all":
+            raise FailedPrecondition(f"cannot {what}: {COVER_LETTER_POINT}",
+                                     reason="VMEMMAP_NOT_COVERED")
 
     def host_share(self, handle: int, pfn: int, nr_pages: int = 1) -> ShareResult:
         """__pkvm_host_share_hyp for each page of [pfn, pfn + nr_pages) in the VM's slice;
         all pages are checked before any changes."""
-        raise NotImplementedError
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, "share pages with hyp")
+        hs2 = self.host_stage2
+        for q in pfns:
+            pte, _level = hs2.host_leaf(q)
+            if not (pte is None or (pte[0] == LEAF and pte[2] == PROT_RWX
+                                    and pte[3] == STATE_OWNED)):
+                raise PermissionDenied(
+                    f"host page {q:#x} is {hs2.host_state(q).value}, not owned: cannot share",
+                    reason="HOST_PAGE_NOT_OWNED",
+                )
+            if q in self._hyp_shared:
+                raise PermissionDenied(f"hyp already maps page {q:#x}", reason="HYP_PAGE_MAPPED")
+        hs2.set_page_state(pfns, STATE_SHARED_OWNED)
+        for q in pfns:
+            self._hyp_shared[q] = handle
+            vm.shared.add(q)
+        return ShareResult(pfn, nr_pages, PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
 
     def host_unshare(self, handle: int, pfn: int, nr_pages: int = 1) -> ShareResult:
         """__pkvm_host_unshare_hyp; -EBUSY if EL2 has any of the pages pinned."""
-        raise NotImplementedError
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, "unshare pages")
+        hs2 = self.host_stage2
+        for q in pfns:
+            if hs2.host_state(q) is not PageState.SHARED_OWNED:
+                raise PermissionDenied(
+                    f"host page {q:#x} is {hs2.host_state(q).value}, not shared_owned",
+                    reason="HOST_PAGE_NOT_SHARED",
+                )
+            if self.vmemmap.refcount(q):
+                raise Busy(f"page {q:#x} is pinned by EL2 (refcount"
+                           f" {self.vmemmap.refcount(q)})", reason="PAGE_PINNED")
+            if self._hyp_shared.get(q) != handle:
+                raise PermissionDenied(f"hyp does not borrow page {q:#x}",
+                                       reason="HYP_PAGE_NOT_BORROWED")
+        hs2.set_page_state(pfns, STATE_OWNED)
+        for q in pfns:
+            del self._hyp_shared[q]
+            vm.shared.discard(q)
+        return ShareResult(pfn, nr_pages, PageState.OWNED, PageState.NOPAGE)
 
     def pin_shared(self, handle: int, pfn: int, nr_pages: int = 1) -> None:
         """hyp_pin_shared_mem: EL2 takes a reference on shared pages (blocks unshare)."""
-        raise NotImplementedError
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, "pin shared pages")
+        for q in pfns:
+            if self._hyp_shared.get(q) != handle:
+                raise PermissionDenied(f"page {q:#x} is not shared with hyp",
+                                       reason="PAGE_NOT_SHARED")
+            if self.vmemmap.refcount(q) >= self.vmemmap.layout.refcount_max:
+                raise WouldPanic(f"pin count of page {q:#x} at the hyp_page limit",
+                                 reason="REFCOUNT_OVERFLOW")
+        for q in pfns:
+            self.vmemmap.set_entry(q, refcount=self.vmemmap.refcount(q) + 1)
+            vm.pins[q] = vm.pins.get(q, 0) + 1
 
     def unpin_shared(self, handle: int, pfn: int, nr_pages: int = 1) -> None:
-        raise NotImplementedError
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, "unpin shared pages")
+        for q in pfns:
+            if not vm.pins.get(q):
+                raise WouldPanic(f"unpin of page {q:#x}, which is not pinned: refcount 0",
+                                 reason="PUT_OF_FREE_PAGE")
+        for q in pfns:
+            self.vmemmap.set_entry(q, refcount=self.vmemmap.refcount(q) - 1)
+            vm.pins[q] -= 1
+            if not vm.pins[q]:
+                del vm.pins[q]
 
     # -- host stage-2 faults (SEMANTICS 3.3 to 3.8) -------------------------------------------
 
     def host_fault(self, addr: int) -> FaultResult:
         """A host stage-2 fault on `addr` (memory or MMIO, decided by the memblocks)."""
-        raise NotImplementedError
+        return self.host_stage2.handle_fault(addr)
 
     def map_mmio(self, addr: int) -> FaultResult:
         """An MMIO fault on `addr`; -EINVAL if `addr` is memory."""
-        raise NotImplementedError
+        if addr >= 0 and self.host_stage2.is_memory(addr):
+            raise InvalidArgument(f"{addr:#x} is memory, not MMIO", reason="NOT_MMIO")
+        return self.host_stage2.handle_fault(addr)
+
+    def unmap_dev_all(self) -> int:
+        """host_stage2_unmap_dev_all on demand; returns the table pages it freed."""
+        return self.host_stage2.unmap_dev_all()
 
     # -- guest stage-2 (SEMANTICS 5) ------------------------------------------------------
 
     def topup_memcache(self, handle: int, nr_pages: int) -> int:
         """Donate nr_pages host pages to the VM's memcache; returns the memcache size."""
-        raise NotImplementedError
+        vm = self._vm(handle)
+        if nr_pages < 0:
+            raise InvalidArgument(f"nr_pages must be >= 0, not {nr_pages}", reason="BAD_SIZE")
+        if nr_pages > self.host_memory.free_pages:
+            raise OutOfMemory(f"host RAM has {self.host_memory.free_pages} free pages, the"
+                              f" top-up needs {nr_pages}", reason="HOST_MEMORY_EXHAUSTED")
+        added: list[int] = []
+        try:
+            for _ in range(nr_pages):
+                pfn = self.host_memory.alloc(1, f"memcache:{handle}")
+                added.append(pfn)
+                self.host_stage2.set_owner_pages(pfn, 1, OWNER_HYP)
+        except PkvmError:
+            self.host_memory.free(added.pop())
+            for pfn in added:
+                self.host_stage2.set_owner_pages(pfn, 1, OWNER_HOST)
+                self.host_memory.free(pfn)
+            raise
+        for pfn in added:
+            # The host threads its list through the pages: each holds the next one's address.
+            head = vm.memcache[-1] if vm.memcache else None
+            self.physmem.write(pfn, ("memcache_next", head))
+            vm.memcache.append(pfn)
+        return len(vm.memcache)
 
     def guest_map(self, handle: int, ipa: int, pfn: int) -> GuestMapResult:
         """Map a page of the VM's slice at `ipa` in its guest stage-2."""
-        raise NotImplementedError
+        vm = self._vm(handle)
+        if not vm.in_slice(pfn):
+            raise PermissionDenied(f"pfn {pfn:#x} is not in VM {handle:#x}'s slice",
+                                   reason="NOT_IN_SLICE")
+        if ipa < 0 or ipa % self.page_size:
+            raise InvalidArgument(f"ipa {ipa:#x} is not page aligned", reason="BAD_ADDRESS")
+        pgt, mm = vm.pgt, vm.mm
+        assert pgt is not None and mm is not None
+        if ipa >= pgt.ia_size:
+            raise OutOfRange(f"ipa {ipa:#x} beyond the guest's {self.config.ia_bits}-bit space",
+                             reason="BEYOND_IPA_SPACE")
+        pte, level, _table = pgt.lookup(ipa)
+        if pte is not None and pte[0] == LEAF:
+            if pte[1] == pfn:
+                return GuestMapResult(ipa, pfn, level, 0)
+            raise AlreadyExists(f"guest ipa {ipa:#x} already maps pfn {pte[1]:#x}",
+                                reason="IPA_MAPPED")
+        vm.require_table_pages(pgt.tables_needed_for_page(ipa, set()))
+        before = mm.allocated
+        ret = pgt.map(ipa, self.page_size, leaf_pte(pfn, PROT_RWX))
+        assert ret == OK, "pre-checked guest map failed"
+        return GuestMapResult(ipa, pfn, 3, mm.allocated - before)
 
     # -- read-only views ------------------------------------------------------------------
 
+    def pools(self) -> list[HypPool]:
+        """Every pool: hyp, the host stage-2 pool(s), then the VM pools by handle."""
+        return [self.hyp_pool, *self.host_pools,
+                *(vm.pool for _h, vm in sorted(self._vms.items()))]
+
     def statistics(self) -> HypervisorStatistics:
-        raise NotImplementedError
+        pool_stats = tuple(pool.statistics() for pool in self.pools())
+        vmemmap = self.vmemmap
+        return HypervisorStatistics(
+            pools=pool_stats,
+            vmemmap=VmemmapStatistics(
+                layout=vmemmap.layout.name,
+                entry_bytes=vmemmap.layout.entry_bytes,
+                coverage=self.config.vmemmap_coverage,
+                covered_pages=vmemmap.covered_pages,
+                modelled_bytes=vmemmap.modelled_bytes,
+                stored_bytes=vmemmap.stored_bytes,
+                bytes_per_gib=self.reservation.vmemmap_bytes_per_gib,
+            ),
+            host_stage2=self.host_stage2.statistics(list(pool_stats[1:1 + len(self.host_pools)])),
+            nr_vms=len(self._vms),
+            shared_pages=len(self._hyp_shared),
+            hyp_mem_pages=self.reservation.hyp_mem_pages,
+            carveout_base=self.reservation.carveout_base,
+            carveout_bytes=self.reservation.reserved_bytes,
+        )
+
+    def _memblock_of(self, pfn: int) -> bool:
+        addr = pfn << self.page_shift
+        return self.host_stage2.is_memory(addr)
+
+    def _pool_of(self, pfn: int) -> HypPool | None:
+        for pool in self.pools():
+            if pool.contains(pfn):
+                return pool
+        return None
+
+    def _block_head(self, pool: HypPool, pfn: int) -> int | None:
+        """The head of the (free or held) block holding pfn: the first aligned pfn at or
+        below it whose order field says its block reaches pfn."""
+        for order in range(pool.max_order):
+            head = pfn & ~((1 << order) - 1)
+            if not pool.contains(head):
+                break
+            if pool.page_order(head) == order:
+                return head
+        return None
+
+    def _owner_of(self, pfn: int) -> tuple[str, str | None]:
+        """(owner, pool name) of a page, as page_info reports it."""
+        if not self._memblock_of(pfn):
+            return "none", None
+        pool = self._pool_of(pfn)
+        if pool is not None:
+            head = self._block_head(pool, pfn)
+            if head is not None and pool.is_free(head):
+                return "free", pool.name
+            if head is not None and head in self._owners:
+                return f"vm:{self._owners[head][0]}", pool.name
+            if pool.name.startswith("vm/"):
+                return f"vm:{pool.name[3:]}", pool.name
+            return "hyp", pool.name
+        lay = self.carveout
+        if lay.base_pfn <= pfn < lay.base_pfn + lay.nr_pages:
+            return "hyp", None
+        alloc = self.host_memory.allocation_at(pfn)
+        if alloc is not None and not alloc.owner.startswith("slice:"):
+            return f"vm:{alloc.owner.split(':')[1]}", None
+        return "host", None
 
     def page_info(self, pfn: int) -> PageInfo:
-        raise NotImplementedError
+        if pfn < 0:
+            raise InvalidArgument(f"pfn {pfn:#x} is negative", reason="BAD_PFN")
+        covered = self.vmemmap.covers(pfn)
+        refcount = self.vmemmap.refcount(pfn) if covered else None
+        order: int | None = None
+        if covered:
+            order = self.vmemmap.order(pfn)
+            if order == self.vmemmap.layout.no_order:
+                order = None
+        owner, pool = self._owner_of(pfn)
+        if owner == "none":
+            host_state, hyp_state = PageState.NOPAGE, PageState.NOPAGE
+        else:
+            host_state = self.host_stage2.host_state(pfn)
+            if pfn in self._hyp_shared:
+                hyp_state = PageState.SHARED_BORROWED
+            elif owner == "host":
+                hyp_state = PageState.NOPAGE
+            else:
+                hyp_state = PageState.OWNED
+        return PageInfo(pfn, covered, refcount, order, owner, pool, host_state, hyp_state)
 
     def audit(self) -> None:
         """Prove the whole-machine invariants (ownership, pool sums, table refcounts,
         no host mapping of hyp memory, shared-state consistency); AssertionError if not."""
-        raise NotImplementedError
+        from .audit import audit
 
-    def canonical_dump(self) -> dict[str, Any]:
-        """A deterministic, JSON-serialisable picture of the whole state, for comparing."""
-        raise NotImplementedError
+        audit(self)
+
+    def canonical_dump(self, *, host_tables: bool = False) -> dict[str, Any]:
+        """A deterministic, JSON-serialisable picture of the whole state, for comparing.
+
+        By default the host stage-2 is described by what it means, not by how it is laid out:
+        its owner annotations and non-default page states, as merged address runs. The host
+        stage-2's table pages and the host_s2 pool(s) holding them are left out because the
+        kernel never gives back idmap tables (a mapping made lazily, or the empty tables a
+        donation's annotation leaves behind, stay until an MMIO recycle), so a VM's life
+        changes them without changing any owner or state. `audit()` proves those pools lose
+        nothing. host_tables=True adds the raw tables and pools.
+        """
+        host_pool_ranges = [(p.base_pfn, p.end_pfn) for p in self.host_pools]
+
+        def outside_host_pools(pfn: int) -> bool:
+            return not any(lo <= pfn < hi for lo, hi in host_pool_ranges)
+
+        pools = [self.hyp_pool, *(vm.pool for _h, vm in sorted(self._vms.items()))]
+        if host_tables:
+            pools[1:1] = self.host_pools
+        dump: dict[str, Any] = {
+            "config": _jsonable(asdict(self.config)),
+            "carveout": [(r.name, r.base_pfn, r.nr_pages) for r in self.carveout.regions],
+            "pools": {pool.name: _pool_dump(pool) for pool in pools},
+            "host_stage2": self._host_semantic_runs(),
+            "vmemmap_sha256": self._vmemmap_digest([] if host_tables else host_pool_ranges),
+            "physmem": sorted((pfn, repr(self.physmem.read(pfn)))
+                              for pfn in self.physmem.written_pfns()
+                              if host_tables or outside_host_pools(pfn)),
+            "host_memory": {
+                "free": self.host_memory.free_ranges(),
+                "allocations": sorted((a.base_pfn, a.nr_pages, a.owner)
+                                      for a in self.host_memory.allocations.values()),
+            },
+            "vms": [
+                {**asdict(self._vm_info(vm)), "memcache": list(vm.memcache),
+                 "admitted": list(vm.admitted), "pins": sorted(vm.pins.items()),
+                 "guest_tables": sorted(vm.pgt.table_pages()) if vm.pgt else []}
+                for _h, vm in sorted(self._vms.items())
+            ],
+            "owners": sorted((pfn, h, kind.value) for pfn, (h, kind) in self._owners.items()),
+            "hyp_shared": sorted(self._hyp_shared.items()),
+        }
+        if host_tables:
+            pgt = self.host_stage2.pgt
+            dump["host_tables"] = sorted(pgt.table_pages())
+            dump["host_leaves"] = [(m.start, m.end, m.level, list(m.pte))
+                                   for m in pgt.mappings()]
+        return dump
+
+    def _host_semantic_runs(self) -> list[tuple[int, int, str]]:
+        runs: list[list[Any]] = []
+        for m in self.host_stage2.pgt.mappings():
+            if m.pte[0] == ANNOTATED:
+                what = f"owner:{m.pte[1]}"
+            elif m.pte[0] == LEAF and m.pte[3] != STATE_OWNED:
+                what = f"state:{m.pte[3]}"
+            else:
+                continue
+            if runs and runs[-1][1] == m.start and runs[-1][2] == what:
+                runs[-1][1] = m.end
+            else:
+                runs.append([m.start, m.end, what])
+        return [(s, e, w) for s, e, w in runs]
+
+    def _vmemmap_digest(self, exclude: list[tuple[int, int]]) -> str:
+        digest = hashlib.sha256()
+        for seg in self.vmemmap.segments:
+            cuts = [seg.base_pfn]
+            for lo, hi in sorted(exclude):
+                lo, hi = max(lo, seg.base_pfn), min(hi, seg.end_pfn)
+                if lo < hi:
+                    cuts += [lo, hi]
+            cuts.append(seg.end_pfn)
+            for a, b in zip(cuts[::2], cuts[1::2], strict=True):
+                i, j = a - seg.base_pfn, b - seg.base_pfn
+                digest.update(seg.entries[i:j].tobytes())
+        return digest.hexdigest()
+
+
+def _pool_dump(pool: HypPool) -> dict[str, Any]:
+    free = sorted((pfn, order) for order, heads in pool.free_lists().items() for pfn in heads)
+    stats = pool.statistics()
+    return {
+        "base_pfn": pool.base_pfn,
+        "nr_pages": pool.nr_pages,
+        "reserved": pool.reserved_pages,
+        "admitted": stats.admitted_pages,
+        "free_blocks": free,
+        "held_blocks": list(pool.held_blocks()),
+    }
+
+
+def _subtract(ranges: list[tuple[int, int]], base: int, nr: int) -> list[tuple[int, int]]:
+    """(base, nr) ranges minus [base, base + nr)."""
+    out: list[tuple[int, int]] = []
+    cut_end = base + nr
+    for start, n in ranges:
+        end = start + n
+        if end <= base or start >= cut_end:
+            out.append((start, n))
+            continue
+        if start < base:
+            out.append((start, base - start))
+        if end > cut_end:
+            out.append((cut_end, end - cut_end))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "value"):
+        return value.value
+    return value
+
+
+__all__ = ["Hypervisor"]

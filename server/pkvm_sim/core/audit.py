@@ -1,0 +1,146 @@
+"""Whole-machine invariants (SEMANTICS A.3, 3.2, 4.2, 7): what `Hypervisor.audit()` proves.
+
+1. Every pool obeys 2.2 and free + allocated + reserved == its pages.
+2. Every table page (host and guest stage-2, PGD pages included) has refcount 1 + non-zero
+   entries, is an order-0 page held in the right pool, and is referenced once.
+3. Every held page of a host stage-2 pool is a table page; every held block of the hyp pool
+   is owned by a VM; every held page of a VM pool is a guest table page or a VM's block.
+4. Host RAM is partitioned exactly: carve-out, free host RAM, and host allocations (slices,
+   donated metadata/PGD/memcache pages) cover every memblock page once.
+5. The host's owner annotations cover exactly what hyp owns (carve-out and donated pages)
+   and no valid host mapping touches it.
+6. Every hyp SHARED_BORROWED page is a host SHARED_OWNED page-level leaf and vice versa;
+   pins are only on shared pages and equal the vmemmap refcounts.
+7. Simulated memory holds something only in table pages and memcache pages.
+
+Cost: O(pool pages + mappings): for tests and on-demand checks, never on the hot path.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING
+
+from .model import PoolKind
+from .pgtable import ANNOTATED, LEAF, STATE_OWNED, STATE_SHARED_OWNED, Stage2PageTable
+
+if TYPE_CHECKING:
+    from .hyp_pool import HypPool
+    from .hypervisor import Hypervisor
+
+
+def audit(hv: Hypervisor) -> None:
+    for pool in hv.pools():
+        pool.check_invariants()
+        st = pool.statistics()
+        assert st.free_pages + st.allocated_pages + st.reserved_pages == st.total_pages, \
+            f"pool {pool.name}: pages do not add up"
+
+    # 2 + 3: host stage-2 tables and pools.
+    host_tables = _check_tables(hv.host_stage2.pgt, "host")
+    held = {pfn: (rc, order) for pool in hv.host_pools for pfn, rc, order in pool.held_blocks()}
+    assert set(held) == set(host_tables), (
+        f"host_s2 pages held but not tables: {sorted(set(held) - set(host_tables))[:8]},"
+        f" tables not held: {sorted(set(host_tables) - set(held))[:8]}"
+    )
+    assert all(order == 0 for _rc, order in held.values()), "a host table block is not order 0"
+
+    hyp_held = {pfn for pfn, _rc, _o in hv.hyp_pool.held_blocks()}
+    owned_hyp = {pfn for pfn, (_h, kind) in hv._owners.items() if kind is PoolKind.HYP}
+    assert hyp_held == owned_hyp, "hyp pool blocks and VM ownership records disagree"
+
+    table_pfns = set(host_tables)
+    hm = hv.host_memory
+    for handle, vm in hv._vms.items():
+        assert vm.pgt is not None
+        tables = _check_tables(vm.pgt, f"vm {handle:#x}")
+        assert not set(tables) & table_pfns, "a table page is used twice"
+        table_pfns |= set(tables)
+        vm_held = {pfn for pfn, _rc, _o in vm.pool.held_blocks()}
+        vm_owned = {pfn for pfn, (h, kind) in hv._owners.items()
+                    if h == handle and kind is PoolKind.VM}
+        assert vm_held == set(tables) | vm_owned, f"VM {handle:#x} pool holds stray pages"
+        assert all(_pool_has(vm.pool, pfn) for pfn in tables)
+        assert not set(vm.memcache) & set(vm.admitted), "a memcache page is also in the pool"
+        for pfn in vm.memcache + vm.admitted:
+            alloc = hm.allocations.get(pfn)
+            assert alloc is not None and alloc.owner == f"memcache:{handle}"
+        for base, owner in ((vm.meta_pfn, "meta"), (vm.pgd_base_pfn, "pgd"),
+                            (vm.slice_base_pfn, "slice")):
+            alloc = hm.allocations.get(base)
+            assert alloc is not None and alloc.owner == f"{owner}:{handle}"
+        for pfn, (h, _kind) in hv._owners.items():
+            assert h in hv._vms, f"block {pfn:#x} owned by a destroyed VM"
+
+    # 4: host RAM partition.
+    hm.check_invariants()
+    lay = hv.carveout
+    total = sum(b.size for b in hv.config.memblocks) >> hv.page_shift
+    allocated = sum(a.nr_pages for a in hm.allocations.values())
+    assert hm.free_pages + allocated + lay.nr_pages == total, "host RAM pages do not add up"
+    for owner in {a.owner.split(":")[1] for a in hm.allocations.values()}:
+        assert int(owner) in hv._vms, f"host allocation for a destroyed VM {owner}"
+
+    # 5: annotations == hyp-owned memory; no valid host leaf touches it.
+    shift = hv.page_shift
+    hyp_owned = [(lay.base_pfn << shift, (lay.base_pfn + lay.nr_pages) << shift)]
+    hyp_owned += [(a.base_pfn << shift, a.end_pfn << shift)
+                  for a in hm.allocations.values() if not a.owner.startswith("slice:")]
+    hyp_runs = _merge(hyp_owned)
+    starts = [s for s, _e in hyp_runs]
+    annotated: list[tuple[int, int]] = []
+    shared_host: set[int] = set()
+    for m in hv.host_stage2.pgt.mappings():
+        if m.pte[0] == ANNOTATED:
+            annotated.append((m.start, m.end))
+            continue
+        assert m.pte[0] == LEAF
+        i = bisect.bisect_right(starts, m.start) - 1
+        for s, e in hyp_runs[max(i, 0):]:
+            if s >= m.end:
+                break
+            assert e <= m.start, f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
+        if m.pte[3] != STATE_OWNED:
+            assert m.pte[3] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
+            shared_host.add(m.start >> shift)
+    assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
+
+    # 6: sharing.
+    assert shared_host == set(hv._hyp_shared), "hyp-borrowed and host-shared pages differ"
+    for pfn, handle in hv._hyp_shared.items():
+        vm = hv._vms[handle]
+        assert pfn in vm.shared and vm.in_slice(pfn)
+    for vm in hv._vms.values():
+        assert set(vm.pins) <= vm.shared, "a pinned page is not shared"
+        for pfn, count in vm.pins.items():
+            assert hv.vmemmap.refcount(pfn) == count, f"pin count of {pfn:#x} drifted"
+
+    # 7: simulated memory.
+    memcache = {pfn for vm in hv._vms.values() for pfn in vm.memcache}
+    for pfn in hv.physmem.written_pfns():
+        assert pfn in table_pfns or pfn in memcache, f"page {pfn:#x} is dirty for no reason"
+
+
+def _pool_has(pool: HypPool, pfn: int) -> bool:
+    return pool.contains(pfn)
+
+
+def _check_tables(pgt: Stage2PageTable, what: str) -> dict[int, int]:
+    """{table pfn: level}; asserts the refcount rule and single reference."""
+    seen: dict[int, int] = {}
+    for pfn, level, n in pgt.table_pages():
+        assert pfn not in seen, f"{what}: table page {pfn:#x} referenced twice"
+        seen[pfn] = level
+        count = pgt.mm_ops.page_count(pfn)
+        assert count == 1 + n, f"{what}: table page {pfn:#x} has refcount {count}, {n} entries"
+    return seen
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]

@@ -1,0 +1,107 @@
+"""A protected guest VM at EL2: its pool, its stage-2 and its memcache (SEMANTICS 5).
+
+    host RAM                                   EL2
+    ---------                                  ---
+    slice (the VMM's memory, host-owned) ----> may be shared with hyp / mapped in the guest
+    metadata pages (VM + vCPU structs) ------> donated: hyp-owned on the VM's behalf
+    PGD pages (size from VTCR) -------------> donated: vm.pool := hyp_pool_init over them,
+                                               then the guest PGD is allocated back out of it
+    memcache pages (top-ups, one by one) ----> donated: popped when vm.pool is empty and
+                                               admitted to vm.pool as order-0 table pages
+
+Table pages for the guest stage-2: first alloc(vm.pool, 0); if the pool is empty, pop one
+page from the memcache, zero it and admit it (refcount 1, order 0, never coalesced). Pages
+freed to 0 go back to vm.pool. Teardown returns everything (see Hypervisor.destroy_vm).
+
+VM pools use the v5.17 max_order formula whatever the configuration says: with the v5.14
+formula a 2-page pool could not hold its own 2-page PGD (orders 0..0 only) and a 1-page pool
+could not exist at all; VM pools only exist from V62 on, where the fix is in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import OutOfMemory
+from .hyp_pool import HypPool
+from .pgtable import Stage2PageTable
+from .physmem import PhysicalMemory
+
+
+class GuestMmOps:
+    """mm_ops of a guest stage-2: vm.pool first, then the memcache."""
+
+    def __init__(self, vm: GuestVm, physmem: PhysicalMemory, refcount_max: int) -> None:
+        self.vm = vm
+        self.physmem = physmem
+        self._refcount_max = refcount_max
+        self.allocated = 0
+
+    @property
+    def refcount_max(self) -> int:
+        return self._refcount_max
+
+    def zalloc_page(self) -> int | None:
+        vm = self.vm
+        pfn = vm.pool.try_alloc_pages(0)
+        if pfn is None and vm.memcache:
+            pfn = vm.memcache.pop()
+            self.physmem.zero_range(pfn, 1)  # the "next" link written by the host
+            vm.pool.admit_page(pfn)
+            vm.admitted.append(pfn)
+        if pfn is not None:
+            self.allocated += 1
+        return pfn
+
+    def get_page(self, pfn: int) -> int:
+        return self.vm.pool.get_page(pfn)
+
+    def put_page(self, pfn: int) -> int:
+        return self.vm.pool.put_page(pfn)
+
+    def page_count(self, pfn: int) -> int:
+        return self.vm.pool.refcount(pfn)
+
+
+@dataclass
+class GuestVm:
+    """struct pkvm_hyp_vm, reduced to what the memory manager needs."""
+
+    handle: int
+    vmid: int
+    name: str
+    nr_vcpus: int
+    slice_base_pfn: int
+    slice_nr_pages: int
+    meta_pfn: int
+    meta_pages: int
+    pgd_base_pfn: int
+    pgd_pages: int
+    pool: HypPool
+    pgt: Stage2PageTable | None = None
+    mm: GuestMmOps | None = None
+    memcache: list[int] = field(default_factory=list)  # host-donated pages, top = last
+    admitted: list[int] = field(default_factory=list)  # memcache pages now in vm.pool
+    shared: set[int] = field(default_factory=set)  # slice pfns shared with hyp
+    pins: dict[int, int] = field(default_factory=dict)  # slice pfn -> pin count
+
+    @property
+    def donated_pages(self) -> int:
+        return self.meta_pages + self.pgd_pages
+
+    def in_slice(self, pfn: int, nr_pages: int = 1) -> bool:
+        return (self.slice_base_pfn <= pfn
+                and pfn + nr_pages <= self.slice_base_pfn + self.slice_nr_pages)
+
+    def table_pages_available(self) -> int:
+        """Pages a guest map can still obtain without a top-up."""
+        return self.pool.free_pages + len(self.memcache)
+
+    def require_table_pages(self, need: int) -> None:
+        if need > self.table_pages_available():
+            raise OutOfMemory(
+                f"VM {self.handle:#x}: the guest map needs {need} table page(s), the VM pool"
+                f" has {self.pool.free_pages} free and the memcache {len(self.memcache)}:"
+                " top up the memcache and retry",
+                reason="MEMCACHE_EMPTY",
+            )

@@ -1,0 +1,115 @@
+"""The host's own page allocator, as far as the hypervisor can see it.
+
+The host hands pages to VMs' VMMs (slices) and donates pages to EL2 (VM metadata, guest PGDs,
+memcache pages). We only need to know which host RAM is free and who holds what, compactly:
+free RAM is a sorted list of pfn ranges, and every allocation is one record (base, pages,
+owner tag). Nothing is stored per page, so 1 TiB costs a handful of ranges.
+
+Allocation is first fit from the lowest address, optionally aligned; freeing merges the range
+back with its free neighbours, so after every allocation is freed the free list is exactly
+what it was (a property the round-trip tests rely on).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from .errors import OutOfMemory
+
+
+@dataclass(frozen=True)
+class HostAllocation:
+    base_pfn: int
+    nr_pages: int
+    owner: str  # e.g. 'slice:4096', 'meta:4096', 'pgd:4096', 'memcache:4096'
+
+    @property
+    def end_pfn(self) -> int:
+        return self.base_pfn + self.nr_pages
+
+
+class HostMemory:
+    """Free host RAM (pfn ranges) and the host allocations made on behalf of VMs."""
+
+    def __init__(self, ram_ranges: list[tuple[int, int]]) -> None:
+        """ram_ranges: (base_pfn, nr_pages) of host RAM available for allocation."""
+        self._free: list[list[int]] = []  # sorted, disjoint, non-touching [start, end)
+        for base, nr in sorted(ram_ranges):
+            if nr > 0:
+                self._free.append([base, base + nr])
+        self.allocations: dict[int, HostAllocation] = {}
+        self.free_pages = sum(end - start for start, end in self._free)
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        return [(start, end - start) for start, end in self._free]
+
+    def can_alloc(self, nr_pages: int, align_pages: int = 1) -> bool:
+        return self._find(nr_pages, align_pages) is not None
+
+    def _find(self, nr_pages: int, align_pages: int) -> tuple[int, int] | None:
+        for i, (start, end) in enumerate(self._free):
+            base = -(-start // align_pages) * align_pages
+            if base + nr_pages <= end:
+                return i, base
+        return None
+
+    def alloc(self, nr_pages: int, owner: str, *, align_pages: int = 1) -> int:
+        """First fit; raises OutOfMemory when no free range can hold the request."""
+        if nr_pages < 1:
+            raise ValueError("nr_pages must be >= 1")
+        found = self._find(nr_pages, align_pages)
+        if found is None:
+            raise OutOfMemory(
+                f"host RAM has no free run of {nr_pages} page(s)"
+                + (f" aligned to {align_pages}" if align_pages > 1 else ""),
+                reason="HOST_MEMORY_EXHAUSTED",
+            )
+        i, base = found
+        start, end = self._free[i]
+        pieces = [[s, e] for s, e in ((start, base), (base + nr_pages, end)) if e > s]
+        self._free[i:i + 1] = pieces
+        self.allocations[base] = HostAllocation(base, nr_pages, owner)
+        self.free_pages -= nr_pages
+        return base
+
+    def free(self, base_pfn: int) -> HostAllocation:
+        alloc = self.allocations.pop(base_pfn)
+        start, end = alloc.base_pfn, alloc.end_pfn
+        i = bisect.bisect_left(self._free, [start, end])
+        if i > 0 and self._free[i - 1][1] == start:
+            i -= 1
+            start = self._free[i][0]
+            del self._free[i]
+        if i < len(self._free) and self._free[i][0] == end:
+            end = self._free[i][1]
+            del self._free[i]
+        self._free.insert(i, [start, end])
+        self.free_pages += alloc.nr_pages
+        return alloc
+
+    def allocation_at(self, pfn: int) -> HostAllocation | None:
+        """The allocation holding pfn, if any (O(log n) over the sorted bases)."""
+        bases = sorted(self.allocations)
+        i = bisect.bisect_right(bases, pfn) - 1
+        if i >= 0:
+            alloc = self.allocations[bases[i]]
+            if pfn < alloc.end_pfn:
+                return alloc
+        return None
+
+    def is_free(self, pfn: int) -> bool:
+        i = bisect.bisect_right(self._free, [pfn, 1 << 64]) - 1
+        return i >= 0 and self._free[i][0] <= pfn < self._free[i][1]
+
+    def check_invariants(self) -> None:
+        prev_end = -1
+        for start, end in self._free:
+            assert start < end and start > prev_end, "free ranges overlap or touch"
+            prev_end = end
+        spans = sorted((a.base_pfn, a.end_pfn) for a in self.allocations.values())
+        spans += [(s, e) for s, e in self._free]
+        spans.sort()
+        for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
+            assert e1 <= s2, "an allocation overlaps another or free RAM"
+        assert self.free_pages == sum(e - s for s, e in self._free)

@@ -1,0 +1,403 @@
+"""The host stage-2: an identity map built lazily from host faults (SEMANTICS 3.1 to 3.8).
+
+The host runs with a stage-2 that starts empty (except the annotations of what EL2 owns) and
+is filled by faults: each fault maps the largest block around the address that lies inside
+the address's memory region or MMIO gap and is compatible with what is already mapped there
+(`find_range`, the V13/V14 range search of 3.4).
+
+Pools, per profile (3.8):
+
+    v5.14  host_s2      PGD, memory, MMIO, annotations; any -ENOMEM -> unmap_dev_all, retry once
+    v5.13  host_s2_mem  PGD, memory, annotations;        -ENOMEM is fatal
+           host_s2_dev  MMIO faults only;                -ENOMEM -> unmap_dev_all, retry once
+
+In v5.13 a table page goes back to the pool it came from (the hyp_page pool pointer), so an
+MMIO-allocated table that later also holds memory entries is never given back to the MMIO
+pool by a recycle: that is the accounting problem patch 4/7 removed.
+
+Outcomes of a fault: MAPPED; SPURIOUS (-EAGAIN: already mapped); FATAL (what the real
+hypervisor would panic on: -EEXIST when the host touches memory EL2 owns, -ENOMEM after the
+retry, a table page at the hyp_page refcount limit). FATAL faults are reported, not executed:
+EEXIST and the refcount limit change nothing; an -ENOMEM map keeps its partial edits (3.5).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from .config import Memblock, SimConfig
+from .errors import InvalidArgument, OutOfMemory, WouldPanic
+from .hyp_pool import HypPool, PoolStatistics, get_order
+from .layout import Profile
+from .model import FaultOutcome, FaultResult, HostStage2Statistics, PageState
+from .pgtable import (
+    ANNOTATED,
+    EAGAIN,
+    ENOMEM,
+    LEAF,
+    OK,
+    OWNER_HYP,
+    PROT_RW,
+    PROT_RWX,
+    STATE_OWNED,
+    STATE_SHARED_BORROWED,
+    STATE_SHARED_OWNED,
+    Pte,
+    RefcountLimit,
+    Stage2PageTable,
+    annotation_pte,
+    leaf_pte,
+)
+from .physmem import PhysicalMemory
+from .vmemmap import Vmemmap
+
+_STATE_NAMES = {
+    STATE_OWNED: PageState.OWNED,
+    STATE_SHARED_OWNED: PageState.SHARED_OWNED,
+    STATE_SHARED_BORROWED: PageState.SHARED_BORROWED,
+}
+
+
+class HostMmOps:
+    """mm_ops of the host stage-2: allocate from the pool chosen for the current operation,
+    get/put on the pool a page belongs to (v5.13: its pool pointer; v5.14: the one pool)."""
+
+    def __init__(self, pools: list[HypPool], refcount_max: int) -> None:
+        self.pools = pools
+        self.alloc_pool = pools[0]
+        self._refcount_max = refcount_max
+        self.allocated = 0  # running counters; callers take differences
+        self.freed = 0
+
+    @property
+    def refcount_max(self) -> int:
+        return self._refcount_max
+
+    def pool_of(self, pfn: int) -> HypPool:
+        for pool in self.pools:
+            if pool.contains(pfn):
+                return pool
+        raise WouldPanic(f"table page {pfn:#x} is in no host stage-2 pool",
+                         reason="PAGE_OUTSIDE_POOL")
+
+    def zalloc_page(self) -> int | None:
+        pfn = self.alloc_pool.try_alloc_pages(0)
+        if pfn is not None:
+            self.allocated += 1
+        return pfn
+
+    def get_page(self, pfn: int) -> int:
+        return self.pool_of(pfn).get_page(pfn)
+
+    def put_page(self, pfn: int) -> int:
+        count = self.pool_of(pfn).put_page(pfn)
+        if count == 0:
+            self.freed += 1
+        return count
+
+    def page_count(self, pfn: int) -> int:
+        return self.pool_of(pfn).refcount(pfn)
+
+
+@dataclass
+class _Counters:
+    faults_memory: int = 0
+    faults_mmio: int = 0
+    spurious_faults: int = 0
+    fatal_faults: int = 0
+    mmio_recycles: int = 0
+    mmio_recycled_pages: int = 0
+    map_failures: int = 0
+    refcount_limit_hits: int = 0
+
+
+class HostStage2:
+    """host_kvm.arch.mmu + host_s2 pool(s): the host's identity-mapped stage-2."""
+
+    def __init__(
+        self,
+        config: SimConfig,
+        physmem: PhysicalMemory,
+        vmemmap: Vmemmap,
+        mem_pool: HypPool,
+        dev_pool: HypPool | None,
+    ) -> None:
+        """kvm_host_prepare_stage2: the PGD is allocated from the (memory) pool at once.
+
+        With the V15 fix (default) the PGD block is split so every PGD page is an order-0
+        page with its own refcount; config.faithful_bugs keeps the V14 multi-page block
+        (tails at refcount 0: a tail's count can drop to 0 and free it while in use).
+        """
+        self.config = config
+        self.geometry = config.geometry
+        self.page_size = self.geometry.page_size
+        self.page_shift = self.geometry.page_shift
+        self.split_pools = config.profile is Profile.V5_13
+        self.mem_pool = mem_pool
+        self.dev_pool = dev_pool
+        pools = [mem_pool] if dev_pool is None else [mem_pool, dev_pool]
+        self.mm = HostMmOps(pools, vmemmap.layout.refcount_max)
+        self.memblocks: tuple[Memblock, ...] = config.memblocks
+        self._bases = [block.base for block in self.memblocks]
+        from .pgtable import pgd_geometry
+
+        _start, nr_pgd = pgd_geometry(self.geometry, config.ia_bits)
+        order = get_order(nr_pgd * self.page_size, self.page_shift)
+        pgd = mem_pool.alloc_pages(order)
+        if order:
+            mem_pool.split_page(pgd)
+        self.pgt = Stage2PageTable(
+            self.geometry, config.ia_bits, physmem, self.mm, [pgd + i for i in range(nr_pgd)]
+        )
+        self.counters = _Counters()
+
+    # -- memory map (3.3) ----------------------------------------------------------------
+
+    def find_mem_range(self, addr: int) -> tuple[bool, int, int]:
+        """(is memory, range start, range end): the memblock holding addr, else the gap."""
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0 and addr < self.memblocks[i].end:
+            return True, self.memblocks[i].base, self.memblocks[i].end
+        start = self.memblocks[i].end if i >= 0 else 0
+        end = self.memblocks[i + 1].base if i + 1 < len(self.memblocks) else 1 << 64
+        return False, start, end
+
+    def is_memory(self, addr: int) -> bool:
+        return self.find_mem_range(addr)[0]
+
+    def mmio_gaps(self) -> list[tuple[int, int]]:
+        """The gaps unmap_dev_all walks: below, between and above the memblocks."""
+        gaps: list[tuple[int, int]] = []
+        prev = 0
+        for block in self.memblocks:
+            if block.base > prev:
+                gaps.append((prev, block.base))
+            prev = block.end
+        gaps.append((prev, self.pgt.ia_size))
+        return gaps
+
+    # -- faults (3.4) ----------------------------------------------------------------------
+
+    def handle_fault(self, addr: int) -> FaultResult:
+        """handle_host_mem_abort -> host_stage2_idmap(addr), V13/V14 flavour."""
+        if addr < 0:
+            raise InvalidArgument(f"address {addr:#x} is negative", reason="BAD_ADDRESS")
+        if addr >= self.pgt.ia_size:
+            from .errors import OutOfRange
+
+            raise OutOfRange(
+                f"address {addr:#x} is beyond the {self.config.ia_bits}-bit IPA space",
+                reason="BEYOND_IPA_SPACE",
+            )
+        addr &= ~(self.page_size - 1)
+        is_mem, rstart, rend = self.find_mem_range(addr)
+        counters = self.counters
+        if is_mem:
+            counters.faults_memory += 1
+        else:
+            counters.faults_mmio += 1
+        prot = PROT_RWX if is_mem else PROT_RW
+        page_end = addr + self.page_size
+
+        current, cur_level, _table = self.pgt.lookup(addr)
+        if current is not None and current[0] == LEAF:
+            # A fault on a valid mapping: another CPU won the race (stale TLB): -EAGAIN.
+            counters.spurious_faults += 1
+            g = self.pgt.granule(cur_level)
+            start = addr & ~(g - 1)
+            return FaultResult(addr, is_mem, FaultOutcome.SPURIOUS, start, start + g,
+                               cur_level, False, 0, 0)
+
+        found = self.find_range(addr, prot, rstart, rend)
+        if found is None:
+            counters.fatal_faults += 1
+            owner = ("annotated as owned by hyp" if current is not None
+                     and current[0] == ANNOTATED else "incompatible mappings at every level")
+            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, 3, False, 0, 0,
+                               errno_name="EEXIST",
+                               reason=f"host access to {addr:#x}: {owner}; the real hypervisor"
+                               " would panic (host touched hyp-owned memory)")
+        level, start, end = found
+        pool = self.mem_pool if (is_mem or self.dev_pool is None) else self.dev_pool
+        allocated_before = self.mm.allocated
+        try:
+            ret, recycled, recycled_pages = self._map_with_retry(
+                start, end - start, leaf_pte(start >> self.page_shift, prot), pool,
+                may_recycle=not (self.split_pools and is_mem),
+            )
+        except RefcountLimit as err:
+            counters.refcount_limit_hits += 1
+            counters.fatal_faults += 1
+            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level, False, 0,
+                               0, errno_name=None, reason=f"{err.reason}: {err.message}")
+        tables = self.mm.allocated - allocated_before
+        if ret == OK:
+            return FaultResult(addr, is_mem, FaultOutcome.MAPPED, start, end, level, recycled,
+                               recycled_pages, tables)
+        if ret == EAGAIN:
+            counters.spurious_faults += 1
+            return FaultResult(addr, is_mem, FaultOutcome.SPURIOUS, start, end, level, recycled,
+                               recycled_pages, tables)
+        assert ret == ENOMEM
+        counters.map_failures += 1
+        counters.fatal_faults += 1
+        pool_name = pool.name
+        return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level, recycled,
+                           recycled_pages, tables, errno_name="ENOMEM",
+                           reason=f"pool {pool_name} has no page for a table"
+                           + (" even after unmapping all MMIO" if recycled else "")
+                           + "; the real hypervisor would panic")
+
+    def find_range(
+        self, addr: int, prot: int, rstart: int, rend: int
+    ) -> tuple[int, int, int] | None:
+        """The V13/V14 range search: (level, start, end) of the largest compatible block."""
+        pgt = self.pgt
+
+        def compatible(pte: Pte) -> bool:
+            return pte[0] == LEAF and pte[2] == prot and pte[3] == STATE_OWNED
+
+        for level in range(pgt.start_level, 4):
+            if level < 3 and not pgt.block_allowed(level):
+                continue
+            g = pgt.granule(level)
+            start = addr & ~(g - 1)
+            end = start + g
+            if start < rstart or end > rend:
+                continue
+            if pgt.range_compatible(start, end, compatible):
+                return level, start, end
+        return None
+
+    def _map_with_retry(
+        self, start: int, size: int, pte: Pte | None, pool: HypPool, *, may_recycle: bool
+    ) -> tuple[int, bool, int]:
+        """map, and on -ENOMEM (if allowed) unmap_dev_all and map once more (3.8)."""
+        self.mm.alloc_pool = pool
+        try:
+            ret = self.pgt.map(start, size, pte)
+            recycled = False
+            freed = 0
+            if ret == ENOMEM and may_recycle:
+                freed = self.unmap_dev_all()
+                recycled = True
+                ret = self.pgt.map(start, size, pte)
+            return ret, recycled, freed
+        finally:
+            self.mm.alloc_pool = self.mem_pool
+
+    def unmap_dev_all(self) -> int:
+        """host_stage2_unmap_dev_all: unmap every MMIO gap; returns table pages freed."""
+        freed_before = self.mm.freed
+        for start, end in self.mmio_gaps():
+            self.pgt.unmap(start, end - start)
+        freed = self.mm.freed - freed_before
+        self.counters.mmio_recycles += 1
+        self.counters.mmio_recycled_pages += freed
+        return freed
+
+    # -- ownership annotations (3.7, 4.4 donations) ------------------------------------------
+
+    def mark_hyp(self, start: int, end: int) -> None:
+        """__pkvm_mark_hyp at finalisation: [start, end) must lie in one memblock region.
+
+        V15 checks end - 1; config.faithful_bugs reproduces V14's exclusive `end`, which
+        refuses a range ending exactly at a region's end (3.7, open point 9).
+        """
+        last = end if self.config.faithful_bugs else end - 1
+        mem_a, a_start, _ = self.find_mem_range(start)
+        mem_b, b_start, _ = self.find_mem_range(last)
+        if not (mem_a and mem_b and a_start == b_start):
+            raise InvalidArgument(
+                f"__pkvm_mark_hyp [{start:#x}, {end:#x}) is not inside one memblock region"
+                + (" (V14 range_is_memory tests the exclusive end: faithful_bugs)"
+                   if self.config.faithful_bugs else ""),
+                reason="NOT_MEMORY",
+            )
+        self.mm.alloc_pool = self.mem_pool
+        ret = self.pgt.map(start, end - start, annotation_pte(OWNER_HYP))  # no retry in V14
+        if ret == ENOMEM:
+            raise OutOfMemory("no host stage-2 page to annotate hyp memory",
+                              reason="POOL_EXHAUSTED")
+
+    def set_owner_pages(self, pfn: int, nr_pages: int, owner_id: int) -> None:
+        """host_stage2_set_owner_locked for donations, page by page, with the ENOMEM retry.
+
+        Callers check the page states first. A refcount-limit refusal or an -ENOMEM half-way
+        undoes the pages already annotated (their annotation is reset; tables stay).
+        """
+        done: list[int] = []
+        try:
+            for q in range(pfn, pfn + nr_pages):
+                ret, _recycled, _freed = self._map_with_retry(
+                    q << self.page_shift, self.page_size, annotation_pte(owner_id),
+                    self.mem_pool, may_recycle=True,
+                )
+                if ret == ENOMEM:
+                    raise OutOfMemory("host stage-2 pool exhausted while annotating donated"
+                                      " pages", reason="POOL_EXHAUSTED")
+                done.append(q)
+        except (RefcountLimit, OutOfMemory):
+            for q in done:
+                self.pgt.map(q << self.page_shift, self.page_size, annotation_pte(0))
+            raise
+
+    def set_page_state(self, pfns: list[int], state: int) -> None:
+        """Re-map host pages at page level as RWX with `state` (4.4 host_stage2_set_page_state).
+
+        Pre-checks that the pool holds every table page the remaps need (recycling MMIO first
+        if not, as host_stage2_try would) and that no table page would pass the refcount
+        limit, so the remaps cannot fail half-way (the kernel treats that as a BUG).
+        """
+        pgt = self.pgt
+        planned: set[tuple[int, int]] = set()
+        need = sum(pgt.tables_needed_for_page(q << self.page_shift, planned) for q in pfns)
+        new_entries: dict[int, int] = {}
+        for q in pfns:
+            pte, level, table = pgt.lookup(q << self.page_shift)
+            if level == 3 and pte is None:
+                new_entries[table] = new_entries.get(table, 0) + 1
+        for table, n in new_entries.items():
+            if self.mm.page_count(table) + n > self.mm.refcount_max:
+                raise RefcountLimit(f"table page {table:#x} cannot take {n} more entries")
+        if need > self.mem_pool.free_pages:
+            self.unmap_dev_all()
+            if need > self.mem_pool.free_pages:
+                raise OutOfMemory(f"the host stage-2 pool has {self.mem_pool.free_pages} free"
+                                  f" pages, the page-level remap needs {need}",
+                                  reason="POOL_EXHAUSTED")
+        self.mm.alloc_pool = self.mem_pool
+        for q in pfns:
+            ret = pgt.map(q << self.page_shift, self.page_size, leaf_pte(q, PROT_RWX, state))
+            assert ret in (OK, EAGAIN), "pre-checked remap failed"
+
+    # -- states ------------------------------------------------------------------------------
+
+    def host_state(self, pfn: int) -> PageState:
+        """The host's state of a page (4.2): ZERO = OWNED (lazy idmap), annotated = NOPAGE."""
+        pte, _level, _table = self.pgt.lookup(pfn << self.page_shift)
+        if pte is None:
+            return PageState.OWNED
+        if pte[0] == ANNOTATED:
+            return PageState.NOPAGE
+        return _STATE_NAMES[pte[3]]
+
+    def host_leaf(self, pfn: int) -> tuple[Pte | None, int]:
+        pte, level, _table = self.pgt.lookup(pfn << self.page_shift)
+        return pte, level
+
+    def statistics(self, pool_stats: list[PoolStatistics]) -> HostStage2Statistics:
+        c = self.counters
+        return HostStage2Statistics(
+            faults_memory=c.faults_memory,
+            faults_mmio=c.faults_mmio,
+            spurious_faults=c.spurious_faults,
+            fatal_faults=c.fatal_faults,
+            mmio_recycles=c.mmio_recycles,
+            mmio_recycled_pages=c.mmio_recycled_pages,
+            map_failures=c.map_failures,
+            table_pages=sum(s.allocated_pages for s in pool_stats),
+            refcount_limit_hits=c.refcount_limit_hits,
+        )
+
