@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import grpc
@@ -15,19 +14,11 @@ from pkvm_sim.service.server import RunningService, ServerSettings, start
 TEST_SETTINGS = ServerSettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", workers=8)
 
 
-def boot(config: SimConfig) -> object | None:
-    if os.environ.get("PKVM_FAKE_CORE") == "1":  # development aid only
-        from tests.service.fake_core import FakeHypervisor
-
-        return FakeHypervisor.boot(config)
-    return None  # the real Hypervisor.boot
-
-
 def start_service(
     config: SimConfig | None = None, settings: ServerSettings = TEST_SETTINGS
 ) -> RunningService:
-    config = config or SimConfig()
-    return start(config, settings, hypervisor=boot(config))  # type: ignore[arg-type]
+    """Boot the real Hypervisor and serve it on a free loopback port."""
+    return start(config or SimConfig(), settings)
 
 
 @pytest.fixture(scope="module")
