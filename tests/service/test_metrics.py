@@ -31,13 +31,15 @@ def listed_metrics() -> dict[str, list[str]]:
         line = line.split("#", 1)[0].strip()
         if line:
             name, _type, labels, *_ = line.split()
-            metrics[name] = [] if labels == "-" else [lab.split("=")[0] for lab in labels.split(",")]
+            names = [] if labels == "-" else labels.split(",")
+            metrics[name] = [lab.split("=")[0] for lab in names]
     return metrics
 
 
 @pytest.mark.skipif(not METRICS_LIST.exists(), reason="deploy/metrics.txt not written yet")
-def test_exported_names_match_the_list(service: RunningService, stub: pb2_grpc.HypervisorServiceStub,
-                                       raw_vm: RawVM) -> None:
+def test_exported_names_match_the_list(
+    service: RunningService, stub: pb2_grpc.HypervisorServiceStub, raw_vm: RawVM
+) -> None:
     stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=0), metadata=raw_vm.md)
     samples = scrape(service)
     listed = listed_metrics()

@@ -113,10 +113,11 @@ def test_alloc_get_put(stub: Stub, raw_vm: RawVM) -> None:
     assert hyp_pool(stub).free_pages == free_before - 4
     info = stub.GetPageInfo(pb2.GetPageInfoRequest(pfn=block.pfn))
     assert info.refcount == 1 and info.order == 2 and str(raw_vm.handle) in info.owner
-    md = raw_vm.md
-    assert stub.GetPage(pb2.GetPageRequest(handle=raw_vm.handle, pfn=block.pfn), metadata=md).refcount == 2
-    assert stub.PutPage(pb2.PutPageRequest(handle=raw_vm.handle, pfn=block.pfn), metadata=md).refcount == 1
-    assert stub.PutPage(pb2.PutPageRequest(handle=raw_vm.handle, pfn=block.pfn), metadata=md).refcount == 0
+    md, handle = raw_vm.md, raw_vm.handle
+    get, put = pb2.GetPageRequest, pb2.PutPageRequest
+    assert stub.GetPage(get(handle=handle, pfn=block.pfn), metadata=md).refcount == 2
+    assert stub.PutPage(put(handle=handle, pfn=block.pfn), metadata=md).refcount == 1
+    assert stub.PutPage(put(handle=handle, pfn=block.pfn), metadata=md).refcount == 0
     assert hyp_pool(stub).free_pages == free_before
 
 
@@ -161,7 +162,8 @@ def test_alloc_until_exhausted(stub: Stub) -> None:
         order = pool.max_order - 1
         for _ in range(pool.free_pages // (1 << order) + 2):
             try:
-                stub.AllocPages(pb2.AllocPagesRequest(handle=vm.handle, order=order), metadata=vm.md)
+                request = pb2.AllocPagesRequest(handle=vm.handle, order=order)
+                stub.AllocPages(request, metadata=vm.md)
             except grpc.RpcError:
                 break
         code, reason, meta = refusal(
@@ -180,7 +182,8 @@ def test_put_errors(stub: Stub, raw_vm: RawVM) -> None:
     stub.PutPage(pb2.PutPageRequest(handle=raw_vm.handle, pfn=pfn), metadata=md)
     # put of a page the VM no longer holds: refused, nothing changes
     before = stub.GetPageInfo(pb2.GetPageInfoRequest(pfn=pfn))
-    code, _, _ = refusal(stub.PutPage, pb2.PutPageRequest(handle=raw_vm.handle, pfn=pfn), metadata=md)
+    request = pb2.PutPageRequest(handle=raw_vm.handle, pfn=pfn)
+    code, _, _ = refusal(stub.PutPage, request, metadata=md)
     assert code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
     assert stub.GetPageInfo(pb2.GetPageInfoRequest(pfn=pfn)) == before
     # a pfn beyond all memory
@@ -253,7 +256,7 @@ def test_share_outside_slice(stub: Stub, raw_vm: RawVM) -> None:
         other.destroy()
 
 
-# -- host stage-2 faults ----------------------------------------------------------------------------
+# -- host stage-2 faults --------------------------------------------------------------------
 
 
 MMIO_ADDR = 0x0900_0000  # below the default memblock at 0x8000_0000
@@ -302,7 +305,8 @@ def test_topup_and_guest_map(stub: Stub, raw_vm: RawVM) -> None:
     size = stub.TopupMemcache(pb2.TopupMemcacheRequest(handle=handle, nr_pages=4), metadata=md)
     assert size.memcache_pages >= 4
     pfn = raw_vm.vm.slice_base_pfn + 3
-    mapped = stub.GuestMap(pb2.GuestMapRequest(handle=handle, ipa=0x4000_0000, pfn=pfn), metadata=md)
+    request = pb2.GuestMapRequest(handle=handle, ipa=0x4000_0000, pfn=pfn)
+    mapped = stub.GuestMap(request, metadata=md)
     assert mapped.ipa == 0x4000_0000 and mapped.pfn == pfn and mapped.level in (1, 2, 3)
 
 

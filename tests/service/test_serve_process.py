@@ -33,7 +33,8 @@ def server_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
     assert process.stdout is not None
     line = process.stdout.readline().strip()  # blocks until ready (or exit)
     match = READY.match(line)
-    assert match, f"bad ready line {line!r}; stderr: {process.stderr.read() if process.stderr else ''}"
+    stderr = process.stderr.read() if match is None and process.stderr else ""
+    assert match, f"bad ready line {line!r}; stderr: {stderr}"
     yield process, f"127.0.0.1:{match.group(2)}"
     if process.poll() is None:
         process.kill()
