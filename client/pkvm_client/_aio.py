@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -44,7 +44,7 @@ class AsyncHypervisor:
         self.channel = channel or grpc.aio.insecure_channel(
             target, options=[*CHANNEL_OPTIONS, *options]
         )
-        self.stub = pb2_grpc.HypervisorServiceStub(self.channel)
+        self.stub: Any = pb2_grpc.HypervisorServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 
     async def __aenter__(self) -> AsyncHypervisor:
@@ -130,7 +130,8 @@ class AsyncVM:
         return response.pages_returned  # type: ignore[no-any-return]
 
     async def alloc_pages(self, order: int = 0, pool: str | int = "hyp") -> int:
-        request = pb2.AllocPagesRequest(handle=self.handle, order=order, pool=pool_kind(pool))
+        kind = cast(pb2.PoolKind, pool_kind(pool))
+        request = pb2.AllocPagesRequest(handle=self.handle, order=order, pool=kind)
         return (await self._call(self._stub.AllocPages, request)).pfn  # type: ignore[no-any-return]
 
     async def put_page(self, pfn: int) -> int:

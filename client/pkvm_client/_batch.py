@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from pkvm.v1 import hypervisor_pb2 as pb2
 
@@ -82,7 +83,7 @@ class Batch:
         if not 0 < len(self.ops) <= MAX_BATCH_OPS:
             raise ValueError(f"a batch holds 1 to {MAX_BATCH_OPS} operations, not {len(self)}")
         return pb2.ExecuteRequest(
-            handle=handle, ops=self.ops, arg0=self.arg0, arg1=self.arg1,
+            handle=handle, ops=cast(list[pb2.BatchOp], self.ops), arg0=self.arg0, arg1=self.arg1,
             stop_on_error=self.stop_on_error, batch_id=batch_id,
         )
 

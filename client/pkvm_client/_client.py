@@ -18,7 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
@@ -81,7 +81,7 @@ class Hypervisor:
         self.channel = channel or grpc.insecure_channel(
             target, options=[*CHANNEL_OPTIONS, *options]
         )
-        self.stub = pb2_grpc.HypervisorServiceStub(self.channel)
+        self.stub: Any = pb2_grpc.HypervisorServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 
     def __enter__(self) -> Hypervisor:
@@ -121,21 +121,25 @@ class Hypervisor:
     # -- host-level calls and read-only views ----------------------------------------------------
 
     def map_mmio(self, addr: int) -> pb2.Fault:
-        return _call(self.stub.MapMMIO, pb2.MapMMIORequest(addr=addr), timeout=self.timeout).fault
+        request = pb2.MapMMIORequest(addr=addr)
+        return cast(pb2.Fault, _call(self.stub.MapMMIO, request, timeout=self.timeout).fault)
 
     def host_fault(self, addr: int) -> pb2.Fault:
-        return _call(
-            self.stub.HostFault, pb2.HostFaultRequest(addr=addr), timeout=self.timeout
-        ).fault
+        request = pb2.HostFaultRequest(addr=addr)
+        return cast(pb2.Fault, _call(self.stub.HostFault, request, timeout=self.timeout).fault)
 
     def stats(self) -> pb2.GetStatsResponse:
-        return _call(self.stub.GetStats, pb2.GetStatsRequest(), timeout=self.timeout)
+        request = pb2.GetStatsRequest()
+        return cast(pb2.GetStatsResponse, _call(self.stub.GetStats, request, timeout=self.timeout))
 
     def page_info(self, pfn: int) -> pb2.GetPageInfoResponse:
-        return _call(self.stub.GetPageInfo, pb2.GetPageInfoRequest(pfn=pfn), timeout=self.timeout)
+        request = pb2.GetPageInfoRequest(pfn=pfn)
+        response = _call(self.stub.GetPageInfo, request, timeout=self.timeout)
+        return cast(pb2.GetPageInfoResponse, response)
 
     def reserve(self) -> pb2.ReserveResponse:
-        return _call(self.stub.Reserve, pb2.ReserveRequest(), timeout=self.timeout)
+        request = pb2.ReserveRequest()
+        return cast(pb2.ReserveResponse, _call(self.stub.Reserve, request, timeout=self.timeout))
 
 
 class VM:
@@ -175,32 +179,34 @@ class VM:
         """Tear the VM down; returns the number of pages given back to the host."""
         response = self._call(self._stub.DestroyVM, pb2.DestroyVMRequest(handle=self.handle))
         self.destroyed = True
-        return response.pages_returned
+        return int(response.pages_returned)
 
     def alloc_pages(self, order: int = 0, pool: str | int = "hyp") -> int:
         """Allocate a 2**order block from the hyp pool ('hyp') or the VM's own ('vm')."""
-        request = pb2.AllocPagesRequest(handle=self.handle, order=order, pool=pool_kind(pool))
-        return self._call(self._stub.AllocPages, request).pfn
+        request = pb2.AllocPagesRequest(
+            handle=self.handle, order=order, pool=cast(pb2.PoolKind, pool_kind(pool))
+        )
+        return int(self._call(self._stub.AllocPages, request).pfn)
 
     def put_page(self, pfn: int) -> int:
         request = pb2.PutPageRequest(handle=self.handle, pfn=pfn)
-        return self._call(self._stub.PutPage, request).refcount
+        return int(self._call(self._stub.PutPage, request).refcount)
 
     def get_page(self, pfn: int) -> int:
         request = pb2.GetPageRequest(handle=self.handle, pfn=pfn)
-        return self._call(self._stub.GetPage, request).refcount
+        return int(self._call(self._stub.GetPage, request).refcount)
 
     def host_share(self, pfn: int, nr_pages: int = 1) -> pb2.HostShareResponse:
-        return self._call(
+        return cast(pb2.HostShareResponse, self._call(
             self._stub.HostShare,
             pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
-        )
+        ))
 
     def host_unshare(self, pfn: int, nr_pages: int = 1) -> pb2.HostUnshareResponse:
-        return self._call(
+        return cast(pb2.HostUnshareResponse, self._call(
             self._stub.HostUnshare,
             pb2.HostUnshareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
-        )
+        ))
 
     def pin_shared(self, pfn: int, nr_pages: int = 1) -> None:
         self._call(
@@ -222,11 +228,11 @@ class VM:
 
     def topup_memcache(self, nr_pages: int) -> int:
         request = pb2.TopupMemcacheRequest(handle=self.handle, nr_pages=nr_pages)
-        return self._call(self._stub.TopupMemcache, request).memcache_pages
+        return int(self._call(self._stub.TopupMemcache, request).memcache_pages)
 
     def guest_map(self, ipa: int, pfn: int) -> pb2.GuestMapResponse:
         request = pb2.GuestMapRequest(handle=self.handle, ipa=ipa, pfn=pfn)
-        return self._call(self._stub.GuestMap, request)
+        return cast(pb2.GuestMapResponse, self._call(self._stub.GuestMap, request))
 
     def stats(self) -> pb2.GetStatsResponse:
         return self.hypervisor.stats()

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 DOMAIN = "pkvm.v1"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -149,9 +149,10 @@ def _error_info(trailing: Iterable[tuple[str, Any]] | None) -> error_details_pb2
 
 def from_rpc_error(error: grpc.RpcError) -> PkvmError:
     """Translate a failed call (sync or asyncio) into the typed exception."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or code.name  # type: ignore[attr-defined]
-    info = _error_info(error.trailing_metadata())  # type: ignore[attr-defined]
+    call: Any = error  # a grpc.Call (sync) or an AioRpcError
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or code.name
+    info = _error_info(call.trailing_metadata())
     if info is None or info.domain != DOMAIN:
         return make_error(code, message)
     return make_error(

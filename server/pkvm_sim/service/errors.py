@@ -12,8 +12,8 @@ from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status  # type: ignore[import-untyped]
 
 from pkvm_sim.core import errors as core_errors
 
@@ -77,7 +77,8 @@ def to_status(error: BaseException) -> grpc.Status:
     status = status_pb2.Status(
         code=getattr(code_pb2, code.name), message=message, details=[detail]
     )
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:

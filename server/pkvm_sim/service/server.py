@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
+from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -140,7 +140,7 @@ def start(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pkvm-rpc"),
         options=settings.grpc_options(),
     )
-    pb2_grpc.add_HypervisorServiceServicer_to_server(servicer, server)
+    pb2_grpc.add_HypervisorServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
