@@ -90,3 +90,17 @@ def test_real_prometheus_scrapes_the_service(tmp_path: Path) -> None:
             assert sample.value == expected
     finally:
         service.stop(0)
+
+
+def test_fatal_fault_counted_by_kind(service: RunningService,
+                                     stub: pb2_grpc.HypervisorServiceStub) -> None:
+    def failures() -> dict[str, float]:
+        samples = scrape(service)["pkvm_host_s2_fault_failures_total"]
+        return {labels["kind"]: value for labels, value in samples}
+
+    before = failures()
+    carveout = stub.Reserve(pb2.ReserveRequest()).carveout_base
+    fault = stub.HostFault(pb2.HostFaultRequest(addr=carveout)).fault
+    assert fault.outcome == pb2.FAULT_OUTCOME_FATAL
+    after = failures()
+    assert after["memory"] == before["memory"] + 1 and after["mmio"] == before["mmio"]

@@ -29,11 +29,13 @@ class HypervisorCollector(Collector):
         carveout_parts: Mapping[str, int],
         requests: CountsSource | None = None,
         operations: OpsSource | None = None,
+        fault_failures: OpsSource | None = None,
     ) -> None:
         self._statistics = statistics
         self._carveout_parts = dict(carveout_parts)  # part -> bytes (fixed after boot)
         self._requests = requests
         self._operations = operations
+        self._fault_failures = fault_failures
 
     def describe(self) -> Iterable[Metric]:
         return []  # unchecked collector: the metric set depends on the pools at scrape time
@@ -125,14 +127,17 @@ class HypervisorCollector(Collector):
         faults.add_metric(["memory"], h.faults_memory)
         faults.add_metric(["mmio"], h.faults_mmio)
         yield faults
-        # The statistics do not split failures by kind: fatal outcomes are memory faults
-        # (MMIO faults never panic), map failures after recycling are MMIO faults.
+        # FATAL outcomes by kind come from the service, which sees every fault's result; the
+        # core's statistics only have the total (h.fatal_faults).
         failures = CounterMetricFamily(
             "pkvm_host_s2_fault_failures", "Host stage-2 faults that could not be mapped.",
             labels=["kind"],
         )
-        failures.add_metric(["memory"], h.fatal_faults)
-        failures.add_metric(["mmio"], h.map_failures)
+        by_kind = dict(self._fault_failures()) if self._fault_failures else {
+            "memory": h.fatal_faults, "mmio": 0
+        }
+        for kind in ("memory", "mmio"):
+            failures.add_metric([kind], by_kind.get(kind, 0))
         yield failures
 
     def _service(self) -> Iterable[Metric]:

@@ -38,8 +38,16 @@ def _nr(value: int) -> int:
     return value or 1
 
 
-def batch_functions(hv: Hypervisor) -> tuple[BatchFn | None, ...]:
+def batch_functions(
+    hv: Hypervisor, count_fault: Callable[[FaultResult], None] = lambda result: None
+) -> tuple[BatchFn | None, ...]:
     """One function per BatchOp value: (handle, arg0, arg1) -> result value."""
+
+    def _fault_value(result: FaultResult) -> int:
+        count_fault(result)
+        if result.outcome is FaultOutcome.FATAL:
+            raise WouldPanic(f"{result.errno_name}: {result.reason}", reason="WOULD_PANIC")
+        return result.range_start
 
     def alloc_pages(handle: int, order: int, pool: int) -> int:
         kind = _POOL_OF_ARG.get(pool)
@@ -75,12 +83,6 @@ def batch_functions(hv: Hypervisor) -> tuple[BatchFn | None, ...]:
         None, alloc_pages, put_page, get_page, host_share, host_unshare, map_mmio,
         host_fault, topup_memcache, guest_map,
     )
-
-
-def _fault_value(result: FaultResult) -> int:
-    if result.outcome is FaultOutcome.FATAL:
-        raise WouldPanic(f"{result.errno_name}: {result.reason}", reason="WOULD_PANIC")
-    return result.range_start
 
 
 def run_batch(

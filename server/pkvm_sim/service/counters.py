@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 
+from pkvm_sim.core.model import FaultOutcome, FaultResult
+
 # Operation names for pkvm_operations_total{op}; indices 1..9 equal the BatchOp values.
 OP_NAMES: tuple[str, ...] = (
     "unspecified",
@@ -36,6 +38,14 @@ class ServiceCounters:
         self._requests: dict[tuple[str, str], int] = {}
         # Written only under the simulator lock (the service holds it around every op).
         self.operations: list[int] = [0] * len(OP_NAMES)
+        # Host stage-2 faults with a FATAL outcome, by kind ("memory", "mmio"): the core's
+        # statistics count them without the kind, and every fault passes through here.
+        self.fault_failures: dict[str, int] = {"memory": 0, "mmio": 0}
+
+    def count_fault(self, result: FaultResult) -> None:
+        """Call under the simulator lock with every host fault's result."""
+        if result.outcome is FaultOutcome.FATAL:
+            self.fault_failures["memory" if result.is_memory else "mmio"] += 1
 
     def count_request(self, method: str, code: str) -> None:
         key = (method, code)

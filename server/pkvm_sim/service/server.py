@@ -160,6 +160,7 @@ def start(
                 carveout_parts=carveout_parts(config),
                 requests=servicer.counters.requests,
                 operations=servicer.counters.operations_by_name,
+                fault_failures=lambda: dict(servicer.counters.fault_failures),
             )
         )
         host, metrics_port = split_host_port(settings.metrics_listen)

@@ -158,7 +158,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.tokens = TokenRegistry()
         self.counters = ServiceCounters()
         self.reservation = reserve_message(config)
-        self._batch_fns = batch_functions(hypervisor)
+        self._batch_fns = batch_functions(hypervisor, self.counters.count_fault)
         self._ops = self.counters.operations
 
     # -- helpers -----------------------------------------------------------------------------
@@ -275,6 +275,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         with self.lock:
             result = self.hypervisor.map_mmio(request.addr)
             self._ops[6] += 1
+            self.counters.count_fault(result)
         return pb2.MapMMIOResponse(fault=fault_message(result))
 
     @_unary("HostFault")
@@ -282,6 +283,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         with self.lock:
             result = self.hypervisor.host_fault(request.addr)
             self._ops[7] += 1
+            self.counters.count_fault(result)
         return pb2.HostFaultResponse(fault=fault_message(result))
 
     # -- guest stage-2 -------------------------------------------------------------------------
