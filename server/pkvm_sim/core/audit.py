@@ -52,6 +52,11 @@ def audit(hv: Hypervisor) -> None:
     table_pfns = set(host_tables)
     hm = hv.host_memory
     for handle, vm in hv._vms.items():
+        alloc = hm.allocations.get(vm.slice_base_pfn)
+        assert alloc is not None and alloc.owner == f"slice:{handle}"
+        if vm.pool is None:
+            assert hv.config.vmemmap_coverage != "all" and vm.pgt is None
+            continue
         assert vm.pgt is not None
         tables = _check_tables(vm.pgt, f"vm {handle:#x}")
         assert not set(tables) & table_pfns, "a table page is used twice"

@@ -41,26 +41,31 @@ class GuestMmOps:
     def refcount_max(self) -> int:
         return self._refcount_max
 
+    @property
+    def pool(self) -> HypPool:
+        assert self.vm.pool is not None
+        return self.vm.pool
+
     def zalloc_page(self) -> int | None:
         vm = self.vm
-        pfn = vm.pool.try_alloc_pages(0)
+        pfn = self.pool.try_alloc_pages(0)
         if pfn is None and vm.memcache:
             pfn = vm.memcache.pop()
             self.physmem.zero_range(pfn, 1)  # the "next" link written by the host
-            vm.pool.admit_page(pfn)
+            self.pool.admit_page(pfn)
             vm.admitted.append(pfn)
         if pfn is not None:
             self.allocated += 1
         return pfn
 
     def get_page(self, pfn: int) -> int:
-        return self.vm.pool.get_page(pfn)
+        return self.pool.get_page(pfn)
 
     def put_page(self, pfn: int) -> int:
-        return self.vm.pool.put_page(pfn)
+        return self.pool.put_page(pfn)
 
     def page_count(self, pfn: int) -> int:
-        return self.vm.pool.refcount(pfn)
+        return self.pool.refcount(pfn)
 
 
 @dataclass
@@ -77,7 +82,7 @@ class GuestVm:
     meta_pages: int
     pgd_base_pfn: int
     pgd_pages: int
-    pool: HypPool
+    pool: HypPool | None  # None with vmemmap coverage 'carveout': no EL2 VM state at all
     pgt: Stage2PageTable | None = None
     mm: GuestMmOps | None = None
     memcache: list[int] = field(default_factory=list)  # host-donated pages, top = last
@@ -95,9 +100,11 @@ class GuestVm:
 
     def table_pages_available(self) -> int:
         """Pages a guest map can still obtain without a top-up."""
+        assert self.pool is not None
         return self.pool.free_pages + len(self.memcache)
 
     def require_table_pages(self, need: int) -> None:
+        assert self.pool is not None
         if need > self.table_pages_available():
             raise OutOfMemory(
                 f"VM {self.handle:#x}: the guest map needs {need} table page(s), the VM pool"

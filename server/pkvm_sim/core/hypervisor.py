@@ -166,11 +166,18 @@ class Hypervisor:
         if slice_pages < 1:
             raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
                                   reason="BAD_SLICE_SIZE")
-        self._require_full_vmemmap("create a VM")
         index = next((i for i in range(MAX_VMS) if i + VM_HANDLE_OFFSET not in self._vms), None)
         if index is None:
             raise OutOfMemory(f"the VM table is full ({MAX_VMS} VMs)", reason="VM_TABLE_FULL")
         handle = index + VM_HANDLE_OFFSET
+        if self.config.vmemmap_coverage != "all":
+            # V13/V14 have no EL2 VM state; the client still gets a handle and a slice, and
+            # everything that needs a hyp_page for host memory is refused (FailedPrecondition).
+            slice_base = self.host_memory.alloc(slice_pages, f"slice:{handle}")
+            vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
+                         slice_pages, -1, 0, -1, 0, None)
+            self._vms[handle] = vm
+            return self._vm_info(vm)
         _start, pgd_pages = pgd_geometry(self.geometry, self.config.ia_bits)
         meta_pages = (ceil_div(PKVM_HYP_VM_BYTES + 8 * nr_vcpus, self.page_size)
                       + nr_vcpus * ceil_div(PKVM_HYP_VCPU_BYTES, self.page_size))
@@ -227,11 +234,15 @@ class Hypervisor:
             if owner != handle:
                 continue
             pool = self.hyp_pool if kind is PoolKind.HYP else vm.pool
+            assert pool is not None
             if kind is PoolKind.HYP:
                 returned += 1 << pool.page_order(head)
             while pool.put_page(head):
                 pass
             del self._owners[head]
+        if vm.pool is None:  # coverage 'carveout': only a slice
+            self.host_memory.free(vm.slice_base_pfn)
+            return returned + vm.slice_nr_pages
         # Guest stage-2: every table back into vm.pool, then the PGD pages.
         assert vm.pgt is not None
         vm.pgt.unmap(0, vm.pgt.ia_size)
@@ -287,7 +298,10 @@ class Hypervisor:
             raise InvalidArgument(f"order must be in 0..{self.max_order}, not {order}",
                                   reason="BAD_ORDER")
         kind = PoolKind(pool)
+        if kind is PoolKind.VM:
+            self._require_full_vmemmap("allocate from a VM pool")
         target = self.hyp_pool if kind is PoolKind.HYP else vm.pool
+        assert target is not None
         pfn = target.alloc_pages(order)
         self._owners[pfn] = (handle, kind)
         return pfn
@@ -300,7 +314,9 @@ class Hypervisor:
                 f"pfn {pfn:#x} is not the head of a block VM {handle:#x} allocated",
                 reason="NOT_OWNER",
             )
-        return self.hyp_pool if owner[1] is PoolKind.HYP else vm.pool
+        pool = self.hyp_pool if owner[1] is PoolKind.HYP else vm.pool
+        assert pool is not None
+        return pool
 
     def put_page(self, handle: int, pfn: int) -> int:
         """hyp_put_page on a head the VM owns; returns the refcount after."""
@@ -426,6 +442,7 @@ class Hypervisor:
         vm = self._vm(handle)
         if nr_pages < 0:
             raise InvalidArgument(f"nr_pages must be >= 0, not {nr_pages}", reason="BAD_SIZE")
+        self._require_full_vmemmap("top up a VM memcache")
         if nr_pages > self.host_memory.free_pages:
             raise OutOfMemory(f"host RAM has {self.host_memory.free_pages} free pages, the"
                               f" top-up needs {nr_pages}", reason="HOST_MEMORY_EXHAUSTED")
@@ -456,6 +473,7 @@ class Hypervisor:
                                    reason="NOT_IN_SLICE")
         if ipa < 0 or ipa % self.page_size:
             raise InvalidArgument(f"ipa {ipa:#x} is not page aligned", reason="BAD_ADDRESS")
+        self._require_full_vmemmap("map guest memory")
         pgt, mm = vm.pgt, vm.mm
         assert pgt is not None and mm is not None
         if ipa >= pgt.ia_size:
@@ -478,7 +496,7 @@ class Hypervisor:
     def pools(self) -> list[HypPool]:
         """Every pool: hyp, the host stage-2 pool(s), then the VM pools by handle."""
         return [self.hyp_pool, *self.host_pools,
-                *(vm.pool for _h, vm in sorted(self._vms.items()))]
+                *(vm.pool for _h, vm in sorted(self._vms.items()) if vm.pool is not None)]
 
     def statistics(self) -> HypervisorStatistics:
         pool_stats = tuple(pool.statistics() for pool in self.pools())
@@ -591,7 +609,8 @@ class Hypervisor:
         def outside_host_pools(pfn: int) -> bool:
             return not any(lo <= pfn < hi for lo, hi in host_pool_ranges)
 
-        pools = [self.hyp_pool, *(vm.pool for _h, vm in sorted(self._vms.items()))]
+        pools = [self.hyp_pool, *(vm.pool for _h, vm in sorted(self._vms.items())
+                                   if vm.pool is not None)]
         if host_tables:
             pools[1:1] = self.host_pools
         dump: dict[str, Any] = {
