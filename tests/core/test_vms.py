@@ -1,0 +1,164 @@
+"""Guest VMs (SEMANTICS 5, A.3 to A.5): creation, memcache, guest stage-2, teardown, and the
+pool pages a VM allocates on its own behalf."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pkvm_sim.core.config import SimConfig
+from pkvm_sim.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    OutOfMemory,
+    PermissionDenied,
+    WouldPanic,
+)
+from pkvm_sim.core.hypervisor import Hypervisor
+from pkvm_sim.core.model import FaultOutcome, PageState, PoolKind
+
+
+def boot(**values: Any) -> Hypervisor:
+    values.setdefault("memblocks", ["0x80000000:256M"])
+    return Hypervisor.boot(SimConfig.from_mapping(values))
+
+
+def test_create_vm_handles_vmids_and_donations() -> None:
+    hv = boot()
+    a = hv.create_vm(nr_vcpus=2, slice_pages=32, name="a")
+    b = hv.create_vm(nr_vcpus=1, slice_pages=8)
+    assert (a.handle, a.vmid, b.handle, b.vmid) == (0x1000, 1, 0x1001, 2)
+    # 4K, ia 40: PGD 2 pages; metadata ceil((1024 + 8*2)/4096) + 2 vCPU pages = 3.
+    assert a.donated_pages == 2 + 3
+    assert hv.vm(a.handle) == a and [v.handle for v in hv.vms()] == [0x1000, 0x1001]
+    assert "vm/4096" in [p.name for p in hv.pools()]
+    # Donated pages are hyp's: the host cannot map them (annotated), and audit agrees.
+    meta = hv._vms[a.handle].meta_pfn
+    assert hv.page_info(meta).owner == f"vm:{a.handle}"
+    assert hv.page_info(meta).host_state is PageState.NOPAGE
+    r = hv.host_fault(meta << 12)
+    assert r.outcome is FaultOutcome.FATAL and r.errno_name == "EEXIST"
+    assert hv.page_info(a.slice_base_pfn).owner == "host"
+    hv.audit()
+    with pytest.raises(InvalidArgument):
+        hv.create_vm(nr_vcpus=0, slice_pages=1)
+    with pytest.raises(InvalidArgument):
+        hv.create_vm(nr_vcpus=1, slice_pages=0)
+    with pytest.raises(OutOfMemory):
+        hv.create_vm(nr_vcpus=1, slice_pages=1 << 20)  # more than the 256 MiB of RAM
+    hv.audit()
+    with pytest.raises(NotFound):
+        hv.vm(0x2000)
+
+
+def test_handles_are_reused_lowest_first() -> None:
+    hv = boot()
+    a = hv.create_vm(nr_vcpus=1, slice_pages=1)
+    hv.create_vm(nr_vcpus=1, slice_pages=1)
+    hv.destroy_vm(a.handle)
+    assert hv.create_vm(nr_vcpus=1, slice_pages=1).handle == a.handle
+
+
+def test_guest_map_needs_table_pages_from_the_memcache() -> None:
+    hv = boot()
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=8)
+    # The VM pool holds only the PGD: a first guest map needs 2 tables (levels 2 and 3).
+    with pytest.raises(OutOfMemory) as err:
+        hv.guest_map(vm.handle, 0x4000_0000, vm.slice_base_pfn)
+    assert err.value.reason == "MEMCACHE_EMPTY" and "top up" in err.value.message
+    assert hv.topup_memcache(vm.handle, 1) == 1
+    with pytest.raises(OutOfMemory):
+        hv.guest_map(vm.handle, 0x4000_0000, vm.slice_base_pfn)  # still one short
+    assert hv.topup_memcache(vm.handle, 2) == 3
+    r = hv.guest_map(vm.handle, 0x4000_0000, vm.slice_base_pfn)
+    assert (r.level, r.tables_allocated) == (3, 2)
+    pool = hv._vms[vm.handle].pool
+    assert pool is not None and pool.statistics().admitted_pages == 2
+    r = hv.guest_map(vm.handle, 0x4000_1000, vm.slice_base_pfn + 1)
+    assert r.tables_allocated == 0
+    assert hv.guest_map(vm.handle, 0x4000_1000, vm.slice_base_pfn + 1).tables_allocated == 0
+    with pytest.raises(AlreadyExists):
+        hv.guest_map(vm.handle, 0x4000_1000, vm.slice_base_pfn + 2)
+    with pytest.raises(PermissionDenied):
+        hv.guest_map(vm.handle, 0x4000_2000, vm.slice_base_pfn + 8)  # outside the slice
+    with pytest.raises(InvalidArgument):
+        hv.guest_map(vm.handle, 0x4000_2001, vm.slice_base_pfn)
+    hv.audit()
+
+
+def test_alloc_put_get_ownership() -> None:
+    hv = boot()
+    a = hv.create_vm(nr_vcpus=1, slice_pages=1).handle
+    b = hv.create_vm(nr_vcpus=1, slice_pages=1).handle
+    pfn = hv.alloc_pages(a, 3)
+    assert hv.page_info(pfn).owner == f"vm:{a}" and hv.page_info(pfn + 7).owner == f"vm:{a}"
+    assert hv.get_page(a, pfn) == 2
+    with pytest.raises(PermissionDenied) as err:
+        hv.put_page(b, pfn)
+    assert err.value.reason == "NOT_OWNER"
+    with pytest.raises(PermissionDenied):
+        hv.get_page(a, pfn + 1)  # a tail is not a head the VM owns
+    assert hv.put_page(a, pfn) == 1
+    assert hv.put_page(a, pfn) == 0
+    with pytest.raises(PermissionDenied):
+        hv.put_page(a, pfn)  # ownership went with the last reference
+    for bad in (-1, hv.max_order + 1):
+        with pytest.raises(InvalidArgument):
+            hv.alloc_pages(a, bad)
+    with pytest.raises(OutOfMemory):
+        hv.alloc_pages(a, hv.max_order)  # orders usable are 0 .. max_order - 1
+    with pytest.raises(NotFound):
+        hv.alloc_pages(0x2fff, 0)
+    # The VM's own pool: only the PGD pages, all in use.
+    with pytest.raises(OutOfMemory):
+        hv.alloc_pages(a, 0, PoolKind.VM)
+    hv.audit()
+
+
+def test_refcount_overflow_on_get_is_refused() -> None:
+    hv = boot(hyp_page_layout="2")
+    h = hv.create_vm(nr_vcpus=1, slice_pages=1).handle
+    pfn = hv.alloc_pages(h, 0)
+    for _ in range(8190):
+        hv.get_page(h, pfn)
+    with pytest.raises(WouldPanic) as err:
+        hv.get_page(h, pfn)
+    assert err.value.reason == "REFCOUNT_OVERFLOW"
+    hv.audit()
+    hv.destroy_vm(h)
+    hv.audit()
+
+
+def test_teardown_returns_everything_and_the_state_equals_boot() -> None:
+    hv = boot()
+    boot_dump = hv.canonical_dump()
+    handles = [hv.create_vm(nr_vcpus=1 + i % 3, slice_pages=4 + i).handle for i in range(5)]
+    for i, h in enumerate(handles):
+        vm = hv.vm(h)
+        hv.topup_memcache(h, 3 + i)
+        for j in range(min(vm.slice_nr_pages, 4)):
+            hv.guest_map(h, 0x4000_0000 + j * 0x1000, vm.slice_base_pfn + j)
+        pfn = hv.alloc_pages(h, i % 3)
+        hv.get_page(h, pfn)
+        hv.host_share(h, vm.slice_base_pfn, 2)
+        hv.pin_shared(h, vm.slice_base_pfn)
+    hv.audit()
+    assert hv.statistics().nr_vms == 5
+    for h in handles:
+        vm = hv.vm(h)
+        returned = hv.destroy_vm(h)
+        assert returned >= vm.slice_nr_pages + vm.donated_pages
+        hv.audit()
+    assert hv.canonical_dump() == boot_dump
+    with pytest.raises(NotFound):
+        hv.destroy_vm(handles[0])
+
+
+def test_statistics_name_every_pool() -> None:
+    hv = boot(profile="v5.13")
+    h = hv.create_vm(nr_vcpus=1, slice_pages=1).handle
+    stats = hv.statistics()
+    assert [p.name for p in stats.pools] == ["hyp", "host_s2_mem", "host_s2_dev", f"vm/{h}"]
+    assert stats.vmemmap.coverage == "all" and stats.vmemmap.entry_bytes == 32
+    assert stats.host_stage2.table_pages == sum(p.allocated_pages for p in stats.pools[1:3])
