@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from pkvm_sim.core.hyp_pool import HypPool
-from pkvm_sim.core.layout import LAYOUT_2, LAYOUT_4, KIB, PageGeometry
+from pkvm_sim.core.layout import KIB, LAYOUT_2, LAYOUT_4, HypPageLayout, PageGeometry
 from pkvm_sim.core.pgtable import (
     EAGAIN,
     ENOMEM,
@@ -59,19 +59,19 @@ class PoolOps:
         return self.pool.try_alloc_pages(0)
 
     def get_page(self, pfn: int) -> int:
-        return self.pool.get_page(pfn)
+        return int(self.pool.get_page(pfn))
 
     def put_page(self, pfn: int) -> int:
-        return self.pool.put_page(pfn)
+        return int(self.pool.put_page(pfn))
 
     def page_count(self, pfn: int) -> int:
         return self.pool.refcount(pfn)
 
 
 def make_table(nr_pages: int = 64, geometry: PageGeometry = G4K, ia_bits: int = 40,
-               layout: object = LAYOUT_4) -> tuple[Stage2PageTable, HypPool, PhysicalMemory]:
+               layout: HypPageLayout = LAYOUT_4) -> tuple[Stage2PageTable, HypPool, PhysicalMemory]:
     base = 0x1000
-    vmemmap = Vmemmap(layout, [(base, nr_pages)])  # type: ignore[arg-type]
+    vmemmap = Vmemmap(layout, [(base, nr_pages)])
     physmem = PhysicalMemory()
     pool = HypPool(vmemmap, physmem, base, nr_pages, page_shift=geometry.page_shift,
                    max_order_cap=7, max_order_formula="v5.17")
