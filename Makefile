@@ -3,7 +3,7 @@
 #   make serve   install, then run the service with the built-in default config
 #   make test    install (project + test tools), then run the whole pytest suite
 #   make lint    ruff + mypy (separate on purpose: `make test` does not depend on it)
-#   make bench   run every bench/*.py
+#   make bench   run every bench/bench_*.py
 #   make proto   regenerate the protobuf/gRPC code under proto/
 #   make clean   remove the venv and every cache/build artifact
 
@@ -29,7 +29,7 @@ SCHEMA_CHECK_STAMP := $(SCHEMA_CHECK_DIR)/node_modules/.stamp
 
 PYTEST_ARGS ?=
 
-.PHONY: help install tools serve test lint bench proto clean
+.PHONY: help install system-packages tools serve test lint bench proto clean
 
 help:
 	@echo "targets: install tools serve test lint bench proto clean"
@@ -62,7 +62,11 @@ $(SCHEMA_CHECK_STAMP): $(SCHEMA_CHECK_DIR)/package.json $(SCHEMA_CHECK_DIR)/pack
 serve: install
 	$(BIN)/pkvm-sim serve
 
-test: install tools
+# prometheus/promtool, node/npm, make, python3-venv: installed only where missing (root+apt).
+system-packages:
+	@bash scripts/install-system-packages
+
+test: system-packages install tools
 	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc
@@ -72,8 +76,8 @@ lint: install
 	MYPYPATH=server:client:proto $(BIN)/mypy server/pkvm_sim client/pkvm_client
 
 bench: install
-	@shopt -s nullglob; scripts=(bench/*.py); \
-	if [ $${#scripts[@]} -eq 0 ]; then echo "no bench/*.py scripts"; exit 0; fi; \
+	@shopt -s nullglob; scripts=(bench/bench_*.py); \
+	if [ $${#scripts[@]} -eq 0 ]; then echo "no bench/bench_*.py scripts"; exit 0; fi; \
 	for s in "$${scripts[@]}"; do echo "== $$s"; $(BIN)/python "$$s"; done
 
 proto: install
