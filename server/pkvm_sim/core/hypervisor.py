@@ -159,7 +159,10 @@ class Hypervisor:
     def create_vm(self, *, nr_vcpus: int, slice_pages: int, name: str | None = None) -> VmInfo:
         """Create a VM: a slice of host RAM for its VMM, donated metadata and guest PGD pages,
         and a VM pool initialised over the PGD pages. -EINVAL for nr_vcpus < 1 or a bad
-        size; -ENOMEM when host RAM cannot supply the slice or the donations."""
+        size; -ENOMEM when host RAM cannot supply the slice or the donations.
+
+        With vmemmap coverage 'carveout' the VM is slice-only (no donations, pool or guest
+        stage-2): what needs a hyp_page for host memory is then refused (docs/stage2.md)."""
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise InvalidArgument(f"nr_vcpus must be in 1..{MAX_VCPUS}, not {nr_vcpus}",
                                   reason="BAD_NR_VCPUS")
