@@ -42,7 +42,7 @@ class MetricSpec:
     type: str  # "gauge" | "counter"
     labels: tuple[str, ...]
     help: str
-    # For labels whose values are a closed set (`part=vmemmap|hyp_s1|...`): those values.
+    # For labels whose values are a closed set (`part=vmemmap|hyp|...`): those values.
     label_values: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 

@@ -11,6 +11,7 @@ from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 from pkvm_sim.service.server import RunningService
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.deploy.catalog import load_metric_catalog
 from tests.service.fixtures import RawVM
 
 METRICS_LIST = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
@@ -25,29 +26,20 @@ def scrape(service: RunningService) -> dict[str, list[tuple[dict[str, str], floa
     return samples
 
 
-def listed_metrics() -> dict[str, list[str]]:
-    metrics: dict[str, list[str]] = {}
-    for line in METRICS_LIST.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _type, labels, *_ = line.split()
-            names = [] if labels == "-" else labels.split(",")
-            metrics[name] = [lab.split("=")[0] for lab in names]
-    return metrics
-
-
 @pytest.mark.skipif(not METRICS_LIST.exists(), reason="deploy/metrics.txt not written yet")
 def test_exported_names_match_the_list(
     service: RunningService, stub: pb2_grpc.HypervisorServiceStub, raw_vm: RawVM
 ) -> None:
     stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=0), metadata=raw_vm.md)
     samples = scrape(service)
-    listed = listed_metrics()
+    catalog = load_metric_catalog(METRICS_LIST)
     exported = {name for name in samples if not name.endswith("_created")}
-    assert exported == set(listed)
-    for name, label_names in listed.items():
+    assert exported == set(catalog)
+    for name, spec in catalog.items():
         for labels, _ in samples[name]:
-            assert sorted(labels) == sorted(label_names), name
+            assert sorted(labels) == sorted(spec.labels), name
+            for label, allowed in spec.label_values.items():
+                assert labels[label] in allowed, f"{name}{{{label}={labels[label]!r}}}"
 
 
 def test_values_follow_the_state(service: RunningService, stub: pb2_grpc.HypervisorServiceStub,

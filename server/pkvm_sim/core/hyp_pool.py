@@ -336,8 +336,12 @@ class HypPool:
             )
         shift = self._shift
         order = entry >> shift
-        if self._contents:
-            self.physmem.zero_range(pfn, 1 << order)
+        contents = self._contents
+        if contents:  # memset(0) of the block: only written pages cost anything
+            if order:
+                self.physmem.zero_range(pfn, 1 << order)
+            elif pfn in contents:
+                del contents[pfn]
         self.free_pages += 1 << order
         freed = pfn
         lo = self.base_pfn

@@ -300,24 +300,33 @@ class Hypervisor:
         if not 0 <= order <= self.max_order:
             raise InvalidArgument(f"order must be in 0..{self.max_order}, not {order}",
                                   reason="BAD_ORDER")
-        kind = PoolKind(pool)
-        if kind is PoolKind.VM:
+        kind = pool if pool.__class__ is PoolKind else PoolKind(pool)
+        if kind is PoolKind.HYP:
+            target = self.hyp_pool
+        else:
             self._require_full_vmemmap("allocate from a VM pool")
-        target = self.hyp_pool if kind is PoolKind.HYP else vm.pool
-        assert target is not None
+            assert vm.pool is not None
+            target = vm.pool
         pfn = target.alloc_pages(order)
         self._owners[pfn] = (handle, kind)
         return pfn
 
     def _owned_block(self, handle: int, pfn: int) -> HypPool:
-        vm = self._vm(handle)
+        """The pool of the block headed by pfn, if VM `handle` allocated it.
+
+        Invariant: every owner record names a live VM (destroy_vm drops its records), so a
+        matching record needs no VM lookup; an unknown handle is still NotFound first.
+        """
         owner = self._owners.get(pfn)
         if owner is None or owner[0] != handle:
+            self._vm(handle)
             raise PermissionDenied(
                 f"pfn {pfn:#x} is not the head of a block VM {handle:#x} allocated",
                 reason="NOT_OWNER",
             )
-        pool = self.hyp_pool if owner[1] is PoolKind.HYP else vm.pool
+        if owner[1] is PoolKind.HYP:
+            return self.hyp_pool
+        pool = self._vms[handle].pool
         assert pool is not None
         return pool
 
