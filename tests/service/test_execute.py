@@ -177,3 +177,39 @@ def test_disconnect_mid_stream_keeps_reported_batches(stub: Stub, raw_vm: RawVM)
             seen.append(response)
     done = before - free_pages(stub)
     assert done % 8 == 0 and done >= 8 * len(seen)  # whole batches only, never half of one
+
+
+def test_a_refusal_inside_a_run_of_puts_reports_that_op_and_runs_the_rest(
+    stub: Stub, raw_vm: RawVM
+) -> None:
+    """Runs of identical ops take the core's run path; per-op semantics must not change."""
+    before = free_pages(stub)
+    [allocated] = execute(stub, raw_vm, pb2.ExecuteRequest(
+        handle=raw_vm.handle, ops=[pb2.BATCH_OP_ALLOC_PAGES] * 6, arg0=[0] * 6))
+    pfns = list(allocated.values)
+    # put a, put b, put b again (now free: refused), put c..f
+    [put] = execute(stub, raw_vm, pb2.ExecuteRequest(
+        handle=raw_vm.handle, ops=[pb2.BATCH_OP_PUT_PAGE] * 7,
+        arg0=[pfns[0], pfns[1], pfns[1], *pfns[2:]]))
+    assert list(put.codes) == [OK, OK, PERMISSION_DENIED, OK, OK, OK, OK]
+    assert [e.index for e in put.errors] == [2] and put.errors[0].reason == "NOT_OWNER"
+    assert put.completed == 6 and free_pages(stub) == before
+
+
+def test_a_run_of_allocs_that_exhausts_the_pool_stops_at_the_first_failure(
+    stub: Stub, raw_vm: RawVM
+) -> None:
+    big = 10  # order 10 blocks: the hyp pool holds only a handful
+    [response] = execute(stub, raw_vm, pb2.ExecuteRequest(
+        handle=raw_vm.handle, stop_on_error=True, ops=[pb2.BATCH_OP_ALLOC_PAGES] * 64,
+        arg0=[big] * 64))
+    first_refused = response.errors[0].index
+    assert response.completed == first_refused > 0
+    assert list(response.codes[:first_refused]) == [OK] * first_refused
+    assert response.codes[first_refused] == 8  # RESOURCE_EXHAUSTED
+    assert response.errors[0].reason == "POOL_EXHAUSTED"
+    assert list(response.codes[first_refused + 1:]) == [ABORTED] * (63 - first_refused)
+    pfns = list(response.values[:first_refused])
+    assert all(pfn % (1 << big) == 0 for pfn in pfns) and len(set(pfns)) == first_refused
+    execute(stub, raw_vm, pb2.ExecuteRequest(
+        handle=raw_vm.handle, ops=[pb2.BATCH_OP_PUT_PAGE] * first_refused, arg0=pfns))

@@ -303,12 +303,16 @@ class HypPool:
         """Like try_alloc_pages, but an empty pool raises OutOfMemory (-ENOMEM)."""
         pfn = self.try_alloc_pages(order)
         if pfn is None:
-            raise OutOfMemory(
-                f"pool {self.name}: no free block of order {order}"
-                + (f" (max_order is {self.max_order})" if order >= self.max_order else ""),
-                reason="POOL_EXHAUSTED",
-            )
+            raise self.exhausted(order)
         return pfn
+
+    def exhausted(self, order: int) -> OutOfMemory:
+        """The -ENOMEM of a failed alloc of `order` (for callers of try_alloc_pages)."""
+        return OutOfMemory(
+            f"pool {self.name}: no free block of order {order}"
+            + (f" (max_order is {self.max_order})" if order >= self.max_order else ""),
+            reason="POOL_EXHAUSTED",
+        )
 
     def put_page(self, pfn: int) -> int:
         """hyp_put_page: drop one reference; at 0 the block goes back to the free lists.

@@ -296,20 +296,45 @@ class Hypervisor:
         """hyp_alloc_pages on the hyp pool (default) or the VM's own pool; the block's owner
         becomes the VM. Returns the head pfn. -EINVAL for order < 0 or > MAX_ORDER; -ENOMEM
         when the pool has no block (including order >= the pool's max_order)."""
+        target, owner = self._alloc_target(handle, order, pool)
+        pfn = target.alloc_pages(order)
+        self._owners[pfn] = owner
+        return pfn
+
+    def alloc_pages_run(
+        self, handle: int, order: int, pool: PoolKind, count: int
+    ) -> tuple[list[int], PkvmError | None]:
+        """`count` alloc_pages in a row, as an Execute batch runs them: the pfns handed out,
+        in order, and the refusal that stopped the run early (returned, not raised). Each
+        alloc is exactly alloc_pages; only the per-call lookups are done once."""
+        pfns: list[int] = []
+        try:
+            target, owner = self._alloc_target(handle, order, pool)
+            alloc, owners, append = target.try_alloc_pages, self._owners, pfns.append
+            for _ in range(count):
+                pfn = alloc(order)
+                if pfn is None:
+                    raise target.exhausted(order)
+                owners[pfn] = owner
+                append(pfn)
+        except PkvmError as error:
+            return pfns, error
+        return pfns, None
+
+    def _alloc_target(
+        self, handle: int, order: int, pool: PoolKind
+    ) -> tuple[HypPool, tuple[int, PoolKind]]:
+        """The pool an alloc_pages draws from, and the owner record of what it hands out."""
         vm = self._vm(handle)
         if not 0 <= order <= self.max_order:
             raise InvalidArgument(f"order must be in 0..{self.max_order}, not {order}",
                                   reason="BAD_ORDER")
         kind = pool if pool.__class__ is PoolKind else PoolKind(pool)
         if kind is PoolKind.HYP:
-            target = self.hyp_pool
-        else:
-            self._require_full_vmemmap("allocate from a VM pool")
-            assert vm.pool is not None
-            target = vm.pool
-        pfn = target.alloc_pages(order)
-        self._owners[pfn] = (handle, kind)
-        return pfn
+            return self.hyp_pool, (handle, kind)
+        self._require_full_vmemmap("allocate from a VM pool")
+        assert vm.pool is not None
+        return vm.pool, (handle, kind)
 
     def _owned_block(self, handle: int, pfn: int) -> HypPool:
         """The pool of the block headed by pfn, if VM `handle` allocated it.
@@ -336,6 +361,26 @@ class Hypervisor:
         if count == 0:
             del self._owners[pfn]
         return count
+
+    def put_pages_run(self, handle: int, pfns: list[int]) -> tuple[list[int], PkvmError | None]:
+        """put_page on each pfn in order, as an Execute batch runs them: the refcounts after,
+        and the refusal that stopped the run early (returned, not raised). Blocks of the hyp
+        pool owned by `handle` take a short path with the same effect as put_page."""
+        counts: list[int] = []
+        owners, hyp_owner, put_hyp = self._owners, (handle, PoolKind.HYP), self.hyp_pool.put_page
+        append = counts.append
+        try:
+            for pfn in pfns:
+                if owners.get(pfn) == hyp_owner:
+                    count = put_hyp(pfn)
+                    if count == 0:
+                        del owners[pfn]
+                    append(count)
+                else:
+                    append(self.put_page(handle, pfn))
+        except PkvmError as error:
+            return counts, error
+        return counts, None
 
     def get_page(self, handle: int, pfn: int) -> int:
         """hyp_get_page on a head the VM owns; returns the refcount after."""

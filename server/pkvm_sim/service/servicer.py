@@ -354,7 +354,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                     )
                 self.tokens.check(request.handle, token)
                 with self.lock:
-                    response = run_batch(fns, ops, request)
+                    response = run_batch(self.hypervisor, fns, ops, request)
                 yield response
         except REFUSALS as error:
             self.counters.count_request("Execute", describe(error)[0].name)
