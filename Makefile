@@ -73,7 +73,7 @@ test: system-packages install tools
 
 lint: install
 	$(BIN)/ruff check .
-	MYPYPATH=server:client:proto $(BIN)/mypy server/pkvm_sim client/pkvm_client
+	$(BIN)/mypy
 
 bench: install
 	@shopt -s nullglob; scripts=(bench/bench_*.py); \

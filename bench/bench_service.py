@@ -83,7 +83,7 @@ def serve(kind: str) -> None:
             futures.ThreadPoolExecutor(max_workers=settings.workers),
             options=settings.grpc_options(),
         )
-        pb2_grpc.add_HypervisorServiceServicer_to_server(EchoServicer(), server)
+        pb2_grpc.add_HypervisorServiceServicer_to_server(EchoServicer(), server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port(settings.listen)
         server.start()
 
@@ -133,7 +133,7 @@ class Figures:
 
 
 def create_vms(stub: Any, n: int) -> list[tuple[int, tuple[tuple[str, str], ...]]]:
-    vms = []
+    vms: list[tuple[int, tuple[tuple[str, str], ...]]] = []
     for _ in range(n):
         created = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=4))
         vms.append((created.vm.handle, (("authorization", f"Bearer {created.token}"),)))
@@ -143,7 +143,7 @@ def create_vms(stub: Any, n: int) -> list[tuple[int, tuple[tuple[str, str], ...]
 def bench_unary(target: str, seconds: float) -> Figures:
     """64 VMs, each keeping one AllocPages/PutPage chain in flight (futures + callbacks)."""
     channel = grpc.insecure_channel(target)
-    stub = pb2_grpc.HypervisorServiceStub(channel)
+    stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
     vms = create_vms(stub, NR_VMS)
     latencies: list[float] = []
     counts = [0]
@@ -199,7 +199,7 @@ def bench_unary(target: str, seconds: float) -> Figures:
 def bench_execute(target: str, batch: int, seconds: float) -> Figures:
     """NR_STREAMS streams, each alternating an alloc batch and a put batch of `batch` ops."""
     channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 4 << 20)])
-    stub = pb2_grpc.HypervisorServiceStub(channel)
+    stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
     vms = create_vms(stub, NR_STREAMS)
     latencies: list[float] = []
     counts = [0]
