@@ -18,7 +18,7 @@ from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 from ._batch import Batch, BatchResult, pool_kind
-from ._client import CHANNEL_OPTIONS, auth_metadata
+from ._client import CHANNEL_OPTIONS, VmHandle
 from ._errors import from_rpc_error
 
 
@@ -95,21 +95,10 @@ class AsyncHypervisor:
                            timeout=self.timeout)
 
 
-class AsyncVM:
+class AsyncVM(VmHandle):
     """One client VM over asyncio; `async with` destroys it on exit."""
 
-    def __init__(self, hypervisor: AsyncHypervisor, info: pb2.VM, token: str) -> None:
-        self.hypervisor = hypervisor
-        self.info = info
-        self.handle: int = info.handle
-        self.token = token
-        self._stub = hypervisor.stub
-        self._md = auth_metadata(token)
-        self._timeout = hypervisor.timeout
-        self.destroyed = False
-
-    def __repr__(self) -> str:
-        return f"AsyncVM(handle={self.handle:#x}, name={self.info.name!r})"
+    hypervisor: AsyncHypervisor
 
     async def __aenter__(self) -> AsyncVM:
         return self

@@ -142,22 +142,28 @@ class Hypervisor:
         return cast(pb2.ReserveResponse, _call(self.stub.Reserve, request, timeout=self.timeout))
 
 
-class VM:
-    """One client VM: its handle, token and the per-VM operations. As a context manager it
-    destroys the VM on exit (the server reclaims everything it held)."""
+class VmHandle:
+    """What the sync and asyncio VM classes share: identity, token and call settings."""
 
-    def __init__(self, hypervisor: Hypervisor, info: pb2.VM, token: str) -> None:
+    def __init__(self, hypervisor: Any, info: pb2.VM, token: str) -> None:
         self.hypervisor = hypervisor
         self.info = info
         self.handle: int = info.handle
         self.token = token
         self._stub = hypervisor.stub
         self._md = auth_metadata(token)
-        self._timeout = hypervisor.timeout
+        self._timeout: float | None = hypervisor.timeout
         self.destroyed = False
 
     def __repr__(self) -> str:
-        return f"VM(handle={self.handle:#x}, name={self.info.name!r})"
+        return f"{type(self).__name__}(handle={self.handle:#x}, name={self.info.name!r})"
+
+
+class VM(VmHandle):
+    """One client VM: its handle, token and the per-VM operations. As a context manager it
+    destroys the VM on exit (the server reclaims everything it held)."""
+
+    hypervisor: Hypervisor
 
     def __enter__(self) -> VM:
         return self
