@@ -73,3 +73,20 @@ def test_gzip_traces_and_the_cli_exit_codes(
     out = capsys.readouterr().out
     assert "PASS pub01" in out and "FAIL" in out and "no final record" in out
     assert "1 passed, 1 failed" in out
+
+
+def test_header_constants_choose_the_hyp_page_layout(tmp_path: Path) -> None:
+    """A trace recorded with 32-bit hyp_page fields (HYP_NO_ORDER = UINT_MAX) replays the
+    same allocator with that layout; an unknown HYP_NO_ORDER is reported, not guessed."""
+    lines = (ORACLE / "pub01_tiny_unaligned_random.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    header["constants"]["HYP_NO_ORDER"] = 2**32 - 1
+    wide = tmp_path / "wide.jsonl"
+    wide.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert replay(wide).ok
+    header["constants"]["HYP_NO_ORDER"] = 12345
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    result = replay(odd)
+    assert result.divergence is not None and result.divergence.line == 1
+    assert "HYP_NO_ORDER" in result.divergence.message

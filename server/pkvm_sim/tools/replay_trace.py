@@ -19,11 +19,13 @@ from typing import Any
 
 from ..core.errors import PkvmError
 from ..core.hyp_pool import HypPool
-from ..core.layout import LAYOUT_4
+from ..core.layout import LAYOUT_2, LAYOUT_4, LAYOUT_32
 from ..core.physmem import PhysicalMemory
 from ..core.vmemmap import Vmemmap
 
 TRACE_FORMAT = "hyp-pool-trace/1"
+# struct hyp_page as the trace's HYP_NO_ORDER reveals it (v5.14 records u16 fields: 65535).
+_LAYOUT_BY_NO_ORDER = {lay.no_order: lay for lay in (LAYOUT_4, LAYOUT_32, LAYOUT_2)}
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,12 @@ def pool_from_header(header: dict[str, Any]) -> HypPool:
     if header.get("format") != TRACE_FORMAT:
         raise _Diverged(f"not a {TRACE_FORMAT} trace: format={header.get('format')!r}")
     constants, spec = header["constants"], header["pool"]
-    if constants.get("HYP_NO_ORDER", LAYOUT_4.no_order) != LAYOUT_4.no_order:
+    layout = _LAYOUT_BY_NO_ORDER.get(constants.get("HYP_NO_ORDER", LAYOUT_4.no_order))
+    if layout is None:
         raise _Diverged(f"unsupported HYP_NO_ORDER {constants['HYP_NO_ORDER']}")
     base, nr_pages = spec["base_pfn"], spec["nr_pages"]
     pool = HypPool(
-        Vmemmap(LAYOUT_4, [(base, nr_pages)]),
+        Vmemmap(layout, [(base, nr_pages)]),
         PhysicalMemory(),
         base,
         nr_pages,
