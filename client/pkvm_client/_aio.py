@@ -18,7 +18,7 @@ from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 from ._batch import Batch, BatchResult, pool_kind
-from ._client import CHANNEL_OPTIONS, VmHandle
+from ._client import CHANNEL_OPTIONS, VmHandle, create_vm_request
 from ._errors import from_rpc_error
 
 
@@ -60,13 +60,16 @@ class AsyncHypervisor:
         if self._owns_channel:
             await self.channel.close()
 
-    async def create_vm(self, nr_vcpus: int = 1, slice_pages: int = 256, name: str = "") -> AsyncVM:
+    async def create_vm(
+        self, nr_vcpus: int = 1, slice_pages: int = 256, name: str = "",
+        lease_seconds: float | None = None,
+    ) -> AsyncVM:
         response = await _call(
             self.stub.CreateVM,
-            pb2.CreateVMRequest(nr_vcpus=nr_vcpus, slice_pages=slice_pages, name=name),
+            create_vm_request(nr_vcpus, slice_pages, name, lease_seconds),
             timeout=self.timeout,
         )
-        return AsyncVM(self, response.vm, response.token)
+        return AsyncVM(self, response.vm, response.token, response.lease_seconds)
 
     def attach(self, handle: int, token: str) -> AsyncVM:
         return AsyncVM(self, pb2.VM(handle=handle), token)
@@ -117,6 +120,12 @@ class AsyncVM(VmHandle):
         response = await self._call(self._stub.DestroyVM, pb2.DestroyVMRequest(handle=self.handle))
         self.destroyed = True
         return response.pages_returned  # type: ignore[no-any-return]
+
+    async def renew(self) -> float:
+        """Renew the VM's lease; returns the seconds left on it (0.0: the VM has no lease)."""
+        response = await self._call(self._stub.RenewVM, pb2.RenewVMRequest(handle=self.handle))
+        self.lease_seconds = float(response.lease_seconds)
+        return int(response.expires_in_ms) / 1000
 
     async def alloc_pages(self, order: int = 0, pool: str | int = "hyp") -> int:
         kind = cast(pb2.PoolKind, pool_kind(pool))

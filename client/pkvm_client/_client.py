@@ -59,6 +59,15 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def create_vm_request(
+    nr_vcpus: int, slice_pages: int, name: str, lease_seconds: float | None
+) -> pb2.CreateVMRequest:
+    return pb2.CreateVMRequest(
+        nr_vcpus=nr_vcpus, slice_pages=slice_pages, name=name,
+        lease_seconds=lease_seconds or 0.0,
+    )
+
+
 def _call(fn: Callable[..., T], request: Any, **kwargs: Any) -> T:
     try:
         return fn(request, **kwargs)
@@ -106,13 +115,18 @@ class Hypervisor:
 
     # -- VMs -----------------------------------------------------------------------------------
 
-    def create_vm(self, nr_vcpus: int = 1, slice_pages: int = 256, name: str = "") -> VM:
+    def create_vm(
+        self, nr_vcpus: int = 1, slice_pages: int = 256, name: str = "",
+        lease_seconds: float | None = None,
+    ) -> VM:
+        """Create a VM. `lease_seconds` (None = the server's default): the server destroys
+        the VM once that long passes without a call for it; `vm.renew()` keeps it alive."""
         response = _call(
             self.stub.CreateVM,
-            pb2.CreateVMRequest(nr_vcpus=nr_vcpus, slice_pages=slice_pages, name=name),
+            create_vm_request(nr_vcpus, slice_pages, name, lease_seconds),
             timeout=self.timeout,
         )
-        return VM(self, response.vm, response.token)
+        return VM(self, response.vm, response.token, response.lease_seconds)
 
     def attach(self, handle: int, token: str) -> VM:
         """A VM handle for a VM created elsewhere (e.g. by another process)."""
@@ -143,13 +157,19 @@ class Hypervisor:
 
 
 class VmHandle:
-    """What the sync and asyncio VM classes share: identity, token and call settings."""
+    """What the sync and asyncio VM classes share: identity, token and call settings.
 
-    def __init__(self, hypervisor: Any, info: pb2.VM, token: str) -> None:
+    `lease_seconds`: the lease the server granted (0 = none), None when unknown (attach).
+    Every call made for the VM renews its lease; `renew()` does it explicitly."""
+
+    def __init__(
+        self, hypervisor: Any, info: pb2.VM, token: str, lease_seconds: float | None = None
+    ) -> None:
         self.hypervisor = hypervisor
         self.info = info
         self.handle: int = info.handle
         self.token = token
+        self.lease_seconds = lease_seconds
         self._stub = hypervisor.stub
         self._md = auth_metadata(token)
         self._timeout: float | None = hypervisor.timeout
@@ -186,6 +206,12 @@ class VM(VmHandle):
         response = self._call(self._stub.DestroyVM, pb2.DestroyVMRequest(handle=self.handle))
         self.destroyed = True
         return int(response.pages_returned)
+
+    def renew(self) -> float:
+        """Renew the VM's lease; returns the seconds left on it (0.0: the VM has no lease)."""
+        response = self._call(self._stub.RenewVM, pb2.RenewVMRequest(handle=self.handle))
+        self.lease_seconds = float(response.lease_seconds)
+        return int(response.expires_in_ms) / 1000
 
     def alloc_pages(self, order: int = 0, pool: str | int = "hyp") -> int:
         """Allocate a 2**order block from the hyp pool ('hyp') or the VM's own ('vm')."""

@@ -21,6 +21,7 @@ REQUIRED = {
     "pkvm_host_s2_fault_failures_total",
     "pkvm_host_s2_faults_total",
     "pkvm_vms",
+    "pkvm_vms_expired_total",
     "pkvm_shared_pages",
     "pkvm_refcount_limit_hits_total",
     "pkvm_grpc_requests_total",

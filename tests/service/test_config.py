@@ -62,3 +62,24 @@ def test_unknown_file_key(tmp_path: Path) -> None:
     path.write_text("no_such_knob = 1\n")
     with pytest.raises(ValueError, match="no_such_knob"):
         serve.resolve(parse("--config", str(path)), environ={})
+
+
+def test_vm_lease_settings(tmp_path: Path) -> None:
+    settings = serve.settings_from(serve.resolve(parse(), environ={})[1])
+    assert settings.vm_lease_seconds == 600 and settings.max_vm_lease_seconds == 86400
+    assert settings.lease_check_interval is None
+    path = tmp_path / "pkvm.toml"
+    path.write_text("[server]\nvm_lease_seconds = 30\nmax_vm_lease_seconds = 3600\n")
+    _, server = serve.resolve(parse("--config", str(path)), environ={})
+    settings = serve.settings_from(server)
+    assert (settings.vm_lease_seconds, settings.max_vm_lease_seconds) == (30, 3600)
+    _, server = serve.resolve(
+        parse("--config", str(path), "--vm-lease-seconds", "0"),
+        environ={"PKVM_SIM_VM_LEASE_SECONDS": "45", "PKVM_SIM_MAX_VM_LEASE_SECONDS": "7200"},
+    )
+    settings = serve.settings_from(server)
+    assert (settings.vm_lease_seconds, settings.max_vm_lease_seconds) == (0, 7200)
+    for bad in ({"vm_lease_seconds": "100", "max_vm_lease_seconds": "10"},
+                {"vm_lease_seconds": "-1"}, {"max_vm_lease_seconds": "soon"}):
+        with pytest.raises(ValueError):
+            serve.settings_from(bad)

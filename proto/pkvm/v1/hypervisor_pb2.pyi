@@ -82,22 +82,26 @@ class VM(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., vmid: _Optional[int] = ..., name: _Optional[str] = ..., nr_vcpus: _Optional[int] = ..., slice_base_pfn: _Optional[int] = ..., slice_nr_pages: _Optional[int] = ..., donated_pages: _Optional[int] = ...) -> None: ...
 
 class CreateVMRequest(_message.Message):
-    __slots__ = ("nr_vcpus", "slice_pages", "name")
+    __slots__ = ("nr_vcpus", "slice_pages", "name", "lease_seconds")
     NR_VCPUS_FIELD_NUMBER: _ClassVar[int]
     SLICE_PAGES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     nr_vcpus: int
     slice_pages: int
     name: str
-    def __init__(self, nr_vcpus: _Optional[int] = ..., slice_pages: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, nr_vcpus: _Optional[int] = ..., slice_pages: _Optional[int] = ..., name: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateVMResponse(_message.Message):
-    __slots__ = ("vm", "token")
+    __slots__ = ("vm", "token", "lease_seconds")
     VM_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     vm: VM
     token: str
-    def __init__(self, vm: _Optional[_Union[VM, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, vm: _Optional[_Union[VM, _Mapping]] = ..., token: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class DestroyVMRequest(_message.Message):
     __slots__ = ("handle",)
@@ -110,6 +114,20 @@ class DestroyVMResponse(_message.Message):
     PAGES_RETURNED_FIELD_NUMBER: _ClassVar[int]
     pages_returned: int
     def __init__(self, pages_returned: _Optional[int] = ...) -> None: ...
+
+class RenewVMRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: int
+    def __init__(self, handle: _Optional[int] = ...) -> None: ...
+
+class RenewVMResponse(_message.Message):
+    __slots__ = ("expires_in_ms", "lease_seconds")
+    EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    expires_in_ms: int
+    lease_seconds: float
+    def __init__(self, expires_in_ms: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class AllocPagesRequest(_message.Message):
     __slots__ = ("handle", "order", "pool")

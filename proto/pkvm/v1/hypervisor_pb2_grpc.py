@@ -45,6 +45,11 @@ class HypervisorServiceStub:
                 request_serializer=pkvm_dot_v1_dot_hypervisor__pb2.DestroyVMRequest.SerializeToString,
                 response_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.DestroyVMResponse.FromString,
                 _registered_method=True)
+        self.RenewVM = channel.unary_unary(
+                '/pkvm.v1.HypervisorService/RenewVM',
+                request_serializer=pkvm_dot_v1_dot_hypervisor__pb2.RenewVMRequest.SerializeToString,
+                response_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.RenewVMResponse.FromString,
+                _registered_method=True)
         self.AllocPages = channel.unary_unary(
                 '/pkvm.v1.HypervisorService/AllocPages',
                 request_serializer=pkvm_dot_v1_dot_hypervisor__pb2.AllocPagesRequest.SerializeToString,
@@ -135,6 +140,13 @@ class HypervisorServiceServicer:
 
     def DestroyVM(self, request, context):
         """Tear a VM down and give everything it held back to the host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewVM(self, request, context):
+        """Renew the VM's lease (any other call made for the VM renews it too).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -261,6 +273,11 @@ def add_HypervisorServiceServicer_to_server(servicer, server):
                     servicer.DestroyVM,
                     request_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.DestroyVMRequest.FromString,
                     response_serializer=pkvm_dot_v1_dot_hypervisor__pb2.DestroyVMResponse.SerializeToString,
+            ),
+            'RenewVM': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewVM,
+                    request_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.RenewVMRequest.FromString,
+                    response_serializer=pkvm_dot_v1_dot_hypervisor__pb2.RenewVMResponse.SerializeToString,
             ),
             'AllocPages': grpc.unary_unary_rpc_method_handler(
                     servicer.AllocPages,
@@ -393,6 +410,33 @@ class HypervisorService:
             '/pkvm.v1.HypervisorService/DestroyVM',
             pkvm_dot_v1_dot_hypervisor__pb2.DestroyVMRequest.SerializeToString,
             pkvm_dot_v1_dot_hypervisor__pb2.DestroyVMResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewVM(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pkvm.v1.HypervisorService/RenewVM',
+            pkvm_dot_v1_dot_hypervisor__pb2.RenewVMRequest.SerializeToString,
+            pkvm_dot_v1_dot_hypervisor__pb2.RenewVMResponse.FromString,
             options,
             channel_credentials,
             insecure,

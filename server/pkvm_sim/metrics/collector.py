@@ -17,6 +17,7 @@ from pkvm_sim.core.model import HypervisorStatistics
 StatsSource = Callable[[], HypervisorStatistics]
 CountsSource = Callable[[], Mapping[tuple[str, str], int]]
 OpsSource = Callable[[], Mapping[str, int]]
+CountSource = Callable[[], int]
 
 
 class HypervisorCollector(Collector):
@@ -30,12 +31,14 @@ class HypervisorCollector(Collector):
         requests: CountsSource | None = None,
         operations: OpsSource | None = None,
         fault_failures: OpsSource | None = None,
+        vms_expired: CountSource | None = None,
     ) -> None:
         self._statistics = statistics
         self._carveout_parts = dict(carveout_parts)  # part -> bytes (fixed after boot)
         self._requests = requests
         self._operations = operations
         self._fault_failures = fault_failures
+        self._vms_expired = vms_expired
 
     def describe(self) -> Iterable[Metric]:
         return []  # unchecked collector: the metric set depends on the pools at scrape time
@@ -46,6 +49,10 @@ class HypervisorCollector(Collector):
         yield from self._overhead(stats)
         yield from self._host_stage2(stats)
         yield GaugeMetricFamily("pkvm_vms", "VMs currently alive.", value=stats.nr_vms)
+        yield CounterMetricFamily(
+            "pkvm_vms_expired", "VMs destroyed because their lease expired.",
+            value=self._vms_expired() if self._vms_expired is not None else 0,
+        )
         yield GaugeMetricFamily(
             "pkvm_shared_pages",
             "Pages currently shared between the host and hyp or a guest.",

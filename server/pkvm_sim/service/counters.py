@@ -41,6 +41,8 @@ class ServiceCounters:
         # Host stage-2 faults with a FATAL outcome, by kind ("memory", "mmio"): the core's
         # statistics count them without the kind, and every fault passes through here.
         self.fault_failures: dict[str, int] = {"memory": 0, "mmio": 0}
+        # VMs the lease reaper destroyed (written under the simulator lock).
+        self.vms_expired = 0
 
     def count_fault(self, result: FaultResult) -> None:
         """Call under the simulator lock with every host fault's result."""

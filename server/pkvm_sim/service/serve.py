@@ -8,7 +8,8 @@ Configuration, later sources win: built-in defaults (SimConfig: the quick-start 
 then the config file (TOML; YAML when PyYAML is installed), then environment variables
 `PKVM_SIM_<KNOB>` (e.g. PKVM_SIM_PROFILE=v5.13, PKVM_SIM_MEMBLOCKS="0x80000000:4G,0x880000000:6G",
 PKVM_SIM_LISTEN), then flags. A config file holds the SimConfig knobs at top level and the
-server settings in a `[server]` table (listen, metrics_listen, workers, grace_seconds).
+server settings in a `[server]` table (listen, metrics_listen, workers, grace_seconds,
+vm_lease_seconds, max_vm_lease_seconds).
 
 Once ready it prints exactly one line, `pkvm-sim listening on HOST:PORT (metrics on
 HOST:PORT)`, and serves until SIGTERM or SIGINT: health goes NOT_SERVING, in-flight calls
@@ -48,7 +49,10 @@ KNOB_FLAGS: dict[str, tuple[str, str, str]] = {
     "carveout_base": ("--carveout-base", "ADDR", "place the carve-out here (default top-down)"),
     "faithful_bugs": ("--faithful-bugs", "BOOL", "reproduce the V14 quirks (SEMANTICS 3.10)"),
 }
-SERVER_KEYS = ("listen", "metrics_listen", "workers", "grace_seconds")
+SERVER_KEYS = (
+    "listen", "metrics_listen", "workers", "grace_seconds", "vm_lease_seconds",
+    "max_vm_lease_seconds",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace-seconds", metavar="S", type=float,
         help="how long in-flight calls may run after SIGTERM (default 10)",
+    )
+    parser.add_argument(
+        "--vm-lease-seconds", metavar="S", type=float,
+        help="default VM lease: a VM with no call for this long is destroyed "
+        "(default 600; 0 disables leases)",
+    )
+    parser.add_argument(
+        "--max-vm-lease-seconds", metavar="S", type=float,
+        help="the longest lease CreateVM may ask for (default 86400)",
     )
     for knob, (flag, metavar, help_text) in KNOB_FLAGS.items():
         if knob == "memblocks":
@@ -152,7 +165,14 @@ def settings_from(server: Mapping[str, Any]) -> Any:
         kwargs["workers"] = int(server["workers"])
     if "grace_seconds" in server:
         kwargs["grace_seconds"] = float(server["grace_seconds"])
-    return ServerSettings(**kwargs)
+    for key in ("vm_lease_seconds", "max_vm_lease_seconds"):
+        if key in server:
+            kwargs[key] = float(server[key])
+    settings = ServerSettings(**kwargs)
+    from .leases import LeaseTable
+
+    LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)  # ValueError if bad
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:

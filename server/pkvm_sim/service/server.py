@@ -23,6 +23,13 @@ from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.metrics import HypervisorCollector
 
+from .leases import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_LEASE_SECONDS,
+    LeaseTable,
+    Reaper,
+    check_interval,
+)
 from .servicer import SERVICE_NAME, HypervisorServicer
 
 MIB = 1 << 20
@@ -41,6 +48,9 @@ class ServerSettings:
     keepalive_timeout_ms: int = 20_000  # and drops it if the ping is not answered
     min_client_ping_interval_ms: int = 10_000  # clients may ping this often
     max_connection_idle_ms: int = 0  # 0: never close idle connections (long-lived VMs)
+    vm_lease_seconds: float = DEFAULT_LEASE_SECONDS  # 0: no leases, VMs live until destroyed
+    max_vm_lease_seconds: float = DEFAULT_MAX_LEASE_SECONDS  # the longest lease a VM may ask
+    lease_check_interval: float | None = None  # None: min(1 s, vm_lease_seconds / 4)
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
@@ -87,6 +97,7 @@ class RunningService:
         address: str,
         metrics_server: Any | None,
         metrics_address: str | None,
+        reaper: Reaper | None = None,
     ) -> None:
         self.server = server
         self.servicer = servicer
@@ -95,6 +106,7 @@ class RunningService:
         self.address = address
         self.metrics_server = metrics_server
         self.metrics_address = metrics_address
+        self.reaper = reaper
         self._stopped = threading.Event()
 
     @property
@@ -111,12 +123,14 @@ class RunningService:
 
     def stop(self, grace: float | None = 0.0) -> None:
         """Health goes NOT_SERVING, new calls are refused, in-flight calls get `grace`
-        seconds to finish, then the metrics endpoint closes."""
+        seconds to finish, then the lease reaper and the metrics endpoint stop."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.reaper is not None:
+            self.reaper.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -133,8 +147,10 @@ def start(
 ) -> RunningService:
     """Boot the simulator (unless given one) and serve it; returns once ready to serve."""
     settings = settings or ServerSettings()
+    leases = LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)
+    interval = check_interval(settings.vm_lease_seconds, settings.lease_check_interval)
     hv = hypervisor if hypervisor is not None else Hypervisor.boot(config)
-    servicer = HypervisorServicer(hv, config)
+    servicer = HypervisorServicer(hv, config, leases)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pkvm-rpc"),
@@ -161,6 +177,7 @@ def start(
                 requests=servicer.counters.requests,
                 operations=servicer.counters.operations_by_name,
                 fault_failures=lambda: dict(servicer.counters.fault_failures),
+                vms_expired=lambda: servicer.counters.vms_expired,
             )
         )
         host, metrics_port = split_host_port(settings.metrics_listen)
@@ -168,10 +185,14 @@ def start(
         metrics_address = f"{host}:{metrics_server.server_port}"
 
     server.start()
+    # Leases disabled (vm_lease_seconds = 0): no VM gets one, so no reaper runs.
+    reaper = Reaper(servicer.reap_expired, interval) if leases.enabled else None
+    if reaper is not None:
+        reaper.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host, _ = split_host_port(settings.listen)
     return RunningService(
         server, servicer, health_servicer, port, f"{host}:{port}", metrics_server,
-        metrics_address,
+        metrics_address, reaper,
     )

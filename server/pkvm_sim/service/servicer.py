@@ -4,6 +4,9 @@ The core is not thread-safe, so every call into it happens under one `threading.
 (SEMANTICS A.7): one acquisition per unary call and one per Execute batch. No request can
 see a half-done operation because every core method either completes or raises before its
 first write, and both happen inside the lock. Conversions to protobuf run outside it.
+
+VMs are leased (service/leases.py): each authenticated call renews the VM's lease, and
+`reap_expired` (run by the server's reaper thread) destroys the VMs whose lease ran out.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .auth import TokenRegistry, bearer_token
 from .batch import MAX_BATCH_OPS, batch_functions, run_batch
 from .counters import OP_INDEX, ServiceCounters
 from .errors import ServiceError, abort, describe
+from .leases import LeaseTable
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +155,14 @@ def reserve_message(config: SimConfig) -> pb2.ReserveResponse:
 class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     """Serves one booted Hypervisor to any number of concurrent clients."""
 
-    def __init__(self, hypervisor: Hypervisor, config: SimConfig) -> None:
+    def __init__(
+        self, hypervisor: Hypervisor, config: SimConfig, leases: LeaseTable | None = None
+    ) -> None:
         self.hypervisor = hypervisor
         self.config = config
         self.lock = threading.Lock()
-        self.tokens = TokenRegistry()
+        self.leases = leases if leases is not None else LeaseTable()
+        self.tokens = TokenRegistry(self.leases)
         self.counters = ServiceCounters()
         self.reservation = reserve_message(config)
         self._batch_fns = batch_functions(hypervisor, self.counters.count_fault)
@@ -166,6 +173,34 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     def _authorize(self, handle: int, context: grpc.ServicerContext) -> None:
         self.tokens.check(handle, bearer_token(context.invocation_metadata()))
 
+    def reap_expired(self) -> list[int]:
+        """Destroy every VM whose lease has run out (reclaiming everything it held) and drop
+        its token; returns their handles. Runs under the simulator lock."""
+        leases = self.leases
+        if not len(leases):
+            return []
+        reaped: list[int] = []
+        with self.lock:
+            now = leases.clock()
+            for handle in leases.expired(now):
+                if handle not in self.tokens:  # a renewal raced the VM's destruction
+                    leases.drop(handle)
+                    continue
+                if not leases.is_expired(handle, now):  # renewed meanwhile
+                    continue
+                try:
+                    self.hypervisor.destroy_vm(handle)
+                except PkvmError:  # cannot happen for a live VM; do not retry it forever
+                    log.exception("reaping VM %#x failed", handle)
+                    leases.drop(handle)
+                    continue
+                self.tokens.revoke(handle)
+                self.counters.vms_expired += 1
+                reaped.append(handle)
+        for handle in reaped:
+            log.info("VM %#x destroyed: its lease expired", handle)
+        return reaped
+
     def statistics(self) -> HypervisorStatistics:
         """A consistent snapshot (also what the metrics collector reads at scrape time)."""
         with self.lock:
@@ -175,14 +210,15 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     @_unary("CreateVM")
     def CreateVM(self, request: pb2.CreateVMRequest, context: grpc.ServicerContext) -> Any:
+        lease = self.leases.validate(request.lease_seconds)
         with self.lock:
             info = self.hypervisor.create_vm(
                 nr_vcpus=request.nr_vcpus, slice_pages=request.slice_pages,
                 name=request.name or None,
             )
-            token = self.tokens.issue(info.handle)
+            token = self.tokens.issue(info.handle, lease)
             self._ops[OP_INDEX["create_vm"]] += 1
-        return pb2.CreateVMResponse(vm=vm_message(info), token=token)
+        return pb2.CreateVMResponse(vm=vm_message(info), token=token, lease_seconds=lease)
 
     @_unary("DestroyVM")
     def DestroyVM(self, request: pb2.DestroyVMRequest, context: grpc.ServicerContext) -> Any:
@@ -192,6 +228,14 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self.tokens.revoke(request.handle)
             self._ops[OP_INDEX["destroy_vm"]] += 1
         return pb2.DestroyVMResponse(pages_returned=pages)
+
+    @_unary("RenewVM")
+    def RenewVM(self, request: pb2.RenewVMRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize(request.handle, context)  # renews the lease
+        return pb2.RenewVMResponse(
+            expires_in_ms=round(self.leases.expires_in(request.handle) * 1000),
+            lease_seconds=self.leases.lease_seconds(request.handle),
+        )
 
     # -- pool pages ----------------------------------------------------------------------------
 
