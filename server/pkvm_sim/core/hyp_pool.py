@@ -112,7 +112,7 @@ class HypPool:
 
     __slots__ = (
         "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
-        "refcount_max", "vmemmap", "physmem", "free_pages", "alloc_failures",
+        "refcount_max", "vmemmap", "physmem", "alloc_failures",
         "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_vm", "_shift", "_tail",
         "_lists", "_ghosts", "_nr_free", "_admitted", "_contents",
     )
@@ -176,7 +176,6 @@ class HypPool:
         self._nr_free = [0] * max_order
         self._admitted: set[int] = set()
         self._contents = physmem._contents  # read-only peek: is any page written at all?
-        self.free_pages = 0
         self.alloc_failures = 0
         self._init_vmemmap_and_free_lists()
 
@@ -207,7 +206,6 @@ class HypPool:
             self._vm[pfn - self._off] = order << self._shift  # ...except block heads
             self._lists[order].append(pfn)
             self._nr_free[order] += 1
-            self.free_pages += 1 << order
 
     def _canonical_blocks(self) -> Iterator[tuple[int, int]]:
         """Maximal aligned blocks of the unreserved range, in address order."""
@@ -296,7 +294,6 @@ class HypPool:
                 lists[i].append(buddy)
                 nr_free[i] += 1
         vm[pfn - off] = order << shift | 1
-        self.free_pages -= 1 << order
         return pfn
 
     def alloc_pages(self, order: int) -> int:
@@ -346,7 +343,6 @@ class HypPool:
                 self.physmem.zero_range(pfn, 1 << order)
             elif pfn in contents:
                 del contents[pfn]
-        self.free_pages += 1 << order
         freed = pfn
         lo = self.base_pfn
         hi = self._range_end_pfn
@@ -421,13 +417,11 @@ class HypPool:
             raise FailedPrecondition(f"pfn {pfn:#x} is not a free admitted page of {self.name}",
                                      reason="NOT_FREE_ADMITTED_PAGE")
         self._list_remove(pfn, 0)
-        self.free_pages -= 1
         self._admitted.discard(pfn)
         self.vmemmap.set_entry(pfn, refcount=0, order=0)
 
     def _alloc_admitted(self, pfn: int) -> int:
         self.vmemmap.set_entry(pfn, refcount=1, order=0)
-        self.free_pages -= 1
         return pfn
 
     def _put_outside_range(self, pfn: int) -> int:
@@ -441,7 +435,6 @@ class HypPool:
             self.physmem.zero_range(pfn, 1)
             self._lists[0].append(pfn)
             self._nr_free[0] += 1
-            self.free_pages += 1
         return count - 1
 
     def _get_outside_range(self, pfn: int) -> int:
@@ -475,6 +468,11 @@ class HypPool:
                              reason="NOT_A_HELD_HEAD")
 
     # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def free_pages(self) -> int:
+        """Pages in free blocks, derived from the per-order counts: O(max_order)."""
+        return sum(count << order for order, count in enumerate(self._nr_free))
 
     def contains(self, pfn: int) -> bool:
         return self.base_pfn <= pfn < self._end_pfn or pfn in self._admitted
@@ -525,8 +523,8 @@ class HypPool:
             nr_pages=self.nr_pages,
             admitted_pages=len(self._admitted),
             reserved_pages=self.reserved_pages,
-            free_pages=self.free_pages,
-            allocated_pages=total - self.free_pages - self.reserved_pages,
+            free_pages=(free := self.free_pages),
+            allocated_pages=total - free - self.reserved_pages,
             max_order=self.max_order,
             free_blocks_per_order=tuple(self._nr_free),
             alloc_failures=self.alloc_failures,
