@@ -18,12 +18,18 @@ pool by a recycle: that is the accounting problem patch 4/7 removed.
 Outcomes of a fault: MAPPED; SPURIOUS (-EAGAIN: already mapped); FATAL (what the real
 hypervisor would panic on: -EEXIST when the host touches memory EL2 owns, -ENOMEM after the
 retry, a table page at the hyp_page refcount limit). FATAL faults are reported, not executed:
-EEXIST and the refcount limit change nothing; an -ENOMEM map keeps its partial edits (3.5).
+EEXIST and the refcount limit change nothing; an -ENOMEM map keeps its partial edits (3.5),
+and so does a refcount limit met on the retry after an -ENOMEM (the reason then says so).
+
+Multi-page operations (donation annotations, page-state remaps) are planned first: every
+table page they need and every new entry per table page is counted before the first write,
+MMIO is recycled only if that makes the plan fit, and a refusal changes nothing.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import Memblock, SimConfig
@@ -69,6 +75,7 @@ class HostMmOps:
         self._refcount_max = refcount_max
         self.allocated = 0  # running counters; callers take differences
         self.freed = 0
+        self.log: list[int] | None = None  # when a list: every table page allocated
 
     @property
     def refcount_max(self) -> int:
@@ -85,6 +92,8 @@ class HostMmOps:
         pfn = self.alloc_pool.try_alloc_pages(0)
         if pfn is not None:
             self.allocated += 1
+            if self.log is not None:
+                self.log.append(pfn)
         return pfn
 
     def get_page(self, pfn: int) -> int:
@@ -147,10 +156,15 @@ class HostStage2:
         pgd = mem_pool.alloc_pages(order)
         if order:
             mem_pool.split_page(pgd)
-        self.pgt = Stage2PageTable(
-            self.geometry, config.ia_bits, physmem, self.mm, [pgd + i for i in range(nr_pgd)]
-        )
         self.counters = _Counters()
+        self.pgt = Stage2PageTable(
+            self.geometry, config.ia_bits, physmem, self.mm, [pgd + i for i in range(nr_pgd)],
+            on_refcount_limit=self.count_refcount_limit,
+        )
+
+    def count_refcount_limit(self) -> None:
+        """Every RefcountLimit refusal, host or guest stage-2, is counted here once."""
+        self.counters.refcount_limit_hits += 1
 
     # -- memory map (3.3) ----------------------------------------------------------------
 
@@ -220,18 +234,36 @@ class HostStage2:
                                " would panic (host touched hyp-owned memory)")
         level, start, end = found
         pool = self.mem_pool if (is_mem or self.dev_pool is None) else self.dev_pool
-        allocated_before = self.mm.allocated
+        may_recycle = not (self.split_pools and is_mem)
+        pte = leaf_pte(start >> self.page_shift, prot)
+        mm = self.mm
+        log: list[int] = []
+        mm.log = log
+        mm.alloc_pool = pool
+        recycled = False
+        recycled_pages = 0
         try:
-            ret, recycled, recycled_pages = self._map_with_retry(
-                start, end - start, leaf_pte(start >> self.page_shift, prot), pool,
-                may_recycle=not (self.split_pools and is_mem),
-            )
+            ret = self.pgt.map(start, end - start, pte)
+            if ret == ENOMEM and may_recycle:
+                recycled_pages = self.unmap_dev_all()
+                recycled = True
+                ret = self.pgt.map(start, end - start, pte)
         except RefcountLimit as err:
-            counters.refcount_limit_hits += 1
+            # Counted by count_refcount_limit. On a first attempt nothing was written (the
+            # check precedes the first write); on the retry the first attempt's edits stay.
             counters.fatal_faults += 1
-            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level, False, 0,
-                               0, errno_name=None, reason=f"{err.reason}: {err.message}")
-        tables = self.mm.allocated - allocated_before
+            tables = self._live(log)
+            partial = ""
+            if recycled:
+                partial = (f"; after -ENOMEM MMIO was recycled ({recycled_pages} table pages"
+                           f" freed) and {tables} table page(s) this fault added remain")
+            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level,
+                               recycled, recycled_pages, tables, errno_name=None,
+                               reason=f"{err.reason}: {err.message}{partial}")
+        finally:
+            mm.alloc_pool = self.mem_pool
+            mm.log = None
+        tables = self._live(log)
         if ret == OK:
             return FaultResult(addr, is_mem, FaultOutcome.MAPPED, start, end, level, recycled,
                                recycled_pages, tables)
@@ -247,7 +279,13 @@ class HostStage2:
                            recycled_pages, tables, errno_name="ENOMEM",
                            reason=f"pool {pool_name} has no page for a table"
                            + (" even after unmapping all MMIO" if recycled else "")
+                           + f"; {tables} new table page(s) stay (3.5)"
                            + "; the real hypervisor would panic")
+
+    def _live(self, log: list[int]) -> int:
+        """Table pages allocated during a fault that are still in use (a page the recycle
+        freed is not counted; one freed and allocated again counts once)."""
+        return sum(1 for pfn in set(log) if self.mm.page_count(pfn) > 0)
 
     def find_range(
         self, addr: int, prot: int, rstart: int, rend: int
@@ -269,23 +307,6 @@ class HostStage2:
             if pgt.range_compatible(start, end, compatible):
                 return level, start, end
         return None
-
-    def _map_with_retry(
-        self, start: int, size: int, pte: Pte | None, pool: HypPool, *, may_recycle: bool
-    ) -> tuple[int, bool, int]:
-        """map, and on -ENOMEM (if allowed) unmap_dev_all and map once more (3.8)."""
-        self.mm.alloc_pool = pool
-        try:
-            ret = self.pgt.map(start, size, pte)
-            recycled = False
-            freed = 0
-            if ret == ENOMEM and may_recycle:
-                freed = self.unmap_dev_all()
-                recycled = True
-                ret = self.pgt.map(start, size, pte)
-            return ret, recycled, freed
-        finally:
-            self.mm.alloc_pool = self.mem_pool
 
     def unmap_dev_all(self) -> int:
         """host_stage2_unmap_dev_all: unmap every MMIO gap; returns table pages freed."""
@@ -321,56 +342,56 @@ class HostStage2:
             raise OutOfMemory("no host stage-2 page to annotate hyp memory",
                               reason="POOL_EXHAUSTED")
 
-    def set_owner_pages(self, pfn: int, nr_pages: int, owner_id: int) -> None:
-        """host_stage2_set_owner_locked for donations, page by page, with the ENOMEM retry.
-
-        Callers check the page states first. A refcount-limit refusal or an -ENOMEM half-way
-        undoes the pages already annotated (their annotation is reset; tables stay).
-        """
-        done: list[int] = []
-        try:
-            for q in range(pfn, pfn + nr_pages):
-                ret, _recycled, _freed = self._map_with_retry(
-                    q << self.page_shift, self.page_size, annotation_pte(owner_id),
-                    self.mem_pool, may_recycle=True,
-                )
-                if ret == ENOMEM:
-                    raise OutOfMemory("host stage-2 pool exhausted while annotating donated"
-                                      " pages", reason="POOL_EXHAUSTED")
-                done.append(q)
-        except (RefcountLimit, OutOfMemory):
-            for q in done:
-                self.pgt.map(q << self.page_shift, self.page_size, annotation_pte(0))
-            raise
+    def set_owner_pages(self, pfns: Sequence[int], owner_id: int) -> None:
+        """host_stage2_set_owner_locked for donations (owner hyp) and their return (owner 0),
+        page by page, all or nothing: planned first (`_prepare_page_maps`), so a refusal
+        (RefcountLimit, or OutOfMemory even after an MMIO recycle) changes nothing. Callers
+        check the page states first."""
+        self._prepare_page_maps(pfns, leaf=owner_id != 0, what="annotate donated pages")
+        pte = annotation_pte(owner_id)
+        for q in pfns:
+            ret = self.pgt.map(q << self.page_shift, self.page_size, pte)
+            assert ret in (OK, EAGAIN), "planned annotation failed"
 
     def set_page_state(self, pfns: list[int], state: int) -> None:
         """Re-map host pages at page level as RWX with `state` (4.4 host_stage2_set_page_state).
 
-        Pre-checks that the pool holds every table page the remaps need (recycling MMIO first
-        if not, as host_stage2_try would) and that no table page would pass the refcount
-        limit, so the remaps cannot fail half-way (the kernel treats that as a BUG).
+        Planned first (`_prepare_page_maps`): the remaps cannot fail half-way (the kernel
+        treats that as a BUG) and a refusal changes nothing.
+        """
+        self._prepare_page_maps(pfns, leaf=True, what="re-map pages")
+        for q in pfns:
+            ret = self.pgt.map(q << self.page_shift, self.page_size, leaf_pte(q, PROT_RWX, state))
+            assert ret in (OK, EAGAIN), "pre-checked remap failed"
+
+    def _prepare_page_maps(self, pfns: Sequence[int], *, leaf: bool, what: str) -> None:
+        """Make sure page-level maps of `pfns` (pool host_s2 / host_s2_mem) cannot fail.
+
+        Counts the table pages the maps need and the new entries per table page (existing
+        and new ones) against the refcount limit. If the pool is short, host_stage2_try's
+        remedy is evaluated first without writing (unmap_plan): MMIO is recycled only when
+        the maps then fit, and the refcount check applies to the post-recycle tables. Raises
+        RefcountLimit or OutOfMemory(POOL_EXHAUSTED) with nothing changed (in particular the
+        MMIO mappings stay: a recycle that would not help is not done).
         """
         pgt = self.pgt
-        planned: set[tuple[int, int]] = set()
-        need = sum(pgt.tables_needed_for_page(q << self.page_shift, planned) for q in pfns)
-        new_entries: dict[int, int] = {}
-        for q in pfns:
-            pte, level, table = pgt.lookup(q << self.page_shift)
-            if level == 3 and pte is None:
-                new_entries[table] = new_entries.get(table, 0) + 1
-        for table, n in new_entries.items():
-            if self.mm.page_count(table) + n > self.mm.refcount_max:
-                raise RefcountLimit(f"table page {table:#x} cannot take {n} more entries")
-        if need > self.mem_pool.free_pages:
-            self.unmap_dev_all()
-            if need > self.mem_pool.free_pages:
-                raise OutOfMemory(f"the host stage-2 pool has {self.mem_pool.free_pages} free"
-                                  f" pages, the page-level remap needs {need}",
-                                  reason="POOL_EXHAUSTED")
         self.mm.alloc_pool = self.mem_pool
-        for q in pfns:
-            ret = pgt.map(q << self.page_shift, self.page_size, leaf_pte(q, PROT_RWX, state))
-            assert ret in (OK, EAGAIN), "pre-checked remap failed"
+        addrs = [q << self.page_shift for q in pfns]
+        plan = pgt.plan_page_maps(addrs, leaf=leaf)
+        free = self.mem_pool.free_pages
+        if plan.tables <= free:
+            pgt.check_plan(plan)
+            return
+        removed, freed = pgt.unmap_plan(self.mmio_gaps())
+        gained = sum(1 for pfn in freed if self.mem_pool.contains(pfn))
+        after = pgt.plan_page_maps(addrs, leaf=leaf, removed=removed)
+        if after.tables > free + gained:
+            raise OutOfMemory(
+                f"cannot {what}: the host stage-2 pool has {free} free pages, the page-level"
+                f" maps need {plan.tables} ({after.tables} after an MMIO recycle, which would"
+                f" free {gained}); MMIO left mapped", reason="POOL_EXHAUSTED")
+        pgt.check_plan(after, removed)
+        self.unmap_dev_all()
 
     # -- states ------------------------------------------------------------------------------
 

@@ -193,16 +193,16 @@ class Hypervisor:
             made.append(pgd_base)
             slice_base = hm.alloc(slice_pages, f"slice:{handle}")
             made.append(slice_base)
-            self.host_stage2.set_owner_pages(meta, meta_pages, OWNER_HYP)
-            try:
-                self.host_stage2.set_owner_pages(pgd_base, pgd_pages, OWNER_HYP)
-            except PkvmError:
-                self.host_stage2.set_owner_pages(meta, meta_pages, OWNER_HOST)
-                raise
+            # All or nothing (planned first): a refusal leaves the host stage-2 untouched.
+            self.host_stage2.set_owner_pages(
+                [*range(meta, meta + meta_pages), *range(pgd_base, pgd_base + pgd_pages)],
+                OWNER_HYP)
         except PkvmError as err:
-            for base in made:
+            for base in reversed(made):
                 hm.free(base)
-            raise OutOfMemory(f"cannot create VM: {err.message}", reason=err.reason) from err
+            if isinstance(err, OutOfMemory):
+                raise OutOfMemory(f"cannot create VM: {err.message}", reason=err.reason) from err
+            raise  # e.g. RefcountLimit: a WouldPanic stays one
         pool = HypPool(self.vmemmap, self.physmem, pgd_base, pgd_pages, 0,
                        page_shift=self.page_shift, max_order_cap=self.max_order,
                        max_order_formula="v5.17", name=f"vm/{handle}")
@@ -213,7 +213,8 @@ class Hypervisor:
         pgd = pool.alloc_pages(order)
         pool.split_page(pgd)
         vm.pgt = Stage2PageTable(self.geometry, self.config.ia_bits, self.physmem, vm.mm,
-                                 [pgd + i for i in range(pgd_pages)])
+                                 [pgd + i for i in range(pgd_pages)],
+                                 on_refcount_limit=self.host_stage2.count_refcount_limit)
         self._vms[handle] = vm  # published last
         return self._vm_info(vm)
 
@@ -260,12 +261,12 @@ class Hypervisor:
         hs2 = self.host_stage2
         for pfn in vm.admitted + vm.memcache:
             self.physmem.zero_range(pfn, 1)
-            hs2.set_owner_pages(pfn, 1, OWNER_HOST)
+            hs2.set_owner_pages([pfn], OWNER_HOST)
             self.host_memory.free(pfn)
             returned += 1
         self.physmem.zero_range(vm.meta_pfn, vm.meta_pages)
-        hs2.set_owner_pages(vm.meta_pfn, vm.meta_pages, OWNER_HOST)
-        hs2.set_owner_pages(vm.pgd_base_pfn, vm.pgd_pages, OWNER_HOST)
+        hs2.set_owner_pages(range(vm.meta_pfn, vm.meta_pfn + vm.meta_pages), OWNER_HOST)
+        hs2.set_owner_pages(range(vm.pgd_base_pfn, vm.pgd_base_pfn + vm.pgd_pages), OWNER_HOST)
         self.host_memory.free(vm.meta_pfn)
         self.host_memory.free(vm.pgd_base_pfn)
         self.host_memory.free(vm.slice_base_pfn)
@@ -329,7 +330,11 @@ class Hypervisor:
         if not 0 <= order <= self.max_order:
             raise InvalidArgument(f"order must be in 0..{self.max_order}, not {order}",
                                   reason="BAD_ORDER")
-        kind = pool if pool.__class__ is PoolKind else PoolKind(pool)
+        try:
+            kind = pool if pool.__class__ is PoolKind else PoolKind(pool)
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"unknown pool {pool!r}: 'hyp' or 'vm'",
+                                  reason="BAD_POOL") from None
         if kind is PoolKind.HYP:
             return self.hyp_pool, (handle, kind)
         self._require_full_vmemmap("allocate from a VM pool")
@@ -506,13 +511,11 @@ class Hypervisor:
         added: list[int] = []
         try:
             for _ in range(nr_pages):
-                pfn = self.host_memory.alloc(1, f"memcache:{handle}")
-                added.append(pfn)
-                self.host_stage2.set_owner_pages(pfn, 1, OWNER_HYP)
+                added.append(self.host_memory.alloc(1, f"memcache:{handle}"))
+            # All or nothing (planned first): a refusal leaves the host stage-2 untouched.
+            self.host_stage2.set_owner_pages(added, OWNER_HYP)
         except PkvmError:
-            self.host_memory.free(added.pop())
-            for pfn in added:
-                self.host_stage2.set_owner_pages(pfn, 1, OWNER_HOST)
+            for pfn in reversed(added):
                 self.host_memory.free(pfn)
             raise
         for pfn in added:

@@ -31,7 +31,9 @@ class PageState(StrEnum):
 class FaultOutcome(StrEnum):
     MAPPED = "mapped"  # a new leaf was installed
     SPURIOUS = "spurious"  # -EAGAIN: already mapped identically
-    FATAL = "fatal"  # the real hypervisor would panic; nothing was changed
+    FATAL = "fatal"  # the real hypervisor would panic; nothing was changed, except after
+    # -ENOMEM (errno_name 'ENOMEM', or a refcount limit met on the retry): partial edits and
+    # the MMIO recycle stay (3.5), as `reason` says
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class FaultResult:
     level: int  # page-table level of the leaf (1, 2 or 3)
     recycled: bool  # unmap_dev_all ran to make room
     recycled_pages: int  # table pages that recycle freed
-    tables_allocated: int  # table pages taken from the pool by this fault
+    tables_allocated: int  # table pages this fault added that are still in use (a table
+    # the first attempt took and the recycle freed is not counted; one taken again once)
     errno_name: str | None = None  # for FATAL: 'EEXIST', 'ENOMEM', ...
     reason: str | None = None  # for FATAL: human-readable cause
 
@@ -111,7 +114,8 @@ class HostStage2Statistics:
     mmio_recycled_pages: int  # table pages those runs freed
     map_failures: int  # faults that failed with -ENOMEM even after recycling
     table_pages: int  # table pages currently in use (PGD included)
-    refcount_limit_hits: int  # a table page hit the hyp_page refcount limit
+    refcount_limit_hits: int  # refusals at the hyp_page refcount limit of a table page
+    # (host or guest stage-2: faults, donations, shares, top-ups, guest maps), once each
 
 
 @dataclass(frozen=True)

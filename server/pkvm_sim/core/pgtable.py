@@ -32,8 +32,8 @@ in an existing page, before any other write (the argument is spelled out in docs
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import WouldPanic
@@ -116,6 +116,19 @@ class Mapping:
     pte: Pte
 
 
+@dataclass
+class PageMapPlan:
+    """What page-level maps of a set of pages would do (`Stage2PageTable.plan_page_maps`).
+
+    `tables`: new table pages allocated; `existing`: table pfn -> entries installed in a zero
+    slot of an existing table page; `fresh`: (level, base address) of each new table ->
+    entries installed in it (its count starts at 1)."""
+
+    tables: int = 0
+    existing: dict[int, int] = field(default_factory=dict)
+    fresh: dict[tuple[int, int], int] = field(default_factory=dict)
+
+
 class _Walk:
     __slots__ = ("addr", "end", "pte", "phys_pfn")
 
@@ -136,8 +149,11 @@ class Stage2PageTable:
         physmem: PhysicalMemory,
         mm_ops: MmOps,
         pgd_pfns: list[int],
+        on_refcount_limit: Callable[[], None] | None = None,
     ) -> None:
+        """`on_refcount_limit` is called once for every RefcountLimit refusal (statistics)."""
         self.geometry = geometry
+        self.on_refcount_limit = on_refcount_limit
         self.ia_bits = ia_bits
         self.physmem = physmem
         self.mm_ops = mm_ops
@@ -202,11 +218,15 @@ class Stage2PageTable:
         """Pre-check for a get on table_pfn (the kernel would BUG at the limit)."""
         count = self.mm_ops.page_count(table_pfn)
         if count >= self.mm_ops.refcount_max:
-            raise RefcountLimit(
-                f"table page {table_pfn:#x} has refcount {count}: one more entry needs"
-                f" {count + 1} > the hyp_page limit {self.mm_ops.refcount_max}"
-                " (a full table page needs 1 + entries)"
-            )
+            self._refuse(f"table page {table_pfn:#x} has refcount {count}: one more entry"
+                         f" needs {count + 1}")
+
+    def _refuse(self, what: str) -> None:
+        """The one place a RefcountLimit is raised (and counted)."""
+        if self.on_refcount_limit is not None:
+            self.on_refcount_limit()
+        raise RefcountLimit(f"{what} > the hyp_page limit {self.mm_ops.refcount_max}"
+                            " (a full table page needs 1 + entries)")
 
     def _pgd_pages_for(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """(pgd page pfn, base address) of the PGD pages covering [start, end)."""
@@ -216,13 +236,19 @@ class Stage2PageTable:
 
     # -- lookup -------------------------------------------------------------------------
 
-    def lookup(self, addr: int) -> tuple[Pte | None, int, int]:
-        """(pte, level, table pfn) of the first non-table entry on addr's path."""
+    def lookup(
+        self, addr: int, removed: set[tuple[int, int]] | None = None
+    ) -> tuple[Pte | None, int, int]:
+        """(pte, level, table pfn) of the first non-table entry on addr's path; with
+        `removed` ((table pfn, index) pairs, see unmap_plan), as if those were cleared."""
         span = self.pgd_span
         table = self.pgd_pfns[addr // span]
         level = self.start_level
         while True:
-            pte = self.entries(table).get(self._index(addr, level))
+            idx = self._index(addr, level)
+            pte = self.entries(table).get(idx)
+            if removed and (table, idx) in removed:
+                pte = None
             if pte is None or pte[0] != TABLE:
                 return pte, level, table
             table = pte[1]
@@ -431,6 +457,96 @@ class Stage2PageTable:
                 planned.add(key)
                 new += 1
         return new
+
+    def plan_page_maps(
+        self, addrs: Iterable[int], *, leaf: bool,
+        removed: set[tuple[int, int]] | None = None,
+    ) -> PageMapPlan:
+        """What map(addr, page_size, pte) for each addr in turn would install (read-only).
+
+        `leaf`: the pte installed is non-zero (a leaf or an annotation; owner 0 installs
+        nothing at level 3). A zero slot above level 3 gets a TABLE entry and new tables
+        below it; a block there is replaced by a TABLE entry (no count change). `removed`
+        plans against the state after an unmap (unmap_plan)."""
+        plan = PageMapPlan()
+        seen: set[tuple[int, int]] = set()  # slots (level, aligned address) already filled
+        for addr in addrs:
+            pte, level, table = self.lookup(addr, removed)
+            if level == 3:
+                if pte is None and leaf:
+                    plan.existing[table] = plan.existing.get(table, 0) + 1
+                continue
+            slot = (level, addr & ~(self.granule(level) - 1))
+            if slot not in seen:
+                seen.add(slot)
+                if pte is None:
+                    plan.existing[table] = plan.existing.get(table, 0) + 1
+            for lvl in range(level + 1, 4):
+                key = (lvl, addr & ~(self.granule(lvl - 1) - 1))
+                if key not in plan.fresh:
+                    plan.fresh[key] = 0
+                    plan.tables += 1
+                if lvl < 3:
+                    sub = (lvl, addr & ~(self.granule(lvl) - 1))
+                    if sub in seen:
+                        continue
+                    seen.add(sub)
+                elif not leaf:
+                    continue
+                plan.fresh[key] += 1
+        return plan
+
+    def check_plan(self, plan: PageMapPlan, removed: set[tuple[int, int]] | None = None) -> None:
+        """RefcountLimit (counted) if a table page of `plan` would pass the limit."""
+        limit = self.mm_ops.refcount_max
+        gone: dict[int, int] = {}
+        for table, _idx in removed or ():
+            gone[table] = gone.get(table, 0) + 1
+        for table, n in sorted(plan.existing.items()):
+            count = self.mm_ops.page_count(table) - gone.get(table, 0)
+            if count + n > limit:
+                self._refuse(f"table page {table:#x} has refcount {count}: {n} more"
+                             f" entries need {count + n}")
+        for (level, base), n in sorted(plan.fresh.items()):
+            if 1 + n > limit:
+                self._refuse(f"a new level-{level} table page at {base:#x} would hold {n}"
+                             f" entries: refcount {1 + n}")
+
+    def unmap_plan(self, ranges: Iterable[tuple[int, int]]) -> tuple[set[tuple[int, int]],
+                                                                      list[int]]:
+        """What unmap(start, end - start) over each range in turn would do (read-only):
+        the (table pfn, index) entries it would clear and the table pages it would free."""
+        removed: set[tuple[int, int]] = set()
+        freed: list[int] = []
+        for start, end in ranges:
+            end = min(end, self.ia_size)
+            if start >= end:
+                continue
+            for pgd_pfn, base in self._pgd_pages_for(start, end):
+                self._unmap_plan_table(pgd_pfn, self.start_level, base, start, end, removed,
+                                       freed)
+        return removed, freed
+
+    def _unmap_plan_table(self, table: int, level: int, base: int, start: int, end: int,
+                          removed: set[tuple[int, int]], freed: list[int]) -> None:
+        """_unmap_table without writes (count == 1 <=> no entry left that is not removed)."""
+        shift = self._shift[level]
+        g = 1 << shift
+        lo = max(0, (start - base) >> shift)
+        hi = min(self.ptrs - 1, (end - 1 - base) >> shift)
+        entries = self.entries(table)
+        for idx in sorted(i for i in entries if lo <= i <= hi):
+            if (table, idx) in removed:
+                continue
+            pte = entries[idx]
+            if pte[0] == TABLE:
+                child = pte[1]
+                self._unmap_plan_table(child, level + 1, base + idx * g, start, end, removed,
+                                       freed)
+                if any((child, i) not in removed for i in self.entries(child)):
+                    continue
+                freed.append(child)
+            removed.add((table, idx))
 
     def check_refcounts(self) -> list[int]:
         """The table pages (pfns) that break the refcount rule; [] when all obey it."""
