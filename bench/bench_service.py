@@ -2,10 +2,11 @@
 settings, driven by the same client in the same run (a benchmark, not a test).
 
     python bench/bench_service.py                  # about a minute
-    python bench/bench_service.py --seconds 2      # quicker, noisier
+    python bench/bench_service.py --rounds 1       # quicker, noisier
 
 Phases, each against both servers (each server runs in its own process; the client is this
-process):
+process). Echo and real alternate phase by phase for --rounds rounds and the medians are
+compared, so that drift on a shared machine hits both sides alike:
   1. unary: 64 concurrent VMs, each looping AllocPages(order 0) + PutPage pairs;
   2. Execute: 8 streams, batches of 1, 64 and 1024 operations (an alloc batch, then a put
      batch of the pfns it returned);
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +131,11 @@ class Figures:
     def line(self, label: str, unit: str) -> str:
         return (f"  {label:<22} {self.ops_per_s:>12,.0f} ops/s   p50 {self.percentile(0.5):7.3f} ms"
                 f"   p99 {self.percentile(0.99):7.3f} ms  (per {unit})")
+
+
+def median_figures(figures: list[Figures]) -> Figures:
+    """The run with the median throughput (its latencies come with it)."""
+    return sorted(figures, key=lambda f: f.ops_per_s)[len(figures) // 2]
 
 
 def create_vms(stub: Any, n: int) -> list[tuple[int, tuple[tuple[str, str], ...]]]:
@@ -276,30 +282,41 @@ def bench_core(seconds: float, batch: int = BATCH_SIZES[-1], *, runs: bool = Fal
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--serve", choices=("echo", "real"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
         return 0
 
-    print(f"pkvm-sim service benchmark ({os.cpu_count()} CPUs, {args.seconds:g} s per phase)")
-    results: dict[tuple[str, str], Figures] = {}
-    for kind in ("echo", "real"):
-        server = ServerProcess(kind)
-        try:
-            print(f"{kind} service at {server.target}")
-            figures = bench_unary(server.target, args.seconds)
-            results[(kind, "unary")] = figures
-            print(figures.line(f"unary ({NR_VMS} VMs)", "call"))
-            for batch in BATCH_SIZES:
-                figures = bench_execute(server.target, batch, args.seconds / 2)
-                results[(kind, f"execute{batch}")] = figures
-                print(figures.line(f"Execute batch {batch}", "batch"))
-        finally:
+    rounds = args.rounds
+    print(f"pkvm-sim service benchmark ({os.cpu_count()} CPUs, {args.seconds:g} s per phase,"
+          f" {rounds} alternating rounds; figures are medians)")
+    phases: list[tuple[str, Callable[[str], Figures]]] = [
+        ("unary", lambda target: bench_unary(target, args.seconds)),
+        *((f"execute{b}", lambda target, b=b: bench_execute(target, b, args.seconds / 2))
+          for b in BATCH_SIZES),
+    ]
+    runs: dict[tuple[str, str], list[Figures]] = {}
+    servers = {kind: ServerProcess(kind) for kind in ("echo", "real")}
+    try:
+        # Echo and real alternate phase by phase, so drift on a shared machine hits both.
+        for _ in range(rounds):
+            for phase, run in phases:
+                for kind, server in servers.items():
+                    runs.setdefault((kind, phase), []).append(run(server.target))
+    finally:
+        for server in servers.values():
             server.close()
-    core = bench_core(args.seconds / 2)
-    core_runs = bench_core(args.seconds / 2, runs=True)
+    results = {key: median_figures(figs) for key, figs in runs.items()}
+    for kind in servers:
+        print(f"{kind} service")
+        print(results[(kind, "unary")].line(f"unary ({NR_VMS} VMs)", "call"))
+        for batch in BATCH_SIZES:
+            print(results[(kind, f"execute{batch}")].line(f"Execute batch {batch}", "batch"))
+    core = median_figures([bench_core(args.seconds / 2) for _ in range(rounds)])
+    core_runs = median_figures([bench_core(args.seconds / 2, runs=True) for _ in range(rounds)])
     print("in-process core")
     print(f"  alloc {BATCH_SIZES[-1]} + put {BATCH_SIZES[-1]}    {core.ops_per_s:>12,.0f} ops/s"
           "   (one call per operation)")
@@ -307,7 +324,7 @@ def main() -> int:
           "   (what Execute uses for runs of identical ops)")
 
     unary_ratio = results[("real", "unary")].ops_per_s / results[("echo", "unary")].ops_per_s
-    print("ratios")
+    print("ratios (of medians)")
     print(f"  unary real/echo            {unary_ratio:6.2f}   (target >= 0.8)")
     for batch in BATCH_SIZES:
         real = results[("real", f"execute{batch}")].ops_per_s
