@@ -388,17 +388,24 @@ class Stage2PageTable:
         for pgd_pfn, base in self._pgd_pages_for(addr, end):
             self._unmap_table(pgd_pfn, self.start_level, base, addr, end)
 
-    def _unmap_table(self, table: int, level: int, base: int, start: int, end: int) -> None:
+    def _slots_in(self, table: int, level: int, base: int, start: int, end: int
+                  ) -> list[tuple[int, Pte, int]]:
+        """(index, pte, address) of the table's non-zero entries that intersect [start, end),
+        in address order; `base` is the address the table's entry 0 maps. A snapshot, so the
+        caller may change the table while it iterates."""
         shift = self._shift[level]
-        g = 1 << shift
         lo = max(0, (start - base) >> shift)
         hi = min(self.ptrs - 1, (end - 1 - base) >> shift)
+        entries = self.entries(table)
+        return [(idx, entries[idx], base + (idx << shift))
+                for idx in sorted(i for i in entries if lo <= i <= hi)]
+
+    def _unmap_table(self, table: int, level: int, base: int, start: int, end: int) -> None:
         mm = self.mm_ops
-        for idx in sorted(i for i in self.entries(table) if lo <= i <= hi):
-            pte = self.entries(table)[idx]
+        for idx, pte, at in self._slots_in(table, level, base, start, end):
             if pte[0] == TABLE:
                 child = pte[1]
-                self._unmap_table(child, level + 1, base + idx * g, start, end)
+                self._unmap_table(child, level + 1, at, start, end)
                 if mm.page_count(child) != 1:
                     continue
                 self._set(table, idx, None)
@@ -417,18 +424,11 @@ class Stage2PageTable:
             yield from self._leaves(pgd_pfn, self.start_level, base, start, end)
 
     def _leaves(self, table: int, level: int, base: int, start: int, end: int) -> Iterator[Mapping]:
-        shift = self._shift[level]
-        g = 1 << shift
-        lo = max(0, (start - base) >> shift)
-        hi = min(self.ptrs - 1, (end - 1 - base) >> shift)
-        entries = self.entries(table)
-        for idx in sorted(i for i in entries if lo <= i <= hi):
-            pte = entries[idx]
-            at = base + idx * g
+        for _idx, pte, at in self._slots_in(table, level, base, start, end):
             if pte[0] == TABLE:
                 yield from self._leaves(pte[1], level + 1, at, start, end)
             else:
-                yield Mapping(at, at + g, level, pte)
+                yield Mapping(at, at + (1 << self._shift[level]), level, pte)
 
     def range_compatible(self, start: int, end: int, accept: Callable[[Pte], bool]) -> bool:
         """True when every non-zero leaf pte covering [start, end) satisfies `accept`."""
@@ -530,19 +530,12 @@ class Stage2PageTable:
     def _unmap_plan_table(self, table: int, level: int, base: int, start: int, end: int,
                           removed: set[tuple[int, int]], freed: list[int]) -> None:
         """_unmap_table without writes (count == 1 <=> no entry left that is not removed)."""
-        shift = self._shift[level]
-        g = 1 << shift
-        lo = max(0, (start - base) >> shift)
-        hi = min(self.ptrs - 1, (end - 1 - base) >> shift)
-        entries = self.entries(table)
-        for idx in sorted(i for i in entries if lo <= i <= hi):
+        for idx, pte, at in self._slots_in(table, level, base, start, end):
             if (table, idx) in removed:
                 continue
-            pte = entries[idx]
             if pte[0] == TABLE:
                 child = pte[1]
-                self._unmap_plan_table(child, level + 1, base + idx * g, start, end, removed,
-                                       freed)
+                self._unmap_plan_table(child, level + 1, at, start, end, removed, freed)
                 if any((child, i) not in removed for i in self.entries(child)):
                     continue
                 freed.append(child)
