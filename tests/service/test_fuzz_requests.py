@@ -119,6 +119,25 @@ def test_any_request_gets_a_deliberate_answer(machine: Machine, data: st.DataObj
         assert error.code() in DELIBERATE, (method.name, request, error.code(), error.details())
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_batch_gets_per_operation_answers(machine: Machine, data: st.DataObject) -> None:
+    """Execute with arbitrary op codes and arguments, runs of identical ops included: every
+    operation is answered with a deliberate code (never INTERNAL = 13), in order."""
+    n = data.draw(st.integers(1, 60))
+    op = st.integers(-3, 12) | st.sampled_from([pb2.BATCH_OP_ALLOC_PAGES, pb2.BATCH_OP_PUT_PAGE])
+    ops = data.draw(st.lists(op, min_size=n, max_size=n))
+    arg = interesting_ints(machine, -(2**63), 2**63 - 1)
+    arg0 = data.draw(st.lists(arg, max_size=n))
+    arg1 = data.draw(st.lists(st.sampled_from([0, 1, 2, 3, -1]) | arg, max_size=n))
+    request = pb2.ExecuteRequest(handle=machine.vm.handle, ops=ops, arg0=arg0, arg1=arg1,
+                                 stop_on_error=data.draw(st.booleans()))
+    [response] = machine.stub.Execute(iter([request]), metadata=machine.md, timeout=10)
+    assert len(response.codes) == len(response.values) == n
+    assert 13 not in response.codes, [(e.index, e.reason, e.message) for e in response.errors]
+    assert response.completed == sum(code == 0 for code in response.codes)
+
+
 def test_after_the_fuzz_the_machine_is_whole(machine: Machine) -> None:
     """Runs after the fuzz in this module (pytest keeps file order)."""
     hv = machine.hv
