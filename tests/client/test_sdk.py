@@ -94,7 +94,9 @@ def test_typed_errors(hv: Hypervisor) -> None:
         with pytest.raises(AuthenticationError):
             hv.attach(vm.handle, other.token).alloc_pages()
         with pytest.raises(OutOfMemoryError):
-            vm.topup_memcache(1 << 40)
+            vm.alloc_pages(order=11)  # order >= the pool's max_order: -ENOMEM (2.4)
+        with pytest.raises(InvalidArgumentError):
+            vm.topup_memcache(1 << 40)  # more than MAX_PAGES_PER_CALL
         with pytest.raises(InvalidArgumentError):
             hv.map_mmio(0x8000_0000)
         carveout = hv.reserve().carveout_base

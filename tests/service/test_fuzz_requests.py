@@ -95,7 +95,10 @@ def requests(draw: st.DrawFn, m: Machine) -> tuple[Any, Any, Any]:
     request_class = getattr(pb2, method.input_type.name)
     request = request_class()
     for field in method.input_type.fields:
-        if field.name == "handle" and method.name != "DestroyVM" and draw(st.integers(0, 99)) < 85:
+        if field.name == "handle" and method.name == "DestroyVM":
+            # Any handle but the fixture VM's: the fuzz keeps using that one.
+            request.handle = draw(interesting_ints(m, 0, U64).filter(lambda h: h != m.vm.handle))
+        elif field.name == "handle" and draw(st.integers(0, 99)) < 85:
             request.handle = m.vm.handle  # mostly the real VM, so the core gets to see it
         elif draw(st.booleans()):
             setattr(request, field.name, draw(field_value(m, field)))

@@ -82,6 +82,11 @@ MAX_VMS = 4096  # the kernel's KVM_MAX_PVMS is 255; widened so load tests can ru
 PKVM_HYP_VM_BYTES = 1024  # struct pkvm_hyp_vm without the vCPU pointer array (illustrative)
 PKVM_HYP_VCPU_BYTES = 4096  # struct pkvm_hyp_vcpu (illustrative), donated per vCPU
 MAX_VCPUS = 512
+# Page-by-page operations (share, unshare, pin, unpin, memcache top-up) take at most this many
+# pages per call. The kernel's hypercalls take one page at a time; the bound keeps any one
+# request's time under the simulator lock short (about 40 ms), so no client can stall the
+# others for seconds. Callers loop for more.
+MAX_PAGES_PER_CALL = 4096
 COVER_LETTER_POINT = (
     "sharing and guest VMs need a hyp_page for every page of host memory (vmemmap_coverage"
     " 'all'); with coverage 'carveout' (v5.13/v5.14) EL2 has no struct hyp_page for host"
@@ -396,8 +401,7 @@ class Hypervisor:
     def _share_pages(self, handle: int, pfn: int, nr_pages: int, what: str) -> tuple[GuestVm,
                                                                                      list[int]]:
         vm = self._vm(handle)
-        if nr_pages < 1:
-            raise InvalidArgument(f"nr_pages must be >= 1, not {nr_pages}", reason="BAD_SIZE")
+        _check_page_count(nr_pages, minimum=1)
         if not vm.in_slice(pfn, nr_pages):
             raise PermissionDenied(
                 f"pages [{pfn:#x}, +{nr_pages}) are not all in VM {handle:#x}'s slice"
@@ -502,8 +506,7 @@ class Hypervisor:
     def topup_memcache(self, handle: int, nr_pages: int) -> int:
         """Donate nr_pages host pages to the VM's memcache; returns the memcache size."""
         vm = self._vm(handle)
-        if nr_pages < 0:
-            raise InvalidArgument(f"nr_pages must be >= 0, not {nr_pages}", reason="BAD_SIZE")
+        _check_page_count(nr_pages, minimum=0)
         self._require_full_vmemmap("top up a VM memcache")
         if nr_pages > self.host_memory.free_pages:
             raise OutOfMemory(f"host RAM has {self.host_memory.free_pages} free pages, the"
@@ -773,3 +776,11 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = ["Hypervisor"]
+
+
+def _check_page_count(nr_pages: int, *, minimum: int) -> None:
+    if not minimum <= nr_pages <= MAX_PAGES_PER_CALL:
+        raise InvalidArgument(
+            f"nr_pages must be in {minimum}..{MAX_PAGES_PER_CALL} per call, not {nr_pages}",
+            reason="BAD_SIZE",
+        )
