@@ -170,15 +170,25 @@ def _run_end(ops: list[int], arg0: list[int], arg1: list[int], start: int) -> in
     from one valid pool."""
     op, n, end = ops[start], len(ops), start + 1
     if op == _PUT:
+        if _tail_is(ops, start, _PUT):  # the common case, checked at C speed
+            return n
         while end < n and ops[end] == _PUT:
             end += 1
         return end
     order, pool = arg0[start], arg1[start]
     if pool not in _POOL_OF_ARG:
         return end
+    if _tail_is(ops, start, _ALLOC) and _tail_is(arg0, start, order) \
+            and _tail_is(arg1, start, pool):
+        return n
     while end < n and ops[end] == _ALLOC and arg0[end] == order and arg1[end] == pool:
         end += 1
     return end
+
+
+def _tail_is(values: list[int], start: int, value: int) -> bool:
+    """values[start:] all equal `value` (list.count runs in C)."""
+    return values[start:].count(value) == len(values) - start
 
 
 def _record_refusal(errors: list[pb2.BatchError], index: int, error: BaseException) -> int:
