@@ -127,10 +127,6 @@ class SimConfig:
     def geometry(self) -> PageGeometry:
         return PageGeometry(self.page_size)
 
-    @property
-    def memory_bytes(self) -> int:
-        return sum(block.size for block in self.memblocks)
-
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SimConfig:
         """Build from loosely typed values (CLI flags, TOML/YAML, environment strings)."""

@@ -44,9 +44,6 @@ class HostMemory:
     def free_ranges(self) -> list[tuple[int, int]]:
         return [(start, end - start) for start, end in self._free]
 
-    def can_alloc(self, nr_pages: int, align_pages: int = 1) -> bool:
-        return self._find(nr_pages, align_pages) is not None
-
     def _find(self, nr_pages: int, align_pages: int) -> tuple[int, int] | None:
         for i, (start, end) in enumerate(self._free):
             base = -(-start // align_pages) * align_pages

@@ -101,11 +101,6 @@ class PoolStatistics:
     def total_pages(self) -> int:
         return self.nr_pages + self.admitted_pages
 
-    @property
-    def largest_free_order(self) -> int | None:
-        orders = [o for o, n in enumerate(self.free_blocks_per_order) if n]
-        return max(orders) if orders else None
-
 
 class HypPool:
     """struct hyp_pool: a buddy allocator over a contiguous pfn range."""

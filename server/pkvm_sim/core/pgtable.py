@@ -64,7 +64,6 @@ OWNER_HYP = 1
 OK = 0
 EAGAIN = -11
 ENOMEM = -12
-EEXIST = -17
 _E2BIG = -7  # internal: "granule does not fit, go one level down"
 
 

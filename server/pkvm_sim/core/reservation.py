@@ -284,11 +284,6 @@ class Reservation:
         assert self.carveout_base % self.page_size == 0
 
     @property
-    def split_host_s2(self) -> bool:
-        """True for v5.13's two host stage-2 pools (memory, MMIO)."""
-        return self.profile is Profile.V5_13
-
-    @property
     def hyp_mem_bytes(self) -> int:
         return self.hyp_mem_pages * self.page_size
 
@@ -299,10 +294,6 @@ class Reservation:
     @property
     def carveout_end(self) -> int:
         return self.carveout_base + self.reserved_bytes
-
-    @property
-    def pmd_size_bytes(self) -> int:
-        return PageGeometry(self.page_size).pmd_size
 
     def to_json_dict(self, *, detail: bool = False) -> dict[str, Any]:
         """The six headline figures (JSON_KEYS) at top level; with `detail`, everything else

@@ -69,9 +69,6 @@ class Vmemmap:
         i = bisect.bisect_right(self._bases, pfn) - 1
         return i >= 0 and pfn < self.segments[i].end_pfn
 
-    def covers_range(self, pfn: int, nr_pages: int) -> bool:
-        return self.segment_for(pfn, nr_pages, must=False) is not None
-
     def segment_for(
         self, pfn: int, nr_pages: int = 1, *, must: bool = True
     ) -> VmemmapSegment | None:

@@ -249,7 +249,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             )
         with self.lock:
             pfn = self.hypervisor.alloc_pages(request.handle, request.order, kind)
-            self._ops[1] += 1
+            self._ops[OP_INDEX["alloc_pages"]] += 1
         return pb2.AllocPagesResponse(pfn=pfn, order=request.order)
 
     @_unary("PutPage")
@@ -257,7 +257,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self._authorize(request.handle, context)
         with self.lock:
             refcount = self.hypervisor.put_page(request.handle, request.pfn)
-            self._ops[2] += 1
+            self._ops[OP_INDEX["put_page"]] += 1
         return pb2.PutPageResponse(refcount=refcount)
 
     @_unary("GetPage")
@@ -265,7 +265,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self._authorize(request.handle, context)
         with self.lock:
             refcount = self.hypervisor.get_page(request.handle, request.pfn)
-            self._ops[3] += 1
+            self._ops[OP_INDEX["get_page"]] += 1
         return pb2.GetPageResponse(refcount=refcount)
 
     # -- sharing -------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self._authorize(request.handle, context)
         with self.lock:
             result = self.hypervisor.host_share(request.handle, request.pfn, request.nr_pages or 1)
-            self._ops[4] += 1
+            self._ops[OP_INDEX["host_share"]] += 1
         return pb2.HostShareResponse(**self._share_fields(result))
 
     @_unary("HostUnshare")
@@ -293,7 +293,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             result = self.hypervisor.host_unshare(
                 request.handle, request.pfn, request.nr_pages or 1
             )
-            self._ops[5] += 1
+            self._ops[OP_INDEX["host_unshare"]] += 1
         return pb2.HostUnshareResponse(**self._share_fields(result))
 
     @_unary("PinShared")
@@ -318,7 +318,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     def MapMMIO(self, request: pb2.MapMMIORequest, context: grpc.ServicerContext) -> Any:
         with self.lock:
             result = self.hypervisor.map_mmio(request.addr)
-            self._ops[6] += 1
+            self._ops[OP_INDEX["map_mmio"]] += 1
             self.counters.count_fault(result)
         return pb2.MapMMIOResponse(fault=fault_message(result))
 
@@ -326,7 +326,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     def HostFault(self, request: pb2.HostFaultRequest, context: grpc.ServicerContext) -> Any:
         with self.lock:
             result = self.hypervisor.host_fault(request.addr)
-            self._ops[7] += 1
+            self._ops[OP_INDEX["host_fault"]] += 1
             self.counters.count_fault(result)
         return pb2.HostFaultResponse(fault=fault_message(result))
 
@@ -339,7 +339,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self._authorize(request.handle, context)
         with self.lock:
             size = self.hypervisor.topup_memcache(request.handle, request.nr_pages)
-            self._ops[8] += 1
+            self._ops[OP_INDEX["topup_memcache"]] += 1
         return pb2.TopupMemcacheResponse(memcache_pages=size)
 
     @_unary("GuestMap")
@@ -347,7 +347,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self._authorize(request.handle, context)
         with self.lock:
             result = self.hypervisor.guest_map(request.handle, request.ipa, request.pfn)
-            self._ops[9] += 1
+            self._ops[OP_INDEX["guest_map"]] += 1
         return pb2.GuestMapResponse(
             ipa=result.ipa, pfn=result.pfn, level=result.level,
             tables_allocated=result.tables_allocated,
