@@ -51,3 +51,15 @@ def test_text_output_is_a_side_by_side_table(capsys: pytest.CaptureFixture[str])
     assert main(["scenario", "mmio-pressure", "--faults-per-span", "50"]) == 0
     text = capsys.readouterr().out
     assert "v5.13" in text and "v5.14" in text and "recycles" in text
+
+
+@pytest.mark.parametrize("argv", [
+    ["--spans", "lots"],
+    # 1.6 MiB RAM fragments cannot hold the 52 MiB carve-out of a 64K-page machine.
+    ["--page-size", "64K", "--ram-fragments", "100", "--hole", "64K"],
+])
+def test_bad_input_is_a_clear_error_not_a_crash(
+        capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    assert main(["scenario", "mmio-pressure", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scenario: error: ") and "Traceback" not in err

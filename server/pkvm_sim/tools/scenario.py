@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,22 +135,20 @@ def run_mmio_pressure(config: SimConfig, spans: list[int], faults_per_span: int,
                 continue
             r = hv.map_mmio(addr)
             result.mmio_faults += 1
-            if r.recycled:
-                result.recycles += 1
-                result.recycled_pages += r.recycled_pages
-                first_recycle_seen = True
-            if r.outcome is FaultOutcome.FATAL:
-                result.fatal_faults += 1
-                if r.errno_name == "ENOMEM":
-                    result.failures += 1
-            elif r.outcome is FaultOutcome.MAPPED:
+            first_recycle_seen = first_recycle_seen or r.recycled
+            if r.outcome is FaultOutcome.MAPPED:
                 pages = (r.range_end - r.range_start) // page
                 result.mmio_pages_mapped_total += pages
                 if not first_recycle_seen:
                     result.mmio_faults_before_recycle += 1
                     result.mmio_pages_before_recycle += pages
             peak = max(peak, _host_pool_used(hv))
+    # Whole-run counts come from the model's own statistics (the memory phase adds none).
     stats = hv.statistics().host_stage2
+    result.recycles = stats.mmio_recycles
+    result.recycled_pages = stats.mmio_recycled_pages
+    result.failures = stats.map_failures
+    result.fatal_faults = stats.fatal_faults
     result.refcount_limit_hits = stats.refcount_limit_hits
     result.pool_pages_used_peak = peak
     result.pool_pages_used_end = stats.table_pages
@@ -203,15 +202,16 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  first refusal at {ff['addr']:#x}: {ff['reason']}")
         return 0 if out["refcount_limit_hits"] else 1
 
-    spans = [parse_size(s) if not s.endswith(("G", "g")) or "." not in s
-             else int(float(s[:-1]) * GIB) for s in args.spans.split(",")]
     profiles = ["v5.13", "v5.14"] if args.profile == "both" else [args.profile]
-    results = []
-    for profile in profiles:
-        config = build_config(args, profile)
+    try:  # a bad span or an impossible memory map is the user's error, not a crash
+        spans = [parse_size(s) if not s.endswith(("G", "g")) or "." not in s
+                 else int(float(s[:-1]) * GIB) for s in args.spans.split(",")]
         span_base = None if args.span_base is None else parse_size(args.span_base)
-        results.append(run_mmio_pressure(config, spans, args.faults_per_span, args.seed,
-                                         span_base))
+        results = [run_mmio_pressure(build_config(args, profile), spans, args.faults_per_span,
+                                     args.seed, span_base) for profile in profiles]
+    except ValueError as error:
+        print(f"scenario: error: {error}", file=sys.stderr)
+        return 2
     config = build_config(args, profiles[0])
     if args.json:
         print(json.dumps({
