@@ -77,7 +77,7 @@ from .physmem import PhysicalMemory
 from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
 from .vmemmap import Vmemmap
 
-VM_HANDLE_OFFSET = 0x1000  # handle = table index + 0x1000 (SEMANTICS 5)
+VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000 (SEMANTICS 5)
 MAX_VMS = 4096  # the kernel's KVM_MAX_PVMS is 255; widened so load tests can run many VMs
 PKVM_HYP_VM_BYTES = 1024  # struct pkvm_hyp_vm without the vCPU pointer array (illustrative)
 PKVM_HYP_VCPU_BYTES = 4096  # struct pkvm_hyp_vcpu (illustrative), donated per vCPU
@@ -119,6 +119,9 @@ class Hypervisor:
         self._vms: dict[int, GuestVm] = {}  # handle -> VM
         self._owners: dict[int, tuple[int, PoolKind]] = {}  # block head -> (handle, pool)
         self._hyp_shared: dict[int, int] = {}  # pfn -> handle: hyp SHARED_BORROWED pages
+        # VMs ever created: the next handle is VM_HANDLE_OFFSET + this, so a handle is never
+        # reused within one machine's lifetime (saved with it: core/state_file.py).
+        self._vms_created = 0
 
     # -- boot ------------------------------------------------------------------------------
 
@@ -174,10 +177,14 @@ class Hypervisor:
         if slice_pages < 1:
             raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
                                   reason="BAD_SLICE_SIZE")
-        index = next((i for i in range(MAX_VMS) if i + VM_HANDLE_OFFSET not in self._vms), None)
+        # The VM table slot (VMID - 1) is reused like the kernel's; the handle is not (it
+        # would be slot + 0x1000 in the kernel): a client can tell its VM was destroyed, or
+        # the server restarted, from a new VM that took the slot (docs/state-file.md).
+        used = {vm.vmid - 1 for vm in self._vms.values()}
+        index = next((i for i in range(MAX_VMS) if i not in used), None)
         if index is None:
             raise OutOfMemory(f"the VM table is full ({MAX_VMS} VMs)", reason="VM_TABLE_FULL")
-        handle = index + VM_HANDLE_OFFSET
+        handle = VM_HANDLE_OFFSET + self._vms_created
         if self.config.vmemmap_coverage != "all":
             # V13/V14 have no EL2 VM state; the client still gets a handle and a slice, and
             # everything that needs a hyp_page for host memory is refused (FailedPrecondition).
@@ -185,6 +192,7 @@ class Hypervisor:
             vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
                          slice_pages, -1, 0, -1, 0, None)
             self._vms[handle] = vm
+            self._vms_created += 1
             return self._vm_info(vm)
         _start, pgd_pages = pgd_geometry(self.geometry, self.config.ia_bits)
         meta_pages = (ceil_div(PKVM_HYP_VM_BYTES + 8 * nr_vcpus, self.page_size)
@@ -221,6 +229,7 @@ class Hypervisor:
                                  [pgd + i for i in range(pgd_pages)],
                                  on_refcount_limit=self.host_stage2.count_refcount_limit)
         self._vms[handle] = vm  # published last
+        self._vms_created += 1
         return self._vm_info(vm)
 
     def destroy_vm(self, handle: int) -> int:
