@@ -97,6 +97,16 @@ class AsyncHypervisor:
         return await _call(self.stub.Reserve, pb2.ReserveRequest(),  # type: ignore[no-any-return]
                            timeout=self.timeout)
 
+    async def save_state(self) -> pb2.SaveStateResponse:
+        """Have the server write its machine to its --state-file now (admin call)."""
+        return await _call(  # type: ignore[no-any-return]
+            self.stub.SaveState, pb2.SaveStateRequest(), timeout=self.timeout
+        )
+
+    async def instance_id(self) -> str:
+        """The server process's id, new at every start: a change means it restarted."""
+        return str((await self.stats()).instance_id)
+
 
 class AsyncVM(VmHandle):
     """One client VM over asyncio; `async with` destroys it on exit."""

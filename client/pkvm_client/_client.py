@@ -155,6 +155,20 @@ class Hypervisor:
         request = pb2.ReserveRequest()
         return cast(pb2.ReserveResponse, _call(self.stub.Reserve, request, timeout=self.timeout))
 
+    # -- the state file (docs/state-file.md) ---------------------------------------------------
+
+    def save_state(self) -> pb2.SaveStateResponse:
+        """Have the server write its whole machine to its --state-file now (an admin call;
+        FailedPreconditionError when the server runs without --state-file)."""
+        request = pb2.SaveStateRequest()
+        response = _call(self.stub.SaveState, request, timeout=self.timeout)
+        return cast(pb2.SaveStateResponse, response)
+
+    def instance_id(self) -> str:
+        """The server process's id, new at every start: a change means it restarted (its
+        machine was restored from a state file, or booted afresh)."""
+        return str(self.stats().instance_id)
+
 
 class VmHandle:
     """What the sync and asyncio VM classes share: identity, token and call settings.

@@ -86,18 +86,36 @@ class StateFile:
 # -- encoding ------------------------------------------------------------------------------
 
 
-def encode(hv: Hypervisor, service: Mapping[str, Any] | None = None) -> bytes:
-    """The whole machine (and the service's section) as the bytes of a state file."""
-    machine = capture(hv)
+@dataclass
+class Snapshot:
+    """A copy of everything a state file holds, taken quickly (under the caller's lock);
+    `pack` then does the slow part (JSON, compression, checksum) on the copy."""
+
+    machine: dict[str, Any]
+    service: dict[str, Any]
+    vmemmap: list[bytes] = field(repr=False)
+
+
+def snapshot(hv: Hypervisor, service: Mapping[str, Any] | None = None) -> Snapshot:
+    return Snapshot(capture(hv), dict(service or {}),
+                    [_array_le_bytes(seg.entries) for seg in hv.vmemmap.segments])
+
+
+def pack(snap: Snapshot) -> bytes:
+    """The bytes of a state file holding `snap`."""
     sections: list[tuple[str, bytes]] = [
-        ("machine", _json_bytes(machine)),
-        ("service", _json_bytes(dict(service or {}))),
+        ("machine", _json_bytes(snap.machine)),
+        ("service", _json_bytes(snap.service)),
     ]
-    for i, seg in enumerate(hv.vmemmap.segments):
-        sections.append((f"vmemmap/{i}", _array_le_bytes(seg.entries)))
+    sections += [(f"vmemmap/{i}", blob) for i, blob in enumerate(snap.vmemmap)]
     payload = b"".join(_section(name, data) for name, data in sections)
     digest = hashlib.sha256(payload).digest()
     return HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload), digest) + payload
+
+
+def encode(hv: Hypervisor, service: Mapping[str, Any] | None = None) -> bytes:
+    """The whole machine (and the service's section) as the bytes of a state file."""
+    return pack(snapshot(hv, service))
 
 
 def capture(hv: Hypervisor) -> dict[str, Any]:
@@ -401,7 +419,11 @@ def save(path: str | os.PathLike[str], hv: Hypervisor,
          service: Mapping[str, Any] | None = None) -> int:
     """Write the state file atomically (temporary file, fsync, rename, fsync of the
     directory); returns its size in bytes. The old file stays intact until the rename."""
-    data = encode(hv, service)
+    return write_snapshot(path, snapshot(hv, service))
+
+
+def write_snapshot(path: str | os.PathLike[str], snap: Snapshot) -> int:
+    data = pack(snap)
     write_atomically(Path(path), data)
     return len(data)
 
@@ -437,6 +459,7 @@ def load(path: str | os.PathLike[str]) -> StateFile:
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "Snapshot",
     "StateFile",
     "StateFileError",
     "capture",
@@ -445,5 +468,8 @@ __all__ = [
     "encode",
     "load",
     "restore",
+    "pack",
     "save",
+    "snapshot",
+    "write_snapshot",
 ]

@@ -51,7 +51,7 @@ KNOB_FLAGS: dict[str, tuple[str, str, str]] = {
 }
 SERVER_KEYS = (
     "listen", "metrics_listen", "workers", "grace_seconds", "vm_lease_seconds",
-    "max_vm_lease_seconds",
+    "max_vm_lease_seconds", "state_file",
 )
 
 
@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-vm-lease-seconds", metavar="S", type=float,
         help="the longest lease CreateVM may ask for (default 86400)",
+    )
+    parser.add_argument(
+        "--state-file", metavar="PATH",
+        help="keep the machine here: restored at start if the file exists, saved on "
+        "SIGTERM/SIGINT and by SaveState (docs/state-file.md)",
     )
     for knob, (flag, metavar, help_text) in KNOB_FLAGS.items():
         if knob == "memblocks":
@@ -175,6 +180,18 @@ def settings_from(server: Mapping[str, Any]) -> Any:
     return settings
 
 
+def explicit_knobs(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> set[str]:
+    """The SimConfig knobs the user set (config file, environment or flags)."""
+    environ = os.environ if environ is None else environ
+    given: set[str] = set()
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        given |= set(load_file(config_path))
+    given |= set(load_env(environ))
+    given |= {knob for knob in KNOB_FLAGS if getattr(args, knob, None) is not None}
+    return given & set(KNOB_FLAGS)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config, server_values = resolve(args)
@@ -182,6 +199,19 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
+    keeper = None
+    restored = None
+    if server_values.get("state_file"):
+        from .persist import restore_at_start
+
+        outcome = restore_at_start(str(server_values["state_file"]), config,
+                                   explicit_knobs(args))
+        if isinstance(outcome, str):
+            print(f"pkvm-sim serve: {outcome}", file=sys.stderr)
+            return EXIT_USAGE
+        keeper, restored = outcome
+        if restored is not None:
+            config = restored.config
 
     from .server import start
 
@@ -193,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        service = start(config, settings)
+        service = start(config, settings, state=keeper,
+                        hypervisor=restored.hypervisor if restored else None)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -202,4 +233,8 @@ def run(args: argparse.Namespace) -> int:
     while not stop_requested.wait(1.0):
         pass
     service.stop(settings.grace_seconds)
+    if keeper is not None:  # after in-flight calls: the file holds their effects
+        from .persist import save_at_exit
+
+        return save_at_exit(keeper, service.servicer)
     return EXIT_OK

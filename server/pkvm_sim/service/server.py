@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
@@ -31,6 +31,9 @@ from .leases import (
     check_interval,
 )
 from .servicer import SERVICE_NAME, HypervisorServicer
+
+if TYPE_CHECKING:
+    from .persist import StateKeeper
 
 MIB = 1 << 20
 
@@ -144,13 +147,17 @@ def start(
     settings: ServerSettings | None = None,
     *,
     hypervisor: Hypervisor | None = None,
+    state: StateKeeper | None = None,
 ) -> RunningService:
-    """Boot the simulator (unless given one) and serve it; returns once ready to serve."""
+    """Boot the simulator (unless given one) and serve it; returns once ready to serve.
+    `state`: the --state-file keeper; its restored tokens and leases apply before serving."""
     settings = settings or ServerSettings()
     leases = LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)
     interval = check_interval(settings.vm_lease_seconds, settings.lease_check_interval)
     hv = hypervisor if hypervisor is not None else Hypervisor.boot(config)
     servicer = HypervisorServicer(hv, config, leases)
+    if state is not None:
+        state.attach(servicer)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pkvm-rpc"),

@@ -12,10 +12,12 @@ VMs are leased (service/leases.py): each authenticated call renews the VM's leas
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
@@ -40,7 +42,11 @@ from .counters import OP_INDEX, ServiceCounters
 from .errors import ServiceError, abort, describe
 from .leases import LeaseTable
 
+if TYPE_CHECKING:
+    from .persist import StateKeeper
+
 log = logging.getLogger(__name__)
+INSTANCE_ID_METADATA_KEY = "pkvm-instance-id"
 
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["HypervisorService"].full_name
 
@@ -71,6 +77,7 @@ def _unary(method: str) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def handler(self: HypervisorServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            context.send_initial_metadata(self.instance_metadata)
             try:
                 response = fn(self, request, context)
             except REFUSALS as error:
@@ -167,11 +174,27 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.reservation = reserve_message(config)
         self._batch_fns = batch_functions(hypervisor, self.counters.count_fault)
         self._ops = self.counters.operations
+        # New at every start: GetStats and every response's metadata carry it, so clients
+        # can tell a restart (docs/state-file.md).
+        self.instance_id = uuid.uuid4().hex
+        self.instance_metadata = ((INSTANCE_ID_METADATA_KEY, self.instance_id),)
+        self.state: StateKeeper | None = None  # the --state-file keeper (service/persist.py)
+        self.client_token: str | None = None  # admin calls need it when set
 
     # -- helpers -----------------------------------------------------------------------------
 
     def _authorize(self, handle: int, context: grpc.ServicerContext) -> None:
         self.tokens.check(handle, bearer_token(context.invocation_metadata()))
+
+    def _authorize_host(self, context: grpc.ServicerContext) -> None:
+        """The authorization hook of host-wide (admin) calls: the client token, if any."""
+        if self.client_token is None:
+            return
+        token = bearer_token(context.invocation_metadata())
+        if token is None or not hmac.compare_digest(token.encode(), self.client_token.encode()):
+            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "BAD_CLIENT_TOKEN",
+                               "admin calls need metadata 'authorization: Bearer <client"
+                               " token>'")
 
     def reap_expired(self) -> list[int]:
         """Destroy every VM whose lease has run out (reclaiming everything it held) and drop
@@ -357,7 +380,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     @_unary("GetStats")
     def GetStats(self, request: pb2.GetStatsRequest, context: grpc.ServicerContext) -> Any:
-        return stats_message(self.statistics())
+        response = stats_message(self.statistics())
+        response.instance_id = self.instance_id
+        return response
 
     @_unary("GetPageInfo")
     def GetPageInfo(self, request: pb2.GetPageInfoRequest, context: grpc.ServicerContext) -> Any:
@@ -385,6 +410,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         """Each request is one batch, answered before the next is read. A malformed batch
         (empty, oversize, wrong token) ends the stream with its status; batches answered
         before it stay done."""
+        context.send_initial_metadata(self.instance_metadata)
         token = bearer_token(context.invocation_metadata())
         fns = self._batch_fns
         ops = self._ops
@@ -407,3 +433,18 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self.counters.count_request("Execute", "CANCELLED")
             raise
         self.counters.count_request("Execute", "OK")
+
+    # -- the state file ----------------------------------------------------------------------
+
+    @_unary("SaveState")
+    def SaveState(self, request: pb2.SaveStateRequest, context: grpc.ServicerContext) -> Any:
+        self._authorize_host(context)
+        if self.state is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
+                               "the server was started without --state-file")
+        saved = self.state.save(self)
+        return pb2.SaveStateResponse(
+            path=saved.path, size_bytes=saved.size_bytes, seconds=saved.seconds,
+            nr_vms=saved.nr_vms, format_version=saved.format_version,
+            instance_id=self.instance_id,
+        )
