@@ -108,8 +108,8 @@ def main() -> int:
         r = json.loads(out)
         print(f"{gib:>4}G {r['boot_s']:>7.3f} {r['populate_s']:>10.2f} {r['snapshot_s']:>10.3f}"
               f" {r['save_s']:>7.2f} {r['size_bytes'] / 2**20:>9.2f} {r['restore_s']:>9.2f}"
-              f" {r['audit_s']:>11.2f} {r['restore_s'] / r['boot_s']:>12.1f} {r['vmemmap_bytes'] / 2**20:>11.0f}"
-              f" {r['identical']!s:>9}")
+              f" {r['audit_s']:>11.2f} {r['restore_s'] / r['boot_s']:>12.1f}"
+              f" {r['vmemmap_bytes'] / 2**20:>11.0f} {r['identical']!s:>9}")
     return 0
 
 
