@@ -165,12 +165,16 @@ def test_every_response_carries_the_instance_id(running: list[RunningService]) -
         with grpc.insecure_channel(service.target) as channel:
             stub = pb2_grpc.HypervisorServiceStub(channel)
             stats, call = stub.GetStats.with_call(pb2.GetStatsRequest())
-            assert dict(call.initial_metadata())[META_KEY] == stats.instance_id
+            assert dict(call.trailing_metadata())[META_KEY] == stats.instance_id
             with pytest.raises(grpc.RpcError) as caught:  # refusals carry it too
                 stub.GetPage(pb2.GetPageRequest(handle=0x9999, pfn=1))
-            assert dict(caught.value.initial_metadata())[META_KEY] == stats.instance_id
+            metadata = dict(caught.value.trailing_metadata())  # type: ignore[attr-defined]
+            assert metadata[META_KEY] == stats.instance_id
+            assert "grpc-status-details-bin" in metadata  # the rich status is still there
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
             stream = stub.Execute(iter(()))
-            assert dict(stream.initial_metadata())[META_KEY] == stats.instance_id
+            assert list(stream) == []
+            assert dict(stream.trailing_metadata())[META_KEY] == stats.instance_id
             ids.append(stats.instance_id)
     assert len(set(ids)) == 2 and all(len(i) == 32 for i in ids)
 

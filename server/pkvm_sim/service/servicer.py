@@ -17,7 +17,8 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
@@ -39,7 +40,7 @@ from pkvm_sim.core.reservation import compute_reservation, partition_carveout
 from .auth import TokenRegistry, bearer_token
 from .batch import MAX_BATCH_OPS, batch_functions, run_batch
 from .counters import OP_INDEX, ServiceCounters
-from .errors import ServiceError, abort, describe
+from .errors import ServiceError, describe, to_status
 from .leases import LeaseTable
 
 if TYPE_CHECKING:
@@ -71,22 +72,32 @@ REFUSALS = (PkvmError, ServiceError)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    """A grpc.Status (code, details, trailing metadata)."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
 def _unary(method: str) -> Callable[[F], F]:
     """Count the call by status code and turn refusals into rich statuses."""
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def handler(self: HypervisorServicer, request: Any, context: grpc.ServicerContext) -> Any:
-            context.send_initial_metadata(self.instance_metadata)
+            context.set_trailing_metadata(self.instance_metadata)  # sent with the status
             try:
                 response = fn(self, request, context)
             except REFUSALS as error:
                 self.counters.count_request(method, describe(error)[0].name)
-                abort(context, error)
+                self._abort(context, error)
             except Exception as error:
                 log.exception("%s failed", method)
                 self.counters.count_request(method, "INTERNAL")
-                abort(context, ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", repr(error)))
+                self._abort(context, ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL",
+                                                  repr(error)))
             self.counters.count_request(method, "OK")
             return response
 
@@ -185,6 +196,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     def _authorize(self, handle: int, context: grpc.ServicerContext) -> None:
         self.tokens.check(handle, bearer_token(context.invocation_metadata()))
+
+    def _abort(self, context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+        """errors.abort, with the instance id kept in the trailing metadata."""
+        status = to_status(error)
+        context.abort_with_status(_Status(status.code, status.details,
+                                          (*status.trailing_metadata, *self.instance_metadata)))
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
 
     def _authorize_host(self, context: grpc.ServicerContext) -> None:
         """The authorization hook of host-wide (admin) calls: the client token, if any."""
@@ -410,7 +428,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         """Each request is one batch, answered before the next is read. A malformed batch
         (empty, oversize, wrong token) ends the stream with its status; batches answered
         before it stay done."""
-        context.send_initial_metadata(self.instance_metadata)
+        context.set_trailing_metadata(self.instance_metadata)
         token = bearer_token(context.invocation_metadata())
         fns = self._batch_fns
         ops = self._ops
@@ -428,7 +446,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 yield response
         except REFUSALS as error:
             self.counters.count_request("Execute", describe(error)[0].name)
-            abort(context, error)
+            self._abort(context, error)
         except BaseException:  # the client went away (cancelled) or the server is stopping
             self.counters.count_request("Execute", "CANCELLED")
             raise
