@@ -257,7 +257,8 @@ def decode(data: bytes) -> StateFile:
         machine = json.loads(sections.pop("machine"))
         service = json.loads(sections.pop("service"))
         vmemmap = [sections.pop(f"vmemmap/{i}") for i in range(len(machine["vmemmap"]))]
-    except (KeyError, ValueError, TypeError, zlib.error) as error:
+    except (LookupError, ValueError, TypeError, AttributeError, RecursionError, struct.error,
+            zlib.error) as error:
         raise StateFileError(f"corrupt: cannot decode the payload ({_describe(error)})") from None
     if sections:
         raise StateFileError(f"corrupt: unknown sections {sorted(sections)}")
@@ -298,7 +299,8 @@ def restore(state: StateFile) -> Hypervisor:
     try:
         hv = Hypervisor.boot(config)
         _apply(hv, state)
-    except (KeyError, ValueError, TypeError, IndexError, AssertionError, PkvmError) as error:
+    except (PkvmError, AssertionError, LookupError, ValueError, TypeError, AttributeError,
+            RecursionError) as error:  # whatever a well-checksummed but wrong file may cause
         raise StateFileError(f"inconsistent machine state: {_describe(error)}") from None
     try:
         hv.audit()

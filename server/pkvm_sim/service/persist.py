@@ -59,7 +59,7 @@ class StateKeeper:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._save_lock = threading.Lock()  # one save at a time (one temporary file)
-        self._pending_service: dict[str, Any] | None = None
+        self._pending_service: ServiceState | None = None
 
     def check_writable(self) -> None:
         """Refuse a path whose directory does not exist, before serving (not at SIGTERM)."""
@@ -75,11 +75,11 @@ class StateKeeper:
             return None
         decoded = state_file.load(self.path)
         hv = state_file.restore(decoded)
-        tokens = {int(handle) for handle, _token in decoded.service.get("tokens", ())}
-        if tokens != set(hv._vms):
-            raise StateFileError(f"the tokens of VMs {sorted(tokens ^ set(hv._vms))} do not"
-                                 " match the machine's VMs")
-        self._pending_service = decoded.service
+        service = parse_service(decoded.service)
+        if set(service.tokens) != set(hv._vms):
+            raise StateFileError(f"the tokens of VMs {sorted(set(service.tokens) ^ set(hv._vms))}"
+                                 " do not match the machine's VMs")
+        self._pending_service = service
         return Restored(hv, hv.config, decoded.service, decoded.size_bytes)
 
     def attach(self, servicer: HypervisorServicer) -> None:
@@ -121,25 +121,55 @@ def capture_service(servicer: HypervisorServicer) -> dict[str, Any]:
     }
 
 
-def restore_service(servicer: HypervisorServicer, section: Mapping[str, Any]) -> None:
-    """Put a saved service section back (`StateKeeper.load` checked it)."""
-    tokens = {int(handle): str(token) for handle, token in section.get("tokens", ())}
-    servicer.tokens._tokens.update(tokens)
+@dataclass(frozen=True)
+class ServiceState:
+    """The service section, typed and checked."""
+
+    tokens: dict[int, str]
+    leases: list[tuple[int, float, float]]  # (handle, lease seconds, seconds left)
+    requests: dict[tuple[str, str], int]
+    operations: dict[str, int]
+    fault_failures: dict[str, int]
+    vms_expired: int
+
+
+def parse_service(section: Mapping[str, Any]) -> ServiceState:
+    """The service section of a state file; StateFileError if it is malformed."""
+    try:
+        counters = section.get("counters", {})
+        state = ServiceState(
+            tokens={int(h): str(token) for h, token in section.get("tokens", ())},
+            leases=[(int(h), float(d), float(left)) for h, d, left in section.get("leases", ())],
+            requests={(str(m), str(c)): int(n) for m, c, n in counters.get("requests", ())},
+            operations={str(k): int(n) for k, n in counters.get("operations", {}).items()},
+            fault_failures={str(k): int(n)
+                            for k, n in counters.get("fault_failures", {}).items()},
+            vms_expired=int(counters.get("vms_expired", 0)),
+        )
+    except (AttributeError, TypeError, ValueError) as error:
+        raise StateFileError(f"corrupt service section: {type(error).__name__}: {error}") \
+            from None
+    unknown = set(state.operations) - set(OP_NAMES)
+    if unknown:
+        raise StateFileError(f"unknown operation counters {sorted(unknown)}")
+    return state
+
+
+def restore_service(servicer: HypervisorServicer, state: ServiceState) -> None:
+    """Put a checked service section back, before the first call is served."""
+    servicer.tokens._tokens.update(state.tokens)
     leases = servicer.leases
-    now = leases.clock()
-    for handle, duration, left in section.get("leases", ()):
-        leases._durations[int(handle)] = float(duration)
-        leases._deadlines[int(handle)] = now + float(left)
-    counters = section.get("counters", {})
-    counters_obj = servicer.counters
-    for method, code, n in counters.get("requests", ()):
-        counters_obj._requests[(str(method), str(code))] = int(n)
-    for name, n in counters.get("operations", {}).items():
-        if name in OP_NAMES:
-            counters_obj.operations[OP_NAMES.index(name)] = int(n)
-    for kind, n in counters.get("fault_failures", {}).items():
-        counters_obj.fault_failures[str(kind)] = int(n)
-    counters_obj.vms_expired = int(counters.get("vms_expired", 0))
+    if leases.enabled:  # a server started with leases off gives none back
+        now = leases.clock()
+        for handle, duration, left in state.leases:
+            leases._durations[handle] = duration
+            leases._deadlines[handle] = now + left
+    counters = servicer.counters
+    counters._requests.update(state.requests)
+    for name, n in state.operations.items():
+        counters.operations[OP_NAMES.index(name)] = n
+    counters.fault_failures.update(state.fault_failures)
+    counters.vms_expired = state.vms_expired
 
 
 # -- file vs flags -------------------------------------------------------------------------

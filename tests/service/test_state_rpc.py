@@ -265,3 +265,40 @@ def test_a_seeded_workload_split_by_a_restart_gives_the_same_answers(
     assert answers == expected
     assert second.servicer.hypervisor.canonical_dump(host_tables=True) \
         == unbroken.servicer.hypervisor.canonical_dump(host_tables=True)
+
+
+def test_a_malformed_service_section_is_refused_at_load(tmp_path: Path) -> None:
+    from pkvm_sim.core import state_file
+    from pkvm_sim.core.hypervisor import Hypervisor as CoreHypervisor
+    from pkvm_sim.core.state_file import StateFileError
+
+    hv = CoreHypervisor.boot(CONFIG)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4)
+    for service, says in (({"tokens": [[vm.handle, "t"]], "leases": [["x", 1, 2]]}, "corrupt"),
+                          ({"tokens": []}, "do not match"),
+                          ({"tokens": [[vm.handle, "t"]], "counters": {"operations": {"x": 1}}},
+                           "unknown operation")):
+        path = tmp_path / "m.pkvm"
+        state_file.save(path, hv, service)
+        with pytest.raises(StateFileError, match=says):
+            StateKeeper(path).load()
+
+
+def test_leases_come_back_only_if_the_new_server_grants_leases(
+    tmp_path: Path, running: list[RunningService]
+) -> None:
+    path = tmp_path / "m.pkvm"
+    first = serve(path)
+    running.append(first)
+    with Hypervisor(first.target) as hv:
+        vm = hv.create_vm(slice_pages=4, lease_seconds=100)
+        hv.save_state()
+    first.stop(0)
+    keeper = StateKeeper(path)
+    restored = keeper.load()
+    assert restored is not None
+    no_leases = ServerSettings(listen="127.0.0.1:0", metrics_listen=None, vm_lease_seconds=0)
+    second = start(restored.config, no_leases, state=keeper, hypervisor=restored.hypervisor)
+    running.append(second)
+    with Hypervisor(second.target) as hv:
+        assert hv.attach(vm.handle, vm.token).renew() == 0.0  # no lease: lives until destroyed
