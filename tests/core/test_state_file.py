@@ -155,7 +155,7 @@ def test_a_good_file_decodes(good_file: bytes) -> None:
 @pytest.mark.parametrize(("mangle", "message"), [
     (lambda d: d[:len(d) // 2], "truncated: the header announces"),
     (lambda d: d[:30], "truncated: 30 bytes"),
-    (lambda d: b"", "not a pkvm-sim state file"),
+    (lambda d: b"", "empty file: not a pkvm-sim state file"),
     (lambda d: b"\x89PNG\r\n\x1a\n" + d[8:], "not a pkvm-sim state file"),
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "corrupt: the SHA-256 checksum"),
     (lambda d: d[:100] + bytes([d[100] ^ 0x40]) + d[101:], "corrupt: the SHA-256 checksum"),

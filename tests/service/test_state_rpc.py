@@ -302,3 +302,23 @@ def test_leases_come_back_only_if_the_new_server_grants_leases(
     running.append(second)
     with Hypervisor(second.target) as hv:
         assert hv.attach(vm.handle, vm.token).renew() == 0.0  # no lease: lives until destroyed
+
+
+def test_the_async_sdk_saves_and_reads_the_instance_id(
+    tmp_path: Path, running: list[RunningService]
+) -> None:
+    import asyncio
+
+    from pkvm_client import AsyncHypervisor
+
+    service = serve(tmp_path / "m.pkvm")
+    running.append(service)
+
+    async def main() -> tuple[str, Any]:
+        async with AsyncHypervisor(service.target) as hv:
+            await hv.create_vm(slice_pages=4)
+            return await hv.instance_id(), await hv.save_state()
+
+    instance, saved = asyncio.run(main())
+    assert instance == service.servicer.instance_id == saved.instance_id
+    assert saved.nr_vms == 1 and (tmp_path / "m.pkvm").stat().st_size == saved.size_bytes

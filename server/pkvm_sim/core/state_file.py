@@ -236,6 +236,8 @@ def _section(name: str, data: bytes) -> bytes:
 
 def decode(data: bytes) -> StateFile:
     """Check and unpack a state file's bytes; StateFileError (one line) if anything is off."""
+    if not data:
+        raise StateFileError("empty file: not a pkvm-sim state file")
     if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
         raise StateFileError("not a pkvm-sim state file (wrong magic)")
     if len(data) < HEADER.size:

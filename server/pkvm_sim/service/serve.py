@@ -11,6 +11,9 @@ PKVM_SIM_LISTEN), then flags. A config file holds the SimConfig knobs at top lev
 server settings in a `[server]` table (listen, metrics_listen, workers, grace_seconds,
 vm_lease_seconds, max_vm_lease_seconds).
 
+With `--state-file PATH` the machine outlives the process: restored from PATH at start when
+the file exists, saved there on SIGTERM/SIGINT and by the SaveState RPC (docs/state-file.md).
+
 Once ready it prints exactly one line, `pkvm-sim listening on HOST:PORT (metrics on
 HOST:PORT)`, and serves until SIGTERM or SIGINT: health goes NOT_SERVING, in-flight calls
 get the grace period to finish, and the process exits 0.
