@@ -45,11 +45,10 @@ class SaveResult:
 
 @dataclass(frozen=True)
 class Restored:
-    """A machine read back from a state file, and the service's section of it."""
+    """A machine read back from a state file (the service's section waits in the keeper)."""
 
     hypervisor: Hypervisor
     config: SimConfig
-    service: dict[str, Any]
     size_bytes: int
 
 
@@ -80,7 +79,7 @@ class StateKeeper:
             raise StateFileError(f"the tokens of VMs {sorted(set(service.tokens) ^ set(hv._vms))}"
                                  " do not match the machine's VMs")
         self._pending_service = service
-        return Restored(hv, hv.config, decoded.service, decoded.size_bytes)
+        return Restored(hv, hv.config, decoded.size_bytes)
 
     def attach(self, servicer: HypervisorServicer) -> None:
         """Give the servicer the restored tokens, leases and counters (before serving)."""
