@@ -311,14 +311,6 @@ def restore(state: StateFile) -> Hypervisor:
     return hv
 
 
-def config_of(state: StateFile) -> SimConfig:
-    """The configuration the file's machine was booted with."""
-    try:
-        return SimConfig.from_mapping(state.machine["config"])
-    except (KeyError, ValueError, TypeError) as error:
-        raise StateFileError(f"bad configuration in the file: {_describe(error)}") from None
-
-
 def _apply(hv: Hypervisor, state: StateFile) -> None:
     """Overwrite a freshly booted machine's mutable state with the file's."""
     m = state.machine
@@ -467,7 +459,6 @@ __all__ = [
     "StateFile",
     "StateFileError",
     "capture",
-    "config_of",
     "decode",
     "encode",
     "load",
