@@ -237,3 +237,39 @@ def test_sections_are_zlib_streams_in_the_documented_order(good_file: bytes) -> 
         offset += 8 + length
     assert names == ["machine", "service", "vmemmap/0"]
     assert os.path.basename("x") == "x"
+
+
+# -- a committed file of format version 1 ----------------------------------------------------
+
+V1_FILE = Path(__file__).resolve().parents[1] / "data" / "state" / "v1-small.pkvm"
+
+
+def test_a_committed_version_1_file_still_restores() -> None:
+    """tests/data/state/v1-small.pkvm was written by the first version of the format and is
+    never regenerated: every later pkvm-sim must restore it (or refuse it by its version).
+    It holds a 256 MiB v5.14 machine where VM 0x1000 ("kept", 2 vCPUs, 64-page slice)
+    allocated an order-2 block and took a second reference on it, shared its slice's first 3
+    pages with hyp and pinned the second, topped its memcache up with 3 pages and mapped one
+    guest page at IPA 1 GiB; VM 0x1001 was created and destroyed; VM 0x1002 has a 16-page
+    slice; the host took an MMIO fault at 256 MiB and a memory fault at 0x8000_0000."""
+    decoded = state_file.load(V1_FILE)
+    assert decoded.version == 1
+    assert decoded.service["tokens"] == [[0x1000, "token-a"], [0x1002, "token-b"]]
+    hv = state_file.restore(decoded)
+    assert [v.handle for v in hv.vms()] == [0x1000, 0x1002]
+    kept = hv.vm(0x1000)
+    assert (kept.name, kept.nr_vcpus, kept.slice_nr_pages) == ("kept", 2, 64)
+    assert hv.vm(0x1002).vmid == 2  # the destroyed VM's slot was reused, not its handle
+    base = kept.slice_base_pfn
+    assert hv.statistics().shared_pages == 3
+    assert [hv.page_info(base + i).refcount for i in range(4)] == [0, 1, 0, 0]
+    (block,) = [pfn for pfn, (h, _kind) in hv._owners.items() if h == 0x1000]
+    assert (hv.page_info(block).refcount, hv.page_info(block).order) == (2, 2)
+    vm = hv._vms[0x1000]
+    # the guest map needed a level-2 and a level-3 table: 2 of the 3 memcache pages
+    assert (len(vm.memcache), len(vm.admitted)) == (1, 2)
+    assert vm.pgt is not None and vm.pgt.lookup(0x4000_0000)[0] == (1, base + 5, 7, 0)
+    counters = hv.statistics().host_stage2
+    assert (counters.faults_mmio, counters.faults_memory) == (1, 1)
+    created = hv.create_vm(nr_vcpus=1, slice_pages=4)
+    assert (created.handle, created.vmid) == (0x1003, 3)
