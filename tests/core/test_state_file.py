@@ -13,6 +13,7 @@ import pytest
 from pkvm_sim.core import state_file
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
+from pkvm_sim.core.profiles import Profile
 from pkvm_sim.core.state_file import FORMAT_VERSION, HEADER, MAGIC, StateFileError
 
 from tests.core.machine_compare import Workload, assert_same_machine
@@ -25,6 +26,8 @@ CONFIGS = {
     "carveout-coverage": {"memblocks": SMALL, "vmemmap_coverage": "carveout"},
     "layout-2-64K": {"memblocks": ["0x80000000:1G"], "hyp_page_layout": "2",
                      "page_size": "64K", "max_order_formula": "v5.17"},
+    # every profile of the registry, so a profile added later is covered at once
+    **{f"profile-{p.value}": {"profile": p.value, "memblocks": SMALL} for p in Profile},
 }
 
 
