@@ -276,3 +276,21 @@ def test_a_committed_version_1_file_still_restores() -> None:
     assert (counters.faults_mmio, counters.faults_memory) == (1, 1)
     created = hv.create_vm(nr_vcpus=1, slice_pages=4)
     assert (created.handle, created.vmid) == (0x1003, 3)
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "machine.pkvm"
+    hv = boot(CONFIGS["v5.14"])
+    state_file.save(path, hv)
+    before = path.read_bytes()
+    hv.create_vm(nr_vcpus=1, slice_pages=4)
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_file.os, "replace", crash)  # the data is written, not renamed
+    with pytest.raises(OSError, match="No space"):
+        state_file.save(path, hv)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["machine.pkvm"]
