@@ -113,7 +113,7 @@ def capture_service(servicer: HypervisorServicer) -> dict[str, Any]:
                    for handle, duration in leases._durations.items()],
         "counters": {
             "requests": [[method, code, n] for (method, code), n in counters.requests().items()],
-            "operations": dict(zip(OP_NAMES, counters.operations, strict=True)),
+            "operations": counters.operations_by_name(),
             "fault_failures": dict(counters.fault_failures),
             "vms_expired": counters.vms_expired,
         },

@@ -460,7 +460,11 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         if self.state is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
                                "the server was started without --state-file")
-        saved = self.state.save(self)
+        try:
+            saved = self.state.save(self)
+        except OSError as error:
+            raise ServiceError(grpc.StatusCode.INTERNAL, "SAVE_FAILED",
+                               f"cannot write the state file: {error}") from None
         return pb2.SaveStateResponse(
             path=saved.path, size_bytes=saved.size_bytes, seconds=saved.seconds,
             nr_vms=saved.nr_vms, format_version=saved.format_version,
