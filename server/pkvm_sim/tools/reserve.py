@@ -19,7 +19,7 @@ from typing import Any
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.layout import GIB, KIB, MIB
-from pkvm_sim.core.profiles import profile_help
+from pkvm_sim.core.profiles import VmemmapReservation, profile_help, profile_spec
 from pkvm_sim.core.reservation import (
     CarveoutLayout,
     Reservation,
@@ -166,9 +166,18 @@ def _budget_rows(r: Reservation) -> list[tuple[str, int]]:
         rows.append(("    hyp_pool_extra_pages", r.hyp_pool_extra_pages))
     rows.append(("S1  hyp stage-1 pool", r.hyp_s1_pgtable_pages))
     rows += [(_POOL_LABELS[name], pages) for name, pages in r.host_s2_pools]
+    if r.vm_table_pages:
+        rows.append(("    hyp VM table", r.vm_table_pages))
+    if r.ffa_proxy_pages:
+        rows.append(("    FF-A proxy pages", r.ffa_proxy_pages))
+    vmemmap_rule = (
+        "all memory, per memblock"
+        if profile_spec(r.profile).vmemmap_reservation is VmemmapReservation.ALL_MEMORY
+        else "fixed point"
+    )
     rows += [
         ("H   before the vmemmap", r.pre_vmemmap_pages),
-        ("V   vmemmap (fixed point)", r.vmemmap_pages),
+        (f"V   vmemmap ({vmemmap_rule})", r.vmemmap_pages),
         ("hyp_mem_pages = H + V", r.hyp_mem_pages),
         ("reserved" + (" (PMD-rounded)" if r.pmd_rounded else " (exact)"), r.reserved_pages),
     ]
@@ -178,16 +187,17 @@ def _budget_rows(r: Reservation) -> list[tuple[str, int]]:
 def render_table(r: Reservation, layout: CarveoutLayout) -> str:
     lines = [
         f"profile {r.profile.value}, {_page_size_name(r.page_size)} pages, "
-        f"hyp_page layout {r.layout_name} ({r.entry_bytes} B/entry)",
+        f"hyp_page layout {r.layout_name} ({r.entry_bytes} B/entry), "
+        f"{r.hyp_pgtable_levels}-level table budgets",
         "memblocks:",
         *(
             f"  [{hex_address(b.base)}, {hex_address(b.end)})  {human_bytes(b.size)}"
             for b in r.memblocks
         ),
         "",
-        f"  {'budget':<34}{'pages':>8}{'MiB':>10}",
+        f"  {'budget':<40}{'pages':>8}{'MiB':>10}",
         *(
-            f"  {label:<34}{pages:>8}{_mib(pages, r.page_size):>10}"
+            f"  {label:<40}{pages:>8}{_mib(pages, r.page_size):>10}"
             for label, pages in _budget_rows(r)
         ),
         "",
