@@ -17,6 +17,7 @@ from pkvm_sim.core.config import Memblock, SimConfig
 from pkvm_sim.core.hyp_pool import pool_max_order
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.layout import GIB, KIB, MIB, PageGeometry
+from pkvm_sim.core.profiles import PROFILES, Profile
 from pkvm_sim.core.reservation import (
     compare_profiles,
     compute_reservation,
@@ -27,7 +28,6 @@ from pkvm_sim.core.reservation import (
     vm_table_pages,
     vmemmap_region_pages,
 )
-from pkvm_sim.core.profiles import PROFILES, Profile
 
 RAM = 0x4000_0000  # QEMU virt
 G4K, G16K, G64K = PageGeometry(4 * KIB), PageGeometry(16 * KIB), PageGeometry(64 * KIB)
