@@ -139,9 +139,8 @@ class HostStage2:
         `config.kernel.host_s2_pools` (each record says which faults use it, and whether its
         -ENOMEM recycles MMIO).
 
-        With the V15 fix (default) the PGD block is split so every PGD page is an order-0
-        page with its own refcount; config.faithful_bugs keeps the V14 multi-page block
-        (tails at refcount 0: a tail's count can drop to 0 and free it while in use).
+        The PGD block is split (hyp_split_page, the V15 fix) so every PGD page is an order-0
+        page with its own refcount.
         """
         self.config = config
         self.geometry = config.geometry
@@ -334,17 +333,20 @@ class HostStage2:
     def mark_hyp(self, start: int, end: int) -> None:
         """__pkvm_mark_hyp at finalisation: [start, end) must lie in one memblock region.
 
-        V15 checks end - 1; config.faithful_bugs reproduces V14's exclusive `end`, which
-        refuses a range ending exactly at a region's end (3.7, open point 9).
+        The kernel checks end - 1. With config.faithful_bugs, a profile whose record has
+        `range_is_memory_off_by_one` (v5.13 before 5.13.12) tests the exclusive `end`, which
+        refuses a range ending exactly at a region's end (3.7, open point 9). The fix was
+        merged for v5.14 itself, so v5.14 and later never reproduce it.
         """
-        last = end if self.config.faithful_bugs else end - 1
+        off_by_one = self.config.faithful_bugs and self.config.kernel.range_is_memory_off_by_one
+        last = end if off_by_one else end - 1
         mem_a, a_start, _ = self.find_mem_range(start)
         mem_b, b_start, _ = self.find_mem_range(last)
         if not (mem_a and mem_b and a_start == b_start):
             raise InvalidArgument(
                 f"__pkvm_mark_hyp [{start:#x}, {end:#x}) is not inside one memblock region"
-                + (" (V14 range_is_memory tests the exclusive end: faithful_bugs)"
-                   if self.config.faithful_bugs else ""),
+                + (" (v5.13 range_is_memory tests the exclusive end: faithful_bugs)"
+                   if off_by_one else ""),
                 reason="NOT_MEMORY",
             )
         self.mm.alloc_pool = self.mem_pool

@@ -99,6 +99,8 @@ class KernelProfile:
     vm_table_entries: int = 0  # KVM_MAX_PVMS pointers in the hyp VM table (0: no table)
     ffa_mailbox_pages: int = 0  # FF-A proxy: RX + TX mailbox pages (0: no FF-A proxy)
     ffa_descriptor_bytes: int = 0  # FF-A proxy: the largest fragmented descriptor buffered
+    # -- quirks config.faithful_bugs reproduces (only where this version has them) --------
+    range_is_memory_off_by_one: bool = False  # tests the exclusive end (fixed in v5.14)
     # -- what was checked against a booted kernel (tests/kernel, pkvm-sim kernel-check) ----
     booted_page_sizes: tuple[str, ...] = ()  # Debian kernels exist and were booted for these
 
@@ -147,6 +149,9 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_idmap",
             ),
+            # "KVM: arm64: Fix off-by-one in range_is_memory" (tests end - 1) was merged for
+            # v5.14 and backported to 5.13.12: only v5.13.0 to 5.13.11 have it.
+            range_is_memory_off_by_one=True,
         ),
         KernelProfile(
             profile=Profile.V5_14,
