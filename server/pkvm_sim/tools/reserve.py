@@ -222,8 +222,10 @@ def render_table(r: Reservation, layout: CarveoutLayout) -> str:
         ),
         "",
         f"vmemmap cost: {human_bytes(r.vmemmap_bytes_per_gib)}/GiB of covered memory",
-        f"vmemmap coverage '{r.vmemmap_coverage}': {r.all_memory_vmemmap_pages} pages "
-        f"({_mib(r.all_memory_vmemmap_pages, r.page_size)} MiB)",
+        f"vmemmap backed for coverage '{r.vmemmap_coverage}': {r.all_memory_vmemmap_pages} "
+        f"pages ({_mib(r.all_memory_vmemmap_pages, r.page_size)} MiB)",
+        f"vmemmap of all memory, region by region (what v6.2+ reserves): "
+        f"{r.vmemmap_region_pages} pages ({_mib(r.vmemmap_region_pages, r.page_size)} MiB)",
         f"Reserved {human_bytes(r.reserved_bytes)} at {hex_address(r.carveout_base)} "
         f"(end {hex_address(r.carveout_end)})",
         "",
@@ -255,7 +257,7 @@ def _compare_rows(rs: Sequence[Reservation]) -> list[tuple[str, ...]]:
         ("hyp_page entry", *(f"{r.entry_bytes} B" for r in rs),
          f"{last.entry_bytes - first.entry_bytes:+d} B"),
         ("vmemmap per GiB", *(f"{human_bytes(v)}/GiB" for v in per_gib),
-         f"x{per_gib[-1] / per_gib[0]:.3g}"),
+         _ratio(per_gib[0], per_gib[-1])),
         pages("table levels budgeted", [r.hyp_pgtable_levels for r in rs]),
         pages("hyp_s1_pgtable_pages", [r.hyp_s1_pgtable_pages for r in rs]),
         ("host_s2_pgtable_pages", *(host_s2(r) for r in rs),
@@ -268,7 +270,17 @@ def _compare_rows(rs: Sequence[Reservation]) -> list[tuple[str, ...]]:
          f"{(last.reserved_bytes - first.reserved_bytes) // last.page_size:+d} pages"),
         ("carve-out base", *(hex_address(r.carveout_base) for r in rs), ""),
         pages("vmemmap pages backed", [r.all_memory_vmemmap_pages for r in rs]),
+        pages("vmemmap pages per region", [r.vmemmap_region_pages for r in rs]),
     ]
+
+
+def _ratio(first: int, last: int) -> str:
+    """'/8' when last is first divided by 8, 'x8' when multiplied, '' when equal."""
+    if first == last:
+        return ""
+    if first > last:
+        return f"/{first / last:.3g}"
+    return f"x{last / first:.3g}"
 
 
 def render_compare(*reservations: Reservation) -> str:
@@ -293,7 +305,8 @@ def render_compare(*reservations: Reservation) -> str:
         "vmemmap_pages: what kvm_hyp_reserve reserves for the vmemmap (the carve-out's own",
         "  entries up to v6.1; all memory, region by region, from v6.2).",
         f"vmemmap pages backed: what vmemmap coverage {' / '.join(coverages)} backs",
-        "  (a page shared by two regions counted once).",
+        "  (a page shared by two regions counted once); per region: all memory's vmemmap",
+        "  summed region by region (a shared page counted twice), as v6.2+ reserves it.",
     ]
     return "\n".join([title, "", line(header), *(line(row) for row in rows), *notes])
 
