@@ -48,7 +48,7 @@ KNOB_FLAGS: dict[str, tuple[str, str, str]] = {
     "hyp_s1_early_used_pages": ("--hyp-s1-early-used-pages", "N", "hyp pool pages reserved"),
     "hyp_pool_extra_pages": ("--hyp-pool-extra-pages", "N", "enlarge the hyp pool by N pages"),
     "carveout_base": ("--carveout-base", "ADDR", "place the carve-out here (default top-down)"),
-    "faithful_bugs": ("--faithful-bugs", "BOOL", "reproduce the kernel's quirks (v5.13 off-by-one)"),
+    "faithful_bugs": ("--faithful-bugs", "BOOL", "reproduce the kernel's quirks (v5.13)"),
 }
 SERVER_KEYS = (
     "listen", "metrics_listen", "workers", "grace_seconds", "vm_lease_seconds",
