@@ -200,3 +200,11 @@ def test_compare_needs_two_known_profiles(value: str, capsys: pytest.CaptureFixt
     code, out, err = invoke(["--compare", value], capsys)
     assert (code, out) == (2, "")
     assert "error" in err
+
+
+def test_64k_v6_figures_say_they_are_unchecked(capsys: pytest.CaptureFixture[str]) -> None:
+    """Debian builds no 64K arm64 kernel (docs/model.md): the figure says so."""
+    code, out, _ = invoke(["--profile", "v6.12", "--page-size", "64K"], capsys)
+    assert code == 0 and "unchecked" in out
+    code, out, _ = invoke(["--profile", "v6.12", "--page-size", "16K"], capsys)
+    assert code == 0 and "unchecked" not in out and "checked against" in out

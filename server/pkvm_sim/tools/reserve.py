@@ -204,6 +204,19 @@ def _budget_rows(r: Reservation) -> list[tuple[str, int]]:
     return rows
 
 
+def _checked_note(r: Reservation) -> list[str]:
+    """Whether this profile and page size were checked against a booted kernel (docs/model.md)."""
+    booted = profile_spec(r.profile).booted_page_sizes
+    if not booted:
+        return []
+    page = _page_size_name(r.page_size)
+    if page in booted:
+        return [f"(checked against Debian's {r.profile.value} {page} kernel under QEMU: "
+                "pkvm-sim kernel-check)"]
+    return [f"(unchecked: no {page} {r.profile.value} kernel was booted; checked for "
+            f"{', '.join(booted)})"]
+
+
 def render_table(r: Reservation, layout: CarveoutLayout) -> str:
     lines = [
         f"profile {r.profile.value}, {_page_size_name(r.page_size)} pages, "
@@ -228,6 +241,7 @@ def render_table(r: Reservation, layout: CarveoutLayout) -> str:
         f"{r.vmemmap_region_pages} pages ({_mib(r.vmemmap_region_pages, r.page_size)} MiB)",
         f"Reserved {human_bytes(r.reserved_bytes)} at {hex_address(r.carveout_base)} "
         f"(end {hex_address(r.carveout_end)})",
+        *_checked_note(r),
         "",
         "carve-out layout (divide_memory_pool, bump order):",
         f"  {'region':<12}{'base':>16}{'end':>16}{'pages':>8}",
