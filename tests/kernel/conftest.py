@@ -30,12 +30,20 @@ def real_kernels() -> list[KernelImage]:
     if shutil.which(QEMU) is None:
         _unavailable(f"{QEMU} is not installed (Debian: qemu-system-arm)")
     kernels = load_manifest(DEFAULT_CACHE)
-    if not kernels and shutil.which("apt-get") and os.access(DEFAULT_CACHE.parent, os.W_OK):
+    if not kernels and shutil.which("apt-get") and _writable(DEFAULT_CACHE):
         subprocess.run(["bash", str(FETCH_SCRIPT)], check=False, timeout=900)
         kernels = load_manifest(DEFAULT_CACHE)
     if not kernels:
         _unavailable(f"no kernels cached in {DEFAULT_CACHE}: run scripts/fetch-kernels")
     return kernels
+
+
+def _writable(cache: Path) -> bool:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(cache, os.W_OK)
 
 
 def report(line: str) -> None:
