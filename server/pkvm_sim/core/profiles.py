@@ -38,6 +38,7 @@ __all__ = [
     "KernelProfile",
     "Profile",
     "profile_help",
+    "profiles_epilog",
     "profile_names",
     "profile_spec",
 ]
@@ -226,6 +227,13 @@ def profile_spec(profile: Profile | str) -> KernelProfile:
 def profile_names() -> tuple[str, ...]:
     """Profile names in registry order (oldest first): CLI choices and help."""
     return tuple(p.value for p in PROFILES)
+
+
+def profiles_epilog() -> str:
+    """One line per profile (name: summary), for the CLIs' --help."""
+    return "profiles:\n" + "\n".join(
+        f"  {spec.profile.value:<7} {spec.summary}" for spec in PROFILES.values()
+    )
 
 
 def profile_help() -> str:

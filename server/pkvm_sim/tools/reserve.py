@@ -24,6 +24,7 @@ from pkvm_sim.core.profiles import (
     profile_help,
     profile_names,
     profile_spec,
+    profiles_epilog,
 )
 from pkvm_sim.core.reservation import (
     CarveoutLayout,
@@ -51,6 +52,8 @@ _CONFIG_FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the reserve flags; every default is SimConfig's (None = not given)."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = profiles_epilog()
     parser.add_argument(
         "--memblock",
         action="append",
