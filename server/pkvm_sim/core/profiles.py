@@ -33,6 +33,7 @@ from enum import StrEnum
 __all__ = [
     "MAX_ORDER_FORMULAS",
     "PROFILES",
+    "HostRangeSearch",
     "HostS2Pool",
     "VmemmapReservation",
     "KernelProfile",
@@ -65,6 +66,20 @@ class VmemmapReservation(StrEnum):
 
     CARVEOUT = "carveout"  # the carve-out's own pages, by fixed point (up to v6.1)
     ALL_MEMORY = "all-memory"  # every memblock, region by region (from v6.2)
+
+
+class HostRangeSearch(StrEnum):
+    """How a host stage-2 fault chooses the range it maps around the faulting address."""
+
+    # v5.13/v5.14 kvm_pgtable_stage2_find_range: the largest block, from the top level down,
+    # that lies in the address's memory region or MMIO gap and whose existing leaves are all
+    # compatible (a block may replace a table of compatible leaves)
+    LARGEST_COMPATIBLE = "largest-compatible"
+    # v6.x host_stage2_adjust_range: start at the level where the walk met the empty entry and
+    # go down until the granule fits the region and the NEXT level supports blocks; the range
+    # is then mapped with the largest leaves that fit (a level-0 or, with 16K/64K pages, a
+    # level-1 range is mapped by many level-1 or level-2 blocks in one fault)
+    FROM_EMPTY_ENTRY = "from-empty-entry"
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,8 @@ class KernelProfile:
     vm_table_entries: int = 0  # KVM_MAX_PVMS pointers in the hyp VM table (0: no table)
     ffa_mailbox_pages: int = 0  # FF-A proxy: RX + TX mailbox pages (0: no FF-A proxy)
     ffa_descriptor_bytes: int = 0  # FF-A proxy: the largest fragmented descriptor buffered
+    # -- host stage-2 ------------------------------------------------------------------
+    host_s2_range_search: HostRangeSearch = HostRangeSearch.LARGEST_COMPATIBLE
     # -- quirks config.faithful_bugs reproduces (only where this version has them) --------
     range_is_memory_off_by_one: bool = False  # tests the exclusive end (fixed in v5.14)
     # -- what was checked against a booted kernel (tests/kernel, pkvm-sim kernel-check) ----
@@ -181,7 +198,9 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/include/asm/kvm_pkvm.h hyp_s1_pgtable_pages, host_s2_pgtable_pages",
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/page_alloc.c hyp_pool_init",
+                "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_adjust_range",
             ),
+            host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
             booted_page_sizes=("4K",),
         ),
         KernelProfile(
@@ -199,6 +218,7 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/include/asm/kvm_pgtable.h KVM_PGTABLE_FIRST_LEVEL (-1)",
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/page_alloc.c hyp_pool_init (MAX_PAGE_ORDER)",
+                "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_adjust_range",
             ),
             hyp_pgtable_levels=5,
             vmemmap_reservation=VmemmapReservation.ALL_MEMORY,
@@ -208,6 +228,7 @@ PROFILES: dict[Profile, KernelProfile] = {
             # 16-byte impdef field) + sizeof(ffa_composite_mem_region) 16
             # + SG_MAX_SEGMENTS (2048) * sizeof(ffa_mem_region_addr_range) 16
             ffa_descriptor_bytes=48 + 32 + 16 + 2048 * 16,
+            host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
             booted_page_sizes=("4K", "16K"),
         ),
     )
