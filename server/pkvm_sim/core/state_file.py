@@ -146,7 +146,24 @@ def capture(hv: Hypervisor) -> dict[str, Any]:
         "vms": [_vm_state(vm) for vm in hv._vms.values()],
         "owners": [[pfn, handle, kind.value] for pfn, (handle, kind) in hv._owners.items()],
         "hyp_shared": [[pfn, handle] for pfn, handle in hv._hyp_shared.items()],
+        **_optional_state(hv),
     }
+
+
+def _optional_state(hv: Hypervisor) -> dict[str, Any]:
+    """State of parts only some kernel profiles' machines have: EL2's stage-1 tables over
+    the pages it maps (shares, donations) and guest share counts (v6.14+)."""
+    out: dict[str, Any] = {}
+    stage1 = getattr(hv, "hyp_stage1", None)
+    if stage1 is not None:
+        out["hyp_stage1"] = {
+            "tables": [[level, index, pfn] for (level, index), pfn in stage1._tables.items()],
+            "mapped": sorted(stage1.mapped),
+        }
+    guest_shared = getattr(hv, "_guest_shared", None)
+    if guest_shared is not None:
+        out["guest_shared"] = [[pfn, count] for pfn, count in guest_shared.items()]
+    return out
 
 
 def config_to_json(config: SimConfig) -> dict[str, Any]:
@@ -340,6 +357,28 @@ def _apply(hv: Hypervisor, state: StateFile) -> None:
     hv._owners = {pfn: (handle, PoolKind(kind)) for pfn, handle, kind in m["owners"]}
     hv._hyp_shared = {pfn: handle for pfn, handle in m["hyp_shared"]}
     hv._vms_created = int(m["vms_created"])
+    _load_optional_state(hv, m)
+
+
+def _load_optional_state(hv: Hypervisor, m: dict[str, Any]) -> None:
+    """The parts `_optional_state` saves. A file without one (written before the model had
+    it) leaves the part as a fresh boot has it; a file with one this machine lacks is
+    refused."""
+    stage1 = getattr(hv, "hyp_stage1", None)
+    if "hyp_stage1" in m:
+        if stage1 is None:
+            raise ValueError("the file has hyp stage-1 tables, this machine has none")
+        stage1._tables.clear()  # in place, as everywhere: nothing else need know
+        stage1._tables.update({(level, index): pfn
+                               for level, index, pfn in m["hyp_stage1"]["tables"]})
+        stage1.mapped.clear()
+        stage1.mapped.update(m["hyp_stage1"]["mapped"])
+    guest_shared = getattr(hv, "_guest_shared", None)
+    if "guest_shared" in m:
+        if guest_shared is None:
+            raise ValueError("the file has guest share counts, this machine has none")
+        guest_shared.clear()
+        guest_shared.update({pfn: count for pfn, count in m["guest_shared"]})
 
 
 def _load_vmemmap(hv: Hypervisor, segments: list[dict[str, Any]], blobs: list[bytes]) -> None:
