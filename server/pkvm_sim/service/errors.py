@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
@@ -81,6 +82,8 @@ def to_status(error: BaseException) -> grpc.Status:
     return result
 
 
-def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
-    context.abort_with_status(to_status(error))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
+async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+    """End the call with the refusal's rich status (raises)."""
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("abort returned")  # pragma: no cover
