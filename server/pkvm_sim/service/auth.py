@@ -60,7 +60,8 @@ def _unauthenticated(reason: str, message: str) -> ServiceError:
 
 
 def missing_token(what: str) -> ServiceError:
-    return _unauthenticated("MISSING_TOKEN", f"{what} need metadata 'authorization: Bearer <token>'")
+    return _unauthenticated("MISSING_TOKEN",
+                            f"{what} need metadata 'authorization: Bearer <token>'")
 
 
 class TokenRegistry:

@@ -8,7 +8,7 @@ reason) back to typed exceptions with its own single table.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -82,7 +82,7 @@ def to_status(error: BaseException) -> grpc.Status:
     return result
 
 
-async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
     """End the call with the refusal's rich status (raises)."""
     status = to_status(error)
     await context.abort(status.code, status.details, status.trailing_metadata)

@@ -25,8 +25,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
@@ -51,7 +51,13 @@ from .counters import ServiceCounters
 from .errors import ServiceError, abort, describe
 from .leases import LeaseTable
 from .limits import (
-    Admission, HypPageLedger, Limits, check_name, check_pages, exhausted, quota_exceeded,
+    Admission,
+    HypPageLedger,
+    Limits,
+    check_name,
+    check_pages,
+    exhausted,
+    quota_exceeded,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +82,9 @@ _OUTCOME = {
 }
 REFUSALS = (PkvmError, ServiceError)
 
-F = TypeVar("F", bound=Callable[..., Any])
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[["HypervisorServicer", Any], Any]
+AsyncHandler = Callable[["HypervisorServicer", Any, Context], Coroutine[Any, Any, Any]]
 
 
 class Auth(enum.Enum):
@@ -87,16 +95,15 @@ class Auth(enum.Enum):
     CLIENT = "client"  # the client token, when one is configured (CreateVM, host-wide calls)
 
 
-def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[F], F]:
+def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[Handler],
+                                                                            AsyncHandler]:
     """A unary handler: `fn(self, request)` runs under the simulator lock and returns the
     response. Around it: admission, credentials, the operation count `op`, the call count by
     status code, and refusals turned into rich statuses."""
 
-    def wrap(fn: F) -> F:
+    def wrap(fn: Handler) -> AsyncHandler:
         @functools.wraps(fn)
-        async def handler(
-            self: HypervisorServicer, request: Any, context: grpc.aio.ServicerContext
-        ) -> Any:
+        async def handler(self: HypervisorServicer, request: Any, context: Context) -> Any:
             try:
                 self._admit()
                 try:
@@ -122,7 +129,7 @@ def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[F
             self.counters.count_request(method, "OK")
             return response
 
-        return handler  # type: ignore[return-value]
+        return handler
 
     return wrap
 
@@ -438,7 +445,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     async def Execute(
         self, request_iterator: AsyncIterator[pb2.ExecuteRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> None:
         """Each request is one batch for the stream's VM, answered before the next is read.
         The stream is authenticated when it starts (its token names its VM). A malformed
@@ -468,7 +475,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self.admission.close_stream(handle)
         self.counters.count_request("Execute", "OK")
 
-    async def _next_batch(self, context: grpc.aio.ServicerContext) -> Any:
+    async def _next_batch(self, context: Context) -> Any:
         """The next request, or EOF; an idle stream is closed after stream_idle_seconds."""
         if self.stopping and time.monotonic() >= self._stop_deadline:
             raise shutting_down()
@@ -485,7 +492,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self._idle_streams.discard(task)
 
     async def _serve_stream(
-        self, handle: int, token: str | None, context: grpc.aio.ServicerContext
+        self, handle: int, token: str | None, context: Context
     ) -> None:
         while True:
             request = await self._next_batch(context)
