@@ -42,6 +42,7 @@ from .knobs import (
 
 log = logging.getLogger("pkvm_sim.serve")
 
+SWITCH_INTERVAL_SECONDS = 0.001
 EXIT_OK = 0
 EXIT_USAGE = 2
 ENV_PREFIX = "PKVM_SIM_"
@@ -168,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(level)
+    # The batch worker thread computes while the loop thread serves other calls: hand the
+    # GIL over every millisecond instead of every 5 (docs/service.md, bench_tenancy.py).
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     from .server import start
 

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -223,6 +224,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.counters = ServiceCounters()
         self.reservation = reserve_message(config)
         self.chunk_seconds = chunk_seconds
+        # Chunks of long batches run here, one at a time, so the loop stays free to serve
+        # every other call meanwhile (they wait at most one chunk for the lock).
+        self.batch_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkvm-batch")
         self._batch_fns = batch_functions(
             hypervisor, self.ledger, max_pages_per_op=self.limits.max_pages_per_op,
             count_fault=self.counters.count_fault,
@@ -453,10 +457,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         batches answered before it stay done."""
         token = bearer_token(context.invocation_metadata())
         try:
-            if self.stopping:
-                raise shutting_down()
-            handle = self.tokens.handle_of(token)
-            self.admission.open_stream(handle)
+            self._admit()  # a stream counts as a call for as long as it is open
+            try:
+                handle = self.tokens.handle_of(token)
+                self.admission.open_stream(handle)
+            except BaseException:
+                self.admission.leave_rpc()
+                raise
         except REFUSALS as error:
             self.counters.count_request("Execute", describe(error)[0].name)
             await abort(context, error)
@@ -473,6 +480,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             await abort(context, shutting_down())
         finally:
             self.admission.close_stream(handle)
+            self.admission.leave_rpc()
         self.counters.count_request("Execute", "OK")
 
     async def _next_batch(self, context: Context) -> Any:
@@ -512,26 +520,28 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 raise shutting_down("; the batch was cut short")
 
     async def _run_chunks(self, run: BatchRun) -> None:
-        """Run the batch chunk by chunk, letting every other call in between chunks. A
-        cancelled call (client gone, deadline passed) stops at the next boundary."""
-        budget = self.chunk_seconds
+        """Run the batch chunk by chunk. The first chunk runs on the loop (most batches
+        need no more); later ones on the batch worker thread, so that other calls are
+        served while it works. A cancelled call (client gone, deadline passed) stops at
+        the next boundary: the await raises CancelledError."""
+        if self._chunk(run):
+            return
+        loop = asyncio.get_running_loop()
         while True:
-            with self.lock:
-                if run.step(budget):
-                    return
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 run.abort_rest("SHUTTING_DOWN", "the server is shutting down")
                 return
-            for _ in range(YIELDS_PER_CHUNK):
-                await asyncio.sleep(0)
+            if await loop.run_in_executor(self.batch_worker, self._chunk, run):
+                return
+
+    def _chunk(self, run: BatchRun) -> bool:
+        with self.lock:
+            return run.step(self.chunk_seconds)
 
 
 # Open streams may finish their work for this share of the grace period (the rest is margin
 # for the last chunk and the answers).
 STOP_MARGIN = 0.8
-# Loop iterations handed to other calls after each chunk of a batch: a unary call takes a
-# few iterations from arrival to answer (bench/bench_tenancy.py measures the effect).
-YIELDS_PER_CHUNK = 4
 
 
 def shutting_down(detail: str = "") -> ServiceError:
