@@ -62,7 +62,7 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 def noisy_tenant(target: str, nr_ops: int, pages: int, running: Any, batches: Any) -> None:
     """Tenant A: stream the heaviest batches until told to stop."""
     with grpc.insecure_channel(target) as channel:
-        stub = pb2_grpc.HypervisorServiceStub(channel)
+        stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
         vm = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=2 * pages))
         ops = [pb2.BATCH_OP_HOST_SHARE, pb2.BATCH_OP_HOST_UNSHARE] * (nr_ops // 2)
         batch = pb2.ExecuteRequest(handle=vm.vm.handle, ops=ops,
@@ -116,7 +116,7 @@ def main() -> int:
     worst = 0.0
     try:
         with grpc.insecure_channel(target) as channel:
-            stub = pb2_grpc.HypervisorServiceStub(channel)
+            stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
             vm = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=64))
             measure_b(stub, vm, 50)  # warm up
             for round_number in range(1, args.rounds + 1):

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from pkvm.v1 import hypervisor_pb2 as pb2
-from pkvm_client import AsyncHypervisor, AuthenticationError, Hypervisor
+from pkvm_client import AsyncHypervisor, AuthenticationError, Hypervisor, PkvmError
 from pkvm_sim.service.auth import bearer_token
 from pkvm_sim.service.server import RunningService
 
@@ -137,9 +137,9 @@ def test_tls(pki: Path) -> None:
             with pytest.raises(grpc.RpcError) as caught:
                 Stub(plain).GetStats(pb2.GetStatsRequest(), timeout=3)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        with Hypervisor(service.target, tls=True, timeout=3) as untrusting:  # system CAs
-            with pytest.raises(Exception):  # noqa: B017 (the SDK's transport error)
-                untrusting.stats()
+        with Hypervisor(service.target, tls=True, timeout=3) as untrusting, \
+                pytest.raises(PkvmError):  # the system's CAs do not trust the test CA
+            untrusting.stats()
 
         async def twin() -> None:
             async with AsyncHypervisor(service.target, root_certificates=ca) as hv:
@@ -159,9 +159,9 @@ def test_mutual_tls(pki: Path) -> None:
         with Hypervisor(service.target, root_certificates=ca, private_key=key,
                         certificate_chain=chain) as hv, hv.create_vm() as vm:
             vm.put_page(vm.alloc_pages())
-        with Hypervisor(service.target, root_certificates=ca, timeout=3) as anonymous:
-            with pytest.raises(Exception):  # noqa: B017 (no client certificate: refused)
-                anonymous.stats()
+        with Hypervisor(service.target, root_certificates=ca, timeout=3) as anonymous, \
+                pytest.raises(PkvmError):  # no client certificate: refused
+            anonymous.stats()
     finally:
         service.stop(0)
 
