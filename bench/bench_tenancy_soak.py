@@ -18,6 +18,7 @@ tests/service/test_soak.py runs a short version of this in the suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import random
 import re
@@ -37,24 +38,24 @@ MMIO_BASE = 0x1000_0000  # below the quick-start RAM: device memory
 
 def worker(target: str, nr_vms: int, seed: int) -> None:
     """One client process: drives its VMs until it is killed."""
-    from pkvm_client import Batch, Hypervisor, PkvmError
+    from pkvm_client import Batch, Hypervisor, NotFoundError, PkvmError
 
     rng = random.Random(seed)
     hv = Hypervisor(target, timeout=30)
     vms: list[Any] = []
-    held: dict[int, list[int]] = {}
+    held: dict[int, list[int]] = {}  # id(vm) -> pfns (handles are reused by the server)
 
     def create() -> None:
         vm = hv.create_vm(slice_pages=rng.choice((16, 64, 256)), lease_seconds=LEASE_SECONDS,
                           name=f"soak-{seed}-{rng.randrange(1 << 20)}")
         vms.append(vm)
-        held[vm.handle] = []
+        held[id(vm)] = []
 
     for _ in range(nr_vms):
         create()
     while True:
         vm = rng.choice(vms)
-        pfns = held[vm.handle]
+        pfns = held[id(vm)]
         roll = rng.random()
         try:
             if roll < 0.3:
@@ -85,8 +86,14 @@ def worker(target: str, nr_vms: int, seed: int) -> None:
                 hv.map_mmio(MMIO_BASE + rng.randrange(1 << 16) * 4096)
             else:
                 vms.remove(vm)
-                del held[vm.handle]
+                del held[id(vm)]
                 vm.destroy()
+                create()
+        except NotFoundError:  # reaped: the machine is slow and its lease ran out
+            if vm in vms:
+                vms.remove(vm)
+                del held[id(vm)]
+            with contextlib.suppress(PkvmError):
                 create()
         except PkvmError:
             pass  # quotas, an exhausted pool, a guest IPA mapped twice: all expected
