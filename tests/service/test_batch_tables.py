@@ -23,3 +23,13 @@ def test_every_batch_op_has_a_function_and_a_name() -> None:
 def test_operation_names_are_unique_and_counted_from_zero() -> None:
     assert len(set(OP_NAMES)) == len(OP_NAMES)
     assert ServiceCounters().operations_by_name() == dict.fromkeys(OP_NAMES, 0)
+
+
+def test_not_in_profile_is_a_failed_precondition() -> None:
+    import grpc
+    from pkvm_sim.core.errors import InvalidArgument
+    from pkvm_sim.service.errors import status_code_of
+
+    error = InvalidArgument("v5.13 has no such pool", reason="NOT_IN_PROFILE")
+    assert status_code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_code_of(InvalidArgument("bad")) == grpc.StatusCode.INVALID_ARGUMENT

@@ -34,7 +34,17 @@ STATUS_OF_ERROR: tuple[tuple[type[core_errors.PkvmError], grpc.StatusCode], ...]
 )
 
 
+# Reasons whose status differs from their class's: a configuration the running profile does
+# not model is a precondition of the machine, not a bad argument.
+STATUS_OF_REASON: dict[str, grpc.StatusCode] = {
+    "NOT_IN_PROFILE": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
 def status_code_of(error: core_errors.PkvmError) -> grpc.StatusCode:
+    by_reason = STATUS_OF_REASON.get(error.reason)
+    if by_reason is not None:
+        return by_reason
     for cls, code in STATUS_OF_ERROR:
         if isinstance(error, cls):
             return code
