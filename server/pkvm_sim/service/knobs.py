@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from pkvm_sim.core.config import Memblock, SimConfig
+from pkvm_sim.core.profiles import profile_help
 
 SIM = "sim"
 SERVER = "server"
@@ -72,7 +73,7 @@ class Knob:
 
 
 SIM_KNOBS = (
-    Knob("profile", SIM, "kernel modelled", "v5.13|v5.14"),
+    Knob("profile", SIM, "kernel modelled", profile_help()),
     Knob("hyp_page_layout", SIM, "struct hyp_page size (none: the profile's)", "32|4|2"),
     Knob("page_size", SIM, "PAGE_SIZE", "4K|16K|64K"),
     Knob("vmemmap_coverage", SIM, "vmemmap coverage", "carveout|all"),
