@@ -19,6 +19,7 @@ from pkvm_client import (
     NotFoundError,
 )
 from pkvm_sim.core.config import SimConfig
+from pkvm_sim.service.auth import ClientToken
 from pkvm_sim.service.persist import StateKeeper
 from pkvm_sim.service.server import RunningService, ServerSettings, start
 
@@ -145,7 +146,7 @@ def test_save_state_goes_through_the_admin_authorization_hook(
 ) -> None:
     service = serve(tmp_path / "m.pkvm")
     running.append(service)
-    service.servicer.client_token = "admin-secret"
+    service.servicer.client_token = ClientToken("admin-secret")
     with grpc.insecure_channel(service.target) as channel:
         stub = pb2_grpc.HypervisorServiceStub(channel)
         for metadata in ((), (("authorization", "Bearer wrong"),)):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pkvm_sim.core import state_file
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
+from pkvm_sim.core.model import PoolKind
 from pkvm_sim.core.state_file import FORMAT_VERSION, StateFileError
 
 from .counters import OP_NAMES
@@ -156,7 +157,12 @@ def parse_service(section: Mapping[str, Any]) -> ServiceState:
 
 def restore_service(servicer: HypervisorServicer, state: ServiceState) -> None:
     """Put a checked service section back, before the first call is served."""
-    servicer.tokens._tokens.update(state.tokens)
+    for handle, token in state.tokens.items():
+        servicer.tokens.adopt(handle, token)
+    hv = servicer.hypervisor
+    for pfn, (handle, kind) in hv._owners.items():  # the hyp-pool quota ledger, re-derived
+        if kind is PoolKind.HYP:
+            servicer.ledger.allocated(handle, [pfn], hv.hyp_pool.page_order(pfn))
     leases = servicer.leases
     if leases.enabled:  # a server started with leases off gives none back
         now = leases.clock()
@@ -165,8 +171,7 @@ def restore_service(servicer: HypervisorServicer, state: ServiceState) -> None:
             leases._deadlines[handle] = now + left
     counters = servicer.counters
     counters._requests.update(state.requests)
-    for name, n in state.operations.items():
-        counters.operations[OP_NAMES.index(name)] = n
+    counters.operations.update(state.operations)
     counters.fault_failures.update(state.fault_failures)
     counters.vms_expired = state.vms_expired
 
