@@ -343,3 +343,35 @@ def test_a_save_that_cannot_write_is_an_error_and_changes_nothing(
         assert "cannot write the state file" in caught.value.details()
         assert stub.GetStats(pb2.GetStatsRequest()).nr_vms == 0  # still serving
     assert not folder.exists()
+
+
+def test_a_restored_vm_streams_with_its_token_and_keeps_its_quota(
+    tmp_path: Path, running: list[RunningService]
+) -> None:
+    from pkvm_client import Batch, PkvmError
+    from pkvm_sim.service.limits import Limits
+
+    path = tmp_path / "m.pkvm"
+    first = serve(path)
+    running.append(first)
+    with Hypervisor(first.target) as hv:
+        vm = hv.create_vm(slice_pages=8)
+        vm.alloc_pages(order=2)  # 4 pages of the hyp pool
+        hv.save_state()
+    first.stop(0)
+    keeper = StateKeeper(path)
+    restored = keeper.load()
+    assert restored is not None
+    quota = ServerSettings(listen="127.0.0.1:0", metrics_listen=None,
+                           limits=Limits(quota_hyp_pages=5))
+    second = start(restored.config, quota, state=keeper, hypervisor=restored.hypervisor)
+    running.append(second)
+    with Hypervisor(second.target) as hv:
+        same = hv.attach(vm.handle, vm.token)
+        batch = Batch()
+        batch.alloc_pages(0)
+        result = same.execute(batch)  # an Execute stream: its token is checked at start
+        assert result.completed == 1
+        with pytest.raises(PkvmError) as caught:  # 4 + 1 held: the quota of 5 is reached
+            same.alloc_pages(order=0)
+        assert caught.value.reason == "QUOTA_EXCEEDED"
