@@ -195,7 +195,7 @@ def _record_refusal(errors: list[pb2.BatchError], index: int, error: BaseExcepti
     """Describe a refused operation; returns its google.rpc.Code."""
     if isinstance(error, PkvmError):
         errors.append(pb2.BatchError(index=index, reason=error.reason, message=error.message,
-                                     would_panic=error.would_panic))
+                                     would_panic=error.would_panic, errno=error.errno_name))
         return int(status_code_of(error).value[0])
     # A simulator bug: report it, keep serving.
     errors.append(pb2.BatchError(index=index, reason="INTERNAL", message=repr(error)))
