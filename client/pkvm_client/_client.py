@@ -378,6 +378,7 @@ class BatchStream:
         self._failed = False
         self._closed = False
         self._expired = False
+        self._waiting: int | None = None  # the batch whose result execute() waits for
 
     def __enter__(self) -> BatchStream:
         return self
@@ -391,11 +392,15 @@ class BatchStream:
         with self._lock:
             self._next_id += 1
             self._requests.put(batch.request(self.vm.handle, self._next_id))
-            timer = None if timeout is None else threading.Timer(timeout, self._expire)
+            batch_id = self._waiting = self._next_id
+            timer = None if timeout is None else threading.Timer(
+                timeout, self._expire, (batch_id,)
+            )
             if timer is not None:
                 timer.start()
             try:
                 response = next(self._responses)
+                self._waiting = None
             except grpc.RpcError as error:
                 self._failed = True
                 if self._expired:
@@ -409,9 +414,11 @@ class BatchStream:
                     timer.cancel()
         return BatchResult.from_response(response)
 
-    def _expire(self) -> None:
-        self._expired = True
-        self._responses.cancel()
+    def _expire(self, batch_id: int) -> None:
+        """A batch deadline passed: end the stream, unless that batch's result came in."""
+        if self._waiting == batch_id:
+            self._expired = True
+            self._responses.cancel()
 
     def close(self) -> None:
         """Half-close the stream and wait for the server to end it (idempotent)."""
