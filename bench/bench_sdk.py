@@ -92,7 +92,8 @@ def run(target: str, calls: int, rounds: int) -> None:
         print(f"{rounds} rounds of {calls} calls; medians in microseconds per call")
         print(f"{'phase':<24}{'raw stub':>12}{'SDK':>12}{'SDK/raw':>10}")
         for name, (raw, sdk) in phases.items():
-            raw_us, sdk_us = [], []
+            raw_us: list[float] = []
+            sdk_us: list[float] = []
             for i in range(rounds):  # alternate which side goes first
                 first, second = (raw_us, raw), (sdk_us, sdk)
                 for times, fn in (first, second) if i % 2 == 0 else (second, first):
