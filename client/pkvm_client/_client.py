@@ -364,8 +364,8 @@ class BatchStream:
     """An open Execute stream of one VM (use as a context manager).
 
     A deadline that passes, for the stream or for one batch, ends the stream with a
-    TransportError (DEADLINE_EXCEEDED). A batch the server had already read still runs to
-    completion: the client cannot tell whether it did."""
+    TransportError (DEADLINE_EXCEEDED). Operations of that batch the server already ran stay
+    done; the client cannot tell how many ran."""
 
     def __init__(self, vm: VM, *, timeout: float | None = None) -> None:
         self.vm = vm
