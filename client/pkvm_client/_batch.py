@@ -28,6 +28,8 @@ from ._errors import PkvmError, make_error
 from ._types import Pool, PoolName
 
 MAX_BATCH_OPS = 4096
+# Pool or pool name -> the protocol's PoolKind number (a Pool hashes as its value).
+_POOL_ARG: dict[object, int] = {key: int(p) for p in Pool for key in (p, p.name.lower())}
 
 
 class Batch:
@@ -51,7 +53,8 @@ class Batch:
 
     def alloc_pages(self, order: int = 0, pool: Pool | PoolName = Pool.HYP) -> int:
         """Add hyp_alloc_pages of a 2**order block; its value is the block's head pfn."""
-        return self._add(pb2.BATCH_OP_ALLOC_PAGES, order, int(Pool.of(pool)))
+        arg = _POOL_ARG.get(pool)  # one lookup on the hot path; Pool.of explains a bad pool
+        return self._add(pb2.BATCH_OP_ALLOC_PAGES, order, arg or int(Pool.of(pool)))
 
     def put_page(self, pfn: int) -> int:
         """Add hyp_put_page on a block head; its value is the refcount after."""

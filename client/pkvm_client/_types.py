@@ -35,6 +35,8 @@ class Pool(enum.IntEnum):
     @classmethod
     def of(cls, pool: Pool | PoolName) -> Pool:
         """`pool` as a Pool: a Pool, or its lower-case name 'hyp' / 'vm' (ValueError else)."""
+        if isinstance(pool, Pool):  # the common case first: batches call this per operation
+            return pool
         if isinstance(pool, str):
             try:
                 return cls[pool.upper()]
