@@ -147,3 +147,36 @@ def test_pool_accepts_the_enum_or_its_name() -> None:
     assert pkvm_client.Pool.of(pkvm_client.Pool.HYP) is pkvm_client.Pool.HYP
     with pytest.raises(ValueError):
         pkvm_client.Pool.of("host")  # type: ignore[arg-type]
+
+
+TWINS = [
+    (pkvm_client.Hypervisor, pkvm_client.AsyncHypervisor),
+    (pkvm_client.VM, pkvm_client.AsyncVM),
+    (pkvm_client.BatchStream, pkvm_client.AsyncBatchStream),
+]
+NO_CALL = {"attach", "close"}  # make no RPC, so they take no deadline
+
+
+def _methods(cls: type) -> dict[str, inspect.Signature]:
+    return {name.split(".")[1]: inspect.signature(member) for name, member in _public_members(cls)
+            if inspect.isfunction(member)}
+
+
+@pytest.mark.parametrize(("sync", "aio"), TWINS, ids=lambda cls: cls.__name__)
+def test_the_asyncio_twin_has_the_same_methods(sync: type, aio: type) -> None:
+    """What the sync client offers, the asyncio one offers too, with the same parameters
+    (AsyncHypervisor once lacked wait_ready)."""
+    sync_methods, aio_methods = _methods(sync), _methods(aio)
+    assert sorted(sync_methods) == sorted(aio_methods)
+    for name, signature in sync_methods.items():
+        assert list(signature.parameters) == list(aio_methods[name].parameters), name
+
+
+@pytest.mark.parametrize("cls", [c for pair in TWINS for c in pair], ids=lambda c: c.__name__)
+def test_every_call_takes_a_timeout(cls: type) -> None:
+    for name, signature in _methods(cls).items():
+        if name in NO_CALL:
+            continue
+        parameter = signature.parameters.get("timeout")
+        assert parameter is not None, f"{cls.__name__}.{name} has no timeout="
+        assert parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
