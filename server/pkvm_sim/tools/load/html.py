@@ -56,12 +56,13 @@ def throughput_picture(report: dict[str, Any]) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 4))
     timeline = report["timeline"]
-    ts = [row["t"] for row in timeline]
-    ax.plot(ts, [row["ok"] for row in timeline], label="ok / s", color="tab:green")
-    ax.plot(ts, [row["expected"] for row in timeline], label="expected refusals / s",
-            color="tab:orange")
-    ax.plot(ts, [row["unexpected"] for row in timeline], label="unexpected errors / s",
-            color="tab:red", linewidth=2)
+    # Each point is one bucket's rate at the bucket's middle (the last bucket may be short).
+    ts = [row["t"] + row["span_s"] / 2 for row in timeline]
+    for key, label, color in (("ok", "ok / s", "tab:green"),
+                              ("expected", "expected refusals / s", "tab:orange"),
+                              ("unexpected", "unexpected errors / s", "tab:red")):
+        ax.plot(ts, [row[key] / row["span_s"] for row in timeline], label=label, color=color,
+                marker=".")
     ax.set_xlabel("seconds since the end of the warm-up")
     ax.set_ylabel("operations per second")
     ax.set_ylim(bottom=0)
@@ -93,14 +94,20 @@ def pool_pictures(report: dict[str, Any]) -> list[tuple[str, str]]:
     for name in names:
         orders = max(len(s["pools"][name]["free_blocks_per_order"]) for s in samples)
         fig, ax = plt.subplots(figsize=(11, 4))
-        cmap = plt.get_cmap("viridis", max(orders, 2))
+        colors = plt.get_cmap("tab20").colors
+        highest = 0
         for order in range(orders):
             counts = [_at(s["pools"][name]["free_blocks_per_order"], order) for s in samples]
             if any(counts):
-                ax.plot(ts, counts, label=f"order {order}", color=cmap(order))
+                highest = max(highest, *counts)
+                ax.plot(ts, counts, label=f"order {order}", color=colors[(2 * order) % 20],
+                        linestyle="-" if order < 10 else "--", marker=".")
         ax.set_xlabel("seconds since the end of the warm-up")
-        ax.set_ylabel("free blocks")
-        ax.set_yscale("symlog", linthresh=10)
+        if highest > 100:  # thousands of order-0 blocks next to a few big ones
+            ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylabel("free blocks (log above 1)")
+        else:
+            ax.set_ylabel("free blocks")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{name} pool: free blocks per order over time")
         ax.grid(True, alpha=0.4)
@@ -163,7 +170,8 @@ ops/s. Codes: {esc(', '.join(f'{k}={v}' for k, v in report['codes'].items()))}.<
 An operation inside an Execute batch is charged the batch's round trip.</p>
 <h2>Refusals</h2>
 <p>Expected (what a loaded pool or a quota answers):</p><ul>{outcomes or '<li>none</li>'}</ul>
-<p>Unexpected (these fail the run):</p><ul class="bad">{unexpected or '<li>none</li>'}</ul>
+<p>Unexpected (these fail the run):</p>
+<ul{' class="bad"' if unexpected else ''}>{unexpected or '<li>none</li>'}</ul>
 <h2>Leak check</h2>
 <p>{leak['vms_created']} VMs created, {leak['vms_destroyed']} destroyed;
 {'every VM gave back what its ledger says' if not leak['problems'] else 'problems:'}</p>

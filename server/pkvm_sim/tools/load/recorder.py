@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
-from .sdk import PoolFigures, Refusal
+from .sdk import Refusal, ServerFigures
 from .workloads import is_expected
 
 LOWEST_US = 1
@@ -28,8 +28,7 @@ def new_histogram() -> HdrHistogram:
 @dataclass
 class PoolSample:
     t: float
-    nr_vms: int
-    pools: list[PoolFigures]
+    server: ServerFigures
 
 
 @dataclass

@@ -61,7 +61,6 @@ def build_report(shape: Shape, workload: Workload, result: RunResult) -> dict[st
     total = recorder.measured_ops
     leak = result.leak
     ok = not unexpected and leak.ok
-    last = max(recorder.seconds, default=-1)
     return {
         "tool": "pkvm-sim load",
         "target": shape.target,
@@ -80,13 +79,12 @@ def build_report(shape: Shape, workload: Workload, result: RunResult) -> dict[st
         "expected_refusals": expected,
         "unexpected": unexpected,
         "latency_clamped": recorder.clamped,
-        "timeline": [{"t": s, **asdict(recorder.seconds[s])} if s in recorder.seconds
-                     else {"t": s, "ok": 0, "expected": 0, "unexpected": 0}
-                     for s in range(last + 1)],
-        "pools": [{"t": round(sample.t, 3), "nr_vms": sample.nr_vms,
+        "timeline": timeline(recorder, seconds),
+        "pools": [{"t": round(sample.t, 3), "nr_vms": sample.server.nr_vms,
+                   "mmio_recycles": sample.server.mmio_recycles,
                    "pools": {p.name: {"free_pages": p.free_pages, "total_pages": p.total_pages,
                                       "free_blocks_per_order": list(p.free_blocks_per_order)}
-                             for p in sample.pools}}
+                             for p in sample.server.pools}}
                   for sample in recorder.samples],
         "leak_check": {"ok": leak.ok, "vms_created": leak.vms_created,
                        "vms_destroyed": leak.vms_destroyed, "problems": leak.problems,
@@ -94,6 +92,19 @@ def build_report(shape: Shape, workload: Workload, result: RunResult) -> dict[st
         "result": "ok" if ok else "failed",
         "exit_code": 0 if ok else 1,
     }
+
+
+def timeline(recorder: Recorder, seconds: float) -> list[dict[str, Any]]:
+    """Outcomes per one-second bucket; `span_s` is the bucket's length (the last one may be
+    shorter), so rate = count / span_s."""
+    last = max(max(recorder.seconds, default=0), int(seconds - 1e-9))
+    rows = []
+    for s in range(last + 1):
+        counts = asdict(recorder.seconds[s]) if s in recorder.seconds else \
+            {"ok": 0, "expected": 0, "unexpected": 0}
+        span = max(0.001, min(1.0, seconds - s)) if s == last else 1.0
+        rows.append({"t": s, "span_s": round(span, 3), **counts})
+    return rows
 
 
 def csv_text(report: dict[str, Any]) -> str:
@@ -154,4 +165,6 @@ def _pool_lines(report: dict[str, Any]) -> list[str]:
     for name in names:
         free = [s["pools"][name]["free_pages"] for s in samples if name in s["pools"]]
         parts.append(f"{name} {min(free)}..{max(free)}")
-    return [f"pool free pages over {len(samples)} samples (min..max): " + ", ".join(parts)]
+    recycles = samples[-1]["mmio_recycles"] - samples[0]["mmio_recycles"]
+    return [f"pool free pages over {len(samples)} samples (min..max): " + ", ".join(parts)
+            + f"; host stage-2 MMIO recycles during the run: {recycles}"]

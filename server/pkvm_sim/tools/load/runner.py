@@ -30,8 +30,8 @@ from .sdk import (
     AsyncVM,
     Batch,
     PkvmError,
-    PoolFigures,
     Refusal,
+    ServerFigures,
     VmFacts,
     int_result,
     pool_figures,
@@ -158,7 +158,7 @@ class LoadRun:
             for conn in conns:
                 await asyncio.wait_for(conn.channel.channel_ready(), self.shape.connect_timeout)
             reserve = await conns[0].reserve()
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise Unreachable(f"cannot reach {self.shape.target}: no connection within"
                               f" {self.shape.connect_timeout:g} s") from None
         except PkvmError as error:
@@ -353,10 +353,10 @@ class LoadRun:
         if now < self.measure_from:
             return
         try:
-            nr_vms, pools = pool_figures(await hv.stats())
+            figures = pool_figures(await hv.stats())
         except PkvmError:
             return  # a missed sample; the calls themselves report the trouble
-        self.recorder.samples.append(PoolSample(now - self.measure_from, nr_vms, pools))
+        self.recorder.samples.append(PoolSample(now - self.measure_from, figures))
 
     def _progress(self, now: float, final: bool = False) -> None:
         if self.shape.progress == "none":
@@ -375,11 +375,11 @@ def ledger_pages(facts: VmFacts, state: VmState) -> int:
     return state.held_pages + facts.slice_pages + facts.donated_pages + state.topped_up
 
 
-def server_wide_check(before: tuple[int, list[PoolFigures]],
-                      after: tuple[int, list[PoolFigures]]) -> str:
+def server_wide_check(before: ServerFigures, after: ServerFigures) -> str:
     """The whole hyp pool back where it was: meaningful only when no other client held a VM
     before or after the run, so it is skipped (not failed) otherwise."""
-    (vms_before, pools_before), (vms_after, pools_after) = before, after
+    vms_before, pools_before = before.nr_vms, before.pools
+    vms_after, pools_after = after.nr_vms, after.pools
     if vms_before or vms_after:
         return (f"skipped: other VMs on the server ({vms_before} before, {vms_after} after);"
                 " the per-VM ledgers are the check")
@@ -405,9 +405,9 @@ def progress_line(run: LoadRun, now: float) -> str:
     unexpected = sum(s.unexpected for s in rec.seconds.values())
     pools = ""
     if rec.samples:
-        last = rec.samples[-1]
+        last = rec.samples[-1].server
         pools = "  " + " ".join(f"{p.name} free {p.free_pages}" for p in last.pools) + \
-            f"  vms {last.nr_vms}"
+            f"  recycles {last.mmio_recycles}  vms {last.nr_vms}"
     return (f"[{phase}] {rec.measured_ops} ops  {rate:,.0f} ops/s  refused: {expected}"
             f" expected, {unexpected} unexpected{pools}")
 

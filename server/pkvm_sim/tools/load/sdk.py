@@ -22,8 +22,8 @@ from pkvm_client import (
 
 __all__ = [
     "AsyncHypervisor", "AsyncVM", "Batch", "BatchResult", "Hypervisor", "PkvmError",
-    "PoolFigures", "Refusal", "VmFacts", "int_result", "pool_figures", "refusal_of",
-    "vm_facts", "is_transport_error",
+    "PoolFigures", "Refusal", "ServerFigures", "VmFacts", "int_result", "is_transport_error",
+    "pool_figures", "refusal_of", "vm_facts",
 ]
 
 
@@ -77,10 +77,19 @@ class PoolFigures:
     free_blocks_per_order: tuple[int, ...]
 
 
-def pool_figures(stats: Any) -> tuple[int, list[PoolFigures]]:
-    """(number of VMs, the server's shared pools) from a GetStats answer; per-VM pools
-    ("vm/<handle>") are left out: they come and go with the VMs."""
+@dataclass(frozen=True)
+class ServerFigures:
+    """One GetStats answer, as the load tool samples it."""
+
+    nr_vms: int
+    mmio_recycles: int  # host stage-2 MMIO recycles since boot
+    pools: list[PoolFigures]
+
+
+def pool_figures(stats: Any) -> ServerFigures:
+    """The server's shared pools from a GetStats answer; per-VM pools ("vm/<handle>") are
+    left out: they come and go with the VMs."""
     pools = [PoolFigures(str(p.name), int(p.free_pages), int(p.total_pages),
                          tuple(int(n) for n in p.free_blocks_per_order))
              for p in stats.pools if not str(p.name).startswith("vm/")]
-    return int(stats.nr_vms), pools
+    return ServerFigures(int(stats.nr_vms), int(stats.host_stage2.mmio_recycles), pools)
