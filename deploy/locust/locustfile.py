@@ -18,7 +18,8 @@ user's own ledger (a `leak_check` failure if it differs).
     locust -f deploy/locust/locustfile.py --host 127.0.0.1:50051 --pkvm-workload churn \
         --stop-timeout 10
     # distributed: one master, any number of workers (on other machines: --master-host)
-    locust -f deploy/locust/locustfile.py --master --host 10.0.0.5:50051 --headless -u 256 -r 32 -t 5m
+    locust -f deploy/locust/locustfile.py --master --host 10.0.0.5:50051 --headless \
+        -u 256 -r 32 -t 5m --stop-timeout 10
     locust -f deploy/locust/locustfile.py --worker --master-host 10.0.0.9
 """
 

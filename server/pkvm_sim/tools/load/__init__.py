@@ -15,9 +15,12 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .workloads import BUILTIN, WorkloadError, load_workload
+
+if TYPE_CHECKING:
+    from .runner import Shape
 
 DEFAULTS: dict[str, Any] = {
     "target": "127.0.0.1:50051", "vms": 16, "connections": 1, "duration": 10.0, "rps": 0.0,
@@ -115,7 +118,7 @@ def _usage_error(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from .report import build_report
-    from .runner import Shape, Unreachable, run_load
+    from .runner import Unreachable, run_load
 
     prog = "pkvm-sim " + getattr(args, "command", "load")
     problem = _usage_error(args)
@@ -127,18 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"{prog}: {problem}", file=sys.stderr)
         return 2
-    progress = args.progress
-    if progress == "auto":
-        progress = "tty" if sys.stderr.isatty() else "lines"
-    shape = Shape(
-        target=args.target, vms=args.vms, connections=args.connections,
-        duration=(DEFAULTS["duration"] if args.total is None else None)
-        if args.duration is None else args.duration,
-        total=args.total, rps=args.rps, warmup=args.warmup, seed=args.seed, batch=args.batch,
-        slice_pages=args.slice_pages, max_ops=args.max_ops, timeout=args.timeout,
-        connect_timeout=args.connect_timeout, sample_interval=args.sample_interval,
-        progress=progress, progress_interval=args.progress_interval,
-    )
+    shape = shape_from_args(args)
     try:
         result = run_load(shape, workload)
     except Unreachable as error:
@@ -147,6 +139,25 @@ def run(args: argparse.Namespace) -> int:
     report = build_report(shape, workload, result)
     write_outputs(report, args)
     return int(report["exit_code"])
+
+
+def shape_from_args(args: argparse.Namespace) -> Shape:
+    """The run's shape, exactly as asked: no limit is cut or capped."""
+    from .runner import Shape
+
+    progress = args.progress
+    if progress == "auto":
+        progress = "tty" if sys.stderr.isatty() else "lines"
+    duration = args.duration
+    if duration is None and args.total is None:
+        duration = DEFAULTS["duration"]
+    return Shape(
+        target=args.target, vms=args.vms, connections=args.connections, duration=duration,
+        total=args.total, rps=args.rps, warmup=args.warmup, seed=args.seed, batch=args.batch,
+        slice_pages=args.slice_pages, max_ops=args.max_ops, timeout=args.timeout,
+        connect_timeout=args.connect_timeout, sample_interval=args.sample_interval,
+        progress=progress, progress_interval=args.progress_interval,
+    )
 
 
 def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
