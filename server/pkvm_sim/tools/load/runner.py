@@ -426,9 +426,9 @@ def progress_line(run: LoadRun, now: float, last: tuple[float, int]) -> str:
     unexpected = sum(s.unexpected for s in rec.seconds.values())
     pools = ""
     if rec.samples:
-        last = rec.samples[-1].server
-        pools = "  " + " ".join(f"{p.name} free {p.free_pages}" for p in last.pools) + \
-            f"  recycles {last.mmio_recycles}  vms {last.nr_vms}"
+        server = rec.samples[-1].server
+        pools = "  " + " ".join(f"{p.name} free {p.free_pages}" for p in server.pools) + \
+            f"  recycles {server.mmio_recycles}  vms {server.nr_vms}"
     return (f"[{phase}] {rec.measured_ops} ops  {rate:,.0f} ops/s  refused: {expected}"
             f" expected, {unexpected} unexpected{pools}")
 
