@@ -29,20 +29,17 @@ import random
 import time
 from typing import Any
 
-import grpc.experimental.gevent as grpc_gevent
-
-grpc_gevent.init_gevent()  # grpc's sync client must yield to gevent, as Locust's users do
-
-from locust import User, constant, events, task  # noqa: E402
-from pkvm_sim.tools.load.runner import GONE_CODES, ledger_pages  # noqa: E402
-from pkvm_sim.tools.load.sdk import (  # noqa: E402
+import gevent
+from locust import User, constant, events, task
+from pkvm_sim.tools.load.runner import GONE_CODES, ledger_pages
+from pkvm_sim.tools.load.sdk import (
     Hypervisor,
     PkvmError,
     VmFacts,
     refusal_of,
     vm_facts,
 )
-from pkvm_sim.tools.load.workloads import (  # noqa: E402
+from pkvm_sim.tools.load.workloads import (
     BUILTIN,
     RECYCLE,
     Call,
@@ -51,6 +48,13 @@ from pkvm_sim.tools.load.workloads import (  # noqa: E402
     is_expected,
     load_workload,
 )
+
+
+def blocking(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one blocking SDK call on a native thread of gevent's pool; the user's greenlet
+    waits cooperatively. (grpc's own gevent integration, `init_gevent()`, was tried first:
+    under a few users it lost calls, leaving users blocked forever without a deadline.)"""
+    return gevent.get_hub().threadpool.apply(fn, args, kwargs)
 
 
 @events.init_command_line_parser.add_listener
@@ -63,6 +67,8 @@ def _pkvm_options(parser: Any) -> None:
     parser.add_argument("--pkvm-mmio-span", type=lambda s: int(s, 0), default=0x7000_0000)
     parser.add_argument("--pkvm-timeout", type=float, default=30.0,
                         help="deadline of each call, seconds")
+    parser.add_argument("--pkvm-threads", type=int, default=64,
+                        help="native threads per Locust process that carry the gRPC calls")
     parser.add_argument("--pkvm-lease", type=float, default=60.0,
                         help="VM lease, seconds: the server destroys the VM of a user that"
                         " was killed before its on_stop (0: no lease)")
@@ -80,9 +86,10 @@ class PkvmUser(User):  # type: ignore[misc]
                                                 opts.pkvm_mmio_span)
         self.slice_pages = int(opts.pkvm_slice_pages)
         self.lease = float(opts.pkvm_lease)
+        gevent.get_hub().threadpool.maxsize = max(1, int(opts.pkvm_threads))
         self.hv = Hypervisor(self.host, timeout=opts.pkvm_timeout)
         self.rnd = random.Random()
-        self.page_size = int(self.hv.reserve().page_size)
+        self.page_size = int(blocking(self.hv.reserve).page_size)
         self.vm: Any = None
         self.in_flight: Call | None = None  # the call a stop may have interrupted
         self._create()
@@ -107,7 +114,7 @@ class PkvmUser(User):  # type: ignore[misc]
         start = time.perf_counter()
         self.in_flight = call
         try:
-            result = getattr(self.vm, call.method)(*call.args)
+            result = blocking(getattr(self.vm, call.method), *call.args)
         except PkvmError as error:
             refusal = refusal_of(error)
             self._report(call.op, start, error, expected=is_expected(call.op, refusal))
@@ -130,8 +137,8 @@ class PkvmUser(User):  # type: ignore[misc]
     def _create(self) -> None:
         start = time.perf_counter()
         try:
-            self.vm = self.hv.create_vm(nr_vcpus=1, slice_pages=self.slice_pages,
-                                        name="locust", lease_seconds=self.lease or None)
+            self.vm = blocking(self.hv.create_vm, nr_vcpus=1, slice_pages=self.slice_pages,
+                               name="locust", lease_seconds=self.lease or None)
         except PkvmError as error:
             self._report("create_vm", start, error,
                          expected=is_expected("create_vm", refusal_of(error)))
@@ -149,7 +156,7 @@ class PkvmUser(User):  # type: ignore[misc]
         allowed = {ledger, ledger + (self.in_flight.stake if self.in_flight else 0)}
         start = time.perf_counter()
         try:
-            returned = int(vm.destroy())
+            returned = int(blocking(vm.destroy))
         except PkvmError as error:
             self._report("destroy_vm", start, error)
             return
@@ -159,7 +166,7 @@ class PkvmUser(User):  # type: ignore[misc]
             problem = f"DestroyVM gave back {returned} pages, the ledger says {ledger}"
         else:
             try:
-                vm.get_page(self.facts.slice_base_pfn)
+                blocking(vm.get_page, self.facts.slice_base_pfn)
                 problem = "the VM still answers after DestroyVM"
             except PkvmError as error:
                 if error.code.name not in GONE_CODES:

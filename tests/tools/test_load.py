@@ -444,3 +444,15 @@ def test_loadgen_alias_takes_the_old_flags(
     assert code == 0 and report["result"] == "ok"
     assert report["shape"]["slice_pages"] == 128 and report["shape"]["max_ops"] == 50
     assert "pkvm-sim loadgen" not in captured.err
+
+
+def test_the_readme_toml_workload_is_valid() -> None:
+    from pkvm_sim.tools.load.workloads import workload_from_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.DOTALL)
+    assert block is not None, "README.md lost its workload example"
+    import tomllib
+
+    workload = workload_from_table("readme", tomllib.loads(block.group(1)), 0, 1 << 20)
+    assert workload.weights["alloc"] == 5 and workload.orders == (0, 0, 0, 1, 3)

@@ -71,6 +71,13 @@ class Recorder:
             second.unexpected += count
         self.measured_ops += count
 
+    def overall(self) -> HdrHistogram:
+        """Every operation's latencies in one histogram."""
+        merged = new_histogram()
+        for histogram in self.histograms.values():
+            merged.add(histogram)
+        return merged
+
     def split_outcomes(self) -> tuple[dict[str, int], dict[str, int]]:
         """(expected refusals, unexpected refusals), each keyed "op: CODE/REASON"."""
         expected: dict[str, int] = {}
