@@ -48,7 +48,7 @@ def latency_picture(report: dict[str, Any]) -> str:
     ax.set_ylabel("latency (ms, log)")
     ax.set_title("Latency distribution per operation")
     ax.grid(True, which="major", alpha=0.4)
-    ax.legend(loc="upper left", fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
