@@ -123,16 +123,19 @@ class LoadRun:
 
     async def run(self) -> RunResult:
         shape = self.shape
+        # The VMs' calls go over --connections channels with the --timeout deadline; Reserve
+        # and the GetStats samples over one more, with the --connect-timeout deadline.
+        control = AsyncHypervisor(shape.target, timeout=shape.connect_timeout)
         conns = [AsyncHypervisor(shape.target, timeout=shape.timeout)
                  for _ in range(shape.connections)]
         try:
-            await self._connect(conns)
-            before = pool_figures(await conns[0].stats())
+            await self._connect(control, conns)
+            before = await self._figures(control)
             self.started = time.perf_counter()
             self.measure_from = self.started + shape.warmup
             if shape.duration is not None:
                 self.stop_at = self.measure_from + shape.duration
-            sampler = asyncio.create_task(self._sample_loop(conns[0]))
+            sampler = asyncio.create_task(self._sample_loop(control))
             with self._sigint_stops():
                 clients = [Client(i, conns[i % len(conns)], random.Random(
                     shape.seed * 1_000_003 + i)) for i in range(shape.vms)]
@@ -141,9 +144,9 @@ class LoadRun:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-            await self._sample(conns[0], ended)
+            await self._sample(control, ended)
             self._progress(ended, final=True)
-            after = pool_figures(await conns[0].stats())
+            after = await self._figures(control)
             self.leak.server_wide = server_wide_check(before, after)
             if self.leak.server_wide.startswith("FAILED"):
                 self.leak.problems.append(self.leak.server_wide)
@@ -151,14 +154,20 @@ class LoadRun:
             return RunResult(self.recorder, measured, self.leak, self.page_size,
                              self.vms_started)
         finally:
-            for conn in conns:
+            for conn in [control, *conns]:
                 await conn.close()
 
-    async def _connect(self, conns: list[AsyncHypervisor]) -> None:
+    async def _figures(self, control: AsyncHypervisor) -> ServerFigures | None:
         try:
-            for conn in conns:
+            return pool_figures(await control.stats())
+        except PkvmError:
+            return None
+
+    async def _connect(self, control: AsyncHypervisor, conns: list[AsyncHypervisor]) -> None:
+        try:
+            for conn in [control, *conns]:
                 await asyncio.wait_for(conn.channel.channel_ready(), self.shape.connect_timeout)
-            reserve = await conns[0].reserve()
+            reserve = await control.reserve()
         except TimeoutError:
             raise Unreachable(f"cannot reach {self.shape.target}: no connection within"
                               f" {self.shape.connect_timeout:g} s") from None
@@ -397,9 +406,11 @@ def ledger_pages(facts: VmFacts, state: VmState) -> int:
     return state.held_pages + facts.slice_pages + facts.donated_pages + state.topped_up
 
 
-def server_wide_check(before: ServerFigures, after: ServerFigures) -> str:
+def server_wide_check(before: ServerFigures | None, after: ServerFigures | None) -> str:
     """The whole hyp pool back where it was: meaningful only when no other client held a VM
     before or after the run, so it is skipped (not failed) otherwise."""
+    if before is None or after is None:
+        return "skipped: GetStats did not answer"
     vms_before, pools_before = before.nr_vms, before.pools
     vms_after, pools_after = after.nr_vms, after.pools
     if vms_before or vms_after:
