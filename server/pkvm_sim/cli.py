@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "scenario": ("pkvm_sim.tools.scenario", "run a seeded workload, e.g. mmio-pressure"),
     "load": ("pkvm_sim.tools.load", "load-test a running service: many VMs, histograms, reports"),
     "loadgen": ("pkvm_sim.tools.loadgen", "alias of `load` (kept for old scripts)"),
+    "kernel-check": ("pkvm_sim.tools.kernel_check",
+                     "boot real kernels under QEMU, compare their EL2 reservation with ours"),
 }
 
 

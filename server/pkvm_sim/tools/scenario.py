@@ -33,6 +33,7 @@ from pkvm_sim.core.config import Memblock, SimConfig, parse_size
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.layout import GIB, PAGE_SIZES, Profile
 from pkvm_sim.core.model import FaultOutcome
+from pkvm_sim.core.profiles import profile_names
 
 SCENARIOS = ("mmio-pressure", "refcount-limit")
 DEFAULT_SPANS = "0.5G,1G,2G,4G"
@@ -40,8 +41,8 @@ DEFAULT_SPANS = "0.5G,1G,2G,4G"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=SCENARIOS, help="which scenario to run")
-    parser.add_argument("--profile", choices=["v5.13", "v5.14", "both"], default="both",
-                        help="profile(s) to run (default: both, side by side)")
+    parser.add_argument("--profile", choices=[*profile_names(), "both"], default="both",
+                        help="profile(s) to run (default: both = v5.13 and v5.14, side by side)")
     parser.add_argument("--page-size", default="4K", choices=sorted(PAGE_SIZES))
     parser.add_argument("--memblock", action="append", default=None, metavar="BASE:SIZE",
                         help="RAM region (repeatable; default 0x80000000:4G)")
@@ -51,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spans", default=DEFAULT_SPANS, help="comma-separated IPA spans")
     parser.add_argument("--span-base", default=None,
                         help="where the MMIO spans start (default 0, the bottom of the IPA space)")
+    parser.add_argument("--ia-bits", type=int, default=SimConfig.ia_bits,
+                        help="host stage-2 IPA bits (default %(default)s); 44 to 48 give a"
+                        " 4-level stage-2 with 4K pages, whose level 0 holds no blocks")
     parser.add_argument("--faults-per-span", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -91,7 +95,8 @@ def build_config(args: argparse.Namespace, profile: str) -> SimConfig:
                 raise SystemExit("--hole too large for --ram-fragments")
             split += [Memblock(block.base + i * (size + hole), size) for i in range(n)]
         blocks = split
-    return SimConfig(profile=Profile(profile), page_size=page_size, memblocks=tuple(blocks))
+    return SimConfig(profile=Profile(profile), page_size=page_size, memblocks=tuple(blocks),
+                     ia_bits=args.ia_bits)
 
 
 def _host_pool_used(hv: Hypervisor) -> int:
@@ -217,12 +222,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "scenario": "mmio-pressure", "seed": args.seed, "spans": spans,
             "faults_per_span": args.faults_per_span, "page_size": config.page_size,
+            "ia_bits": config.ia_bits,
             "memblocks": [[b.base, b.size] for b in config.memblocks],
             "results": {r.profile: r.as_dict() for r in results},
         }, indent=2))
         return 0
     print(f"mmio-pressure: seed {args.seed}, {len(config.memblocks)} memblock(s),"
-          f" page {args.page_size}, spans {args.spans}, {args.faults_per_span} faults/span")
+          f" page {args.page_size}, ia_bits {config.ia_bits}, spans {args.spans},"
+          f" {args.faults_per_span} faults/span")
     rows = list(results[0].as_dict())[1:]
     header = f"{'':34}" + "".join(f"{r.profile:>12}" for r in results)
     print(header)
