@@ -39,7 +39,7 @@ SCHEMA_CHECK_STAMP := $(SCHEMA_CHECK_DIR)/node_modules/.stamp
 PYTEST_ARGS ?=
 
 .PHONY: help install install-runtime system-packages runtime-system-packages tools serve test \
-	lint bench proto image lock clean
+	container-images lint bench proto image lock clean
 
 help:
 	@echo "targets: install install-runtime tools serve test lint bench proto image lock clean"
@@ -91,7 +91,15 @@ system-packages:
 runtime-system-packages:
 	@bash scripts/install-system-packages --runtime
 
-test: system-packages install tools
+# The stand-in base images the container tests build on (scripts/podman-images: debootstrap'ed
+# Debian bookworm, built once per machine and cached), prepared before pytest runs so that no
+# test's timeout pays for them. Needs root and podman; elsewhere those tests skip (CI: fail).
+container-images:
+	@if [ "$$(id -u)" -eq 0 ] && command -v podman >/dev/null && command -v debootstrap >/dev/null; \
+	then bash scripts/podman-images all >/dev/null; \
+	else echo "note: not root, or no podman/debootstrap: the container tests will skip" >&2; fi
+
+test: system-packages install tools container-images
 	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc

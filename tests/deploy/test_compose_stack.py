@@ -23,6 +23,9 @@ from tests.deploy import podman
 from tests.deploy.catalog import DEPLOY_DIR, load_yaml
 from tests.prometheus_harness import PrometheusHandle, free_loopback_port, require_binary
 
+# Image builds and container start-ups: longer than the suite's default per-test timeout.
+pytestmark = pytest.mark.timeout(900)
+
 COMPOSE_YML = DEPLOY_DIR / "docker-compose.yml"
 COMPARE_YML = DEPLOY_DIR / "docker-compose.compare.yml"
 LOAD_SECONDS = 3

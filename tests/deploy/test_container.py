@@ -18,6 +18,9 @@ from pkvm_client import Hypervisor
 from tests.deploy import podman
 from tests.deploy.catalog import REPO_ROOT
 
+# Image builds and container start-ups: longer than the suite's default per-test timeout.
+pytestmark = pytest.mark.timeout(900)
+
 GRPC_PORT, METRICS_PORT = 50051, 9100
 GRACE_SECONDS = 10  # `serve`'s default grace period (--grace-seconds)
 NOT_IN_THE_RUNTIME = ("grpcio-tools", "pytest", "hypothesis", "mypy", "ruff", "buf-bin")

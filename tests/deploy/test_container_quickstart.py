@@ -21,6 +21,9 @@ import pytest
 from tests.deploy import podman
 from tests.deploy.catalog import REPO_ROOT
 
+# Image builds and container start-ups: longer than the suite's default per-test timeout.
+pytestmark = pytest.mark.timeout(900)
+
 DEV_ONLY = ("grpcio-tools", "pytest", "hypothesis", "mypy", "ruff", "buf-bin")
 SERVER_ONLY_MODULES = ("prometheus_client", "grpc_health", "grpc_reflection", "grpc_status")
 SDK_SCRIPT = f"""
