@@ -21,7 +21,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,7 +64,9 @@ def require_podman() -> None:
     pytest.skip(problem)
 
 
-def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def podman(
+    *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         ["podman", *args], capture_output=True, text=True, env=podman_env(), timeout=timeout
     )
@@ -183,8 +184,9 @@ def wait_healthy(name: str, timeout: float = 60) -> None:
         if result.returncode == 0:
             return
         if time.monotonic() > deadline:
-            logs = podman("logs", name, check=False).stdout + podman("logs", name, check=False).stderr
-            raise AssertionError(f"{name} not healthy after {timeout} s: {result.stderr}\n{logs}")
+            logs = podman("logs", name, check=False)
+            output = logs.stdout + logs.stderr
+            raise AssertionError(f"{name} not healthy after {timeout} s: {result.stderr}\n{output}")
         time.sleep(1)
 
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-
 from pkvm_client import Hypervisor
+
 from tests.deploy import podman
 from tests.deploy.catalog import REPO_ROOT
 

@@ -64,7 +64,9 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "-v", f"{inbox}:/in:ro", "-v", "/etc/ssl/certs:/etc/ssl/certs:ro",
             "-e", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", image, "bash", "-c", script,
         )
-        listening = podman.poll(lambda: "pkvm-sim listening on" in logs(name), timeout=400, interval=2)
+        listening = podman.poll(
+            lambda: "pkvm-sim listening on" in logs(name), timeout=400, interval=2
+        )
         assert listening, logs(name)[-3000:]
         yield name
     finally:
