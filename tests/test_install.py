@@ -8,6 +8,7 @@ tests/deploy/test_container_quickstart.py and test_container.py).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -62,9 +63,10 @@ def make_dry_run(target: str, tmp_path: Path) -> str:
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        [make, "-n", target, f"VENV={tmp_path / 'venv'}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+        [make, "--no-print-directory", "-n", target, f"VENV={tmp_path / 'venv'}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True, env=env,
     )
     return result.stdout
 
