@@ -160,3 +160,15 @@ def test_sigterm_exits_0_within_the_grace_period(project_image: str) -> None:
         assert elapsed < GRACE_SECONDS
     finally:
         podman.remove_container(name)
+
+
+def test_an_unusable_podman_fails_under_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(podman, "_podman_problem", lambda: "podman is not installed")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run every test"):
+        podman.require_podman()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="podman is not installed"):
+        podman.require_podman()
