@@ -7,17 +7,15 @@ dependencies, then serve. In the same container the SDK is installed without the
 dependencies (`pip install .`) and drives the running service.
 
 pip inside the container reaches PyPI through this machine's TLS setup, so the host's CA
-bundle is mounted and named by PIP_CERT, as on the host; pip's download cache is kept in
-/var/cache/pkvm-sim/pip between runs.
+bundle is mounted and named by PIP_CERT, as on the host. (pip caches nothing here: the index's
+answers are not cacheable on these machines, so there is no pip cache to keep between runs.)
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -65,7 +63,6 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         podman.podman(
             "run", "-d", "--name", name, "--label", f"org.pkvm-sim.test={podman.SESSION_ID}",
             "-v", f"{inbox}:/in:ro", "-v", "/etc/ssl/certs:/etc/ssl/certs:ro",
-            "-v", f"{pip_cache()}:/root/.cache/pip",
             "-e", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", image, "bash", "-c", script,
         )
         listening = podman.poll(
@@ -75,13 +72,6 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield name
     finally:
         podman.remove_container(name)
-
-
-def pip_cache() -> Path:
-    """pip's download cache, kept on the machine between runs (like the stand-in images)."""
-    path = Path(os.environ.get("PKVM_SIM_CACHE", "/var/cache/pkvm-sim")) / "pip"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def logs(name: str) -> str:
