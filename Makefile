@@ -96,7 +96,9 @@ runtime-system-packages:
 # test's timeout pays for them. Needs root and podman; elsewhere those tests skip (CI: fail).
 container-images:
 	@if [ "$$(id -u)" -eq 0 ] && command -v podman >/dev/null && command -v debootstrap >/dev/null; \
-	then bash scripts/podman-images all >/dev/null; \
+	then bash scripts/podman-images all >/dev/null || { \
+	  if [ -n "$${CI:-}" ]; then exit 1; fi; \
+	  echo "warning: stand-in images not built; the container tests will say why" >&2; }; \
 	else echo "note: not root, or no podman/debootstrap: the container tests will skip" >&2; fi
 
 test: system-packages install tools container-images
