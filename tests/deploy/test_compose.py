@@ -144,6 +144,14 @@ def test_simulators_listen_on_every_address_explicitly(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_simulators_get_more_than_the_servers_grace_period_to_stop(path: Path) -> None:
+    """serve's grace period is 10 s (--grace-seconds); Compose's default SIGKILL comes at 10 s."""
+    services = load_yaml(path)["services"]
+    for name in SIMULATORS & set(services):
+        assert services[name]["stop_grace_period"] == "15s"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_clients_of_a_simulator_wait_until_it_is_healthy(path: Path) -> None:
     services = load_yaml(path)["services"]
     for name in ("prometheus", "load"):
