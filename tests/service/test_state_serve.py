@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -78,8 +79,7 @@ def test_a_machine_survives_a_restart(tmp_path: Path, signum: int) -> None:
         with Hypervisor(again.target) as hv:
             assert hv.instance_id() != first_id
             restored = hv.stats()
-            restored.instance_id = stats.instance_id
-            assert restored == stats
+            assert dataclasses.replace(restored, instance_id=stats.instance_id) == stats
             assert [hv.page_info(base + i) for i in range(12)] == pages
             same = hv.attach(vm.handle, vm.token)
             assert same.put_page(block) == 1 and same.put_page(block) == 0
