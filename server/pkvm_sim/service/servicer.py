@@ -516,7 +516,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             finally:
                 run.count_into(self.counters.operations)
             await context.write(run.response())
-            if run.stopped and self.stopping:
+            if run.abort_reason == "SHUTTING_DOWN":
                 raise shutting_down("; the batch was cut short")
 
     async def _run_chunks(self, run: BatchRun, token: str | None) -> None:
