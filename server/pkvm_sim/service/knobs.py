@@ -77,7 +77,7 @@ SIM_KNOBS = (
     Knob("hyp_page_layout", SIM, "struct hyp_page size (none: the profile's)", "32|4|2"),
     Knob("page_size", SIM, "PAGE_SIZE", "4K|16K|64K"),
     Knob("vmemmap_coverage", SIM, "vmemmap coverage", "carveout|all"),
-    Knob("max_order_formula", SIM, "hyp_pool max_order formula", "v5.14|v5.17"),
+    Knob("max_order_formula", SIM, "hyp_pool max_order formula", "v5.14|v5.17|v6.4"),
     Knob("memblocks", SIM, "RAM region, repeatable (env: comma-separated)", "BASE:SIZE",
          flag="--memblock"),
     Knob("ia_bits", SIM, "host stage-2 input address bits", "N"),
@@ -85,7 +85,7 @@ SIM_KNOBS = (
     Knob("hyp_s1_early_used_pages", SIM, "hyp pool pages reserved", "N"),
     Knob("hyp_pool_extra_pages", SIM, "enlarge the hyp pool by N pages", "N"),
     Knob("carveout_base", SIM, "place the carve-out here (none: top-down)", "ADDR"),
-    Knob("faithful_bugs", SIM, "reproduce the V14 quirks (SEMANTICS 3.10)", "BOOL"),
+    Knob("faithful_bugs", SIM, "reproduce the kernel's quirks (v5.13)", "BOOL"),
 )
 SERVER_KNOBS = (
     Knob("listen", SERVER, "gRPC address (0.0.0.0 to serve other machines)", "HOST:PORT",
