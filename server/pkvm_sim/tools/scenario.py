@@ -41,8 +41,9 @@ DEFAULT_SPANS = "0.5G,1G,2G,4G"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=SCENARIOS, help="which scenario to run")
-    parser.add_argument("--profile", choices=[*profile_names(), "both"], default="both",
-                        help="profile(s) to run (default: both = v5.13 and v5.14, side by side)")
+    parser.add_argument("--profile", choices=[*profile_names(), "both", "all"], default="both",
+                        help="profile(s) to run side by side (default: both = v5.13 and v5.14;"
+                        " all = every profile)")
     parser.add_argument("--page-size", default="4K", choices=sorted(PAGE_SIZES))
     parser.add_argument("--memblock", action="append", default=None, metavar="BASE:SIZE",
                         help="RAM region (repeatable; default 0x80000000:4G)")
@@ -207,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  first refusal at {ff['addr']:#x}: {ff['reason']}")
         return 0 if out["refcount_limit_hits"] else 1
 
-    profiles = ["v5.13", "v5.14"] if args.profile == "both" else [args.profile]
+    profiles = {"both": ["v5.13", "v5.14"], "all": list(profile_names())}.get(
+        args.profile, [args.profile])
     try:  # a bad span or an impossible memory map is the user's error, not a crash
         spans = [parse_size(s) if not s.endswith(("G", "g")) or "." not in s
                  else int(float(s[:-1]) * GIB) for s in args.spans.split(",")]
