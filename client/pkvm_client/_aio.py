@@ -24,7 +24,13 @@ from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 from ._batch import Batch, BatchResult
-from ._client import CHANNEL_OPTIONS, VmHandle, create_vm_request
+from ._client import (
+    CHANNEL_OPTIONS,
+    VmHandle,
+    channel_credentials,
+    create_vm_request,
+    with_client_token,
+)
 from ._errors import TransportError, from_rpc_error
 from ._types import (
     USE_CLIENT_DEFAULT,
@@ -41,6 +47,21 @@ from ._types import (
     from_message,
     resolve_timeout,
 )
+
+
+class ClientTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """The asyncio twin of _client.ClientTokenInterceptor."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = grpc.aio.ClientCallDetails(
+            details.method, details.timeout,
+            grpc.aio.Metadata(*with_client_token(details.metadata, self.token)),
+            details.credentials, details.wait_for_ready,
+        )
+        return await continuation(details, request)
 
 
 async def _call(fn: Any, request: Any, **kwargs: Any) -> Any:
@@ -61,10 +82,22 @@ class AsyncHypervisor:
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 30.0,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        client_token: str | None = None,
     ) -> None:
+        """TLS and client-token settings as `Hypervisor`'s."""
         self._owns_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(
-            target, options=[*CHANNEL_OPTIONS, *options]
+        credentials = channel_credentials(tls, root_certificates, private_key,
+                                          certificate_chain)
+        interceptors = [ClientTokenInterceptor(client_token)] if client_token else None
+        all_options = [*CHANNEL_OPTIONS, *options]
+        self.channel = channel or (
+            grpc.aio.insecure_channel(target, options=all_options, interceptors=interceptors)
+            if credentials is None else grpc.aio.secure_channel(
+                target, credentials, options=all_options, interceptors=interceptors)
         )
         self.stub: Any = pb2_grpc.HypervisorServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout

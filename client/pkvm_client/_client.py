@@ -79,6 +79,65 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def channel_credentials(
+    tls: bool, root_certificates: bytes | None, private_key: bytes | None,
+    certificate_chain: bytes | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials (None: plaintext). Any PEM given implies TLS; root_certificates None
+    trusts the system's CAs; private_key + certificate_chain present a client certificate
+    (mutual TLS)."""
+    if not (tls or root_certificates or private_key or certificate_chain):
+        return None
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain go together (mutual TLS)")
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def with_client_token(
+    metadata: Sequence[tuple[str, str | bytes]] | None, token: str
+) -> list[tuple[str, str | bytes]]:
+    """The call's metadata plus the client token, unless it already names a credential
+    (a VM's token)."""
+    entries = list(metadata or ())
+    if not any(key == "authorization" for key, _ in entries):
+        entries.extend(auth_metadata(token))
+    return entries
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: Any) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class ClientTokenInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Sends `authorization: Bearer <client token>` on unary calls that carry no VM token:
+    CreateVM and the host-wide calls need it when the server has --client-token-file."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_CallDetails(details, with_client_token(details.metadata,
+                                                                    self.token)), request)
+
+
+def make_channel(
+    target: str, options: Sequence[tuple[str, Any]], credentials: grpc.ChannelCredentials | None,
+    client_token: str | None,
+) -> grpc.Channel:
+    options = [*CHANNEL_OPTIONS, *options]
+    channel = grpc.insecure_channel(target, options=options) if credentials is None \
+        else grpc.secure_channel(target, credentials, options=options)
+    if client_token:
+        channel = grpc.intercept_channel(channel, ClientTokenInterceptor(client_token))
+    return channel
+
+
 def create_vm_request(
     nr_vcpus: int, slice_pages: int, name: str, lease_seconds: float | None
 ) -> pb2.CreateVMRequest:
@@ -111,11 +170,20 @@ class Hypervisor:
         channel: grpc.Channel | None = None,
         timeout: float | None = 30.0,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        client_token: str | None = None,
     ) -> None:
+        """`tls` (implied by any PEM argument) connects with TLS: `root_certificates` is the
+        CA bundle to trust (None: the system's), `private_key` + `certificate_chain` a client
+        certificate for mutual TLS. `client_token` is sent on CreateVM and the host-wide
+        calls (servers started with --client-token-file need it)."""
         self._owns_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(
-            target, options=[*CHANNEL_OPTIONS, *options]
-        )
+        credentials = channel_credentials(tls, root_certificates, private_key,
+                                          certificate_chain)
+        self.channel = channel or make_channel(target, options, credentials, client_token)
         self.stub: Any = pb2_grpc.HypervisorServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 
