@@ -15,7 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "reserve": ("pkvm_sim.tools.reserve", "print the EL2 carve-out (reservation) breakdown"),
     "replay-trace": ("pkvm_sim.tools.replay_trace", "replay hyp-pool-trace/1 oracle traces"),
     "scenario": ("pkvm_sim.tools.scenario", "run a seeded workload, e.g. mmio-pressure"),
-    "loadgen": ("pkvm_sim.tools.loadgen", "drive a running service with many concurrent VMs"),
+    "load": ("pkvm_sim.tools.load", "load-test a running service: many VMs, histograms, reports"),
+    "loadgen": ("pkvm_sim.tools.loadgen", "alias of `load` (kept for old scripts)"),
     "kernel-check": ("pkvm_sim.tools.kernel_check",
                      "boot real kernels under QEMU, compare their EL2 reservation with ours"),
 }
