@@ -51,7 +51,7 @@ KNOB_FLAGS: dict[str, tuple[str, str, str]] = {
 }
 SERVER_KEYS = (
     "listen", "metrics_listen", "workers", "grace_seconds", "vm_lease_seconds",
-    "max_vm_lease_seconds",
+    "max_vm_lease_seconds", "metrics_per_vm",
 )
 
 
@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-listen", metavar="HOST:PORT",
         help="Prometheus /metrics address, or 'off' (default 0.0.0.0:9100)",
+    )
+    parser.add_argument(
+        "--metrics-per-vm", action="store_true", default=None,
+        help="export each VM's pool series too (their count then grows with the VMs)",
     )
     parser.add_argument("--workers", metavar="N", type=int, help="RPC worker threads (16)")
     parser.add_argument(
@@ -152,6 +156,17 @@ def resolve(
     return SimConfig.from_mapping(merged), server
 
 
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, not {value!r}")
+
+
 def settings_from(server: Mapping[str, Any]) -> Any:
     from .server import ServerSettings
 
@@ -161,6 +176,8 @@ def settings_from(server: Mapping[str, Any]) -> Any:
     if "metrics_listen" in server:
         value = str(server["metrics_listen"]).strip()
         kwargs["metrics_listen"] = None if value.lower() in ("", "off", "none", "0") else value
+    if "metrics_per_vm" in server:
+        kwargs["metrics_per_vm"] = _as_bool(server["metrics_per_vm"])
     if "workers" in server:
         kwargs["workers"] = int(server["workers"])
     if "grace_seconds" in server:

@@ -17,11 +17,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.metrics import HypervisorCollector
+from pkvm_sim.metrics import (
+    RpcStats,
+    ServerMetricsInterceptor,
+    SimInfo,
+    locked_snapshot,
+    serve_metrics,
+)
 
 from .leases import (
     DEFAULT_LEASE_SECONDS,
@@ -41,6 +46,7 @@ class ServerSettings:
 
     listen: str = "0.0.0.0:50051"
     metrics_listen: str | None = "0.0.0.0:9100"  # None: no metrics endpoint
+    metrics_per_vm: bool = False  # per-VM pool series: the series count then grows with VMs
     workers: int = 16  # PERFORMANCE.md: 16 beats 4 and 64 for unary throughput
     grace_seconds: float = 10.0  # in-flight calls get this long after SIGTERM
     max_message_bytes: int = 4 * MIB  # a full 4096-op batch is about 60 KiB
@@ -152,9 +158,11 @@ def start(
     hv = hypervisor if hypervisor is not None else Hypervisor.boot(config)
     servicer = HypervisorServicer(hv, config, leases)
 
+    rpc_stats = RpcStats()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="pkvm-rpc"),
         options=settings.grpc_options(),
+        interceptors=[ServerMetricsInterceptor(rpc_stats)],
     )
     pb2_grpc.add_HypervisorServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
@@ -169,20 +177,11 @@ def start(
     metrics_server = None
     metrics_address = None
     if settings.metrics_listen:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(
-            HypervisorCollector(
-                servicer.statistics,
-                carveout_parts=carveout_parts(config),
-                requests=servicer.counters.requests,
-                operations=servicer.counters.operations_by_name,
-                fault_failures=lambda: dict(servicer.counters.fault_failures),
-                vms_expired=lambda: servicer.counters.vms_expired,
-            )
+        metrics_server, metrics_address = serve_metrics(
+            settings.metrics_listen,
+            locked_snapshot(servicer.lock, hv, servicer.counters, per_vm=settings.metrics_per_vm),
+            carveout_parts=carveout_parts(config), info=SimInfo.of(config), rpc_stats=rpc_stats,
         )
-        host, metrics_port = split_host_port(settings.metrics_listen)
-        metrics_server, _thread = start_http_server(metrics_port, addr=host, registry=registry)
-        metrics_address = f"{host}:{metrics_server.server_port}"
 
     server.start()
     # Leases disabled (vm_lease_seconds = 0): no VM gets one, so no reaper runs.
