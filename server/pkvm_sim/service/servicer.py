@@ -377,6 +377,15 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     def Reserve(self, request: pb2.ReserveRequest, context: grpc.ServicerContext) -> Any:
         return self.reservation
 
+    @_unary("GetMemoryMap")
+    def GetMemoryMap(self, request: pb2.GetMemoryMapRequest, context: grpc.ServicerContext
+                     ) -> Any:
+        from .memory_map import memory_map_message  # observe: read-only view for pictures
+
+        with self.lock:
+            return memory_map_message(self.hypervisor, self.config, self.reservation,
+                                      list(request.pools))
+
     # -- batches ---------------------------------------------------------------------------------
 
     def Execute(

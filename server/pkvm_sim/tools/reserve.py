@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare", action="store_true", help="v5.13 vs v5.14 side by side (same memory map)"
     )
+    parser.add_argument(  # observe: pictures live in tools/plots.py
+        "--plot", metavar="FILE.png|FILE.svg",
+        help="with --compare: also draw the carve-out per profile as stacked bars",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         if args.compare:
             _warn_ignored_by_compare(args)
             before, after = compare_profiles(config)
+            if getattr(args, "plot", None):
+                from .plots import plot_reservations
+
+                plot_reservations([before, after], args.plot)
             output = (
                 render_compare_json(before, after) if args.json else render_compare(before, after)
             )
