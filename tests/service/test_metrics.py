@@ -244,3 +244,26 @@ def test_promtool_check_metrics_is_clean_on_a_real_scrape(
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == b""  # no lint warning either
+
+
+def test_metrics_per_vm_is_a_serve_knob(tmp_path: Path) -> None:
+    """Flag, environment and [server] table, like every other serve setting; off by default."""
+    import argparse
+
+    from pkvm_sim.service import serve
+
+    def settings(*argv: str, environ: dict[str, str] | None = None) -> bool:
+        parser = argparse.ArgumentParser()
+        serve.add_arguments(parser)
+        _, server = serve.resolve(parser.parse_args(list(argv)), environ=environ or {})
+        return bool(serve.settings_from(server).metrics_per_vm)
+
+    assert settings() is False
+    assert settings("--metrics-per-vm") is True
+    assert settings(environ={"PKVM_SIM_METRICS_PER_VM": "true"}) is True
+    assert settings(environ={"PKVM_SIM_METRICS_PER_VM": "0"}) is False
+    path = tmp_path / "pkvm.toml"
+    path.write_text("[server]\nmetrics_per_vm = true\n")
+    assert settings("--config", str(path)) is True
+    with pytest.raises(ValueError):
+        settings(environ={"PKVM_SIM_METRICS_PER_VM": "maybe"})
