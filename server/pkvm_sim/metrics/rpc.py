@@ -223,15 +223,29 @@ def _behavior(handler: Handler) -> Callable[..., Any]:
     return behavior
 
 
-class ServerMetricsInterceptor(grpc.ServerInterceptor):
-    """For `grpc.server(..., interceptors=[...])`.
+class WrappedHandlers:
+    """Each method's wrapped handler, built once and reused while the server hands back the
+    same handler object (generic handlers do): a call then costs one dict look-up."""
 
-    The wrapped handler of each method is built once and reused while the server hands back
-    the same handler object (generic handlers do): a call costs a dict look-up here."""
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[Handler, Handler]] = {}
+
+    def get(self, full_method: str, handler: Handler,
+            wrap: Callable[[str, Handler], Handler]) -> Handler:
+        cached = self._by_method.get(full_method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap(full_method, handler)
+        self._by_method[full_method] = (handler, wrapped)  # a race only builds it twice
+        return wrapped
+
+
+class ServerMetricsInterceptor(grpc.ServerInterceptor):
+    """For `grpc.server(..., interceptors=[...])`."""
 
     def __init__(self, stats: RpcStats) -> None:
         self._stats = stats
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._wrapped = WrappedHandlers()
 
     def intercept_service(
         self,
@@ -241,12 +255,7 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler_call_details.method, handler)
-        self._wrapped[handler_call_details.method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
         record = self._stats.record_for(full_method, rpc_type(handler))
@@ -276,11 +285,11 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
 
 
 class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """For `grpc.aio.server(interceptors=[...])`; wrapped handlers cached as above."""
+    """For `grpc.aio.server(interceptors=[...])`."""
 
     def __init__(self, stats: RpcStats) -> None:
         self._stats = stats
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -290,12 +299,7 @@ class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        cached = self._wrapped.get(handler_call_details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler_call_details.method, handler)
-        self._wrapped[handler_call_details.method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
         record = self._stats.record_for(full_method, rpc_type(handler))
