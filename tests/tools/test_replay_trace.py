@@ -10,7 +10,7 @@ import pytest
 from pkvm_sim.cli import main
 from pkvm_sim.tools.replay_trace import replay
 
-ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle"
+ORACLE = Path(__file__).resolve().parents[1] / "data" / "oracle"  # copied from the kernel runs
 TRACES = sorted(ORACLE.glob("*.jsonl"))
 
 

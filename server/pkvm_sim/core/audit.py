@@ -22,7 +22,15 @@ import bisect
 from typing import TYPE_CHECKING
 
 from .model import PoolKind
-from .pgtable import ANNOTATED, LEAF, STATE_OWNED, STATE_SHARED_OWNED, Stage2PageTable
+from .pgtable import (
+    ANNOTATED,
+    LEAF,
+    PTE_KIND,
+    PTE_STATE,
+    STATE_OWNED,
+    STATE_SHARED_OWNED,
+    Stage2PageTable,
+)
 
 if TYPE_CHECKING:
     from .hyp_pool import HypPool
@@ -96,17 +104,17 @@ def audit(hv: Hypervisor) -> None:
     annotated: list[tuple[int, int]] = []
     shared_host: set[int] = set()
     for m in hv.host_stage2.pgt.mappings():
-        if m.pte[0] == ANNOTATED:
+        if m.pte[PTE_KIND] == ANNOTATED:
             annotated.append((m.start, m.end))
             continue
-        assert m.pte[0] == LEAF
+        assert m.pte[PTE_KIND] == LEAF
         i = bisect.bisect_right(starts, m.start) - 1
         for s, e in hyp_runs[max(i, 0):]:
             if s >= m.end:
                 break
             assert e <= m.start, f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
-        if m.pte[3] != STATE_OWNED:
-            assert m.pte[3] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
+        if m.pte[PTE_STATE] != STATE_OWNED:
+            assert m.pte[PTE_STATE] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
             shared_host.add(m.start >> shift)
     assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
 

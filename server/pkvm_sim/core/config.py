@@ -20,6 +20,7 @@ from .layout import (
     PageGeometry,
     Profile,
 )
+from .profiles import KernelProfile, profile_spec
 
 HYP_MEMBLOCK_REGIONS = 128  # the kernel copies at most this many memblock regions
 
@@ -69,11 +70,11 @@ DEFAULT_MEMBLOCKS = (Memblock(0x8000_0000, 4 * GIB),)
 class SimConfig:
     """All knobs of the simulated machine; defaults are the quick-start configuration."""
 
-    profile: Profile = Profile.V5_14
+    profile: Profile = Profile.V5_14  # a key of profiles.PROFILES
     hyp_page_layout: str | None = None  # '32', '4', '2'; None = the profile's
     page_size: int = PAGE_SIZES["4K"]
     vmemmap_coverage: str = "all"  # 'carveout' (V13/V14) or 'all' (V62)
-    max_order_formula: str = "v5.14"  # or 'v5.17' ("Fix hyp_pool max order")
+    max_order_formula: str | None = None  # 'v5.14' or 'v5.17'; None = the profile's
     memblocks: tuple[Memblock, ...] = DEFAULT_MEMBLOCKS
     ia_bits: int = 40
     nr_cpus: int = 8
@@ -83,7 +84,7 @@ class SimConfig:
     faithful_bugs: bool = False  # reproduce the V14 quirks of SEMANTICS 3.10
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "profile", Profile(self.profile))
+        object.__setattr__(self, "profile", profile_spec(self.profile).profile)
         object.__setattr__(self, "memblocks", tuple(sorted(self.memblocks)))
         self._validate()
 
@@ -93,7 +94,7 @@ class SimConfig:
             raise ValueError(f"hyp_page_layout must be one of 32, 4, 2, not {self.hyp_page_layout}")
         if self.vmemmap_coverage not in ("carveout", "all"):
             raise ValueError("vmemmap_coverage must be 'carveout' or 'all'")
-        if self.max_order_formula not in ("v5.14", "v5.17"):
+        if self.max_order_formula not in (None, "v5.14", "v5.17"):
             raise ValueError("max_order_formula must be 'v5.14' or 'v5.17'")
         if not 32 <= self.ia_bits <= 48:
             raise ValueError(f"ia_bits must be in 32..48, not {self.ia_bits}")
@@ -118,10 +119,18 @@ class SimConfig:
                 raise ValueError(f"{name} must not be negative")
 
     @property
+    def kernel(self) -> KernelProfile:
+        """The profile's registry record: what this kernel version decides."""
+        return profile_spec(self.profile)
+
+    @property
     def layout(self) -> HypPageLayout:
-        if self.hyp_page_layout is None:
-            return self.profile.default_layout
-        return LAYOUTS[self.hyp_page_layout]
+        return LAYOUTS[self.hyp_page_layout or self.kernel.default_layout]
+
+    @property
+    def pool_max_order_formula(self) -> str:
+        """hyp_pool_init's max_order formula: the knob if set, else the profile's."""
+        return self.max_order_formula or self.kernel.max_order_formula
 
     @property
     def geometry(self) -> PageGeometry:

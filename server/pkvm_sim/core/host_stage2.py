@@ -5,7 +5,7 @@ is filled by faults: each fault maps the largest block around the address that l
 the address's memory region or MMIO gap and is compatible with what is already mapped there
 (`find_range`, the V13/V14 range search of 3.4).
 
-Pools, per profile (3.8):
+Pools, per profile (3.8; the records of profiles.py say which pool a fault uses):
 
     v5.14  host_s2      PGD, memory, MMIO, annotations; any -ENOMEM -> unmap_dev_all, retry once
     v5.13  host_s2_mem  PGD, memory, annotations;        -ENOMEM is fatal
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from .config import Memblock, SimConfig
 from .errors import InvalidArgument, OutOfMemory, WouldPanic
 from .hyp_pool import HypPool, PoolStatistics, get_order
-from .layout import Profile
 from .model import FaultOutcome, FaultResult, HostStage2Statistics, PageState
 from .pgtable import (
     ANNOTATED,
@@ -46,6 +45,9 @@ from .pgtable import (
     OWNER_HYP,
     PROT_RW,
     PROT_RWX,
+    PTE_KIND,
+    PTE_PROT,
+    PTE_STATE,
     STATE_OWNED,
     STATE_SHARED_BORROWED,
     STATE_SHARED_OWNED,
@@ -129,10 +131,13 @@ class HostStage2:
         config: SimConfig,
         physmem: PhysicalMemory,
         vmemmap: Vmemmap,
-        mem_pool: HypPool,
-        dev_pool: HypPool | None,
+        pools: Sequence[HypPool],
     ) -> None:
         """kvm_host_prepare_stage2: the PGD is allocated from the (memory) pool at once.
+
+        `pools` are the profile's host stage-2 pools, in the order of
+        `config.kernel.host_s2_pools` (each record says which faults use it, and whether its
+        -ENOMEM recycles MMIO).
 
         With the V15 fix (default) the PGD block is split so every PGD page is an order-0
         page with its own refcount; config.faithful_bugs keeps the V14 multi-page block
@@ -142,11 +147,18 @@ class HostStage2:
         self.geometry = config.geometry
         self.page_size = self.geometry.page_size
         self.page_shift = self.geometry.page_shift
-        self.split_pools = config.profile is Profile.V5_13
-        self.mem_pool = mem_pool
-        self.dev_pool = dev_pool
-        pools = [mem_pool] if dev_pool is None else [mem_pool, dev_pool]
-        self.mm = HostMmOps(pools, vmemmap.layout.refcount_max)
+        specs = config.kernel.host_s2_pools
+        if [p.name for p in pools] != [spec.name for spec in specs]:
+            raise ValueError(f"host stage-2 pools must be {[spec.name for spec in specs]}")
+        by_name = {p.name: p for p in pools}
+        # is_memory -> (pool the fault's tables come from, does its -ENOMEM recycle MMIO)
+        self._fault_pools: dict[bool, tuple[HypPool, bool]] = {}
+        for is_memory in (True, False):
+            spec = config.kernel.host_s2_pool_for(is_memory=is_memory)
+            self._fault_pools[is_memory] = (by_name[spec.name], spec.recycles_mmio)
+        mem_pool = self._fault_pools[True][0]
+        self.mem_pool = mem_pool  # PGD, memory faults, annotations and donations
+        self.mm = HostMmOps(list(pools), vmemmap.layout.refcount_max)
         self.memblocks: tuple[Memblock, ...] = config.memblocks
         self._bases = [block.base for block in self.memblocks]
         from .pgtable import pgd_geometry
@@ -215,7 +227,7 @@ class HostStage2:
         page_end = addr + self.page_size
 
         current, cur_level, _table = self.pgt.lookup(addr)
-        if current is not None and current[0] == LEAF:
+        if current is not None and current[PTE_KIND] == LEAF:
             # A fault on a valid mapping: another CPU won the race (stale TLB): -EAGAIN.
             counters.spurious_faults += 1
             g = self.pgt.granule(cur_level)
@@ -227,14 +239,13 @@ class HostStage2:
         if found is None:
             counters.fatal_faults += 1
             owner = ("annotated as owned by hyp" if current is not None
-                     and current[0] == ANNOTATED else "incompatible mappings at every level")
+                     and current[PTE_KIND] == ANNOTATED else "incompatible mappings at every level")
             return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, 3, False, 0, 0,
                                errno_name="EEXIST",
                                reason=f"host access to {addr:#x}: {owner}; the real hypervisor"
                                " would panic (host touched hyp-owned memory)")
         level, start, end = found
-        pool = self.mem_pool if (is_mem or self.dev_pool is None) else self.dev_pool
-        may_recycle = not (self.split_pools and is_mem)
+        pool, may_recycle = self._fault_pools[is_mem]
         pte = leaf_pte(start >> self.page_shift, prot)
         mm = self.mm
         log: list[int] = []
@@ -294,7 +305,7 @@ class HostStage2:
         pgt = self.pgt
 
         def compatible(pte: Pte) -> bool:
-            return pte[0] == LEAF and pte[2] == prot and pte[3] == STATE_OWNED
+            return pte[PTE_KIND] == LEAF and pte[PTE_PROT] == prot and pte[PTE_STATE] == STATE_OWNED
 
         for level in range(pgt.start_level, 4):
             if level < 3 and not pgt.block_allowed(level):
@@ -400,9 +411,9 @@ class HostStage2:
         pte, _level, _table = self.pgt.lookup(pfn << self.page_shift)
         if pte is None:
             return PageState.OWNED
-        if pte[0] == ANNOTATED:
+        if pte[PTE_KIND] == ANNOTATED:
             return PageState.NOPAGE
-        return _STATE_NAMES[pte[3]]
+        return _STATE_NAMES[pte[PTE_STATE]]
 
     def host_leaf(self, pfn: int) -> tuple[Pte | None, int]:
         pte, level, _table = self.pgt.lookup(pfn << self.page_shift)

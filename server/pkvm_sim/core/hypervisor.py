@@ -48,7 +48,7 @@ from .guest import GuestMmOps, GuestVm
 from .host_memory import HostMemory
 from .host_stage2 import HostStage2
 from .hyp_pool import HypPool, get_order
-from .layout import Profile, ceil_div, effective_max_order
+from .layout import ceil_div, effective_max_order
 from .model import (
     FaultResult,
     GuestMapResult,
@@ -67,6 +67,11 @@ from .pgtable import (
     OWNER_HOST,
     OWNER_HYP,
     PROT_RWX,
+    PTE_KIND,
+    PTE_OWNER,
+    PTE_PFN,
+    PTE_PROT,
+    PTE_STATE,
     STATE_OWNED,
     STATE_SHARED_OWNED,
     Stage2PageTable,
@@ -141,16 +146,12 @@ class Hypervisor:
             region = layout.region(name)
             return HypPool(vmemmap, physmem, region.base_pfn, region.nr_pages, reserved,
                            page_shift=shift, max_order_cap=cap,
-                           max_order_formula=config.max_order_formula, name=name)
+                           max_order_formula=config.pool_max_order_formula, name=name)
 
         try:
             hyp_pool = pool("hyp", layout.hyp_reserved_pages)
-            if config.profile is Profile.V5_13:
-                host_pools = [pool("host_s2_mem"), pool("host_s2_dev")]
-            else:
-                host_pools = [pool("host_s2")]
-            host_stage2 = HostStage2(config, physmem, vmemmap, host_pools[0],
-                                     host_pools[1] if len(host_pools) > 1 else None)
+            host_pools = [pool(spec.name) for spec in config.kernel.host_s2_pools]
+            host_stage2 = HostStage2(config, physmem, vmemmap, host_pools)
             host_stage2.mark_hyp(reservation.carveout_base, reservation.carveout_end)
         except PkvmError as err:
             raise ValueError(f"boot failed: {err.message} ({err.reason})") from err
@@ -423,8 +424,8 @@ class Hypervisor:
         hs2 = self.host_stage2
         for q in pfns:
             pte, _level = hs2.host_leaf(q)
-            if not (pte is None or (pte[0] == LEAF and pte[2] == PROT_RWX
-                                    and pte[3] == STATE_OWNED)):
+            if not (pte is None or (pte[PTE_KIND] == LEAF and pte[PTE_PROT] == PROT_RWX
+                                    and pte[PTE_STATE] == STATE_OWNED)):
                 raise PermissionDenied(
                     f"host page {q:#x} is {hs2.host_state(q).value}, not owned: cannot share",
                     reason="HOST_PAGE_NOT_OWNED",
@@ -543,10 +544,10 @@ class Hypervisor:
             raise OutOfRange(f"ipa {ipa:#x} beyond the guest's {self.config.ia_bits}-bit space",
                              reason="BEYOND_IPA_SPACE")
         pte, level, _table = pgt.lookup(ipa)
-        if pte is not None and pte[0] == LEAF:
-            if pte[1] == pfn:
+        if pte is not None and pte[PTE_KIND] == LEAF:
+            if pte[PTE_PFN] == pfn:
                 return GuestMapResult(ipa, pfn, level, 0)
-            raise AlreadyExists(f"guest ipa {ipa:#x} already maps pfn {pte[1]:#x}",
+            raise AlreadyExists(f"guest ipa {ipa:#x} already maps pfn {pte[PTE_PFN]:#x}",
                                 reason="IPA_MAPPED")
         vm.require_table_pages(pgt.tables_needed_for_page(ipa, set()))
         before = mm.allocated
@@ -712,10 +713,10 @@ class Hypervisor:
     def _host_semantic_runs(self) -> list[tuple[int, int, str]]:
         runs: list[list[Any]] = []
         for m in self.host_stage2.pgt.mappings():
-            if m.pte[0] == ANNOTATED:
-                what = f"owner:{m.pte[1]}"
-            elif m.pte[0] == LEAF and m.pte[3] != STATE_OWNED:
-                what = f"state:{m.pte[3]}"
+            if m.pte[PTE_KIND] == ANNOTATED:
+                what = f"owner:{m.pte[PTE_OWNER]}"
+            elif m.pte[PTE_KIND] == LEAF and m.pte[PTE_STATE] != STATE_OWNED:
+                what = f"state:{m.pte[PTE_STATE]}"
             else:
                 continue
             if runs and runs[-1][1] == m.start and runs[-1][2] == what:

@@ -18,7 +18,24 @@ free-list node lives with the free block, see hyp_pool.py.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+
+from .profiles import Profile
+
+__all__ = [
+    "GIB",
+    "KIB",
+    "LAYOUTS",
+    "LAYOUT_2",
+    "LAYOUT_32",
+    "LAYOUT_4",
+    "MIB",
+    "PAGE_SIZES",
+    "HypPageLayout",
+    "PageGeometry",
+    "Profile",  # re-exported: the registry (profiles.py) defines it
+    "ceil_div",
+    "effective_max_order",
+]
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -54,17 +71,6 @@ LAYOUT_4 = HypPageLayout("4", 4, 65535, 65535, None, "I", 16)
 LAYOUT_2 = HypPageLayout("2", 2, 8191, 7, 7, "H", 13)
 
 LAYOUTS: dict[str, HypPageLayout] = {lay.name: lay for lay in (LAYOUT_32, LAYOUT_4, LAYOUT_2)}
-
-
-class Profile(StrEnum):
-    """Kernel version modelled: before (v5.13) or after (v5.14) the series."""
-
-    V5_13 = "v5.13"
-    V5_14 = "v5.14"
-
-    @property
-    def default_layout(self) -> HypPageLayout:
-        return LAYOUT_32 if self is Profile.V5_13 else LAYOUT_4
 
 
 @dataclass(frozen=True)

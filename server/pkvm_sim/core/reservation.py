@@ -35,11 +35,13 @@ the overhead figures show its cost; with 0 every number equals the kernel's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import Memblock, SimConfig
 from .layout import MIB, PageGeometry, Profile, ceil_div
+from .profiles import HostS2Pool, profile_spec
 
 __all__ = [
     "HOST_S2_PGD_MAX_PAGES",
@@ -51,6 +53,7 @@ __all__ = [
     "compare_profiles",
     "compute_reservation",
     "gib_allowance_pages",
+    "host_s2_pool_budget",
     "hyp_pgtable_max_pages",
     "hyp_pgtable_total_pages",
     "partition_carveout",
@@ -110,6 +113,15 @@ def hyp_pgtable_total_pages(memblocks: tuple[Memblock, ...], geometry: PageGeome
 def gib_allowance_pages(geometry: PageGeometry) -> int:
     """G = M(1 GiB / P): 515 (4K), 35 (16K), 5 (64K)."""
     return hyp_pgtable_max_pages(geometry.pages_per_gib, geometry)
+
+
+def host_s2_pool_budget(pool: HostS2Pool, t_pages: int, g_pages: int) -> int:
+    """Pages of one host stage-2 pool: what its record says it budgets (T, 16, G)."""
+    return (
+        (t_pages if pool.hyp_tables_for_memory else 0)
+        + (HOST_S2_PGD_MAX_PAGES if pool.pgd_pages else 0)
+        + g_pages * pool.gib_allowances
+    )
 
 
 def vmemmap_pages_fixed_point(
@@ -240,8 +252,9 @@ def _check_carveout_override(
 @dataclass(frozen=True)
 class Reservation:
     """The carve-out `kvm_hyp_reserve` makes for one configuration (all counts in pages of
-    `page_size`). v5.13 has two host stage-2 pools: `host_s2_pgtable_pages` is then MEM + DEV
-    and `host_s2_mem_pages` / `host_s2_dev_pages` hold them; in v5.14 those two are None (there
+    `page_size`). `host_s2_pools` lists the host stage-2 pools of the profile (profiles.py):
+    v5.13 has two, host_s2_mem (MEM) and host_s2_dev (DEV), v5.14 one, host_s2 (S2);
+    `host_s2_mem_pages` / `host_s2_dev_pages` are None for a profile without that pool (there
     is no such pool, not an empty one).
 
     `all_memory_vmemmap_pages` is the vmemmap backing for the configured coverage: every
@@ -258,9 +271,8 @@ class Reservation:
     gib_allowance_pages: int  # G
     hyp_pool_extra_pages: int  # added to S1 (0 = kernel numbers)
     hyp_s1_pgtable_pages: int  # S1 = T + G + extra
-    host_s2_pgtable_pages: int  # S2 (v5.14) or MEM + DEV (v5.13)
-    host_s2_mem_pages: int | None  # MEM = T + 16 (v5.13 only)
-    host_s2_dev_pages: int | None  # DEV = G (v5.13 only)
+    host_s2_pgtable_pages: int  # S2 (v5.14) or MEM + DEV (v5.13): the sum of host_s2_pools
+    host_s2_pools: tuple[tuple[str, int], ...]  # (pool name, pages), in carve-out order
     pre_vmemmap_pages: int  # H = S1 + S2
     vmemmap_pages: int  # V, the fixed point
     hyp_mem_pages: int  # H + V
@@ -277,11 +289,24 @@ class Reservation:
     def check_invariants(self) -> None:
         assert self.hyp_mem_pages == self.pre_vmemmap_pages + self.vmemmap_pages
         assert self.pre_vmemmap_pages == self.hyp_s1_pgtable_pages + self.host_s2_pgtable_pages
-        if self.host_s2_mem_pages is not None and self.host_s2_dev_pages is not None:
-            assert self.host_s2_pgtable_pages == self.host_s2_mem_pages + self.host_s2_dev_pages
+        assert self.host_s2_pgtable_pages == sum(nr for _name, nr in self.host_s2_pools)
         assert self.reserved_bytes >= self.hyp_mem_bytes
         assert self.reserved_bytes % self.page_size == 0
         assert self.carveout_base % self.page_size == 0
+
+    def host_s2_pool_pages(self, name: str) -> int | None:
+        """Pages of the host stage-2 pool `name`, or None if the profile has no such pool."""
+        return dict(self.host_s2_pools).get(name)
+
+    @property
+    def host_s2_mem_pages(self) -> int | None:
+        """MEM = T + 16, v5.13's memory pool (None in a profile with one merged pool)."""
+        return self.host_s2_pool_pages("host_s2_mem")
+
+    @property
+    def host_s2_dev_pages(self) -> int | None:
+        """DEV = G, v5.13's MMIO pool (None in a profile with one merged pool)."""
+        return self.host_s2_pool_pages("host_s2_dev")
 
     @property
     def hyp_mem_bytes(self) -> int:
@@ -330,14 +355,11 @@ def compute_reservation(config: SimConfig) -> Reservation:
     t_pages = hyp_pgtable_total_pages(config.memblocks, geometry)
     g_pages = gib_allowance_pages(geometry)
     s1_pages = t_pages + g_pages + config.hyp_pool_extra_pages
-    mem_pages: int | None = None
-    dev_pages: int | None = None
-    if config.profile is Profile.V5_13:
-        mem_pages = t_pages + HOST_S2_PGD_MAX_PAGES
-        dev_pages = g_pages
-        s2_pages = mem_pages + dev_pages
-    else:
-        s2_pages = t_pages + HOST_S2_PGD_MAX_PAGES + g_pages
+    host_s2_pools = tuple(
+        (pool.name, host_s2_pool_budget(pool, t_pages, g_pages))
+        for pool in config.kernel.host_s2_pools
+    )
+    s2_pages = sum(nr for _name, nr in host_s2_pools)
     h_pages = s1_pages + s2_pages
     v_pages = vmemmap_pages_fixed_point(h_pages, layout.entry_bytes, geometry)
     hyp_mem_bytes = (h_pages + v_pages) * geometry.page_size
@@ -366,8 +388,7 @@ def compute_reservation(config: SimConfig) -> Reservation:
         hyp_pool_extra_pages=config.hyp_pool_extra_pages,
         hyp_s1_pgtable_pages=s1_pages,
         host_s2_pgtable_pages=s2_pages,
-        host_s2_mem_pages=mem_pages,
-        host_s2_dev_pages=dev_pages,
+        host_s2_pools=host_s2_pools,
         pre_vmemmap_pages=h_pages,
         vmemmap_pages=v_pages,
         hyp_mem_pages=h_pages + v_pages,
@@ -380,12 +401,16 @@ def compute_reservation(config: SimConfig) -> Reservation:
     )
 
 
-def compare_profiles(config: SimConfig) -> tuple[Reservation, Reservation]:
-    """(v5.13, v5.14) reservations of the same machine, each with its profile's own hyp_page
-    layout (config.hyp_page_layout is ignored): the series' before/after view."""
-    before = replace(config, profile=Profile.V5_13, hyp_page_layout=None)
-    after = replace(config, profile=Profile.V5_14, hyp_page_layout=None)
-    return compute_reservation(before), compute_reservation(after)
+def compare_profiles(
+    config: SimConfig, profiles: Sequence[Profile | str] = (Profile.V5_13, Profile.V5_14)
+) -> tuple[Reservation, ...]:
+    """The reservations of the same machine under each of `profiles`, in that order, each with
+    its profile's own hyp_page layout (config.hyp_page_layout is ignored). The default pair is
+    the series' before/after view."""
+    return tuple(
+        compute_reservation(replace(config, profile=profile_spec(p).profile, hyp_page_layout=None))
+        for p in profiles
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,14 +509,8 @@ def partition_carveout(reservation: Reservation, config: SimConfig) -> CarveoutL
     sizes: list[tuple[str, int]] = [
         ("vmemmap", vmemmap_pages),
         ("hyp", reservation.hyp_s1_pgtable_pages),
+        *reservation.host_s2_pools,
     ]
-    if reservation.host_s2_mem_pages is not None and reservation.host_s2_dev_pages is not None:
-        sizes += [
-            ("host_s2_mem", reservation.host_s2_mem_pages),
-            ("host_s2_dev", reservation.host_s2_dev_pages),
-        ]
-    else:
-        sizes.append(("host_s2", reservation.host_s2_pgtable_pages))
     used_pages = sum(nr for _, nr in sizes)
     if used_pages > reservation.reserved_pages:
         raise ValueError(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pkvm_sim.core.config import SimConfig
+from pkvm_sim.core.profiles import profile_help
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -36,7 +37,7 @@ ENV_PREFIX = "PKVM_SIM_"
 
 # SimConfig knob -> (flag, metavar, help). memblocks is the repeatable --memblock.
 KNOB_FLAGS: dict[str, tuple[str, str, str]] = {
-    "profile": ("--profile", "v5.13|v5.14", "kernel modelled (default v5.14)"),
+    "profile": ("--profile", profile_help(), f"kernel modelled (default {SimConfig.profile})"),
     "hyp_page_layout": ("--hyp-page-layout", "32|4|2", "struct hyp_page size (default: profile's)"),
     "page_size": ("--page-size", "4K|16K|64K", "PAGE_SIZE (default 4K)"),
     "vmemmap_coverage": ("--vmemmap-coverage", "carveout|all", "vmemmap coverage (default all)"),

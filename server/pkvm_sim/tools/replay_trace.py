@@ -1,6 +1,6 @@
 """`pkvm-sim replay-trace`: replay `hyp-pool-trace/1` oracle traces against `HypPool`.
 
-A trace records the real v5.14 EL2 allocator (see shared/oracle/README.md). Replaying builds
+A trace records the real v5.14 EL2 allocator (see tests/data/oracle/README.md). Replaying builds
 the pool from the header exactly as the kernel's hyp_pool_init would (C u32 arithmetic
 included), runs every operation, and compares each result, each refcount_after and every
 free-list snapshot. The first mismatch is the divergence, reported with its line number.

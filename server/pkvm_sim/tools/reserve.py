@@ -19,6 +19,7 @@ from typing import Any
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.layout import GIB, KIB, MIB
+from pkvm_sim.core.profiles import profile_help
 from pkvm_sim.core.reservation import (
     CarveoutLayout,
     Reservation,
@@ -50,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BASE:SIZE",
         help="RAM region, repeatable (default: one 4 GiB block at 0x8000_0000)",
     )
-    parser.add_argument("--profile", metavar="v5.13|v5.14", help="kernel modelled (default v5.14)")
+    parser.add_argument(
+        "--profile", metavar=profile_help(), help=f"kernel modelled (default {SimConfig.profile})"
+    )
     parser.add_argument("--page-size", metavar="4K|16K|64K", help="PAGE_SIZE (default 4K)")
     parser.add_argument(
         "--hyp-page-layout", metavar="32|4|2", help="struct hyp_page size (default: the profile's)"
@@ -155,6 +158,13 @@ def render_compare_json(before: Reservation, after: Reservation) -> str:
     return json.dumps({"v5.13": before.to_json_dict(), "v5.14": after.to_json_dict()})
 
 
+_POOL_LABELS = {
+    "host_s2": "S2  host stage-2 pool",
+    "host_s2_mem": "MEM host stage-2 memory pool",
+    "host_s2_dev": "DEV host stage-2 MMIO pool",
+}
+
+
 def _budget_rows(r: Reservation) -> list[tuple[str, int]]:
     rows = [
         ("T   hyp tables for all memory", r.hyp_pgtable_total_pages),
@@ -163,13 +173,7 @@ def _budget_rows(r: Reservation) -> list[tuple[str, int]]:
     if r.hyp_pool_extra_pages:
         rows.append(("    hyp_pool_extra_pages", r.hyp_pool_extra_pages))
     rows.append(("S1  hyp stage-1 pool", r.hyp_s1_pgtable_pages))
-    if r.host_s2_mem_pages is not None and r.host_s2_dev_pages is not None:
-        rows += [
-            ("MEM host stage-2 memory pool", r.host_s2_mem_pages),
-            ("DEV host stage-2 MMIO pool", r.host_s2_dev_pages),
-        ]
-    else:
-        rows.append(("S2  host stage-2 pool", r.host_s2_pgtable_pages))
+    rows += [(_POOL_LABELS[name], pages) for name, pages in r.host_s2_pools]
     rows += [
         ("H   before the vmemmap", r.pre_vmemmap_pages),
         ("V   vmemmap (fixed point)", r.vmemmap_pages),
@@ -219,9 +223,7 @@ def _compare_rows(before: Reservation, after: Reservation) -> list[tuple[str, st
         return (label, str(a), str(b), f"{b - a:+d}")
 
     def host_s2(r: Reservation) -> str:
-        if r.host_s2_mem_pages is None:
-            return str(r.host_s2_pgtable_pages)
-        return f"{r.host_s2_mem_pages}+{r.host_s2_dev_pages}"
+        return "+".join(str(pages) for _name, pages in r.host_s2_pools)
 
     return [
         (

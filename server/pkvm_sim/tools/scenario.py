@@ -34,6 +34,7 @@ from pkvm_sim.core.config import Memblock, SimConfig, parse_size
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.layout import GIB, PAGE_SIZES, Profile
 from pkvm_sim.core.model import FaultOutcome
+from pkvm_sim.core.profiles import profile_names
 
 from .plots import ScenarioTimeline, plot_scenario, sampler
 
@@ -43,8 +44,8 @@ DEFAULT_SPANS = "0.5G,1G,2G,4G"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=SCENARIOS, help="which scenario to run")
-    parser.add_argument("--profile", choices=["v5.13", "v5.14", "both"], default="both",
-                        help="profile(s) to run (default: both, side by side)")
+    parser.add_argument("--profile", choices=[*profile_names(), "both"], default="both",
+                        help="profile(s) to run (default: both = v5.13 and v5.14, side by side)")
     parser.add_argument("--page-size", default="4K", choices=sorted(PAGE_SIZES))
     parser.add_argument("--memblock", action="append", default=None, metavar="BASE:SIZE",
                         help="RAM region (repeatable; default 0x80000000:4G)")
