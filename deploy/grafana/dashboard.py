@@ -115,7 +115,8 @@ def overview() -> list[tuple[Builder[dm.Panel], int, int]]:
         (stat_panel("Configuration", "pkvm_sim_info: profile, hyp_page layout (bytes per "
                     "struct hyp_page) and page size of each instance.", "none",
                     f"max by (profile, layout, page_size, version) (pkvm_sim_info{{{JOB}}})",
-                    "{{profile}}, {{layout}}-byte hyp_page, {{page_size}} B pages"), 6, 4),
+                    "{{profile}}, {{layout}}-byte hyp_page, {{page_size}} B pages")
+         .text_mode(common.BigValueTextMode.NAME), 6, 4),  # the labels are the point
         (stat_panel("VMs", "VMs alive now.", "none", f"sum(pkvm_vms{{{JOB}}})"), 3, 4),
         (stat_panel("hyp carve-out", "Bytes kvm_hyp_reserve set aside for EL2 (all parts, "
                     "PMD rounding slack included).", "bytes",
