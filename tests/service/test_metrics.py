@@ -85,6 +85,13 @@ def test_real_prometheus_scrapes_the_service(tmp_path: Path) -> None:
                 'pkvm_pool_free_pages{job="pkvm-sim",pool="hyp"}', timeout=20
             )
             assert sample.value == expected
+            # The interceptor's series, as go-grpc-prometheus dashboards query them.
+            [handled_ok] = prom.wait_for_query(
+                'grpc_server_handled_total{job="pkvm-sim",grpc_method="AllocPages",'
+                'grpc_code="OK"}', timeout=20)
+            assert handled_ok.value == 1
+            [info] = prom.wait_for_query('pkvm_sim_info{job="pkvm-sim"}', timeout=20)
+            assert info.labels["layout"] == "4"
     finally:
         service.stop(0)
 
