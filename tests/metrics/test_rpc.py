@@ -25,6 +25,19 @@ def identity(data: bytes) -> bytes:
     return data
 
 
+def quota_status() -> grpc.Status:
+    """A refusal as the service sends it: code plus a google.rpc.ErrorInfo reason."""
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason="QUOTA_EXCEEDED", domain="pkvm.v1"))
+    status: grpc.Status = rpc_status.to_status(status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED, message="quota", details=[detail]))
+    return status
+
+
 def samples(stats: RpcStats) -> dict[str, list[tuple[dict[str, str], float]]]:
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     family: Metric
@@ -50,6 +63,10 @@ def sync_handlers() -> grpc.GenericRpcHandler:
     def crash(request: bytes, context: grpc.ServicerContext) -> bytes:
         raise RuntimeError("bug")
 
+    def quota(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort_with_status(quota_status())
+        raise AssertionError  # pragma: no cover
+
     def stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from requests
 
@@ -57,6 +74,7 @@ def sync_handlers() -> grpc.GenericRpcHandler:
         "Ok": grpc.unary_unary_rpc_method_handler(ok, identity, identity),
         "Refuse": grpc.unary_unary_rpc_method_handler(refuse, identity, identity),
         "Crash": grpc.unary_unary_rpc_method_handler(crash, identity, identity),
+        "Quota": grpc.unary_unary_rpc_method_handler(quota, identity, identity),
         "Stream": grpc.stream_stream_rpc_method_handler(stream, identity, identity),
     })
 
@@ -72,6 +90,11 @@ def aio_handlers() -> grpc.GenericRpcHandler:
     async def crash(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         raise RuntimeError("bug")
 
+    async def quota(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        status = quota_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        raise AssertionError  # pragma: no cover
+
     async def stream(requests: AsyncIterator[bytes],
                      context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
         async for request in requests:
@@ -81,6 +104,7 @@ def aio_handlers() -> grpc.GenericRpcHandler:
         "Ok": grpc.unary_unary_rpc_method_handler(ok, identity, identity),
         "Refuse": grpc.unary_unary_rpc_method_handler(refuse, identity, identity),
         "Crash": grpc.unary_unary_rpc_method_handler(crash, identity, identity),
+        "Quota": grpc.unary_unary_rpc_method_handler(quota, identity, identity),
         "Stream": grpc.stream_stream_rpc_method_handler(stream, identity, identity),
     })
 
@@ -91,7 +115,8 @@ def drive(target: str) -> None:
         ok = channel.unary_unary(f"/{SERVICE}/Ok", identity, identity)
         assert ok(b"a", timeout=5) == b"a" and ok(b"b", timeout=5) == b"b"
         for name, code in (("Refuse", grpc.StatusCode.RESOURCE_EXHAUSTED),
-                           ("Crash", grpc.StatusCode.UNKNOWN)):
+                           ("Crash", grpc.StatusCode.UNKNOWN),
+                           ("Quota", grpc.StatusCode.RESOURCE_EXHAUSTED)):
             with pytest.raises(grpc.RpcError) as error:
                 channel.unary_unary(f"/{SERVICE}/{name}", identity, identity)(b"x", timeout=5)
             assert error.value.code() == code
@@ -104,11 +129,16 @@ def check(stats: RpcStats) -> None:
         ("unary", "Ok", "OK"): 2,
         ("unary", "Refuse", "RESOURCE_EXHAUSTED"): 1,
         ("unary", "Crash", "UNKNOWN"): 1,
+        ("unary", "Quota", "RESOURCE_EXHAUSTED"): 1,
         ("bidi_stream", "Stream", "OK"): 1,
     }
     got = samples(stats)
     started = {lab["grpc_method"]: v for lab, v in got["grpc_server_started_total"]}
-    assert started == {"Ok": 2, "Refuse": 1, "Crash": 1, "Stream": 1}
+    assert started == {"Ok": 2, "Refuse": 1, "Crash": 1, "Quota": 1, "Stream": 1}
+    # Only the refusal that carries an ErrorInfo has a reason.
+    refusals = {(lab["grpc_method"], lab["reason"]): v
+                for lab, v in got["pkvm_grpc_refusals_total"]}
+    assert refusals == {("Quota", "QUOTA_EXCEEDED"): 1}
     assert {lab["grpc_service"] for lab, _ in got["grpc_server_started_total"]} == {SERVICE}
     ok_buckets = [v for lab, v in got["grpc_server_handling_seconds_bucket"]
                   if lab["grpc_method"] == "Ok"]
@@ -142,6 +172,27 @@ def test_aio_server() -> None:
             await asyncio.get_running_loop().run_in_executor(None, drive, f"127.0.0.1:{port}")
         finally:
             await server.stop(0)
+
+    asyncio.run(main())
+    check(stats)
+
+
+def test_aio_server_with_plain_functions() -> None:
+    """A grpc.aio server may serve plain functions on a thread pool: they stay plain."""
+    stats = RpcStats()
+
+    async def main() -> None:
+        pool = futures.ThreadPoolExecutor(max_workers=2)
+        server = grpc.aio.server(migration_thread_pool=pool,
+                                 interceptors=[AioServerMetricsInterceptor(stats)])
+        server.add_generic_rpc_handlers((sync_handlers(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, drive, f"127.0.0.1:{port}")
+        finally:
+            await server.stop(0)
+            pool.shutdown()
 
     asyncio.run(main())
     check(stats)

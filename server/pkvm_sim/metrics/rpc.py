@@ -258,30 +258,80 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
         return self._wrapped.get(handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
-        record = self._stats.record_for(full_method, rpc_type(handler))
-        behavior = _behavior(handler)
-        stats = self._stats
-        if handler.response_streaming:
-            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = stats.started(record)
-                try:
-                    yield from behavior(request, context)
-                except BaseException as error:
-                    stats.finish(record, context, start, error)
-                    raise
-                stats.finish(record, context, start)
-            return _rebuild(handler, streaming)  # type: ignore[no-any-return]
+        return wrap_blocking(self._stats, full_method, handler)
 
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+
+class StatusRecorder:
+    """Stands in for a context that cannot tell its status (the one a grpc.aio server gives
+    a plain function has no `code()`): notes the code and trailers the handler sets."""
+
+    __slots__ = ("_context", "_code", "_trailers")
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+        self._trailers: tuple[tuple[str, str | bytes], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._trailers
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._trailers = tuple(metadata)
+        self._context.set_trailing_metadata(metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+              ) -> Any:
+        self._code = code
+        if trailing_metadata:
+            self._trailers = tuple(trailing_metadata)
+        return self._context.abort(code, details, trailing_metadata)
+
+    def abort_with_status(self, status: grpc.Status) -> Any:
+        return self.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _status_aware(context: Any) -> Any:
+    return context if hasattr(context, "code") else StatusRecorder(context)
+
+
+def wrap_blocking(stats: RpcStats, full_method: str, handler: Handler) -> Handler:
+    """`handler` counted, for behaviours that run on a thread: plain functions and
+    generators (the sync server's, and a grpc.aio server's non-async ones)."""
+    record = stats.record_for(full_method, rpc_type(handler))
+    behavior = _behavior(handler)
+    if handler.response_streaming:
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            context = _status_aware(context)
             start = stats.started(record)
             try:
-                response = behavior(request, context)
+                yield from behavior(request, context)
             except BaseException as error:
                 stats.finish(record, context, start, error)
                 raise
             stats.finish(record, context, start)
-            return response
-        return _rebuild(handler, unary)  # type: ignore[no-any-return]
+        return _rebuild(handler, streaming)  # type: ignore[no-any-return]
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        context = _status_aware(context)
+        start = stats.started(record)
+        try:
+            response = behavior(request, context)
+        except BaseException as error:
+            stats.finish(record, context, start, error)
+            raise
+        stats.finish(record, context, start)
+        return response
+    return _rebuild(handler, unary)  # type: ignore[no-any-return]
 
 
 class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -302,9 +352,12 @@ class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         return self._wrapped.get(handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
-        record = self._stats.record_for(full_method, rpc_type(handler))
         behavior = _behavior(handler)
         stats = self._stats
+        if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
+            # A plain function stays one, so that the server still runs it on its thread pool.
+            return wrap_blocking(stats, full_method, handler)
+        record = stats.record_for(full_method, rpc_type(handler))
         if inspect.isasyncgenfunction(behavior):
             async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                                 ) -> AsyncIterator[Any]:
@@ -321,9 +374,7 @@ class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             start = stats.started(record)
             try:
-                result = behavior(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
+                result = await behavior(request, context)
             except BaseException as error:
                 stats.finish(record, context, start, error)
                 raise
