@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.layout import LAYOUTS
-from pkvm_sim.core.profiles import PROFILES, Profile, profile_names, profile_spec
+from pkvm_sim.core.profiles import (
+    MAX_ORDER_FORMULAS,
+    PROFILES,
+    Profile,
+    profile_names,
+    profile_spec,
+)
 
 CORE = Path(__file__).resolve().parents[2] / "server" / "pkvm_sim"
 
@@ -18,7 +24,9 @@ def test_every_profile_has_exactly_its_own_record() -> None:
     for profile, spec in PROFILES.items():
         assert spec.profile is profile
         assert spec.default_layout in LAYOUTS
-        assert spec.max_order_formula in ("v5.14", "v5.17")
+        assert spec.max_order_formula in MAX_ORDER_FORMULAS
+        # MAX_ORDER became inclusive in v6.4, and the formula with it
+        assert spec.max_order_inclusive is (spec.max_order_formula == "v6.4")
 
 
 def test_every_profile_has_one_pool_for_memory_and_one_for_mmio_faults() -> None:

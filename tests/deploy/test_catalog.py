@@ -64,7 +64,8 @@ def test_catalogue_is_well_formed() -> None:
 def test_closed_label_sets() -> None:
     catalog = load_metric_catalog()
     assert catalog["pkvm_carveout_bytes"].label_values == {
-        "part": ("vmemmap", "hyp", "host_s2", "host_s2_mem", "host_s2_dev", "slack")
+        "part": ("vmemmap", "vm_table", "hyp", "host_s2", "host_s2_mem", "host_s2_dev",
+                 "ffa_proxy", "slack")
     }
     for name in ("pkvm_host_s2_faults_total", "pkvm_host_s2_fault_failures_total"):
         assert catalog[name].label_values == {"kind": ("memory", "mmio")}

@@ -274,3 +274,28 @@ def test_metrics_per_vm_is_a_serve_knob(tmp_path: Path) -> None:
     assert settings("--config", str(path)) is True
     with pytest.raises(ValueError):
         settings(environ={"PKVM_SIM_METRICS_PER_VM": "maybe"})
+
+
+def test_every_profile_exports_catalogued_carveout_parts() -> None:
+    """v6.x profiles add carve-out parts (VM table, FF-A proxy): the catalogue lists them, and
+    the parts add up to the whole carve-out."""
+    from pkvm_sim.core.config import SimConfig
+    from pkvm_sim.core.profiles import profile_names
+    from pkvm_sim.service.server import ServerSettings
+
+    from tests.service.fixtures import start_service
+
+    allowed = load_metric_catalog(METRICS_LIST)["pkvm_carveout_bytes"].label_values["part"]
+    for profile in profile_names():
+        service = start_service(
+            SimConfig.from_mapping({"profile": profile}),
+            ServerSettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", workers=2))
+        try:
+            with grpc.insecure_channel(service.target) as channel:
+                reserved = pb2_grpc.HypervisorServiceStub(channel).Reserve(
+                    pb2.ReserveRequest()).reserved_bytes
+            parts = {lab["part"]: v for lab, v in scrape(service)["pkvm_carveout_bytes"]}
+        finally:
+            service.stop(0)
+        assert set(parts) <= set(allowed), profile
+        assert sum(parts.values()) == reserved, profile

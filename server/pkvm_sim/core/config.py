@@ -20,7 +20,7 @@ from .layout import (
     PageGeometry,
     Profile,
 )
-from .profiles import KernelProfile, profile_spec
+from .profiles import MAX_ORDER_FORMULAS, KernelProfile, VmemmapReservation, profile_spec
 
 HYP_MEMBLOCK_REGIONS = 128  # the kernel copies at most this many memblock regions
 
@@ -74,14 +74,14 @@ class SimConfig:
     hyp_page_layout: str | None = None  # '32', '4', '2'; None = the profile's
     page_size: int = PAGE_SIZES["4K"]
     vmemmap_coverage: str = "all"  # 'carveout' (V13/V14) or 'all' (V62)
-    max_order_formula: str | None = None  # 'v5.14' or 'v5.17'; None = the profile's
+    max_order_formula: str | None = None  # MAX_ORDER_FORMULAS; None = the profile's
     memblocks: tuple[Memblock, ...] = DEFAULT_MEMBLOCKS
     ia_bits: int = 40
     nr_cpus: int = 8
     hyp_s1_early_used_pages: int = 0
     hyp_pool_extra_pages: int = 0
     carveout_base: int | None = None  # None = top-down placement (SEMANTICS 1.5)
-    faithful_bugs: bool = False  # reproduce the V14 quirks of SEMANTICS 3.10
+    faithful_bugs: bool = False  # reproduce the quirks the profile's kernel has (profiles.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profile", profile_spec(self.profile).profile)
@@ -94,8 +94,19 @@ class SimConfig:
             raise ValueError(f"hyp_page_layout must be one of 32, 4, 2, not {self.hyp_page_layout}")
         if self.vmemmap_coverage not in ("carveout", "all"):
             raise ValueError("vmemmap_coverage must be 'carveout' or 'all'")
-        if self.max_order_formula not in (None, "v5.14", "v5.17"):
-            raise ValueError("max_order_formula must be 'v5.14' or 'v5.17'")
+        if self.max_order_formula not in (None, *MAX_ORDER_FORMULAS):
+            raise ValueError(
+                f"max_order_formula must be one of {', '.join(MAX_ORDER_FORMULAS)}, "
+                f"not {self.max_order_formula!r}"
+            )
+        if (
+            self.vmemmap_coverage == "carveout"
+            and self.kernel.vmemmap_reservation is VmemmapReservation.ALL_MEMORY
+        ):
+            raise ValueError(
+                f"profile {self.profile} reserves and backs the vmemmap of all memory: "
+                "vmemmap_coverage 'carveout' does not exist there"
+            )
         if not 32 <= self.ia_bits <= 48:
             raise ValueError(f"ia_bits must be in 32..48, not {self.ia_bits}")
         if not 1 <= self.nr_cpus <= 4096:

@@ -68,10 +68,15 @@ def pool_max_order(
     formula: str = "v5.14",
     u32_arithmetic: bool = False,
 ) -> int:
-    """max_order of a pool of nr_pages (SEMANTICS 2.1).
+    """max_order of a pool of nr_pages (SEMANTICS 2.1), as the number of free lists: orders
+    0 .. max_order - 1 exist, `max_order_cap` (the kernel's exclusive MAX_ORDER: 11 with 4K
+    pages) bounds it.
 
     v5.14: min(MAX_ORDER, get_order(nr_pages << PAGE_SHIFT)); a power-of-two pool can never
     hold a block of its own size. v5.17: get_order((nr_pages + 1) << PAGE_SHIFT).
+    v6.4 (MAX_ORDER became inclusive; MAX_PAGE_ORDER from v6.8): the kernel stores
+    min(MAX_PAGE_ORDER, get_order(nr_pages << PAGE_SHIFT)) and keeps lists 0 .. that value,
+    one more list than the v5.14 formula (never used unless nr_pages is a power of two).
     `u32_arithmetic` reproduces the kernel's C types: nr_pages is an unsigned int, so the
     shift wraps for pools of 4 GiB or more (only the trace replay asks for this).
     """
@@ -79,7 +84,10 @@ def pool_max_order(
     size_bytes = pages << page_shift
     if u32_arithmetic:
         size_bytes &= U32_MASK
-    return min(max_order_cap, get_order(size_bytes, page_shift))
+    lists = get_order(size_bytes, page_shift)
+    if formula == "v6.4":
+        lists += 1
+    return min(max_order_cap, lists)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,17 @@ profile is a new record here plus the code for what is really new in it.
     v5.13    32 B (layout 32) host_s2_mem + host_s2_dev  MMIO faults recycle MMIO and retry;
                                                          a memory fault's -ENOMEM is fatal
     v5.14    4 B  (layout 4)  host_s2 (one pool)         any fault recycles MMIO and retries
+    v6.1     4 B  (layout 4)  host_s2 (one pool)         any fault recycles MMIO and retries
+    v6.12    4 B  (layout 4)  host_s2 (one pool)         any fault recycles MMIO and retries
+
+What the reservation (kvm_hyp_reserve) adds up, per profile:
+
+    profile  table levels  vmemmap reserved for                VM table  FF-A proxy  max_order
+    -------  ------------  ----------------------------------  --------  ----------  ---------
+    v5.13    4             the carve-out (fixed point)         -         -           v5.14
+    v5.14    4             the carve-out (fixed point)         -         -           v5.14
+    v6.1     4             the carve-out (fixed point)         -         -           v5.17
+    v6.12    5 (LPA2)      all memory, region by region        255 ptrs  2 + desc    v6.4
 
 This module depends on nothing of ours (layouts are named, see layout.LAYOUTS), so every other
 module of the core, and the CLI, can import it.
@@ -20,14 +31,25 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
+    "MAX_ORDER_FORMULAS",
     "PROFILES",
+    "HostRangeSearch",
     "HostS2Pool",
+    "VmemmapReservation",
     "KernelProfile",
     "Profile",
     "profile_help",
+    "profiles_epilog",
     "profile_names",
     "profile_spec",
 ]
+
+
+# hyp_pool_init's max_order, as the number of free lists of a pool of n pages (see
+# hyp_pool.pool_max_order): 'v5.14' min(MAX_ORDER, get_order(n pages)), MAX_ORDER exclusive;
+# 'v5.17' ("Fix hyp_pool max order") get_order(n + 1 pages); 'v6.4' (MAX_ORDER inclusive,
+# later MAX_PAGE_ORDER) min(MAX_PAGE_ORDER, get_order(n pages)) + 1 lists.
+MAX_ORDER_FORMULAS = ("v5.14", "v5.17", "v6.4")
 
 
 class Profile(StrEnum):
@@ -35,6 +57,29 @@ class Profile(StrEnum):
 
     V5_13 = "v5.13"
     V5_14 = "v5.14"
+    V6_1 = "v6.1"
+    V6_12 = "v6.12"
+
+
+class VmemmapReservation(StrEnum):
+    """What part of memory kvm_hyp_reserve budgets hyp_page entries for."""
+
+    CARVEOUT = "carveout"  # the carve-out's own pages, by fixed point (up to v6.1)
+    ALL_MEMORY = "all-memory"  # every memblock, region by region (from v6.2)
+
+
+class HostRangeSearch(StrEnum):
+    """How a host stage-2 fault chooses the range it maps around the faulting address."""
+
+    # v5.13/v5.14 kvm_pgtable_stage2_find_range: the largest block, from the top level down,
+    # that lies in the address's memory region or MMIO gap and whose existing leaves are all
+    # compatible (a block may replace a table of compatible leaves)
+    LARGEST_COMPATIBLE = "largest-compatible"
+    # v6.x host_stage2_adjust_range: start at the level where the walk met the empty entry and
+    # go down until the granule fits the region and the NEXT level supports blocks; the range
+    # is then mapped with the largest leaves that fit (a level-0 or, with 16K/64K pages, a
+    # level-1 range is mapped by many level-1 or level-2 blocks in one fault)
+    FROM_EMPTY_ENTRY = "from-empty-entry"
 
 
 @dataclass(frozen=True)
@@ -61,9 +106,25 @@ class KernelProfile:
     summary: str  # one line for --help and docs
     default_layout: str  # struct hyp_page layout name (layout.LAYOUTS)
     host_s2_pools: tuple[HostS2Pool, ...]  # in carve-out (bump) order
-    max_order_formula: str  # hyp_pool_init's max_order: 'v5.14' or 'v5.17'
+    max_order_formula: str  # hyp_pool_init's max_order: 'v5.14', 'v5.17' or 'v6.4'
     max_order_inclusive: bool  # MAX_ORDER is a valid order (from v6.4); False: exclusive
     kernel_refs: tuple[str, ...]  # where the kernel decides what this record says
+    # -- kvm_hyp_reserve -----------------------------------------------------------------
+    hyp_pgtable_levels: int = 4  # levels __hyp_pgtable_max_pages provisions per mapping
+    vmemmap_reservation: VmemmapReservation = VmemmapReservation.CARVEOUT
+    vm_table_entries: int = 0  # KVM_MAX_PVMS pointers in the hyp VM table (0: no table)
+    ffa_mailbox_pages: int = 0  # FF-A proxy: RX + TX mailbox pages (0: no FF-A proxy)
+    ffa_descriptor_bytes: int = 0  # FF-A proxy: the largest fragmented descriptor buffered
+    # -- host stage-2 ------------------------------------------------------------------
+    host_s2_range_search: HostRangeSearch = HostRangeSearch.LARGEST_COMPATIBLE
+    # -- quirks config.faithful_bugs reproduces (only where this version has them) --------
+    range_is_memory_off_by_one: bool = False  # tests the exclusive end (fixed in v5.14)
+    # -- what was checked against a booted kernel (tests/kernel, pkvm-sim kernel-check) ----
+    booted_page_sizes: tuple[str, ...] = ()  # Debian kernels exist and were booted for these
+
+    @property
+    def has_ffa_proxy(self) -> bool:
+        return self.ffa_mailbox_pages > 0
 
     @property
     def split_host_s2_pools(self) -> bool:
@@ -106,6 +167,9 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_idmap",
             ),
+            # "KVM: arm64: Fix off-by-one in range_is_memory" (tests end - 1) was merged for
+            # v5.14 and backported to 5.13.12: only v5.13.0 to 5.13.11 have it.
+            range_is_memory_off_by_one=True,
         ),
         KernelProfile(
             profile=Profile.V5_14,
@@ -120,6 +184,52 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_idmap",
             ),
+        ),
+        KernelProfile(
+            profile=Profile.V6_1,
+            summary="LTS 6.1: reservation as v5.14 (4 levels, carve-out vmemmap), "
+            "hyp_pool max_order from 'Fix hyp_pool max order' (v5.17)",
+            default_layout="4",
+            host_s2_pools=(_MERGED_POOL,),
+            max_order_formula="v5.17",
+            max_order_inclusive=False,
+            kernel_refs=(
+                "arch/arm64/kvm/pkvm.c kvm_hyp_reserve",
+                "arch/arm64/include/asm/kvm_pkvm.h hyp_s1_pgtable_pages, host_s2_pgtable_pages",
+                "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
+                "arch/arm64/kvm/hyp/nvhe/page_alloc.c hyp_pool_init",
+                "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_adjust_range",
+            ),
+            host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
+            booted_page_sizes=("4K",),
+        ),
+        KernelProfile(
+            profile=Profile.V6_12,
+            summary="LTS 6.12: 5-level table budgets, vmemmap for all memory region by "
+            "region, VM table, FF-A proxy pages; MAX_PAGE_ORDER inclusive",
+            default_layout="4",
+            host_s2_pools=(_MERGED_POOL,),
+            max_order_formula="v6.4",
+            max_order_inclusive=True,
+            kernel_refs=(
+                "arch/arm64/kvm/pkvm.c kvm_hyp_reserve",
+                "arch/arm64/include/asm/kvm_pkvm.h hyp_vmemmap_pages, hyp_vm_table_pages, "
+                "hyp_ffa_proxy_pages",
+                "arch/arm64/include/asm/kvm_pgtable.h KVM_PGTABLE_FIRST_LEVEL (-1)",
+                "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
+                "arch/arm64/kvm/hyp/nvhe/page_alloc.c hyp_pool_init (MAX_PAGE_ORDER)",
+                "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_adjust_range",
+            ),
+            hyp_pgtable_levels=5,
+            vmemmap_reservation=VmemmapReservation.ALL_MEMORY,
+            vm_table_entries=255,
+            ffa_mailbox_pages=2,
+            # sizeof(ffa_mem_region) 48 + sizeof(ffa_mem_region_attributes) 32 (with the
+            # 16-byte impdef field) + sizeof(ffa_composite_mem_region) 16
+            # + SG_MAX_SEGMENTS (2048) * sizeof(ffa_mem_region_addr_range) 16
+            ffa_descriptor_bytes=48 + 32 + 16 + 2048 * 16,
+            host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
+            booted_page_sizes=("4K", "16K"),
         ),
     )
 }
@@ -138,6 +248,13 @@ def profile_spec(profile: Profile | str) -> KernelProfile:
 def profile_names() -> tuple[str, ...]:
     """Profile names in registry order (oldest first): CLI choices and help."""
     return tuple(p.value for p in PROFILES)
+
+
+def profiles_epilog() -> str:
+    """One line per profile (name: summary), for the CLIs' --help."""
+    return "profiles:\n" + "\n".join(
+        f"  {spec.profile.value:<7} {spec.summary}" for spec in PROFILES.values()
+    )
 
 
 def profile_help() -> str:

@@ -41,7 +41,7 @@ from typing import Any
 
 from .config import Memblock, SimConfig
 from .layout import MIB, PageGeometry, Profile, ceil_div
-from .profiles import HostS2Pool, profile_spec
+from .profiles import HostS2Pool, KernelProfile, VmemmapReservation, profile_spec
 
 __all__ = [
     "HOST_S2_PGD_MAX_PAGES",
@@ -52,18 +52,23 @@ __all__ = [
     "all_memory_vmemmap_pages",
     "compare_profiles",
     "compute_reservation",
+    "config_for_profile",
     "gib_allowance_pages",
     "host_s2_pool_budget",
     "hyp_pgtable_max_pages",
     "hyp_pgtable_total_pages",
     "partition_carveout",
     "place_carveout",
+    "ffa_proxy_pages",
+    "vm_table_pages",
     "vmemmap_backing_pages",
     "vmemmap_pages_fixed_point",
+    "vmemmap_region_pages",
 ]
 
 HOST_S2_PGD_MAX_PAGES = 16  # upper bound of concatenated host stage-2 PGD pages (the "+16")
-HYP_PGTABLE_LEVELS = 4  # M() assumes 4 levels whatever the page size
+HYP_PGTABLE_LEVELS = 4  # M() counts 4 levels whatever the page size (up to v6.8)
+POINTER_BYTES = 8  # sizeof(void *) on arm64
 _FIXED_POINT_MAX_ITERATIONS = 64  # converges in 2 or 3 steps; this only guards a bug
 
 # The six figures every front end (CLI --json, service, metrics) reports, in this order.
@@ -90,29 +95,50 @@ def align_up(value: int, alignment: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def hyp_pgtable_max_pages(nr_pages: int, geometry: PageGeometry) -> int:
+def hyp_pgtable_max_pages(
+    nr_pages: int, geometry: PageGeometry, levels: int = HYP_PGTABLE_LEVELS
+) -> int:
     """M(n), `__hyp_pgtable_max_pages`: worst-case table pages to map n contiguous pages at
-    page granularity, counting 4 levels whatever the page size."""
+    page granularity, counting `levels` levels whatever the page size (4 up to v6.8:
+    KVM_PGTABLE_MAX_LEVELS; 5 from v6.9: KVM_PGTABLE_FIRST_LEVEL -1 to LAST_LEVEL 3)."""
     if nr_pages < 0:
         raise ValueError(f"nr_pages must not be negative, not {nr_pages}")
     total_pages = 0
     level_pages = nr_pages
-    for _ in range(HYP_PGTABLE_LEVELS):
+    for _ in range(levels):
         level_pages = ceil_div(level_pages, geometry.ptrs_per_table)
         total_pages += level_pages
     return total_pages
 
 
-def hyp_pgtable_total_pages(memblocks: tuple[Memblock, ...], geometry: PageGeometry) -> int:
+def hyp_pgtable_total_pages(
+    memblocks: tuple[Memblock, ...], geometry: PageGeometry, levels: int = HYP_PGTABLE_LEVELS
+) -> int:
     """T, `__hyp_pgtable_total_pages`: M() of every memblock, summed region by region."""
     return sum(
-        hyp_pgtable_max_pages(block.size // geometry.page_size, geometry) for block in memblocks
+        hyp_pgtable_max_pages(block.size // geometry.page_size, geometry, levels)
+        for block in memblocks
     )
 
 
-def gib_allowance_pages(geometry: PageGeometry) -> int:
-    """G = M(1 GiB / P): 515 (4K), 35 (16K), 5 (64K)."""
-    return hyp_pgtable_max_pages(geometry.pages_per_gib, geometry)
+def gib_allowance_pages(geometry: PageGeometry, levels: int = HYP_PGTABLE_LEVELS) -> int:
+    """G = M(1 GiB / P): 515 (4K), 35 (16K), 5 (64K) with 4 levels; 516, 36, 6 with 5."""
+    return hyp_pgtable_max_pages(geometry.pages_per_gib, geometry, levels)
+
+
+def vm_table_pages(kernel: KernelProfile, geometry: PageGeometry) -> int:
+    """`hyp_vm_table_pages`: one pointer per VM slot (KVM_MAX_PVMS), page aligned; 0 before
+    v6.2 (no table). 255 pointers: 1 page with 4K, 16K or 64K pages."""
+    return ceil_div(kernel.vm_table_entries * POINTER_BYTES, geometry.page_size)
+
+
+def ffa_proxy_pages(kernel: KernelProfile, geometry: PageGeometry) -> int:
+    """`hyp_ffa_proxy_pages`: the RX and TX mailboxes plus a buffer for the largest
+    fragmented memory descriptor EL3 may return (v6.4+): 2 + 9 (4K), 2 + 3 (16K), 2 + 1 (64K)
+    in v6.12."""
+    if not kernel.has_ffa_proxy:
+        return 0
+    return kernel.ffa_mailbox_pages + ceil_div(kernel.ffa_descriptor_bytes, geometry.page_size)
 
 
 def host_s2_pool_budget(pool: HostS2Pool, t_pages: int, g_pages: int) -> int:
@@ -125,7 +151,8 @@ def host_s2_pool_budget(pool: HostS2Pool, t_pages: int, g_pages: int) -> int:
 
 
 def vmemmap_pages_fixed_point(
-    pre_vmemmap_pages: int, entry_bytes: int, geometry: PageGeometry
+    pre_vmemmap_pages: int, entry_bytes: int, geometry: PageGeometry,
+    levels: int = HYP_PGTABLE_LEVELS,
 ) -> int:
     """V: the pages backing the vmemmap must themselves have vmemmap entries, and M() of them
     budgets the stage-1 tables mapping them. Iterate from V = 0 until V is stable."""
@@ -133,7 +160,7 @@ def vmemmap_pages_fixed_point(
     for _ in range(_FIXED_POINT_MAX_ITERATIONS):
         covered_pages = pre_vmemmap_pages + vmemmap_pages
         next_pages = ceil_div(covered_pages * entry_bytes, geometry.page_size)
-        next_pages += hyp_pgtable_max_pages(next_pages, geometry)
+        next_pages += hyp_pgtable_max_pages(next_pages, geometry, levels)
         if next_pages == vmemmap_pages:
             return vmemmap_pages
         vmemmap_pages = next_pages
@@ -160,11 +187,26 @@ def vmemmap_backing_pages(base: int, end: int, entry_bytes: int, geometry: PageG
     return (end_bytes - start_bytes) // geometry.page_size
 
 
+def vmemmap_region_pages(
+    memblocks: tuple[Memblock, ...], entry_bytes: int, geometry: PageGeometry
+) -> int:
+    """`hyp_vmemmap_pages` (v6.2+): each memblock's slice of the vmemmap rounded out to whole
+    pages, summed region by region. A page shared by the slices of two neighbouring regions
+    is counted twice: this is what the kernel reserves, not what it backs (see
+    all_memory_vmemmap_pages)."""
+    total_pages = 0
+    for block in memblocks:
+        start_bytes, end_bytes = _vmemmap_span(block.base, block.end, entry_bytes, geometry)
+        total_pages += (end_bytes - start_bytes) // geometry.page_size
+    return total_pages
+
+
 def all_memory_vmemmap_pages(
     memblocks: tuple[Memblock, ...], entry_bytes: int, geometry: PageGeometry
 ) -> int:
     """V62 rule: back the vmemmap of every memblock; a page shared by the slices of two
-    consecutive regions is counted once. 1024 pages for 4 GiB with 4-byte entries."""
+    consecutive regions is counted once (what is backed; vmemmap_region_pages is what v6.2+
+    reserves). 1024 pages for 4 GiB with 4-byte entries."""
     total_pages = 0
     covered_end_bytes = 0  # invariant: every vmemmap byte below this is already counted
     for block in sorted(memblocks):
@@ -258,8 +300,11 @@ class Reservation:
     is no such pool, not an empty one).
 
     `all_memory_vmemmap_pages` is the vmemmap backing for the configured coverage: every
-    memblock under 'all' (V62 rule), the carve-out's own slice under 'carveout'. It is reported
-    beside the reservation, never added to it: the six kernel figures do not depend on coverage.
+    memblock under 'all' (V62 rule), the carve-out's own slice under 'carveout'; a vmemmap page
+    shared by two neighbouring regions is backed once. `vmemmap_region_pages` is what v6.2+
+    kernels reserve for all memory instead: each region's slice rounded out to pages, summed
+    (a shared page counted twice). Up to v6.1 both are reported beside the reservation, never
+    added to it: the six kernel figures do not depend on coverage.
     """
 
     profile: Profile
@@ -273,8 +318,11 @@ class Reservation:
     hyp_s1_pgtable_pages: int  # S1 = T + G + extra
     host_s2_pgtable_pages: int  # S2 (v5.14) or MEM + DEV (v5.13): the sum of host_s2_pools
     host_s2_pools: tuple[tuple[str, int], ...]  # (pool name, pages), in carve-out order
-    pre_vmemmap_pages: int  # H = S1 + S2
-    vmemmap_pages: int  # V, the fixed point
+    vm_table_pages: int  # the hyp VM table (v6.2+; else 0)
+    ffa_proxy_pages: int  # FF-A mailboxes and descriptor buffer (v6.4+; else 0)
+    pre_vmemmap_pages: int  # H = S1 + S2 + VM table + FF-A
+    vmemmap_pages: int  # V: the fixed point (up to v6.1) or the region-by-region sum (v6.2+)
+    hyp_pgtable_levels: int  # levels M() counted (4, or 5 from v6.9)
     hyp_mem_pages: int  # H + V
     reserved_bytes: int  # hyp_mem_pages * P, PMD-rounded when the PMD attempt succeeded
     pmd_rounded: bool
@@ -282,13 +330,17 @@ class Reservation:
     vmemmap_bytes_per_gib: int
     vmemmap_coverage: str
     all_memory_vmemmap_pages: int
+    vmemmap_region_pages: int  # every memblock's vmemmap slice, summed region by region
 
     def __post_init__(self) -> None:
         self.check_invariants()
 
     def check_invariants(self) -> None:
         assert self.hyp_mem_pages == self.pre_vmemmap_pages + self.vmemmap_pages
-        assert self.pre_vmemmap_pages == self.hyp_s1_pgtable_pages + self.host_s2_pgtable_pages
+        assert self.pre_vmemmap_pages == (
+            self.hyp_s1_pgtable_pages + self.host_s2_pgtable_pages + self.vm_table_pages
+            + self.ffa_proxy_pages
+        )
         assert self.host_s2_pgtable_pages == sum(nr for _name, nr in self.host_s2_pools)
         assert self.reserved_bytes >= self.hyp_mem_bytes
         assert self.reserved_bytes % self.page_size == 0
@@ -335,12 +387,16 @@ class Reservation:
                 "hyp_pool_extra_pages": self.hyp_pool_extra_pages,
                 "host_s2_mem_pages": self.host_s2_mem_pages,
                 "host_s2_dev_pages": self.host_s2_dev_pages,
+                "vm_table_pages": self.vm_table_pages,
+                "ffa_proxy_pages": self.ffa_proxy_pages,
+                "hyp_pgtable_levels": self.hyp_pgtable_levels,
                 "pre_vmemmap_pages": self.pre_vmemmap_pages,
                 "pmd_rounded": self.pmd_rounded,
                 "carveout_base": self.carveout_base,
                 "carveout_end": self.carveout_end,
                 "vmemmap_coverage": self.vmemmap_coverage,
                 "all_memory_vmemmap_pages": self.all_memory_vmemmap_pages,
+                "vmemmap_region_pages": self.vmemmap_region_pages,
             }
         return figures
 
@@ -352,16 +408,22 @@ def compute_reservation(config: SimConfig) -> Reservation:
     misplaced (too many memblocks is already refused by SimConfig)."""
     geometry = config.geometry
     layout = config.layout
-    t_pages = hyp_pgtable_total_pages(config.memblocks, geometry)
-    g_pages = gib_allowance_pages(geometry)
+    kernel = config.kernel
+    levels = kernel.hyp_pgtable_levels
+    t_pages = hyp_pgtable_total_pages(config.memblocks, geometry, levels)
+    g_pages = gib_allowance_pages(geometry, levels)
     s1_pages = t_pages + g_pages + config.hyp_pool_extra_pages
     host_s2_pools = tuple(
-        (pool.name, host_s2_pool_budget(pool, t_pages, g_pages))
-        for pool in config.kernel.host_s2_pools
+        (pool.name, host_s2_pool_budget(pool, t_pages, g_pages)) for pool in kernel.host_s2_pools
     )
     s2_pages = sum(nr for _name, nr in host_s2_pools)
-    h_pages = s1_pages + s2_pages
-    v_pages = vmemmap_pages_fixed_point(h_pages, layout.entry_bytes, geometry)
+    table_pages = vm_table_pages(kernel, geometry)
+    ffa_pages = ffa_proxy_pages(kernel, geometry)
+    h_pages = s1_pages + s2_pages + table_pages + ffa_pages
+    if kernel.vmemmap_reservation is VmemmapReservation.ALL_MEMORY:
+        v_pages = vmemmap_region_pages(config.memblocks, layout.entry_bytes, geometry)
+    else:
+        v_pages = vmemmap_pages_fixed_point(h_pages, layout.entry_bytes, geometry, levels)
     hyp_mem_bytes = (h_pages + v_pages) * geometry.page_size
 
     if config.carveout_base is None:
@@ -389,8 +451,11 @@ def compute_reservation(config: SimConfig) -> Reservation:
         hyp_s1_pgtable_pages=s1_pages,
         host_s2_pgtable_pages=s2_pages,
         host_s2_pools=host_s2_pools,
+        vm_table_pages=table_pages,
+        ffa_proxy_pages=ffa_pages,
         pre_vmemmap_pages=h_pages,
         vmemmap_pages=v_pages,
+        hyp_pgtable_levels=levels,
         hyp_mem_pages=h_pages + v_pages,
         reserved_bytes=reserved_bytes,
         pmd_rounded=reserved_bytes != hyp_mem_bytes,
@@ -398,6 +463,7 @@ def compute_reservation(config: SimConfig) -> Reservation:
         vmemmap_bytes_per_gib=layout.entry_bytes * geometry.pages_per_gib,
         vmemmap_coverage=config.vmemmap_coverage,
         all_memory_vmemmap_pages=coverage_pages,
+        vmemmap_region_pages=vmemmap_region_pages(config.memblocks, layout.entry_bytes, geometry),
     )
 
 
@@ -407,10 +473,17 @@ def compare_profiles(
     """The reservations of the same machine under each of `profiles`, in that order, each with
     its profile's own hyp_page layout (config.hyp_page_layout is ignored). The default pair is
     the series' before/after view."""
-    return tuple(
-        compute_reservation(replace(config, profile=profile_spec(p).profile, hyp_page_layout=None))
-        for p in profiles
-    )
+    return tuple(compute_reservation(config_for_profile(config, p)) for p in profiles)
+
+
+def config_for_profile(config: SimConfig, profile: Profile | str) -> SimConfig:
+    """The same machine under `profile`, with that profile's hyp_page layout; a profile whose
+    EL2 vmemmap covers all memory (v6.2+) gets vmemmap coverage 'all'."""
+    kernel = profile_spec(profile)
+    coverage = config.vmemmap_coverage
+    if kernel.vmemmap_reservation is VmemmapReservation.ALL_MEMORY:
+        coverage = "all"
+    return replace(config, profile=kernel.profile, hyp_page_layout=None, vmemmap_coverage=coverage)
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +495,8 @@ def compare_profiles(
 class CarveoutRegion:
     """One bump allocation: `nr_pages` pages from pfn `base_pfn`."""
 
-    name: str  # 'vmemmap', 'hyp', 'host_s2' | 'host_s2_mem', 'host_s2_dev', 'slack'
+    name: str  # 'vmemmap', ['vm_table'], 'hyp', 'host_s2' | 'host_s2_mem' + 'host_s2_dev',
+    # ['ffa_proxy'], 'slack'
     base_pfn: int
     nr_pages: int
     page_size: int
@@ -488,8 +562,9 @@ class CarveoutLayout:
 
 
 def partition_carveout(reservation: Reservation, config: SimConfig) -> CarveoutLayout:
-    """divide_memory_pool: vmemmap slice of the carve-out, hyp stage-1 pool (S1), host stage-2
-    pool(s), then slack. Raises ValueError if `config` does not describe `reservation`'s machine,
+    """divide_memory_pool: the vmemmap (the carve-out's slice; all memory from v6.2), the VM
+    table (v6.2+), the hyp stage-1 pool (S1), the host stage-2 pool(s), the FF-A proxy pages
+    (v6.4+), then slack. Raises ValueError if `config` does not describe `reservation`'s machine,
     if the pools do not fit (__pkvm_init's -ENOMEM) or if hyp_s1_early_used_pages > S1."""
     if (config.profile, config.page_size, config.layout.entry_bytes) != (
         reservation.profile,
@@ -503,14 +578,20 @@ def partition_carveout(reservation: Reservation, config: SimConfig) -> CarveoutL
             f"hyp pool's {reservation.hyp_s1_pgtable_pages} pages"
         )
     geometry = PageGeometry(reservation.page_size)
-    vmemmap_pages = vmemmap_backing_pages(
-        reservation.carveout_base, reservation.carveout_end, reservation.entry_bytes, geometry
-    )
-    sizes: list[tuple[str, int]] = [
-        ("vmemmap", vmemmap_pages),
-        ("hyp", reservation.hyp_s1_pgtable_pages),
-        *reservation.host_s2_pools,
-    ]
+    if config.kernel.vmemmap_reservation is VmemmapReservation.ALL_MEMORY:
+        vmemmap_pages = reservation.vmemmap_pages  # all memory, region by region
+    else:
+        vmemmap_pages = vmemmap_backing_pages(
+            reservation.carveout_base, reservation.carveout_end, reservation.entry_bytes,
+            geometry,
+        )
+    sizes: list[tuple[str, int]] = [("vmemmap", vmemmap_pages)]
+    if reservation.vm_table_pages:
+        sizes.append(("vm_table", reservation.vm_table_pages))
+    sizes.append(("hyp", reservation.hyp_s1_pgtable_pages))
+    sizes += reservation.host_s2_pools
+    if reservation.ffa_proxy_pages:
+        sizes.append(("ffa_proxy", reservation.ffa_proxy_pages))
     used_pages = sum(nr for _, nr in sizes)
     if used_pages > reservation.reserved_pages:
         raise ValueError(

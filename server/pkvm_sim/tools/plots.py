@@ -37,6 +37,8 @@ PART_COLOURS = {
     "host_s2": "#55a868",
     "host_s2_mem": "#2f7a45",
     "host_s2_dev": "#8fd19e",
+    "vm_table": "#8172b3",
+    "ffa_proxy": "#937860",
     "slack": "#cccccc",
 }
 
@@ -240,17 +242,18 @@ def _draw_pool_orders(ax: Axes, pool: PoolLayout, cmap: Any, max_order: int) -> 
 
 
 def carveout_parts(reservation: Reservation) -> list[tuple[str, int]]:
-    """(part, bytes) of a carve-out, in placement order: vmemmap, hyp, host stage-2, slack."""
+    """(part, bytes) of a carve-out in placement order (divide_memory_pool): vmemmap, VM table
+    (v6.2+), hyp, the host stage-2 pool(s), FF-A proxy (v6.4+), slack."""
     page = reservation.page_size
-    parts = [("vmemmap", reservation.vmemmap_pages * page),
-             ("hyp", reservation.hyp_s1_pgtable_pages * page)]
-    if reservation.host_s2_mem_pages is not None and reservation.host_s2_dev_pages is not None:
-        parts += [("host_s2_mem", reservation.host_s2_mem_pages * page),
-                  ("host_s2_dev", reservation.host_s2_dev_pages * page)]
-    else:
-        parts.append(("host_s2", reservation.host_s2_pgtable_pages * page))
-    parts.append(("slack", reservation.reserved_bytes - reservation.hyp_mem_bytes))
-    return parts
+    parts = [("vmemmap", reservation.vmemmap_pages)]
+    if reservation.vm_table_pages:
+        parts.append(("vm_table", reservation.vm_table_pages))
+    parts.append(("hyp", reservation.hyp_s1_pgtable_pages))
+    parts += list(reservation.host_s2_pools)
+    if reservation.ffa_proxy_pages:
+        parts.append(("ffa_proxy", reservation.ffa_proxy_pages))
+    in_bytes = [(name, pages * page) for name, pages in parts]
+    return [*in_bytes, ("slack", reservation.reserved_bytes - reservation.hyp_mem_bytes)]
 
 
 def plot_reservations(reservations: Sequence[Reservation], out: str | Path,
