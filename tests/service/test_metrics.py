@@ -266,7 +266,8 @@ def test_metrics_per_vm_is_a_serve_knob(tmp_path: Path) -> None:
         return bool(serve.settings_from(server).metrics_per_vm)
 
     assert settings() is False
-    assert settings("--metrics-per-vm") is True
+    assert settings("--metrics-per-vm", "true") is True
+    assert settings("--metrics-per-vm", "off") is False
     assert settings(environ={"PKVM_SIM_METRICS_PER_VM": "true"}) is True
     assert settings(environ={"PKVM_SIM_METRICS_PER_VM": "0"}) is False
     path = tmp_path / "pkvm.toml"

@@ -54,16 +54,18 @@ def busy_service() -> Iterator[RunningService]:
     rng = random.Random(7)
     with grpc.insecure_channel(service.target) as channel:
         stub = pb2_grpc.HypervisorServiceStub(channel)
-        vm = RawVM(stub)
-        held: list[int] = []
-        for _ in range(300):
+        vms = [RawVM(stub) for _ in range(4)]  # each well under the per-VM hyp-page quota
+        held: list[tuple[RawVM, int]] = []
+        for i in range(300):
+            vm = vms[i % len(vms)]
             answer = stub.AllocPages(
                 pb2.AllocPagesRequest(handle=vm.handle, order=rng.choice([0, 0, 1, 2, 3])),
                 metadata=vm.md)
-            held.append(answer.pfn)
+            held.append((vm, answer.pfn))
             if rng.random() < 0.4:
-                pfn = held.pop(rng.randrange(len(held)))
-                stub.PutPage(pb2.PutPageRequest(handle=vm.handle, pfn=pfn), metadata=vm.md)
+                owner, pfn = held.pop(rng.randrange(len(held)))
+                stub.PutPage(pb2.PutPageRequest(handle=owner.handle, pfn=pfn),
+                             metadata=owner.md)
     yield service
     service.stop(0)
 
