@@ -198,9 +198,13 @@ def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob]) -> None:
             parser.add_argument(knob.option, dest=knob.name, metavar=knob.metavar, help=text)
 
 
-def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
-    """The simulated machine's knobs as flags (serve, and any tool that boots a machine)."""
-    _add(parser, SIM_KNOBS)
+def add_sim_arguments(
+    parser: argparse.ArgumentParser, only: Iterable[str] | None = None
+) -> None:
+    """The simulated machine's knobs as flags, all or `only` those named (serve, and any
+    tool that builds a SimConfig: `SimConfig.from_mapping(vars(args))` takes them)."""
+    wanted = None if only is None else set(only)
+    _add(parser, (k for k in SIM_KNOBS if wanted is None or k.name in wanted))
 
 
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
