@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="profiles side by side on the same memory map, oldest first "
         f"(default {DEFAULT_COMPARE}; 'all' = {','.join(profile_names())})",
     )
+    parser.add_argument(  # observe: pictures live in tools/plots.py
+        "--plot", metavar="FILE.png|FILE.svg",
+        help="with --compare: also draw the carve-out per profile as stacked bars",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         if args.compare:
             _warn_ignored_by_compare(args)
             reservations = compare_profiles(config, parse_profile_list(args.compare))
+            if getattr(args, "plot", None):
+                from .plots import plot_reservations
+
+                plot_reservations(reservations, args.plot)
             output = (
                 render_compare_json(*reservations) if args.json
                 else render_compare(*reservations)

@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.layout import GIB, PAGE_SIZES, Profile
 from pkvm_sim.core.model import FaultOutcome
 from pkvm_sim.core.profiles import profile_names
+
+from .plots import ScenarioTimeline, plot_scenario, sampler
 
 SCENARIOS = ("mmio-pressure", "refcount-limit")
 DEFAULT_SPANS = "0.5G,1G,2G,4G"
@@ -59,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faults-per-span", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--plot", metavar="FILE.png|FILE.svg",  # observe: tools/plots.py
+                        help="mmio-pressure: also draw table pages and recycles over the faults")
 
 
 @dataclass
@@ -106,7 +111,10 @@ def _host_pool_used(hv: Hypervisor) -> int:
 
 
 def run_mmio_pressure(config: SimConfig, spans: list[int], faults_per_span: int,
-                      seed: int, span_base: int | None = None) -> ProfileResult:
+                      seed: int, span_base: int | None = None,
+                      on_fault: Callable[[Hypervisor, ProfileResult], None] | None = None,
+                      ) -> ProfileResult:
+    """`on_fault(hv, result)` runs after each MMIO fault (scenario --plot samples there)."""
     hv = Hypervisor.boot(config)
     page = config.page_size
     result = ProfileResult(config.profile.value)
@@ -149,6 +157,8 @@ def run_mmio_pressure(config: SimConfig, spans: list[int], faults_per_span: int,
                     result.mmio_faults_before_recycle += 1
                     result.mmio_pages_before_recycle += pages
             peak = max(peak, _host_pool_used(hv))
+            if on_fault is not None:
+                on_fault(hv, result)
     # Whole-run counts come from the model's own statistics (the memory phase adds none).
     stats = hv.statistics().host_stage2
     result.recycles = stats.mmio_recycles
@@ -214,8 +224,15 @@ def run(args: argparse.Namespace) -> int:
         spans = [parse_size(s) if not s.endswith(("G", "g")) or "." not in s
                  else int(float(s[:-1]) * GIB) for s in args.spans.split(",")]
         span_base = None if args.span_base is None else parse_size(args.span_base)
+        timelines = {profile: ScenarioTimeline(profile) for profile in profiles}
         results = [run_mmio_pressure(build_config(args, profile), spans, args.faults_per_span,
-                                     args.seed, span_base) for profile in profiles]
+                                     args.seed, span_base,
+                                     sampler(timelines[profile]) if args.plot else None)
+                   for profile in profiles]
+        if args.plot:
+            plot_scenario(list(timelines.values()), args.plot,
+                          f"mmio-pressure: spans {args.spans}, {args.faults_per_span} "
+                          f"faults per span, seed {args.seed}")
     except ValueError as error:
         print(f"scenario: error: {error}", file=sys.stderr)
         return 2
