@@ -465,6 +465,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     def Reserve(self, request: pb2.ReserveRequest) -> Any:
         return self.reservation
 
+    @rpc("GetMemoryMap", Auth.NONE)
+    def GetMemoryMap(self, request: pb2.GetMemoryMapRequest) -> Any:
+        from .memory_map import memory_map_message  # observe: read-only view for pictures
+
+        return memory_map_message(self.hypervisor, self.config, self.reservation,
+                                  list(request.pools))
+
     # -- batches ---------------------------------------------------------------------------------
 
     async def Execute(
