@@ -207,7 +207,8 @@ class LoadRun:
             return
         self.vms_started += 1
         rate = self.shape.rps / self.shape.vms if self.shape.rps else 0.0
-        next_send = self.started + (client.index / self.shape.rps if rate else 0.0)
+        # The schedule starts once the VM exists, staggered over one period across VMs.
+        next_send = time.perf_counter() + (client.index / self.shape.rps if rate else 0.0)
         try:
             while not self._done(client):
                 intended = time.perf_counter()
