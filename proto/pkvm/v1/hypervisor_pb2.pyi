@@ -506,16 +506,18 @@ class ExecuteRequest(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., ops: _Optional[_Iterable[_Union[BatchOp, str]]] = ..., arg0: _Optional[_Iterable[int]] = ..., arg1: _Optional[_Iterable[int]] = ..., stop_on_error: _Optional[bool] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class BatchError(_message.Message):
-    __slots__ = ("index", "reason", "message", "would_panic")
+    __slots__ = ("index", "reason", "message", "would_panic", "errno")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     WOULD_PANIC_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
     index: int
     reason: str
     message: str
     would_panic: bool
-    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., would_panic: _Optional[bool] = ...) -> None: ...
+    errno: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., would_panic: _Optional[bool] = ..., errno: _Optional[str] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("batch_id", "codes", "values", "errors", "completed")

@@ -318,7 +318,7 @@ def _record_refusal(errors: list[pb2.BatchError], index: int, error: BaseExcepti
         return _INVALID_ARGUMENT
     if isinstance(error, PkvmError):
         errors.append(pb2.BatchError(index=index, reason=error.reason, message=error.message,
-                                     would_panic=error.would_panic))
+                                     would_panic=error.would_panic, errno=error.errno_name))
         return int(status_code_of(error).value[0])
     if isinstance(error, ServiceError):
         errors.append(pb2.BatchError(index=index, reason=error.reason, message=error.message))
