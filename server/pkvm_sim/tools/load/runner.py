@@ -392,7 +392,9 @@ class LoadRun:
     def _progress(self, now: float, final: bool = False) -> None:
         if self.shape.progress == "none":
             return
-        line = progress_line(self, now, self._last_progress)
+        # The final line gives the whole run's rate, the others the rate since the last line.
+        since = (self.measure_from, 0) if final else self._last_progress
+        line = progress_line(self, now, since)
         self._last_progress = (now, self.recorder.measured_ops)
         if self.shape.progress == "tty":
             self.out.write("\r" + line + "\x1b[K" + ("\n" if final else ""))
