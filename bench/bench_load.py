@@ -19,18 +19,17 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import EchoServicer  # noqa: E402
+from bench_service import AsyncEchoServicer  # noqa: E402
 
 VM_COUNTS = (1, 16, 64, 256)
 WORKLOADS = ("churn", "mixed")
@@ -38,66 +37,74 @@ SLICE_PAGES = 64  # 256 VMs x 64 pages fit the default 4 GiB machine many times 
 EXTRA_HYP_PAGES = 1 << 16  # room for 256 VMs holding blocks (hyp_pool_extra_pages knob)
 
 
-class LoadEchoServicer(EchoServicer):
-    """EchoServicer plus every RPC the load workloads call, each answering at once."""
+class LoadEchoServicer(AsyncEchoServicer):
+    """bench_service's echo servicer (grpc.aio, as the real service) plus every RPC the load
+    workloads call, each answering at once."""
 
-    def CreateVM(self, request: Any, context: Any) -> Any:
-        response = super().CreateVM(request, context)
+    async def CreateVM(self, request: Any, context: Any) -> Any:
+        response = await super().CreateVM(request, context)
         response.vm.slice_base_pfn = 0x80000
         response.vm.slice_nr_pages = request.slice_pages
         return response
 
-    def Reserve(self, request: Any, context: Any) -> Any:
+    async def Reserve(self, request: Any, context: Any) -> Any:
         return pb2.ReserveResponse(page_size=4096)
 
-    def GetStats(self, request: Any, context: Any) -> Any:
+    async def GetStats(self, request: Any, context: Any) -> Any:
         return pb2.GetStatsResponse()
 
-    def GetPage(self, request: Any, context: Any) -> Any:
+    async def GetPage(self, request: Any, context: Any) -> Any:
         return pb2.GetPageResponse(refcount=2)
 
-    def HostShare(self, request: Any, context: Any) -> Any:
+    async def HostShare(self, request: Any, context: Any) -> Any:
         return pb2.HostShareResponse(pfn=request.pfn, nr_pages=1)
 
-    def HostUnshare(self, request: Any, context: Any) -> Any:
+    async def HostUnshare(self, request: Any, context: Any) -> Any:
         return pb2.HostUnshareResponse(pfn=request.pfn, nr_pages=1)
 
-    def PinShared(self, request: Any, context: Any) -> Any:
+    async def PinShared(self, request: Any, context: Any) -> Any:
         return pb2.PinSharedResponse()
 
-    def UnpinShared(self, request: Any, context: Any) -> Any:
+    async def UnpinShared(self, request: Any, context: Any) -> Any:
         return pb2.UnpinSharedResponse()
 
-    def MapMMIO(self, request: Any, context: Any) -> Any:
+    async def MapMMIO(self, request: Any, context: Any) -> Any:
         return pb2.MapMMIOResponse()
 
-    def TopupMemcache(self, request: Any, context: Any) -> Any:
+    async def TopupMemcache(self, request: Any, context: Any) -> Any:
         return pb2.TopupMemcacheResponse(memcache_pages=request.nr_pages)
 
-    def GuestMap(self, request: Any, context: Any) -> Any:
+    async def GuestMap(self, request: Any, context: Any) -> Any:
         return pb2.GuestMapResponse(ipa=request.ipa, pfn=request.pfn, level=3)
-
-    def Execute(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
-        yield from super().Execute(request_iterator, context)
 
 
 def serve(kind: str) -> None:
     from pkvm_sim.core.config import SimConfig
-    from pkvm_sim.service.server import ServerSettings, start
+    from pkvm_sim.service.limits import Limits
+    from pkvm_sim.service.server import EventLoopThread, ServerSettings, start
 
-    settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None, vm_lease_seconds=0)
+    # Default limits, except the per-VM hyp page quota: 256 VMs may hold what they churn.
+    settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None, vm_lease_seconds=0,
+                              limits=Limits(quota_hyp_pages=0))
+    sys.setswitchinterval(0.001)  # as `pkvm-sim serve` does, for both servers
     if kind == "real":
         service = start(SimConfig(hyp_pool_extra_pages=EXTRA_HYP_PAGES), settings)
         port, stop = service.port, service.stop
-    else:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers),
-                             options=settings.grpc_options())
-        pb2_grpc.add_HypervisorServiceServicer_to_server(LoadEchoServicer(), server)  # type: ignore[no-untyped-call]
-        port = server.add_insecure_port(settings.listen)
-        server.start()
+    else:  # the real server's construction (grpc.aio), with the echo servicer
+        runner = EventLoopThread()
+
+        async def build() -> tuple[Any, int]:
+            server = grpc.aio.server(options=settings.grpc_options())
+            pb2_grpc.add_HypervisorServiceServicer_to_server(LoadEchoServicer(), server)  # type: ignore[no-untyped-call]
+            bound = server.add_insecure_port(settings.listen)
+            await server.start()
+            return server, bound
+
+        aio_server, port = runner.call(build())
 
         def stop(grace: float | None = 0) -> None:
-            server.stop(grace).wait()
+            runner.call(aio_server.stop(grace))
+            runner.close()
 
     print(port, flush=True)
     sys.stdin.read()

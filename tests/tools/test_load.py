@@ -462,3 +462,28 @@ def test_the_readme_toml_workload_is_valid() -> None:
 
     workload = workload_from_table("readme", tomllib.loads(block.group(1)), 0, 1 << 20)
     assert workload.weights["alloc"] == 5 and workload.orders == (0, 0, 0, 1, 3)
+
+
+def test_quota_refusals_are_expected_and_kept_apart(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The service's quotas (RESOURCE_EXHAUSTED, QUOTA_EXCEEDED) are answers, not failures:
+    two VMs allowed in all, 16 hyp pages held per VM."""
+    from dataclasses import replace
+
+    from pkvm_sim.service.limits import Limits
+
+    from tests.service.fixtures import TEST_SETTINGS
+
+    running = start_service(settings=replace(TEST_SETTINGS, limits=Limits(
+        max_vms=2, quota_hyp_pages=16)))
+    try:
+        code, report, _out = run_load(capsys, running.target, tmp_path, "--vms", "4",
+                                      "--duration", "1", "--workload", "churn")
+    finally:
+        running.stop(0)
+    assert code == 0, report["unexpected"]
+    assert report["vms_started"] == 2
+    assert report["expected_refusals"]["create_vm: RESOURCE_EXHAUSTED/QUOTA_EXCEEDED"] == 2
+    assert report["expected_refusals"]["alloc: RESOURCE_EXHAUSTED/QUOTA_EXCEEDED"] > 0
+    assert report["unexpected"] == {} and report["leak_check"]["ok"]

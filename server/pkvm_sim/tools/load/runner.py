@@ -207,7 +207,8 @@ class LoadRun:
             return
         self.vms_started += 1
         rate = self.shape.rps / self.shape.vms if self.shape.rps else 0.0
-        next_send = self.started + (client.index / self.shape.rps if rate else 0.0)
+        # The schedule starts once the VM exists, staggered over one period across VMs.
+        next_send = time.perf_counter() + (client.index / self.shape.rps if rate else 0.0)
         try:
             while not self._done(client):
                 intended = time.perf_counter()
@@ -391,7 +392,9 @@ class LoadRun:
     def _progress(self, now: float, final: bool = False) -> None:
         if self.shape.progress == "none":
             return
-        line = progress_line(self, now, self._last_progress)
+        # The final line gives the whole run's rate, the others the rate since the last line.
+        since = (self.measure_from, 0) if final else self._last_progress
+        line = progress_line(self, now, since)
         self._last_progress = (now, self.recorder.measured_ops)
         if self.shape.progress == "tty":
             self.out.write("\r" + line + "\x1b[K" + ("\n" if final else ""))

@@ -17,12 +17,11 @@ from pkvm_client import (
     BatchResult,
     Hypervisor,
     PkvmError,
-    TransportError,
 )
 
 __all__ = [
     "AsyncHypervisor", "AsyncVM", "Batch", "BatchResult", "Hypervisor", "PkvmError",
-    "PoolFigures", "Refusal", "ServerFigures", "VmFacts", "int_result", "is_transport_error",
+    "PoolFigures", "Refusal", "ServerFigures", "VmFacts", "int_result",
     "pool_figures", "refusal_of", "vm_facts",
 ]
 
@@ -41,10 +40,6 @@ class Refusal:
 
 def refusal_of(error: PkvmError) -> Refusal:
     return Refusal(error.code.name, error.reason)
-
-
-def is_transport_error(error: PkvmError) -> bool:
-    return isinstance(error, TransportError)
 
 
 @dataclass(frozen=True)
