@@ -215,6 +215,9 @@ def test_progress_lines_and_terminal_progress(
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("[")]
     assert len(lines) >= 2 and all("ops/s" in line and "hyp free" in line for line in lines)
+    # A line that counts operations shows their rate, the first line included.
+    counted = [re.search(r"\] (\d+) ops +([\d,]+) ops/s", line) for line in lines]
+    assert all(m and (m[1] == "0" or m[2] != "0") for m in counted), lines
     assert main(["load", *args, "--progress", "tty", "--sample-interval", "0.2"]) == 0
     err = capsys.readouterr().err
     assert err.count("\r") >= 3 and err.endswith("\n")

@@ -435,7 +435,8 @@ def progress_line(run: LoadRun, now: float, last: tuple[float, int]) -> str:
         limit = f"/{shape.duration:g}s" if shape.duration is not None else ""
         phase = f"{t:6.1f}s{limit}"
     since, ops_then = last
-    rate = (rec.measured_ops - ops_then) / (now - since) if since and now > since else 0.0
+    start = since or run.measure_from  # the first line counts from the end of the warm-up
+    rate = (rec.measured_ops - ops_then) / (now - start) if now > start else 0.0
     expected = sum(s.expected for s in rec.seconds.values())
     unexpected = sum(s.unexpected for s in rec.seconds.values())
     pools = ""
