@@ -23,13 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
 from pkvm.v1 import hypervisor_pb2 as pb2
-from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import AsyncEchoServicer  # noqa: E402
+from bench_service import AsyncEchoServicer, start_aio_echo  # noqa: E402
 
 VM_COUNTS = (1, 16, 64, 256)
 WORKLOADS = ("churn", "mixed")
@@ -81,7 +78,7 @@ class LoadEchoServicer(AsyncEchoServicer):
 def serve(kind: str) -> None:
     from pkvm_sim.core.config import SimConfig
     from pkvm_sim.service.limits import Limits
-    from pkvm_sim.service.server import EventLoopThread, ServerSettings, start
+    from pkvm_sim.service.server import ServerSettings, start
 
     # Default limits, except the per-VM hyp page quota: 256 VMs may hold what they churn.
     settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None, vm_lease_seconds=0,
@@ -91,20 +88,7 @@ def serve(kind: str) -> None:
         service = start(SimConfig(hyp_pool_extra_pages=EXTRA_HYP_PAGES), settings)
         port, stop = service.port, service.stop
     else:  # the real server's construction (grpc.aio), with the echo servicer
-        runner = EventLoopThread()
-
-        async def build() -> tuple[Any, int]:
-            server = grpc.aio.server(options=settings.grpc_options())
-            pb2_grpc.add_HypervisorServiceServicer_to_server(LoadEchoServicer(), server)  # type: ignore[no-untyped-call]
-            bound = server.add_insecure_port(settings.listen)
-            await server.start()
-            return server, bound
-
-        aio_server, port = runner.call(build())
-
-        def stop(grace: float | None = 0) -> None:
-            runner.call(aio_server.stop(grace))
-            runner.close()
+        port, stop = start_aio_echo(LoadEchoServicer(), settings)
 
     print(port, flush=True)
     sys.stdin.read()

@@ -101,12 +101,34 @@ class AsyncEchoServicer(pb2_grpc.HypervisorServiceServicer):
             ))
 
 
-def serve(kind: str) -> None:
-    import asyncio
+def start_aio_echo(servicer: Any, settings: Any) -> tuple[int, Callable[..., None]]:
+    """Serve `servicer` the way the real server is built (grpc.aio on its own event-loop
+    thread, the same channel options); return the bound port and a stop function."""
+    import grpc.aio
+    from pkvm_sim.service.server import EventLoopThread
 
+    runner = EventLoopThread()
+
+    async def build() -> tuple[Any, int]:
+        server = grpc.aio.server(options=settings.grpc_options())
+        pb2_grpc.add_HypervisorServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        bound = server.add_insecure_port(settings.listen)
+        await server.start()
+        return server, bound
+
+    aio_server, port = runner.call(build())
+
+    def stop(grace: float | None = 0) -> None:
+        runner.call(aio_server.stop(grace))
+        runner.close()
+
+    return port, stop
+
+
+def serve(kind: str) -> None:
     from pkvm_sim.core.config import SimConfig
     from pkvm_sim.service.limits import Limits
-    from pkvm_sim.service.server import EventLoopThread, ServerSettings, start
+    from pkvm_sim.service.server import ServerSettings, start
 
     # The default limits, except that each stream's VM may hold its 1024 pages.
     settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None,
@@ -117,22 +139,7 @@ def serve(kind: str) -> None:
         port = service.port
         stop = service.stop
     elif kind == "echo":  # the real server's construction (grpc.aio), echo servicer
-        runner = EventLoopThread()
-
-        async def build() -> tuple[Any, int]:
-            server = grpc.aio.server(options=settings.grpc_options())
-            pb2_grpc.add_HypervisorServiceServicer_to_server(AsyncEchoServicer(), server)  # type: ignore[no-untyped-call]
-            bound = server.add_insecure_port(settings.listen)
-            await server.start()
-            return server, bound
-
-        aio_server, port = runner.call(build())
-
-        def stop(grace: float | None = 0) -> None:
-            runner.call(aio_server.stop(grace))
-            runner.close()
-
-        del asyncio
+        port, stop = start_aio_echo(AsyncEchoServicer(), settings)
     else:  # echo-sync: the former flavour (ThreadPoolExecutor, 16 workers), for reference
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers),
