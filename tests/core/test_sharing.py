@@ -15,7 +15,8 @@ from pkvm_sim.core.errors import (
     WouldPanic,
 )
 from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.core.model import FaultOutcome, PageState
+from pkvm_sim.core.model import FaultOutcome, PageState, PoolKind
+from pkvm_sim.core.profiles import FIRST_KERNEL, Operation, profile_spec
 
 SMALL = ["0x80000000:256M"]
 
@@ -121,23 +122,107 @@ def test_pages_outside_the_slice_are_refused(hv_vm: tuple[Hypervisor, int, int])
         hv.host_share(0x9999, base)
 
 
-def test_sharing_needs_a_vmemmap_for_all_memory() -> None:
-    """Coverage 'carveout' (V13/V14): no hyp_page for host pages, so no sharing (1.3)."""
+def test_v5_14_with_coverage_carveout_is_the_kernel_without_sharing() -> None:
+    """v5.14 has no __pkvm_host_share_hyp (it arrived in v5.15), no VMs at EL2 (v6.2) and
+    no guest maps (v6.14): each is FAILED_PRECONDITION / NOT_IN_PROFILE naming the first
+    kernel that has it. The hyp pool (in the carve-out) still serves alloc_pages."""
     hv = boot(vmemmap_coverage="carveout")
     vm = hv.create_vm(nr_vcpus=1, slice_pages=4)  # a slice-only VM
-    with pytest.raises(FailedPrecondition) as err:
-        hv.host_share(vm.handle, vm.slice_base_pfn)
-    assert err.value.reason == "VMEMMAP_NOT_COVERED"
-    assert "cover letter" in err.value.message
-    for call in (lambda: hv.topup_memcache(vm.handle, 1),
-                 lambda: hv.guest_map(vm.handle, 0, vm.slice_base_pfn)):
-        with pytest.raises(FailedPrecondition):
+    refusals = {
+        "v5.15": lambda: hv.host_share(vm.handle, vm.slice_base_pfn),
+        "v5.17": lambda: hv.host_unshare(vm.handle, vm.slice_base_pfn),
+        "v6.2": lambda: hv.pin_shared(vm.handle, vm.slice_base_pfn),
+        "v6.14": lambda: hv.guest_map(vm.handle, 0, vm.slice_base_pfn),
+    }
+    for first, call in refusals.items():
+        before = hv.canonical_dump(host_tables=True)
+        with pytest.raises(FailedPrecondition) as err:
             call()
+        assert err.value.reason == "NOT_IN_PROFILE"
+        assert f"first kernel that has it is {first}" in err.value.message
+        assert "v5.14" in err.value.message
+        assert hv.canonical_dump(host_tables=True) == before
+    with pytest.raises(FailedPrecondition) as err:
+        hv.topup_memcache(vm.handle, 1)
+    assert err.value.reason == "NOT_IN_PROFILE"
     pfn = hv.alloc_pages(vm.handle, 0)  # the hyp pool is in the carve-out: fine
     assert hv.put_page(vm.handle, pfn) == 0
     hv.audit()
     hv.destroy_vm(vm.handle)
     hv.audit()
+
+
+def test_v6_1_shares_under_coverage_carveout() -> None:
+    """Finding 4. In 5.15-6.1 share and unshare keep the page state only in the host and hyp
+    PTE software bits (__pkvm_host_share_hyp -> host_request_owned_transition,
+    hyp_complete_share; no hyp_page of a host page is read), so a vmemmap covering only
+    the carve-out does not stop them. Pins (hyp_pin_shared_mem, 6.2) and VMs at EL2 do
+    need the hyp_page of every page: refused NOT_IN_PROFILE."""
+    hv = boot(profile="v6.1", vmemmap_coverage="carveout")
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4)
+    base = vm.slice_base_pfn
+    assert not hv.vmemmap.covers(base)
+    r = hv.host_share(vm.handle, base, 2)
+    assert (r.host_state, r.hyp_state) == (PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+    assert states(hv, base) == (PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+    hv.audit()
+    with pytest.raises(FailedPrecondition) as err:
+        hv.pin_shared(vm.handle, base)
+    assert err.value.reason == "NOT_IN_PROFILE" and "v6.2" in err.value.message
+    hv.host_unshare(vm.handle, base, 2)
+    assert states(hv, base) == (PageState.OWNED, PageState.NOPAGE)
+    hv.audit()
+
+
+@pytest.mark.parametrize("coverage", ["carveout", "all"])
+def test_v6_1_has_no_vms_at_el2(coverage: str) -> None:
+    """__pkvm_init_vm arrived in v6.2: under v6.1 a client VM is a slice only, whatever
+    the vmemmap coverage (nothing is donated, no VM pool, no guest stage-2)."""
+    hv = boot(profile="v6.1", vmemmap_coverage=coverage)
+    vm = hv.create_vm(nr_vcpus=2, slice_pages=4)
+    assert vm.donated_pages == 0 and [p.name for p in hv.pools()][-1] == "host_s2"
+    with pytest.raises(FailedPrecondition) as err:
+        hv.alloc_pages(vm.handle, 0, PoolKind.VM)
+    assert err.value.reason == "NOT_IN_PROFILE" and "v6.2" in err.value.message
+    hv.destroy_vm(vm.handle)
+    hv.audit()
+
+
+def test_v6_12_pins_but_does_not_map_guest_memory() -> None:
+    """v6.12 has pins and VMs at EL2, but not __pkvm_host_share_guest (v6.14): guest maps
+    and memcache top-ups (only the guest map's refill consumes them) are NOT_IN_PROFILE;
+    the extension profile v6.12+guest-share serves them."""
+    hv = boot(profile="v6.12")
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4)
+    hv.host_share(vm.handle, vm.slice_base_pfn)
+    hv.pin_shared(vm.handle, vm.slice_base_pfn)
+    with pytest.raises(Busy):
+        hv.host_unshare(vm.handle, vm.slice_base_pfn)
+    for call in (lambda: hv.guest_map(vm.handle, 0, vm.slice_base_pfn + 1),
+                 lambda: hv.topup_memcache(vm.handle, 1)):
+        with pytest.raises(FailedPrecondition) as err:
+            call()
+        assert err.value.reason == "NOT_IN_PROFILE" and "v6.14" in err.value.message
+        assert "v6.12+guest-share" in err.value.message
+    extended = boot(profile="v6.12+guest-share")
+    vm2 = extended.create_vm(nr_vcpus=1, slice_pages=4)
+    extended.topup_memcache(vm2.handle, 2)
+    extended.guest_map(vm2.handle, 0, vm2.slice_base_pfn)
+    extended.audit()
+
+
+def test_registry_operations_per_profile() -> None:
+    """The table of docs/model.md, read from the registry."""
+    def ops(profile: str, coverage: str = "all") -> set[str]:
+        return {op.name for op in profile_spec(profile).operations(coverage)}
+
+    everything = {op.name for op in Operation}
+    assert ops("v5.13", "carveout") == ops("v5.14", "carveout") == set()
+    assert ops("v5.13") == ops("v5.14") == everything  # the documented extension
+    assert ops("v6.1") == ops("v6.1", "carveout") == {"SHARE_HYP", "UNSHARE_HYP"}
+    assert ops("v6.12") == everything - {"GUEST_SHARE"}
+    assert ops("v6.12+guest-share") == everything
+    assert FIRST_KERNEL[Operation.GUEST_SHARE] == "v6.14"
 
 
 def test_destroy_drops_shares_and_pins(hv_vm: tuple[Hypervisor, int, int]) -> None:

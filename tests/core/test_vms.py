@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.errors import (
-    AlreadyExists,
     InvalidArgument,
     NotFound,
     OutOfMemory,
@@ -72,14 +71,17 @@ def test_guest_map_needs_table_pages_from_the_memcache() -> None:
         hv.guest_map(vm.handle, 0x4000_0000, vm.slice_base_pfn)  # still one short
     assert hv.topup_memcache(vm.handle, 2) == 3
     r = hv.guest_map(vm.handle, 0x4000_0000, vm.slice_base_pfn)
-    assert (r.level, r.tables_allocated) == (3, 2)
+    # pkvm_refill_memcache moved all 3 host pages to EL2 before the map used 2 of them.
+    assert (r.level, r.tables_allocated, r.refilled_pages) == (3, 2, 3)
     pool = hv._vms[vm.handle].pool
     assert pool is not None and pool.statistics().admitted_pages == 2
     r = hv.guest_map(vm.handle, 0x4000_1000, vm.slice_base_pfn + 1)
-    assert r.tables_allocated == 0
-    assert hv.guest_map(vm.handle, 0x4000_1000, vm.slice_base_pfn + 1).tables_allocated == 0
-    with pytest.raises(AlreadyExists):
-        hv.guest_map(vm.handle, 0x4000_1000, vm.slice_base_pfn + 2)
+    assert (r.tables_allocated, r.refilled_pages) == (0, 0)
+    # __pkvm_host_share_guest: the IPA must be NOPAGE, even for the same pfn (-EPERM).
+    for pfn in (vm.slice_base_pfn + 1, vm.slice_base_pfn + 2):
+        with pytest.raises(PermissionDenied) as denied:
+            hv.guest_map(vm.handle, 0x4000_1000, pfn)
+        assert denied.value.reason == "IPA_MAPPED"
     with pytest.raises(PermissionDenied):
         hv.guest_map(vm.handle, 0x4000_2000, vm.slice_base_pfn + 8)  # outside the slice
     with pytest.raises(InvalidArgument):
@@ -133,16 +135,17 @@ def test_refcount_overflow_on_get_is_refused() -> None:
 def test_teardown_returns_everything_and_the_state_equals_boot() -> None:
     hv = boot()
     boot_dump = hv.canonical_dump()
-    handles = [hv.create_vm(nr_vcpus=1 + i % 3, slice_pages=4 + i).handle for i in range(5)]
+    handles = [hv.create_vm(nr_vcpus=1 + i % 3, slice_pages=8 + i).handle for i in range(5)]
     for i, h in enumerate(handles):
         vm = hv.vm(h)
         hv.topup_memcache(h, 3 + i)
-        for j in range(min(vm.slice_nr_pages, 4)):
+        for j in range(4):
             hv.guest_map(h, 0x4000_0000 + j * 0x1000, vm.slice_base_pfn + j)
+        hv.guest_map(h, 0x4000_8000, vm.slice_base_pfn)  # the same page at a second IPA
         pfn = hv.alloc_pages(h, i % 3)
         hv.get_page(h, pfn)
-        hv.host_share(h, vm.slice_base_pfn, 2)
-        hv.pin_shared(h, vm.slice_base_pfn)
+        hv.host_share(h, vm.slice_base_pfn + 4, 2)
+        hv.pin_shared(h, vm.slice_base_pfn + 4)
     hv.audit()
     assert hv.statistics().nr_vms == 5
     for h in handles:
