@@ -46,6 +46,10 @@ EXPECTED_REFUSALS = {  # (operation, SDK error class): what a loaded pool legiti
     ("alloc", "OutOfMemoryError"),
     ("guest", "OutOfMemoryError"),
     ("guest", "AlreadyExistsError"),
+    # v6.14 rules: a page shared with hyp is not guest-mapped, a guest-mapped one not
+    # shared with hyp, and a mapped IPA is not mapped again (-EPERM)
+    ("guest", "PermissionDeniedError"),
+    ("share", "PermissionDeniedError"),
     ("mmio", "OutOfMemoryError"),
     ("mmio", "InvalidArgumentError"),  # the window overlaps RAM
     ("share", "OutOfMemoryError"),
