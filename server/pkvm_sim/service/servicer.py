@@ -282,9 +282,14 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     def HostShare(self, request: pb2.HostShareRequest, context: grpc.ServicerContext) -> Any:
         self._authorize(request.handle, context)
         with self.lock:
-            result = self.hypervisor.host_share(request.handle, request.pfn, request.nr_pages or 1)
+            result = self.hypervisor.host_share(request.handle, request.pfn, request.nr_pages or 1,
+                                                page_by_page=request.page_by_page)
             self._ops[OP_INDEX["host_share"]] += 1
-        return pb2.HostShareResponse(**self._share_fields(result))
+        return pb2.HostShareResponse(
+            **self._share_fields(result), pages_done=result.pages_done,
+            failed_pfn=result.failed_pfn, failed_reason=result.failed_reason or "",
+            failed_errno=result.failed_errno or "",
+        )
 
     @_unary("HostUnshare")
     def HostUnshare(self, request: pb2.HostUnshareRequest, context: grpc.ServicerContext) -> Any:
@@ -350,7 +355,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self._ops[OP_INDEX["guest_map"]] += 1
         return pb2.GuestMapResponse(
             ipa=result.ipa, pfn=result.pfn, level=result.level,
-            tables_allocated=result.tables_allocated,
+            tables_allocated=result.tables_allocated, refilled_pages=result.refilled_pages,
         )
 
     # -- read-only views -------------------------------------------------------------------------
