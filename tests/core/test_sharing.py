@@ -11,6 +11,7 @@ from pkvm_sim.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfMemory,
     PermissionDenied,
     WouldPanic,
 )
@@ -232,4 +233,150 @@ def test_destroy_drops_shares_and_pins(hv_vm: tuple[Hypervisor, int, int]) -> No
     hv.destroy_vm(h)
     assert states(hv, base) == (PageState.OWNED, PageState.NOPAGE)
     assert hv.page_info(base).refcount == 0
+    hv.audit()
+
+
+# -- finding 3: shares and donations cost hyp stage-1 table pages -------------------------
+
+def hyp_free(hv: Hypervisor) -> int:
+    return hv.hyp_pool.free_pages
+
+
+@pytest.mark.parametrize("profile", ["v5.14", "v6.12", "v6.12+guest-share"])
+def test_shares_and_donations_take_hyp_stage1_tables_from_the_hyp_pool(profile: str) -> None:
+    """hyp_complete_donation / hyp_complete_share map each page at EL2 with
+    pkvm_create_mappings_locked; a missing table comes from the hyp pool (hpool), one page
+    per level. The carve-out (top of RAM, GiB 5) was mapped at boot, so the level-1 table
+    over it exists; RAM at 0x8000_0000 (GiB 2) has no level-2 table yet. Unsharing
+    (hyp_complete_unshare -> kvm_pgtable_hyp_unmap) frees tables left empty."""
+    hv = boot(profile=profile, memblocks=["0x80000000:4G"])
+    free = hyp_free(hv)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4096)
+    meta_chunk = hv._vms[vm.handle].meta_pfn // 512  # the metadata's 2 MiB region
+    # The donation of metadata and PGD: a level-2 table for GiB 2, a level-3 for its region.
+    assert hyp_free(hv) == free - 2
+    assert hv.statistics().hyp_stage1_table_pages == 2
+    chunks = [c for c in range(vm.slice_base_pfn // 512 + 1, 0x90000 // 512)
+              if c != meta_chunk][:4]
+    pages = [c * 512 + 7 for c in chunks]
+    for pfn in pages:  # 4 shares in distinct 2 MiB regions: one level-3 table each
+        hv.host_share(vm.handle, pfn)
+    assert hyp_free(hv) == free - 2 - 4
+    hv.audit()
+    hv.host_share(vm.handle, pages[0] + 1)  # same region: no new table
+    assert hyp_free(hv) == free - 6
+    for pfn in pages:
+        hv.host_unshare(vm.handle, pfn)
+    assert hyp_free(hv) == free - 3  # pages[0] + 1 still keeps its table
+    hv.host_unshare(vm.handle, pages[0] + 1)
+    assert hyp_free(hv) == free - 2
+    hv.audit()
+    hv.destroy_vm(vm.handle)
+    assert hyp_free(hv) == free and hv.statistics().hyp_stage1_table_pages == 0
+    hv.audit()
+
+
+def test_v6_1_shares_take_and_give_back_hyp_stage1_tables() -> None:
+    """v6.1's hyp_unmap_walker frees empty tables as 6.12's does."""
+    hv = boot(profile="v6.1", vmemmap_coverage="carveout", memblocks=["0x80000000:4G"])
+    free = hyp_free(hv)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=2048)  # slice-only: nothing donated
+    assert hyp_free(hv) == free
+    base = -(-vm.slice_base_pfn // 512) * 512
+    hv.host_share(vm.handle, base)  # level 2 (GiB 2) + level 3
+    assert hyp_free(hv) == free - 2
+    hv.host_share(vm.handle, base + 512)  # another 2 MiB region: level 3
+    assert hyp_free(hv) == free - 3
+    hv.audit()
+    hv.host_unshare(vm.handle, base + 512)
+    hv.host_unshare(vm.handle, base)
+    assert hyp_free(hv) == free
+    hv.audit()
+
+
+def test_share_refused_when_the_hyp_pool_cannot_supply_the_tables() -> None:
+    hv = boot(memblocks=["0x80000000:1G"])
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=2048)
+    base = -(-vm.slice_base_pfn // 512) * 512
+    hv.host_share(vm.handle, base)
+    while hv.hyp_pool.free_pages:
+        hv.alloc_pages(vm.handle, 0)
+    before = hv.canonical_dump(host_tables=True)
+    with pytest.raises(OutOfMemory) as err:
+        hv.host_share(vm.handle, base + 512)  # needs a new level-3 table
+    assert err.value.reason == "HYP_POOL_EXHAUSTED"
+    assert hv.canonical_dump(host_tables=True) == before
+    hv.host_share(vm.handle, base + 1)  # its table exists: fine without a free page
+    hv.audit()
+
+
+# -- finding 1: guest maps follow __pkvm_host_share_guest (v6.14+) --------------------------
+
+@pytest.mark.parametrize("profile", ["v5.14", "v6.12+guest-share"])
+def test_guest_map_follows_the_v6_14_page_state_rules(profile: str) -> None:
+    hv = boot(profile=profile)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=16)
+    h, base = vm.handle, vm.slice_base_pfn
+    hv.topup_memcache(h, 4)
+    # OWNED -> SHARED_OWNED; the guest leaf is SHARED_BORROWED.
+    r = hv.guest_map(h, 0, base)
+    assert states(hv, base)[0] is PageState.SHARED_OWNED
+    assert hv._vms[h].pgt.lookup(0)[0][3] == 2  # type: ignore[index,union-attr]
+    # A page shared with guests cannot be shared with hyp (its host state is not OWNED).
+    with pytest.raises(PermissionDenied) as err:
+        hv.host_share(h, base)
+    assert err.value.reason == "HOST_PAGE_NOT_OWNED"
+    with pytest.raises(PermissionDenied):
+        hv.host_unshare(h, base)  # nor unshared from hyp
+    # Already SHARED_OWNED with a non-zero guest-share count: accepted at another IPA.
+    r = hv.guest_map(h, 0x1000, base)
+    assert r.level == 3 and hv._guest_shared[base] == 2
+    # The IPA must be NOPAGE (__guest_check_page_state_range): -EPERM, same pfn or not.
+    for pfn in (base, base + 1):
+        with pytest.raises(PermissionDenied) as err:
+            hv.guest_map(h, 0x1000, pfn)
+        assert err.value.reason == "IPA_MAPPED"
+    # A page shared with hyp (SHARED_OWNED, guest-share count 0): -EPERM.
+    hv.host_share(h, base + 2)
+    before = hv.canonical_dump(host_tables=True)
+    with pytest.raises(PermissionDenied) as err:
+        hv.guest_map(h, 0x2000, base + 2)
+    assert err.value.reason == "HOST_PAGE_SHARED_WITH_HYP"
+    assert hv.canonical_dump(host_tables=True) == before
+    hv.audit()
+    hv.destroy_vm(h)
+    assert states(hv, base) == (PageState.OWNED, PageState.NOPAGE)
+    hv.audit()
+
+
+def test_audit_refuses_a_page_both_guest_mapped_and_hyp_borrowed() -> None:
+    hv = boot()
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=16)
+    hv.topup_memcache(vm.handle, 4)
+    hv.guest_map(vm.handle, 0, vm.slice_base_pfn)
+    hv.audit()
+    # What the old guest_map allowed: hyp borrows the page too (and maps it at EL2).
+    hv._hyp_shared[vm.slice_base_pfn] = vm.handle
+    hv._vms[vm.handle].shared.add(vm.slice_base_pfn)
+    hv.hyp_stage1.map_pages([vm.slice_base_pfn])
+    with pytest.raises(AssertionError, match="both guest-mapped and hyp-borrowed"):
+        hv.audit()
+
+
+# -- finding 5: page by page ------------------------------------------------------------------
+
+def test_page_by_page_share_keeps_the_pages_before_the_refusal(
+        hv_vm: tuple[Hypervisor, int, int]) -> None:
+    """kvm_share_hyp loops one __pkvm_host_share_hyp per page and stops at the first error,
+    leaving the earlier pages shared."""
+    hv, h, base = hv_vm
+    hv.host_share(h, base + 2)
+    r = hv.host_share(h, base, 4, page_by_page=True)
+    assert (r.pages_done, r.failed_pfn, r.failed_reason, r.failed_errno) == (
+        2, base + 2, "HOST_PAGE_NOT_OWNED", "EPERM")
+    assert [states(hv, base + i)[0] for i in range(4)] == [
+        PageState.SHARED_OWNED, PageState.SHARED_OWNED, PageState.SHARED_OWNED,
+        PageState.OWNED]
+    r = hv.host_share(h, base + 3, 2, page_by_page=True)
+    assert (r.pages_done, r.failed_pfn) == (2, None)
     hv.audit()

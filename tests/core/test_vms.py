@@ -165,3 +165,73 @@ def test_statistics_name_every_pool() -> None:
     assert [p.name for p in stats.pools] == ["hyp", "host_s2_mem", "host_s2_dev", f"vm/{h}"]
     assert stats.vmemmap.coverage == "all" and stats.vmemmap.entry_bytes == 32
     assert stats.host_stage2.table_pages == sum(p.allocated_pages for p in stats.pools[1:3])
+
+
+# -- finding 2: the memcache (topup_hyp_memcache at the host, refill_memcache at EL2) -------
+
+@pytest.mark.parametrize("profile", ["v5.14", "v6.12+guest-share"])
+def test_topup_only_allocates_and_el2_refills_first_in_first_out(profile: str) -> None:
+    """topup_hyp_memcache (host, arch/arm64/kvm/mmu.c) allocates pages and pushes them on
+    the host's memcache: they stay host-owned. At the next guest map,
+    handle___pkvm_host_share_guest calls pkvm_refill_memcache: refill_memcache pops the
+    host's top and donates it (admit_host_page -> __pkvm_host_donate_hyp), one page at a
+    time, pushing it on EL2's memcache, until EL2 holds min_pages = the host's nr_pages.
+    Two stacks: the host's first page is used first (guest_s2_zalloc_page pops EL2's)."""
+    hv = boot(profile=profile)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=8)
+    h = vm.handle
+    host_s2 = hv.canonical_dump()["host_stage2"]
+    hyp_free = hv.hyp_pool.free_pages
+    hv.topup_memcache(h, 3)
+    a, b, c = hv._vms[h].memcache
+    assert a < b < c
+    assert hv.canonical_dump()["host_stage2"] == host_s2  # no donation: nothing annotated
+    assert hv.hyp_pool.free_pages == hyp_free
+    for pfn in (a, b, c):
+        assert hv.page_info(pfn).owner == "host"
+        assert hv.page_info(pfn).host_state is PageState.OWNED
+    hv.audit()
+    r = hv.guest_map(h, 0x4000_0000, vm.slice_base_pfn)  # needs 2 tables (levels 2 and 3)
+    assert (r.tables_allocated, r.refilled_pages) == (2, 3)
+    gvm = hv._vms[h]
+    assert gvm.admitted == [a, b]  # first in, first out
+    assert (gvm.memcache, gvm.hyp_memcache) == ([], [c])
+    for pfn in (a, b, c):
+        assert hv.page_info(pfn).host_state is PageState.NOPAGE  # donated to hyp
+    hv.audit()
+    # min_pages is the host's count (2): EL2 holds 1, so one page moves: the host's top.
+    hv.topup_memcache(h, 2)
+    d, e = gvm.memcache
+    r = hv.guest_map(h, 0x4000_1000, vm.slice_base_pfn + 1)
+    assert (r.tables_allocated, r.refilled_pages) == (0, 1)
+    assert (gvm.memcache, gvm.hyp_memcache) == ([d], [c, e])
+    assert hv.page_info(d).host_state is PageState.OWNED
+    hv.audit()
+    hv.destroy_vm(h)
+    hv.audit()
+
+
+# -- finding 6: the EL2 VM table ----------------------------------------------------------
+
+def test_the_el2_vm_table_holds_kvm_max_pvms() -> None:
+    """find_free_vm_table_entry (arch/arm64/kvm/hyp/nvhe/pkvm.c): KVM_MAX_PVMS (255) slots,
+    the lowest free one first, -ENOMEM when all are taken."""
+    hv = boot(profile="v6.12", memblocks=["0x80000000:1G"])
+    handles = [hv.create_vm(nr_vcpus=1, slice_pages=1).handle for _ in range(255)]
+    assert handles[-1] == 0x1000 + 254
+    before = hv.canonical_dump(host_tables=True)
+    with pytest.raises(OutOfMemory) as err:
+        hv.create_vm(nr_vcpus=1, slice_pages=1)
+    assert err.value.reason == "VM_TABLE_FULL" and "255" in err.value.message
+    assert hv.canonical_dump(host_tables=True) == before
+    hv.destroy_vm(0x1000 + 7)
+    assert hv.create_vm(nr_vcpus=1, slice_pages=1).handle == 0x1000 + 7
+    hv.audit()
+
+
+def test_client_vms_without_el2_state_are_not_bound_by_the_kernel_table() -> None:
+    """v6.1 has no VMs at EL2: a client VM is the service's own record (a slice)."""
+    hv = boot(profile="v6.1", memblocks=["0x80000000:1G"])
+    handles = [hv.create_vm(nr_vcpus=1, slice_pages=1).handle for _ in range(300)]
+    assert len(set(handles)) == 300
+    hv.audit()
