@@ -235,3 +235,21 @@ def test_client_vms_without_el2_state_are_not_bound_by_the_kernel_table() -> Non
     handles = [hv.create_vm(nr_vcpus=1, slice_pages=1).handle for _ in range(300)]
     assert len(set(handles)) == 300
     hv.audit()
+
+
+def test_teardown_says_which_steps_are_the_kernels() -> None:
+    """__pkvm_teardown_vm hands back the donated metadata, PGD and memcache pages and
+    unpins; unsharing the host's hyp shares is the host's job, done here by the service."""
+    hv = boot()
+    vm = hv.create_vm(nr_vcpus=2, slice_pages=16)
+    h, base = vm.handle, vm.slice_base_pfn
+    hv.topup_memcache(h, 3)
+    hv.guest_map(h, 0, base)  # refills 3: 2 become tables, 1 stays in EL2's memcache
+    hv.guest_map(h, 0x1000, base)  # the same page twice: one page back to the host
+    hv.host_share(h, base + 1, 3)
+    hv.pin_shared(h, base + 1, 2)
+    r = hv.teardown_vm(h)
+    assert r.el2_returned_pages == vm.donated_pages + 3
+    assert (r.guest_unshared_pages, r.unpinned_pages, r.host_unshared_pages) == (1, 2, 3)
+    assert r.pages_returned == vm.donated_pages + 3 + vm.slice_nr_pages
+    hv.audit()

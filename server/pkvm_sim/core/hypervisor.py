@@ -57,6 +57,7 @@ from .model import (
     PageState,
     PoolKind,
     ShareResult,
+    TeardownResult,
     VmemmapStatistics,
     VmInfo,
 )
@@ -240,16 +241,22 @@ class Hypervisor:
 
     def destroy_vm(self, handle: int) -> int:
         """Tear a VM down and return everything to the host; returns the number of pages
-        given back (slice + donated + memcache + pages it held in the hyp pool).
+        given back (slice + donated + memcache + pages it held in the hyp pool)."""
+        return self.teardown_vm(handle).pages_returned
+
+    def teardown_vm(self, handle: int) -> TeardownResult:
+        """destroy_vm, saying which steps are the kernel's and which the service's.
 
         The service's clean-up guarantee: a destroyed VM leaves nothing behind. The kernel's
-        __pkvm_teardown_vm only reclaims the guest's pages and the donated metadata; it never
-        unshares what the host shared with hyp (the host does that afterwards, page by page).
-        Here the pins and hyp shares are dropped too, as that host clean-up would."""
+        __pkvm_teardown_vm reclaims the guest's pages and tables, unpins what EL2 pinned for
+        the VM and hands the donated pages back; it never unshares what the host shared with
+        hyp (the host does that afterwards, page by page). Here those shares are dropped too,
+        as that host clean-up would (`host_unshared_pages`)."""
         vm = self._vm(handle)
         del self._vms[handle]
         returned = 0
-        # Service clean-up (the host's job in the kernel): pins dropped, shares unshared.
+        unpinned, unshared = len(vm.pins), len(vm.shared)
+        # EL2 drops its pins; the service unshares (the host's job in the kernel).
         for pfn in sorted(vm.pins):
             self.vmemmap.set_entry(pfn, refcount=0)
         vm.pins.clear()
@@ -273,12 +280,12 @@ class Hypervisor:
             del self._owners[head]
         if vm.pool is None:  # no VM at EL2: only a slice
             self.host_memory.free(vm.slice_base_pfn)
-            return returned + vm.slice_nr_pages
+            return TeardownResult(returned + vm.slice_nr_pages, 0, 0, unpinned, unshared)
         # Guest stage-2: pages shared with the guest go back to the host (their share count
         # drops; at 0 the host page is OWNED again), every table back into vm.pool, then the
         # PGD pages.
         assert vm.pgt is not None
-        self._drop_guest_shares(vm.pgt)
+        guest_unshared = self._drop_guest_shares(vm.pgt)
         vm.pgt.unmap(0, vm.pgt.ia_size)
         for pfn in vm.pgt.pgd_pfns:
             vm.pool.put_page(pfn)
@@ -290,6 +297,7 @@ class Hypervisor:
         # Donated pages back to the host (__pkvm_hyp_donate_host: unmapped from EL2's
         # stage-1, annotations reset), then the host's own memcache pages, then the slice.
         hs2 = self.host_stage2
+        el2_returned = vm.donated_pages + len(vm.admitted) + len(vm.hyp_memcache)
         for pfn in vm.admitted + vm.hyp_memcache:
             self.physmem.zero_range(pfn, 1)
             self.hyp_stage1.unmap_pages([pfn])
@@ -310,10 +318,11 @@ class Hypervisor:
         self.host_memory.free(vm.pgd_base_pfn)
         self.host_memory.free(vm.slice_base_pfn)
         returned += vm.donated_pages + vm.slice_nr_pages
-        return returned
+        return TeardownResult(returned, el2_returned, guest_unshared, unpinned, unshared)
 
-    def _drop_guest_shares(self, pgt: Stage2PageTable) -> None:
-        """Every guest leaf's host page: host_share_guest_count - 1, OWNED again at 0."""
+    def _drop_guest_shares(self, pgt: Stage2PageTable) -> int:
+        """Every guest leaf's host page: host_share_guest_count - 1, OWNED again at 0.
+        Returns the pages the host owns again."""
         back_to_host: list[int] = []
         for m in pgt.mappings():
             pfn = m.pte[PTE_PFN]
@@ -323,6 +332,7 @@ class Hypervisor:
                 back_to_host.append(pfn)
         if back_to_host:
             self.host_stage2.set_page_state(sorted(back_to_host), STATE_OWNED)
+        return len(back_to_host)
 
     def vm(self, handle: int) -> VmInfo:
         """-ENOENT (NotFound) for an unknown handle."""

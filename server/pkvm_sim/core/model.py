@@ -78,6 +78,18 @@ class ShareResult:
 
 
 @dataclass(frozen=True)
+class TeardownResult:
+    """What destroying a VM gave back, the kernel's steps apart from the service's."""
+
+    pages_returned: int  # everything: slice, donated, memcache and hyp pool pages
+    el2_returned_pages: int  # __pkvm_teardown_vm: donated metadata + PGD + memcache pages
+    guest_unshared_pages: int  # host pages shared with the guest, OWNED again (reclaim)
+    unpinned_pages: int  # pages EL2 had pinned for the VM, unpinned
+    host_unshared_pages: int  # the service's clean-up: hyp shares dropped (in the kernel
+    # the host unshares them itself after the teardown)
+
+
+@dataclass(frozen=True)
 class GuestMapResult:
     ipa: int
     pfn: int
