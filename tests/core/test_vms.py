@@ -217,15 +217,15 @@ def test_the_el2_vm_table_holds_kvm_max_pvms() -> None:
     """find_free_vm_table_entry (arch/arm64/kvm/hyp/nvhe/pkvm.c): KVM_MAX_PVMS (255) slots,
     the lowest free one first, -ENOMEM when all are taken."""
     hv = boot(profile="v6.12", memblocks=["0x80000000:1G"])
-    handles = [hv.create_vm(nr_vcpus=1, slice_pages=1).handle for _ in range(255)]
-    assert handles[-1] == 0x1000 + 254
+    vms = [hv.create_vm(nr_vcpus=1, slice_pages=1) for _ in range(255)]
+    assert [vm.vmid for vm in vms] == list(range(1, 256))  # VMID = table slot + 1
     before = hv.canonical_dump(host_tables=True)
     with pytest.raises(OutOfMemory) as err:
         hv.create_vm(nr_vcpus=1, slice_pages=1)
     assert err.value.reason == "VM_TABLE_FULL" and "255" in err.value.message
     assert hv.canonical_dump(host_tables=True) == before
-    hv.destroy_vm(0x1000 + 7)
-    assert hv.create_vm(nr_vcpus=1, slice_pages=1).handle == 0x1000 + 7
+    hv.destroy_vm(vms[7].handle)
+    assert hv.create_vm(nr_vcpus=1, slice_pages=1).vmid == 8  # the freed slot
     hv.audit()
 
 
