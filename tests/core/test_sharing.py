@@ -380,3 +380,29 @@ def test_page_by_page_share_keeps_the_pages_before_the_refusal(
     r = hv.host_share(h, base + 3, 2, page_by_page=True)
     assert (r.pages_done, r.failed_pfn) == (2, None)
     hv.audit()
+
+
+@pytest.mark.parametrize(("page_size", "levels", "leaf_table_bytes"), [
+    ("4K", (1, 2, 3), 2 << 20),  # 48-bit VA: root level 0; a level-3 table maps 2 MiB
+    ("16K", (1, 2, 3), 32 << 20),  # root level 0 (2 entries); level 3 maps 32 MiB
+    ("64K", (2, 3), 512 << 20),  # root level 1; level 3 maps 512 MiB
+])
+def test_hyp_stage1_geometry(page_size: str, levels: tuple[int, ...],
+                             leaf_table_bytes: int) -> None:
+    """Tables below the root of a 48-bit hyp VA space (kvm_pgtable_hyp_init with
+    hyp_va_bits 48), one entry per page of 8 bytes."""
+    hv = boot(page_size=page_size, memblocks=["0x80000000:4G"])
+    s1 = hv.hyp_stage1
+    assert s1.table_levels == levels
+    assert s1.span_pages[3] << hv.page_shift == leaf_table_bytes
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=1)
+    taken = s1.table_pages()
+    # The donated pages sit at 0x8000_0000, far from the carve-out at the top of RAM: with
+    # 4K pages that needs a level-2 and a level-3 table (the level-1 table over the first
+    # 512 GiB exists from boot); with 16K and 64K only a level-3 table (the level-2 table
+    # over 64 GiB / 4 TiB holds the carve-out already).
+    assert sorted(level for level, _entries in taken.values()) == (
+        [2, 3] if page_size == "4K" else [3])
+    hv.destroy_vm(vm.handle)
+    assert s1.table_pages() == {}
+    hv.audit()

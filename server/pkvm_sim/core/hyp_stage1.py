@@ -43,7 +43,8 @@ class HypStage1:
         # span_pages[level]: the pages one table of that level covers.
         self.span_pages = {lvl: 1 << (bits * (LEAF_LEVEL + 1 - lvl))
                            for lvl in range(LEAF_LEVEL + 1)}
-        root = min(lvl for lvl in range(LEAF_LEVEL + 1)
+        # The root: the smallest table (highest level) that still spans the whole VA space.
+        root = max(lvl for lvl in range(LEAF_LEVEL + 1)
                    if (self.span_pages[lvl] << page_shift) >= 1 << HYP_VA_BITS)
         self.table_levels = tuple(range(root + 1, LEAF_LEVEL + 1))  # below the root
         min_block_level = 1 if page_shift == 12 else 2  # kvm_block_mapping_supported
