@@ -17,7 +17,13 @@ from pkvm_sim.core.errors import (
 )
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.model import FaultOutcome, PageState, PoolKind
-from pkvm_sim.core.profiles import FIRST_KERNEL, Operation, profile_spec
+from pkvm_sim.core.profiles import (
+    FIRST_KERNEL,
+    Operation,
+    kernel_profile_names,
+    profile_names,
+    profile_spec,
+)
 
 SMALL = ["0x80000000:256M"]
 
@@ -224,6 +230,9 @@ def test_registry_operations_per_profile() -> None:
     assert ops("v6.12") == everything - {"GUEST_SHARE"}
     assert ops("v6.12+guest-share") == everything
     assert FIRST_KERNEL[Operation.GUEST_SHARE] == "v6.14"
+    assert "v6.12+guest-share" in profile_names()
+    assert "v6.12+guest-share" not in kernel_profile_names()
+    assert profile_spec("v6.12+guest-share").is_extension
 
 
 def test_destroy_drops_shares_and_pins(hv_vm: tuple[Hypervisor, int, int]) -> None:

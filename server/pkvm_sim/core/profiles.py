@@ -40,6 +40,7 @@ __all__ = [
     "KernelProfile",
     "Operation",
     "Profile",
+    "kernel_profile_names",
     "version_key",
     "profile_help",
     "profile_names",
@@ -150,6 +151,12 @@ class KernelProfile:
     # version's allocator and reservation (SEMANTICS' "V62" machine). With 'carveout' they
     # are exactly their kernel: no sharing, no VMs at EL2.
     full_vmemmap_extension: bool = False
+
+    @property
+    def is_extension(self) -> bool:
+        """True for a profile that models more than any released kernel (v6.12+guest-share):
+        reservation comparisons and kernel checks skip it, its base profile stands for it."""
+        return bool(self.extra_operations)
 
     def operations(self, vmemmap_coverage: str) -> frozenset[Operation]:
         """The EL2 operations this profile serves under a vmemmap coverage."""
@@ -294,6 +301,11 @@ def profile_spec(profile: Profile | str) -> KernelProfile:
 def profile_names() -> tuple[str, ...]:
     """Profile names in registry order (oldest first): CLI choices and help."""
     return tuple(p.value for p in PROFILES)
+
+
+def kernel_profile_names() -> tuple[str, ...]:
+    """Profiles that are a released kernel (no extension profiles), oldest first."""
+    return tuple(p.value for p, spec in PROFILES.items() if not spec.is_extension)
 
 
 def profile_help() -> str:
