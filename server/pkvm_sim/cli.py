@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replay-trace": ("pkvm_sim.tools.replay_trace", "replay hyp-pool-trace/1 oracle traces"),
     "scenario": ("pkvm_sim.tools.scenario", "run a seeded workload, e.g. mmio-pressure"),
     "loadgen": ("pkvm_sim.tools.loadgen", "drive a running service with many concurrent VMs"),
+    "kernel-check": ("pkvm_sim.tools.kernel_check",
+                     "boot real kernels under QEMU, compare their EL2 reservation with ours"),
 }
 
 

@@ -26,6 +26,8 @@ def test_every_profile_has_exactly_its_own_record() -> None:
         assert spec.profile is profile
         assert spec.default_layout in LAYOUTS
         assert spec.max_order_formula in MAX_ORDER_FORMULAS
+        # MAX_ORDER became inclusive in v6.4, and the formula with it
+        assert spec.max_order_inclusive is (spec.max_order_formula == "v6.4")
 
 
 def test_every_profile_has_one_pool_for_memory_and_one_for_mmio_faults() -> None:

@@ -167,3 +167,44 @@ def test_129_memblocks_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_standalone_main(capsys: pytest.CaptureFixture[str]) -> None:
     assert reserve.main(["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hyp_mem_pages"] == 5164
+
+
+def test_compare_any_profiles_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """64 GiB at 0x4000_0000: what the Debian 6.1 and 6.12 kernels reserved when booted
+    (262 and 326 MiB, tests/kernel), v5.14 = v6.1, and v6.12's 16384 vmemmap pages
+    (64 GiB of 4-byte entries) and 11 FF-A pages."""
+    code, out, _ = invoke(
+        ["--compare", "v5.13,v5.14,v6.1,v6.12", "--memblock", "0x40000000:64G"], capsys
+    )
+    assert code == 0
+    assert out.splitlines()[0].startswith("v5.13 vs v5.14 vs v6.1 vs v6.12: 64 GiB")
+    reserved = next(line for line in out.splitlines() if line.startswith("reserved"))
+    assert reserved.split()[3:9] == ["262", "MiB", "262", "MiB", "326", "MiB"]
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    assert rows["vmemmap_pages"][3] == "16384"
+    assert rows["ffa_proxy_pages"][:4] == ["0", "0", "0", "11"]
+    assert rows["vm_table_pages"][:4] == ["0", "0", "0", "1"]
+
+
+def test_compare_any_profiles_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = invoke(["--compare", "v6.1,v6.12", "--json", "--memblock", "0x40000000:4G"],
+                          capsys)
+    assert code == 0
+    both = json.loads(out)
+    assert list(both) == ["v6.1", "v6.12"]
+    assert (both["v6.1"]["reserved_bytes"] >> 20, both["v6.12"]["reserved_bytes"] >> 20) == (22, 26)
+
+
+@pytest.mark.parametrize("value", ["v5.14", "v5.14,v5.14", "v5.14,v4.19"])
+def test_compare_needs_two_known_profiles(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = invoke(["--compare", value], capsys)
+    assert (code, out) == (2, "")
+    assert "error" in err
+
+
+def test_64k_v6_figures_say_they_are_unchecked(capsys: pytest.CaptureFixture[str]) -> None:
+    """Debian builds no 64K arm64 kernel (docs/model.md): the figure says so."""
+    code, out, _ = invoke(["--profile", "v6.12", "--page-size", "64K"], capsys)
+    assert code == 0 and "unchecked" in out
+    code, out, _ = invoke(["--profile", "v6.12", "--page-size", "16K"], capsys)
+    assert code == 0 and "unchecked" not in out and "checked against" in out

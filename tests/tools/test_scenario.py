@@ -63,3 +63,23 @@ def test_bad_input_is_a_clear_error_not_a_crash(
     assert main(["scenario", "mmio-pressure", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("scenario: error: ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("ia_bits", "v5_13_recycles"), [(40, False), (48, True)])
+def test_4k_mmio_pool_runs_dry_with_a_4_level_stage2(
+        capsys: pytest.CaptureFixture[str], ia_bits: int, v5_13_recycles: bool) -> None:
+    """With 4K pages and ia_bits 44 to 48 the host stage-2 has 4 levels, and level 0 (512 GiB
+    per entry) holds no blocks: the first MMIO fault in each 512 GiB window needs a level-1
+    table page. 3000 faults over 256 TiB touch nearly all 512 windows (about 511 pages), and
+    the RAM/MMIO boundaries of 64 fragments need level-2/3 tables: more than v5.13's MMIO
+    pool of G = 515 pages. With ia_bits 40 (3 levels from level 1, 1 GiB blocks) the same
+    workload needs a few dozen pages. v5.14's one pool (2771 pages) holds either."""
+    out = run_json(capsys, "mmio-pressure", "--ia-bits", str(ia_bits), "--ram-fragments", "64",
+                   "--hole", "1M", "--span-base", "0x80000000", "--spans", "4G,256T",
+                   "--faults-per-span", "3000")
+    results = out["results"]
+    assert isinstance(results, dict)
+    assert out["ia_bits"] == ia_bits
+    assert (results["v5.13"]["recycles"] > 0) is v5_13_recycles
+    assert results["v5.14"]["recycles"] == 0
+    assert results["v5.13"]["failures"] == results["v5.14"]["failures"] == 0

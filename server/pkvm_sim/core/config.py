@@ -81,7 +81,7 @@ class SimConfig:
     hyp_s1_early_used_pages: int = 0
     hyp_pool_extra_pages: int = 0
     carveout_base: int | None = None  # None = top-down placement (SEMANTICS 1.5)
-    faithful_bugs: bool = False  # reproduce the V14 quirks of SEMANTICS 3.10
+    faithful_bugs: bool = False  # reproduce the quirks the profile's kernel has (profiles.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profile", profile_spec(self.profile).profile)

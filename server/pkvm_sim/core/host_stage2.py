@@ -1,9 +1,10 @@
 """The host stage-2: an identity map built lazily from host faults (SEMANTICS 3.1 to 3.8).
 
 The host runs with a stage-2 that starts empty (except the annotations of what EL2 owns) and
-is filled by faults: each fault maps the largest block around the address that lies inside
-the address's memory region or MMIO gap and is compatible with what is already mapped there
-(`find_range`, the V13/V14 range search of 3.4).
+is filled by faults: each fault maps a block around the address that lies inside the address's
+memory region or MMIO gap. v5.13/v5.14 take the largest block compatible with what is already
+mapped there (`find_range`, 3.4); v6.x starts from the level where the walk met the empty
+entry (`adjust_range`, host_stage2_adjust_range). The profile's record says which.
 
 Pools, per profile (3.8; the records of profiles.py say which pool a fault uses):
 
@@ -58,6 +59,7 @@ from .pgtable import (
     leaf_pte,
 )
 from .physmem import PhysicalMemory
+from .profiles import HostRangeSearch
 from .vmemmap import Vmemmap
 
 _STATE_NAMES = {
@@ -139,9 +141,8 @@ class HostStage2:
         `config.kernel.host_s2_pools` (each record says which faults use it, and whether its
         -ENOMEM recycles MMIO).
 
-        With the V15 fix (default) the PGD block is split so every PGD page is an order-0
-        page with its own refcount; config.faithful_bugs keeps the V14 multi-page block
-        (tails at refcount 0: a tail's count can drop to 0 and free it while in use).
+        The PGD block is split (hyp_split_page, the V15 fix) so every PGD page is an order-0
+        page with its own refcount.
         """
         self.config = config
         self.geometry = config.geometry
@@ -156,6 +157,9 @@ class HostStage2:
         for is_memory in (True, False):
             spec = config.kernel.host_s2_pool_for(is_memory=is_memory)
             self._fault_pools[is_memory] = (by_name[spec.name], spec.recycles_mmio)
+        self._from_empty_entry = (
+            config.kernel.host_s2_range_search is HostRangeSearch.FROM_EMPTY_ENTRY
+        )
         mem_pool = self._fault_pools[True][0]
         self.mem_pool = mem_pool  # PGD, memory faults, annotations and donations
         self.mm = HostMmOps(list(pools), vmemmap.layout.refcount_max)
@@ -235,13 +239,18 @@ class HostStage2:
             return FaultResult(addr, is_mem, FaultOutcome.SPURIOUS, start, start + g,
                                cur_level, False, 0, 0)
 
-        found = self.find_range(addr, prot, rstart, rend)
+        if self._from_empty_entry:
+            found = self.adjust_range(addr, current, cur_level, rstart, rend)
+            errno_name = "EPERM"
+        else:
+            found = self.find_range(addr, prot, rstart, rend)
+            errno_name = "EEXIST"
         if found is None:
             counters.fatal_faults += 1
             owner = ("annotated as owned by hyp" if current is not None
                      and current[PTE_KIND] == ANNOTATED else "incompatible mappings at every level")
             return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, 3, False, 0, 0,
-                               errno_name="EEXIST",
+                               errno_name=errno_name,
                                reason=f"host access to {addr:#x}: {owner}; the real hypervisor"
                                " would panic (host touched hyp-owned memory)")
         level, start, end = found
@@ -319,6 +328,31 @@ class HostStage2:
                 return level, start, end
         return None
 
+    def adjust_range(
+        self, addr: int, current: Pte | None, level: int, rstart: int, rend: int
+    ) -> tuple[int, int, int] | None:
+        """The v6.x range search (host_stage2_adjust_range): (leaf level, start, end), or None
+        for an annotated entry (-EPERM).
+
+        From the level where the walk met the empty entry, take that level's granule around
+        addr; stop when the next level supports blocks and the granule lies in the region, or
+        at level 3. The kernel checks the NEXT level's block support against this level's
+        granule, so a granule whose own level has no blocks (level 0; level 1 with 16K or
+        64K pages) can be chosen: it is mapped with the next level's blocks."""
+        if current is not None:
+            return None
+        pgt = self.pgt
+        while True:
+            g = pgt.granule(level)
+            start = addr & ~(g - 1)
+            end = start + g
+            level += 1
+            if level > 3 or (pgt.block_allowed(level) and rstart <= start and end <= rend):
+                break
+        chosen = level - 1
+        leaf_level = chosen if chosen == 3 or pgt.block_allowed(chosen) else chosen + 1
+        return leaf_level, start, end
+
     def unmap_dev_all(self) -> int:
         """host_stage2_unmap_dev_all: unmap every MMIO gap; returns table pages freed."""
         freed_before = self.mm.freed
@@ -334,17 +368,20 @@ class HostStage2:
     def mark_hyp(self, start: int, end: int) -> None:
         """__pkvm_mark_hyp at finalisation: [start, end) must lie in one memblock region.
 
-        V15 checks end - 1; config.faithful_bugs reproduces V14's exclusive `end`, which
-        refuses a range ending exactly at a region's end (3.7, open point 9).
+        The kernel checks end - 1. With config.faithful_bugs, a profile whose record has
+        `range_is_memory_off_by_one` (v5.13 before 5.13.12) tests the exclusive `end`, which
+        refuses a range ending exactly at a region's end (3.7, open point 9). The fix was
+        merged for v5.14 itself, so v5.14 and later never reproduce it.
         """
-        last = end if self.config.faithful_bugs else end - 1
+        off_by_one = self.config.faithful_bugs and self.config.kernel.range_is_memory_off_by_one
+        last = end if off_by_one else end - 1
         mem_a, a_start, _ = self.find_mem_range(start)
         mem_b, b_start, _ = self.find_mem_range(last)
         if not (mem_a and mem_b and a_start == b_start):
             raise InvalidArgument(
                 f"__pkvm_mark_hyp [{start:#x}, {end:#x}) is not inside one memblock region"
-                + (" (V14 range_is_memory tests the exclusive end: faithful_bugs)"
-                   if self.config.faithful_bugs else ""),
+                + (" (v5.13 range_is_memory tests the exclusive end: faithful_bugs)"
+                   if off_by_one else ""),
                 reason="NOT_MEMORY",
             )
         self.mm.alloc_pool = self.mem_pool

@@ -35,6 +35,7 @@ __all__ = [
     "FIRST_KERNEL",
     "KVM_MAX_PVMS",
     "PROFILES",
+    "HostRangeSearch",
     "HostS2Pool",
     "VmemmapReservation",
     "KernelProfile",
@@ -43,6 +44,7 @@ __all__ = [
     "kernel_profile_names",
     "version_key",
     "profile_help",
+    "profiles_epilog",
     "profile_names",
     "profile_spec",
 ]
@@ -102,6 +104,20 @@ def version_key(name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in name.lstrip("v").split("+")[0].split("."))
 
 
+class HostRangeSearch(StrEnum):
+    """How a host stage-2 fault chooses the range it maps around the faulting address."""
+
+    # v5.13/v5.14 kvm_pgtable_stage2_find_range: the largest block, from the top level down,
+    # that lies in the address's memory region or MMIO gap and whose existing leaves are all
+    # compatible (a block may replace a table of compatible leaves)
+    LARGEST_COMPATIBLE = "largest-compatible"
+    # v6.x host_stage2_adjust_range: start at the level where the walk met the empty entry and
+    # go down until the granule fits the region and the NEXT level supports blocks; the range
+    # is then mapped with the largest leaves that fit (a level-0 or, with 16K/64K pages, a
+    # level-1 range is mapped by many level-1 or level-2 blocks in one fault)
+    FROM_EMPTY_ENTRY = "from-empty-entry"
+
+
 @dataclass(frozen=True)
 class HostS2Pool:
     """One host stage-2 page-table pool of a profile, and what its budget is made of.
@@ -135,6 +151,10 @@ class KernelProfile:
     vm_table_entries: int = 0  # KVM_MAX_PVMS pointers in the hyp VM table (0: no table)
     ffa_mailbox_pages: int = 0  # FF-A proxy: RX + TX mailbox pages (0: no FF-A proxy)
     ffa_descriptor_bytes: int = 0  # FF-A proxy: the largest fragmented descriptor buffered
+    # -- host stage-2 ------------------------------------------------------------------
+    host_s2_range_search: HostRangeSearch = HostRangeSearch.LARGEST_COMPATIBLE
+    # -- quirks config.faithful_bugs reproduces (only where this version has them) --------
+    range_is_memory_off_by_one: bool = False  # tests the exclusive end (fixed in v5.14)
     # -- what was checked against a booted kernel (tests/kernel, pkvm-sim kernel-check) ----
     booted_page_sizes: tuple[str, ...] = ()  # Debian kernels exist and were booted for these
 
@@ -208,6 +228,9 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_idmap",
             ),
+            # "KVM: arm64: Fix off-by-one in range_is_memory" (tests end - 1) was merged for
+            # v5.14 and backported to 5.13.12: only v5.13.0 to 5.13.11 have it.
+            range_is_memory_off_by_one=True,
         ),
         KernelProfile(
             profile=Profile.V5_14,
@@ -237,7 +260,9 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/include/asm/kvm_pkvm.h hyp_s1_pgtable_pages, host_s2_pgtable_pages",
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/page_alloc.c hyp_pool_init",
+                "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_adjust_range",
             ),
+            host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
             booted_page_sizes=("4K",),
         ),
         KernelProfile(
@@ -255,6 +280,7 @@ PROFILES: dict[Profile, KernelProfile] = {
                 "arch/arm64/include/asm/kvm_pgtable.h KVM_PGTABLE_FIRST_LEVEL (-1)",
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
                 "arch/arm64/kvm/hyp/nvhe/page_alloc.c hyp_pool_init (MAX_PAGE_ORDER)",
+                "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_adjust_range",
             ),
             hyp_pgtable_levels=5,
             vmemmap_reservation=VmemmapReservation.ALL_MEMORY,
@@ -264,6 +290,7 @@ PROFILES: dict[Profile, KernelProfile] = {
             # 16-byte impdef field) + sizeof(ffa_composite_mem_region) 16
             # + SG_MAX_SEGMENTS (2048) * sizeof(ffa_mem_region_addr_range) 16
             ffa_descriptor_bytes=48 + 32 + 16 + 2048 * 16,
+            host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
             booted_page_sizes=("4K", "16K"),
         ),
     )
@@ -306,6 +333,13 @@ def profile_names() -> tuple[str, ...]:
 def kernel_profile_names() -> tuple[str, ...]:
     """Profiles that are a released kernel (no extension profiles), oldest first."""
     return tuple(p.value for p, spec in PROFILES.items() if not spec.is_extension)
+
+
+def profiles_epilog() -> str:
+    """One line per profile (name: summary), for the CLIs' --help."""
+    return "profiles:\n" + "\n".join(
+        f"  {spec.profile.value:<7} {spec.summary}" for spec in PROFILES.values()
+    )
 
 
 def profile_help() -> str:

@@ -300,8 +300,11 @@ class Reservation:
     is no such pool, not an empty one).
 
     `all_memory_vmemmap_pages` is the vmemmap backing for the configured coverage: every
-    memblock under 'all' (V62 rule), the carve-out's own slice under 'carveout'. It is reported
-    beside the reservation, never added to it: the six kernel figures do not depend on coverage.
+    memblock under 'all' (V62 rule), the carve-out's own slice under 'carveout'; a vmemmap page
+    shared by two neighbouring regions is backed once. `vmemmap_region_pages` is what v6.2+
+    kernels reserve for all memory instead: each region's slice rounded out to pages, summed
+    (a shared page counted twice). Up to v6.1 both are reported beside the reservation, never
+    added to it: the six kernel figures do not depend on coverage.
     """
 
     profile: Profile
@@ -327,6 +330,7 @@ class Reservation:
     vmemmap_bytes_per_gib: int
     vmemmap_coverage: str
     all_memory_vmemmap_pages: int
+    vmemmap_region_pages: int  # every memblock's vmemmap slice, summed region by region
 
     def __post_init__(self) -> None:
         self.check_invariants()
@@ -392,6 +396,7 @@ class Reservation:
                 "carveout_end": self.carveout_end,
                 "vmemmap_coverage": self.vmemmap_coverage,
                 "all_memory_vmemmap_pages": self.all_memory_vmemmap_pages,
+                "vmemmap_region_pages": self.vmemmap_region_pages,
             }
         return figures
 
@@ -458,6 +463,7 @@ def compute_reservation(config: SimConfig) -> Reservation:
         vmemmap_bytes_per_gib=layout.entry_bytes * geometry.pages_per_gib,
         vmemmap_coverage=config.vmemmap_coverage,
         all_memory_vmemmap_pages=coverage_pages,
+        vmemmap_region_pages=vmemmap_region_pages(config.memblocks, layout.entry_bytes, geometry),
     )
 
 

@@ -41,14 +41,14 @@ KNOB_FLAGS: dict[str, tuple[str, str, str]] = {
     "hyp_page_layout": ("--hyp-page-layout", "32|4|2", "struct hyp_page size (default: profile's)"),
     "page_size": ("--page-size", "4K|16K|64K", "PAGE_SIZE (default 4K)"),
     "vmemmap_coverage": ("--vmemmap-coverage", "carveout|all", "vmemmap coverage (default all)"),
-    "max_order_formula": ("--max-order-formula", "v5.14|v5.17", "hyp_pool max_order formula"),
+    "max_order_formula": ("--max-order-formula", "v5.14|v5.17|v6.4", "hyp_pool max_order formula"),
     "memblocks": ("--memblock", "BASE:SIZE", "RAM region, repeatable (default 0x80000000:4G)"),
     "ia_bits": ("--ia-bits", "N", "host stage-2 input address bits (default 40)"),
     "nr_cpus": ("--nr-cpus", "N", "CPUs (default 8)"),
     "hyp_s1_early_used_pages": ("--hyp-s1-early-used-pages", "N", "hyp pool pages reserved"),
     "hyp_pool_extra_pages": ("--hyp-pool-extra-pages", "N", "enlarge the hyp pool by N pages"),
     "carveout_base": ("--carveout-base", "ADDR", "place the carve-out here (default top-down)"),
-    "faithful_bugs": ("--faithful-bugs", "BOOL", "reproduce the V14 quirks (SEMANTICS 3.10)"),
+    "faithful_bugs": ("--faithful-bugs", "BOOL", "reproduce the kernel's quirks (v5.13)"),
 }
 SERVER_KEYS = (
     "listen", "metrics_listen", "workers", "grace_seconds", "vm_lease_seconds",

@@ -19,7 +19,13 @@ from typing import Any
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.layout import GIB, KIB, MIB
-from pkvm_sim.core.profiles import VmemmapReservation, profile_help, profile_spec
+from pkvm_sim.core.profiles import (
+    VmemmapReservation,
+    profile_help,
+    profile_names,
+    profile_spec,
+    profiles_epilog,
+)
 from pkvm_sim.core.reservation import (
     CarveoutLayout,
     Reservation,
@@ -30,6 +36,7 @@ from pkvm_sim.core.reservation import (
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+DEFAULT_COMPARE = "v5.13,v5.14"  # the series' before and after
 
 # flag dest -> SimConfig key; values are passed as strings so SimConfig does all validation
 _CONFIG_FLAGS = {
@@ -45,6 +52,8 @@ _CONFIG_FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the reserve flags; every default is SimConfig's (None = not given)."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = profiles_epilog()
     parser.add_argument(
         "--memblock",
         action="append",
@@ -69,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--compare", action="store_true", help="v5.13 vs v5.14 side by side (same memory map)"
+        "--compare", nargs="?", const=DEFAULT_COMPARE, metavar="P1,P2,...",
+        help="profiles side by side on the same memory map, oldest first "
+        f"(default {DEFAULT_COMPARE}; e.g. {','.join(profile_names())})",
     )
 
 
@@ -79,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         if args.compare:
             _warn_ignored_by_compare(args)
-            before, after = compare_profiles(config)
+            reservations = compare_profiles(config, parse_profile_list(args.compare))
             output = (
-                render_compare_json(before, after) if args.json else render_compare(before, after)
+                render_compare_json(*reservations) if args.json
+                else render_compare(*reservations)
             )
         else:
             reservation = compute_reservation(config)
@@ -101,6 +113,16 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         if value is not None:
             values[key] = value
     return SimConfig.from_mapping(values)
+
+
+def parse_profile_list(text: str) -> list[str]:
+    """'v5.13,v6.12' -> the profile names (validated), at least two, no repeats."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        profile_spec(name)  # ValueError naming the known profiles
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"--compare needs two or more different profiles, not {text!r}")
+    return names
 
 
 def _warn_ignored_by_compare(args: argparse.Namespace) -> None:
@@ -146,8 +168,9 @@ def render_json(reservation: Reservation) -> str:
     return json.dumps(reservation.to_json_dict())
 
 
-def render_compare_json(before: Reservation, after: Reservation) -> str:
-    return json.dumps({"v5.13": before.to_json_dict(), "v5.14": after.to_json_dict()})
+def render_compare_json(*reservations: Reservation) -> str:
+    """{profile: the six figures} in the order compared."""
+    return json.dumps({r.profile.value: r.to_json_dict() for r in reservations})
 
 
 _POOL_LABELS = {
@@ -184,6 +207,19 @@ def _budget_rows(r: Reservation) -> list[tuple[str, int]]:
     return rows
 
 
+def _checked_note(r: Reservation) -> list[str]:
+    """Whether this profile and page size were checked against a booted kernel (docs/model.md)."""
+    booted = profile_spec(r.profile).booted_page_sizes
+    if not booted:
+        return []
+    page = _page_size_name(r.page_size)
+    if page in booted:
+        return [f"(checked against Debian's {r.profile.value} {page} kernel under QEMU: "
+                "pkvm-sim kernel-check)"]
+    return [f"(unchecked: no {page} {r.profile.value} kernel was booted; checked for "
+            f"{', '.join(booted)})"]
+
+
 def render_table(r: Reservation, layout: CarveoutLayout) -> str:
     lines = [
         f"profile {r.profile.value}, {_page_size_name(r.page_size)} pages, "
@@ -202,10 +238,13 @@ def render_table(r: Reservation, layout: CarveoutLayout) -> str:
         ),
         "",
         f"vmemmap cost: {human_bytes(r.vmemmap_bytes_per_gib)}/GiB of covered memory",
-        f"vmemmap coverage '{r.vmemmap_coverage}': {r.all_memory_vmemmap_pages} pages "
-        f"({_mib(r.all_memory_vmemmap_pages, r.page_size)} MiB)",
+        f"vmemmap backed for coverage '{r.vmemmap_coverage}': {r.all_memory_vmemmap_pages} "
+        f"pages ({_mib(r.all_memory_vmemmap_pages, r.page_size)} MiB)",
+        f"vmemmap of all memory, region by region (what v6.2+ reserves): "
+        f"{r.vmemmap_region_pages} pages ({_mib(r.vmemmap_region_pages, r.page_size)} MiB)",
         f"Reserved {human_bytes(r.reserved_bytes)} at {hex_address(r.carveout_base)} "
         f"(end {hex_address(r.carveout_end)})",
+        *_checked_note(r),
         "",
         "carve-out layout (divide_memory_pool, bump order):",
         f"  {'region':<12}{'base':>16}{'end':>16}{'pages':>8}",
@@ -220,66 +259,73 @@ def render_table(r: Reservation, layout: CarveoutLayout) -> str:
     return "\n".join(lines)
 
 
-def _compare_rows(before: Reservation, after: Reservation) -> list[tuple[str, str, str, str]]:
-    def pages(label: str, a: int, b: int) -> tuple[str, str, str, str]:
-        return (label, str(a), str(b), f"{b - a:+d}")
+def _compare_rows(rs: Sequence[Reservation]) -> list[tuple[str, ...]]:
+    """One row per figure: a label, one cell per profile, and last minus first."""
+    first, last = rs[0], rs[-1]
+
+    def pages(label: str, values: Sequence[int]) -> tuple[str, ...]:
+        return (label, *(str(v) for v in values), f"{values[-1] - values[0]:+d}")
 
     def host_s2(r: Reservation) -> str:
         return "+".join(str(pages) for _name, pages in r.host_s2_pools)
 
+    per_gib = [r.vmemmap_bytes_per_gib for r in rs]
     return [
-        (
-            "hyp_page entry",
-            f"{before.entry_bytes} B",
-            f"{after.entry_bytes} B",
-            f"{after.entry_bytes - before.entry_bytes:+d} B",
-        ),
-        (
-            "vmemmap per GiB",
-            f"{human_bytes(before.vmemmap_bytes_per_gib)}/GiB",
-            f"{human_bytes(after.vmemmap_bytes_per_gib)}/GiB",
-            f"/{before.vmemmap_bytes_per_gib // after.vmemmap_bytes_per_gib}",
-        ),
-        pages("hyp_s1_pgtable_pages", before.hyp_s1_pgtable_pages, after.hyp_s1_pgtable_pages),
-        (
-            "host_s2_pgtable_pages",
-            host_s2(before),
-            host_s2(after),
-            f"{after.host_s2_pgtable_pages - before.host_s2_pgtable_pages:+d}",
-        ),
-        pages("vmemmap_pages", before.vmemmap_pages, after.vmemmap_pages),
-        pages("hyp_mem_pages", before.hyp_mem_pages, after.hyp_mem_pages),
-        (
-            "reserved",
-            human_bytes(before.reserved_bytes),
-            human_bytes(after.reserved_bytes),
-            f"{(after.reserved_bytes - before.reserved_bytes) // after.page_size:+d} pages",
-        ),
-        ("carve-out base", hex_address(before.carveout_base), hex_address(after.carveout_base), ""),
-        pages(
-            f"vmemmap pages ({after.vmemmap_coverage})",
-            before.all_memory_vmemmap_pages,
-            after.all_memory_vmemmap_pages,
-        ),
+        ("hyp_page entry", *(f"{r.entry_bytes} B" for r in rs),
+         f"{last.entry_bytes - first.entry_bytes:+d} B"),
+        ("vmemmap per GiB", *(f"{human_bytes(v)}/GiB" for v in per_gib),
+         _ratio(per_gib[0], per_gib[-1])),
+        pages("table levels budgeted", [r.hyp_pgtable_levels for r in rs]),
+        pages("hyp_s1_pgtable_pages", [r.hyp_s1_pgtable_pages for r in rs]),
+        ("host_s2_pgtable_pages", *(host_s2(r) for r in rs),
+         f"{last.host_s2_pgtable_pages - first.host_s2_pgtable_pages:+d}"),
+        pages("vm_table_pages", [r.vm_table_pages for r in rs]),
+        pages("ffa_proxy_pages", [r.ffa_proxy_pages for r in rs]),
+        pages("vmemmap_pages", [r.vmemmap_pages for r in rs]),
+        pages("hyp_mem_pages", [r.hyp_mem_pages for r in rs]),
+        ("reserved", *(human_bytes(r.reserved_bytes) for r in rs),
+         f"{(last.reserved_bytes - first.reserved_bytes) // last.page_size:+d} pages"),
+        ("carve-out base", *(hex_address(r.carveout_base) for r in rs), ""),
+        pages("vmemmap pages backed", [r.all_memory_vmemmap_pages for r in rs]),
+        pages("vmemmap pages per region", [r.vmemmap_region_pages for r in rs]),
     ]
 
 
-def render_compare(before: Reservation, after: Reservation) -> str:
-    rows = _compare_rows(before, after)
-    header = ("", before.profile.value, after.profile.value, "v5.14 - v5.13")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+def _ratio(first: int, last: int) -> str:
+    """'/8' when last is first divided by 8, 'x8' when multiplied, '' when equal."""
+    if first == last:
+        return ""
+    if first > last:
+        return f"/{first / last:.3g}"
+    return f"x{last / first:.3g}"
 
-    def line(row: tuple[str, str, str, str]) -> str:
+
+def render_compare(*reservations: Reservation) -> str:
+    rs = list(reservations)
+    rows = _compare_rows(rs)
+    header = ("", *(r.profile.value for r in rs), f"{rs[-1].profile.value} - {rs[0].profile.value}")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
         return "  ".join(
             cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
         ).rstrip()
 
-    memory = human_bytes(sum(b.size for b in after.memblocks))
+    memory = human_bytes(sum(b.size for b in rs[-1].memblocks))
     title = (
-        f"v5.13 vs v5.14: {memory} in {len(after.memblocks)} memblock(s), "
-        f"{_page_size_name(after.page_size)} pages"
+        f"{' vs '.join(r.profile.value for r in rs)}: {memory} in {len(rs[-1].memblocks)} "
+        f"memblock(s), {_page_size_name(rs[-1].page_size)} pages"
     )
-    return "\n".join([title, "", line(header), *(line(row) for row in rows)])
+    coverages = sorted({r.vmemmap_coverage for r in rs})
+    notes = [
+        "",
+        "vmemmap_pages: what kvm_hyp_reserve reserves for the vmemmap (the carve-out's own",
+        "  entries up to v6.1; all memory, region by region, from v6.2).",
+        f"vmemmap pages backed: what vmemmap coverage {' / '.join(coverages)} backs",
+        "  (a page shared by two regions counted once); per region: all memory's vmemmap",
+        "  summed region by region (a shared page counted twice), as v6.2+ reserves it.",
+    ]
+    return "\n".join([title, "", line(header), *(line(row) for row in rows), *notes])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spans", default=DEFAULT_SPANS, help="comma-separated IPA spans")
     parser.add_argument("--span-base", default=None,
                         help="where the MMIO spans start (default 0, the bottom of the IPA space)")
+    parser.add_argument("--ia-bits", type=int, default=SimConfig.ia_bits,
+                        help="host stage-2 IPA bits (default %(default)s); 44 to 48 give a"
+                        " 4-level stage-2 with 4K pages, whose level 0 holds no blocks")
     parser.add_argument("--faults-per-span", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -92,7 +95,8 @@ def build_config(args: argparse.Namespace, profile: str) -> SimConfig:
                 raise SystemExit("--hole too large for --ram-fragments")
             split += [Memblock(block.base + i * (size + hole), size) for i in range(n)]
         blocks = split
-    return SimConfig(profile=Profile(profile), page_size=page_size, memblocks=tuple(blocks))
+    return SimConfig(profile=Profile(profile), page_size=page_size, memblocks=tuple(blocks),
+                     ia_bits=args.ia_bits)
 
 
 def _host_pool_used(hv: Hypervisor) -> int:
@@ -218,12 +222,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "scenario": "mmio-pressure", "seed": args.seed, "spans": spans,
             "faults_per_span": args.faults_per_span, "page_size": config.page_size,
+            "ia_bits": config.ia_bits,
             "memblocks": [[b.base, b.size] for b in config.memblocks],
             "results": {r.profile: r.as_dict() for r in results},
         }, indent=2))
         return 0
     print(f"mmio-pressure: seed {args.seed}, {len(config.memblocks)} memblock(s),"
-          f" page {args.page_size}, spans {args.spans}, {args.faults_per_span} faults/span")
+          f" page {args.page_size}, ia_bits {config.ia_bits}, spans {args.spans},"
+          f" {args.faults_per_span} faults/span")
     rows = list(results[0].as_dict())[1:]
     header = f"{'':34}" + "".join(f"{r.profile:>12}" for r in results)
     print(header)
