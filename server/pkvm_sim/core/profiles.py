@@ -337,8 +337,9 @@ def kernel_profile_names() -> tuple[str, ...]:
 
 def profiles_epilog() -> str:
     """One line per profile (name: summary), for the CLIs' --help."""
+    width = max(len(name) for name in profile_names())
     return "profiles:\n" + "\n".join(
-        f"  {spec.profile.value:<7} {spec.summary}" for spec in PROFILES.values()
+        f"  {spec.profile.value:<{width}} {spec.summary}" for spec in PROFILES.values()
     )
 
 
