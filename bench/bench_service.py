@@ -1,11 +1,13 @@
 """Benchmark: the real pkvm-sim service against a trivial echo service with the same server
 settings, driven by the same client in the same run (a benchmark, not a test).
 
-    python bench/bench_service.py                  # about a minute
+    python bench/bench_service.py                  # about two minutes
     python bench/bench_service.py --rounds 1       # quicker, noisier
 
-Phases, each against both servers (each server runs in its own process; the client is this
-process). Echo and real alternate phase by phase for --rounds rounds and the medians are
+Phases, each against every server (each runs in its own process; the client is this
+process): the real service, an echo service built like it (grpc.aio, same settings), and,
+for reference, an echo service in the former flavour (sync, 16 worker threads). They
+alternate phase by phase for --rounds rounds and the medians are
 compared, so that drift on a shared machine hits both sides alike:
   1. unary: 64 concurrent VMs, each looping AllocPages(order 0) + PutPage pairs;
   2. Execute: 8 streams, batches of 1, 64 and 1024 operations (an alloc batch, then a put
@@ -33,6 +35,7 @@ import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
+KINDS = ("echo", "echo-sync", "real")  # echo: the real server's flavour; echo-sync: reference
 NR_VMS = 64
 NR_STREAMS = 8
 BATCH_SIZES = (1, 64, 1024)
@@ -43,7 +46,7 @@ EXTRA_HYP_PAGES = 1 << 16  # room for 8 streams x 1024 pages (hyp_pool_extra_pag
 
 
 class EchoServicer(pb2_grpc.HypervisorServiceServicer):
-    """Does no work: the cost of gRPC itself with the same messages."""
+    """Does no work: the cost of gRPC itself with the same messages (sync flavour)."""
 
     def __init__(self) -> None:
         self._next = 0x1000
@@ -70,16 +73,67 @@ class EchoServicer(pb2_grpc.HypervisorServiceServicer):
             )
 
 
-def serve(kind: str) -> None:
-    from pkvm_sim.core.config import SimConfig
-    from pkvm_sim.service.server import ServerSettings, start
+class AsyncEchoServicer(pb2_grpc.HypervisorServiceServicer):
+    """The echo servicer for the asyncio server (the real service's flavour)."""
 
-    settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None)
+    def __init__(self) -> None:
+        self._next = 0x1000
+
+    async def CreateVM(self, request: Any, context: Any) -> Any:
+        self._next += 1
+        return pb2.CreateVMResponse(vm=pb2.VM(handle=self._next), token="echo")
+
+    async def DestroyVM(self, request: Any, context: Any) -> Any:
+        return pb2.DestroyVMResponse()
+
+    async def AllocPages(self, request: Any, context: Any) -> Any:
+        return pb2.AllocPagesResponse(pfn=request.handle, order=request.order)
+
+    async def PutPage(self, request: Any, context: Any) -> Any:
+        return pb2.PutPageResponse(refcount=0)
+
+    async def Execute(self, request_iterator: Any, context: Any) -> None:
+        while (request := await context.read()) is not grpc.aio.EOF:
+            n = len(request.ops)
+            await context.write(pb2.ExecuteResponse(
+                batch_id=request.batch_id, codes=[0] * n, values=list(request.arg0),
+                completed=n,
+            ))
+
+
+def serve(kind: str) -> None:
+    import asyncio
+
+    from pkvm_sim.core.config import SimConfig
+    from pkvm_sim.service.limits import Limits
+    from pkvm_sim.service.server import EventLoopThread, ServerSettings, start
+
+    # The default limits, except that each stream's VM may hold its 1024 pages.
+    settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None,
+                              limits=Limits(quota_hyp_pages=0))
     if kind == "real":
+        sys.setswitchinterval(0.001)  # as `pkvm-sim serve` does
         service = start(SimConfig(hyp_pool_extra_pages=EXTRA_HYP_PAGES), settings)
         port = service.port
         stop = service.stop
-    else:  # the same server construction, with the echo servicer
+    elif kind == "echo":  # the real server's construction (grpc.aio), echo servicer
+        runner = EventLoopThread()
+
+        async def build() -> tuple[Any, int]:
+            server = grpc.aio.server(options=settings.grpc_options())
+            pb2_grpc.add_HypervisorServiceServicer_to_server(AsyncEchoServicer(), server)  # type: ignore[no-untyped-call]
+            bound = server.add_insecure_port(settings.listen)
+            await server.start()
+            return server, bound
+
+        aio_server, port = runner.call(build())
+
+        def stop(grace: float | None = 0) -> None:
+            runner.call(aio_server.stop(grace))
+            runner.close()
+
+        del asyncio
+    else:  # echo-sync: the former flavour (ThreadPoolExecutor, 16 workers), for reference
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers),
             options=settings.grpc_options(),
@@ -284,7 +338,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
-    parser.add_argument("--serve", choices=("echo", "real"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
@@ -299,7 +353,7 @@ def main() -> int:
           for b in BATCH_SIZES),
     ]
     runs: dict[tuple[str, str], list[Figures]] = {}
-    servers = {kind: ServerProcess(kind) for kind in ("echo", "real")}
+    servers = {kind: ServerProcess(kind) for kind in KINDS}
     try:
         # Echo and real alternate phase by phase, so drift on a shared machine hits both.
         for _ in range(rounds):
@@ -324,8 +378,10 @@ def main() -> int:
           "   (what Execute uses for runs of identical ops)")
 
     unary_ratio = results[("real", "unary")].ops_per_s / results[("echo", "unary")].ops_per_s
+    flavour = results[("echo", "unary")].ops_per_s / results[("echo-sync", "unary")].ops_per_s
     print("ratios (of medians)")
     print(f"  unary real/echo            {unary_ratio:6.2f}   (target >= 0.8)")
+    print(f"  unary echo aio/echo sync   {flavour:6.2f}   (the cost of the asyncio flavour)")
     for batch in BATCH_SIZES:
         real = results[("real", f"execute{batch}")].ops_per_s
         echo = results[("echo", f"execute{batch}")].ops_per_s

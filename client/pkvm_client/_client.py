@@ -3,8 +3,12 @@
     with Hypervisor("localhost:50051") as hv:
         with hv.create_vm(nr_vcpus=2, slice_pages=256) as vm:   # destroyed on exit
             pfn = vm.alloc_pages(order=2)
-            vm.put_page(pfn)
-        print(hv.stats().pools[0].free_pages)
+            vm.put_page(pfn, timeout=1.0)                       # this call's own deadline
+        print(hv.stats().pool("hyp").free_pages)
+
+Deadlines: every call takes `timeout=` (seconds; None = no deadline); left out, the client's
+`timeout` applies. An Execute stream (`vm.stream(timeout=...)`) has no deadline unless given
+one, since it is meant to live long; each `stream.execute(batch, timeout=...)` can have its own.
 
 Retries: only the read-only calls (GetStats, GetPageInfo, Reserve, health) are retried, by
 gRPC's own retry policy, when the server is UNAVAILABLE; a mutation is never retried because
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -24,8 +28,23 @@ import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
-from ._batch import Batch, BatchResult, pool_kind
-from ._errors import PkvmError, from_rpc_error
+from ._batch import Batch, BatchResult
+from ._errors import TransportError, from_rpc_error
+from ._types import (
+    USE_CLIENT_DEFAULT,
+    Fault,
+    GuestMapping,
+    PageInfo,
+    Pool,
+    PoolName,
+    Reservation,
+    ShareResult,
+    Stats,
+    Timeout,
+    VmInfo,
+    from_message,
+    resolve_timeout,
+)
 
 T = TypeVar("T")
 SERVICE = "pkvm.v1.HypervisorService"
@@ -56,12 +75,73 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata that authorizes a call for the VM whose token this is."""
     return (("authorization", f"Bearer {token}"),)
+
+
+def channel_credentials(
+    tls: bool, root_certificates: bytes | None, private_key: bytes | None,
+    certificate_chain: bytes | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials (None: plaintext). Any PEM given implies TLS; root_certificates None
+    trusts the system's CAs; private_key + certificate_chain present a client certificate
+    (mutual TLS)."""
+    if not (tls or root_certificates or private_key or certificate_chain):
+        return None
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain go together (mutual TLS)")
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def with_client_token(
+    metadata: Sequence[tuple[str, str | bytes]] | None, token: str
+) -> list[tuple[str, str | bytes]]:
+    """The call's metadata plus the client token, unless it already names a credential
+    (a VM's token)."""
+    entries = list(metadata or ())
+    if not any(key == "authorization" for key, _ in entries):
+        entries.extend(auth_metadata(token))
+    return entries
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: Any) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class ClientTokenInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Sends `authorization: Bearer <client token>` on unary calls that carry no VM token:
+    CreateVM and the host-wide calls need it when the server has --client-token-file."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_CallDetails(details, with_client_token(details.metadata,
+                                                                    self.token)), request)
+
+
+def make_channel(
+    target: str, options: Sequence[tuple[str, Any]], credentials: grpc.ChannelCredentials | None,
+    client_token: str | None,
+) -> grpc.Channel:
+    options = [*CHANNEL_OPTIONS, *options]
+    channel = grpc.insecure_channel(target, options=options) if credentials is None \
+        else grpc.secure_channel(target, credentials, options=options)
+    if client_token:
+        channel = grpc.intercept_channel(channel, ClientTokenInterceptor(client_token))
+    return channel
 
 
 def create_vm_request(
     nr_vcpus: int, slice_pages: int, name: str, lease_seconds: float | None
 ) -> pb2.CreateVMRequest:
+    """The CreateVM request (shared by the sync and asyncio clients)."""
     return pb2.CreateVMRequest(
         nr_vcpus=nr_vcpus, slice_pages=slice_pages, name=name,
         lease_seconds=lease_seconds or 0.0,
@@ -69,6 +149,7 @@ def create_vm_request(
 
 
 def _call(fn: Callable[..., T], request: Any, **kwargs: Any) -> T:
+    """Make one unary call; a failure is raised as its typed PkvmError."""
     try:
         return fn(request, **kwargs)
     except grpc.RpcError as error:
@@ -76,7 +157,11 @@ def _call(fn: Callable[..., T], request: Any, **kwargs: Any) -> T:
 
 
 class Hypervisor:
-    """A connection to a pkvm-sim server. Thread-safe; share one per process."""
+    """A connection to a pkvm-sim server. Thread-safe; share one per process.
+
+    `channel`: an existing channel to use instead of one to `target` (e.g. an in-process
+    server's, or one with your own credentials); the Hypervisor then does not close it.
+    `timeout`: the default deadline of every call, in seconds (None = none)."""
 
     def __init__(
         self,
@@ -85,11 +170,20 @@ class Hypervisor:
         channel: grpc.Channel | None = None,
         timeout: float | None = 30.0,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        client_token: str | None = None,
     ) -> None:
+        """`tls` (implied by any PEM argument) connects with TLS: `root_certificates` is the
+        CA bundle to trust (None: the system's), `private_key` + `certificate_chain` a client
+        certificate for mutual TLS. `client_token` is sent on CreateVM and the host-wide
+        calls (servers started with --client-token-file need it)."""
         self._owns_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(
-            target, options=[*CHANNEL_OPTIONS, *options]
-        )
+        credentials = channel_credentials(tls, root_certificates, private_key,
+                                          certificate_chain)
+        self.channel = channel or make_channel(target, options, credentials, client_token)
         self.stub: Any = pb2_grpc.HypervisorServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 
@@ -103,71 +197,93 @@ class Hypervisor:
         self.close()
 
     def close(self) -> None:
+        """Close the channel (unless it was passed in). VMs are not destroyed."""
         if self._owns_channel:
             self.channel.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the channel is connected (TransportError on timeout)."""
+        """Block until the channel is connected; TransportError if not within `timeout` s."""
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise PkvmError("server not reachable", code=grpc.StatusCode.UNAVAILABLE) from None
+            raise TransportError(
+                f"server not reachable within {timeout} s", code=grpc.StatusCode.UNAVAILABLE
+            ) from None
+
+    def _deadline(self, timeout: Timeout) -> float | None:
+        return resolve_timeout(timeout, self.timeout)
 
     # -- VMs -----------------------------------------------------------------------------------
 
     def create_vm(
         self, nr_vcpus: int = 1, slice_pages: int = 256, name: str = "",
-        lease_seconds: float | None = None,
+        lease_seconds: float | None = None, *, timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> VM:
-        """Create a VM. `lease_seconds` (None = the server's default): the server destroys
-        the VM once that long passes without a call for it; `vm.renew()` keeps it alive."""
+        """Create a VM with a slice of `slice_pages` pages of host RAM; use it as a context
+        manager to destroy it on exit. `lease_seconds` (None = the server's default): the
+        server destroys the VM once that long passes without a call for it; `vm.renew()`
+        keeps it alive."""
         response = _call(
             self.stub.CreateVM,
             create_vm_request(nr_vcpus, slice_pages, name, lease_seconds),
-            timeout=self.timeout,
+            timeout=self._deadline(timeout),
         )
         return VM(self, response.vm, response.token, response.lease_seconds)
 
     def attach(self, handle: int, token: str) -> VM:
-        """A VM handle for a VM created elsewhere (e.g. by another process)."""
-        return VM(self, pb2.VM(handle=handle), token)
+        """A VM handle for a VM created elsewhere (e.g. by another process); no call is made."""
+        return VM(self, VmInfo(handle=handle), token)
 
     # -- host-level calls and read-only views ----------------------------------------------------
 
-    def map_mmio(self, addr: int) -> pb2.Fault:
+    def map_mmio(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
+        """A host stage-2 fault on MMIO address `addr` (InvalidArgumentError if it is RAM)."""
         request = pb2.MapMMIORequest(addr=addr)
-        return cast(pb2.Fault, _call(self.stub.MapMMIO, request, timeout=self.timeout).fault)
+        response = _call(self.stub.MapMMIO, request, timeout=self._deadline(timeout))
+        return from_message(Fault, response.fault)
 
-    def host_fault(self, addr: int) -> pb2.Fault:
+    def host_fault(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
+        """A host stage-2 fault on any address; a FATAL outcome is reported, not raised."""
         request = pb2.HostFaultRequest(addr=addr)
-        return cast(pb2.Fault, _call(self.stub.HostFault, request, timeout=self.timeout).fault)
+        response = _call(self.stub.HostFault, request, timeout=self._deadline(timeout))
+        return from_message(Fault, response.fault)
 
-    def stats(self) -> pb2.GetStatsResponse:
+    def stats(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Stats:
+        """A consistent snapshot of the pools, vmemmap, host stage-2 and carve-out."""
         request = pb2.GetStatsRequest()
-        return cast(pb2.GetStatsResponse, _call(self.stub.GetStats, request, timeout=self.timeout))
+        return from_message(
+            Stats, _call(self.stub.GetStats, request, timeout=self._deadline(timeout))
+        )
 
-    def page_info(self, pfn: int) -> pb2.GetPageInfoResponse:
+    def page_info(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> PageInfo:
+        """The vmemmap entry, owner and page states of `pfn`."""
         request = pb2.GetPageInfoRequest(pfn=pfn)
-        response = _call(self.stub.GetPageInfo, request, timeout=self.timeout)
-        return cast(pb2.GetPageInfoResponse, response)
+        return from_message(
+            PageInfo, _call(self.stub.GetPageInfo, request, timeout=self._deadline(timeout))
+        )
 
-    def reserve(self) -> pb2.ReserveResponse:
+    def reserve(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Reservation:
+        """The carve-out report (kvm_hyp_reserve) of the server's configuration."""
         request = pb2.ReserveRequest()
-        return cast(pb2.ReserveResponse, _call(self.stub.Reserve, request, timeout=self.timeout))
+        return from_message(
+            Reservation, _call(self.stub.Reserve, request, timeout=self._deadline(timeout))
+        )
 
 
 class VmHandle:
     """What the sync and asyncio VM classes share: identity, token and call settings.
 
+    `info`: the VM as created (`VmInfo`; only `handle` is known for `attach`).
     `lease_seconds`: the lease the server granted (0 = none), None when unknown (attach).
     Every call made for the VM renews its lease; `renew()` does it explicitly."""
 
     def __init__(
-        self, hypervisor: Any, info: pb2.VM, token: str, lease_seconds: float | None = None
+        self, hypervisor: Any, info: VmInfo | pb2.VM, token: str,
+        lease_seconds: float | None = None,
     ) -> None:
         self.hypervisor = hypervisor
-        self.info = info
-        self.handle: int = info.handle
+        self.info = info if isinstance(info, VmInfo) else from_message(VmInfo, info)
+        self.handle: int = self.info.handle
         self.token = token
         self.lease_seconds = lease_seconds
         self._stub = hypervisor.stub
@@ -178,10 +294,15 @@ class VmHandle:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(handle={self.handle:#x}, name={self.info.name!r})"
 
+    def _deadline(self, timeout: Timeout) -> float | None:
+        return resolve_timeout(timeout, self._timeout)
+
 
 class VM(VmHandle):
     """One client VM: its handle, token and the per-VM operations. As a context manager it
-    destroys the VM on exit (the server reclaims everything it held)."""
+    destroys the VM on exit (the server reclaims everything it held).
+
+    Every method takes `timeout=` (seconds, None = no deadline; left out: the client's)."""
 
     hypervisor: Hypervisor
 
@@ -192,111 +313,144 @@ class VM(VmHandle):
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.destroyed:
-            self.destroy()
+        self.destroy()
 
-    def _call(self, fn: Callable[..., T], request: Any) -> T:
+    def _call(self, fn: Callable[..., T], request: Any, timeout: Timeout) -> T:
         try:
-            return fn(request, metadata=self._md, timeout=self._timeout)
+            return fn(request, metadata=self._md, timeout=self._deadline(timeout))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def destroy(self) -> int:
-        """Tear the VM down; returns the number of pages given back to the host."""
-        response = self._call(self._stub.DestroyVM, pb2.DestroyVMRequest(handle=self.handle))
+    def destroy(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """Tear the VM down; returns the number of pages given back to the host. Idempotent:
+        once this handle has destroyed the VM, later calls send nothing and return 0."""
+        if self.destroyed:
+            return 0
+        request = pb2.DestroyVMRequest(handle=self.handle)
+        response = self._call(self._stub.DestroyVM, request, timeout)
         self.destroyed = True
         return int(response.pages_returned)
 
-    def renew(self) -> float:
+    def renew(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Renew the VM's lease; returns the seconds left on it (0.0: the VM has no lease)."""
-        response = self._call(self._stub.RenewVM, pb2.RenewVMRequest(handle=self.handle))
+        request = pb2.RenewVMRequest(handle=self.handle)
+        response = self._call(self._stub.RenewVM, request, timeout)
         self.lease_seconds = float(response.lease_seconds)
         return int(response.expires_in_ms) / 1000
 
-    def alloc_pages(self, order: int = 0, pool: str | int = "hyp") -> int:
-        """Allocate a 2**order block from the hyp pool ('hyp') or the VM's own ('vm')."""
+    def alloc_pages(
+        self, order: int = 0, pool: Pool | PoolName = Pool.HYP, *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> int:
+        """hyp_alloc_pages: a 2**order block from the hyp pool or the VM's own (`Pool.VM`),
+        owned by this VM; returns its head pfn."""
         request = pb2.AllocPagesRequest(
-            handle=self.handle, order=order, pool=cast(pb2.PoolKind, pool_kind(pool))
+            handle=self.handle, order=order, pool=cast(pb2.PoolKind, Pool.of(pool))
         )
-        return int(self._call(self._stub.AllocPages, request).pfn)
+        return int(self._call(self._stub.AllocPages, request, timeout).pfn)
 
-    def put_page(self, pfn: int) -> int:
+    def put_page(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """hyp_put_page on a block head this VM owns; returns the refcount after (0: the
+        block went back to its pool)."""
         request = pb2.PutPageRequest(handle=self.handle, pfn=pfn)
-        return int(self._call(self._stub.PutPage, request).refcount)
+        return int(self._call(self._stub.PutPage, request, timeout).refcount)
 
-    def get_page(self, pfn: int) -> int:
+    def get_page(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """hyp_get_page on a block head this VM owns; returns the refcount after."""
         request = pb2.GetPageRequest(handle=self.handle, pfn=pfn)
-        return int(self._call(self._stub.GetPage, request).refcount)
+        return int(self._call(self._stub.GetPage, request, timeout).refcount)
 
-    def host_share(self, pfn: int, nr_pages: int = 1) -> pb2.HostShareResponse:
-        return cast(pb2.HostShareResponse, self._call(
-            self._stub.HostShare,
-            pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
-        ))
+    def host_share(
+        self, pfn: int, nr_pages: int = 1, *, page_by_page: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> ShareResult:
+        """__pkvm_host_share_hyp on pages of the VM's slice; returns their new states.
+        All or nothing, or with page_by_page=True one page at a time as the host's loop does,
+        stopping at the first refusal (`pages_done`, `failed_pfn`, `failed_reason`)."""
+        request = pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages,
+                                       page_by_page=page_by_page)
+        return from_message(ShareResult, self._call(self._stub.HostShare, request, timeout))
 
-    def host_unshare(self, pfn: int, nr_pages: int = 1) -> pb2.HostUnshareResponse:
-        return cast(pb2.HostUnshareResponse, self._call(
-            self._stub.HostUnshare,
-            pb2.HostUnshareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
-        ))
+    def host_unshare(
+        self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> ShareResult:
+        """__pkvm_host_unshare_hyp (BusyError while EL2 has a page pinned)."""
+        request = pb2.HostUnshareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
+        return from_message(ShareResult, self._call(self._stub.HostUnshare, request, timeout))
 
-    def pin_shared(self, pfn: int, nr_pages: int = 1) -> None:
-        self._call(
-            self._stub.PinShared,
-            pb2.PinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
-        )
+    def pin_shared(
+        self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """hyp_pin_shared_mem: EL2 takes a reference on shared pages (blocks unshare)."""
+        request = pb2.PinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
+        self._call(self._stub.PinShared, request, timeout)
 
-    def unpin_shared(self, pfn: int, nr_pages: int = 1) -> None:
-        self._call(
-            self._stub.UnpinShared,
-            pb2.UnpinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages),
-        )
+    def unpin_shared(
+        self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """hyp_unpin_shared_mem: drop EL2's reference taken by `pin_shared`."""
+        request = pb2.UnpinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
+        self._call(self._stub.UnpinShared, request, timeout)
 
-    def map_mmio(self, addr: int) -> pb2.Fault:
-        return self.hypervisor.map_mmio(addr)
+    def map_mmio(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
+        """`Hypervisor.map_mmio` (a host-level call: it needs no VM)."""
+        return self.hypervisor.map_mmio(addr, timeout=self._deadline(timeout))
 
-    def host_fault(self, addr: int) -> pb2.Fault:
-        return self.hypervisor.host_fault(addr)
+    def host_fault(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
+        """`Hypervisor.host_fault` (a host-level call: it needs no VM)."""
+        return self.hypervisor.host_fault(addr, timeout=self._deadline(timeout))
 
-    def topup_memcache(self, nr_pages: int) -> int:
+    def topup_memcache(self, nr_pages: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """Donate host pages to the VM's memcache; returns the memcache size after."""
         request = pb2.TopupMemcacheRequest(handle=self.handle, nr_pages=nr_pages)
-        return int(self._call(self._stub.TopupMemcache, request).memcache_pages)
+        return int(self._call(self._stub.TopupMemcache, request, timeout).memcache_pages)
 
-    def guest_map(self, ipa: int, pfn: int) -> pb2.GuestMapResponse:
+    def guest_map(
+        self, ipa: int, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> GuestMapping:
+        """Map slice page `pfn` at `ipa` of the guest stage-2 (tables from the memcache)."""
         request = pb2.GuestMapRequest(handle=self.handle, ipa=ipa, pfn=pfn)
-        return cast(pb2.GuestMapResponse, self._call(self._stub.GuestMap, request))
+        return from_message(GuestMapping, self._call(self._stub.GuestMap, request, timeout))
 
-    def stats(self) -> pb2.GetStatsResponse:
-        return self.hypervisor.stats()
+    def stats(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Stats:
+        """`Hypervisor.stats`."""
+        return self.hypervisor.stats(timeout=self._deadline(timeout))
 
     # -- batches -------------------------------------------------------------------------------
 
-    def execute(self, batch: Batch) -> BatchResult:
-        """Run one batch on a short-lived Execute stream."""
-        with self.stream() as stream:
+    def execute(self, batch: Batch, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> BatchResult:
+        """Run one batch on a short-lived Execute stream whose deadline is `timeout`."""
+        with self.stream(timeout=self._deadline(timeout)) as stream:
             return stream.execute(batch)
 
-    def stream(self) -> BatchStream:
-        """A long-lived Execute stream: many batches, one after another, on one call."""
-        return BatchStream(self)
+    def stream(self, *, timeout: float | None = None) -> BatchStream:
+        """A long-lived Execute stream: many batches, one after another, on one call.
+        `timeout`: a deadline for the whole stream, in seconds (None: none)."""
+        return BatchStream(self, timeout=timeout)
 
 
 _END = object()
 
 
 class BatchStream:
-    """An open Execute stream of one VM (use as a context manager)."""
+    """An open Execute stream of one VM (use as a context manager).
 
-    def __init__(self, vm: VM) -> None:
+    A deadline that passes, for the stream or for one batch, ends the stream with a
+    TransportError (DEADLINE_EXCEEDED). Operations of that batch the server already ran stay
+    done; the client cannot tell how many ran."""
+
+    def __init__(self, vm: VM, *, timeout: float | None = None) -> None:
         self.vm = vm
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._responses: Iterator[pb2.ExecuteResponse] = vm._stub.Execute(
-            iter(self._requests.get, _END), metadata=vm._md
+        self._responses: Any = vm._stub.Execute(
+            iter(self._requests.get, _END), metadata=vm._md, timeout=timeout
         )
         self._next_id = 0
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
+        self._expired = False
+        self._waiting: int | None = None  # the batch whose result execute() waits for
 
     def __enter__(self) -> BatchStream:
         return self
@@ -304,18 +458,42 @@ class BatchStream:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def execute(self, batch: Batch) -> BatchResult:
+    def execute(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
+        """Send one batch and wait for its result; `timeout`: this batch's deadline, in
+        seconds (None: only the stream's). A failure of the stream itself is raised."""
         with self._lock:
             self._next_id += 1
             self._requests.put(batch.request(self.vm.handle, self._next_id))
+            batch_id = self._waiting = self._next_id
+            timer = None if timeout is None else threading.Timer(
+                timeout, self._expire, (batch_id,)
+            )
+            if timer is not None:
+                timer.start()
             try:
                 response = next(self._responses)
+                self._waiting = None
             except grpc.RpcError as error:
                 self._failed = True
+                if self._expired:
+                    raise TransportError(
+                        f"no result for batch {self._next_id} within {timeout} s",
+                        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ) from None
                 raise from_rpc_error(error) from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
         return BatchResult.from_response(response)
 
+    def _expire(self, batch_id: int) -> None:
+        """A batch deadline passed: end the stream, unless that batch's result came in."""
+        if self._waiting == batch_id:
+            self._expired = True
+            self._responses.cancel()
+
     def close(self) -> None:
+        """Half-close the stream and wait for the server to end it (idempotent)."""
         if self._closed:
             return
         self._closed = True

@@ -18,7 +18,10 @@ Catch the narrowest class you can act on::
 
 Every refusal left the simulator unchanged. Each exception carries the gRPC `code`, the
 machine-readable `reason` (google.rpc.ErrorInfo, domain pkvm.v1), the kernel `errno` name
-when there is one and `would_panic`.
+when there is one and `would_panic`. A refused operation of an Execute batch gets the same
+class, `reason` and `errno` as the unary call would (the server reports all three per
+operation), so one `except BusyError:` serves both. An operation not run because an earlier
+one was refused (`stop_on_error`) is a TransportError with code ABORTED.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ def make_error(
     code: grpc.StatusCode | int, message: str, reason: str = "", errno: str = "",
     would_panic: bool = False,
 ) -> PkvmError:
+    """The typed exception for a refusal (unary status or batch operation alike)."""
     if isinstance(code, int):
         code = _CODE_OF_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
     cls = error_class(code, reason, errno, would_panic)

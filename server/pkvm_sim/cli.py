@@ -15,9 +15,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "reserve": ("pkvm_sim.tools.reserve", "print the EL2 carve-out (reservation) breakdown"),
     "replay-trace": ("pkvm_sim.tools.replay_trace", "replay hyp-pool-trace/1 oracle traces"),
     "scenario": ("pkvm_sim.tools.scenario", "run a seeded workload, e.g. mmio-pressure"),
-    "loadgen": ("pkvm_sim.tools.loadgen", "drive a running service with many concurrent VMs"),
+    "load": ("pkvm_sim.tools.load", "load-test a running service: many VMs, histograms, reports"),
+    "loadgen": ("pkvm_sim.tools.loadgen", "alias of `load` (kept for old scripts)"),
     "kernel-check": ("pkvm_sim.tools.kernel_check",
                      "boot real kernels under QEMU, compare their EL2 reservation with ours"),
+    "healthcheck": ("pkvm_sim.tools.healthcheck", "exit 0 if a local service says SERVING"),
 }
 
 
@@ -34,10 +36,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Imported only by the service: `pip install pkvm-sim` alone (the SDK) does not bring them.
+SERVER_ONLY_MODULES = frozenset({"grpc_health", "grpc_reflection", "grpc_status",
+                                 "prometheus_client"})
+EXIT_USAGE = 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in SERVER_ONLY_MODULES:
+            raise
+        print(f"pkvm-sim {args.command}: needs the server's dependencies ({error.name} is "
+              "missing): pip install 'pkvm-sim[server]'", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -43,14 +43,30 @@ def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     return out
 
 
+def global_args(path: Path = DOCKERFILE) -> dict[str, str]:
+    """The ARGs declared before the first FROM, with their defaults ('' when none)."""
+    args: dict[str, str] = {}
+    for keyword, rest in instructions(path):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+    return args
+
+
 def stages(path: Path = DOCKERFILE) -> list[Stage]:
+    """The build stages; a FROM's `${ARG}` is expanded to the global ARG's default."""
+    defaults = global_args(path)
     result: list[Stage] = []
     for keyword, rest in instructions(path):
         if keyword == "FROM":
             m = re.fullmatch(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", rest, re.I)
             assert m, f"cannot read FROM {rest!r}"
-            result.append(Stage(m.group(1), m.group(2)))
-        else:
+            base = re.sub(r"\$\{(\w+)\}|\$(\w+)",
+                          lambda v: defaults[v.group(1) or v.group(2)], m.group(1))
+            result.append(Stage(base, m.group(2)))
+        elif result:
             result[-1].instructions.append((keyword, rest))
     return result
 

@@ -1,9 +1,11 @@
-"""deploy/docker-compose.yml, checked without a Docker engine.
+"""deploy/docker-compose.yml and docker-compose.compare.yml, checked statically.
 
 - The compose-spec JSON schema (vendored by check-jsonschema as `vendor.compose-spec`).
-- Everything it bind-mounts or builds from exists in the repo.
-- It agrees with the Dockerfile (ports), prometheus.yml (scrape target, rules path) and the
+- Everything they bind-mount or build from exists in the repo.
+- They agree with the Dockerfile (ports), prometheus.yml (scrape target, rules path) and the
   Grafana provisioning (datasource URL, dashboards path).
+- Image overrides, healthy-service dependencies and explicit listen addresses.
+They are also started for real (Grafana excepted) by test_compose_stack.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from tests.deploy.catalog import DEPLOY_DIR, load_yaml
 from tests.prometheus_harness import require_binary
 
 COMPOSE_YML = DEPLOY_DIR / "docker-compose.yml"
+COMPARE_YML = DEPLOY_DIR / "docker-compose.compare.yml"
+COMPOSE_FILES = [COMPOSE_YML, COMPARE_YML]
+SIMULATORS = {"pkvm-sim", "pkvm-sim-v513", "pkvm-sim-v514"}
+REAL_IMAGES = {
+    "PROMETHEUS_IMAGE": "prom/prometheus:v2.53.0",
+    "GRAFANA_IMAGE": "grafana/grafana:11.6.0",
+}
 
 
 def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
@@ -74,8 +83,9 @@ def published_container_ports(service: dict[str, Any]) -> set[int]:
     return ports
 
 
-def test_compose_file_matches_the_compose_spec_schema() -> None:
-    result = check_compose_schema(COMPOSE_YML)
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_spec_schema(path: Path) -> None:
+    result = check_compose_schema(path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -94,18 +104,95 @@ def test_schema_check_rejects_a_broken_compose_file(tmp_path: Path) -> None:
     assert "portz" in result.stdout + result.stderr
 
 
-def test_services_are_the_expected_three(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"pkvm-sim", "prometheus", "grafana"}
+def test_services_are_the_expected_ones(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"pkvm-sim", "prometheus", "grafana", "load"}
+    assert compose["services"]["load"]["profiles"] == ["load"]
+    compare = load_yaml(COMPARE_YML)
+    assert set(compare["services"]) == {"pkvm-sim-v513", "pkvm-sim-v514", "prometheus", "grafana"}
 
 
-def test_every_bind_mount_exists_in_the_repo(compose: dict[str, Any]) -> None:
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_bind_mount_exists_in_the_repo(path: Path) -> None:
     missing = [
         f"{name}: {source}"
-        for name, service in compose["services"].items()
+        for name, service in load_yaml(path)["services"].items()
         for source, _ in bind_mounts(service)
         if not source.exists()
     ]
     assert missing == []
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_images_can_be_overridden_and_default_to_the_real_ones(path: Path) -> None:
+    services = load_yaml(path)["services"]
+    for variable, real in REAL_IMAGES.items():
+        service = "prometheus" if variable == "PROMETHEUS_IMAGE" else "grafana"
+        assert services[service]["image"] == f"${{{variable}:-{real}}}"
+    for name in SIMULATORS & set(services):
+        assert services[name]["image"] == "${PKVM_SIM_IMAGE:-pkvm-sim:local}"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_simulators_listen_on_every_address_explicitly(path: Path) -> None:
+    """The server's own default is loopback: other services could not reach it."""
+    services = load_yaml(path)["services"]
+    for name in SIMULATORS & set(services):
+        command = services[name]["command"]
+        assert command[0] == "serve"
+        assert command[command.index("--listen") + 1] == "0.0.0.0:50051"
+        assert command[command.index("--metrics-listen") + 1] == "0.0.0.0:9100"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_simulators_get_more_than_the_servers_grace_period_to_stop(path: Path) -> None:
+    """serve's grace period is 10 s (--grace-seconds); Compose's default SIGKILL comes at 10 s."""
+    services = load_yaml(path)["services"]
+    for name in SIMULATORS & set(services):
+        assert services[name]["stop_grace_period"] == "15s"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_clients_of_a_simulator_wait_until_it_is_healthy(path: Path) -> None:
+    services = load_yaml(path)["services"]
+    for name in ("prometheus", "load"):
+        if name not in services:
+            continue
+        depends = services[name]["depends_on"]
+        simulators = SIMULATORS & set(services)
+        assert simulators <= set(depends), name
+        assert {depends[s]["condition"] for s in simulators} == {"service_healthy"}
+
+
+def test_side_by_side_prometheus_labels_each_simulator_with_its_profile() -> None:
+    compare = load_yaml(COMPARE_YML)
+    service = compare["services"]["prometheus"]
+    config_path = DEPLOY_DIR / "prometheus" / "prometheus-compare.yml"
+    assert container_path_of(service, config_path) == "/etc/prometheus/prometheus.yml"
+    [job] = [j for j in load_yaml(config_path)["scrape_configs"] if j["job_name"] == "pkvm-sim"]
+    labelled = {
+        target: static["labels"]["profile"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    assert labelled == {"pkvm-sim-v513:9100": "v5.13", "pkvm-sim-v514:9100": "v5.14"}
+    for target, profile in labelled.items():
+        command = compare["services"][target.split(":")[0]]["command"]
+        assert command[command.index("--profile") + 1] == profile
+
+
+def test_side_by_side_prometheus_config_passes_promtool() -> None:
+    result = subprocess.run(
+        [require_binary("promtool"), "check", "config", "prometheus-compare.yml"],
+        capture_output=True, text=True, timeout=120, cwd=DEPLOY_DIR / "prometheus",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deploy_readme_documents_both_stacks_and_what_cannot_run_here() -> None:
+    readme = (DEPLOY_DIR / "README.md").read_text()
+    for path in COMPOSE_FILES:
+        assert path.name in readme
+    assert "Grafana" in readme and "cannot run here" in readme
 
 
 def test_pkvm_sim_is_built_from_the_repo_dockerfile(compose: dict[str, Any]) -> None:

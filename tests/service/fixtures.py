@@ -9,9 +9,14 @@ import pytest
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 from pkvm_sim.core.config import SimConfig
+from pkvm_sim.service.limits import Limits
 from pkvm_sim.service.server import RunningService, ServerSettings, start
 
-TEST_SETTINGS = ServerSettings(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", workers=8)
+# The default limits, except that one VM may drain the hyp pool (tests of exhaustion do);
+# tests/service/test_tenancy.py covers the quotas themselves.
+TEST_SETTINGS = ServerSettings(
+    listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", limits=Limits(quota_hyp_pages=0)
+)
 
 
 def start_service(

@@ -21,7 +21,7 @@ def test_defaults_are_quick_start() -> None:
     config, server = serve.resolve(parse(), environ={})
     assert config == SimConfig() and server == {}
     settings = serve.settings_from(server)
-    assert settings.listen == "0.0.0.0:50051" and settings.metrics_listen == "0.0.0.0:9100"
+    assert settings.listen == "127.0.0.1:50051" and settings.metrics_listen == "127.0.0.1:9100"
 
 
 def test_precedence(tmp_path: Path) -> None:

@@ -218,16 +218,24 @@ class HostUnshareRequest(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ...) -> None: ...
 
 class HostUnshareResponse(_message.Message):
-    __slots__ = ("pfn", "nr_pages", "host_state", "hyp_state")
+    __slots__ = ("pfn", "nr_pages", "host_state", "hyp_state", "pages_done", "failed_pfn", "failed_reason", "failed_errno")
     PFN_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
     HOST_STATE_FIELD_NUMBER: _ClassVar[int]
     HYP_STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_DONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PFN_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ERRNO_FIELD_NUMBER: _ClassVar[int]
     pfn: int
     nr_pages: int
     host_state: PageState
     hyp_state: PageState
-    def __init__(self, pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., host_state: _Optional[_Union[PageState, str]] = ..., hyp_state: _Optional[_Union[PageState, str]] = ...) -> None: ...
+    pages_done: int
+    failed_pfn: int
+    failed_reason: str
+    failed_errno: str
+    def __init__(self, pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., host_state: _Optional[_Union[PageState, str]] = ..., hyp_state: _Optional[_Union[PageState, str]] = ..., pages_done: _Optional[int] = ..., failed_pfn: _Optional[int] = ..., failed_reason: _Optional[str] = ..., failed_errno: _Optional[str] = ...) -> None: ...
 
 class PinSharedRequest(_message.Message):
     __slots__ = ("handle", "pfn", "nr_pages")
@@ -518,16 +526,18 @@ class ExecuteRequest(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., ops: _Optional[_Iterable[_Union[BatchOp, str]]] = ..., arg0: _Optional[_Iterable[int]] = ..., arg1: _Optional[_Iterable[int]] = ..., stop_on_error: _Optional[bool] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class BatchError(_message.Message):
-    __slots__ = ("index", "reason", "message", "would_panic")
+    __slots__ = ("index", "reason", "message", "would_panic", "errno")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     WOULD_PANIC_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
     index: int
     reason: str
     message: str
     would_panic: bool
-    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., would_panic: _Optional[bool] = ...) -> None: ...
+    errno: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., would_panic: _Optional[bool] = ..., errno: _Optional[str] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("batch_id", "codes", "values", "errors", "completed")

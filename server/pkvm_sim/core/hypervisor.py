@@ -403,7 +403,8 @@ class Hypervisor:
         return vm.pool, (handle, kind)
 
     def _owned_block(self, handle: int, pfn: int) -> HypPool:
-        """The pool of the block headed by pfn, if VM `handle` allocated it.
+        """The pool of the block headed by pfn, if VM `handle` allocated it (refusals, in
+        order: NotFound for an unknown handle, OutOfRange for a pfn outside RAM, PermissionDenied).
 
         Invariant: every owner record names a live VM (destroy_vm drops its records), so a
         matching record needs no VM lookup; an unknown handle is still NotFound first.
@@ -411,6 +412,8 @@ class Hypervisor:
         owner = self._owners.get(pfn)
         if owner is None or owner[0] != handle:
             self._vm(handle)
+            if not self._memblock_of(pfn):  # no RAM there: -ERANGE, as for IPAs (docs/service.md)
+                raise OutOfRange(f"pfn {pfn:#x} is outside host RAM", reason="PFN_OUT_OF_RANGE")
             raise PermissionDenied(
                 f"pfn {pfn:#x} is not the head of a block VM {handle:#x} allocated",
                 reason="NOT_OWNER",

@@ -1,11 +1,16 @@
 """Execute: batches of per-VM operations in a packed encoding (PERFORMANCE.md).
 
-A batch is parallel packed arrays: operation i is (ops[i], arg0[i], arg1[i]). The service
-runs a whole batch under one acquisition of the simulator lock, operations in order. Each
-operation is either fully done or refused with the status code the unary RPC would give
-(INVALID_ARGUMENT for an unknown op code); a refusal does not stop the batch unless
-`stop_on_error`, in which case every later operation is reported ABORTED and not run.
-The response has one code and one value per operation, and one BatchError per refusal.
+A batch is parallel packed arrays: operation i is (ops[i], arg0[i], arg1[i]). Operations run
+in order; each is either fully done or refused with the status code the unary RPC would give
+(INVALID_ARGUMENT for an unknown op code). A refusal does not stop the batch unless
+`stop_on_error`, in which case every later operation is reported ABORTED and not run. The
+response has one code and one value per operation, and one BatchError per refusal.
+
+A batch runs in chunks (`BatchRun.step`): the service holds the simulator lock for one chunk
+of at most `budget` seconds (plus the one operation that crosses it), then lets every other
+call in before the next chunk. So no batch, however heavy, holds the lock for long, and a
+batch whose client went away, whose deadline passed or whose server is stopping ends at a
+chunk boundary (`abort_rest` reports the operations that did not run as ABORTED).
 
 A FATAL host fault (the real hypervisor would panic) is OK with outcome FATAL in the unary
 RPCs; in a batch it is reported as FAILED_PRECONDITION (reason WOULD_PANIC) so that one int
@@ -14,25 +19,32 @@ per operation says whether it took effect.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
 
 from pkvm_sim.core.errors import InvalidArgument, PkvmError, WouldPanic
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.model import FaultOutcome, FaultResult, PoolKind
 
-from .errors import status_code_of
+from .counters import BATCH_OP_NAMES
+from .errors import ServiceError, status_code_of
+from .limits import MAX_BATCH_OPS, HypPageLedger, check_pages, invalid
 
-MAX_BATCH_OPS = 4096
+__all__ = ["MAX_BATCH_OPS", "BatchRun", "batch_functions", "validate_batch"]
+
 _ABORTED = 10  # google.rpc.Code.ABORTED
 _INVALID_ARGUMENT = 3
 _INTERNAL = 13
 
 _POOL_OF_ARG = {0: PoolKind.HYP, 1: PoolKind.HYP, 2: PoolKind.VM}
+HOST_WIDE_OPS = frozenset((pb2.BATCH_OP_MAP_MMIO, pb2.BATCH_OP_HOST_FAULT))
 
 BatchFn = Callable[..., int]
+BatchTable = dict[int, tuple[BatchFn, int]]
 
 
 def _nr(value: int) -> int:
@@ -40,12 +52,17 @@ def _nr(value: int) -> int:
 
 
 def batch_functions(
-    hv: Hypervisor, count_fault: Callable[[FaultResult], None] = lambda result: None
-) -> tuple[tuple[BatchFn, int] | None, ...]:
-    """Per BatchOp value: (function, number of args it takes after the handle).
+    hv: Hypervisor,
+    ledger: HypPageLedger,
+    *,
+    max_pages_per_op: int = 4096,
+    count_fault: Callable[[FaultResult], None] = lambda result: None,
+    host_wide_allowed: bool = True,
+) -> BatchTable:
+    """BatchOp -> (function, number of args it takes after the handle).
 
-    The hot operations are the core's own bound methods, so a batch op costs one call more
-    than the in-process core, not two.
+    Every BatchOp but UNSPECIFIED has an entry (tests/service/test_batch_tables.py). Hot
+    operations are the core's own bound methods where nothing needs wrapping.
     """
 
     def _fault_value(result: FaultResult) -> int:
@@ -58,35 +75,63 @@ def batch_functions(
         kind = _POOL_OF_ARG.get(pool)
         if kind is None:
             raise InvalidArgument(f"unknown pool {pool}", reason="INVALID_POOL")
-        return hv.alloc_pages(handle, order, kind)
+        if kind is PoolKind.HYP:
+            ledger.check(handle, order)
+        pfn = hv.alloc_pages(handle, order, kind)
+        if kind is PoolKind.HYP:
+            ledger.allocated(handle, [pfn], order)
+        return pfn
+
+    def put_page(handle: int, pfn: int) -> int:
+        count = hv.put_page(handle, pfn)
+        ledger.put(handle, [pfn], [count])
+        return count
 
     def host_share(handle: int, pfn: int, nr: int) -> int:
+        check_pages(_nr(nr), max_pages_per_op)
         return hv.host_share(handle, pfn, _nr(nr)).pfn
 
     def host_unshare(handle: int, pfn: int, nr: int) -> int:
+        check_pages(_nr(nr), max_pages_per_op)
         return hv.host_unshare(handle, pfn, _nr(nr)).pfn
 
-    def map_mmio(handle: int, addr: int) -> int:
-        return _fault_value(hv.map_mmio(addr))
+    def host_wide(fault: Callable[[int], FaultResult]) -> BatchFn:
+        def op(handle: int, addr: int) -> int:
+            if not host_wide_allowed:
+                raise ServiceError(
+                    grpc.StatusCode.PERMISSION_DENIED, "CLIENT_TOKEN_REQUIRED",
+                    "host-wide operations need the client token: use the MapMMIO/HostFault "
+                    "RPCs")
+            return _fault_value(fault(addr))
+        return op
 
-    def host_fault(handle: int, addr: int) -> int:
-        return _fault_value(hv.host_fault(addr))
+    def topup_memcache(handle: int, nr: int) -> int:
+        check_pages(nr, max_pages_per_op)
+        return hv.topup_memcache(handle, nr)
 
     def guest_map(handle: int, ipa: int, pfn: int) -> int:
         return hv.guest_map(handle, ipa, pfn).level
 
-    return (
-        None,
-        (alloc_pages, 2),
-        (hv.put_page, 1),
-        (hv.get_page, 1),
-        (host_share, 2),
-        (host_unshare, 2),
-        (map_mmio, 1),
-        (host_fault, 1),
-        (hv.topup_memcache, 1),
-        (guest_map, 2),
-    )
+    return {
+        pb2.BATCH_OP_ALLOC_PAGES: (alloc_pages, 2),
+        pb2.BATCH_OP_PUT_PAGE: (put_page, 1),
+        pb2.BATCH_OP_GET_PAGE: (hv.get_page, 1),
+        pb2.BATCH_OP_HOST_SHARE: (host_share, 2),
+        pb2.BATCH_OP_HOST_UNSHARE: (host_unshare, 2),
+        pb2.BATCH_OP_MAP_MMIO: (host_wide(hv.map_mmio), 1),
+        pb2.BATCH_OP_HOST_FAULT: (host_wide(hv.host_fault), 1),
+        pb2.BATCH_OP_TOPUP_MEMCACHE: (topup_memcache, 1),
+        pb2.BATCH_OP_GUEST_MAP: (guest_map, 2),
+    }
+
+
+def validate_batch(request: pb2.ExecuteRequest) -> None:
+    """The batch's shape: 1..MAX_BATCH_OPS operations, no more arguments than operations."""
+    n = len(request.ops)
+    if not 0 < n <= MAX_BATCH_OPS:
+        raise invalid("BAD_BATCH_SIZE", f"a batch holds 1 to {MAX_BATCH_OPS} operations, not {n}")
+    if len(request.arg0) > n or len(request.arg1) > n:
+        raise invalid("BAD_BATCH_SIZE", "a batch has more arguments than operations")
 
 
 def _padded(values: Sequence[int], n: int) -> list[int]:
@@ -96,68 +141,139 @@ def _padded(values: Sequence[int], n: int) -> list[int]:
     return out
 
 
-def run_batch(
-    hv: Hypervisor,
-    fns: tuple[tuple[BatchFn, int] | None, ...],
-    operation_counts: list[int],
-    request: pb2.ExecuteRequest,
-) -> pb2.ExecuteResponse:
-    """Run one validated batch; the caller holds the simulator lock.
+class BatchRun:
+    """One validated batch, run chunk by chunk; the caller holds the simulator lock for
+    each `step`.
 
     Runs of allocs (same order and pool) and runs of puts go through the core's run methods,
     which do exactly what the single calls do, minus the per-call lookups.
     """
-    ops: list[int] = list(request.ops)
-    n = len(ops)
-    arg0 = _padded(request.arg0, n)
-    arg1 = _padded(request.arg1, n)
-    handle = request.handle
-    codes = [0] * n
-    values = [0] * n
-    errors: list[pb2.BatchError] = []
-    refused: list[int] = []  # indices of valid ops that were refused (not counted as done)
-    nr_fns = len(fns)
-    i = 0
-    while i < n:
-        op = ops[i]
-        error: BaseException | None = None
-        end = _run_end(ops, arg0, arg1, i) if op in _RUN_OPS else i + 1
-        if end - i > 1:
-            if op == _ALLOC:
-                done, error = hv.alloc_pages_run(handle, arg0[i], _POOL_OF_ARG[arg1[i]], end - i)
-            else:
-                done, error = hv.put_pages_run(handle, arg0[i:end])
-            values[i:i + len(done)] = done
-            i += len(done)
-            if error is None:
-                continue
-        else:
-            entry = fns[op] if 0 <= op < nr_fns else None
-            if entry is None:
-                codes[i] = _INVALID_ARGUMENT
-                errors.append(pb2.BatchError(index=i, reason="INVALID_OP", message=f"op {op}"))
-            else:
-                fn, nr_args = entry
-                try:
-                    values[i] = fn(handle, arg0[i]) if nr_args == 1 \
-                        else fn(handle, arg0[i], arg1[i])
-                    i += 1
+
+    def __init__(
+        self, hv: Hypervisor, fns: BatchTable, ledger: HypPageLedger,
+        request: pb2.ExecuteRequest,
+    ) -> None:
+        self.hv = hv
+        self.fns = fns
+        self.ledger = ledger
+        self.request = request
+        self.ops: list[int] = list(request.ops)
+        n = self.n = len(self.ops)
+        self.arg0 = _padded(request.arg0, n)
+        self.arg1 = _padded(request.arg1, n)
+        self.codes = [0] * n
+        self.values = [0] * n
+        self.errors: list[pb2.BatchError] = []
+        self.refused: list[int] = []  # indices of valid ops that were refused
+        self.failed = 0  # refused and invalid operations
+        self.next = 0  # the first operation not yet run
+        self.stopped = False  # stop_on_error hit, or aborted
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.next >= self.n
+
+    def step(self, budget: float) -> bool:
+        """Run operations for about `budget` seconds (at least one); True once done."""
+        clock = time.perf_counter
+        deadline = clock() + budget
+        fns, ops, arg0, arg1 = self.fns, self.ops, self.arg0, self.arg1
+        handle, n, i = self.request.handle, self.n, self.next
+        while i < n:
+            op = ops[i]
+            error: BaseException | None = None
+            end = _run_end(ops, arg0, arg1, i) if op in _RUN_OPS else i + 1
+            if end - i > 1:
+                done, error = self._run(op, i, end)
+                i += done
+                if error is None:
+                    if clock() >= deadline:
+                        break
                     continue
-                except Exception as exc:  # noqa: BLE001 (reported per operation below)
-                    error = exc
-        if error is not None:
-            codes[i] = _record_refusal(errors, i, error)
-            refused.append(i)
-        i += 1
-        if request.stop_on_error:
-            for j in range(i, n):
-                codes[j] = _ABORTED
-            break
-    _count_done(operation_counts, ops[:i], refused, nr_fns)
-    return pb2.ExecuteResponse(
-        batch_id=request.batch_id, codes=codes, values=values, errors=errors,
-        completed=i - len(errors),
-    )
+            else:
+                entry = fns.get(op)
+                if entry is None:
+                    error = _InvalidOp(op)
+                else:
+                    fn, nr_args = entry
+                    try:
+                        self.values[i] = fn(handle, arg0[i]) if nr_args == 1 \
+                            else fn(handle, arg0[i], arg1[i])
+                    except Exception as exc:  # noqa: BLE001 (reported per operation below)
+                        error = exc
+                    else:
+                        i += 1
+                        if clock() >= deadline:
+                            break
+                        continue
+            assert error is not None
+            self.codes[i] = _record_refusal(self.errors, i, error)
+            self.failed += 1
+            if not isinstance(error, _InvalidOp):
+                self.refused.append(i)
+            i += 1
+            if self.request.stop_on_error:
+                self.next = i
+                self.abort_rest(None)
+                return True
+            if clock() >= deadline:
+                break
+        self.next = i
+        return self.done
+
+    def _run(self, op: int, i: int, end: int) -> tuple[int, BaseException | None]:
+        """A run of identical allocs or puts from i: (operations done, the refusal)."""
+        hv, handle = self.hv, self.request.handle
+        if op == _ALLOC:
+            order, kind = self.arg0[i], _POOL_OF_ARG[self.arg1[i]]
+            count = end - i
+            if kind is PoolKind.HYP and 0 <= order <= 62:
+                allowed = max(0, self.ledger.room(handle)) >> order
+                if allowed < count:
+                    count = allowed
+                    if not count:
+                        try:
+                            self.ledger.check(handle, order)
+                        except ServiceError as refusal:
+                            return 0, refusal
+            pfns, error = hv.alloc_pages_run(handle, order, kind, count)
+            if kind is PoolKind.HYP:
+                self.ledger.allocated(handle, pfns, order)
+            self.values[i:i + len(pfns)] = pfns
+            return len(pfns), error
+        pfns = self.arg0[i:end]
+        counts, error = hv.put_pages_run(handle, pfns)
+        self.ledger.put(handle, pfns, counts)
+        self.values[i:i + len(counts)] = counts
+        return len(counts), error
+
+    def abort_rest(self, reason: str | None, message: str = "") -> None:
+        """Report every operation not yet run as ABORTED (with one BatchError naming
+        `reason` at the first of them, when given); the batch is done."""
+        if self.next < self.n and reason is not None:
+            self.errors.append(pb2.BatchError(index=self.next, reason=reason, message=message))
+        for j in range(self.next, self.n):
+            self.codes[j] = _ABORTED
+        self.stopped = True
+
+    def response(self) -> pb2.ExecuteResponse:
+        return pb2.ExecuteResponse(
+            batch_id=self.request.batch_id, codes=self.codes, values=self.values,
+            errors=self.errors, completed=self.next - self.failed,
+        )
+
+    def count_into(self, operations: dict[str, int]) -> None:
+        """pkvm_operations_total: every op that ran and was not refused."""
+        ran = self.ops[:self.next]
+        names = BATCH_OP_NAMES
+        for op, number in Counter(ran).items():
+            name = names.get(op)
+            if name is not None:
+                operations[name] += number
+        for i in self.refused:
+            name = names.get(ran[i])
+            if name is not None:
+                operations[name] -= 1
 
 
 _ALLOC = pb2.BATCH_OP_ALLOC_PAGES
@@ -191,21 +307,22 @@ def _tail_is(values: list[int], start: int, value: int) -> bool:
     return values[start:].count(value) == len(values) - start
 
 
+class _InvalidOp(Exception):
+    """An op code with no function (BATCH_OP_UNSPECIFIED or unknown)."""
+
+
 def _record_refusal(errors: list[pb2.BatchError], index: int, error: BaseException) -> int:
     """Describe a refused operation; returns its google.rpc.Code."""
+    if isinstance(error, _InvalidOp):
+        errors.append(pb2.BatchError(index=index, reason="INVALID_OP", message=f"op {error}"))
+        return _INVALID_ARGUMENT
     if isinstance(error, PkvmError):
         errors.append(pb2.BatchError(index=index, reason=error.reason, message=error.message,
-                                     would_panic=error.would_panic))
+                                     would_panic=error.would_panic, errno=error.errno_name))
         return int(status_code_of(error).value[0])
+    if isinstance(error, ServiceError):
+        errors.append(pb2.BatchError(index=index, reason=error.reason, message=error.message))
+        return int(error.code.value[0])
     # A simulator bug: report it, keep serving.
     errors.append(pb2.BatchError(index=index, reason="INTERNAL", message=repr(error)))
     return _INTERNAL
-
-
-def _count_done(counts: list[int], ran: list[int], refused: list[int], nr_fns: int) -> None:
-    """pkvm_operations_total: every op that ran and was not refused, once per batch."""
-    for op, number in Counter(ran).items():
-        if 0 < op < nr_fns:
-            counts[op] += number
-    for i in refused:
-        counts[ran[i]] -= 1

@@ -8,9 +8,10 @@ reason) back to typed exceptions with its own single table.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
@@ -33,7 +34,17 @@ STATUS_OF_ERROR: tuple[tuple[type[core_errors.PkvmError], grpc.StatusCode], ...]
 )
 
 
+# Reasons whose status differs from their class's: a configuration the running profile does
+# not model is a precondition of the machine, not a bad argument.
+STATUS_OF_REASON: dict[str, grpc.StatusCode] = {
+    "NOT_IN_PROFILE": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
 def status_code_of(error: core_errors.PkvmError) -> grpc.StatusCode:
+    by_reason = STATUS_OF_REASON.get(error.reason)
+    if by_reason is not None:
+        return by_reason
     for cls, code in STATUS_OF_ERROR:
         if isinstance(error, cls):
             return code
@@ -81,6 +92,8 @@ def to_status(error: BaseException) -> grpc.Status:
     return result
 
 
-def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
-    context.abort_with_status(to_status(error))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> NoReturn:
+    """End the call with the refusal's rich status (raises)."""
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("abort returned")  # pragma: no cover

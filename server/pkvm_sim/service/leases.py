@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE_SECONDS = 600.0
 DEFAULT_MAX_LEASE_SECONDS = 86_400.0
 MAX_CHECK_INTERVAL = 1.0
+# The shortest lease: below it the reaper (which looks every quarter lease) would spin, and
+# a client could not make a call before its VM expired.
+MIN_LEASE_SECONDS = 0.1
 
 
 class LeaseTable:
@@ -43,6 +46,9 @@ class LeaseTable:
         for name, value in (("vm lease", default_seconds), ("max vm lease", max_seconds)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} seconds must be finite and >= 0, not {value}")
+        if 0 < default_seconds < MIN_LEASE_SECONDS:
+            raise ValueError(f"the default vm lease must be 0 (none) or >= {MIN_LEASE_SECONDS}"
+                             f" s, not {default_seconds}")
         if default_seconds > max_seconds:
             raise ValueError(
                 f"the default vm lease ({default_seconds} s) exceeds the maximum "
@@ -65,6 +71,12 @@ class LeaseTable:
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT, "BAD_LEASE",
                 f"lease_seconds must be finite and >= 0, not {requested}",
+            )
+        if 0 < requested < MIN_LEASE_SECONDS:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT, "LEASE_TOO_SHORT",
+                f"lease_seconds must be 0 (the default) or >= {MIN_LEASE_SECONDS}, not "
+                f"{requested}",
             )
         if requested > self.max_seconds:
             raise ServiceError(

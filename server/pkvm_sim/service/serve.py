@@ -1,6 +1,6 @@
 """`pkvm-sim serve`: run the simulator as a long-lived gRPC service.
 
-    pkvm-sim serve                                    # quick-start machine, :50051, :9100
+    pkvm-sim serve                          # quick-start machine, 127.0.0.1:50051 and :9100
     pkvm-sim serve --profile v5.13 --memblock 0x80000000:2G --memblock 0x880000000:6G
     pkvm-sim serve --config pkvm.toml --listen 127.0.0.1:50051 --metrics-listen off
 
@@ -8,8 +8,7 @@ Configuration, later sources win: built-in defaults (SimConfig: the quick-start 
 then the config file (TOML; YAML when PyYAML is installed), then environment variables
 `PKVM_SIM_<KNOB>` (e.g. PKVM_SIM_PROFILE=v5.13, PKVM_SIM_MEMBLOCKS="0x80000000:4G,0x880000000:6G",
 PKVM_SIM_LISTEN), then flags. A config file holds the SimConfig knobs at top level and the
-server settings in a `[server]` table (listen, metrics_listen, workers, grace_seconds,
-vm_lease_seconds, max_vm_lease_seconds).
+server settings in a `[server]` table. Every knob is declared once, in service/knobs.py.
 
 Once ready it prints exactly one line, `pkvm-sim listening on HOST:PORT (metrics on
 HOST:PORT)`, and serves until SIGTERM or SIGINT: health goes NOT_SERVING, in-flight calls
@@ -19,71 +18,43 @@ get the grace period to finish, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from pkvm_sim.core.config import SimConfig
-from pkvm_sim.core.profiles import profile_help
 
+from .knobs import (
+    LIMITS,
+    NOT_SETTINGS,
+    SERVICE_KNOBS,
+    SIM_KNOBS,
+    add_service_arguments,
+    add_sim_arguments,
+    parse_service_value,
+)
+
+log = logging.getLogger("pkvm_sim.serve")
+
+SWITCH_INTERVAL_SECONDS = 0.001
 EXIT_OK = 0
 EXIT_USAGE = 2
 ENV_PREFIX = "PKVM_SIM_"
-
-# SimConfig knob -> (flag, metavar, help). memblocks is the repeatable --memblock.
-KNOB_FLAGS: dict[str, tuple[str, str, str]] = {
-    "profile": ("--profile", profile_help(), f"kernel modelled (default {SimConfig.profile})"),
-    "hyp_page_layout": ("--hyp-page-layout", "32|4|2", "struct hyp_page size (default: profile's)"),
-    "page_size": ("--page-size", "4K|16K|64K", "PAGE_SIZE (default 4K)"),
-    "vmemmap_coverage": ("--vmemmap-coverage", "carveout|all", "vmemmap coverage (default all)"),
-    "max_order_formula": ("--max-order-formula", "v5.14|v5.17|v6.4", "hyp_pool max_order formula"),
-    "memblocks": ("--memblock", "BASE:SIZE", "RAM region, repeatable (default 0x80000000:4G)"),
-    "ia_bits": ("--ia-bits", "N", "host stage-2 input address bits (default 40)"),
-    "nr_cpus": ("--nr-cpus", "N", "CPUs (default 8)"),
-    "hyp_s1_early_used_pages": ("--hyp-s1-early-used-pages", "N", "hyp pool pages reserved"),
-    "hyp_pool_extra_pages": ("--hyp-pool-extra-pages", "N", "enlarge the hyp pool by N pages"),
-    "carveout_base": ("--carveout-base", "ADDR", "place the carve-out here (default top-down)"),
-    "faithful_bugs": ("--faithful-bugs", "BOOL", "reproduce the kernel's quirks (v5.13)"),
-}
-SERVER_KEYS = (
-    "listen", "metrics_listen", "workers", "grace_seconds", "vm_lease_seconds",
-    "max_vm_lease_seconds",
-)
+SIM_KEYS = tuple(knob.name for knob in SIM_KNOBS)
+SERVER_KEYS = tuple(knob.name for knob in SERVICE_KNOBS)
+LIMIT_KEYS = tuple(knob.name for knob in SERVICE_KNOBS if knob.section == LIMITS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML (or YAML) configuration file")
-    parser.add_argument(
-        "--listen", metavar="HOST:PORT", help="gRPC address (default 0.0.0.0:50051)"
-    )
-    parser.add_argument(
-        "--metrics-listen", metavar="HOST:PORT",
-        help="Prometheus /metrics address, or 'off' (default 0.0.0.0:9100)",
-    )
-    parser.add_argument("--workers", metavar="N", type=int, help="RPC worker threads (16)")
-    parser.add_argument(
-        "--grace-seconds", metavar="S", type=float,
-        help="how long in-flight calls may run after SIGTERM (default 10)",
-    )
-    parser.add_argument(
-        "--vm-lease-seconds", metavar="S", type=float,
-        help="default VM lease: a VM with no call for this long is destroyed "
-        "(default 600; 0 disables leases)",
-    )
-    parser.add_argument(
-        "--max-vm-lease-seconds", metavar="S", type=float,
-        help="the longest lease CreateVM may ask for (default 86400)",
-    )
-    for knob, (flag, metavar, help_text) in KNOB_FLAGS.items():
-        if knob == "memblocks":
-            parser.add_argument(flag, dest=knob, action="append", metavar=metavar, help=help_text)
-        else:
-            parser.add_argument(flag, dest=knob, metavar=metavar, help=help_text)
+    add_service_arguments(parser)
+    add_sim_arguments(parser)
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -118,7 +89,7 @@ def load_file(path: str) -> dict[str, Any]:
 
 def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for key in (*KNOB_FLAGS, *SERVER_KEYS):
+    for key in (*SIM_KEYS, *SERVER_KEYS):
         raw = environ.get(ENV_PREFIX + key.upper())
         if raw is None and key == "memblocks":
             raw = environ.get(ENV_PREFIX + "MEMBLOCK")
@@ -141,7 +112,7 @@ def resolve(
     if config_path:
         merged.update(load_file(config_path))
     merged.update(load_env(environ))
-    for key in (*KNOB_FLAGS, *SERVER_KEYS):
+    for key in (*SIM_KEYS, *SERVER_KEYS):
         value = getattr(args, key, None)
         if value is not None:
             merged[key] = value
@@ -154,35 +125,53 @@ def resolve(
 
 
 def settings_from(server: Mapping[str, Any]) -> Any:
+    """ServerSettings (limits included) from loosely typed values; ValueError when bad."""
+    from .leases import LeaseTable
+    from .limits import Limits
     from .server import ServerSettings
 
-    kwargs: dict[str, Any] = {}
-    if "listen" in server:
-        kwargs["listen"] = str(server["listen"])
-    if "metrics_listen" in server:
-        value = str(server["metrics_listen"]).strip()
-        kwargs["metrics_listen"] = None if value.lower() in ("", "off", "none", "0") else value
-    if "workers" in server:
-        kwargs["workers"] = int(server["workers"])
-    if "grace_seconds" in server:
-        kwargs["grace_seconds"] = float(server["grace_seconds"])
-    for key in ("vm_lease_seconds", "max_vm_lease_seconds"):
-        if key in server:
-            kwargs[key] = float(server[key])
-    settings = ServerSettings(**kwargs)
-    from .leases import LeaseTable
-
+    values = {key: parse_service_value(key, value) for key, value in server.items()}
+    limits = Limits(**{key: values.pop(key) for key in LIMIT_KEYS if key in values})
+    for key in NOT_SETTINGS:
+        values.pop(key, None)
+    settings = ServerSettings(**values)
+    settings = replace(settings, limits=limits)
     LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)  # ValueError if bad
     return settings
+
+
+def configure_logging(level: str) -> None:
+    """stdlib logging to stderr; the ready line stays alone on stdout."""
+    logging.basicConfig(
+        stream=sys.stderr, level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def effective_configuration(config: SimConfig, settings: Any) -> str:
+    """One line with every setting in effect (file names, never a token)."""
+    machine = ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config))
+    server = ", ".join(
+        f"{f.name}={getattr(settings, f.name)}" for f in fields(settings)
+        if f.name not in ("limits", "extra_options")
+    )
+    limits = ", ".join(f"{f.name}={getattr(settings.limits, f.name)}"
+                       for f in fields(settings.limits))
+    return f"configuration: {machine}; {server}; {limits}"
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config, server_values = resolve(args)
+        level = parse_service_value("log_level", server_values.get("log_level", "INFO"))
         settings = settings_from(server_values)
     except (ValueError, OSError) as error:
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
+    configure_logging(level)
+    # The batch worker thread computes while the loop thread serves other calls: hand the
+    # GIL over every millisecond instead of every 5 (docs/service.md, bench_tenancy.py).
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     from .server import start
 
@@ -193,14 +182,17 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    log.info("%s", effective_configuration(config, settings))
     try:
         service = start(config, settings)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
     metrics = f" (metrics on {service.metrics_address})" if service.metrics_address else ""
-    print(f"pkvm-sim listening on {service.address}{metrics}", flush=True)
+    tls = " with TLS" if service.tls else ""
+    print(f"pkvm-sim listening on {service.address}{tls}{metrics}", flush=True)
     while not stop_requested.wait(1.0):
         pass
+    log.info("stopping: in-flight calls get %g s", settings.grace_seconds)
     service.stop(settings.grace_seconds)
     return EXIT_OK

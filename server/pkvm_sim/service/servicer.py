@@ -1,9 +1,17 @@
 """HypervisorService: a thin adapter between the pkvm.v1 protocol and the simulation core.
 
-The core is not thread-safe, so every call into it happens under one `threading.Lock`
-(SEMANTICS A.7): one acquisition per unary call and one per Execute batch. No request can
+The servicer runs on the asyncio event loop of a `grpc.aio` server (docs/service.md says
+why). The core is not thread-safe, so every call into it happens under one `threading.Lock`
+(SEMANTICS A.7), which the loop takes for one unary call or one chunk of a batch, and the
+other threads (the lease reaper, the metrics scrape's snapshot) take briefly. No request can
 see a half-done operation because every core method either completes or raises before its
-first write, and both happen inside the lock. Conversions to protobuf run outside it.
+first write, and both happen inside the lock.
+
+Every unary handler is one small function under `@rpc(...)`: the decorator refuses calls
+while the server stops or is over its call limit, checks the credentials the method needs
+(`Auth`), takes the lock, counts the operation and the call, and turns refusals into rich
+statuses. An Execute stream is authenticated when it starts, counted against the stream
+limits, closed when idle, and runs each batch in chunks of `chunk_seconds` (service/batch.py).
 
 VMs are leased (service/leases.py): each authenticated call renews the VM's lease, and
 `reap_expired` (run by the server's reaper thread) destroys the VMs whose lease ran out.
@@ -11,11 +19,15 @@ VMs are leased (service/leases.py): each authenticated call renews the VM's leas
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
@@ -34,11 +46,20 @@ from pkvm_sim.core.model import (
 )
 from pkvm_sim.core.reservation import compute_reservation, partition_carveout
 
-from .auth import TokenRegistry, bearer_token
-from .batch import MAX_BATCH_OPS, batch_functions, run_batch
-from .counters import OP_INDEX, ServiceCounters
+from .auth import ClientToken, TokenRegistry, bearer_token
+from .batch import BatchRun, batch_functions, validate_batch
+from .counters import ServiceCounters
 from .errors import ServiceError, abort, describe
 from .leases import LeaseTable
+from .limits import (
+    Admission,
+    HypPageLedger,
+    Limits,
+    check_name,
+    check_pages,
+    exhausted,
+    quota_exceeded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +83,54 @@ _OUTCOME = {
 }
 REFUSALS = (PkvmError, ServiceError)
 
-F = TypeVar("F", bound=Callable[..., Any])
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[["HypervisorServicer", Any], Any]
+AsyncHandler = Callable[["HypervisorServicer", Any, Context], Coroutine[Any, Any, Any]]
 
 
-def _unary(method: str) -> Callable[[F], F]:
-    """Count the call by status code and turn refusals into rich statuses."""
+class Auth(enum.Enum):
+    """The credentials a method needs."""
 
-    def wrap(fn: F) -> F:
+    NONE = "none"  # read-only views
+    VM = "vm"  # the token of the VM named by request.handle
+    CLIENT = "client"  # the client token, when one is configured (CreateVM, host-wide calls)
+
+
+def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[Handler],
+                                                                            AsyncHandler]:
+    """A unary handler: `fn(self, request)` runs under the simulator lock and returns the
+    response. Around it: admission, credentials, the operation count `op`, the call count by
+    status code, and refusals turned into rich statuses."""
+
+    def wrap(fn: Handler) -> AsyncHandler:
         @functools.wraps(fn)
-        def handler(self: HypervisorServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        async def handler(self: HypervisorServicer, request: Any, context: Context) -> Any:
             try:
-                response = fn(self, request, context)
+                self._admit()
+                try:
+                    token = bearer_token(context.invocation_metadata())
+                    if auth is Auth.VM:
+                        self.tokens.check(request.handle, token)
+                    elif auth is Auth.CLIENT:
+                        self.client_token.check(token, method)
+                    with self.lock:
+                        response = fn(self, request)
+                        if op is not None:
+                            self.counters.operations[op] += 1
+                finally:
+                    self.admission.leave_rpc()
             except REFUSALS as error:
                 self.counters.count_request(method, describe(error)[0].name)
-                abort(context, error)
+                await abort(context, error)
             except Exception as error:
                 log.exception("%s failed", method)
                 self.counters.count_request(method, "INTERNAL")
-                abort(context, ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", repr(error)))
+                await abort(context, ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL",
+                                                  repr(error)))
             self.counters.count_request(method, "OK")
             return response
 
-        return handler  # type: ignore[return-value]
+        return handler
 
     return wrap
 
@@ -156,37 +203,77 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     """Serves one booted Hypervisor to any number of concurrent clients."""
 
     def __init__(
-        self, hypervisor: Hypervisor, config: SimConfig, leases: LeaseTable | None = None
+        self,
+        hypervisor: Hypervisor,
+        config: SimConfig,
+        leases: LeaseTable | None = None,
+        *,
+        limits: Limits | None = None,
+        client_token: ClientToken | None = None,
+        chunk_seconds: float = 0.002,
     ) -> None:
         self.hypervisor = hypervisor
         self.config = config
         self.lock = threading.Lock()
         self.leases = leases if leases is not None else LeaseTable()
         self.tokens = TokenRegistry(self.leases)
+        self.limits = limits if limits is not None else Limits()
+        self.client_token = client_token if client_token is not None else ClientToken(None)
+        self.admission = Admission(self.limits)
+        self.ledger = HypPageLedger(self.limits.quota_hyp_pages)
         self.counters = ServiceCounters()
         self.reservation = reserve_message(config)
-        self._batch_fns = batch_functions(hypervisor, self.counters.count_fault)
-        self._ops = self.counters.operations
+        self.chunk_seconds = chunk_seconds
+        # Chunks of long batches run here, one at a time, so the loop stays free to serve
+        # every other call meanwhile (they wait at most one chunk for the lock).
+        self.batch_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkvm-batch")
+        self._batch_fns = batch_functions(
+            hypervisor, self.ledger, max_pages_per_op=self.limits.max_pages_per_op,
+            count_fault=self.counters.count_fault,
+            host_wide_allowed=not self.client_token.required,
+        )
+        self.stopping = False  # set by begin_shutdown: new calls are refused
+        self._stop_deadline = float("inf")  # batches end by then (time.monotonic)
+        self._idle_streams: set[asyncio.Task[Any]] = set()  # streams waiting for a batch
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _authorize(self, handle: int, context: grpc.ServicerContext) -> None:
-        self.tokens.check(handle, bearer_token(context.invocation_metadata()))
+    def _admit(self) -> None:
+        """Refuse a new call while stopping; count it against max_concurrent_rpcs."""
+        if self.stopping:
+            raise shutting_down()
+        self.admission.enter_rpc()
+
+    def begin_shutdown(self, grace: float) -> None:
+        """New calls and streams are refused (UNAVAILABLE). Open streams keep working until
+        shortly before `grace` runs out; then a running batch stops at its next chunk
+        boundary and idle streams end, all with UNAVAILABLE. Call on the event loop."""
+        self.stopping = True
+        self._stop_deadline = time.monotonic() + grace * STOP_MARGIN
+        asyncio.get_running_loop().call_later(grace * STOP_MARGIN, self._end_idle_streams)
+
+    def _end_idle_streams(self) -> None:
+        for task in list(self._idle_streams):
+            task.cancel()  # Execute turns this into UNAVAILABLE (SHUTTING_DOWN)
+
+    def _forget_vm(self, handle: int) -> None:
+        """Service bookkeeping of a destroyed VM (under the lock)."""
+        self.tokens.revoke(handle)
+        self.ledger.drop(handle)
 
     def reap_expired(self) -> list[int]:
         """Destroy every VM whose lease has run out (reclaiming everything it held) and drop
-        its token; returns their handles. Runs under the simulator lock."""
+        its token; returns their handles. Takes the simulator lock once per VM."""
         leases = self.leases
         if not len(leases):
             return []
         reaped: list[int] = []
-        with self.lock:
-            now = leases.clock()
-            for handle in leases.expired(now):
+        for handle in leases.expired():
+            with self.lock:
                 if handle not in self.tokens:  # a renewal raced the VM's destruction
                     leases.drop(handle)
                     continue
-                if not leases.is_expired(handle, now):  # renewed meanwhile
+                if not leases.is_expired(handle):  # renewed meanwhile
                     continue
                 try:
                     self.hypervisor.destroy_vm(handle)
@@ -194,81 +281,86 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                     log.exception("reaping VM %#x failed", handle)
                     leases.drop(handle)
                     continue
-                self.tokens.revoke(handle)
+                self._forget_vm(handle)
                 self.counters.vms_expired += 1
-                reaped.append(handle)
-        for handle in reaped:
-            log.info("VM %#x destroyed: its lease expired", handle)
+            reaped.append(handle)
+            log.info("VM %#x reaped: its lease expired", handle)
         return reaped
 
     def statistics(self) -> HypervisorStatistics:
-        """A consistent snapshot (also what the metrics collector reads at scrape time)."""
+        """A consistent snapshot, O(pools + VMs) under the lock: what the metrics collector
+        reads at scrape time (thread-safe; callable from any thread)."""
         with self.lock:
             return self.hypervisor.statistics()
 
     # -- VMs ---------------------------------------------------------------------------------
 
-    @_unary("CreateVM")
-    def CreateVM(self, request: pb2.CreateVMRequest, context: grpc.ServicerContext) -> Any:
+    @rpc("CreateVM", Auth.CLIENT, "create_vm")
+    def CreateVM(self, request: pb2.CreateVMRequest) -> Any:
         lease = self.leases.validate(request.lease_seconds)
-        with self.lock:
-            info = self.hypervisor.create_vm(
-                nr_vcpus=request.nr_vcpus, slice_pages=request.slice_pages,
-                name=request.name or None,
-            )
-            token = self.tokens.issue(info.handle, lease)
-            self._ops[OP_INDEX["create_vm"]] += 1
+        check_name(request.name)
+        limits = self.limits
+        if limits.quota_slice_pages and request.slice_pages > limits.quota_slice_pages:
+            raise quota_exceeded(f"slice_pages {request.slice_pages} exceeds the quota of "
+                                 f"{limits.quota_slice_pages} pages per VM")
+        if limits.max_vms and len(self.tokens) >= limits.max_vms:
+            raise quota_exceeded(f"the server holds its maximum of {limits.max_vms} VMs")
+        info = self.hypervisor.create_vm(
+            nr_vcpus=request.nr_vcpus, slice_pages=request.slice_pages,
+            name=request.name or None,
+        )
+        token = self.tokens.issue(info.handle, lease)
+        log.info("VM %#x created: %d vCPUs, %d slice pages, lease %g s", info.handle,
+                 info.nr_vcpus, info.slice_nr_pages, lease)
         return pb2.CreateVMResponse(vm=vm_message(info), token=token, lease_seconds=lease)
 
-    @_unary("DestroyVM")
-    def DestroyVM(self, request: pb2.DestroyVMRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            pages = self.hypervisor.destroy_vm(request.handle)
-            self.tokens.revoke(request.handle)
-            self._ops[OP_INDEX["destroy_vm"]] += 1
+    @rpc("DestroyVM", Auth.VM, "destroy_vm")
+    def DestroyVM(self, request: pb2.DestroyVMRequest) -> Any:
+        pages = self.hypervisor.destroy_vm(request.handle)
+        self._forget_vm(request.handle)
+        log.info("VM %#x destroyed: %d pages returned", request.handle, pages)
         return pb2.DestroyVMResponse(pages_returned=pages)
 
-    @_unary("RenewVM")
-    def RenewVM(self, request: pb2.RenewVMRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)  # renews the lease
-        return pb2.RenewVMResponse(
+    @rpc("RenewVM", Auth.VM)
+    def RenewVM(self, request: pb2.RenewVMRequest) -> Any:
+        return pb2.RenewVMResponse(  # the token check renewed the lease
             expires_in_ms=round(self.leases.expires_in(request.handle) * 1000),
             lease_seconds=self.leases.lease_seconds(request.handle),
         )
 
     # -- pool pages ----------------------------------------------------------------------------
 
-    @_unary("AllocPages")
-    def AllocPages(self, request: pb2.AllocPagesRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
+    @rpc("AllocPages", Auth.VM, "alloc_pages")
+    def AllocPages(self, request: pb2.AllocPagesRequest) -> Any:
         kind = _POOL_KIND.get(request.pool)
         if kind is None:
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POOL", f"unknown pool {request.pool}"
             )
-        with self.lock:
-            pfn = self.hypervisor.alloc_pages(request.handle, request.order, kind)
-            self._ops[OP_INDEX["alloc_pages"]] += 1
+        if kind is PoolKind.HYP:
+            self.ledger.check(request.handle, request.order)
+        pfn = self.hypervisor.alloc_pages(request.handle, request.order, kind)
+        if kind is PoolKind.HYP:
+            self.ledger.allocated(request.handle, [pfn], request.order)
         return pb2.AllocPagesResponse(pfn=pfn, order=request.order)
 
-    @_unary("PutPage")
-    def PutPage(self, request: pb2.PutPageRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            refcount = self.hypervisor.put_page(request.handle, request.pfn)
-            self._ops[OP_INDEX["put_page"]] += 1
+    @rpc("PutPage", Auth.VM, "put_page")
+    def PutPage(self, request: pb2.PutPageRequest) -> Any:
+        refcount = self.hypervisor.put_page(request.handle, request.pfn)
+        self.ledger.put(request.handle, [request.pfn], [refcount])
         return pb2.PutPageResponse(refcount=refcount)
 
-    @_unary("GetPage")
-    def GetPage(self, request: pb2.GetPageRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            refcount = self.hypervisor.get_page(request.handle, request.pfn)
-            self._ops[OP_INDEX["get_page"]] += 1
-        return pb2.GetPageResponse(refcount=refcount)
+    @rpc("GetPage", Auth.VM, "get_page")
+    def GetPage(self, request: pb2.GetPageRequest) -> Any:
+        return pb2.GetPageResponse(refcount=self.hypervisor.get_page(request.handle, request.pfn))
 
     # -- sharing -------------------------------------------------------------------------------
+
+    def _pages(self, nr_pages: int) -> int:
+        """A request's page count (0 = 1) within the service's per-operation bound."""
+        nr = nr_pages or 1
+        check_pages(nr, self.limits.max_pages_per_op)
+        return nr
 
     @staticmethod
     def _share_fields(result: ShareResult) -> dict[str, Any]:
@@ -276,83 +368,58 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             "pfn": result.pfn, "nr_pages": result.nr_pages,
             "host_state": _PAGE_STATE[result.host_state],
             "hyp_state": _PAGE_STATE[result.hyp_state],
+            "pages_done": result.pages_done, "failed_pfn": result.failed_pfn,
+            "failed_reason": result.failed_reason or "", "failed_errno": result.failed_errno or "",
         }
 
-    @_unary("HostShare")
-    def HostShare(self, request: pb2.HostShareRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            result = self.hypervisor.host_share(request.handle, request.pfn, request.nr_pages or 1,
-                                                page_by_page=request.page_by_page)
-            self._ops[OP_INDEX["host_share"]] += 1
-        return pb2.HostShareResponse(
-            **self._share_fields(result), pages_done=result.pages_done,
-            failed_pfn=result.failed_pfn, failed_reason=result.failed_reason or "",
-            failed_errno=result.failed_errno or "",
-        )
+    @rpc("HostShare", Auth.VM, "host_share")
+    def HostShare(self, request: pb2.HostShareRequest) -> Any:
+        result = self.hypervisor.host_share(request.handle, request.pfn,
+                                            self._pages(request.nr_pages),
+                                            page_by_page=request.page_by_page)
+        return pb2.HostShareResponse(**self._share_fields(result))
 
-    @_unary("HostUnshare")
-    def HostUnshare(self, request: pb2.HostUnshareRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            result = self.hypervisor.host_unshare(
-                request.handle, request.pfn, request.nr_pages or 1
-            )
-            self._ops[OP_INDEX["host_unshare"]] += 1
+    @rpc("HostUnshare", Auth.VM, "host_unshare")
+    def HostUnshare(self, request: pb2.HostUnshareRequest) -> Any:
+        result = self.hypervisor.host_unshare(request.handle, request.pfn,
+                                              self._pages(request.nr_pages))
         return pb2.HostUnshareResponse(**self._share_fields(result))
 
-    @_unary("PinShared")
-    def PinShared(self, request: pb2.PinSharedRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            self.hypervisor.pin_shared(request.handle, request.pfn, request.nr_pages or 1)
-            self._ops[OP_INDEX["pin_shared"]] += 1
+    @rpc("PinShared", Auth.VM, "pin_shared")
+    def PinShared(self, request: pb2.PinSharedRequest) -> Any:
+        self.hypervisor.pin_shared(request.handle, request.pfn, self._pages(request.nr_pages))
         return pb2.PinSharedResponse()
 
-    @_unary("UnpinShared")
-    def UnpinShared(self, request: pb2.UnpinSharedRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            self.hypervisor.unpin_shared(request.handle, request.pfn, request.nr_pages or 1)
-            self._ops[OP_INDEX["unpin_shared"]] += 1
+    @rpc("UnpinShared", Auth.VM, "unpin_shared")
+    def UnpinShared(self, request: pb2.UnpinSharedRequest) -> Any:
+        self.hypervisor.unpin_shared(request.handle, request.pfn, self._pages(request.nr_pages))
         return pb2.UnpinSharedResponse()
 
-    # -- host stage-2 faults -------------------------------------------------------------------
+    # -- host stage-2 faults (host-wide: the client token, when one is configured) -------------
 
-    @_unary("MapMMIO")
-    def MapMMIO(self, request: pb2.MapMMIORequest, context: grpc.ServicerContext) -> Any:
-        with self.lock:
-            result = self.hypervisor.map_mmio(request.addr)
-            self._ops[OP_INDEX["map_mmio"]] += 1
-            self.counters.count_fault(result)
+    @rpc("MapMMIO", Auth.CLIENT, "map_mmio")
+    def MapMMIO(self, request: pb2.MapMMIORequest) -> Any:
+        result = self.hypervisor.map_mmio(request.addr)
+        self.counters.count_fault(result)
         return pb2.MapMMIOResponse(fault=fault_message(result))
 
-    @_unary("HostFault")
-    def HostFault(self, request: pb2.HostFaultRequest, context: grpc.ServicerContext) -> Any:
-        with self.lock:
-            result = self.hypervisor.host_fault(request.addr)
-            self._ops[OP_INDEX["host_fault"]] += 1
-            self.counters.count_fault(result)
+    @rpc("HostFault", Auth.CLIENT, "host_fault")
+    def HostFault(self, request: pb2.HostFaultRequest) -> Any:
+        result = self.hypervisor.host_fault(request.addr)
+        self.counters.count_fault(result)
         return pb2.HostFaultResponse(fault=fault_message(result))
 
     # -- guest stage-2 -------------------------------------------------------------------------
 
-    @_unary("TopupMemcache")
-    def TopupMemcache(
-        self, request: pb2.TopupMemcacheRequest, context: grpc.ServicerContext
-    ) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            size = self.hypervisor.topup_memcache(request.handle, request.nr_pages)
-            self._ops[OP_INDEX["topup_memcache"]] += 1
+    @rpc("TopupMemcache", Auth.VM, "topup_memcache")
+    def TopupMemcache(self, request: pb2.TopupMemcacheRequest) -> Any:
+        check_pages(request.nr_pages, self.limits.max_pages_per_op)
+        size = self.hypervisor.topup_memcache(request.handle, request.nr_pages)
         return pb2.TopupMemcacheResponse(memcache_pages=size)
 
-    @_unary("GuestMap")
-    def GuestMap(self, request: pb2.GuestMapRequest, context: grpc.ServicerContext) -> Any:
-        self._authorize(request.handle, context)
-        with self.lock:
-            result = self.hypervisor.guest_map(request.handle, request.ipa, request.pfn)
-            self._ops[OP_INDEX["guest_map"]] += 1
+    @rpc("GuestMap", Auth.VM, "guest_map")
+    def GuestMap(self, request: pb2.GuestMapRequest) -> Any:
+        result = self.hypervisor.guest_map(request.handle, request.ipa, request.pfn)
         return pb2.GuestMapResponse(
             ipa=result.ipa, pfn=result.pfn, level=result.level,
             tables_allocated=result.tables_allocated, refilled_pages=result.refilled_pages,
@@ -360,14 +427,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     # -- read-only views -------------------------------------------------------------------------
 
-    @_unary("GetStats")
-    def GetStats(self, request: pb2.GetStatsRequest, context: grpc.ServicerContext) -> Any:
-        return stats_message(self.statistics())
+    @rpc("GetStats", Auth.NONE)
+    def GetStats(self, request: pb2.GetStatsRequest) -> Any:
+        return stats_message(self.hypervisor.statistics())
 
-    @_unary("GetPageInfo")
-    def GetPageInfo(self, request: pb2.GetPageInfoRequest, context: grpc.ServicerContext) -> Any:
-        with self.lock:
-            info = self.hypervisor.page_info(request.pfn)
+    @rpc("GetPageInfo", Auth.NONE)
+    def GetPageInfo(self, request: pb2.GetPageInfoRequest) -> Any:
+        info = self.hypervisor.page_info(request.pfn)
         response = pb2.GetPageInfoResponse(
             pfn=info.pfn, covered=info.covered, owner=info.owner, pool=info.pool or "",
             host_state=_PAGE_STATE[info.host_state], hyp_state=_PAGE_STATE[info.hyp_state],
@@ -378,37 +444,109 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             response.order = info.order
         return response
 
-    @_unary("Reserve")
-    def Reserve(self, request: pb2.ReserveRequest, context: grpc.ServicerContext) -> Any:
+    @rpc("Reserve", Auth.NONE)
+    def Reserve(self, request: pb2.ReserveRequest) -> Any:
         return self.reservation
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def Execute(
-        self, request_iterator: Iterator[pb2.ExecuteRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb2.ExecuteResponse]:
-        """Each request is one batch, answered before the next is read. A malformed batch
-        (empty, oversize, wrong token) ends the stream with its status; batches answered
-        before it stay done."""
+    async def Execute(
+        self, request_iterator: AsyncIterator[pb2.ExecuteRequest],
+        context: Context,
+    ) -> None:
+        """Each request is one batch for the stream's VM, answered before the next is read.
+        The stream is authenticated when it starts (its token names its VM). A malformed
+        batch (empty, oversize, another VM's handle) ends the stream with its status;
+        batches answered before it stay done."""
         token = bearer_token(context.invocation_metadata())
-        fns = self._batch_fns
-        ops = self._ops
         try:
-            for request in request_iterator:
-                n = len(request.ops)
-                if not 0 < n <= MAX_BATCH_OPS:
-                    raise ServiceError(
-                        grpc.StatusCode.INVALID_ARGUMENT, "BAD_BATCH_SIZE",
-                        f"a batch holds 1 to {MAX_BATCH_OPS} operations, not {n}",
-                    )
-                self.tokens.check(request.handle, token)
-                with self.lock:
-                    response = run_batch(self.hypervisor, fns, ops, request)
-                yield response
+            self._admit()  # a stream counts as a call for as long as it is open
+            try:
+                handle = self.tokens.handle_of(token)
+                self.admission.open_stream(handle)
+            except BaseException:
+                self.admission.leave_rpc()
+                raise
         except REFUSALS as error:
             self.counters.count_request("Execute", describe(error)[0].name)
-            abort(context, error)
-        except BaseException:  # the client went away (cancelled) or the server is stopping
-            self.counters.count_request("Execute", "CANCELLED")
-            raise
+            await abort(context, error)
+        try:
+            await self._serve_stream(handle, token, context)
+        except REFUSALS as error:
+            self.counters.count_request("Execute", describe(error)[0].name)
+            await abort(context, error)
+        except asyncio.CancelledError:
+            if not self.stopping or context.cancelled():
+                self.counters.count_request("Execute", "CANCELLED")
+                raise
+            self.counters.count_request("Execute", "UNAVAILABLE")
+            await abort(context, shutting_down())
+        finally:
+            self.admission.close_stream(handle)
+            self.admission.leave_rpc()
         self.counters.count_request("Execute", "OK")
+
+    async def _next_batch(self, context: Context) -> Any:
+        """The next request, or EOF; an idle stream is closed after stream_idle_seconds."""
+        if self.stopping and time.monotonic() >= self._stop_deadline:
+            raise shutting_down()
+        idle = self.limits.stream_idle_seconds or None
+        task = asyncio.current_task()
+        assert task is not None
+        self._idle_streams.add(task)
+        try:
+            return await asyncio.wait_for(context.read(), idle)
+        except TimeoutError:
+            raise exhausted("STREAM_IDLE", f"no batch for {idle} s: the stream is closed "
+                            "(open a new one when needed)") from None
+        finally:
+            self._idle_streams.discard(task)
+
+    async def _serve_stream(
+        self, handle: int, token: str | None, context: Context
+    ) -> None:
+        while True:
+            request = await self._next_batch(context)
+            if request is grpc.aio.EOF:
+                return
+            validate_batch(request)
+            # The stream's token is its VM's, so this also refuses another VM's handle;
+            # NOT_FOUND once the VM is destroyed. Renews the lease.
+            self.tokens.check(request.handle, token)
+            run = BatchRun(self.hypervisor, self._batch_fns, self.ledger, request)
+            try:
+                await self._run_chunks(run)
+            finally:
+                run.count_into(self.counters.operations)
+            await context.write(run.response())
+            if run.stopped and self.stopping:
+                raise shutting_down("; the batch was cut short")
+
+    async def _run_chunks(self, run: BatchRun) -> None:
+        """Run the batch chunk by chunk. The first chunk runs on the loop (most batches
+        need no more); later ones on the batch worker thread, so that other calls are
+        served while it works. A cancelled call (client gone, deadline passed) stops at
+        the next boundary: the await raises CancelledError."""
+        if self._chunk(run):
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.stopping and time.monotonic() >= self._stop_deadline:
+                run.abort_rest("SHUTTING_DOWN", "the server is shutting down")
+                return
+            if await loop.run_in_executor(self.batch_worker, self._chunk, run):
+                return
+
+    def _chunk(self, run: BatchRun) -> bool:
+        with self.lock:
+            return run.step(self.chunk_seconds)
+
+
+# Open streams may finish their work for this share of the grace period (the rest is margin
+# for the last chunk and the answers).
+STOP_MARGIN = 0.8
+
+
+def shutting_down(detail: str = "") -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN",
+                        f"the server is shutting down{detail}")

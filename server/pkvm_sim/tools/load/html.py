@@ -1,0 +1,183 @@
+"""The --html report: one self-contained file (pictures embedded as PNG data URIs) drawn
+from the report dict alone. Needs matplotlib (`pip install 'pkvm-sim[load]'`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+from .report import LATENCY_KEYS
+
+MISSING_MATPLOTLIB = "--html needs matplotlib: pip install 'pkvm-sim[load]'"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def latency_picture(report: dict[str, Any]) -> str:
+    """Latency by percentile, per operation, on the usual HdrHistogram axes: x stretches
+    the tail (1 / (1 - q)), so p99, p99.9 and p99.99 are equally far apart."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    for op, fig_op in report["operations"].items():
+        points = [(q, ms) for q, ms in fig_op["distribution_ms"] if q < 100.0]
+        xs = [1 / (1 - q / 100) for q, _ms in points]
+        ax.plot(xs, [max(ms, 0.001) for _q, ms in points], marker=".", label=op)
+    ticks = [1, 2, 10, 100, 1000, 10000, 100000]
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(ticks, ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency (ms, log)")
+    ax.set_title("Latency distribution per operation")
+    ax.grid(True, which="major", alpha=0.4)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
+
+
+def throughput_picture(report: dict[str, Any]) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 4))
+    timeline = report["timeline"]
+    # Each point is one bucket's rate at the bucket's middle (the last bucket may be short).
+    ts = [row["t"] + row["span_s"] / 2 for row in timeline]
+    for key, label, color in (("ok", "ok / s", "tab:green"),
+                              ("expected", "expected refusals / s", "tab:orange"),
+                              ("unexpected", "unexpected errors / s", "tab:red")):
+        ax.plot(ts, [row[key] / row["span_s"] for row in timeline], label=label, color=color,
+                marker=".")
+    ax.set_xlabel("seconds since the end of the warm-up")
+    ax.set_ylabel("operations per second")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput and errors over time")
+    ax.grid(True, alpha=0.4)
+    ax.legend(loc="lower right", fontsize="small")
+    return _png(fig)
+
+
+def pool_pictures(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Free pages of every shared pool, then free blocks per order of each of them."""
+    samples = report["pools"]
+    if not samples:
+        return []
+    plt = _pyplot()
+    ts = [s["t"] for s in samples]
+    names = list(samples[0]["pools"])
+    pictures = []
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for name in names:
+        ax.plot(ts, [s["pools"][name]["free_pages"] for s in samples], label=name)
+    ax.set_xlabel("seconds since the end of the warm-up")
+    ax.set_ylabel("free pages")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Pool free pages over time (GetStats)")
+    ax.grid(True, alpha=0.4)
+    ax.legend(fontsize="small")
+    pictures.append(("Pool free pages", _png(fig)))
+    for name in names:
+        orders = max(len(s["pools"][name]["free_blocks_per_order"]) for s in samples)
+        fig, ax = plt.subplots(figsize=(11, 4))
+        colors = plt.get_cmap("tab20").colors
+        highest = 0
+        for order in range(orders):
+            counts = [_at(s["pools"][name]["free_blocks_per_order"], order) for s in samples]
+            if any(counts):
+                highest = max(highest, *counts)
+                ax.plot(ts, counts, label=f"order {order}", color=colors[(2 * order) % 20],
+                        linestyle="-" if order < 10 else "--", marker=".")
+        ax.set_xlabel("seconds since the end of the warm-up")
+        if highest > 100:  # thousands of order-0 blocks next to a few big ones
+            ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylabel("free blocks (log above 1)")
+        else:
+            ax.set_ylabel("free blocks")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{name} pool: free blocks per order over time")
+        ax.grid(True, alpha=0.4)
+        ax.legend(fontsize="small", ncol=4, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        pictures.append((f"{name}: free blocks per order", _png(fig)))
+    return pictures
+
+
+def _at(values: list[int], index: int) -> int:
+    return values[index] if index < len(values) else 0
+
+
+def render(report: dict[str, Any]) -> str:
+    esc = html.escape
+    shape = report["shape"]
+    loop = f"open loop at {shape['rps']:g} ops/s" if shape["rps"] else "closed loop"
+    rows = "".join(
+        f"<tr><td>{esc(op)}</td><td>{f['count']}</td><td>{f['ops_per_s']:,.1f}</td>"
+        f"<td>{f['expected_refusals']}</td><td class='{'bad' if f['unexpected'] else ''}'>"
+        f"{f['unexpected']}</td>"
+        + "".join(f"<td>{f['latency_ms'][k]:.3f}</td>" for k in LATENCY_KEYS) + "</tr>"
+        for op, f in report["operations"].items())
+    head = "".join(f"<th>{k.replace('_', '.')}</th>" for k in LATENCY_KEYS)
+    outcomes = "".join(f"<li>{esc(k)}: {v}</li>" for k, v in report["expected_refusals"].items())
+    unexpected = "".join(f"<li>{esc(k)}: {v}</li>" for k, v in report["unexpected"].items())
+    leak = report["leak_check"]
+    problems = "".join(f"<li>{esc(p)}</li>" for p in leak["problems"][:50])
+    pictures = [("Latency distribution", latency_picture(report)),
+                ("Throughput and errors", throughput_picture(report)),
+                *pool_pictures(report)]
+    figures = "".join(f"<figure><img alt='{esc(title)}' src='{uri}'>"
+                      f"<figcaption>{esc(title)}</figcaption></figure>"
+                      for title, uri in pictures)
+    verdict = "ok" if report["result"] == "ok" else "FAILED"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>pkvm-sim load: {esc(report['workload']['name'])} ({verdict})</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+th {{ background: #f0f0f0; }}
+.bad {{ color: #b00; font-weight: bold; }}
+.ok {{ color: #070; font-weight: bold; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+figcaption {{ color: #555; font-size: 90%; }}
+</style></head><body>
+<h1>pkvm-sim load: {esc(report['workload']['name'])}
+ <span class="{'ok' if verdict == 'ok' else 'bad'}">{verdict}</span></h1>
+<p>{esc(report['target'])}: {report['vms_started']}/{shape['vms']} VMs over
+{shape['connections']} connection(s), {loop}{f", batches of {shape['batch']}"
+if shape['batch'] else ""}; {report['duration_s']:g} s measured after {shape['warmup']:g} s
+warm-up, seed {shape['seed']}.</p>
+<p><b>{report['operations_total']}</b> operations, <b>{report['achieved_rps']:,.1f}</b>
+ops/s. Codes: {esc(', '.join(f'{k}={v}' for k, v in report['codes'].items()))}.</p>
+<table><tr><th>operation</th><th>count</th><th>ops/s</th><th>expected refusals</th>
+<th>unexpected</th>{head}</tr>{rows}</table>
+<p>Latencies in milliseconds{', measured from the intended send time' if shape['rps'] else ''}.
+An operation inside an Execute batch is charged the batch's round trip.</p>
+<h2>Refusals</h2>
+<p>Expected (what a loaded pool or a quota answers):</p><ul>{outcomes or '<li>none</li>'}</ul>
+<p>Unexpected (these fail the run):</p>
+<ul{' class="bad"' if unexpected else ''}>{unexpected or '<li>none</li>'}</ul>
+<h2>Leak check</h2>
+<p>{leak['vms_created']} VMs created, {leak['vms_destroyed']} destroyed;
+{'every VM gave back what its ledger says' if not leak['problems'] else 'problems:'}</p>
+<ul class="bad">{problems}</ul><p>Server-wide: {esc(leak['server_wide'])}</p>
+<h2>Pictures</h2>{figures}
+<details><summary>Workload</summary><pre>{esc(json.dumps(report['workload'], indent=2))}</pre>
+</details>
+</body></html>
+"""
