@@ -106,8 +106,12 @@ class PrometheusHandle:
         try:
             with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as resp:
                 body = json.load(resp)
-        except urllib.error.HTTPError as e:  # 400/422/503 carry a JSON error body
-            body = json.load(e)
+        except urllib.error.HTTPError as e:  # 400/422/503 carry a JSON error body...
+            text = e.read().decode(errors="replace")
+            try:
+                body = json.loads(text)
+            except ValueError:  # ...except a plain "Service Unavailable" while starting up
+                raise PrometheusError(f"{path}: HTTP {e.code}: {text[:200]}") from None
         if body.get("status") != "success":
             raise PrometheusError(f"{path}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "kernel-check": ("pkvm_sim.tools.kernel_check",
                      "boot real kernels under QEMU, compare their EL2 reservation with ours"),
     "healthcheck": ("pkvm_sim.tools.healthcheck", "exit 0 if a local service says SERVING"),
+    "draw": ("pkvm_sim.tools.draw", "draw a running service's memory: pools, free blocks"),
 }
 
 
@@ -44,13 +45,14 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
-    try:
+    try:  # a subcommand's module may import them when loaded, or only when it runs
+        args = build_parser(argv).parse_args(argv)
         return int(args.func(args))
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in SERVER_ONLY_MODULES:
             raise
-        print(f"pkvm-sim {args.command}: needs the server's dependencies ({error.name} is "
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"pkvm-sim {command}: needs the server's dependencies ({error.name} is "
               "missing): pip install 'pkvm-sim[server]'", file=sys.stderr)
         return EXIT_USAGE
 

@@ -28,7 +28,12 @@ TARGET_LABELS = frozenset({"job", "instance"})
 PROMETHEUS_SERIES = frozenset({"up"})
 
 METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_PKVM_NAME_RE = re.compile(r"(?<![A-Za-z0-9_:])(pkvm[_:][A-Za-z0-9_:]*)")
+# Names the deploy files may only use when catalogued (or recorded): ours, the interceptor's
+# go-grpc-prometheus series and the process collector's.
+_PKVM_NAME_RE = re.compile(
+    r"(?<![A-Za-z0-9_:])((?:pkvm[_:]|grpc_server_|process_)[A-Za-z0-9_:]*)"
+)
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 _SELECTOR_RE = re.compile(r"(?<![A-Za-z0-9_:])([a-zA-Z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
 _MATCHER_LABEL_RE = re.compile(r"([a-zA-Z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
 _GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
@@ -39,7 +44,7 @@ class MetricSpec:
     """One line of deploy/metrics.txt."""
 
     name: str
-    type: str  # "gauge" | "counter"
+    type: str  # "gauge" | "counter" | "histogram"
     labels: tuple[str, ...]
     help: str
     # For labels whose values are a closed set (`part=vmemmap|hyp|...`): those values.
@@ -69,6 +74,26 @@ def load_metric_catalog(path: Path = METRICS_TXT) -> dict[str, MetricSpec]:
             raise ValueError(f"{path}:{lineno}: {name} listed twice")
         catalog[name] = MetricSpec(name, kind, tuple(labels), help_text, values)
     return catalog
+
+
+def exposed_names(spec: MetricSpec) -> dict[str, tuple[str, ...]]:
+    """The sample names a metric appears under in the exposition, with their labels."""
+    if spec.type != "histogram":
+        return {spec.name: spec.labels}
+    return {
+        f"{spec.name}_bucket": (*spec.labels, "le"),
+        f"{spec.name}_sum": spec.labels,
+        f"{spec.name}_count": spec.labels,
+    }
+
+
+def series_catalog(catalog: dict[str, MetricSpec]) -> dict[str, tuple[MetricSpec, tuple[str, ...]]]:
+    """Every exposed sample name -> (its catalogue entry, its labels)."""
+    return {
+        name: (spec, labels)
+        for spec in catalog.values()
+        for name, labels in exposed_names(spec).items()
+    }
 
 
 def load_yaml(path: Path) -> Any:
@@ -154,15 +179,16 @@ def as_promql(text: str) -> str:
 def catalogue_problems(expr: str, catalog: dict[str, MetricSpec], recorded: set[str]) -> list[str]:
     """What in `expr` is not in the catalogue: unknown pkvm names, unknown labels."""
     problems = []
-    known_names = set(catalog) | recorded
+    series = series_catalog(catalog)
+    known_names = set(series) | recorded
     for name in _PKVM_NAME_RE.findall(expr):
         if name not in known_names:
             problems.append(f"metric {name} is not in deploy/metrics.txt or a recording rule")
-    all_labels = set(TARGET_LABELS).union(*(spec.labels for spec in catalog.values()))
+    all_labels = set(TARGET_LABELS).union(*(labels for _, labels in series.values()))
     for name, matchers in _SELECTOR_RE.findall(expr):
         allowed = set(TARGET_LABELS)
-        if name in catalog:
-            allowed |= set(catalog[name].labels)
+        if name in series:
+            allowed |= set(series[name][1])
         elif name in recorded or name in PROMETHEUS_SERIES:
             allowed = all_labels
         else:
@@ -170,7 +196,7 @@ def catalogue_problems(expr: str, catalog: dict[str, MetricSpec], recorded: set[
         for label in _MATCHER_LABEL_RE.findall(matchers):
             if label not in allowed:
                 problems.append(f"{name} has no label {label!r}")
-            spec = catalog.get(name)
+            spec = series[name][0] if name in series else None
             if spec and label in spec.label_values:
                 for value in re.findall(rf'\b{label}\s*=\s*"([^"]*)"', matchers):
                     if value not in spec.label_values[label]:

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,7 +22,12 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from tests.deploy.catalog import (
     DASHBOARD_JSON,
@@ -46,6 +52,7 @@ from tests.prometheus_harness import (
 SCHEMA_CHECK_DIR = DEPLOY_DIR / "grafana" / "schema-check"
 GRAFANA_SCHEMA = SCHEMA_CHECK_DIR / "node_modules" / "@grafana" / "schema" / "dist" / "esm" / "raw"
 GRID_COLUMNS = 24
+GENERATOR = DEPLOY_DIR / "grafana" / "dashboard.py"
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +133,7 @@ PANEL_TYPES = {
     "timeseries": ("timeseries/panelcfg/x/TimeSeriesPanelCfg_types.gen.d.ts", True),
     "stat": ("stat/panelcfg/x/StatPanelCfg_types.gen.d.ts", False),
     "bargauge": ("bargauge/panelcfg/x/BarGaugePanelCfg_types.gen.d.ts", False),
+    "heatmap": ("heatmap/panelcfg/x/HeatmapPanelCfg_types.gen.d.ts", True),
 }
 
 
@@ -148,12 +156,25 @@ def test_panel_options_match_their_plugins_schema(
             errors = validation_errors(options, panel["options"])
             problems += [f"{where} options/{e}" for e in errors]
             if custom is not None:
-                defaults = panel["fieldConfig"]["defaults"].get("custom", {})
+                defaults = panel.get("fieldConfig", {}).get("defaults", {}).get("custom", {})
                 problems += [f"{where} custom/{e}" for e in validation_errors(custom, defaults)]
     assert problems == []
 
 
 # --- Layout and datasources ------------------------------------------------------------------
+
+
+def test_committed_json_is_the_generators_output() -> None:
+    """deploy/grafana/dashboard.py generates the JSON; regenerate after changing it:
+    `python deploy/grafana/dashboard.py > deploy/grafana/dashboards/pkvm-sim.json`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pkvm_dashboard", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = generator  # dataclasses look their module up there
+    spec.loader.exec_module(generator)
+    assert DASHBOARD_JSON.read_text() == generator.render(), "stale: rerun the generator"
 
 
 def test_dashboard_identity(dashboard: dict[str, Any]) -> None:
@@ -294,6 +315,13 @@ OPEN_LABEL_VALUES = {
     "method": ("AllocPages", "HostShare"),
     "code": ("OK", "RESOURCE_EXHAUSTED", "INTERNAL"),
     "op": ("alloc_pages", "host_share"),
+    "version": ("0.1.0",),
+    "profile": ("v5.14",),
+    "page_size": ("4096",),
+    "grpc_service": ("pkvm.v1.HypervisorService",),
+    "grpc_method": ("AllocPages", "Execute"),
+    "grpc_code": ("OK", "RESOURCE_EXHAUSTED", "INTERNAL"),
+    "reason": ("ENOMEM", "QUOTA_EXCEEDED"),
 }
 # Consistent pool figures (free + allocated + reserved = pages), so ratios are meaningful.
 POOL_PAGES = {
@@ -315,8 +343,10 @@ class SyntheticPkvmCollector:
         elapsed = time.monotonic() - self.started
         for spec in self.catalog.values():
             help_text = spec.help
-            family: GaugeMetricFamily | CounterMetricFamily
-            if spec.type == "counter":
+            family: GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
+            if spec.type == "histogram":
+                family = HistogramMetricFamily(spec.name, help_text, labels=list(spec.labels))
+            elif spec.type == "counter":
                 family = CounterMetricFamily(spec.name, help_text, labels=list(spec.labels))
             else:
                 family = GaugeMetricFamily(spec.name, help_text, labels=list(spec.labels))
@@ -324,6 +354,11 @@ class SyntheticPkvmCollector:
                 spec.label_values.get(label) or OPEN_LABEL_VALUES[label] for label in spec.labels
             ]
             for i, combo in enumerate(itertools.product(*value_sets)):
+                if isinstance(family, HistogramMetricFamily):
+                    n = (i + 1) * 10.0 * elapsed  # observations so far, half of them <= 1 ms
+                    buckets = [("0.001", n / 2), ("0.01", n * 0.99), ("+Inf", n)]
+                    family.add_metric(list(combo), buckets, n * 0.002)
+                    continue
                 if spec.type == "counter":
                     value = (i + 1) * 10.0 * elapsed
                 else:
@@ -367,7 +402,8 @@ def test_variable_queries_find_their_label(
     dashboard: dict[str, Any], prometheus_with_synthetic_metrics: PrometheusHandle
 ) -> None:
     for var in dashboard["templating"]["list"]:
-        samples = prometheus_with_synthetic_metrics.query(as_promql(var["query"]["query"]))
+        text = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        samples = prometheus_with_synthetic_metrics.query(as_promql(text))
         assert samples and all(var["name"] in s.labels for s in samples), var["name"]
 
 

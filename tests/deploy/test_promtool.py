@@ -82,10 +82,13 @@ def test_every_alert_has_a_unit_test_that_makes_it_fire() -> None:
         ("expr: pkvm:pool_free_ratio < 0.05", "expr: pkvm:pool_free_ratio < 0.01"),
         # INTERNAL dropped from the server-error codes: the 9.1% error instance no longer fires.
         ("UNKNOWN|INTERNAL|UNAVAILABLE", "UNKNOWN|UNAVAILABLE"),
+        # The allocation alert goes back to every ENOMEM: the expected refusals fire it.
+        ("increase(pkvm_host_s2_map_failures_total[5m]) > 0",
+         "increase(pkvm_pool_alloc_failures_total[5m]) > 0"),
         # The down alert loses its `for`: it fires while the unit test expects it pending.
         ('expr: up{job="pkvm-sim"} == 0\n        for: 1m\n', 'expr: up{job="pkvm-sim"} == 0\n'),
     ],
-    ids=["low-free-threshold", "server-error-codes", "down-for"],
+    ids=["low-free-threshold", "server-error-codes", "expected-enomem", "down-for"],
 )
 def test_rule_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:
     """The unit tests are not vacuous: a plausible mistake in rules.yml makes them fail."""

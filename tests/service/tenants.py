@@ -26,7 +26,8 @@ def serve(limits: Limits | None = None, **settings: Any) -> RunningService:
 def heavy_batch(vm: pb2.VM, nr_ops: int = 4096, pages: int = 256) -> pb2.ExecuteRequest:
     """The heaviest work the default limits accept: share and unshare `pages` pages,
     alternately, `nr_ops` times (about 3 ms per operation here)."""
-    ops = [pb2.BATCH_OP_HOST_SHARE, pb2.BATCH_OP_HOST_UNSHARE] * (nr_ops // 2)
+    ops = [pb2.BATCH_OP_HOST_SHARE, pb2.BATCH_OP_HOST_UNSHARE] * (nr_ops // 2 + 1)
+    ops = ops[:nr_ops]
     return pb2.ExecuteRequest(handle=vm.handle, ops=ops, arg0=[vm.slice_base_pfn] * nr_ops,
                               arg1=[pages] * nr_ops)
 

@@ -83,3 +83,40 @@ def test_vm_lease_settings(tmp_path: Path) -> None:
                 {"vm_lease_seconds": "-1"}, {"max_vm_lease_seconds": "soon"}):
         with pytest.raises(ValueError):
             serve.settings_from(bad)
+
+
+def test_every_knob_is_declared_once_with_its_owners_default() -> None:
+    from dataclasses import fields
+
+    from pkvm_sim.service import knobs
+    from pkvm_sim.service.limits import Limits
+    from pkvm_sim.service.server import ServerSettings
+
+    names = [knob.name for knob in knobs.ALL_KNOBS]
+    assert len(names) == len(set(names))
+    assert {f.name for f in fields(SimConfig)} == {k.name for k in knobs.SIM_KNOBS}
+    assert {f.name for f in fields(Limits)} == {
+        k.name for k in knobs.SERVICE_KNOBS if k.section == knobs.LIMITS}
+    settings = {f.name for f in fields(ServerSettings)}
+    assert {k.name for k in knobs.SERVER_KNOBS} - settings == {"log_level"}
+    helps = {action.dest: action.help for action in _parser()._actions}
+    # The help text shows the defaults of the dataclasses that own the knobs.
+    assert "(default 8)" in helps["nr_cpus"] and SimConfig().nr_cpus == 8
+    assert f"(default {Limits().quota_hyp_pages})" in helps["quota_hyp_pages"]
+    assert f"(default {ServerSettings().listen})" in helps["listen"]
+
+
+def test_a_tool_can_take_a_subset_of_the_machine_knobs() -> None:
+    from pkvm_sim.service.knobs import add_sim_arguments
+
+    parser = argparse.ArgumentParser()
+    add_sim_arguments(parser, only=("memblocks", "page_size"))
+    args = parser.parse_args(["--memblock", "0x80000000:1G", "--page-size", "16K"])
+    config = SimConfig.from_mapping({k: v for k, v in vars(args).items() if v is not None})
+    assert config.page_size == 16384 and config.memblocks[0].size == 1 << 30
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser

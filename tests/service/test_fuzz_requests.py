@@ -101,7 +101,11 @@ def requests(draw: st.DrawFn, m: Machine) -> tuple[Any, Any, Any]:
         elif field.name == "handle" and draw(st.integers(0, 99)) < 85:
             request.handle = m.vm.handle  # mostly the real VM, so the core gets to see it
         elif draw(st.booleans()):
-            setattr(request, field.name, draw(field_value(m, field)))
+            if field.is_repeated:  # e.g. GetMemoryMap.pools
+                values = draw(st.lists(field_value(m, field), max_size=20))
+                getattr(request, field.name).extend(values)
+            else:
+                setattr(request, field.name, draw(field_value(m, field)))
     metadata = draw(st.one_of(
         st.just(m.md),
         st.sampled_from([(), bearer("forged"), (("authorization", "Bearer"),),

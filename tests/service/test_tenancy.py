@@ -199,13 +199,17 @@ def test_a_batch_stops_when_its_client_is_gone(how: str) -> None:
             time.sleep(0.4)
             if how == "cancel":
                 stream.call.cancel()
-            with pytest.raises(grpc.RpcError):
+            with pytest.raises(grpc.RpcError) as caught:
                 next(stream.call)
+            assert caught.value.code() == (grpc.StatusCode.CANCELLED if how == "cancel"
+                                           else grpc.StatusCode.DEADLINE_EXCEEDED)
             time.sleep(0.3)  # one chunk at most
             ops = service.servicer.counters.operations
             done = ops["host_share"] + ops["host_unshare"]
             time.sleep(0.5)
-            assert ops["host_share"] + ops["host_unshare"] == done < 4095
+            assert 0 < ops["host_share"] + ops["host_unshare"] == done < 4095
+            shared = stub.GetStats(pb2.GetStatsRequest()).shared_pages
+            assert shared == (256 if done % 2 else 0)  # every op whole: none half-done
     finally:
         service.stop(0)
 
@@ -303,3 +307,28 @@ def test_tiny_lease_is_refused(small: tuple[RunningService, Stub]) -> None:
     assert refusal(lambda: stub.CreateVM(pb2.CreateVMRequest(
         nr_vcpus=1, slice_pages=1, lease_seconds=5e-324))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "LEASE_TOO_SHORT")
+
+
+def test_a_vm_destroyed_during_its_batch_ends_the_batch() -> None:
+    """DestroyVM from elsewhere while the VM's long batch runs: the rest of the batch does
+    not run, and a new VM that gets the same handle is not touched by it."""
+    service = serve(Limits(quota_hyp_pages=0))
+    try:
+        with grpc.insecure_channel(service.target) as channel:
+            stub = Stub(channel)
+            vm = create(stub, slice_pages=512)
+            stream = OpenStream(stub, bearer(vm.token))
+            stream.requests.put(heavy_batch(vm.vm, nr_ops=4095))
+            time.sleep(0.3)
+            stub.DestroyVM(pb2.DestroyVMRequest(handle=vm.vm.handle), metadata=bearer(vm.token))
+            successor = create(stub, slice_pages=512)
+            assert successor.vm.handle == vm.vm.handle  # the handle is reused
+            response = next(stream.call)
+            assert 0 < response.completed < 4095
+            assert response.errors[-1].reason == "VM_NOT_FOUND"
+            assert set(response.codes[response.errors[-1].index:]) == {10}  # ABORTED
+            time.sleep(0.2)
+            assert stub.GetStats(pb2.GetStatsRequest()).shared_pages == 0
+            stream.close()
+    finally:
+        service.stop(0)

@@ -3,16 +3,20 @@ usage errors. (tests/kernel boots the real kernels.)"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from pkvm_sim.cli import main
 from pkvm_sim.core.config import Memblock
 from pkvm_sim.tools.kernel_check import (
+    CheckRow,
     KernelImage,
     MemoryMap,
     load_manifest,
     qemu_command,
+    render_json,
+    render_table,
     simulated_reserved_bytes,
 )
 
@@ -75,3 +79,22 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "unknown profile" in capsys.readouterr().err
     assert main(["kernel-check", "--image", str(image), "--profile", "v6.1",
                  "--memory", "3M"]) == 2
+
+
+def _row(kernel_mib: int | None, match: bool, error: str | None = None) -> CheckRow:
+    return CheckRow(flavour="6.12-4k", package="linux-image-6.12.117+deb13-arm64",
+                    version="6.12.117-1", profile="v6.12", page_size="4K", memory="4G",
+                    memblocks=1, kernel_mib=kernel_mib, simulator_mib=26,
+                    simulator_bytes=26 * MIB, match=match, protected=match,
+                    kernel_release="6.12.117+deb13-arm64", boot_seconds=5.0, error=error)
+
+
+def test_reports_name_the_package_version_and_each_difference() -> None:
+    rows = [_row(26, True), _row(None, False, "QEMU exited")]
+    table = render_table(rows)
+    assert "6.12.117-1" in table and "DIFFERS: QEMU exited" in table
+    assert table.endswith("1/2 boots match the simulator")
+    report = json.loads(render_json(rows))
+    assert report["ok"] is False
+    assert report["boots"][0]["version"] == "6.12.117-1"
+    assert report["boots"][0]["kernel_mib"] == report["boots"][0]["simulator_mib"] == 26

@@ -552,3 +552,51 @@ class ExecuteResponse(_message.Message):
     errors: _containers.RepeatedCompositeFieldContainer[BatchError]
     completed: int
     def __init__(self, batch_id: _Optional[int] = ..., codes: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[BatchError, _Mapping]]] = ..., completed: _Optional[int] = ...) -> None: ...
+
+class GetMemoryMapRequest(_message.Message):
+    __slots__ = ("pools",)
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pools: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MemoryRegion(_message.Message):
+    __slots__ = ("base", "size")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    base: int
+    size: int
+    def __init__(self, base: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class PoolMap(_message.Message):
+    __slots__ = ("name", "base_pfn", "nr_pages", "reserved_pages", "free_block_pfns", "free_block_orders", "admitted_pages")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_PFN_FIELD_NUMBER: _ClassVar[int]
+    NR_PAGES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCK_PFNS_FIELD_NUMBER: _ClassVar[int]
+    FREE_BLOCK_ORDERS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_PAGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    base_pfn: int
+    nr_pages: int
+    reserved_pages: int
+    free_block_pfns: _containers.RepeatedScalarFieldContainer[int]
+    free_block_orders: _containers.RepeatedScalarFieldContainer[int]
+    admitted_pages: int
+    def __init__(self, name: _Optional[str] = ..., base_pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., free_block_pfns: _Optional[_Iterable[int]] = ..., free_block_orders: _Optional[_Iterable[int]] = ..., admitted_pages: _Optional[int] = ...) -> None: ...
+
+class GetMemoryMapResponse(_message.Message):
+    __slots__ = ("page_size", "memblocks", "carveout_base", "carveout_bytes", "carveout", "pools")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMBLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CARVEOUT_BASE_FIELD_NUMBER: _ClassVar[int]
+    CARVEOUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CARVEOUT_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    memblocks: _containers.RepeatedCompositeFieldContainer[MemoryRegion]
+    carveout_base: int
+    carveout_bytes: int
+    carveout: _containers.RepeatedCompositeFieldContainer[CarveoutRegion]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolMap]
+    def __init__(self, page_size: _Optional[int] = ..., memblocks: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., carveout_base: _Optional[int] = ..., carveout_bytes: _Optional[int] = ..., carveout: _Optional[_Iterable[_Union[CarveoutRegion, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolMap, _Mapping]]] = ...) -> None: ...

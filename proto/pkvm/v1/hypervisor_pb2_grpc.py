@@ -125,6 +125,11 @@ class HypervisorServiceStub:
                 request_serializer=pkvm_dot_v1_dot_hypervisor__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.GetMemoryMap = channel.unary_unary(
+                '/pkvm.v1.HypervisorService/GetMemoryMap',
+                request_serializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapRequest.SerializeToString,
+                response_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapResponse.FromString,
+                _registered_method=True)
 
 
 class HypervisorServiceServicer:
@@ -261,6 +266,14 @@ class HypervisorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMemoryMap(self, request, context):
+        """Where things are (read-only, for pictures): the RAM memblocks, the carve-out's regions
+        and, per pool asked for, the position and order of every free block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HypervisorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +366,11 @@ def add_HypervisorServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.ExecuteRequest.FromString,
                     response_serializer=pkvm_dot_v1_dot_hypervisor__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'GetMemoryMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMemoryMap,
+                    request_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapRequest.FromString,
+                    response_serializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -842,6 +860,33 @@ class HypervisorService:
             '/pkvm.v1.HypervisorService/Execute',
             pkvm_dot_v1_dot_hypervisor__pb2.ExecuteRequest.SerializeToString,
             pkvm_dot_v1_dot_hypervisor__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMemoryMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pkvm.v1.HypervisorService/GetMemoryMap',
+            pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapRequest.SerializeToString,
+            pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -692,8 +692,11 @@ class Hypervisor:
         return [self.hyp_pool, *self.host_pools,
                 *(vm.pool for _h, vm in sorted(self._vms.items()) if vm.pool is not None)]
 
-    def statistics(self) -> HypervisorStatistics:
-        pool_stats = tuple(pool.statistics() for pool in self.pools())
+    def statistics(self, *, vm_pools: bool = True) -> HypervisorStatistics:
+        """A snapshot; `vm_pools=False` leaves out the per-VM pools, so that it costs
+        O(host pools) whatever the number of VMs (the metrics' default)."""
+        pools = self.pools() if vm_pools else [self.hyp_pool, *self.host_pools]
+        pool_stats = tuple(pool.statistics() for pool in pools)
         vmemmap = self.vmemmap
         return HypervisorStatistics(
             pools=pool_stats,

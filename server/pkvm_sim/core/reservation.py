@@ -16,6 +16,11 @@ Budgets, in pages of size P with E = P / 8 entries per table page:
     V    = fixed point of  V -> ceil((H + V) * sizeof(hyp_page) / P) + M(that)
     hyp_mem_pages = H + V
 
+v6.1 is exactly this. v6.12 (profiles.py decides which terms apply) counts 5 levels in M(),
+adds the VM table (1 page) and the FF-A proxy (2 + ceil(32864 / P) pages) to H, and replaces
+the fixed point by every memblock's vmemmap slice rounded out to pages, summed region by
+region (docs/model.md).
+
 Worked example A (4K pages, one 4 GiB memblock at 0x8000_0000, v5.14):
 
     T = 2048 + 4 + 1 + 1 = 2054     G = 512 + 1 + 1 + 1 = 515

@@ -1,23 +1,53 @@
-"""Prometheus collector: reads the simulator's statistics at scrape time.
+"""Prometheus collector: renders a snapshot of the simulator taken at scrape time.
 
-Nothing is updated per operation: a scrape takes one consistent `HypervisorStatistics`
-snapshot (under the service lock), the carve-out partition computed at start-up and the
-service's plain-int counters, and renders them as the metrics listed in deploy/metrics.txt.
+Nothing is updated per operation. A scrape calls the `snapshot` callable once (it copies the
+figures under the simulator lock in O(pools), see snapshot.py) and renders the copy outside
+the lock as the metrics listed in deploy/metrics.txt.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pkvm_sim.core.config import SimConfig
+from pkvm_sim.core.layout import LAYOUTS
 from pkvm_sim.core.model import HypervisorStatistics
 
-StatsSource = Callable[[], HypervisorStatistics]
-CountsSource = Callable[[], Mapping[tuple[str, str], int]]
-OpsSource = Callable[[], Mapping[str, int]]
-CountSource = Callable[[], int]
+from .fragmentation import largest_free_order, unusable_free_index
+from .snapshot import MetricsSnapshot
+
+SnapshotSource = Callable[[], MetricsSnapshot]
+
+
+@dataclass(frozen=True)
+class SimInfo:
+    """pkvm_sim_info's labels: fixed for the life of the process."""
+
+    version: str
+    profile: str
+    layout: str
+    page_size: str
+    coverage: str
+
+    @classmethod
+    def of(cls, config: SimConfig) -> SimInfo:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            package_version = version("pkvm-sim")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            package_version = "unknown"
+        return cls(
+            version=package_version,
+            profile=str(config.profile),
+            layout=config.layout.name,
+            page_size=str(config.page_size),
+            coverage=config.vmemmap_coverage,
+        )
 
 
 class HypervisorCollector(Collector):
@@ -25,33 +55,30 @@ class HypervisorCollector(Collector):
 
     def __init__(
         self,
-        statistics: StatsSource,
+        snapshot: SnapshotSource,
         *,
         carveout_parts: Mapping[str, int],
-        requests: CountsSource | None = None,
-        operations: OpsSource | None = None,
-        fault_failures: OpsSource | None = None,
-        vms_expired: CountSource | None = None,
+        info: SimInfo | None = None,
     ) -> None:
-        self._statistics = statistics
+        self._snapshot = snapshot
         self._carveout_parts = dict(carveout_parts)  # part -> bytes (fixed after boot)
-        self._requests = requests
-        self._operations = operations
-        self._fault_failures = fault_failures
-        self._vms_expired = vms_expired
+        self._info = info
 
     def describe(self) -> Iterable[Metric]:
         return []  # unchecked collector: the metric set depends on the pools at scrape time
 
     def collect(self) -> Iterable[Metric]:
-        stats = self._statistics()
+        snap = self._snapshot()  # the only step under the simulator lock
+        stats = snap.statistics
+        yield from self._info_metric()
         yield from self._pools(stats)
+        yield from self._fragmentation(stats)
         yield from self._overhead(stats)
-        yield from self._host_stage2(stats)
+        yield from self._host_stage2(stats, snap.fault_failures)
         yield GaugeMetricFamily("pkvm_vms", "VMs currently alive.", value=stats.nr_vms)
         yield CounterMetricFamily(
             "pkvm_vms_expired", "VMs destroyed because their lease expired.",
-            value=self._vms_expired() if self._vms_expired is not None else 0,
+            value=snap.vms_expired,
         )
         yield GaugeMetricFamily(
             "pkvm_shared_pages",
@@ -60,10 +87,24 @@ class HypervisorCollector(Collector):
         )
         yield CounterMetricFamily(
             "pkvm_refcount_limit_hits",
-            "get_page calls refused because the refcount would overflow.",
+            "Stage-2 table entries refused because the table page's hyp_page refcount was "
+            "at its limit.",
             value=stats.host_stage2.refcount_limit_hits,
         )
-        yield from self._service()
+        yield from self._service(snap)
+
+    def _info_metric(self) -> Iterable[Metric]:
+        if self._info is None:
+            return
+        info = self._info
+        family = GaugeMetricFamily(
+            "pkvm_sim_info", "The simulator's version and configuration (value 1).",
+            labels=["version", "profile", "layout", "page_size", "coverage"],
+        )
+        family.add_metric(
+            [info.version, info.profile, info.layout, info.page_size, info.coverage], 1
+        )
+        yield family
 
     def _pools(self, stats: HypervisorStatistics) -> Iterable[Metric]:
         pages = GaugeMetricFamily("pkvm_pool_pages", "Pool size in pages.", labels=["pool"])
@@ -83,7 +124,11 @@ class HypervisorCollector(Collector):
             labels=["pool", "order"],
         )
         failures = CounterMetricFamily(
-            "pkvm_pool_alloc_failures", "Allocations that failed with ENOMEM.", labels=["pool"]
+            "pkvm_pool_alloc_failures",
+            "Allocations the pool refused with ENOMEM, expected ones included (a request "
+            "for more than a drained pool holds; host stage-2 running dry before an MMIO "
+            "recycle).",
+            labels=["pool"],
         )
         for pool in stats.pools:
             labels = [pool.name]
@@ -96,14 +141,42 @@ class HypervisorCollector(Collector):
                 blocks.add_metric([pool.name, str(order)], count)
         return (pages, free, allocated, reserved, blocks, failures)
 
+    def _fragmentation(self, stats: HypervisorStatistics) -> Iterable[Metric]:
+        unusable = GaugeMetricFamily(
+            "pkvm_pool_unusable_free_index",
+            "Share of free pages in blocks too small for an allocation of this order "
+            "(0: none, 1: all; mm/vmstat.c unusable_free_index).",
+            labels=["pool", "order"],
+        )
+        largest = GaugeMetricFamily(
+            "pkvm_pool_largest_free_order",
+            "Highest order with a free block (-1: no free block).", labels=["pool"],
+        )
+        for pool in stats.pools:
+            blocks = pool.free_blocks_per_order
+            largest.add_metric([pool.name], largest_free_order(blocks))
+            for order in range(len(blocks)):
+                unusable.add_metric([pool.name, str(order)], unusable_free_index(blocks, order))
+        return (unusable, largest)
+
     def _overhead(self, stats: HypervisorStatistics) -> Iterable[Metric]:
+        vmemmap = stats.vmemmap
         yield GaugeMetricFamily(
             "pkvm_vmemmap_bytes", "Modelled hyp_vmemmap size in bytes.",
-            value=stats.vmemmap.modelled_bytes,
+            value=vmemmap.modelled_bytes,
         )
+        per_layout = GaugeMetricFamily(
+            "pkvm_vmemmap_layout_bytes",
+            "hyp_vmemmap bytes the covered memory would cost with each struct hyp_page layout "
+            "(the running one is pkvm_sim_info's layout).",
+            labels=["layout"],
+        )
+        for name, layout in LAYOUTS.items():
+            per_layout.add_metric([name], vmemmap.covered_pages * layout.entry_bytes)
+        yield per_layout
         yield GaugeMetricFamily(
             "pkvm_vmemmap_bytes_per_gib", "hyp_vmemmap bytes per GiB of covered memory.",
-            value=stats.vmemmap.bytes_per_gib,
+            value=vmemmap.bytes_per_gib,
         )
         parts = GaugeMetricFamily(
             "pkvm_carveout_bytes", "Bytes of the hyp carve-out per part.", labels=["part"]
@@ -116,7 +189,9 @@ class HypervisorCollector(Collector):
             value=stats.hyp_mem_pages,
         )
 
-    def _host_stage2(self, stats: HypervisorStatistics) -> Iterable[Metric]:
+    def _host_stage2(
+        self, stats: HypervisorStatistics, fault_failures: Mapping[str, int]
+    ) -> Iterable[Metric]:
         h = stats.host_stage2
         yield CounterMetricFamily(
             "pkvm_host_s2_mmio_recycles",
@@ -134,32 +209,39 @@ class HypervisorCollector(Collector):
         faults.add_metric(["memory"], h.faults_memory)
         faults.add_metric(["mmio"], h.faults_mmio)
         yield faults
+        yield CounterMetricFamily(
+            "pkvm_host_s2_spurious_faults",
+            "Host stage-2 faults on an address already mapped identically (-EAGAIN).",
+            value=h.spurious_faults,
+        )
+        yield CounterMetricFamily(
+            "pkvm_host_s2_map_failures",
+            "Host stage-2 faults still out of page-table pages after recycling MMIO "
+            "mappings: the allocation failures nobody asked for.",
+            value=h.map_failures,
+        )
         # FATAL outcomes by kind come from the service, which sees every fault's result; the
         # core's statistics only have the total (h.fatal_faults).
         failures = CounterMetricFamily(
             "pkvm_host_s2_fault_failures", "Host stage-2 faults that could not be mapped.",
             labels=["kind"],
         )
-        by_kind = dict(self._fault_failures()) if self._fault_failures else {
-            "memory": h.fatal_faults, "mmio": 0
-        }
+        by_kind = dict(fault_failures) or {"memory": h.fatal_faults, "mmio": 0}
         for kind in ("memory", "mmio"):
             failures.add_metric([kind], by_kind.get(kind, 0))
         yield failures
 
-    def _service(self) -> Iterable[Metric]:
+    def _service(self, snap: MetricsSnapshot) -> Iterable[Metric]:
         requests = CounterMetricFamily(
             "pkvm_grpc_requests", "gRPC requests handled, by method and status code.",
             labels=["method", "code"],
         )
-        if self._requests is not None:
-            for (method, code), count in sorted(self._requests().items()):
-                requests.add_metric([method, code], count)
+        for (method, code), count in sorted(snap.requests.items()):
+            requests.add_metric([method, code], count)
         yield requests
         operations = CounterMetricFamily(
             "pkvm_operations", "Simulator operations performed, by operation.", labels=["op"]
         )
-        if self._operations is not None:
-            for op, count in self._operations().items():
-                operations.add_metric([op], count)
+        for op, count in snap.operations.items():
+            operations.add_metric([op], count)
         yield operations

@@ -112,6 +112,13 @@ class TokenRegistry:
             raise _unauthenticated("BAD_TOKEN", f"the token is not VM {handle:#x}'s")
         self.leases.renew(handle)
 
+    def holds(self, handle: int, token: str | None) -> bool:
+        """Whether `token` is still VM `handle`'s (the VM was not destroyed, and its handle
+        not given to a new VM, since the token was checked)."""
+        expected = self._tokens.get(handle)
+        return expected is not None and token is not None and hmac.compare_digest(
+            token.encode(), expected.encode())
+
     def handle_of(self, token: str | None) -> int:
         """The VM whose token this is (an Execute stream's VM, known at stream start)."""
         if token is None:

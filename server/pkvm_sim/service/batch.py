@@ -168,6 +168,7 @@ class BatchRun:
         self.failed = 0  # refused and invalid operations
         self.next = 0  # the first operation not yet run
         self.stopped = False  # stop_on_error hit, or aborted
+        self.abort_reason: str | None = None  # why abort_rest cut the batch short
 
     @property
     def done(self) -> bool:
@@ -255,6 +256,7 @@ class BatchRun:
         for j in range(self.next, self.n):
             self.codes[j] = _ABORTED
         self.stopped = True
+        self.abort_reason = reason
 
     def response(self) -> pb2.ExecuteResponse:
         return pb2.ExecuteResponse(

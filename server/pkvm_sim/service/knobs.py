@@ -51,6 +51,17 @@ def address(value: Any) -> str | None:
     return text
 
 
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, not {value!r}")
+
+
 def log_level(value: Any) -> str:
     text = str(value).upper()
     if text not in LOG_LEVELS:
@@ -92,6 +103,8 @@ SERVER_KNOBS = (
          address),
     Knob("metrics_listen", SERVER, "Prometheus /metrics address, or 'off'", "HOST:PORT",
          address),
+    Knob("metrics_per_vm", SERVER, "export each VM pool's series too (their count then "
+         "grows with the VMs)", "BOOL", boolean),
     Knob("grace_seconds", SERVER, "shutdown completes within this, whatever is running", "S",
          seconds),
     Knob("vm_lease_seconds", SERVER, "a VM with no call for this long is destroyed "
@@ -185,9 +198,13 @@ def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob]) -> None:
             parser.add_argument(knob.option, dest=knob.name, metavar=knob.metavar, help=text)
 
 
-def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
-    """The simulated machine's knobs as flags (serve, and any tool that boots a machine)."""
-    _add(parser, SIM_KNOBS)
+def add_sim_arguments(
+    parser: argparse.ArgumentParser, only: Iterable[str] | None = None
+) -> None:
+    """The simulated machine's knobs as flags, all or `only` those named (serve, and any
+    tool that builds a SimConfig: `SimConfig.from_mapping(vars(args))` takes them)."""
+    wanted = None if only is None else set(only)
+    _add(parser, (k for k in SIM_KNOBS if wanted is None or k.name in wanted))
 
 
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:

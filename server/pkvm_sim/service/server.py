@@ -25,11 +25,16 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.metrics import HypervisorCollector
+from pkvm_sim.metrics import (
+    AioServerMetricsInterceptor,
+    RpcStats,
+    SimInfo,
+    locked_snapshot,
+    serve_metrics,
+)
 
 from .auth import ClientToken
 from .leases import (
@@ -55,6 +60,7 @@ class ServerSettings:
 
     listen: str = "127.0.0.1:50051"
     metrics_listen: str | None = "127.0.0.1:9100"  # None: no metrics endpoint
+    metrics_per_vm: bool = False  # per-VM pool series: the series count then grows with VMs
     workers: int = 16  # unused by the asyncio server; kept so old configurations load
     grace_seconds: float = 10.0  # shutdown completes within this, whatever is running
     max_message_bytes: int = 4 * MIB  # a full 4096-op batch is about 60 KiB
@@ -221,26 +227,17 @@ MetricsStarter = Callable[[ServerSettings, HypervisorServicer, SimConfig], tuple
 
 
 def start_metrics(
-    settings: ServerSettings, servicer: HypervisorServicer, config: SimConfig
+    settings: ServerSettings, servicer: HypervisorServicer, config: SimConfig,
+    rpc_stats: RpcStats | None = None,
 ) -> tuple[Any, str] | None:
-    """The Prometheus endpoint: (its HTTP server, HOST:PORT), or None when disabled. The
-    collector reads `servicer.statistics`, a consistent snapshot taken under the lock."""
+    """The Prometheus endpoint (pkvm_sim.metrics): (its HTTP server, HOST:PORT), or None when
+    disabled. A scrape copies the figures under the simulator lock and renders outside it."""
     if not settings.metrics_listen:
         return None
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(
-        HypervisorCollector(
-            servicer.statistics,
-            carveout_parts=carveout_parts(config),
-            requests=servicer.counters.requests,
-            operations=servicer.counters.operations_by_name,
-            fault_failures=lambda: dict(servicer.counters.fault_failures),
-            vms_expired=lambda: servicer.counters.vms_expired,
-        )
-    )
-    host, port = split_host_port(settings.metrics_listen)
-    metrics_server, _thread = start_http_server(port, addr=host, registry=registry)
-    return metrics_server, f"{host}:{metrics_server.server_port}"
+    snapshot = locked_snapshot(servicer.lock, servicer.hypervisor, servicer.counters,
+                               per_vm=settings.metrics_per_vm)
+    return serve_metrics(settings.metrics_listen, snapshot, carveout_parts=carveout_parts(config),
+                         info=SimInfo.of(config), rpc_stats=rpc_stats)
 
 
 def start(
@@ -249,7 +246,7 @@ def start(
     *,
     hypervisor: Hypervisor | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    metrics_starter: MetricsStarter = start_metrics,
+    metrics_starter: MetricsStarter | None = None,
 ) -> RunningService:
     """Boot the simulator (unless given one) and serve it; returns once ready to serve."""
     settings = settings or ServerSettings()
@@ -262,6 +259,8 @@ def start(
         hv, config, leases, limits=settings.limits, client_token=client_token,
         chunk_seconds=settings.chunk_seconds,
     )
+    rpc_stats = RpcStats()  # the grpc_server_* series (observe)
+    interceptors = (AioServerMetricsInterceptor(rpc_stats), *interceptors)
     runner = EventLoopThread()
     try:
         server, health_servicer, port = runner.call(
@@ -270,7 +269,8 @@ def start(
     except BaseException:
         runner.close()
         raise
-    metrics = metrics_starter(settings, servicer, config)
+    metrics = (metrics_starter(settings, servicer, config) if metrics_starter is not None
+               else start_metrics(settings, servicer, config, rpc_stats))
     metrics_server, metrics_address = metrics if metrics is not None else (None, None)
     # Leases disabled (vm_lease_seconds = 0): no VM gets one, so no reaper runs.
     reaper = Reaper(servicer.reap_expired, interval) if leases.enabled else None

@@ -448,6 +448,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
     def Reserve(self, request: pb2.ReserveRequest) -> Any:
         return self.reservation
 
+    @rpc("GetMemoryMap", Auth.NONE)
+    def GetMemoryMap(self, request: pb2.GetMemoryMapRequest) -> Any:
+        from .memory_map import memory_map_message  # observe: read-only view for pictures
+
+        return memory_map_message(self.hypervisor, self.config, self.reservation,
+                                  list(request.pools))
+
     # -- batches ---------------------------------------------------------------------------------
 
     async def Execute(
@@ -515,30 +522,36 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self.tokens.check(request.handle, token)
             run = BatchRun(self.hypervisor, self._batch_fns, self.ledger, request)
             try:
-                await self._run_chunks(run)
+                await self._run_chunks(run, token)
             finally:
                 run.count_into(self.counters.operations)
             await context.write(run.response())
-            if run.stopped and self.stopping:
+            if run.abort_reason == "SHUTTING_DOWN":
                 raise shutting_down("; the batch was cut short")
 
-    async def _run_chunks(self, run: BatchRun) -> None:
+    async def _run_chunks(self, run: BatchRun, token: str | None) -> None:
         """Run the batch chunk by chunk. The first chunk runs on the loop (most batches
         need no more); later ones on the batch worker thread, so that other calls are
         served while it works. A cancelled call (client gone, deadline passed) stops at
         the next boundary: the await raises CancelledError."""
-        if self._chunk(run):
+        if self._chunk(run, token):
             return
         loop = asyncio.get_running_loop()
         while True:
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 run.abort_rest("SHUTTING_DOWN", "the server is shutting down")
                 return
-            if await loop.run_in_executor(self.batch_worker, self._chunk, run):
+            if await loop.run_in_executor(self.batch_worker, self._chunk, run, token):
                 return
 
-    def _chunk(self, run: BatchRun) -> bool:
+    def _chunk(self, run: BatchRun, token: str | None) -> bool:
+        """One chunk under the lock; True once the batch is done. Between two chunks the
+        VM may have been destroyed and its handle given to a new VM: the rest of the batch
+        is then not run (ABORTED, VM_NOT_FOUND) rather than run on another VM."""
         with self.lock:
+            if not self.tokens.holds(run.request.handle, token):
+                run.abort_rest("VM_NOT_FOUND", "the VM was destroyed during the batch")
+                return True
             return run.step(self.chunk_seconds)
 
 

@@ -29,11 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 from pkvm_sim.core.config import Memblock, SimConfig, parse_size
 from pkvm_sim.core.layout import GIB, MIB
@@ -208,7 +208,7 @@ def _result(reserved: tuple[int, int] | None, protected: bool, release: str | No
     )
 
 
-def _lines_until(stream: Any, deadline: float) -> Any:
+def _lines_until(stream: IO[bytes], deadline: float) -> Iterator[str]:
     """Decoded lines of `stream` until EOF or the monotonic `deadline`."""
     selector = selectors.DefaultSelector()
     selector.register(stream, selectors.EVENT_READ)

@@ -80,7 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare", nargs="?", const=DEFAULT_COMPARE, metavar="P1,P2,...",
         help="profiles side by side on the same memory map, oldest first "
-        f"(default {DEFAULT_COMPARE}; e.g. {','.join(profile_names())})",
+        f"(default {DEFAULT_COMPARE}; 'all' = {','.join(profile_names())})",
+    )
+    parser.add_argument(  # observe: pictures live in tools/plots.py
+        "--plot", metavar="FILE.png|FILE.svg",
+        help="with --compare: also draw the carve-out per profile as stacked bars",
     )
 
 
@@ -91,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         if args.compare:
             _warn_ignored_by_compare(args)
             reservations = compare_profiles(config, parse_profile_list(args.compare))
+            if getattr(args, "plot", None):
+                from .plots import plot_reservations
+
+                plot_reservations(reservations, args.plot)
             output = (
                 render_compare_json(*reservations) if args.json
                 else render_compare(*reservations)
@@ -116,7 +124,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def parse_profile_list(text: str) -> list[str]:
-    """'v5.13,v6.12' -> the profile names (validated), at least two, no repeats."""
+    """'v5.13,v6.12' -> the profile names (validated), at least two, no repeats; 'all' ->
+    every profile, oldest first."""
+    if text.strip() == "all":
+        return list(profile_names())
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         profile_spec(name)  # ValueError naming the known profiles

@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +36,17 @@ from pkvm_sim.core.layout import GIB, PAGE_SIZES, Profile
 from pkvm_sim.core.model import FaultOutcome
 from pkvm_sim.core.profiles import profile_names
 
+from .plots import ScenarioTimeline, plot_scenario, sampler
+
 SCENARIOS = ("mmio-pressure", "refcount-limit")
 DEFAULT_SPANS = "0.5G,1G,2G,4G"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=SCENARIOS, help="which scenario to run")
-    parser.add_argument("--profile", choices=[*profile_names(), "both"], default="both",
-                        help="profile(s) to run (default: both = v5.13 and v5.14, side by side)")
+    parser.add_argument("--profile", choices=[*profile_names(), "both", "all"], default="both",
+                        help="profile(s) to run side by side (default: both = v5.13 and v5.14;"
+                        " all = every profile)")
     parser.add_argument("--page-size", default="4K", choices=sorted(PAGE_SIZES))
     parser.add_argument("--memblock", action="append", default=None, metavar="BASE:SIZE",
                         help="RAM region (repeatable; default 0x80000000:4G)")
@@ -58,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faults-per-span", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--plot", metavar="FILE.png|FILE.svg",  # observe: tools/plots.py
+                        help="mmio-pressure: also draw table pages and recycles over the faults")
 
 
 @dataclass
@@ -105,7 +111,10 @@ def _host_pool_used(hv: Hypervisor) -> int:
 
 
 def run_mmio_pressure(config: SimConfig, spans: list[int], faults_per_span: int,
-                      seed: int, span_base: int | None = None) -> ProfileResult:
+                      seed: int, span_base: int | None = None,
+                      on_fault: Callable[[Hypervisor, ProfileResult], None] | None = None,
+                      ) -> ProfileResult:
+    """`on_fault(hv, result)` runs after each MMIO fault (scenario --plot samples there)."""
     hv = Hypervisor.boot(config)
     page = config.page_size
     result = ProfileResult(config.profile.value)
@@ -148,6 +157,8 @@ def run_mmio_pressure(config: SimConfig, spans: list[int], faults_per_span: int,
                     result.mmio_faults_before_recycle += 1
                     result.mmio_pages_before_recycle += pages
             peak = max(peak, _host_pool_used(hv))
+            if on_fault is not None:
+                on_fault(hv, result)
     # Whole-run counts come from the model's own statistics (the memory phase adds none).
     stats = hv.statistics().host_stage2
     result.recycles = stats.mmio_recycles
@@ -207,13 +218,21 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  first refusal at {ff['addr']:#x}: {ff['reason']}")
         return 0 if out["refcount_limit_hits"] else 1
 
-    profiles = ["v5.13", "v5.14"] if args.profile == "both" else [args.profile]
+    profiles = {"both": ["v5.13", "v5.14"], "all": list(profile_names())}.get(
+        args.profile, [args.profile])
     try:  # a bad span or an impossible memory map is the user's error, not a crash
         spans = [parse_size(s) if not s.endswith(("G", "g")) or "." not in s
                  else int(float(s[:-1]) * GIB) for s in args.spans.split(",")]
         span_base = None if args.span_base is None else parse_size(args.span_base)
+        timelines = {profile: ScenarioTimeline(profile) for profile in profiles}
         results = [run_mmio_pressure(build_config(args, profile), spans, args.faults_per_span,
-                                     args.seed, span_base) for profile in profiles]
+                                     args.seed, span_base,
+                                     sampler(timelines[profile]) if args.plot else None)
+                   for profile in profiles]
+        if args.plot:
+            plot_scenario(list(timelines.values()), args.plot,
+                          f"mmio-pressure: spans {args.spans}, {args.faults_per_span} "
+                          f"faults per span, seed {args.seed}")
     except ValueError as error:
         print(f"scenario: error: {error}", file=sys.stderr)
         return 2
