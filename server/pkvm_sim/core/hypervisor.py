@@ -187,10 +187,13 @@ class Hypervisor:
             raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
                                   reason="BAD_SLICE_SIZE")
         at_el2 = Operation.VMS in self.operations
-        slots = KVM_MAX_PVMS if at_el2 else MAX_VMS
+        # The hyp VM table kvm_hyp_reserve reserved (v6.2+: KVM_MAX_PVMS slots); profiles
+        # without one (v5.x serving VMs as an extension) keep the service's own table.
+        slots = self.config.kernel.vm_table_entries or MAX_VMS
         index = next((i for i in range(slots) if i + VM_HANDLE_OFFSET not in self._vms), None)
         if index is None:
-            table = "the hyp VM table (KVM_MAX_PVMS)" if at_el2 else "the VM table"
+            table = ("the hyp VM table (KVM_MAX_PVMS)" if slots == KVM_MAX_PVMS
+                     else "the VM table")
             raise OutOfMemory(f"{table} is full ({slots} VMs)", reason="VM_TABLE_FULL")
         handle = index + VM_HANDLE_OFFSET
         if not at_el2:
