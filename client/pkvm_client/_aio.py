@@ -40,6 +40,7 @@ from ._types import (
     Pool,
     PoolName,
     Reservation,
+    SavedState,
     ShareResult,
     Stats,
     Timeout,
@@ -176,6 +177,17 @@ class AsyncHypervisor:
                                timeout=self._deadline(timeout))
         return from_message(Reservation, response)
 
+    async def save_state(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> SavedState:
+        """Have the server write its whole machine to its --state-file now (a host-wide
+        call: the client token when the server has one)."""
+        response = await _call(self.stub.SaveState, pb2.SaveStateRequest(),
+                               timeout=self._deadline(timeout))
+        return from_message(SavedState, response)
+
+    async def instance_id(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
+        """The server process's id, new at every start: a change means it restarted."""
+        return (await self.stats(timeout=timeout)).instance_id
+
 
 class AsyncVMCreation:
     """What `AsyncHypervisor.create_vm` returns: an `async with` block that creates the VM
@@ -202,6 +214,7 @@ class AsyncVMCreation:
     ) -> None:
         if self._vm is not None:
             await self._vm.destroy()
+
 
 
 class AsyncVM(VmHandle):

@@ -38,6 +38,7 @@ from ._types import (
     Pool,
     PoolName,
     Reservation,
+    SavedState,
     ShareResult,
     Stats,
     Timeout,
@@ -268,6 +269,22 @@ class Hypervisor:
         return from_message(
             Reservation, _call(self.stub.Reserve, request, timeout=self._deadline(timeout))
         )
+
+    # -- the state file (docs/state-file.md) ---------------------------------------------------
+
+    def save_state(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> SavedState:
+        """Have the server write its whole machine to its --state-file now (a host-wide
+        call: the client token when the server has one; FailedPreconditionError when it runs
+        without --state-file)."""
+        request = pb2.SaveStateRequest()
+        return from_message(
+            SavedState, _call(self.stub.SaveState, request, timeout=self._deadline(timeout))
+        )
+
+    def instance_id(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
+        """The server process's id, new at every start: a change means it restarted (its
+        machine was restored from a state file, or booted afresh)."""
+        return self.stats(timeout=timeout).instance_id
 
 
 class VmHandle:

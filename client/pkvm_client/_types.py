@@ -181,6 +181,7 @@ class Stats:
     hyp_mem_pages: int
     carveout_base: int
     carveout_bytes: int
+    instance_id: str  # the server process's id: new at every start (docs/state-file.md)
 
     def pool(self, name: str) -> PoolStats:
         """The pool called `name` ("hyp", "host_s2", "vm/<handle>"...); KeyError if none."""
@@ -228,6 +229,18 @@ class Reservation:
     hyp_page_layout: str
     carveout_base: int
     regions: tuple[CarveoutRegion, ...]
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What `hv.save_state()` wrote: the server's --state-file (docs/state-file.md)."""
+
+    path: str
+    size_bytes: int
+    seconds: float  # calls waited only while the state was copied, not for the write
+    nr_vms: int
+    format_version: int
+    instance_id: str  # the server that saved it
 
 
 # -- protobuf message -> result ------------------------------------------------------------------

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                      "boot real kernels under QEMU, compare their EL2 reservation with ours"),
     "healthcheck": ("pkvm_sim.tools.healthcheck", "exit 0 if a local service says SERVING"),
     "draw": ("pkvm_sim.tools.draw", "draw a running service's memory: pools, free blocks"),
+    "state": ("pkvm_sim.tools.state", "inspect a state file (serve --state-file)"),
 }
 
 

@@ -26,7 +26,7 @@ EXPORTS = {
     "Batch", "BatchResult", "MAX_BATCH_OPS",
     # results and enums
     "VmInfo", "Fault", "ShareResult", "GuestMapping", "Stats", "PoolStats", "VmemmapStats",
-    "HostStage2Stats", "PageInfo", "Reservation", "CarveoutRegion",
+    "HostStage2Stats", "PageInfo", "Reservation", "CarveoutRegion", "SavedState",
     "Pool", "PageState", "FaultOutcome",
     # errors
     "PkvmError", "OutOfMemoryError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
@@ -47,6 +47,7 @@ MESSAGE_OF_RESULT = {
     "PageInfo": pb2.GetPageInfoResponse,
     "Reservation": pb2.ReserveResponse,
     "CarveoutRegion": pb2.CarveoutRegion,
+    "SavedState": pb2.SaveStateResponse,
 }
 PROTO_ENUM_OF = {"Pool": "PoolKind", "PageState": "PageState", "FaultOutcome": "FaultOutcome"}
 

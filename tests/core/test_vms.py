@@ -51,12 +51,14 @@ def test_create_vm_handles_vmids_and_donations() -> None:
         hv.vm(0x2000)
 
 
-def test_handles_are_reused_lowest_first() -> None:
+def test_vm_slots_are_reused_lowest_first_but_handles_never() -> None:
+    """Issue 8: a client must tell "my VM is gone" from a new VM in its slot."""
     hv = boot()
     a = hv.create_vm(nr_vcpus=1, slice_pages=1)
     hv.create_vm(nr_vcpus=1, slice_pages=1)
     hv.destroy_vm(a.handle)
-    assert hv.create_vm(nr_vcpus=1, slice_pages=1).handle == a.handle
+    c = hv.create_vm(nr_vcpus=1, slice_pages=1)
+    assert (c.vmid, c.handle) == (a.vmid, 0x1002)
 
 
 def test_guest_map_needs_table_pages_from_the_memcache() -> None:

@@ -98,7 +98,7 @@ def test_every_knob_is_declared_once_with_its_owners_default() -> None:
     assert {f.name for f in fields(Limits)} == {
         k.name for k in knobs.SERVICE_KNOBS if k.section == knobs.LIMITS}
     settings = {f.name for f in fields(ServerSettings)}
-    assert {k.name for k in knobs.SERVER_KNOBS} - settings == {"log_level"}
+    assert {k.name for k in knobs.SERVER_KNOBS} - settings == {"log_level", "state_file"}
     helps = {action.dest: action.help for action in _parser()._actions}
     # The help text shows the defaults of the dataclasses that own the knobs.
     assert "(default 8)" in helps["nr_cpus"] and SimConfig().nr_cpus == 8

@@ -311,7 +311,7 @@ def test_tiny_lease_is_refused(small: tuple[RunningService, Stub]) -> None:
 
 def test_a_vm_destroyed_during_its_batch_ends_the_batch() -> None:
     """DestroyVM from elsewhere while the VM's long batch runs: the rest of the batch does
-    not run, and a new VM that gets the same handle is not touched by it."""
+    not run, and a new VM (in the same VM table slot) is not touched by it."""
     service = serve(Limits(quota_hyp_pages=0))
     try:
         with grpc.insecure_channel(service.target) as channel:
@@ -322,7 +322,8 @@ def test_a_vm_destroyed_during_its_batch_ends_the_batch() -> None:
             time.sleep(0.3)
             stub.DestroyVM(pb2.DestroyVMRequest(handle=vm.vm.handle), metadata=bearer(vm.token))
             successor = create(stub, slice_pages=512)
-            assert successor.vm.handle == vm.vm.handle  # the handle is reused
+            assert successor.vm.vmid == vm.vm.vmid  # the slot is reused, the handle never
+            assert successor.vm.handle != vm.vm.handle  # (issue 8)
             response = next(stream.call)
             assert 0 < response.completed < 4095
             assert response.errors[-1].reason == "VM_NOT_FOUND"

@@ -424,7 +424,7 @@ class HostStage2Stats(_message.Message):
     def __init__(self, faults_memory: _Optional[int] = ..., faults_mmio: _Optional[int] = ..., spurious_faults: _Optional[int] = ..., fatal_faults: _Optional[int] = ..., mmio_recycles: _Optional[int] = ..., mmio_recycled_pages: _Optional[int] = ..., map_failures: _Optional[int] = ..., table_pages: _Optional[int] = ..., refcount_limit_hits: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("pools", "vmemmap", "host_stage2", "nr_vms", "shared_pages", "hyp_mem_pages", "carveout_base", "carveout_bytes")
+    __slots__ = ("pools", "vmemmap", "host_stage2", "nr_vms", "shared_pages", "hyp_mem_pages", "carveout_base", "carveout_bytes", "instance_id")
     POOLS_FIELD_NUMBER: _ClassVar[int]
     VMEMMAP_FIELD_NUMBER: _ClassVar[int]
     HOST_STAGE2_FIELD_NUMBER: _ClassVar[int]
@@ -433,6 +433,7 @@ class GetStatsResponse(_message.Message):
     HYP_MEM_PAGES_FIELD_NUMBER: _ClassVar[int]
     CARVEOUT_BASE_FIELD_NUMBER: _ClassVar[int]
     CARVEOUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolStats]
     vmemmap: VmemmapStats
     host_stage2: HostStage2Stats
@@ -441,7 +442,8 @@ class GetStatsResponse(_message.Message):
     hyp_mem_pages: int
     carveout_base: int
     carveout_bytes: int
-    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., vmemmap: _Optional[_Union[VmemmapStats, _Mapping]] = ..., host_stage2: _Optional[_Union[HostStage2Stats, _Mapping]] = ..., nr_vms: _Optional[int] = ..., shared_pages: _Optional[int] = ..., hyp_mem_pages: _Optional[int] = ..., carveout_base: _Optional[int] = ..., carveout_bytes: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., vmemmap: _Optional[_Union[VmemmapStats, _Mapping]] = ..., host_stage2: _Optional[_Union[HostStage2Stats, _Mapping]] = ..., nr_vms: _Optional[int] = ..., shared_pages: _Optional[int] = ..., hyp_mem_pages: _Optional[int] = ..., carveout_base: _Optional[int] = ..., carveout_bytes: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class GetPageInfoRequest(_message.Message):
     __slots__ = ("pfn",)
@@ -600,3 +602,23 @@ class GetMemoryMapResponse(_message.Message):
     carveout: _containers.RepeatedCompositeFieldContainer[CarveoutRegion]
     pools: _containers.RepeatedCompositeFieldContainer[PoolMap]
     def __init__(self, page_size: _Optional[int] = ..., memblocks: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., carveout_base: _Optional[int] = ..., carveout_bytes: _Optional[int] = ..., carveout: _Optional[_Iterable[_Union[CarveoutRegion, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[PoolMap, _Mapping]]] = ...) -> None: ...
+
+class SaveStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SaveStateResponse(_message.Message):
+    __slots__ = ("path", "size_bytes", "seconds", "nr_vms", "format_version", "instance_id")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NR_VMS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size_bytes: int
+    seconds: float
+    nr_vms: int
+    format_version: int
+    instance_id: str
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., nr_vms: _Optional[int] = ..., format_version: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...

@@ -130,6 +130,11 @@ class HypervisorServiceStub:
                 request_serializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapRequest.SerializeToString,
                 response_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapResponse.FromString,
                 _registered_method=True)
+        self.SaveState = channel.unary_unary(
+                '/pkvm.v1.HypervisorService/SaveState',
+                request_serializer=pkvm_dot_v1_dot_hypervisor__pb2.SaveStateRequest.SerializeToString,
+                response_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.SaveStateResponse.FromString,
+                _registered_method=True)
 
 
 class HypervisorServiceServicer:
@@ -274,6 +279,14 @@ class HypervisorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveState(self, request, context):
+        """Write the whole simulated machine to the server's --state-file now (admin call: needs
+        the client token when the server has one). FAILED_PRECONDITION without --state-file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HypervisorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -371,6 +384,11 @@ def add_HypervisorServiceServicer_to_server(servicer, server):
                     servicer.GetMemoryMap,
                     request_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapRequest.FromString,
                     response_serializer=pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapResponse.SerializeToString,
+            ),
+            'SaveState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveState,
+                    request_deserializer=pkvm_dot_v1_dot_hypervisor__pb2.SaveStateRequest.FromString,
+                    response_serializer=pkvm_dot_v1_dot_hypervisor__pb2.SaveStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -887,6 +905,33 @@ class HypervisorService:
             '/pkvm.v1.HypervisorService/GetMemoryMap',
             pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapRequest.SerializeToString,
             pkvm_dot_v1_dot_hypervisor__pb2.GetMemoryMapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pkvm.v1.HypervisorService/SaveState',
+            pkvm_dot_v1_dot_hypervisor__pb2.SaveStateRequest.SerializeToString,
+            pkvm_dot_v1_dot_hypervisor__pb2.SaveStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,9 +85,10 @@ from .profiles import FIRST_KERNEL, KVM_MAX_PVMS, Operation
 from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
 from .vmemmap import Vmemmap
 
-VM_HANDLE_OFFSET = 0x1000  # handle = table index + 0x1000 (SEMANTICS 5)
-# Client VMs without EL2 state (profiles without Operation.VMS) are the service's own
-# records: at most this many. VMs at EL2 live in the kernel's VM table: KVM_MAX_PVMS (255).
+VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000 (SEMANTICS 5)
+# Client VMs without EL2 state (profiles without Operation.VMS) and VMs of profiles that
+# reserve no hyp VM table are the service's own records: at most this many. VMs at EL2 of a
+# profile with a VM table live in it: vm_table_entries (KVM_MAX_PVMS, 255, in v6.12).
 MAX_VMS = 4096
 PKVM_HYP_VM_BYTES = 1024  # struct pkvm_hyp_vm without the vCPU pointer array (illustrative)
 PKVM_HYP_VCPU_BYTES = 4096  # struct pkvm_hyp_vcpu (illustrative), donated per vCPU
@@ -129,6 +130,9 @@ class Hypervisor:
         # EL2's stage-1 tables over pages it maps at their alias (shares, donations).
         self.hyp_stage1 = HypStage1(self.page_shift, hyp_pool,
                                     [(layout.base_pfn, layout.base_pfn + layout.nr_pages)])
+        # VMs ever created: the next handle is VM_HANDLE_OFFSET + this, so a handle is never
+        # reused within one machine's lifetime (saved with it: core/state_file.py).
+        self._vms_created = 0
 
     # -- boot ------------------------------------------------------------------------------
 
@@ -189,13 +193,17 @@ class Hypervisor:
         at_el2 = Operation.VMS in self.operations
         # The hyp VM table kvm_hyp_reserve reserved (v6.2+: KVM_MAX_PVMS slots); profiles
         # without one (v5.x serving VMs as an extension) keep the service's own table.
+        # The slot (VMID - 1) is reused like the kernel's; the handle is not (it would be
+        # slot + 0x1000 in the kernel): a client can tell its VM was destroyed, or the server
+        # restarted, from a new VM that took the slot (docs/state-file.md).
         slots = self.config.kernel.vm_table_entries or MAX_VMS
-        index = next((i for i in range(slots) if i + VM_HANDLE_OFFSET not in self._vms), None)
+        used = {vm.vmid - 1 for vm in self._vms.values()}
+        index = next((i for i in range(slots) if i not in used), None)
         if index is None:
             table = ("the hyp VM table (KVM_MAX_PVMS)" if slots == KVM_MAX_PVMS
                      else "the VM table")
             raise OutOfMemory(f"{table} is full ({slots} VMs)", reason="VM_TABLE_FULL")
-        handle = index + VM_HANDLE_OFFSET
+        handle = VM_HANDLE_OFFSET + self._vms_created
         if not at_el2:
             # No EL2 VM state in this kernel; the client still gets a handle and a slice, and
             # everything that needs the VM at EL2 is refused (NOT_IN_PROFILE).
@@ -203,6 +211,7 @@ class Hypervisor:
             vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
                          slice_pages, -1, 0, -1, 0, None)
             self._vms[handle] = vm
+            self._vms_created += 1
             return self._vm_info(vm)
         _start, pgd_pages = pgd_geometry(self.geometry, self.config.ia_bits)
         meta_pages = (ceil_div(PKVM_HYP_VM_BYTES + 8 * nr_vcpus, self.page_size)
@@ -240,6 +249,7 @@ class Hypervisor:
                                  [pgd + i for i in range(pgd_pages)],
                                  on_refcount_limit=self.host_stage2.count_refcount_limit)
         self._vms[handle] = vm  # published last
+        self._vms_created += 1
         return self._vm_info(vm)
 
     def destroy_vm(self, handle: int) -> int:

@@ -38,7 +38,7 @@ class FaultOutcome(StrEnum):
 
 @dataclass(frozen=True)
 class VmInfo:
-    handle: int  # table index + 0x1000 (SEMANTICS 5)
+    handle: int  # 0x1000, 0x1001, ...: never reused within a machine's lifetime
     vmid: int  # table index + 1 (VMID 0 is the host)
     name: str
     nr_vcpus: int

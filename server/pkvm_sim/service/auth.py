@@ -88,6 +88,11 @@ class TokenRegistry:
         self.leases.grant(handle, lease_seconds)
         return token
 
+    def adopt(self, handle: int, token: str) -> None:
+        """Take back a token saved in a state file (service/persist.py); no lease."""
+        self._tokens[handle] = token
+        self._handles[_digest(token)] = handle
+
     def revoke(self, handle: int) -> None:
         """Forget VM `handle`'s token and lease (it was destroyed)."""
         token = self._tokens.pop(handle, None)

@@ -121,6 +121,8 @@ SERVER_KNOBS = (
          non_negative_int),
     Knob("log_level", SERVER, "logging level: DEBUG, INFO, WARNING or ERROR", "LEVEL",
          log_level),
+    Knob("state_file", SERVER, "keep the machine here: restored at start if the file exists, "
+         "saved on SIGTERM/SIGINT and by SaveState (docs/state-file.md)", "PATH", str),
 )
 LIMIT_KNOBS = (
     Knob("max_vms", LIMITS, "VMs the server holds at once (0: the VM table's 4096)", "N",
@@ -143,8 +145,8 @@ LIMIT_KNOBS = (
 SERVICE_KNOBS = SERVER_KNOBS + LIMIT_KNOBS
 ALL_KNOBS = SIM_KNOBS + SERVICE_KNOBS
 BY_NAME = {knob.name: knob for knob in ALL_KNOBS}
-# Log level is the serve command's, not a ServerSettings field.
-NOT_SETTINGS = ("log_level",)
+# Log level and the state file are the serve command's, not ServerSettings fields.
+NOT_SETTINGS = ("log_level", "state_file")
 
 
 def _owner_defaults(section: str) -> dict[str, Any]:

@@ -10,6 +10,9 @@ then the config file (TOML; YAML when PyYAML is installed), then environment var
 PKVM_SIM_LISTEN), then flags. A config file holds the SimConfig knobs at top level and the
 server settings in a `[server]` table. Every knob is declared once, in service/knobs.py.
 
+With `--state-file PATH` the machine outlives the process: restored from PATH at start when
+the file exists, saved there on SIGTERM/SIGINT and by the SaveState RPC (docs/state-file.md).
+
 Once ready it prints exactly one line, `pkvm-sim listening on HOST:PORT (metrics on
 HOST:PORT)`, and serves until SIGTERM or SIGINT: health goes NOT_SERVING, in-flight calls
 get the grace period to finish, and the process exits 0.
@@ -160,6 +163,18 @@ def effective_configuration(config: SimConfig, settings: Any) -> str:
     return f"configuration: {machine}; {server}; {limits}"
 
 
+def explicit_knobs(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> set[str]:
+    """The SimConfig knobs the user set (config file, environment or flags)."""
+    environ = os.environ if environ is None else environ
+    given: set[str] = set()
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        given |= set(load_file(config_path))
+    given |= set(load_env(environ))
+    given |= {key for key in SIM_KEYS if getattr(args, key, None) is not None}
+    return given & set(SIM_KEYS)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config, server_values = resolve(args)
@@ -169,6 +184,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(level)
+    keeper = None
+    restored = None
+    if server_values.get("state_file"):
+        from .persist import restore_at_start
+
+        outcome = restore_at_start(str(server_values["state_file"]), config,
+                                   explicit_knobs(args))
+        if isinstance(outcome, str):
+            print(f"pkvm-sim serve: {outcome}", file=sys.stderr)
+            return EXIT_USAGE
+        keeper, restored = outcome
+        if restored is not None:
+            config = restored.config
     # The batch worker thread computes while the loop thread serves other calls: hand the
     # GIL over every millisecond instead of every 5 (docs/service.md, bench_tenancy.py).
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
@@ -184,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     log.info("%s", effective_configuration(config, settings))
     try:
-        service = start(config, settings)
+        service = start(config, settings, state=keeper,
+                        hypervisor=restored.hypervisor if restored else None)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -195,4 +224,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     log.info("stopping: in-flight calls get %g s", settings.grace_seconds)
     service.stop(settings.grace_seconds)
+    if keeper is not None:  # after in-flight calls: the file holds their effects
+        from .persist import save_at_exit
+
+        return save_at_exit(keeper, service.servicer)
     return EXIT_OK

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -46,6 +46,9 @@ from .leases import (
 )
 from .limits import Limits
 from .servicer import SERVICE_NAME, HypervisorServicer
+
+if TYPE_CHECKING:
+    from .persist import StateKeeper
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +250,10 @@ def start(
     hypervisor: Hypervisor | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     metrics_starter: MetricsStarter | None = None,
+    state: StateKeeper | None = None,
 ) -> RunningService:
-    """Boot the simulator (unless given one) and serve it; returns once ready to serve."""
+    """Boot the simulator (unless given one) and serve it; returns once ready to serve.
+    `state`: the --state-file keeper; its restored tokens and leases apply before serving."""
     settings = settings or ServerSettings()
     leases = LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)
     interval = check_interval(settings.vm_lease_seconds, settings.lease_check_interval)
@@ -259,6 +264,8 @@ def start(
         hv, config, leases, limits=settings.limits, client_token=client_token,
         chunk_seconds=settings.chunk_seconds,
     )
+    if state is not None:
+        state.attach(servicer)
     rpc_stats = RpcStats()  # the grpc_server_* series (observe)
     interceptors = (AioServerMetricsInterceptor(rpc_stats), *interceptors)
     runner = EventLoopThread()

@@ -25,9 +25,10 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
@@ -49,7 +50,7 @@ from pkvm_sim.core.reservation import compute_reservation, partition_carveout
 from .auth import ClientToken, TokenRegistry, bearer_token
 from .batch import BatchRun, batch_functions, validate_batch
 from .counters import ServiceCounters
-from .errors import ServiceError, abort, describe
+from .errors import ServiceError, describe, to_status
 from .leases import LeaseTable
 from .limits import (
     Admission,
@@ -61,7 +62,11 @@ from .limits import (
     quota_exceeded,
 )
 
+if TYPE_CHECKING:
+    from .persist import StateKeeper
+
 log = logging.getLogger(__name__)
+INSTANCE_ID_METADATA_KEY = "pkvm-instance-id"
 
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["HypervisorService"].full_name
 
@@ -105,6 +110,7 @@ def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[H
     def wrap(fn: Handler) -> AsyncHandler:
         @functools.wraps(fn)
         async def handler(self: HypervisorServicer, request: Any, context: Context) -> Any:
+            context.set_trailing_metadata(self.instance_metadata)  # sent with the status
             try:
                 self._admit()
                 try:
@@ -121,12 +127,12 @@ def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[H
                     self.admission.leave_rpc()
             except REFUSALS as error:
                 self.counters.count_request(method, describe(error)[0].name)
-                await abort(context, error)
+                await self._abort(context, error)
             except Exception as error:
                 log.exception("%s failed", method)
                 self.counters.count_request(method, "INTERNAL")
-                await abort(context, ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL",
-                                                  repr(error)))
+                await self._abort(context, ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL",
+                                                        repr(error)))
             self.counters.count_request(method, "OK")
             return response
 
@@ -235,8 +241,20 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.stopping = False  # set by begin_shutdown: new calls are refused
         self._stop_deadline = float("inf")  # batches end by then (time.monotonic)
         self._idle_streams: set[asyncio.Task[Any]] = set()  # streams waiting for a batch
+        # New at every start: GetStats and every response's trailing metadata carry it, so
+        # clients can tell a restart (docs/state-file.md).
+        self.instance_id = uuid.uuid4().hex
+        self.instance_metadata = ((INSTANCE_ID_METADATA_KEY, self.instance_id),)
+        self.state: StateKeeper | None = None  # the --state-file keeper (service/persist.py)
 
     # -- helpers -----------------------------------------------------------------------------
+
+    async def _abort(self, context: Context, error: BaseException) -> NoReturn:
+        """errors.abort, with the instance id kept in the trailing metadata."""
+        status = to_status(error)
+        await context.abort(status.code, status.details,
+                            (*status.trailing_metadata, *self.instance_metadata))
+        raise AssertionError("abort returned")  # pragma: no cover
 
     def _admit(self) -> None:
         """Refuse a new call while stopping; count it against max_concurrent_rpcs."""
@@ -429,7 +447,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     @rpc("GetStats", Auth.NONE)
     def GetStats(self, request: pb2.GetStatsRequest) -> Any:
-        return stats_message(self.hypervisor.statistics())
+        response = stats_message(self.hypervisor.statistics())
+        response.instance_id = self.instance_id
+        return response
 
     @rpc("GetPageInfo", Auth.NONE)
     def GetPageInfo(self, request: pb2.GetPageInfoRequest) -> Any:
@@ -465,6 +485,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         The stream is authenticated when it starts (its token names its VM). A malformed
         batch (empty, oversize, another VM's handle) ends the stream with its status;
         batches answered before it stay done."""
+        context.set_trailing_metadata(self.instance_metadata)
         token = bearer_token(context.invocation_metadata())
         try:
             self._admit()  # a stream counts as a call for as long as it is open
@@ -476,18 +497,18 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 raise
         except REFUSALS as error:
             self.counters.count_request("Execute", describe(error)[0].name)
-            await abort(context, error)
+            await self._abort(context, error)
         try:
             await self._serve_stream(handle, token, context)
         except REFUSALS as error:
             self.counters.count_request("Execute", describe(error)[0].name)
-            await abort(context, error)
+            await self._abort(context, error)
         except asyncio.CancelledError:
             if not self.stopping or context.cancelled():
                 self.counters.count_request("Execute", "CANCELLED")
                 raise
             self.counters.count_request("Execute", "UNAVAILABLE")
-            await abort(context, shutting_down())
+            await self._abort(context, shutting_down())
         finally:
             self.admission.close_stream(handle)
             self.admission.leave_rpc()
@@ -553,6 +574,38 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 run.abort_rest("VM_NOT_FOUND", "the VM was destroyed during the batch")
                 return True
             return run.step(self.chunk_seconds)
+
+    # -- the state file ----------------------------------------------------------------------
+
+    async def SaveState(self, request: pb2.SaveStateRequest, context: Context) -> Any:
+        """Write the machine to --state-file. A host-wide call (the client token, when one is
+        configured). The copy is taken under the lock; compressing and writing run on a
+        worker thread, so the event loop keeps serving meanwhile."""
+        context.set_trailing_metadata(self.instance_metadata)
+        try:
+            self._admit()
+            try:
+                self.client_token.check(bearer_token(context.invocation_metadata()),
+                                        "SaveState")
+                if self.state is None:
+                    raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
+                                       "the server was started without --state-file")
+                saved = await asyncio.get_running_loop().run_in_executor(
+                    None, self.state.save, self)
+            except OSError as error:
+                raise ServiceError(grpc.StatusCode.INTERNAL, "SAVE_FAILED",
+                                   f"cannot write the state file: {error}") from None
+            finally:
+                self.admission.leave_rpc()
+        except REFUSALS as error:
+            self.counters.count_request("SaveState", describe(error)[0].name)
+            await self._abort(context, error)
+        self.counters.count_request("SaveState", "OK")
+        return pb2.SaveStateResponse(
+            path=saved.path, size_bytes=saved.size_bytes, seconds=saved.seconds,
+            nr_vms=saved.nr_vms, format_version=saved.format_version,
+            instance_id=self.instance_id,
+        )
 
 
 # Open streams may finish their work for this share of the grace period (the rest is margin

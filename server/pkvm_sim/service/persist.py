@@ -1,0 +1,241 @@
+"""Keeping the machine across restarts: the service's half of `serve --state-file PATH`.
+
+    start:    file exists -> restore it (core/state_file.py) instead of booting, then put
+              back the VMs' tokens, their leases (as the time they had left) and the request
+              counters before the first call is served; no file -> boot as usual
+    SaveState (admin RPC) and SIGTERM/SIGINT (after in-flight calls finish): save
+
+The file's configuration wins over the defaults; a knob the user set explicitly (flag,
+environment or config file) that contradicts it is an error (`conflicts`), so a machine is
+never silently restored as something the user did not ask for (docs/state-file.md).
+
+A save holds the simulator lock only while it copies the state (lists, the vmemmap bytes);
+compressing, checksumming and the atomic write happen outside it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pkvm_sim.core import state_file
+from pkvm_sim.core.config import SimConfig
+from pkvm_sim.core.hypervisor import Hypervisor
+from pkvm_sim.core.model import PoolKind
+from pkvm_sim.core.state_file import FORMAT_VERSION, StateFileError
+
+from .counters import OP_NAMES
+
+if TYPE_CHECKING:
+    from .servicer import HypervisorServicer
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: str
+    size_bytes: int
+    seconds: float
+    nr_vms: int
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A machine read back from a state file (the service's section waits in the keeper)."""
+
+    hypervisor: Hypervisor
+    config: SimConfig
+    size_bytes: int
+
+
+class StateKeeper:
+    """The --state-file of one server: restores it at start, saves it on demand."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._save_lock = threading.Lock()  # one save at a time (one temporary file)
+        self._pending_service: ServiceState | None = None
+
+    def check_writable(self) -> None:
+        """Refuse a path whose directory does not exist, before serving (not at SIGTERM)."""
+        if not self.path.parent.is_dir():
+            raise StateFileError(f"directory {self.path.parent} does not exist")
+        if self.path.exists() and not self.path.is_file():
+            raise StateFileError("not a regular file")
+
+    def load(self) -> Restored | None:
+        """The machine in the file, audited; None when there is no file yet."""
+        self.check_writable()
+        if not self.path.exists():
+            return None
+        decoded = state_file.load(self.path)
+        hv = state_file.restore(decoded)
+        service = parse_service(decoded.service)
+        if set(service.tokens) != set(hv._vms):
+            raise StateFileError(f"the tokens of VMs {sorted(set(service.tokens) ^ set(hv._vms))}"
+                                 " do not match the machine's VMs")
+        self._pending_service = service
+        return Restored(hv, hv.config, decoded.size_bytes)
+
+    def attach(self, servicer: HypervisorServicer) -> None:
+        """Give the servicer the restored tokens, leases and counters (before serving)."""
+        servicer.state = self
+        if self._pending_service is not None:
+            restore_service(servicer, self._pending_service)
+            self._pending_service = None
+
+    def save(self, servicer: HypervisorServicer) -> SaveResult:
+        started = time.perf_counter()
+        with self._save_lock:
+            with servicer.lock:
+                hv = servicer.hypervisor
+                snap = state_file.snapshot(hv, capture_service(servicer))
+                nr_vms = len(hv._vms)
+            size = state_file.write_snapshot(self.path, snap)
+        return SaveResult(str(self.path), size, time.perf_counter() - started, nr_vms)
+
+
+# -- the service section -------------------------------------------------------------------
+
+
+def capture_service(servicer: HypervisorServicer) -> dict[str, Any]:
+    """Tokens, leases (as seconds left) and counters; call under the simulator lock."""
+    leases = servicer.leases
+    now = leases.clock()
+    counters = servicer.counters
+    return {
+        "tokens": [[handle, token] for handle, token in servicer.tokens._tokens.items()],
+        "leases": [[handle, duration, max(0.0, leases._deadlines.get(handle, now) - now)]
+                   for handle, duration in leases._durations.items()],
+        "counters": {
+            "requests": [[method, code, n] for (method, code), n in counters.requests().items()],
+            "operations": counters.operations_by_name(),
+            "fault_failures": dict(counters.fault_failures),
+            "vms_expired": counters.vms_expired,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """The service section, typed and checked."""
+
+    tokens: dict[int, str]
+    leases: list[tuple[int, float, float]]  # (handle, lease seconds, seconds left)
+    requests: dict[tuple[str, str], int]
+    operations: dict[str, int]
+    fault_failures: dict[str, int]
+    vms_expired: int
+
+
+def parse_service(section: Mapping[str, Any]) -> ServiceState:
+    """The service section of a state file; StateFileError if it is malformed."""
+    try:
+        counters = section.get("counters", {})
+        state = ServiceState(
+            tokens={int(h): str(token) for h, token in section.get("tokens", ())},
+            leases=[(int(h), float(d), float(left)) for h, d, left in section.get("leases", ())],
+            requests={(str(m), str(c)): int(n) for m, c, n in counters.get("requests", ())},
+            operations={str(k): int(n) for k, n in counters.get("operations", {}).items()},
+            fault_failures={str(k): int(n)
+                            for k, n in counters.get("fault_failures", {}).items()},
+            vms_expired=int(counters.get("vms_expired", 0)),
+        )
+    except (AttributeError, TypeError, ValueError) as error:
+        raise StateFileError(f"corrupt service section: {type(error).__name__}: {error}") \
+            from None
+    unknown = set(state.operations) - set(OP_NAMES)
+    if unknown:
+        raise StateFileError(f"unknown operation counters {sorted(unknown)}")
+    return state
+
+
+def restore_service(servicer: HypervisorServicer, state: ServiceState) -> None:
+    """Put a checked service section back, before the first call is served."""
+    for handle, token in state.tokens.items():
+        servicer.tokens.adopt(handle, token)
+    hv = servicer.hypervisor
+    for pfn, (handle, kind) in hv._owners.items():  # the hyp-pool quota ledger, re-derived
+        if kind is PoolKind.HYP:
+            servicer.ledger.allocated(handle, [pfn], hv.hyp_pool.page_order(pfn))
+    leases = servicer.leases
+    if leases.enabled:  # a server started with leases off gives none back
+        now = leases.clock()
+        for handle, duration, left in state.leases:
+            leases._durations[handle] = duration
+            leases._deadlines[handle] = now + left
+    counters = servicer.counters
+    counters._requests.update(state.requests)
+    counters.operations.update(state.operations)
+    counters.fault_failures.update(state.fault_failures)
+    counters.vms_expired = state.vms_expired
+
+
+# -- file vs flags -------------------------------------------------------------------------
+
+
+def conflicts(file_config: SimConfig, wanted: SimConfig, explicit: Iterable[str]) -> list[str]:
+    """The knobs set explicitly to something else than the file's machine has."""
+    return [
+        f"{knob} (file: {_show(getattr(file_config, knob))}, asked:"
+        f" {_show(getattr(wanted, knob))})"
+        for knob in sorted(explicit)
+        if getattr(file_config, knob) != getattr(wanted, knob)
+    ]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{b.base:#x}:{b.size >> 20}M" for b in value)
+    return str(getattr(value, "value", value))
+
+
+def describe(restored: Restored) -> str:
+    """One line about what was restored."""
+    c = restored.config
+    gib = sum(b.size for b in c.memblocks) / (1 << 30)
+    return (f"{len(restored.hypervisor._vms)} VMs, {c.profile.value}, {gib:g} GiB in"
+            f" {len(c.memblocks)} memblock(s); its configuration is kept")
+
+
+# -- serve's start and exit ----------------------------------------------------------------
+
+
+def restore_at_start(
+    path: str, wanted: SimConfig, explicit: Iterable[str]
+) -> tuple[StateKeeper, Restored | None] | str:
+    """The keeper and what it restored, or the one-line reason `serve` must exit 2 (the
+    file is never written on that path)."""
+    keeper = StateKeeper(path)
+    try:
+        restored = keeper.load()
+    except StateFileError as error:
+        return f"state file {path}: {error} (the file was left as it is)"
+    if restored is None:
+        print(f"pkvm-sim serve: no state file at {path} yet: booting a fresh machine, saved"
+              " there on exit", file=sys.stderr, flush=True)
+        return keeper, None
+    clash = conflicts(restored.config, wanted, explicit)
+    if clash:
+        return (f"state file {path} holds a machine booted with another configuration:"
+                f" {'; '.join(clash)} (drop those settings, or use another --state-file)")
+    print(f"pkvm-sim serve: restored {path}: {describe(restored)}", file=sys.stderr,
+          flush=True)
+    return keeper, restored
+
+
+def save_at_exit(keeper: StateKeeper, servicer: HypervisorServicer) -> int:
+    """Save on SIGTERM/SIGINT; the exit status (1 when the save failed)."""
+    try:
+        saved = keeper.save(servicer)
+    except (OSError, TypeError, ValueError) as error:
+        print(f"pkvm-sim serve: saving {keeper.path} failed: {error}", file=sys.stderr)
+        return 1
+    print(f"pkvm-sim serve: saved {saved.nr_vms} VMs to {saved.path} ({saved.size_bytes}"
+          f" bytes in {saved.seconds:.2f} s)", file=sys.stderr, flush=True)
+    return 0

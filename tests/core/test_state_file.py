@@ -1,0 +1,329 @@
+"""The state file (core/state_file.py): exact round trips, refusals, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pkvm_sim.core import state_file
+from pkvm_sim.core.config import SimConfig
+from pkvm_sim.core.errors import PkvmError
+from pkvm_sim.core.hypervisor import Hypervisor
+from pkvm_sim.core.profiles import Profile
+from pkvm_sim.core.state_file import FORMAT_VERSION, HEADER, MAGIC, StateFileError
+
+from tests.core.machine_compare import Workload, assert_same_machine
+
+SMALL = ["0x80000000:256M"]
+CONFIGS = {
+    "v5.14": {"memblocks": SMALL},
+    "v5.13-two-memblocks": {"profile": "v5.13", "memblocks": ["0x80000000:128M",
+                                                             "0x100000000:128M"]},
+    "carveout-coverage": {"memblocks": SMALL, "vmemmap_coverage": "carveout"},
+    "layout-2-64K": {"memblocks": ["0x80000000:1G"], "hyp_page_layout": "2",
+                     "page_size": "64K", "max_order_formula": "v5.17"},
+    # every profile of the registry, so a profile added later is covered at once
+    **{f"profile-{p.value}": {"profile": p.value, "memblocks": SMALL} for p in Profile},
+}
+
+
+def boot(values: dict[str, Any]) -> Hypervisor:
+    return Hypervisor.boot(SimConfig.from_mapping(values))
+
+
+def round_trip(hv: Hypervisor, service: dict[str, Any] | None = None) -> Hypervisor:
+    return state_file.restore(state_file.decode(state_file.encode(hv, service)))
+
+
+def driven(values: dict[str, Any], seed: int, steps: int) -> tuple[Hypervisor, Workload]:
+    """A machine after a seeded workload, plus one VM that tries a bit of everything
+    (blocks in both pools, shared and pinned pages, memcache, guest mappings). What the
+    profile does not offer is refused and skipped."""
+    hv = boot(values)
+    workload = Workload(seed)
+    workload.run(hv, steps)
+    vm = hv.create_vm(nr_vcpus=2, slice_pages=32)
+    base = vm.slice_base_pfn
+    steps_: list[Any] = [
+        lambda: hv.alloc_pages(vm.handle, 1),
+        lambda: hv.alloc_pages(vm.handle, 0, "vm"),
+        lambda: hv.host_share(vm.handle, base, 4),
+        lambda: hv.pin_shared(vm.handle, base + 1, 2),
+        lambda: hv.topup_memcache(vm.handle, 6),
+        *(lambda i=i: hv.guest_map(vm.handle, (0x4000_0000 << i) + i * 0x20_0000,
+                                   base + 16 + i) for i in range(3)),
+    ]
+    for step in steps_:
+        with contextlib.suppress(PkvmError):
+            step()
+    return hv, workload
+
+
+def reached(hv: Hypervisor) -> set[str]:
+    """Which kinds of state the machine holds (so the round trip is known to cover them)."""
+    stats = hv.statistics()
+    vms = list(hv._vms.values())
+    kinds = {
+        "vms": stats.nr_vms > 0,
+        "shares": stats.shared_pages > 0,
+        "pins": any(vm.pins for vm in vms),
+        "memcache": any(vm.memcache for vm in vms),
+        "guest tables": any(vm.mm is not None and vm.mm.allocated for vm in vms),
+        "admitted pages": any(vm.admitted for vm in vms),
+        "mmio": stats.host_stage2.faults_mmio > 0,
+        "recycles": stats.host_stage2.mmio_recycles > 0,
+        "hyp blocks": bool(hv._owners),
+    }
+    return {kind for kind, present in kinds.items() if present}
+
+
+COVERED: dict[str, set[str]] = {}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_restored_machine_equals_the_original_object_by_object(name: str) -> None:
+    hv, _ = driven(CONFIGS[name], seed=7, steps=600)
+    COVERED[name] = reached(hv)
+    restored = round_trip(hv)
+    assert_same_machine(hv, restored)
+    assert restored.canonical_dump(host_tables=True) == hv.canonical_dump(host_tables=True)
+
+
+def test_the_round_trips_covered_every_kind_of_state() -> None:
+    """Whatever each profile offers, the configurations above together hold every kind."""
+    if len(COVERED) < len(CONFIGS):  # run alone: drive the machines here
+        for name, values in CONFIGS.items():
+            COVERED.setdefault(name, reached(driven(values, seed=7, steps=600)[0]))
+    union = set().union(*COVERED.values())
+    assert union == {"vms", "shares", "pins", "memcache", "guest tables", "admitted pages",
+                     "mmio", "recycles", "hyp blocks"}
+
+
+def test_the_comparison_catches_state_the_file_would_forget() -> None:
+    """The deep comparison is what makes the serialiser merge-safe: prove it can fail."""
+    hv, _ = driven(CONFIGS["v5.14"], seed=3, steps=200)
+    restored = round_trip(hv)
+    restored.host_stage2.counters.faults_mmio += 1  # a counter the file dropped
+    with pytest.raises(AssertionError, match=r"hv\.host_stage2\.counters\.faults_mmio"):
+        assert_same_machine(hv, restored)
+    restored = round_trip(hv)
+    hv.host_stage2.new_field = [1]  # type: ignore[attr-defined]  # added by a later change
+    with pytest.raises(AssertionError, match="attributes differ: \\['new_field'\\]"):
+        assert_same_machine(hv, restored)
+    del hv.host_stage2.new_field  # type: ignore[attr-defined]
+    restored = round_trip(hv)
+    restored.hyp_pool._contents = dict(restored.physmem._contents)  # broken sharing
+    with pytest.raises(AssertionError, match="shares"):
+        assert_same_machine(hv, restored)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_workload_split_by_a_restore_gives_the_same_answers(seed: int) -> None:
+    unbroken = boot(CONFIGS["v5.14"])
+    answers = Workload(seed).run(unbroken, 700)
+
+    hv = boot(CONFIGS["v5.14"])
+    client = Workload(seed)
+    split = client.run(hv, 350)
+    hv = round_trip(hv)  # the server restarts; the client carries on
+    split += client.run(hv, 350)
+
+    assert split == answers
+    assert hv.canonical_dump(host_tables=True) == unbroken.canonical_dump(host_tables=True)
+
+
+def test_handles_are_never_reused_even_across_a_restore() -> None:
+    hv = boot(CONFIGS["v5.14"])
+    a = hv.create_vm(nr_vcpus=1, slice_pages=8)
+    hv.destroy_vm(a.handle)
+    b = hv.create_vm(nr_vcpus=1, slice_pages=8)
+    assert (a.handle, b.handle) == (0x1000, 0x1001)
+    assert a.vmid == b.vmid == 1  # the VM table slot (VMID) is reused, as in the kernel
+    hv.destroy_vm(b.handle)
+    hv = round_trip(hv)
+    c = hv.create_vm(nr_vcpus=1, slice_pages=8)
+    assert c.handle == 0x1002 and c.vmid == 1
+
+
+def test_the_service_section_is_kept_verbatim() -> None:
+    service = {"tokens": [[0x1000, "secret"]], "nested": {"a": [1, 2.5, None]}}
+    decoded = state_file.decode(state_file.encode(boot(CONFIGS["v5.14"]), service))
+    assert decoded.service == service and decoded.version == FORMAT_VERSION
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_file() -> bytes:
+    hv, _ = driven(CONFIGS["v5.14"], seed=5, steps=200)
+    return state_file.encode(hv)
+
+
+def reheader(payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+    """A well-formed header (right length and checksum) over any payload."""
+    return HEADER.pack(MAGIC, version, 0, len(payload), hashlib.sha256(payload).digest()) \
+        + payload
+
+
+def with_machine(data: bytes, edit: Any) -> bytes:
+    """The file with its machine section edited, re-checksummed (so only audit can tell)."""
+    decoded = state_file.decode(data)
+    machine = decoded.machine
+    edit(machine)
+    sections = [("machine", json.dumps(machine).encode()),
+                ("service", json.dumps(decoded.service).encode())]
+    sections += [(f"vmemmap/{i}", blob) for i, blob in enumerate(decoded.vmemmap)]
+    payload = b"".join(state_file._section(name, blob) for name, blob in sections)
+    return reheader(payload)
+
+
+def test_a_good_file_decodes(good_file: bytes) -> None:
+    assert good_file[:8] == MAGIC == b"PKVMSTAT"
+    state_file.restore(state_file.decode(good_file))
+
+
+@pytest.mark.parametrize(("mangle", "message"), [
+    (lambda d: d[:len(d) // 2], "truncated: the header announces"),
+    (lambda d: d[:30], "truncated: 30 bytes"),
+    (lambda d: b"", "empty file: not a pkvm-sim state file"),
+    (lambda d: b"\x89PNG\r\n\x1a\n" + d[8:], "not a pkvm-sim state file"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "corrupt: the SHA-256 checksum"),
+    (lambda d: d[:100] + bytes([d[100] ^ 0x40]) + d[101:], "corrupt: the SHA-256 checksum"),
+    (lambda d: d + b"\0", "has trailing bytes"),
+    (lambda d: reheader(d[HEADER.size:], FORMAT_VERSION + 1), "format version 2 is a newer"),
+    (lambda d: reheader(b"\x07machine\x03\0\0\0\0\0\0\0abc"), "corrupt: cannot decode"),
+    (lambda d: reheader(b""), "corrupt: cannot decode"),
+])
+def test_bad_files_are_refused_with_one_line(good_file: bytes, mangle: Any,
+                                             message: str) -> None:
+    with pytest.raises(StateFileError, match=message) as caught:
+        state_file.restore(state_file.decode(mangle(good_file)))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_state_that_fails_audit_is_refused(good_file: bytes) -> None:
+    def leak_a_free_block(machine: dict[str, Any]) -> None:
+        lists = machine["pools"]["hyp"]["free_lists"]
+        order = max(o for o, heads in enumerate(lists) if heads)
+        lists[order].pop()
+
+    with pytest.raises(StateFileError, match="fails audit"):
+        state_file.restore(state_file.decode(with_machine(good_file, leak_a_free_block)))
+
+
+def test_inconsistent_states_are_refused(good_file: bytes) -> None:
+    def other_config(machine: dict[str, Any]) -> None:
+        machine["config"]["memblocks"] = [{"base": 0x8000_0000, "size": 512 << 20}]
+
+    def unknown_knob(machine: dict[str, Any]) -> None:
+        machine["config"]["warp_drive"] = True
+
+    with pytest.raises(StateFileError, match="inconsistent machine state"):
+        state_file.restore(state_file.decode(with_machine(good_file, other_config)))
+    with pytest.raises(StateFileError, match="bad configuration.*warp_drive"):
+        state_file.restore(state_file.decode(with_machine(good_file, unknown_knob)))
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def test_save_is_atomic_and_private(tmp_path: Path, good_file: bytes) -> None:
+    path = tmp_path / "machine.pkvm"
+    hv = boot(CONFIGS["v5.14"])
+    size = state_file.save(path, hv)
+    assert path.stat().st_size == size and path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["machine.pkvm"]
+
+    hv.physmem.write(hv.hyp_pool.base_pfn, object())  # something no file can hold
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        state_file.save(path, hv)
+    assert path.read_bytes() == before  # the old file is intact, no temporary is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["machine.pkvm"]
+
+
+def test_load_never_writes(tmp_path: Path, good_file: bytes) -> None:
+    path = tmp_path / "bad.pkvm"
+    path.write_bytes(good_file[:1000])
+    mtime = path.stat().st_mtime_ns
+    with pytest.raises(StateFileError, match="truncated"):
+        state_file.load(path)
+    assert path.read_bytes() == good_file[:1000] and path.stat().st_mtime_ns == mtime
+    with pytest.raises(StateFileError, match="cannot read"):
+        state_file.load(tmp_path / "missing.pkvm")
+
+
+def test_sections_are_zlib_streams_in_the_documented_order(good_file: bytes) -> None:
+    """docs/state-file.md: a reader in another language can walk the sections."""
+    payload = good_file[HEADER.size:]
+    names = []
+    offset = 0
+    while offset < len(payload):
+        n = payload[offset]
+        names.append(payload[offset + 1:offset + 1 + n].decode())
+        offset += 1 + n
+        length = int.from_bytes(payload[offset:offset + 8], "little")
+        zlib.decompress(payload[offset + 8:offset + 8 + length])
+        offset += 8 + length
+    assert names == ["machine", "service", "vmemmap/0"]
+    assert os.path.basename("x") == "x"
+
+
+# -- a committed file of format version 1 ----------------------------------------------------
+
+V1_FILE = Path(__file__).resolve().parents[1] / "data" / "state" / "v1-small.pkvm"
+
+
+def test_a_committed_version_1_file_still_restores() -> None:
+    """tests/data/state/v1-small.pkvm was written by the first version of the format and is
+    never regenerated: every later pkvm-sim must restore it (or refuse it by its version).
+    Its machine holds only what every model version agrees on (host-level state, VMs as
+    slices): a 256 MiB v5.14 machine with vmemmap coverage 'carveout', where VM 0x1000
+    ("kept", 2 vCPUs, 64-page slice) allocated an order-2 hyp-pool block and took a second
+    reference on it; VM 0x1001 (8 pages) was created and destroyed; VM 0x1002 (16 pages)
+    allocated one page; the host took an MMIO fault at 256 MiB and memory faults at
+    0x8000_0000 and 0x8800_0000."""
+    decoded = state_file.load(V1_FILE)
+    assert decoded.version == 1
+    assert decoded.service["tokens"] == [[0x1000, "token-a"], [0x1002, "token-b"]]
+    hv = state_file.restore(decoded)
+    assert hv.config.vmemmap_coverage == "carveout" and hv.config.profile.value == "v5.14"
+    assert [v.handle for v in hv.vms()] == [0x1000, 0x1002]
+    kept, second = hv.vm(0x1000), hv.vm(0x1002)
+    assert (kept.name, kept.nr_vcpus, kept.slice_nr_pages) == ("kept", 2, 64)
+    # first fit from the bottom of RAM (the carve-out is at the top): 0x1001's 8 pages came
+    # back and merged, so 0x1002's 16 pages start right after 0x1000's 64
+    assert (kept.slice_base_pfn, second.slice_base_pfn) == (0x80000, 0x80040)
+    assert second.vmid == 2  # the destroyed VM's slot was reused, not its handle
+    held = {h: pfn for pfn, (h, _kind) in hv._owners.items()}
+    assert (hv.page_info(held[0x1000]).refcount, hv.page_info(held[0x1000]).order) == (2, 2)
+    assert (hv.page_info(held[0x1002]).refcount, hv.page_info(held[0x1002]).order) == (1, 0)
+    counters = hv.statistics().host_stage2
+    assert (counters.faults_mmio, counters.faults_memory) == (1, 2)
+    assert hv.put_page(0x1000, held[0x1000]) == 1
+    created = hv.create_vm(nr_vcpus=1, slice_pages=4)
+    assert (created.handle, created.vmid) == (0x1003, 3)
+
+def test_a_write_that_fails_half_way_leaves_the_old_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "machine.pkvm"
+    hv = boot(CONFIGS["v5.14"])
+    state_file.save(path, hv)
+    before = path.read_bytes()
+    hv.create_vm(nr_vcpus=1, slice_pages=4)
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_file.os, "replace", crash)  # the data is written, not renamed
+    with pytest.raises(OSError, match="No space"):
+        state_file.save(path, hv)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["machine.pkvm"]
