@@ -272,10 +272,14 @@ class AsyncVM(VmHandle):
         return int((await self._call(self._stub.GetPage, request, timeout)).refcount)
 
     async def host_share(
-        self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
+        self, pfn: int, nr_pages: int = 1, *, page_by_page: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ShareResult:
-        """__pkvm_host_share_hyp on pages of the VM's slice; returns their new states."""
-        request = pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
+        """__pkvm_host_share_hyp on pages of the VM's slice; returns their new states.
+        All or nothing, or with page_by_page=True one page at a time as the host's loop does,
+        stopping at the first refusal (`pages_done`, `failed_pfn`, `failed_reason`)."""
+        request = pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages,
+                                       page_by_page=page_by_page)
         return from_message(ShareResult, await self._call(self._stub.HostShare, request, timeout))
 
     async def host_unshare(

@@ -107,6 +107,10 @@ class ShareResult:
     nr_pages: int
     host_state: PageState
     hyp_state: PageState
+    pages_done: int  # pages the call changed: nr_pages, or fewer with page_by_page
+    failed_pfn: int | None  # page_by_page: the first page refused (None: none was)
+    failed_reason: str  # its refusal reason, e.g. HOST_PAGE_NOT_OWNED ('' if none)
+    failed_errno: str  # its errno name, e.g. EPERM ('' if none)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class GuestMapping:
     pfn: int
     level: int
     tables_allocated: int
+    refilled_pages: int  # host memcache pages EL2 took (donated) before the map
 
 
 @dataclass(frozen=True)

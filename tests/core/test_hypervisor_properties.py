@@ -1,8 +1,11 @@
 """Property-based sequences over the whole hypervisor: every step is followed by audit().
 
 Operations: host faults (memory and MMIO), map_mmio, recycles, VM creation and teardown,
-memcache top-ups, guest maps, shares, unshares, pins, allocs, gets and puts. Refusals are
-fine (they must change nothing: checked with the canonical dump); audit must always pass.
+memcache top-ups, guest maps, shares (all or nothing and page by page), unshares, pins,
+allocs, gets and puts. Refusals are fine (they must change nothing: checked with the
+canonical dump); audit must always pass. Every profile runs, each with what its kernel has
+(an operation it lacks is refused NOT_IN_PROFILE, changing nothing), so the audit's rules
+(no page both guest-mapped and hyp-borrowed, hyp stage-1 tables counted) hold everywhere.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.errors import PkvmError
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.model import FaultOutcome, PoolKind
+from pkvm_sim.core.profiles import Operation
 
 # Two RAM regions with a 1 MiB hole, so MMIO is needed both in block-mappable gaps and
 # page by page next to RAM.
@@ -24,7 +29,17 @@ CONFIGS = [
     {"profile": "v5.14"},
     {"profile": "v5.13"},
     {"profile": "v5.14", "page_size": "16K"},
+    {"profile": "v5.14", "vmemmap_coverage": "carveout"},
+    {"profile": "v6.1", "vmemmap_coverage": "carveout"},
+    {"profile": "v6.1"},
+    {"profile": "v6.12"},
+    {"profile": "v6.12+guest-share"},
+    {"profile": "v6.12+guest-share", "page_size": "16K"},
 ]
+
+def _config_id(config: dict[str, Any]) -> str:
+    return "-".join(str(v) for v in config.values())
+
 
 op = st.one_of(
     st.tuples(st.just("fault"), st.integers(0, (0x8800_0000 >> 12) + 64)),
@@ -34,8 +49,8 @@ op = st.one_of(
     st.tuples(st.just("destroy"), st.integers(0, 3)),
     st.tuples(st.just("topup"), st.integers(0, 3), st.integers(0, 8)),
     st.tuples(st.just("gmap"), st.integers(0, 3), st.integers(0, 1 << 12), st.integers(0, 599)),
-    st.tuples(st.sampled_from(["share", "unshare", "pin", "unpin"]), st.integers(0, 3),
-              st.integers(0, 599), st.integers(1, 3)),
+    st.tuples(st.sampled_from(["share", "pshare", "unshare", "pin", "unpin"]),
+              st.integers(0, 3), st.integers(0, 599), st.integers(1, 3)),
     st.tuples(st.just("alloc"), st.integers(0, 3), st.integers(0, 3), st.booleans()),
     st.tuples(st.sampled_from(["get", "put"]), st.integers(0, 3), st.integers(0, 7)),
 )
@@ -69,6 +84,11 @@ def apply(hv: Hypervisor, step: tuple[Any, ...], blocks: list[tuple[int, int]]) 
         h = vm_at(step[1])
         info = hv.vm(h)
         hv.guest_map(h, step[2] * page, info.slice_base_pfn + step[3] % info.slice_nr_pages)
+    elif kind == "pshare":
+        h = vm_at(step[1])
+        info = hv.vm(h)
+        pfn = info.slice_base_pfn + step[2] % info.slice_nr_pages
+        hv.host_share(h, pfn, step[3], page_by_page=True)
     elif kind in ("share", "unshare", "pin", "unpin"):
         h = vm_at(step[1])
         info = hv.vm(h)
@@ -84,8 +104,9 @@ def apply(hv: Hypervisor, step: tuple[Any, ...], blocks: list[tuple[int, int]]) 
         (hv.get_page if kind == "get" else hv.put_page)(h, pfn)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=st.sampled_from(CONFIGS), steps=st.lists(op, min_size=1, max_size=30))
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(op, min_size=1, max_size=30))
 def test_random_sequences_keep_every_invariant(config: dict[str, Any],
                                                steps: list[tuple[Any, ...]]) -> None:
     hv = Hypervisor.boot(SimConfig.from_mapping({**config, "memblocks": MEMBLOCKS}))
@@ -95,25 +116,35 @@ def test_random_sequences_keep_every_invariant(config: dict[str, Any],
         before = hv.canonical_dump(host_tables=True)
         try:
             apply(hv, step, blocks)
-        except PkvmError:
+        except PkvmError as error:
             # A refusal changes nothing at all (pools, tables, memory, VMs).
             assert hv.canonical_dump(host_tables=True) == before, step
+            if error.reason == "NOT_IN_PROFILE":
+                assert not hv.operations >= _NEEDS.get(step[0], set()), step
         hv.audit()
+
+
+_NEEDS = {  # what each step needs from the profile (a NOT_IN_PROFILE must be right)
+    "topup": {Operation.GUEST_SHARE}, "gmap": {Operation.GUEST_SHARE},
+    "share": {Operation.SHARE_HYP}, "pshare": {Operation.SHARE_HYP},
+    "unshare": {Operation.UNSHARE_HYP}, "pin": {Operation.PIN_SHARED},
+    "unpin": {Operation.PIN_SHARED}, "alloc": {Operation.VMS},
+}
 
 
 vm_op = st.one_of(
     st.tuples(st.just("topup"), st.integers(0, 3), st.integers(0, 8)),
     st.tuples(st.just("gmap"), st.integers(0, 3), st.integers(0, 1 << 12), st.integers(0, 599)),
-    st.tuples(st.sampled_from(["share", "unshare", "pin", "unpin"]), st.integers(0, 3),
-              st.integers(0, 599), st.integers(1, 3)),
+    st.tuples(st.sampled_from(["share", "pshare", "unshare", "pin", "unpin"]),
+              st.integers(0, 3), st.integers(0, 599), st.integers(1, 3)),
     st.tuples(st.just("alloc"), st.integers(0, 3), st.integers(0, 3), st.booleans()),
     st.tuples(st.sampled_from(["get", "put"]), st.integers(0, 3), st.integers(0, 7)),
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=st.sampled_from(CONFIGS),
-       vms=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 600)), min_size=1, max_size=4),
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vms=st.lists(st.tuples(st.integers(1, 4), st.integers(1, 600)), min_size=1, max_size=4),
        steps=st.lists(vm_op, max_size=30))
 def test_create_all_destroy_all_returns_to_the_boot_state(
         config: dict[str, Any], vms: list[tuple[int, int]], steps: list[tuple[Any, ...]]) -> None:

@@ -14,6 +14,7 @@ from pkvm_sim.core.profiles import (
     Profile,
     profile_names,
     profile_spec,
+    version_key,
 )
 
 CORE = Path(__file__).resolve().parents[2] / "server" / "pkvm_sim"
@@ -58,7 +59,7 @@ def test_unknown_profile_names_the_known_ones() -> None:
 def test_registry_order_is_oldest_first() -> None:
     names = profile_names()
     assert names[:2] == ("v5.13", "v5.14")
-    versions = [tuple(int(x) for x in n[1:].split(".")) for n in names]
+    versions = [version_key(n) for n in names]  # "v6.12+guest-share" is (6, 12)
     assert versions == sorted(versions)
 
 

@@ -85,14 +85,18 @@ def test_create_vm_at_the_refcount_limit_is_a_clean_would_panic() -> None:
     assert hv.vms() == []
 
 
-def test_topup_at_the_refcount_limit_is_a_clean_would_panic() -> None:
+def test_memcache_refill_at_the_refcount_limit_is_a_clean_would_panic() -> None:
+    """The host's top-up only allocates (no host stage-2 change, so no limit to meet); the
+    donation at EL2's refill (pkvm_refill_memcache -> __pkvm_host_donate_hyp) meets it."""
     hv = layout2_64k()
     vm = hv.create_vm(nr_vcpus=1, slice_pages=1)
     nxt = hv.host_memory.free_ranges()[0][0] * P64K
     fill_window(hv, {nxt})  # 8190 entries, refcount 8191: the one zero slot is nxt's
-    assert hits(hv) == 0
-    assert_refused_unchanged(hv, lambda: hv.topup_memcache(vm.handle, 1), RefcountLimit,
-                             "REFCOUNT_OVERFLOW")
+    tables = sorted(hv.host_stage2.pgt.table_pages())
+    assert hv.topup_memcache(vm.handle, 1) == 1
+    assert sorted(hv.host_stage2.pgt.table_pages()) == tables and hits(hv) == 0
+    assert_refused_unchanged(hv, lambda: hv.guest_map(vm.handle, 0, vm.slice_base_pfn),
+                             RefcountLimit, "REFCOUNT_OVERFLOW")
     assert hits(hv) == 1
 
 
@@ -129,11 +133,13 @@ def test_guest_map_refusal_is_counted() -> None:
     hv = boot(page_size="64K", hyp_page_layout="2", memblocks=["0x80000000:2G"])
     vm = hv.create_vm(nr_vcpus=1, slice_pages=8192)
     hv.topup_memcache(vm.handle, 4)
+    # The same two host pages at every IPA (a page shared with guests may be shared again:
+    # __pkvm_host_share_guest), so only the guest's level-3 table fills up.
     for i in range(8190):  # one level-3 table: 8190 entries, refcount 8191
-        hv.guest_map(vm.handle, i * P64K, vm.slice_base_pfn + i)
+        hv.guest_map(vm.handle, i * P64K, vm.slice_base_pfn + i % 2)
     assert hits(hv) == 0
     assert_refused_unchanged(
-        hv, lambda: hv.guest_map(vm.handle, 8190 * P64K, vm.slice_base_pfn + 8190),
+        hv, lambda: hv.guest_map(vm.handle, 8190 * P64K, vm.slice_base_pfn),
         RefcountLimit, "REFCOUNT_OVERFLOW")
     assert hits(hv) == 1
 
@@ -209,9 +215,11 @@ def test_create_vm_and_topup_refused_on_an_empty_pool_change_nothing() -> None:
     hv, h, drained = mmio_next_to_slice(mmio=False)
     # The next host pages follow VM 1's metadata at 0x4000_0000: 600 memcache pages, or
     # 512 vCPU structs, run into the next 2 MiB window, which needs a level-3 table.
+    # The host's top-up only allocates: no host stage-2 table is needed for it.
+    assert hv.topup_memcache(h, 600) == 600
     before = dump(hv)
     with pytest.raises(OutOfMemory) as info:
-        hv.topup_memcache(h, 600)
+        hv.guest_map(h, 0, 0x80300)  # the slice page's new state and the refill need tables
     assert info.value.reason == "POOL_EXHAUSTED" and dump(hv) == before
     with pytest.raises(OutOfMemory) as info:
         hv.create_vm(nr_vcpus=512, slice_pages=1)

@@ -11,11 +11,19 @@ from pkvm_sim.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfMemory,
     PermissionDenied,
     WouldPanic,
 )
 from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.core.model import FaultOutcome, PageState
+from pkvm_sim.core.model import FaultOutcome, PageState, PoolKind
+from pkvm_sim.core.profiles import (
+    FIRST_KERNEL,
+    Operation,
+    kernel_profile_names,
+    profile_names,
+    profile_spec,
+)
 
 SMALL = ["0x80000000:256M"]
 
@@ -121,23 +129,110 @@ def test_pages_outside_the_slice_are_refused(hv_vm: tuple[Hypervisor, int, int])
         hv.host_share(0x9999, base)
 
 
-def test_sharing_needs_a_vmemmap_for_all_memory() -> None:
-    """Coverage 'carveout' (V13/V14): no hyp_page for host pages, so no sharing (1.3)."""
+def test_v5_14_with_coverage_carveout_is_the_kernel_without_sharing() -> None:
+    """v5.14 has no __pkvm_host_share_hyp (it arrived in v5.15), no VMs at EL2 (v6.2) and
+    no guest maps (v6.14): each is FAILED_PRECONDITION / NOT_IN_PROFILE naming the first
+    kernel that has it. The hyp pool (in the carve-out) still serves alloc_pages."""
     hv = boot(vmemmap_coverage="carveout")
     vm = hv.create_vm(nr_vcpus=1, slice_pages=4)  # a slice-only VM
-    with pytest.raises(FailedPrecondition) as err:
-        hv.host_share(vm.handle, vm.slice_base_pfn)
-    assert err.value.reason == "VMEMMAP_NOT_COVERED"
-    assert "cover letter" in err.value.message
-    for call in (lambda: hv.topup_memcache(vm.handle, 1),
-                 lambda: hv.guest_map(vm.handle, 0, vm.slice_base_pfn)):
-        with pytest.raises(FailedPrecondition):
+    refusals = {
+        "v5.15": lambda: hv.host_share(vm.handle, vm.slice_base_pfn),
+        "v5.17": lambda: hv.host_unshare(vm.handle, vm.slice_base_pfn),
+        "v6.2": lambda: hv.pin_shared(vm.handle, vm.slice_base_pfn),
+        "v6.14": lambda: hv.guest_map(vm.handle, 0, vm.slice_base_pfn),
+    }
+    for first, call in refusals.items():
+        before = hv.canonical_dump(host_tables=True)
+        with pytest.raises(FailedPrecondition) as err:
             call()
+        assert err.value.reason == "NOT_IN_PROFILE"
+        assert f"first kernel that has it is {first}" in err.value.message
+        assert "v5.14" in err.value.message
+        assert hv.canonical_dump(host_tables=True) == before
+    with pytest.raises(FailedPrecondition) as err:
+        hv.topup_memcache(vm.handle, 1)
+    assert err.value.reason == "NOT_IN_PROFILE"
     pfn = hv.alloc_pages(vm.handle, 0)  # the hyp pool is in the carve-out: fine
     assert hv.put_page(vm.handle, pfn) == 0
     hv.audit()
     hv.destroy_vm(vm.handle)
     hv.audit()
+
+
+def test_v6_1_shares_under_coverage_carveout() -> None:
+    """Finding 4. In 5.15-6.1 share and unshare keep the page state only in the host and hyp
+    PTE software bits (__pkvm_host_share_hyp -> host_request_owned_transition,
+    hyp_complete_share; no hyp_page of a host page is read), so a vmemmap covering only
+    the carve-out does not stop them. Pins (hyp_pin_shared_mem, 6.2) and VMs at EL2 do
+    need the hyp_page of every page: refused NOT_IN_PROFILE."""
+    hv = boot(profile="v6.1", vmemmap_coverage="carveout")
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4)
+    base = vm.slice_base_pfn
+    assert not hv.vmemmap.covers(base)
+    r = hv.host_share(vm.handle, base, 2)
+    assert (r.host_state, r.hyp_state) == (PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+    assert states(hv, base) == (PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+    hv.audit()
+    with pytest.raises(FailedPrecondition) as err:
+        hv.pin_shared(vm.handle, base)
+    assert err.value.reason == "NOT_IN_PROFILE" and "v6.2" in err.value.message
+    hv.host_unshare(vm.handle, base, 2)
+    assert states(hv, base) == (PageState.OWNED, PageState.NOPAGE)
+    hv.audit()
+
+
+@pytest.mark.parametrize("coverage", ["carveout", "all"])
+def test_v6_1_has_no_vms_at_el2(coverage: str) -> None:
+    """__pkvm_init_vm arrived in v6.2: under v6.1 a client VM is a slice only, whatever
+    the vmemmap coverage (nothing is donated, no VM pool, no guest stage-2)."""
+    hv = boot(profile="v6.1", vmemmap_coverage=coverage)
+    vm = hv.create_vm(nr_vcpus=2, slice_pages=4)
+    assert vm.donated_pages == 0 and [p.name for p in hv.pools()][-1] == "host_s2"
+    with pytest.raises(FailedPrecondition) as err:
+        hv.alloc_pages(vm.handle, 0, PoolKind.VM)
+    assert err.value.reason == "NOT_IN_PROFILE" and "v6.2" in err.value.message
+    hv.destroy_vm(vm.handle)
+    hv.audit()
+
+
+def test_v6_12_pins_but_does_not_map_guest_memory() -> None:
+    """v6.12 has pins and VMs at EL2, but not __pkvm_host_share_guest (v6.14): guest maps
+    and memcache top-ups (only the guest map's refill consumes them) are NOT_IN_PROFILE;
+    the extension profile v6.12+guest-share serves them."""
+    hv = boot(profile="v6.12")
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4)
+    hv.host_share(vm.handle, vm.slice_base_pfn)
+    hv.pin_shared(vm.handle, vm.slice_base_pfn)
+    with pytest.raises(Busy):
+        hv.host_unshare(vm.handle, vm.slice_base_pfn)
+    for call in (lambda: hv.guest_map(vm.handle, 0, vm.slice_base_pfn + 1),
+                 lambda: hv.topup_memcache(vm.handle, 1)):
+        with pytest.raises(FailedPrecondition) as err:
+            call()
+        assert err.value.reason == "NOT_IN_PROFILE" and "v6.14" in err.value.message
+        assert "v6.12+guest-share" in err.value.message
+    extended = boot(profile="v6.12+guest-share")
+    vm2 = extended.create_vm(nr_vcpus=1, slice_pages=4)
+    extended.topup_memcache(vm2.handle, 2)
+    extended.guest_map(vm2.handle, 0, vm2.slice_base_pfn)
+    extended.audit()
+
+
+def test_registry_operations_per_profile() -> None:
+    """The table of docs/model.md, read from the registry."""
+    def ops(profile: str, coverage: str = "all") -> set[str]:
+        return {op.name for op in profile_spec(profile).operations(coverage)}
+
+    everything = {op.name for op in Operation}
+    assert ops("v5.13", "carveout") == ops("v5.14", "carveout") == set()
+    assert ops("v5.13") == ops("v5.14") == everything  # the documented extension
+    assert ops("v6.1") == ops("v6.1", "carveout") == {"SHARE_HYP", "UNSHARE_HYP"}
+    assert ops("v6.12") == everything - {"GUEST_SHARE"}
+    assert ops("v6.12+guest-share") == everything
+    assert FIRST_KERNEL[Operation.GUEST_SHARE] == "v6.14"
+    assert "v6.12+guest-share" in profile_names()
+    assert "v6.12+guest-share" not in kernel_profile_names()
+    assert profile_spec("v6.12+guest-share").is_extension
 
 
 def test_destroy_drops_shares_and_pins(hv_vm: tuple[Hypervisor, int, int]) -> None:
@@ -147,4 +242,176 @@ def test_destroy_drops_shares_and_pins(hv_vm: tuple[Hypervisor, int, int]) -> No
     hv.destroy_vm(h)
     assert states(hv, base) == (PageState.OWNED, PageState.NOPAGE)
     assert hv.page_info(base).refcount == 0
+    hv.audit()
+
+
+# -- finding 3: shares and donations cost hyp stage-1 table pages -------------------------
+
+def hyp_free(hv: Hypervisor) -> int:
+    return hv.hyp_pool.free_pages
+
+
+@pytest.mark.parametrize("profile", ["v5.14", "v6.12", "v6.12+guest-share"])
+def test_shares_and_donations_take_hyp_stage1_tables_from_the_hyp_pool(profile: str) -> None:
+    """hyp_complete_donation / hyp_complete_share map each page at EL2 with
+    pkvm_create_mappings_locked; a missing table comes from the hyp pool (hpool), one page
+    per level. The carve-out (top of RAM, GiB 5) was mapped at boot, so the level-1 table
+    over it exists; RAM at 0x8000_0000 (GiB 2) has no level-2 table yet. Unsharing
+    (hyp_complete_unshare -> kvm_pgtable_hyp_unmap) frees tables left empty."""
+    hv = boot(profile=profile, memblocks=["0x80000000:4G"])
+    free = hyp_free(hv)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4096)
+    meta_chunk = hv._vms[vm.handle].meta_pfn // 512  # the metadata's 2 MiB region
+    # The donation of metadata and PGD: a level-2 table for GiB 2, a level-3 for its region.
+    assert hyp_free(hv) == free - 2
+    assert hv.statistics().hyp_stage1_table_pages == 2
+    chunks = [c for c in range(vm.slice_base_pfn // 512 + 1, 0x90000 // 512)
+              if c != meta_chunk][:4]
+    pages = [c * 512 + 7 for c in chunks]
+    for pfn in pages:  # 4 shares in distinct 2 MiB regions: one level-3 table each
+        hv.host_share(vm.handle, pfn)
+    assert hyp_free(hv) == free - 2 - 4
+    hv.audit()
+    hv.host_share(vm.handle, pages[0] + 1)  # same region: no new table
+    assert hyp_free(hv) == free - 6
+    for pfn in pages:
+        hv.host_unshare(vm.handle, pfn)
+    assert hyp_free(hv) == free - 3  # pages[0] + 1 still keeps its table
+    hv.host_unshare(vm.handle, pages[0] + 1)
+    assert hyp_free(hv) == free - 2
+    hv.audit()
+    hv.destroy_vm(vm.handle)
+    assert hyp_free(hv) == free and hv.statistics().hyp_stage1_table_pages == 0
+    hv.audit()
+
+
+def test_v6_1_shares_take_and_give_back_hyp_stage1_tables() -> None:
+    """v6.1's hyp_unmap_walker frees empty tables as 6.12's does."""
+    hv = boot(profile="v6.1", vmemmap_coverage="carveout", memblocks=["0x80000000:4G"])
+    free = hyp_free(hv)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=2048)  # slice-only: nothing donated
+    assert hyp_free(hv) == free
+    base = -(-vm.slice_base_pfn // 512) * 512
+    hv.host_share(vm.handle, base)  # level 2 (GiB 2) + level 3
+    assert hyp_free(hv) == free - 2
+    hv.host_share(vm.handle, base + 512)  # another 2 MiB region: level 3
+    assert hyp_free(hv) == free - 3
+    hv.audit()
+    hv.host_unshare(vm.handle, base + 512)
+    hv.host_unshare(vm.handle, base)
+    assert hyp_free(hv) == free
+    hv.audit()
+
+
+def test_share_refused_when_the_hyp_pool_cannot_supply_the_tables() -> None:
+    hv = boot(memblocks=["0x80000000:1G"])
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=2048)
+    base = -(-vm.slice_base_pfn // 512) * 512
+    hv.host_share(vm.handle, base)
+    while hv.hyp_pool.free_pages:
+        hv.alloc_pages(vm.handle, 0)
+    before = hv.canonical_dump(host_tables=True)
+    with pytest.raises(OutOfMemory) as err:
+        hv.host_share(vm.handle, base + 512)  # needs a new level-3 table
+    assert err.value.reason == "HYP_POOL_EXHAUSTED"
+    assert hv.canonical_dump(host_tables=True) == before
+    hv.host_share(vm.handle, base + 1)  # its table exists: fine without a free page
+    hv.audit()
+
+
+# -- finding 1: guest maps follow __pkvm_host_share_guest (v6.14+) --------------------------
+
+@pytest.mark.parametrize("profile", ["v5.14", "v6.12+guest-share"])
+def test_guest_map_follows_the_v6_14_page_state_rules(profile: str) -> None:
+    hv = boot(profile=profile)
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=16)
+    h, base = vm.handle, vm.slice_base_pfn
+    hv.topup_memcache(h, 4)
+    # OWNED -> SHARED_OWNED; the guest leaf is SHARED_BORROWED.
+    r = hv.guest_map(h, 0, base)
+    assert states(hv, base)[0] is PageState.SHARED_OWNED
+    assert hv._vms[h].pgt.lookup(0)[0][3] == 2  # type: ignore[index,union-attr]
+    # A page shared with guests cannot be shared with hyp (its host state is not OWNED).
+    with pytest.raises(PermissionDenied) as err:
+        hv.host_share(h, base)
+    assert err.value.reason == "HOST_PAGE_NOT_OWNED"
+    with pytest.raises(PermissionDenied):
+        hv.host_unshare(h, base)  # nor unshared from hyp
+    # Already SHARED_OWNED with a non-zero guest-share count: accepted at another IPA.
+    r = hv.guest_map(h, 0x1000, base)
+    assert r.level == 3 and hv._guest_shared[base] == 2
+    # The IPA must be NOPAGE (__guest_check_page_state_range): -EPERM, same pfn or not.
+    for pfn in (base, base + 1):
+        with pytest.raises(PermissionDenied) as err:
+            hv.guest_map(h, 0x1000, pfn)
+        assert err.value.reason == "IPA_MAPPED"
+    # A page shared with hyp (SHARED_OWNED, guest-share count 0): -EPERM.
+    hv.host_share(h, base + 2)
+    before = hv.canonical_dump(host_tables=True)
+    with pytest.raises(PermissionDenied) as err:
+        hv.guest_map(h, 0x2000, base + 2)
+    assert err.value.reason == "HOST_PAGE_SHARED_WITH_HYP"
+    assert hv.canonical_dump(host_tables=True) == before
+    hv.audit()
+    hv.destroy_vm(h)
+    assert states(hv, base) == (PageState.OWNED, PageState.NOPAGE)
+    hv.audit()
+
+
+def test_audit_refuses_a_page_both_guest_mapped_and_hyp_borrowed() -> None:
+    hv = boot()
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=16)
+    hv.topup_memcache(vm.handle, 4)
+    hv.guest_map(vm.handle, 0, vm.slice_base_pfn)
+    hv.audit()
+    # What the old guest_map allowed: hyp borrows the page too (and maps it at EL2).
+    hv._hyp_shared[vm.slice_base_pfn] = vm.handle
+    hv._vms[vm.handle].shared.add(vm.slice_base_pfn)
+    hv.hyp_stage1.map_pages([vm.slice_base_pfn])
+    with pytest.raises(AssertionError, match="both guest-mapped and hyp-borrowed"):
+        hv.audit()
+
+
+# -- finding 5: page by page ------------------------------------------------------------------
+
+def test_page_by_page_share_keeps_the_pages_before_the_refusal(
+        hv_vm: tuple[Hypervisor, int, int]) -> None:
+    """kvm_share_hyp loops one __pkvm_host_share_hyp per page and stops at the first error,
+    leaving the earlier pages shared."""
+    hv, h, base = hv_vm
+    hv.host_share(h, base + 2)
+    r = hv.host_share(h, base, 4, page_by_page=True)
+    assert (r.pages_done, r.failed_pfn, r.failed_reason, r.failed_errno) == (
+        2, base + 2, "HOST_PAGE_NOT_OWNED", "EPERM")
+    assert [states(hv, base + i)[0] for i in range(4)] == [
+        PageState.SHARED_OWNED, PageState.SHARED_OWNED, PageState.SHARED_OWNED,
+        PageState.OWNED]
+    r = hv.host_share(h, base + 3, 2, page_by_page=True)
+    assert (r.pages_done, r.failed_pfn) == (2, None)
+    hv.audit()
+
+
+@pytest.mark.parametrize(("page_size", "levels", "leaf_table_bytes"), [
+    ("4K", (1, 2, 3), 2 << 20),  # 48-bit VA: root level 0; a level-3 table maps 2 MiB
+    ("16K", (1, 2, 3), 32 << 20),  # root level 0 (2 entries); level 3 maps 32 MiB
+    ("64K", (2, 3), 512 << 20),  # root level 1; level 3 maps 512 MiB
+])
+def test_hyp_stage1_geometry(page_size: str, levels: tuple[int, ...],
+                             leaf_table_bytes: int) -> None:
+    """Tables below the root of a 48-bit hyp VA space (kvm_pgtable_hyp_init with
+    hyp_va_bits 48), one entry per page of 8 bytes."""
+    hv = boot(page_size=page_size, memblocks=["0x80000000:4G"])
+    s1 = hv.hyp_stage1
+    assert s1.table_levels == levels
+    assert s1.span_pages[3] << hv.page_shift == leaf_table_bytes
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=1)
+    taken = s1.table_pages()
+    # The donated pages sit at 0x8000_0000, far from the carve-out at the top of RAM: with
+    # 4K pages that needs a level-2 and a level-3 table (the level-1 table over the first
+    # 512 GiB exists from boot); with 16K and 64K only a level-3 table (the level-2 table
+    # over 64 GiB / 4 TiB holds the carve-out already).
+    assert sorted(level for level, _entries in taken.values()) == (
+        [2, 3] if page_size == "4K" else [3])
+    hv.destroy_vm(vm.handle)
+    assert s1.table_pages() == {}
     hv.audit()

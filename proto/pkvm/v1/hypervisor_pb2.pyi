@@ -176,26 +176,36 @@ class GetPageResponse(_message.Message):
     def __init__(self, refcount: _Optional[int] = ...) -> None: ...
 
 class HostShareRequest(_message.Message):
-    __slots__ = ("handle", "pfn", "nr_pages")
+    __slots__ = ("handle", "pfn", "nr_pages", "page_by_page")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     PFN_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_BY_PAGE_FIELD_NUMBER: _ClassVar[int]
     handle: int
     pfn: int
     nr_pages: int
-    def __init__(self, handle: _Optional[int] = ..., pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ...) -> None: ...
+    page_by_page: bool
+    def __init__(self, handle: _Optional[int] = ..., pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., page_by_page: _Optional[bool] = ...) -> None: ...
 
 class HostShareResponse(_message.Message):
-    __slots__ = ("pfn", "nr_pages", "host_state", "hyp_state")
+    __slots__ = ("pfn", "nr_pages", "host_state", "hyp_state", "pages_done", "failed_pfn", "failed_reason", "failed_errno")
     PFN_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
     HOST_STATE_FIELD_NUMBER: _ClassVar[int]
     HYP_STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_DONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PFN_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ERRNO_FIELD_NUMBER: _ClassVar[int]
     pfn: int
     nr_pages: int
     host_state: PageState
     hyp_state: PageState
-    def __init__(self, pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., host_state: _Optional[_Union[PageState, str]] = ..., hyp_state: _Optional[_Union[PageState, str]] = ...) -> None: ...
+    pages_done: int
+    failed_pfn: int
+    failed_reason: str
+    failed_errno: str
+    def __init__(self, pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., host_state: _Optional[_Union[PageState, str]] = ..., hyp_state: _Optional[_Union[PageState, str]] = ..., pages_done: _Optional[int] = ..., failed_pfn: _Optional[int] = ..., failed_reason: _Optional[str] = ..., failed_errno: _Optional[str] = ...) -> None: ...
 
 class HostUnshareRequest(_message.Message):
     __slots__ = ("handle", "pfn", "nr_pages")
@@ -208,16 +218,24 @@ class HostUnshareRequest(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ...) -> None: ...
 
 class HostUnshareResponse(_message.Message):
-    __slots__ = ("pfn", "nr_pages", "host_state", "hyp_state")
+    __slots__ = ("pfn", "nr_pages", "host_state", "hyp_state", "pages_done", "failed_pfn", "failed_reason", "failed_errno")
     PFN_FIELD_NUMBER: _ClassVar[int]
     NR_PAGES_FIELD_NUMBER: _ClassVar[int]
     HOST_STATE_FIELD_NUMBER: _ClassVar[int]
     HYP_STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_DONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_PFN_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILED_ERRNO_FIELD_NUMBER: _ClassVar[int]
     pfn: int
     nr_pages: int
     host_state: PageState
     hyp_state: PageState
-    def __init__(self, pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., host_state: _Optional[_Union[PageState, str]] = ..., hyp_state: _Optional[_Union[PageState, str]] = ...) -> None: ...
+    pages_done: int
+    failed_pfn: int
+    failed_reason: str
+    failed_errno: str
+    def __init__(self, pfn: _Optional[int] = ..., nr_pages: _Optional[int] = ..., host_state: _Optional[_Union[PageState, str]] = ..., hyp_state: _Optional[_Union[PageState, str]] = ..., pages_done: _Optional[int] = ..., failed_pfn: _Optional[int] = ..., failed_reason: _Optional[str] = ..., failed_errno: _Optional[str] = ...) -> None: ...
 
 class PinSharedRequest(_message.Message):
     __slots__ = ("handle", "pfn", "nr_pages")
@@ -322,16 +340,18 @@ class GuestMapRequest(_message.Message):
     def __init__(self, handle: _Optional[int] = ..., ipa: _Optional[int] = ..., pfn: _Optional[int] = ...) -> None: ...
 
 class GuestMapResponse(_message.Message):
-    __slots__ = ("ipa", "pfn", "level", "tables_allocated")
+    __slots__ = ("ipa", "pfn", "level", "tables_allocated", "refilled_pages")
     IPA_FIELD_NUMBER: _ClassVar[int]
     PFN_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     TABLES_ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    REFILLED_PAGES_FIELD_NUMBER: _ClassVar[int]
     ipa: int
     pfn: int
     level: int
     tables_allocated: int
-    def __init__(self, ipa: _Optional[int] = ..., pfn: _Optional[int] = ..., level: _Optional[int] = ..., tables_allocated: _Optional[int] = ...) -> None: ...
+    refilled_pages: int
+    def __init__(self, ipa: _Optional[int] = ..., pfn: _Optional[int] = ..., level: _Optional[int] = ..., tables_allocated: _Optional[int] = ..., refilled_pages: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

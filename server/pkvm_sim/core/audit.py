@@ -4,13 +4,19 @@
 2. Every table page (host and guest stage-2, PGD pages included) has refcount 1 + non-zero
    entries, is an order-0 page held in the right pool, and is referenced once.
 3. Every held page of a host stage-2 pool is a table page; every held block of the hyp pool
-   is owned by a VM; every held page of a VM pool is a guest table page or a VM's block.
+   is owned by a VM or is an EL2 stage-1 table page (counted: refcount 1 + entries, entries
+   recomputed from the pages hyp maps); every held page of a VM pool is a guest table page
+   or a VM's block.
 4. Host RAM is partitioned exactly: carve-out, free host RAM, and host allocations (slices,
-   donated metadata/PGD/memcache pages) cover every memblock page once.
+   donated metadata/PGD/memcache pages, host memcache pages) cover every memblock page once.
 5. The host's owner annotations cover exactly what hyp owns (carve-out and donated pages)
-   and no valid host mapping touches it.
-6. Every hyp SHARED_BORROWED page is a host SHARED_OWNED page-level leaf and vice versa;
-   pins are only on shared pages and equal the vmemmap refcounts.
+   and no valid host mapping touches it; EL2's stage-1 maps exactly the hyp-borrowed and
+   donated pages.
+6. Every host SHARED_OWNED page-level leaf is borrowed by hyp or shared with guests, never
+   both (no kernel allows a page both guest-mapped and hyp-borrowed: __pkvm_host_share_hyp
+   needs OWNED, __pkvm_host_share_guest refuses a page shared with hyp); each page's guest
+   share count equals the guest leaves mapping it; pins are only on shared pages and equal
+   the vmemmap refcounts.
 7. Simulated memory holds something only in table pages and memcache pages.
 
 Cost: O(pool pages + mappings): for tests and on-demand checks, never on the hot path.
@@ -26,11 +32,14 @@ from .pgtable import (
     ANNOTATED,
     LEAF,
     PTE_KIND,
+    PTE_PFN,
     PTE_STATE,
     STATE_OWNED,
+    STATE_SHARED_BORROWED,
     STATE_SHARED_OWNED,
     Stage2PageTable,
 )
+from .profiles import Operation
 
 if TYPE_CHECKING:
     from .hyp_pool import HypPool
@@ -55,7 +64,15 @@ def audit(hv: Hypervisor) -> None:
 
     hyp_held = {pfn for pfn, _rc, _o in hv.hyp_pool.held_blocks()}
     owned_hyp = {pfn for pfn, (_h, kind) in hv._owners.items() if kind is PoolKind.HYP}
-    assert hyp_held == owned_hyp, "hyp pool blocks and VM ownership records disagree"
+    s1_tables = hv.hyp_stage1.table_pages()
+    assert not owned_hyp & set(s1_tables), "a VM's block is also a hyp stage-1 table"
+    assert hyp_held == owned_hyp | set(s1_tables), \
+        "hyp pool blocks differ from VM ownership records + hyp stage-1 tables"
+    expected = hv.hyp_stage1.expected_entries()
+    for pfn, (_level, entries) in s1_tables.items():
+        assert hv.hyp_pool.page_order(pfn) == 0, f"hyp stage-1 table {pfn:#x} is not order 0"
+        assert entries == expected[pfn] > 0, \
+            f"hyp stage-1 table {pfn:#x}: refcount says {entries} entries, {expected[pfn]} mapped"
 
     table_pfns = set(host_tables)
     hm = hv.host_memory
@@ -63,7 +80,7 @@ def audit(hv: Hypervisor) -> None:
         alloc = hm.allocations.get(vm.slice_base_pfn)
         assert alloc is not None and alloc.owner == f"slice:{handle}"
         if vm.pool is None:
-            assert hv.config.vmemmap_coverage != "all" and vm.pgt is None
+            assert Operation.VMS not in hv.operations and vm.pgt is None
             continue
         assert vm.pgt is not None
         tables = _check_tables(vm.pgt, f"vm {handle:#x}")
@@ -74,10 +91,14 @@ def audit(hv: Hypervisor) -> None:
                     if h == handle and kind is PoolKind.VM}
         assert vm_held == set(tables) | vm_owned, f"VM {handle:#x} pool holds stray pages"
         assert all(_pool_has(vm.pool, pfn) for pfn in tables)
-        assert not set(vm.memcache) & set(vm.admitted), "a memcache page is also in the pool"
-        for pfn in vm.memcache + vm.admitted:
+        caches = (vm.memcache, vm.hyp_memcache, vm.admitted)
+        assert sum(map(len, caches)) == len(set().union(*caches)), "a memcache page twice"
+        for pfn in vm.hyp_memcache + vm.admitted:
             alloc = hm.allocations.get(pfn)
             assert alloc is not None and alloc.owner == f"memcache:{handle}"
+        for pfn in vm.memcache:
+            alloc = hm.allocations.get(pfn)
+            assert alloc is not None and alloc.owner == f"hostmc:{handle}"
         for base, owner in ((vm.meta_pfn, "meta"), (vm.pgd_base_pfn, "pgd"),
                             (vm.slice_base_pfn, "slice")):
             alloc = hm.allocations.get(base)
@@ -97,8 +118,9 @@ def audit(hv: Hypervisor) -> None:
     # 5: annotations == hyp-owned memory; no valid host leaf touches it.
     shift = hv.page_shift
     hyp_owned = [(lay.base_pfn << shift, (lay.base_pfn + lay.nr_pages) << shift)]
-    hyp_owned += [(a.base_pfn << shift, a.end_pfn << shift)
-                  for a in hm.allocations.values() if not a.owner.startswith("slice:")]
+    donated = [a for a in hm.allocations.values()
+               if not a.owner.startswith(("slice:", "hostmc:"))]
+    hyp_owned += [(a.base_pfn << shift, a.end_pfn << shift) for a in donated]
     hyp_runs = _merge(hyp_owned)
     starts = [s for s, _e in hyp_runs]
     annotated: list[tuple[int, int]] = []
@@ -118,8 +140,28 @@ def audit(hv: Hypervisor) -> None:
             shared_host.add(m.start >> shift)
     assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
 
+    hyp_mapped = set(hv._hyp_shared)
+    for a in donated:
+        hyp_mapped |= set(range(a.base_pfn, a.end_pfn))
+    assert hv.hyp_stage1.mapped == hyp_mapped, \
+        "EL2's stage-1 does not map exactly the hyp-borrowed and donated pages"
+
     # 6: sharing.
-    assert shared_host == set(hv._hyp_shared), "hyp-borrowed and host-shared pages differ"
+    both = set(hv._hyp_shared) & set(hv._guest_shared)
+    assert not both, f"pages both guest-mapped and hyp-borrowed: {sorted(both)[:8]}"
+    assert shared_host == set(hv._hyp_shared) | set(hv._guest_shared), \
+        "host-shared pages differ from hyp-borrowed + guest-shared pages"
+    guest_leaves: dict[int, int] = {}
+    for handle, vm in hv._vms.items():
+        if vm.pgt is None:
+            continue
+        for m in vm.pgt.mappings():
+            assert m.level == 3 and m.pte[PTE_STATE] == STATE_SHARED_BORROWED, \
+                f"VM {handle:#x}: guest leaf at {m.start:#x} is not a shared page"
+            pfn = m.pte[PTE_PFN]
+            assert vm.in_slice(pfn), f"VM {handle:#x} maps pfn {pfn:#x} outside its slice"
+            guest_leaves[pfn] = guest_leaves.get(pfn, 0) + 1
+    assert guest_leaves == hv._guest_shared, "guest share counts differ from guest leaves"
     for pfn, handle in hv._hyp_shared.items():
         vm = hv._vms[handle]
         assert pfn in vm.shared and vm.in_slice(pfn)
@@ -129,7 +171,7 @@ def audit(hv: Hypervisor) -> None:
             assert hv.vmemmap.refcount(pfn) == count, f"pin count of {pfn:#x} drifted"
 
     # 7: simulated memory.
-    memcache = {pfn for vm in hv._vms.values() for pfn in vm.memcache}
+    memcache = {pfn for vm in hv._vms.values() for pfn in vm.memcache + vm.hyp_memcache}
     for pfn in hv.physmem.written_pfns():
         assert pfn in table_pfns or pfn in memcache, f"page {pfn:#x} is dirty for no reason"
 

@@ -1,17 +1,26 @@
-"""A protected guest VM at EL2: its pool, its stage-2 and its memcache (SEMANTICS 5).
+"""A protected guest VM at EL2: its pool, its stage-2 and its memcaches (SEMANTICS 5).
 
     host RAM                                   EL2
     ---------                                  ---
-    slice (the VMM's memory, host-owned) ----> may be shared with hyp / mapped in the guest
+    slice (the VMM's memory, host-owned) ----> may be shared with hyp, or shared with the
+                                               guest (__pkvm_host_share_guest, v6.14+)
     metadata pages (VM + vCPU structs) ------> donated: hyp-owned on the VM's behalf
     PGD pages (size from VTCR) -------------> donated: vm.pool := hyp_pool_init over them,
                                                then the guest PGD is allocated back out of it
-    memcache pages (top-ups, one by one) ----> donated: popped when vm.pool is empty and
-                                               admitted to vm.pool as order-0 table pages
+    host memcache pages (top-ups) -----------> stay host-owned until EL2 refills its own
+                                               memcache at the next guest map
+                                               (pkvm_refill_memcache): donated one at a time
 
-Table pages for the guest stage-2: first alloc(vm.pool, 0); if the pool is empty, pop one
-page from the memcache, zero it and admit it (refcount 1, order 0, never coalesced). Pages
-freed to 0 go back to vm.pool. Teardown returns everything (see Hypervisor.destroy_vm).
+The two memcaches are stacks, as in the kernel (push_hyp_memcache / pop_hyp_memcache):
+`memcache` is the host's (top = last pushed), `hyp_memcache` is EL2's. A refill pops the
+host's top and pushes it on EL2's until EL2 holds as many pages as the host had
+(refill_memcache with min_pages = the host's nr_pages), so the host's first page ends on
+top of EL2's stack: pages are used first in, first out.
+
+Table pages for the guest stage-2 (guest_s2_zalloc_page): first alloc(vm.pool, 0); if the
+pool is empty, pop one page from EL2's memcache, zero it and admit it (refcount 1, order 0,
+never coalesced). Pages freed to 0 go back to vm.pool. Teardown returns everything (see
+Hypervisor.destroy_vm).
 
 VM pools use the v5.17 max_order formula whatever the configuration says: with the v5.14
 formula a 2-page pool could not hold its own 2-page PGD (orders 0..0 only) and a 1-page pool
@@ -49,9 +58,9 @@ class GuestMmOps:
     def zalloc_page(self) -> int | None:
         vm = self.vm
         pfn = self.pool.try_alloc_pages(0)
-        if pfn is None and vm.memcache:
-            pfn = vm.memcache.pop()
-            self.physmem.zero_range(pfn, 1)  # the "next" link written by the host
+        if pfn is None and vm.hyp_memcache:
+            pfn = vm.hyp_memcache.pop()
+            self.physmem.zero_range(pfn, 1)  # the memcache "next" link
             self.pool.admit_page(pfn)
             vm.admitted.append(pfn)
         if pfn is not None:
@@ -85,7 +94,8 @@ class GuestVm:
     pool: HypPool | None  # None with vmemmap coverage 'carveout': no EL2 VM state at all
     pgt: Stage2PageTable | None = None
     mm: GuestMmOps | None = None
-    memcache: list[int] = field(default_factory=list)  # host-donated pages, top = last
+    memcache: list[int] = field(default_factory=list)  # the host's memcache, top = last
+    hyp_memcache: list[int] = field(default_factory=list)  # EL2's (donated), top = last
     admitted: list[int] = field(default_factory=list)  # memcache pages now in vm.pool
     shared: set[int] = field(default_factory=set)  # slice pfns shared with hyp
     pins: dict[int, int] = field(default_factory=dict)  # slice pfn -> pin count
@@ -98,17 +108,20 @@ class GuestVm:
         return (self.slice_base_pfn <= pfn
                 and pfn + nr_pages <= self.slice_base_pfn + self.slice_nr_pages)
 
-    def table_pages_available(self) -> int:
-        """Pages a guest map can still obtain without a top-up."""
-        assert self.pool is not None
-        return self.pool.free_pages + len(self.memcache)
+    def refill_pages(self) -> list[int]:
+        """The host pages EL2's next refill moves, in order (refill_memcache: pop the host's
+        top until EL2 holds as many pages as the host had when it started)."""
+        nr = max(0, len(self.memcache) - len(self.hyp_memcache))
+        return self.memcache[::-1][:nr]
 
-    def require_table_pages(self, need: int) -> None:
+    def require_table_pages(self, need: int, refill: int) -> None:
+        """-ENOMEM unless vm.pool, EL2's memcache and the coming refill hold `need` pages."""
         assert self.pool is not None
-        if need > self.table_pages_available():
+        have = self.pool.free_pages + len(self.hyp_memcache) + refill
+        if need > have:
             raise OutOfMemory(
                 f"VM {self.handle:#x}: the guest map needs {need} table page(s), the VM pool"
-                f" has {self.pool.free_pages} free and the memcache {len(self.memcache)}:"
-                " top up the memcache and retry",
+                f" has {self.pool.free_pages} free, EL2's memcache {len(self.hyp_memcache)}"
+                f" and the refill would add {refill}: top up the memcache and retry",
                 reason="MEMCACHE_EMPTY",
             )

@@ -22,7 +22,8 @@ from .errors import OutOfMemory
 class HostAllocation:
     base_pfn: int
     nr_pages: int
-    owner: str  # e.g. 'slice:4096', 'meta:4096', 'pgd:4096', 'memcache:4096'
+    owner: str  # e.g. 'slice:4096', 'meta:4096', 'pgd:4096', 'memcache:4096' (donated),
+    # 'hostmc:4096' (in the host's memcache: allocated for the VM, still host-owned)
 
     @property
     def end_pfn(self) -> int:
@@ -84,6 +85,11 @@ class HostMemory:
         self._free.insert(i, [start, end])
         self.free_pages += alloc.nr_pages
         return alloc
+
+    def retag(self, base_pfn: int, owner: str) -> None:
+        """Give an allocation a new owner tag (a host memcache page EL2 took over)."""
+        alloc = self.allocations[base_pfn]
+        self.allocations[base_pfn] = HostAllocation(alloc.base_pfn, alloc.nr_pages, owner)
 
     def allocation_at(self, pfn: int) -> HostAllocation | None:
         """The allocation holding pfn, if any (O(log n) over the sorted bases)."""

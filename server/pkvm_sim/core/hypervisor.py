@@ -33,7 +33,6 @@ from typing import Any
 
 from .config import SimConfig
 from .errors import (
-    AlreadyExists,
     Busy,
     FailedPrecondition,
     InvalidArgument,
@@ -48,6 +47,7 @@ from .guest import GuestMmOps, GuestVm
 from .host_memory import HostMemory
 from .host_stage2 import HostStage2
 from .hyp_pool import HypPool, get_order
+from .hyp_stage1 import HypStage1
 from .layout import ceil_div, effective_max_order
 from .model import (
     FaultResult,
@@ -57,6 +57,7 @@ from .model import (
     PageState,
     PoolKind,
     ShareResult,
+    TeardownResult,
     VmemmapStatistics,
     VmInfo,
 )
@@ -73,17 +74,22 @@ from .pgtable import (
     PTE_PROT,
     PTE_STATE,
     STATE_OWNED,
+    STATE_SHARED_BORROWED,
     STATE_SHARED_OWNED,
     Stage2PageTable,
     leaf_pte,
     pgd_geometry,
 )
 from .physmem import PhysicalMemory
+from .profiles import FIRST_KERNEL, KVM_MAX_PVMS, Operation
 from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
 from .vmemmap import Vmemmap
 
 VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000 (SEMANTICS 5)
-MAX_VMS = 4096  # the kernel's KVM_MAX_PVMS is 255; widened so load tests can run many VMs
+# Client VMs without EL2 state (profiles without Operation.VMS) and VMs of profiles that
+# reserve no hyp VM table are the service's own records: at most this many. VMs at EL2 of a
+# profile with a VM table live in it: vm_table_entries (KVM_MAX_PVMS, 255, in v6.12).
+MAX_VMS = 4096
 PKVM_HYP_VM_BYTES = 1024  # struct pkvm_hyp_vm without the vCPU pointer array (illustrative)
 PKVM_HYP_VCPU_BYTES = 4096  # struct pkvm_hyp_vcpu (illustrative), donated per vCPU
 MAX_VCPUS = 512
@@ -92,12 +98,6 @@ MAX_VCPUS = 512
 # request's time under the simulator lock short (about 40 ms), so no client can stall the
 # others for seconds. Callers loop for more.
 MAX_PAGES_PER_CALL = 4096
-COVER_LETTER_POINT = (
-    "sharing and guest VMs need a hyp_page for every page of host memory (vmemmap_coverage"
-    " 'all'); with coverage 'carveout' (v5.13/v5.14) EL2 has no struct hyp_page for host"
-    " pages. Making that affordable is the point of the series' cover letter: 4-byte"
-    " entries cost 1 MiB per GiB instead of 8"
-)
 
 
 class Hypervisor:
@@ -124,6 +124,12 @@ class Hypervisor:
         self._vms: dict[int, GuestVm] = {}  # handle -> VM
         self._owners: dict[int, tuple[int, PoolKind]] = {}  # block head -> (handle, pool)
         self._hyp_shared: dict[int, int] = {}  # pfn -> handle: hyp SHARED_BORROWED pages
+        self._guest_shared: dict[int, int] = {}  # pfn -> host_share_guest_count (v6.14+)
+        # What this profile serves (registry): a missing operation is NOT_IN_PROFILE.
+        self.operations = config.kernel.operations(config.vmemmap_coverage)
+        # EL2's stage-1 tables over pages it maps at their alias (shares, donations).
+        self.hyp_stage1 = HypStage1(self.page_shift, hyp_pool,
+                                    [(layout.base_pfn, layout.base_pfn + layout.nr_pages)])
         # VMs ever created: the next handle is VM_HANDLE_OFFSET + this, so a handle is never
         # reused within one machine's lifetime (saved with it: core/state_file.py).
         self._vms_created = 0
@@ -170,25 +176,37 @@ class Hypervisor:
         and a VM pool initialised over the PGD pages. -EINVAL for nr_vcpus < 1 or a bad
         size; -ENOMEM when host RAM cannot supply the slice or the donations.
 
-        With vmemmap coverage 'carveout' the VM is slice-only (no donations, pool or guest
-        stage-2): what needs a hyp_page for host memory is then refused (docs/stage2.md)."""
+        In a profile without VMs at EL2 (Operation.VMS) the VM is slice-only: no donations,
+        pool or guest stage-2, and what needs them is refused NOT_IN_PROFILE. With VMs at EL2
+        the kernel's VM table holds KVM_MAX_PVMS (255) VMs (find_free_vm_table_entry: -ENOMEM
+        when full); the donated pages are mapped in EL2's stage-1 (hyp_complete_donation),
+        whose tables come from the hyp pool. Here creation is one step: the kernel's
+        __pkvm_init_vm (which also pins the host's shared struct kvm) and one
+        __pkvm_init_vcpu per vCPU (each pinning its host vCPU struct) are not modelled
+        separately (docs/model.md)."""
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise InvalidArgument(f"nr_vcpus must be in 1..{MAX_VCPUS}, not {nr_vcpus}",
                                   reason="BAD_NR_VCPUS")
         if slice_pages < 1:
             raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
                                   reason="BAD_SLICE_SIZE")
-        # The VM table slot (VMID - 1) is reused like the kernel's; the handle is not (it
-        # would be slot + 0x1000 in the kernel): a client can tell its VM was destroyed, or
-        # the server restarted, from a new VM that took the slot (docs/state-file.md).
+        at_el2 = Operation.VMS in self.operations
+        # The hyp VM table kvm_hyp_reserve reserved (v6.2+: KVM_MAX_PVMS slots); profiles
+        # without one (v5.x serving VMs as an extension) keep the service's own table.
+        # The slot (VMID - 1) is reused like the kernel's; the handle is not (it would be
+        # slot + 0x1000 in the kernel): a client can tell its VM was destroyed, or the server
+        # restarted, from a new VM that took the slot (docs/state-file.md).
+        slots = self.config.kernel.vm_table_entries or MAX_VMS
         used = {vm.vmid - 1 for vm in self._vms.values()}
-        index = next((i for i in range(MAX_VMS) if i not in used), None)
+        index = next((i for i in range(slots) if i not in used), None)
         if index is None:
-            raise OutOfMemory(f"the VM table is full ({MAX_VMS} VMs)", reason="VM_TABLE_FULL")
+            table = ("the hyp VM table (KVM_MAX_PVMS)" if slots == KVM_MAX_PVMS
+                     else "the VM table")
+            raise OutOfMemory(f"{table} is full ({slots} VMs)", reason="VM_TABLE_FULL")
         handle = VM_HANDLE_OFFSET + self._vms_created
-        if self.config.vmemmap_coverage != "all":
-            # V13/V14 have no EL2 VM state; the client still gets a handle and a slice, and
-            # everything that needs a hyp_page for host memory is refused (FailedPrecondition).
+        if not at_el2:
+            # No EL2 VM state in this kernel; the client still gets a handle and a slice, and
+            # everything that needs the VM at EL2 is refused (NOT_IN_PROFILE).
             slice_base = self.host_memory.alloc(slice_pages, f"slice:{handle}")
             vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
                          slice_pages, -1, 0, -1, 0, None)
@@ -207,10 +225,11 @@ class Hypervisor:
             made.append(pgd_base)
             slice_base = hm.alloc(slice_pages, f"slice:{handle}")
             made.append(slice_base)
+            donated = [*range(meta, meta + meta_pages), *range(pgd_base, pgd_base + pgd_pages)]
+            self.hyp_stage1.check_can_map(donated)
             # All or nothing (planned first): a refusal leaves the host stage-2 untouched.
-            self.host_stage2.set_owner_pages(
-                [*range(meta, meta + meta_pages), *range(pgd_base, pgd_base + pgd_pages)],
-                OWNER_HYP)
+            self.host_stage2.set_owner_pages(donated, OWNER_HYP)
+            self.hyp_stage1.map_pages(donated)
         except PkvmError as err:
             for base in reversed(made):
                 hm.free(base)
@@ -236,16 +255,29 @@ class Hypervisor:
     def destroy_vm(self, handle: int) -> int:
         """Tear a VM down and return everything to the host; returns the number of pages
         given back (slice + donated + memcache + pages it held in the hyp pool)."""
+        return self.teardown_vm(handle).pages_returned
+
+    def teardown_vm(self, handle: int) -> TeardownResult:
+        """destroy_vm, saying which steps are the kernel's and which the service's.
+
+        The service's clean-up guarantee: a destroyed VM leaves nothing behind. The kernel's
+        __pkvm_teardown_vm reclaims the guest's pages and tables, unpins what EL2 pinned for
+        the VM and hands the donated pages back; it never unshares what the host shared with
+        hyp (the host does that afterwards, page by page). Here those shares are dropped too,
+        as that host clean-up would (`host_unshared_pages`)."""
         vm = self._vm(handle)
         del self._vms[handle]
         returned = 0
-        # Shares and pins: EL2 drops its pins, the host takes its pages back.
+        unpinned, unshared = len(vm.pins), len(vm.shared)
+        # EL2 drops its pins; the service unshares (the host's job in the kernel).
         for pfn in sorted(vm.pins):
             self.vmemmap.set_entry(pfn, refcount=0)
         vm.pins.clear()
         if vm.shared:
-            self.host_stage2.set_page_state(sorted(vm.shared), STATE_OWNED)
-            for pfn in vm.shared:
+            shared = sorted(vm.shared)
+            self.host_stage2.set_page_state(shared, STATE_OWNED)
+            self.hyp_stage1.unmap_pages(shared)
+            for pfn in shared:
                 del self._hyp_shared[pfn]
             vm.shared.clear()
         # Blocks the VM allocated: back to their pools, whatever their refcount.
@@ -259,11 +291,14 @@ class Hypervisor:
             while pool.put_page(head):
                 pass
             del self._owners[head]
-        if vm.pool is None:  # coverage 'carveout': only a slice
+        if vm.pool is None:  # no VM at EL2: only a slice
             self.host_memory.free(vm.slice_base_pfn)
-            return returned + vm.slice_nr_pages
-        # Guest stage-2: every table back into vm.pool, then the PGD pages.
+            return TeardownResult(returned + vm.slice_nr_pages, 0, 0, unpinned, unshared)
+        # Guest stage-2: pages shared with the guest go back to the host (their share count
+        # drops; at 0 the host page is OWNED again), every table back into vm.pool, then the
+        # PGD pages.
         assert vm.pgt is not None
+        guest_unshared = self._drop_guest_shares(vm.pgt)
         vm.pgt.unmap(0, vm.pgt.ia_size)
         for pfn in vm.pgt.pgd_pfns:
             vm.pool.put_page(pfn)
@@ -272,21 +307,45 @@ class Hypervisor:
             vm.pool.release_admitted(pfn)
         while (drained := vm.pool.try_alloc_pages(0)) is not None:
             self.vmemmap.set_entry(drained, refcount=0, order=0)
-        # Donated pages back to the host (annotations reset), then the slice.
+        # Donated pages back to the host (__pkvm_hyp_donate_host: unmapped from EL2's
+        # stage-1, annotations reset), then the host's own memcache pages, then the slice.
         hs2 = self.host_stage2
-        for pfn in vm.admitted + vm.memcache:
+        el2_returned = vm.donated_pages + len(vm.admitted) + len(vm.hyp_memcache)
+        for pfn in vm.admitted + vm.hyp_memcache:
             self.physmem.zero_range(pfn, 1)
+            self.hyp_stage1.unmap_pages([pfn])
             hs2.set_owner_pages([pfn], OWNER_HOST)
             self.host_memory.free(pfn)
             returned += 1
+        for pfn in vm.memcache:  # never donated: the host frees them (free_hyp_memcache)
+            self.physmem.zero_range(pfn, 1)
+            self.host_memory.free(pfn)
+            returned += 1
         self.physmem.zero_range(vm.meta_pfn, vm.meta_pages)
-        hs2.set_owner_pages(range(vm.meta_pfn, vm.meta_pfn + vm.meta_pages), OWNER_HOST)
-        hs2.set_owner_pages(range(vm.pgd_base_pfn, vm.pgd_base_pfn + vm.pgd_pages), OWNER_HOST)
+        meta = range(vm.meta_pfn, vm.meta_pfn + vm.meta_pages)
+        pgd = range(vm.pgd_base_pfn, vm.pgd_base_pfn + vm.pgd_pages)
+        self.hyp_stage1.unmap_pages([*meta, *pgd])
+        hs2.set_owner_pages(meta, OWNER_HOST)
+        hs2.set_owner_pages(pgd, OWNER_HOST)
         self.host_memory.free(vm.meta_pfn)
         self.host_memory.free(vm.pgd_base_pfn)
         self.host_memory.free(vm.slice_base_pfn)
         returned += vm.donated_pages + vm.slice_nr_pages
-        return returned
+        return TeardownResult(returned, el2_returned, guest_unshared, unpinned, unshared)
+
+    def _drop_guest_shares(self, pgt: Stage2PageTable) -> int:
+        """Every guest leaf's host page: host_share_guest_count - 1, OWNED again at 0.
+        Returns the pages the host owns again."""
+        back_to_host: list[int] = []
+        for m in pgt.mappings():
+            pfn = m.pte[PTE_PFN]
+            self._guest_shared[pfn] -= 1
+            if not self._guest_shared[pfn]:
+                del self._guest_shared[pfn]
+                back_to_host.append(pfn)
+        if back_to_host:
+            self.host_stage2.set_page_state(sorted(back_to_host), STATE_OWNED)
+        return len(back_to_host)
 
     def vm(self, handle: int) -> VmInfo:
         """-ENOENT (NotFound) for an unknown handle."""
@@ -352,7 +411,7 @@ class Hypervisor:
                                   reason="BAD_POOL") from None
         if kind is PoolKind.HYP:
             return self.hyp_pool, (handle, kind)
-        self._require_full_vmemmap("allocate from a VM pool")
+        self._require(Operation.VMS, "allocate from a VM pool")
         assert vm.pool is not None
         return vm.pool, (handle, kind)
 
@@ -411,8 +470,8 @@ class Hypervisor:
 
     # -- host <-> hyp sharing (SEMANTICS 4.2, 4.4) ---------------------------------------
 
-    def _share_pages(self, handle: int, pfn: int, nr_pages: int, what: str) -> tuple[GuestVm,
-                                                                                     list[int]]:
+    def _share_pages(self, handle: int, pfn: int, nr_pages: int, op: Operation) -> tuple[
+            GuestVm, list[int]]:
         vm = self._vm(handle)
         _check_page_count(nr_pages, minimum=1)
         if not vm.in_slice(pfn, nr_pages):
@@ -421,18 +480,38 @@ class Hypervisor:
                 f" [{vm.slice_base_pfn:#x}, +{vm.slice_nr_pages})",
                 reason="NOT_IN_SLICE",
             )
-        self._require_full_vmemmap(what)
+        self._require(op, op.value)
         return vm, list(range(pfn, pfn + nr_pages))
 
-    def _require_full_vmemmap(self, what: str) -> None:
-        if self.config.vmemmap_coverage != "all":
-            raise FailedPrecondition(f"cannot {what}: {COVER_LETTER_POINT}",
-                                     reason="VMEMMAP_NOT_COVERED")
+    def _require(self, op: Operation, what: str) -> None:
+        """FAILED_PRECONDITION / NOT_IN_PROFILE when the modelled kernel lacks `op`."""
+        if op in self.operations:
+            return
+        kernel = self.config.kernel
+        hint = ""
+        if kernel.full_vmemmap_extension:
+            hint = " (vmemmap_coverage 'all' serves it as an extension of this profile)"
+        elif op is Operation.GUEST_SHARE:
+            hint = " (profile v6.12+guest-share serves it as an extension)"
+        raise FailedPrecondition(
+            f"cannot {what}: profile {kernel.profile} models a kernel without it; the first"
+            f" kernel that has it is {FIRST_KERNEL[op]}{hint}",
+            reason="NOT_IN_PROFILE",
+        )
 
-    def host_share(self, handle: int, pfn: int, nr_pages: int = 1) -> ShareResult:
-        """__pkvm_host_share_hyp for each page of [pfn, pfn + nr_pages) in the VM's slice;
-        all pages are checked before any changes."""
-        vm, pfns = self._share_pages(handle, pfn, nr_pages, "share pages with hyp")
+    def host_share(self, handle: int, pfn: int, nr_pages: int = 1, *,
+                   page_by_page: bool = False) -> ShareResult:
+        """__pkvm_host_share_hyp for each page of [pfn, pfn + nr_pages) in the VM's slice.
+
+        By default all pages are checked before any changes (all or nothing: a deviation,
+        the kernel's hypercall takes one page). page_by_page=True does what the host's loop
+        does (kvm_share_hyp): one share per page in order, stopping at the first refusal,
+        whose pages before it stay shared; the result says how many ended shared and why
+        the next one failed. Each share maps the page in EL2's stage-1
+        (hyp_complete_share), taking any missing table from the hyp pool."""
+        if page_by_page:
+            return self._share_page_by_page(handle, pfn, nr_pages)
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, Operation.SHARE_HYP)
         hs2 = self.host_stage2
         for q in pfns:
             pte, _level = hs2.host_leaf(q)
@@ -444,37 +523,57 @@ class Hypervisor:
                 )
             if q in self._hyp_shared:
                 raise PermissionDenied(f"hyp already maps page {q:#x}", reason="HYP_PAGE_MAPPED")
+        self.hyp_stage1.check_can_map(pfns)
         hs2.set_page_state(pfns, STATE_SHARED_OWNED)
+        self.hyp_stage1.map_pages(pfns)
         for q in pfns:
             self._hyp_shared[q] = handle
             vm.shared.add(q)
-        return ShareResult(pfn, nr_pages, PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+        return ShareResult(pfn, nr_pages, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
+                           pages_done=nr_pages)
+
+    def _share_page_by_page(self, handle: int, pfn: int, nr_pages: int) -> ShareResult:
+        self._share_pages(handle, pfn, nr_pages, Operation.SHARE_HYP)  # the request itself
+        for done in range(nr_pages):
+            try:
+                self.host_share(handle, pfn + done, 1)
+            except PkvmError as err:
+                return ShareResult(pfn, nr_pages, PageState.SHARED_OWNED,
+                                   PageState.SHARED_BORROWED, pages_done=done,
+                                   failed_pfn=pfn + done, failed_reason=err.reason,
+                                   failed_errno=err.errno_name)
+        return ShareResult(pfn, nr_pages, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
+                           pages_done=nr_pages)
 
     def host_unshare(self, handle: int, pfn: int, nr_pages: int = 1) -> ShareResult:
-        """__pkvm_host_unshare_hyp; -EBUSY if EL2 has any of the pages pinned."""
-        vm, pfns = self._share_pages(handle, pfn, nr_pages, "unshare pages")
+        """__pkvm_host_unshare_hyp; -EBUSY if EL2 has any of the pages pinned (6.2+). EL2
+        unmaps the pages (hyp_complete_unshare) and gives tables left empty back."""
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, Operation.UNSHARE_HYP)
         hs2 = self.host_stage2
+        pins = Operation.PIN_SHARED in self.operations  # 5.17-6.1: no hyp_page for host pages
         for q in pfns:
-            if hs2.host_state(q) is not PageState.SHARED_OWNED:
+            if hs2.host_state(q) is not PageState.SHARED_OWNED or q in self._guest_shared:
                 raise PermissionDenied(
-                    f"host page {q:#x} is {hs2.host_state(q).value}, not shared_owned",
+                    f"host page {q:#x} is {hs2.host_state(q).value}, not shared with hyp",
                     reason="HOST_PAGE_NOT_SHARED",
                 )
-            if self.vmemmap.refcount(q):
+            if pins and self.vmemmap.refcount(q):
                 raise Busy(f"page {q:#x} is pinned by EL2 (refcount"
                            f" {self.vmemmap.refcount(q)})", reason="PAGE_PINNED")
             if self._hyp_shared.get(q) != handle:
                 raise PermissionDenied(f"hyp does not borrow page {q:#x}",
                                        reason="HYP_PAGE_NOT_BORROWED")
         hs2.set_page_state(pfns, STATE_OWNED)
+        self.hyp_stage1.unmap_pages(pfns)
         for q in pfns:
             del self._hyp_shared[q]
             vm.shared.discard(q)
-        return ShareResult(pfn, nr_pages, PageState.OWNED, PageState.NOPAGE)
+        return ShareResult(pfn, nr_pages, PageState.OWNED, PageState.NOPAGE,
+                           pages_done=nr_pages)
 
     def pin_shared(self, handle: int, pfn: int, nr_pages: int = 1) -> None:
         """hyp_pin_shared_mem: EL2 takes a reference on shared pages (blocks unshare)."""
-        vm, pfns = self._share_pages(handle, pfn, nr_pages, "pin shared pages")
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, Operation.PIN_SHARED)
         for q in pfns:
             if self._hyp_shared.get(q) != handle:
                 raise PermissionDenied(f"page {q:#x} is not shared with hyp",
@@ -487,7 +586,7 @@ class Hypervisor:
             vm.pins[q] = vm.pins.get(q, 0) + 1
 
     def unpin_shared(self, handle: int, pfn: int, nr_pages: int = 1) -> None:
-        vm, pfns = self._share_pages(handle, pfn, nr_pages, "unpin shared pages")
+        vm, pfns = self._share_pages(handle, pfn, nr_pages, Operation.PIN_SHARED)
         for q in pfns:
             if not vm.pins.get(q):
                 raise WouldPanic(f"unpin of page {q:#x}, which is not pinned: refcount 0",
@@ -514,58 +613,90 @@ class Hypervisor:
         """host_stage2_unmap_dev_all on demand; returns the table pages it freed."""
         return self.host_stage2.unmap_dev_all()
 
-    # -- guest stage-2 (SEMANTICS 5) ------------------------------------------------------
+    # -- guest stage-2 (SEMANTICS 5; v6.14+ __pkvm_host_share_guest) -----------------------
 
     def topup_memcache(self, handle: int, nr_pages: int) -> int:
-        """Donate nr_pages host pages to the VM's memcache; returns the memcache size."""
+        """The host's topup_hyp_memcache: allocate nr_pages host pages and push them on the
+        VM's host memcache; returns its size. It only allocates: the pages stay host-owned
+        (the host stage-2 is untouched) until EL2 refills its own memcache at the next guest
+        map (pkvm_refill_memcache), donating them one at a time."""
         vm = self._vm(handle)
         _check_page_count(nr_pages, minimum=0)
-        self._require_full_vmemmap("top up a VM memcache")
+        self._require(Operation.GUEST_SHARE, "top up a VM memcache")
         if nr_pages > self.host_memory.free_pages:
             raise OutOfMemory(f"host RAM has {self.host_memory.free_pages} free pages, the"
                               f" top-up needs {nr_pages}", reason="HOST_MEMORY_EXHAUSTED")
-        added: list[int] = []
-        try:
-            for _ in range(nr_pages):
-                added.append(self.host_memory.alloc(1, f"memcache:{handle}"))
-            # All or nothing (planned first): a refusal leaves the host stage-2 untouched.
-            self.host_stage2.set_owner_pages(added, OWNER_HYP)
-        except PkvmError:
-            for pfn in reversed(added):
-                self.host_memory.free(pfn)
-            raise
-        for pfn in added:
-            # The host threads its list through the pages: each holds the next one's address.
+        for _ in range(nr_pages):
+            pfn = self.host_memory.alloc(1, f"hostmc:{handle}")
+            # push_hyp_memcache: each page holds the address of the one below it.
             head = vm.memcache[-1] if vm.memcache else None
             self.physmem.write(pfn, ("memcache_next", head))
             vm.memcache.append(pfn)
         return len(vm.memcache)
 
     def guest_map(self, handle: int, ipa: int, pfn: int) -> GuestMapResult:
-        """Map a page of the VM's slice at `ipa` in its guest stage-2."""
+        """Share a page of the VM's slice with the guest at `ipa`, as v6.14+ does
+        (handle___pkvm_host_share_guest: pkvm_refill_memcache, then __pkvm_host_share_guest):
+
+        - the guest IPA must be unmapped (NOPAGE), else -EPERM, even for the same pfn;
+        - the host page must be OWNED (it becomes SHARED_OWNED) or already SHARED_OWNED
+          with a non-zero guest-share count (shared with guests, not with hyp), else -EPERM;
+        - EL2 first refills its memcache from the host's (donating each page), and the
+          guest tables come from vm.pool, then from EL2's memcache.
+
+        Everything is checked before anything changes (a refusal changes nothing, including
+        the refill the kernel would already have done)."""
         vm = self._vm(handle)
         if not vm.in_slice(pfn):
             raise PermissionDenied(f"pfn {pfn:#x} is not in VM {handle:#x}'s slice",
                                    reason="NOT_IN_SLICE")
         if ipa < 0 or ipa % self.page_size:
             raise InvalidArgument(f"ipa {ipa:#x} is not page aligned", reason="BAD_ADDRESS")
-        self._require_full_vmemmap("map guest memory")
+        self._require(Operation.GUEST_SHARE, "map guest memory")
         pgt, mm = vm.pgt, vm.mm
         assert pgt is not None and mm is not None
         if ipa >= pgt.ia_size:
             raise OutOfRange(f"ipa {ipa:#x} beyond the guest's {self.config.ia_bits}-bit space",
                              reason="BEYOND_IPA_SPACE")
-        pte, level, _table = pgt.lookup(ipa)
-        if pte is not None and pte[PTE_KIND] == LEAF:
-            if pte[PTE_PFN] == pfn:
-                return GuestMapResult(ipa, pfn, level, 0)
-            raise AlreadyExists(f"guest ipa {ipa:#x} already maps pfn {pte[PTE_PFN]:#x}",
-                                reason="IPA_MAPPED")
-        vm.require_table_pages(pgt.tables_needed_for_page(ipa, set()))
+        pte, _level, _table = pgt.lookup(ipa)
+        if pte is not None:  # __guest_check_page_state_range(ipa, PKVM_NOPAGE)
+            raise PermissionDenied(f"guest ipa {ipa:#x} is not unmapped: it maps pfn"
+                                   f" {pte[PTE_PFN]:#x}", reason="IPA_MAPPED")
+        host_state = self.host_stage2.host_state(pfn)
+        if host_state is PageState.SHARED_OWNED and not self._guest_shared.get(pfn):
+            raise PermissionDenied(f"host page {pfn:#x} is shared with hyp, not with guests",
+                                   reason="HOST_PAGE_SHARED_WITH_HYP")
+        if host_state not in (PageState.OWNED, PageState.SHARED_OWNED):
+            raise PermissionDenied(f"host page {pfn:#x} is {host_state.value}: cannot share"
+                                   " it with the guest", reason="HOST_PAGE_NOT_OWNED")
+        refill = vm.refill_pages()
+        vm.require_table_pages(pgt.tables_needed_for_page(ipa, set()), len(refill))
+        self.hyp_stage1.check_can_map(refill)
+        # Both host stage-2 changes (the page's state, the refill's owner) planned together:
+        # once this passes, neither can fail.
+        self.host_stage2._prepare_page_maps([pfn, *refill], leaf=True,
+                                            what="share a page with the guest")
+        if host_state is PageState.OWNED:
+            self.host_stage2.set_page_state([pfn], STATE_SHARED_OWNED)
+        self.host_stage2.set_owner_pages(refill, OWNER_HYP)
+        self._refill(vm, refill)
         before = mm.allocated
-        ret = pgt.map(ipa, self.page_size, leaf_pte(pfn, PROT_RWX))
+        ret = pgt.map(ipa, self.page_size, leaf_pte(pfn, PROT_RWX, STATE_SHARED_BORROWED))
         assert ret == OK, "pre-checked guest map failed"
-        return GuestMapResult(ipa, pfn, 3, mm.allocated - before)
+        self._guest_shared[pfn] = self._guest_shared.get(pfn, 0) + 1
+        return GuestMapResult(ipa, pfn, 3, mm.allocated - before, refilled_pages=len(refill))
+
+    def _refill(self, vm: GuestVm, pages: list[int]) -> None:
+        """refill_memcache after the donations: each page moves from the host's stack to
+        EL2's, mapped in EL2's stage-1 (hyp_complete_donation)."""
+        self.hyp_stage1.map_pages(pages)
+        for pfn in pages:
+            popped = vm.memcache.pop()
+            assert popped == pfn, "refill pages come off the top of the host's memcache"
+            head = vm.hyp_memcache[-1] if vm.hyp_memcache else None
+            self.physmem.write(pfn, ("memcache_next", head))
+            vm.hyp_memcache.append(pfn)
+            self.host_memory.retag(pfn, f"memcache:{vm.handle}")
 
     # -- read-only views ------------------------------------------------------------------
 
@@ -594,6 +725,8 @@ class Hypervisor:
             host_stage2=self.host_stage2.statistics(list(pool_stats[1:1 + len(self.host_pools)])),
             nr_vms=len(self._vms),
             shared_pages=len(self._hyp_shared),
+            guest_shared_pages=len(self._guest_shared),
+            hyp_stage1_table_pages=len(self.hyp_stage1.table_pages()),
             hyp_mem_pages=self.reservation.hyp_mem_pages,
             carveout_base=self.reservation.carveout_base,
             carveout_bytes=self.reservation.reserved_bytes,
@@ -638,7 +771,7 @@ class Hypervisor:
         if lay.base_pfn <= pfn < lay.base_pfn + lay.nr_pages:
             return "hyp", None
         alloc = self.host_memory.allocation_at(pfn)
-        if alloc is not None and not alloc.owner.startswith("slice:"):
+        if alloc is not None and not alloc.owner.startswith(("slice:", "hostmc:")):
             return f"vm:{alloc.owner.split(':')[1]}", None
         return "host", None
 
@@ -708,12 +841,15 @@ class Hypervisor:
             },
             "vms": [
                 {**asdict(self._vm_info(vm)), "memcache": list(vm.memcache),
+                 "hyp_memcache": list(vm.hyp_memcache),
                  "admitted": list(vm.admitted), "pins": sorted(vm.pins.items()),
                  "guest_tables": sorted(vm.pgt.table_pages()) if vm.pgt else []}
                 for _h, vm in sorted(self._vms.items())
             ],
             "owners": sorted((pfn, h, kind.value) for pfn, (h, kind) in self._owners.items()),
             "hyp_shared": sorted(self._hyp_shared.items()),
+            "guest_shared": sorted(self._guest_shared.items()),
+            "hyp_stage1_tables": self.hyp_stage1.dump(),
         }
         if host_tables:
             pgt = self.host_stage2.pgt

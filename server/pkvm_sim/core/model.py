@@ -69,8 +69,24 @@ class FaultResult:
 class ShareResult:
     pfn: int
     nr_pages: int
-    host_state: PageState
+    host_state: PageState  # of the pages the call changed
     hyp_state: PageState
+    pages_done: int = 0  # pages the call changed: nr_pages, or fewer page by page
+    failed_pfn: int | None = None  # page by page: the page whose share was refused
+    failed_reason: str | None = None  # its refusal reason (e.g. HOST_PAGE_NOT_OWNED)
+    failed_errno: str | None = None  # its errno name (e.g. 'EPERM')
+
+
+@dataclass(frozen=True)
+class TeardownResult:
+    """What destroying a VM gave back, the kernel's steps apart from the service's."""
+
+    pages_returned: int  # everything: slice, donated, memcache and hyp pool pages
+    el2_returned_pages: int  # __pkvm_teardown_vm: donated metadata + PGD + memcache pages
+    guest_unshared_pages: int  # host pages shared with the guest, OWNED again (reclaim)
+    unpinned_pages: int  # pages EL2 had pinned for the VM, unpinned
+    host_unshared_pages: int  # the service's clean-up: hyp shares dropped (in the kernel
+    # the host unshares them itself after the teardown)
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class GuestMapResult:
     pfn: int
     level: int
     tables_allocated: int
+    refilled_pages: int = 0  # host memcache pages EL2 took (donated) before mapping
 
 
 @dataclass(frozen=True)
@@ -124,7 +141,9 @@ class HypervisorStatistics:
     vmemmap: VmemmapStatistics
     host_stage2: HostStage2Statistics
     nr_vms: int
-    shared_pages: int
+    shared_pages: int  # pages hyp borrows (shared with hyp)
     hyp_mem_pages: int
     carveout_base: int
     carveout_bytes: int
+    guest_shared_pages: int = 0  # host pages shared with guests (v6.14+ guest maps)
+    hyp_stage1_table_pages: int = 0  # hyp pool pages in EL2 stage-1 tables for shares/donations

@@ -27,17 +27,22 @@ module of the core, and the CLI, can import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 __all__ = [
     "MAX_ORDER_FORMULAS",
+    "FIRST_KERNEL",
+    "KVM_MAX_PVMS",
     "PROFILES",
     "HostRangeSearch",
     "HostS2Pool",
     "VmemmapReservation",
     "KernelProfile",
+    "Operation",
     "Profile",
+    "kernel_profile_names",
+    "version_key",
     "profile_help",
     "profiles_epilog",
     "profile_names",
@@ -59,6 +64,9 @@ class Profile(StrEnum):
     V5_14 = "v5.14"
     V6_1 = "v6.1"
     V6_12 = "v6.12"
+    # Extension profile (sharing helper): v6.12 plus the guest sharing of v6.14+, turned on
+    # knowingly; its record is v6.12's with `extra_operations`, added below the registry.
+    V6_12_GUEST_SHARE = "v6.12+guest-share"
 
 
 class VmemmapReservation(StrEnum):
@@ -66,6 +74,34 @@ class VmemmapReservation(StrEnum):
 
     CARVEOUT = "carveout"  # the carve-out's own pages, by fixed point (up to v6.1)
     ALL_MEMORY = "all-memory"  # every memblock, region by region (from v6.2)
+
+
+class Operation(StrEnum):
+    """An EL2 memory operation that exists from some kernel version on (FIRST_KERNEL)."""
+
+    SHARE_HYP = "share pages with hyp"  # __pkvm_host_share_hyp
+    UNSHARE_HYP = "unshare pages"  # __pkvm_host_unshare_hyp
+    PIN_SHARED = "pin shared pages"  # hyp_pin_shared_mem / hyp_unpin_shared_mem (-EBUSY)
+    VMS = "create VMs at EL2"  # __pkvm_init_vm, __pkvm_init_vcpu, __pkvm_teardown_vm
+    GUEST_SHARE = "map guest memory"  # __pkvm_host_share_guest + pkvm_refill_memcache
+
+
+# The first mainline kernel that has each operation (the table of docs/model.md).
+FIRST_KERNEL: dict[Operation, str] = {
+    Operation.SHARE_HYP: "v5.15",
+    Operation.UNSHARE_HYP: "v5.17",
+    Operation.PIN_SHARED: "v6.2",
+    Operation.VMS: "v6.2",
+    Operation.GUEST_SHARE: "v6.14",
+}
+
+# arch/arm64/include/asm/kvm_pkvm.h (v6.2 to v6.12): the hyp VM table has this many slots.
+KVM_MAX_PVMS = 255
+
+
+def version_key(name: str) -> tuple[int, ...]:
+    """(6, 12) for 'v6.12' or 'v6.12+guest-share': the kernel version a profile models."""
+    return tuple(int(part) for part in name.lstrip("v").split("+")[0].split("."))
 
 
 class HostRangeSearch(StrEnum):
@@ -126,6 +162,30 @@ class KernelProfile:
     def has_ffa_proxy(self) -> bool:
         return self.ffa_mailbox_pages > 0
 
+    # -- which EL2 operations exist (sharing helper) -------------------------------------
+    # Operations modelled beyond the kernel version, turned on knowingly (extension
+    # profiles such as v6.12+guest-share).
+    extra_operations: frozenset[Operation] = frozenset()
+    # True for v5.13/v5.14: with vmemmap_coverage 'all' (the quick-start default) these
+    # profiles also serve every later EL2 operation, with the later kernels' rules, on this
+    # version's allocator and reservation (SEMANTICS' "V62" machine). With 'carveout' they
+    # are exactly their kernel: no sharing, no VMs at EL2.
+    full_vmemmap_extension: bool = False
+
+    @property
+    def is_extension(self) -> bool:
+        """True for a profile that models more than any released kernel (v6.12+guest-share):
+        reservation comparisons and kernel checks skip it, its base profile stands for it."""
+        return bool(self.extra_operations)
+
+    def operations(self, vmemmap_coverage: str) -> frozenset[Operation]:
+        """The EL2 operations this profile serves under a vmemmap coverage."""
+        if self.full_vmemmap_extension and vmemmap_coverage == "all":
+            return frozenset(Operation)
+        version = version_key(self.profile.value)
+        native = {op for op, first in FIRST_KERNEL.items() if version >= version_key(first)}
+        return frozenset(native) | self.extra_operations
+
     @property
     def split_host_s2_pools(self) -> bool:
         """True when memory and MMIO faults draw their tables from different pools."""
@@ -162,6 +222,7 @@ PROFILES: dict[Profile, KernelProfile] = {
             ),
             max_order_formula="v5.14",
             max_order_inclusive=False,
+            full_vmemmap_extension=True,
             kernel_refs=(
                 "arch/arm64/kvm/hyp/reserved_mem.c kvm_hyp_reserve",
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
@@ -179,6 +240,7 @@ PROFILES: dict[Profile, KernelProfile] = {
             host_s2_pools=(_MERGED_POOL,),
             max_order_formula="v5.14",
             max_order_inclusive=False,
+            full_vmemmap_extension=True,
             kernel_refs=(
                 "arch/arm64/kvm/hyp/reserved_mem.c kvm_hyp_reserve",
                 "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
@@ -235,11 +297,29 @@ PROFILES: dict[Profile, KernelProfile] = {
 }
 
 
+def _add_extension_profiles() -> None:
+    """v6.12+guest-share: v6.12's record plus v6.14's guest sharing (once v6.12 exists)."""
+    base = next((spec for name, spec in PROFILES.items() if name.value == "v6.12"), None)
+    if base is not None:
+        PROFILES[Profile.V6_12_GUEST_SHARE] = replace(
+            base, profile=Profile.V6_12_GUEST_SHARE,
+            summary="extension: v6.12 plus __pkvm_host_share_guest and the memcache refill"
+            " at EL2 of v6.14+ (guest stage-2 maps)",
+            extra_operations=frozenset({Operation.GUEST_SHARE}),
+            kernel_refs=(*base.kernel_refs,
+                         "v6.14 arch/arm64/kvm/hyp/nvhe/mem_protect.c __pkvm_host_share_guest",
+                         "v6.14 arch/arm64/kvm/hyp/nvhe/hyp-main.c pkvm_refill_memcache"),
+        )
+
+
+_add_extension_profiles()
+
+
 def profile_spec(profile: Profile | str) -> KernelProfile:
     """The record of a profile; ValueError naming the known ones for an unknown name."""
     try:
         return PROFILES[Profile(profile)]
-    except ValueError:
+    except (ValueError, KeyError):
         raise ValueError(
             f"unknown profile {profile!r}: choose one of {', '.join(profile_names())}"
         ) from None
@@ -250,10 +330,16 @@ def profile_names() -> tuple[str, ...]:
     return tuple(p.value for p in PROFILES)
 
 
+def kernel_profile_names() -> tuple[str, ...]:
+    """Profiles that are a released kernel (no extension profiles), oldest first."""
+    return tuple(p.value for p, spec in PROFILES.items() if not spec.is_extension)
+
+
 def profiles_epilog() -> str:
     """One line per profile (name: summary), for the CLIs' --help."""
+    width = max(len(name) for name in profile_names())
     return "profiles:\n" + "\n".join(
-        f"  {spec.profile.value:<7} {spec.summary}" for spec in PROFILES.values()
+        f"  {spec.profile.value:<{width}} {spec.summary}" for spec in PROFILES.values()
     )
 
 

@@ -386,12 +386,15 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             "pfn": result.pfn, "nr_pages": result.nr_pages,
             "host_state": _PAGE_STATE[result.host_state],
             "hyp_state": _PAGE_STATE[result.hyp_state],
+            "pages_done": result.pages_done, "failed_pfn": result.failed_pfn,
+            "failed_reason": result.failed_reason or "", "failed_errno": result.failed_errno or "",
         }
 
     @rpc("HostShare", Auth.VM, "host_share")
     def HostShare(self, request: pb2.HostShareRequest) -> Any:
         result = self.hypervisor.host_share(request.handle, request.pfn,
-                                            self._pages(request.nr_pages))
+                                            self._pages(request.nr_pages),
+                                            page_by_page=request.page_by_page)
         return pb2.HostShareResponse(**self._share_fields(result))
 
     @rpc("HostUnshare", Auth.VM, "host_unshare")
@@ -437,7 +440,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         result = self.hypervisor.guest_map(request.handle, request.ipa, request.pfn)
         return pb2.GuestMapResponse(
             ipa=result.ipa, pfn=result.pfn, level=result.level,
-            tables_allocated=result.tables_allocated,
+            tables_allocated=result.tables_allocated, refilled_pages=result.refilled_pages,
         )
 
     # -- read-only views -------------------------------------------------------------------------

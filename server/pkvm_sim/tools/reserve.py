@@ -21,6 +21,7 @@ from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.layout import GIB, KIB, MIB
 from pkvm_sim.core.profiles import (
     VmemmapReservation,
+    kernel_profile_names,
     profile_help,
     profile_names,
     profile_spec,
@@ -125,9 +126,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 def parse_profile_list(text: str) -> list[str]:
     """'v5.13,v6.12' -> the profile names (validated), at least two, no repeats; 'all' ->
-    every profile, oldest first."""
+    every released kernel's profile, oldest first (extension profiles such as
+    v6.12+guest-share reserve as their base profile)."""
     if text.strip() == "all":
-        return list(profile_names())
+        return list(kernel_profile_names())
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         profile_spec(name)  # ValueError naming the known profiles

@@ -34,7 +34,7 @@ from pkvm_sim.core.config import Memblock, SimConfig, parse_size
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.layout import GIB, PAGE_SIZES, Profile
 from pkvm_sim.core.model import FaultOutcome
-from pkvm_sim.core.profiles import profile_names
+from pkvm_sim.core.profiles import kernel_profile_names, profile_names
 
 from .plots import ScenarioTimeline, plot_scenario, sampler
 
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  first refusal at {ff['addr']:#x}: {ff['reason']}")
         return 0 if out["refcount_limit_hits"] else 1
 
-    profiles = {"both": ["v5.13", "v5.14"], "all": list(profile_names())}.get(
+    profiles = {"both": ["v5.13", "v5.14"], "all": list(kernel_profile_names())}.get(
         args.profile, [args.profile])
     try:  # a bad span or an impossible memory map is the user's error, not a crash
         spans = [parse_size(s) if not s.endswith(("G", "g")) or "." not in s

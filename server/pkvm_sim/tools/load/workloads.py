@@ -182,6 +182,11 @@ EXPECTED_EVERYWHERE = frozenset({"RESOURCE_EXHAUSTED"})
 EXPECTED_FOR_OP = {
     "unshare": frozenset({"FAILED_PRECONDITION/BUSY"}),  # a page pinned by EL2
     "mmio": frozenset({"INVALID_ARGUMENT/NOT_MMIO"}),  # the MMIO span covers some RAM
+    # v6.14 __pkvm_host_share_guest: a mapped IPA is not mapped again, a page shared with hyp
+    # is not shared with the guest, and a guest's page is not shared with hyp (-EPERM)
+    "guest_map": frozenset({"PERMISSION_DENIED/IPA_MAPPED",
+                            "PERMISSION_DENIED/HOST_PAGE_SHARED_WITH_HYP"}),
+    "share": frozenset({"PERMISSION_DENIED/HOST_PAGE_NOT_OWNED"}),
 }
 
 
