@@ -88,7 +88,7 @@ def test_vm_lease_settings(tmp_path: Path) -> None:
 def test_every_knob_is_declared_once_with_its_owners_default() -> None:
     from dataclasses import fields
 
-    from pkvm_sim.service import knobs
+    from pkvm_sim import knobs
     from pkvm_sim.service.limits import Limits
     from pkvm_sim.service.server import ServerSettings
 
@@ -107,7 +107,7 @@ def test_every_knob_is_declared_once_with_its_owners_default() -> None:
 
 
 def test_a_tool_can_take_a_subset_of_the_machine_knobs() -> None:
-    from pkvm_sim.service.knobs import add_sim_arguments
+    from pkvm_sim.knobs import add_sim_arguments
 
     parser = argparse.ArgumentParser()
     add_sim_arguments(parser, only=("memblocks", "page_size"))

@@ -213,3 +213,32 @@ def test_64k_v6_figures_say_they_are_unchecked(capsys: pytest.CaptureFixture[str
     assert code == 0 and "unchecked" in out
     code, out, _ = invoke(["--profile", "v6.12", "--page-size", "16K"], capsys)
     assert code == 0 and "unchecked" not in out and "checked against" in out
+
+
+def test_reserve_and_serve_share_one_declaration_of_the_machine_flags() -> None:
+    """Issue 7 item 9: the knobs are declared once (pkvm_sim/knobs.py); reserve's flags are a
+    subset of serve's, with the same option strings and help text."""
+    from pkvm_sim.service import serve
+
+    def helps(add: object) -> dict[str, str | None]:
+        parser = argparse.ArgumentParser()
+        add(parser)  # type: ignore[operator]
+        return {opt: action.help for action in parser._actions for opt in action.option_strings}
+
+    reserve_flags, serve_flags = helps(reserve.add_arguments), helps(serve.add_arguments)
+    machine = {"--memblock", "--profile", "--page-size", "--hyp-page-layout",
+               "--vmemmap-coverage", "--carveout-base", "--hyp-pool-extra-pages"}
+    assert machine <= set(reserve_flags)
+    assert all(reserve_flags[flag] == serve_flags[flag] for flag in machine)
+
+
+def test_reserve_loads_no_grpc() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from pkvm_sim.cli import main; "
+            "main(['reserve', '--memblock', '0x80000000:1G', '--json']); "
+            "print('grpc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().endswith("False")

@@ -8,7 +8,7 @@ Configuration, later sources win: built-in defaults (SimConfig: the quick-start 
 then the config file (TOML; YAML when PyYAML is installed), then environment variables
 `PKVM_SIM_<KNOB>` (e.g. PKVM_SIM_PROFILE=v5.13, PKVM_SIM_MEMBLOCKS="0x80000000:4G,0x880000000:6G",
 PKVM_SIM_LISTEN), then flags. A config file holds the SimConfig knobs at top level and the
-server settings in a `[server]` table. Every knob is declared once, in service/knobs.py.
+server settings in a `[server]` table. Every knob is declared once, in pkvm_sim/knobs.py.
 
 With `--state-file PATH` the machine outlives the process: restored from PATH at start when
 the file exists, saved there on SIGTERM/SIGINT and by the SaveState RPC (docs/state-file.md).
@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pkvm_sim.core.config import SimConfig
-
-from .knobs import (
+from pkvm_sim.knobs import (
     LIMITS,
     NOT_SETTINGS,
     SERVICE_KNOBS,

@@ -59,7 +59,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ServerSettings:
     """Transport, security and tenancy settings (docs/service.md). The knobs a user sets
-    are declared once in service/knobs.py, with these defaults."""
+    are declared once in pkvm_sim/knobs.py, with these defaults."""
 
     listen: str = "127.0.0.1:50051"
     metrics_listen: str | None = "127.0.0.1:9100"  # None: no metrics endpoint

@@ -15,15 +15,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.layout import GIB, KIB, MIB
 from pkvm_sim.core.profiles import (
     VmemmapReservation,
     kernel_profile_names,
-    profile_help,
-    profile_names,
     profile_spec,
     profiles_epilog,
 )
@@ -34,54 +31,30 @@ from pkvm_sim.core.reservation import (
     compute_reservation,
     partition_carveout,
 )
+from pkvm_sim.knobs import add_sim_arguments
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 DEFAULT_COMPARE = "v5.13,v5.14"  # the series' before and after
 
-# flag dest -> SimConfig key; values are passed as strings so SimConfig does all validation
-_CONFIG_FLAGS = {
-    "memblock": "memblocks",
-    "profile": "profile",
-    "page_size": "page_size",
-    "hyp_page_layout": "hyp_page_layout",
-    "vmemmap_coverage": "vmemmap_coverage",
-    "carveout_base": "carveout_base",
-    "hyp_pool_extra_pages": "hyp_pool_extra_pages",
-}
+# The machine knobs reserve takes, declared once in pkvm_sim/knobs.py (flags, help, defaults).
+# Values stay strings: SimConfig.from_mapping validates them, as for `serve`.
+RESERVE_KNOBS = (
+    "memblocks", "profile", "page_size", "hyp_page_layout", "vmemmap_coverage",
+    "carveout_base", "hyp_pool_extra_pages",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the reserve flags; every default is SimConfig's (None = not given)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = profiles_epilog()
-    parser.add_argument(
-        "--memblock",
-        action="append",
-        metavar="BASE:SIZE",
-        help="RAM region, repeatable (default: one 4 GiB block at 0x8000_0000)",
-    )
-    parser.add_argument(
-        "--profile", metavar=profile_help(), help=f"kernel modelled (default {SimConfig.profile})"
-    )
-    parser.add_argument("--page-size", metavar="4K|16K|64K", help="PAGE_SIZE (default 4K)")
-    parser.add_argument(
-        "--hyp-page-layout", metavar="32|4|2", help="struct hyp_page size (default: the profile's)"
-    )
-    parser.add_argument(
-        "--vmemmap-coverage", metavar="carveout|all", help="vmemmap coverage (default all)"
-    )
-    parser.add_argument(
-        "--carveout-base", metavar="ADDR", help="place the carve-out here (default: top-down)"
-    )
-    parser.add_argument(
-        "--hyp-pool-extra-pages", metavar="N", help="enlarge the hyp pool by N pages (default 0)"
-    )
+    add_sim_arguments(parser, only=RESERVE_KNOBS)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--compare", nargs="?", const=DEFAULT_COMPARE, metavar="P1,P2,...",
         help="profiles side by side on the same memory map, oldest first "
-        f"(default {DEFAULT_COMPARE}; 'all' = {','.join(profile_names())})",
+        f"(default {DEFAULT_COMPARE}; 'all' = {','.join(kernel_profile_names())})",
     )
     parser.add_argument(  # observe: pictures live in tools/plots.py
         "--plot", metavar="FILE.png|FILE.svg",
@@ -116,12 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
-    values: dict[str, Any] = {}
-    for dest, key in _CONFIG_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            values[key] = value
-    return SimConfig.from_mapping(values)
+    values = {name: getattr(args, name) for name in RESERVE_KNOBS}
+    return SimConfig.from_mapping({k: v for k, v in values.items() if v is not None})
 
 
 def parse_profile_list(text: str) -> list[str]:

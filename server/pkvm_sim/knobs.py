@@ -6,7 +6,8 @@ Sources, later wins: defaults < `--config FILE` (TOML; YAML with PyYAML) < envir
 `PKVM_SIM_<KNOB>` < flags. In a config file the machine knobs sit at top level and the
 server knobs (listen address, security, limits) in a `[server]` table.
 
-This module imports no gRPC, so the offline tools can share `add_sim_arguments`.
+It lives beside `cli.py`, outside the service, and imports no gRPC: `serve` and the offline
+tools (`reserve`, `scenario`) declare their machine flags through `add_sim_arguments`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def seconds(value: Any) -> float:
 
 def address(value: Any) -> str | None:
     """HOST:PORT, port 1..65535 (0 = any free port); 'off' disables (metrics only)."""
-    from .server import split_host_port  # noqa: PLC0415 (keeps this module gRPC-free)
+    from pkvm_sim.service.server import split_host_port  # noqa: PLC0415 (keeps this module gRPC-free)
 
     text = str(value).strip()
     if text.lower() in ("", "off", "none"):
@@ -150,15 +151,17 @@ NOT_SETTINGS = ("log_level", "state_file")
 
 
 def _owner_defaults(section: str) -> dict[str, Any]:
-    from .limits import Limits  # noqa: PLC0415
-
+    # The service's dataclasses are imported only when their knobs are described, so the
+    # offline tools (reserve, scenario) never load gRPC.
     owner: type[Any]
     if section == SIM:
         owner = SimConfig
     elif section == LIMITS:
+        from pkvm_sim.service.limits import Limits  # noqa: PLC0415
+
         owner = Limits
     else:
-        from .server import ServerSettings  # noqa: PLC0415
+        from pkvm_sim.service.server import ServerSettings  # noqa: PLC0415
 
         owner = ServerSettings
     defaults: dict[str, Any] = {}
