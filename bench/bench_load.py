@@ -17,7 +17,6 @@ tool's capacity the simulator's own work costs.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 from pkvm.v1 import hypervisor_pb2 as pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import AsyncEchoServicer, start_aio_echo  # noqa: E402
+from bench_service import AsyncEchoServicer, ServerProcess, start_aio_echo  # noqa: E402
 
 VM_COUNTS = (1, 16, 64, 256)
 WORKLOADS = ("churn", "mixed")
@@ -95,20 +94,6 @@ def serve(kind: str) -> None:
     stop(0)
 
 
-class ServerProcess:
-    def __init__(self, kind: str) -> None:
-        self.process = subprocess.Popen([sys.executable, __file__, "--serve", kind],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
-        assert self.process.stdout is not None
-        self.target = f"127.0.0.1:{int(self.process.stdout.readline())}"
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
-
-
 @dataclass
 class Figures:
     ops_per_s: float
@@ -140,7 +125,7 @@ def main() -> int:
     if args.serve:
         serve(args.serve)
         return 0
-    real, echo = ServerProcess("real"), ServerProcess("echo")
+    real, echo = (ServerProcess(kind, script=__file__) for kind in ("real", "echo"))
     try:
         print(f"pkvm-sim load, {args.seconds:g} s measured per run after 1 s warm-up,"
               f" closed loop, {SLICE_PAGES}-page slices; echo = same tool, no server work")

@@ -158,9 +158,12 @@ def serve(kind: str) -> None:
 
 
 class ServerProcess:
-    def __init__(self, kind: str) -> None:
+    """A benchmark server in a child process: `script --serve KIND` prints its port, then
+    serves until its stdin closes (each benchmark script has such a `--serve` mode)."""
+
+    def __init__(self, kind: str, script: str = __file__) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind],
+            [sys.executable, script, "--serve", kind],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         assert self.process.stdout is not None
