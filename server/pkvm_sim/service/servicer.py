@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -105,9 +106,14 @@ def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[H
                                                                             AsyncHandler]:
     """A unary handler: `fn(self, request)` runs under the simulator lock and returns the
     response. Around it: admission, credentials, the operation count `op`, the call count by
-    status code, and refusals turned into rich statuses."""
+    status code, and refusals turned into rich statuses.
+
+    A coroutine `fn` (one that must not hold the loop, e.g. SaveState's file write) is
+    awaited instead, and takes the simulator lock itself for as long as it needs it."""
 
     def wrap(fn: Handler) -> AsyncHandler:
+        awaited = inspect.iscoroutinefunction(fn)
+
         @functools.wraps(fn)
         async def handler(self: HypervisorServicer, request: Any, context: Context) -> Any:
             context.set_trailing_metadata(self.instance_metadata)  # sent with the status
@@ -119,10 +125,13 @@ def rpc(method: str, auth: Auth = Auth.VM, op: str | None = None) -> Callable[[H
                         self.tokens.check(request.handle, token)
                     elif auth is Auth.CLIENT:
                         self.client_token.check(token, method)
-                    with self.lock:
-                        response = fn(self, request)
-                        if op is not None:
-                            self.counters.operations[op] += 1
+                    if awaited:
+                        response = await fn(self, request)
+                    else:
+                        with self.lock:
+                            response = fn(self, request)
+                            if op is not None:
+                                self.counters.operations[op] += 1
                 finally:
                     self.admission.leave_rpc()
             except REFUSALS as error:
@@ -577,30 +586,20 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     # -- the state file ----------------------------------------------------------------------
 
-    async def SaveState(self, request: pb2.SaveStateRequest, context: Context) -> Any:
+    @rpc("SaveState", Auth.CLIENT)
+    async def SaveState(self, request: pb2.SaveStateRequest) -> pb2.SaveStateResponse:
         """Write the machine to --state-file. A host-wide call (the client token, when one is
         configured). The copy is taken under the lock; compressing and writing run on a
         worker thread, so the event loop keeps serving meanwhile."""
-        context.set_trailing_metadata(self.instance_metadata)
+        if self.state is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
+                               "the server was started without --state-file")
         try:
-            self._admit()
-            try:
-                self.client_token.check(bearer_token(context.invocation_metadata()),
-                                        "SaveState")
-                if self.state is None:
-                    raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
-                                       "the server was started without --state-file")
-                saved = await asyncio.get_running_loop().run_in_executor(
-                    None, self.state.save, self)
-            except OSError as error:
-                raise ServiceError(grpc.StatusCode.INTERNAL, "SAVE_FAILED",
-                                   f"cannot write the state file: {error}") from None
-            finally:
-                self.admission.leave_rpc()
-        except REFUSALS as error:
-            self.counters.count_request("SaveState", describe(error)[0].name)
-            await self._abort(context, error)
-        self.counters.count_request("SaveState", "OK")
+            saved = await asyncio.get_running_loop().run_in_executor(
+                None, self.state.save, self)
+        except OSError as error:
+            raise ServiceError(grpc.StatusCode.INTERNAL, "SAVE_FAILED",
+                               f"cannot write the state file: {error}") from None
         return pb2.SaveStateResponse(
             path=saved.path, size_bytes=saved.size_bytes, seconds=saved.seconds,
             nr_vms=saved.nr_vms, format_version=saved.format_version,
