@@ -33,7 +33,6 @@ from .sdk import (
     Refusal,
     ServerFigures,
     VmFacts,
-    int_result,
     pool_figures,
     refusal_of,
     vm_facts,
@@ -329,7 +328,7 @@ class LoadRun:
         ledger = ledger_pages(facts, state)
         start = time.perf_counter()
         try:
-            returned = int_result(await vm.destroy(), "pages_returned")
+            returned = await vm.destroy()
         except PkvmError as error:
             self._record("destroy_vm", start, refusal_of(error), force=True)
             self.leak.problems.append(f"VM {facts.handle:#x}: DestroyVM failed:"

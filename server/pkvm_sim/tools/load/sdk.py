@@ -21,7 +21,7 @@ from pkvm_client import (
 
 __all__ = [
     "AsyncHypervisor", "AsyncVM", "Batch", "BatchResult", "Hypervisor", "PkvmError",
-    "PoolFigures", "Refusal", "ServerFigures", "VmFacts", "int_result",
+    "PoolFigures", "Refusal", "ServerFigures", "VmFacts",
     "pool_figures", "refusal_of", "vm_facts",
 ]
 
@@ -57,11 +57,6 @@ def vm_facts(vm: Any) -> VmFacts:
     info = vm.info
     return VmFacts(int(vm.handle), str(vm.token), int(info.slice_base_pfn),
                    int(info.slice_nr_pages), int(info.donated_pages))
-
-
-def int_result(result: Any, field: str) -> int:
-    """An SDK call's integer result: today a plain int, a typed result tomorrow."""
-    return int(result if isinstance(result, int) else getattr(result, field))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .sdk import Refusal, int_result
+from .sdk import Refusal
 
 OPERATIONS = ("alloc", "put", "getput", "share", "pin", "guest", "mmio")
 RECYCLE = "@recycle"  # the runner's own method: destroy the VM, create a fresh one
@@ -93,7 +93,7 @@ def _alloc(w: Workload, state: VmState, rnd: random.Random) -> Call:
     order = rnd.choice(w.orders)
 
     def done(result: Any) -> None:
-        state.held[int_result(result, "pfn")] = order
+        state.held[int(result)] = order  # the pfn (unary and batch alike)
     return Call("alloc", "alloc_pages", (order,), done, stake=1 << order)
 
 
