@@ -20,7 +20,6 @@ that needs one is skipped with the reason; under CI (``CI`` set) it fails, becau
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -36,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.unavailable import unavailable
 
 __all__ = [
     "PrometheusError",
@@ -73,10 +72,7 @@ def require_binary(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is not None:
         return path
-    reason = f"{name!r} is not installed (`make tools`, or see .ci/run for how CI installs it)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}, and CI must run every test", pytrace=False)
-    pytest.skip(reason)
+    unavailable(f"{name!r} is not installed (`make tools`, or see .ci/run for how CI installs it)")
 
 
 def free_loopback_port() -> int:

@@ -8,13 +8,12 @@ can check the real exposition against it with `load_metric_catalog()`.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.unavailable import unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy"
@@ -101,10 +100,7 @@ def load_yaml(path: Path) -> Any:
     try:
         from ruamel.yaml import YAML
     except ImportError:
-        reason = "ruamel.yaml is not installed (`make tools` installs check-jsonschema with it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+        unavailable("ruamel.yaml is not installed (`make tools` installs check-jsonschema with it)")
     return YAML(typ="safe", pure=True).load(path)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from tests.prometheus_harness import (
     require_binary,
     running_prometheus,
 )
+from tests.unavailable import unavailable
 
 SCHEMA_CHECK_DIR = DEPLOY_DIR / "grafana" / "schema-check"
 GRAFANA_SCHEMA = SCHEMA_CHECK_DIR / "node_modules" / "@grafana" / "schema" / "dist" / "esm" / "raw"
@@ -76,10 +76,7 @@ def require_schema_tools() -> Path:
     if generator.exists():
         require_binary("node")
         return generator
-    reason = f"{generator.relative_to(DEPLOY_DIR.parent)} is missing (`make tools` runs npm ci)"
-    if os.environ.get("CI"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+    unavailable(f"{generator.relative_to(DEPLOY_DIR.parent)} is missing (`make tools` runs npm ci)")
 
 
 def generate_schema(types_file: Path, type_name: str, out: Path) -> dict[str, Any]:
@@ -107,9 +104,7 @@ def validation_errors(schema: dict[str, Any], instance: Any) -> list[str]:
     try:
         import jsonschema  # type: ignore[import-untyped]
     except ImportError:  # comes with check-jsonschema (`make tools`)
-        if os.environ.get("CI"):
-            pytest.fail("jsonschema is not installed", pytrace=False)
-        pytest.skip("jsonschema is not installed (`make tools`)")
+        unavailable("jsonschema is not installed (`make tools`)")
     validator = jsonschema.Draft7Validator(schema)
     return [
         f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"

@@ -13,28 +13,24 @@ from pathlib import Path
 import pytest
 from pkvm_sim.tools.kernel_check import DEFAULT_CACHE, QEMU, KernelImage, load_manifest
 
+from tests.unavailable import unavailable
+
 REPO = Path(__file__).resolve().parents[2]
 FETCH_SCRIPT = REPO / "scripts" / "fetch-kernels"
 _REPORT: list[str] = []
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI provides it: .ci/run)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def real_kernels() -> list[KernelImage]:
     """The cached kernels, fetching them first when the cache is empty and apt can."""
     if shutil.which(QEMU) is None:
-        _unavailable(f"{QEMU} is not installed (Debian: qemu-system-arm)")
+        unavailable(f"{QEMU} is not installed (Debian: qemu-system-arm)")
     kernels = load_manifest(DEFAULT_CACHE)
     if not kernels and shutil.which("apt-get") and _writable(DEFAULT_CACHE):
         subprocess.run(["bash", str(FETCH_SCRIPT)], check=False, timeout=900)
         kernels = load_manifest(DEFAULT_CACHE)
     if not kernels:
-        _unavailable(f"no kernels cached in {DEFAULT_CACHE}: run scripts/fetch-kernels")
+        unavailable(f"no kernels cached in {DEFAULT_CACHE}: run scripts/fetch-kernels")
     return kernels
 
 

@@ -10,13 +10,13 @@ import pytest
 from pkvm_sim.cli import main
 from pkvm_sim.tools.kernel_check import QEMU, KernelImage, MemoryMap, boot
 
-from .conftest import _unavailable
+from tests.unavailable import unavailable
 
 
 @pytest.fixture
 def garbage_image(tmp_path: Path) -> Path:
     if shutil.which(QEMU) is None:
-        _unavailable(f"{QEMU} is not installed (Debian: qemu-system-arm)")
+        unavailable(f"{QEMU} is not installed (Debian: qemu-system-arm)")
     image = tmp_path / "Image"
     image.write_bytes(b"\0" * 4096)  # executes as nothing useful: no kernel log at all
     return image
