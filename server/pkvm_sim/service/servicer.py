@@ -571,8 +571,15 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 run.abort_rest("SHUTTING_DOWN", "the server is shutting down")
                 return
-            if await loop.run_in_executor(self.batch_worker, self._chunk, run, token):
-                return
+            chunk = loop.run_in_executor(self.batch_worker, self._chunk, run, token)
+            try:
+                if await asyncio.shield(chunk):
+                    return
+            except asyncio.CancelledError:
+                # The worker cannot be interrupted: let its chunk end before the caller
+                # counts what ran (run.next), or that chunk's operations would go uncounted.
+                await asyncio.wait({chunk})
+                raise
 
     def _chunk(self, run: BatchRun, token: str | None) -> bool:
         """One chunk under the lock; True once the batch is done. Between two chunks the
