@@ -190,6 +190,7 @@ class Hypervisor:
         if slice_pages < 1:
             raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
                                   reason="BAD_SLICE_SIZE")
+        self._refuse_unmodelled(Operation.VMS, "create a VM at EL2")
         at_el2 = Operation.VMS in self.operations
         # The hyp VM table kvm_hyp_reserve reserved (v6.2+: KVM_MAX_PVMS slots); profiles
         # without one (v5.x serving VMs as an extension) keep the service's own table.
@@ -483,16 +484,30 @@ class Hypervisor:
         self._require(op, op.value)
         return vm, list(range(pfn, pfn + nr_pages))
 
+    def _refuse_unmodelled(self, op: Operation, what: str) -> None:
+        """FAILED_PRECONDITION / NOT_MODELLED when the kernel has `op` but the core does not
+        implement its rules for this version yet (profiles.py unmodelled_operations)."""
+        kernel = self.config.kernel
+        if op in kernel.unmodelled_operations:
+            raise FailedPrecondition(
+                f"cannot {what}: profile {kernel.profile} models a kernel that has it, with"
+                " rules the simulator does not implement yet (docs/model.md, 'v6.18/v7.3:"
+                " run-time rules to wire'); it refuses rather than apply another version's",
+                reason="NOT_MODELLED",
+            )
+
     def _require(self, op: Operation, what: str) -> None:
-        """FAILED_PRECONDITION / NOT_IN_PROFILE when the modelled kernel lacks `op`."""
+        """FAILED_PRECONDITION / NOT_IN_PROFILE when the modelled kernel lacks `op`
+        (NOT_MODELLED when it has it with rules the core does not implement)."""
         if op in self.operations:
             return
+        self._refuse_unmodelled(op, what)
         kernel = self.config.kernel
         hint = ""
         if kernel.full_vmemmap_extension:
             hint = " (vmemmap_coverage 'all' serves it as an extension of this profile)"
         elif op is Operation.GUEST_SHARE:
-            hint = " (profile v6.12+guest-share serves it as an extension)"
+            hint = " (profile v6.18 models a kernel that has it)"
         raise FailedPrecondition(
             f"cannot {what}: profile {kernel.profile} models a kernel without it; the first"
             f" kernel that has it is {FIRST_KERNEL[op]}{hint}",
