@@ -37,7 +37,7 @@ module of the core, and the CLI, can import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
