@@ -139,6 +139,13 @@ class HostRangeSearch(StrEnum):
     # is then mapped with the largest leaves that fit (a level-0 or, with 16K/64K pages, a
     # level-1 range is mapped by many level-1 or level-2 blocks in one fault)
     FROM_EMPTY_ENTRY = "from-empty-entry"
+    # v6.16+ host_stage2_adjust_range ("KVM: arm64: Adjust range correctly during host
+    # stage-2 faults", e728e705802f; the level-3 fallback 8531d5a83d8e, backported to 6.18
+    # stable after 6.18.15, only matters for regions that are not page aligned): from the
+    # level where the walk met the empty entry down, the first level that supports block
+    # mappings and whose granule lies in the region; the page at level 3 otherwise. The
+    # range is that one block.
+    FIRST_FITTING_BLOCK = "first-fitting-block"
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,10 @@ class KernelProfile:
     ffa_descriptor_bytes: int = 0  # FF-A proxy: the largest fragmented descriptor buffered
     # -- host stage-2 ------------------------------------------------------------------
     host_s2_range_search: HostRangeSearch = HostRangeSearch.LARGEST_COMPATIBLE
+    # A host fault on an annotated (non-host-owned) entry: False, the hypervisor panics
+    # (BUG_ON in handle_host_mem_abort up to 6.18); True, EL2 injects a data abort back
+    # into the host (host_inject_mem_abort, 7.x) and survives.
+    annotated_fault_injects_abort: bool = False
     # -- quirks config.faithful_bugs reproduces (only where this version has them) --------
     range_is_memory_off_by_one: bool = False  # tests the exclusive end (fixed in v5.14)
     # -- what was checked against a booted kernel (tests/kernel, pkvm-sim kernel-check) ----
@@ -235,7 +246,7 @@ _MERGED_POOL = HostS2Pool(
     memory_faults=True, mmio_faults=True, recycles_mmio=True,
 )
 
-def _today(profile: Profile, *, summary: str) -> KernelProfile:
+def _today(profile: Profile, *, summary: str, injects_abort: bool) -> KernelProfile:
     """v6.18 and v7.3: kvm_hyp_reserve as in v6.12 (arch/arm64/kvm/pkvm.c and
     asm/kvm_pkvm.h: 5-level budgets, vmemmap region by region, VM table, FF-A proxy with the
     same descriptor bound; pkvm_selftest_pages() is 0 without CONFIG_NVHE_EL2_DEBUG, which
@@ -262,7 +273,8 @@ def _today(profile: Profile, *, summary: str) -> KernelProfile:
         vm_table_entries=255,
         ffa_mailbox_pages=2,
         ffa_descriptor_bytes=48 + 32 + 16 + 2048 * 16,  # as v6.12 (include/linux/arm_ffa.h)
-        host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
+        host_s2_range_search=HostRangeSearch.FIRST_FITTING_BLOCK,
+        annotated_fault_injects_abort=injects_abort,
         booted_page_sizes=("4K", "16K"),
         # v6.16+: a host share no longer maps the page at EL2 (hyp_pin_shared_mem does, on
         # the first pin); the core's share, unshare and pin map at share time as up to
@@ -366,11 +378,13 @@ PROFILES: dict[Profile, KernelProfile] = {
             Profile.V6_18,
             summary="LTS 6.18 (Android's next GKI): v6.12's reservation with an 8-byte "
             "hyp_page (host state + guest-share count); guest sharing at EL2",
+            injects_abort=False,  # the host-side protected-guest series is not in 6.18
         ),
         _today(
             Profile.V7_3,
             summary="7.3: as v6.18 for the reservation and the hyp_page; guest sharing by "
             "range, donation to protected guests from the host side",
+            injects_abort=True,  # 7.3 nvhe/mem_protect.c handle_host_mem_abort
         ),
     )
 }
