@@ -3,7 +3,7 @@ compare what they reserve for EL2 with what the simulator computes for the same 
 
     scripts/fetch-kernels                         # once: Debian's 6.1 to 7.3 kernels, cached
     pkvm-sim kernel-check                         # every cached kernel x the default maps
-    pkvm-sim kernel-check --kernel 7.3-16k --memory 4G --memory 64M+8896M --json
+    pkvm-sim kernel-check --kernel 6.12-16k --memory 4G --memory 64M+8896M --json
     pkvm-sim kernel-check --image ./Image --profile v6.12 --page-size 4K --memory 8G
 
 Each boot is `qemu-system-aarch64 -M virt,virtualization=on` (software emulation) with
