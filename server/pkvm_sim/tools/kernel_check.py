@@ -320,6 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="CPUs of the machine (-smp), repeatable (default 1)")
     lifecycle.add_argument("--vm-cap", type=int, default=300, metavar="N",
                            help="VMs the VM-limit step tries at most (default 300; 0 skips)")
+    lifecycle.add_argument("--exact", action="store_true",
+                           help="no placement allowance: every figure must be equal")
     lifecycle.add_argument("--save", type=Path, metavar="DIR",
                            help="write each machine's kernel figures (JSON) and EL2 stage-1 "
                            "map at boot (text) into DIR")
@@ -395,7 +397,7 @@ def run_lifecycle_cli(args: argparse.Namespace) -> int:
                 for memory in maps for cpus in cpu_counts]
     timeout_s = max(args.timeout, lifecycle.DEFAULT_LIFECYCLE_TIMEOUT_S)
     checks = lifecycle.run_lifecycle_checks(machines, vm_cap=args.vm_cap, timeout_s=timeout_s,
-                                            truth_dir=args.save)
+                                            truth_dir=args.save, exact=args.exact)
     print(lifecycle.render_json(checks) if args.json else lifecycle.render_table(checks))
     return EXIT_OK if all(check.match for check in checks) else EXIT_MISMATCH
 

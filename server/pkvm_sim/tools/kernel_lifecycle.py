@@ -244,8 +244,34 @@ def simulate(machine: Machine, carveout_base: int, ia_bits: int) -> dict[str, An
     return parsed
 
 
-def differences(kernel: KernelLifecycle, simulated: Mapping[str, Any]) -> list[str]:
-    """Each figure where the simulator differs from the kernel, named."""
+# (VMs, vCPUs) alive at each step
+LIVE_AT_PHASE = {"boot": (0, 0), "vm1-1vcpu": (1, 1), "vm1-destroyed": (0, 0),
+                 "vm2-4vcpus": (1, 4), "vm2-and-vm3": (2, 5), "all-destroyed": (0, 0)}
+
+
+def placement_allowance(phase: str, figure: str) -> int:
+    """How far two boots of one machine can differ on a figure, from where the host kernel
+    happens to put things (the simulator cannot know):
+    * shared pages: `struct kvm_vcpu` comes from a slab cache (kvm_vcpu_cache), objects not
+      page aligned, so kvm_share_hyp(vcpu, vcpu + 1) covers one page more or less by offset,
+      and neighbours share pages (`struct kvm` is kzalloc'ed whole pages: exact): one page
+      per live vCPU;
+    * stage-1 tables (and so free pool pages) while VMs live: EL2 maps the donated and shared
+      pages in its linear map, and needs a new last-level table per 2 MiB of PA it had none
+      in; seen to vary by up to one table per live VM between boots.
+    Donated pages, the VM limit and every figure with no VM alive are exact."""
+    vms, vcpus = LIVE_AT_PHASE.get(phase, (0, 0))
+    if figure == "shared_pages":
+        return vcpus
+    if figure in ("hyp_s1_table_pages", "hyp_pool_free_pages"):
+        return vms
+    return 0
+
+
+def differences(kernel: KernelLifecycle, simulated: Mapping[str, Any], *,
+                exact: bool = False) -> list[str]:
+    """Each figure where the simulator differs from the kernel (beyond the placement
+    allowance unless `exact`), named."""
     found: list[str] = []
     by_phase = {p.get("phase"): p for p in simulated.get("phases", [])}
     for phase in kernel.phases:
@@ -255,14 +281,16 @@ def differences(kernel: KernelLifecycle, simulated: Mapping[str, Any]) -> list[s
             continue
         for figure in FIGURES:
             real, model = getattr(phase, figure), sim.get(figure)
-            if real != model:
-                found.append(f"{phase.phase}: {figure} kernel {real}, simulator {model}")
+            allowance = 0 if exact else placement_allowance(phase.phase, figure)
+            if not isinstance(model, int) or abs(real - model) > allowance:
+                within = f" (placement allowance {allowance})" if allowance else ""
+                found.append(f"{phase.phase}: {figure} kernel {real}, simulator {model}{within}")
     sim_limit = simulated.get("vm_limit")
     if kernel.vm_limit is not None:
         if sim_limit != kernel.vm_limit:
             found.append(f"vm_limit: kernel {kernel.vm_limit} (then {kernel.vm_limit_failed_call}"
                          f" errno {kernel.vm_limit_errno}), simulator {sim_limit}")
-    elif sim_limit is not None and sim_limit <= kernel.vm_cap:
+    elif kernel.vm_cap > 0 and sim_limit is not None and sim_limit < kernel.vm_cap:
         found.append(f"vm_limit: kernel ran {kernel.vm_cap} VMs with no refusal, simulator "
                      f"{sim_limit}")
     return found
@@ -281,8 +309,8 @@ class LifecycleCheck:
             and not self.differences
 
 
-def check_machine(machine: Machine, initrd: Path, *, vm_cap: int, timeout_s: float
-                  ) -> LifecycleCheck:
+def check_machine(machine: Machine, initrd: Path, *, vm_cap: int, timeout_s: float,
+                  exact: bool = False) -> LifecycleCheck:
     with tempfile.TemporaryDirectory(prefix="pkvm-lifecycle-") as tmp:
         kernel = measure(machine, initrd, Path(tmp), vm_cap=vm_cap, timeout_s=timeout_s)
     if kernel.error is not None or kernel.carveout_base is None:
@@ -293,7 +321,8 @@ def check_machine(machine: Machine, initrd: Path, *, vm_cap: int, timeout_s: flo
         simulated = simulate(machine, kernel.carveout_base, ia_bits)
     except (ValueError, subprocess.TimeoutExpired) as error:
         return LifecycleCheck(kernel, None, command, [f"simulator: {error}"])
-    return LifecycleCheck(kernel, simulated, command, differences(kernel, simulated))
+    return LifecycleCheck(kernel, simulated, command,
+                          differences(kernel, simulated, exact=exact))
 
 
 def write_truth(kernel: KernelLifecycle, directory: Path) -> Path:
@@ -322,7 +351,8 @@ def render_table(checks: Sequence[LifecycleCheck]) -> str:
             sim = sim_phases.get(phase.phase, {})
             rows.append((phase.phase, *(
                 f"{getattr(phase, f)}/{sim.get(f, '-')}"
-                + ("" if sim.get(f) == getattr(phase, f) else " *") for f in FIGURES)))
+                + _mark(check, phase.phase, f, getattr(phase, f) == sim.get(f))
+                for f in FIGURES)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
         limit = ("none" if k.vm_limit is None else
@@ -331,11 +361,20 @@ def render_table(checks: Sequence[LifecycleCheck]) -> str:
         lines.append(f"vm_limit: kernel {limit}"
                      + (f" up to {k.vm_cap}" if k.vm_limit is None else "")
                      + f", simulator {sim_limit}")
-        lines += [f"DIFFERS {d}" for d in check.differences] or ["ok"]
+        lines += [f"DIFFERS {d}" for d in check.differences] or [
+            "ok" + (" (~: within the placement allowance)" if any(
+                "~" in cell for row in rows for cell in row) else "")]
         lines.append("")
     matched = sum(c.match for c in checks)
     lines.append(f"{matched}/{len(checks)} machines match the simulator")
     return "\n".join(lines)
+
+
+def _mark(check: LifecycleCheck, phase: str, figure: str, equal: bool) -> str:
+    """'' equal, ' *' a difference, ' ~' unequal within the placement allowance."""
+    if any(d.startswith(f"{phase}: {figure} ") for d in check.differences):
+        return " *"
+    return "" if equal or check.simulator is None else " ~"
 
 
 def render_json(checks: Sequence[LifecycleCheck]) -> str:
@@ -350,13 +389,15 @@ def render_json(checks: Sequence[LifecycleCheck]) -> str:
 
 
 def run_lifecycle_checks(machines: Sequence[Machine], *, vm_cap: int, timeout_s: float,
-                         truth_dir: Path | None = None) -> list[LifecycleCheck]:
+                         truth_dir: Path | None = None, exact: bool = False
+                         ) -> list[LifecycleCheck]:
     """Check each machine in turn (one boot at a time: each runs hundreds of VMs)."""
     checks = []
     with tempfile.TemporaryDirectory(prefix="pkvm-initrd-") as tmp:
         initrd = prepare_initrd(Path(tmp))
         for machine in machines:
-            check = check_machine(machine, initrd, vm_cap=vm_cap, timeout_s=timeout_s)
+            check = check_machine(machine, initrd, vm_cap=vm_cap, timeout_s=timeout_s,
+                                  exact=exact)
             if truth_dir is not None and check.kernel.error is None:
                 write_truth(check.kernel, truth_dir)
             checks.append(check)

@@ -1,0 +1,101 @@
+"""The comparison of `kernel-check --lifecycle`, on kernel records written by hand (the
+QEMU side is tests/kernel/test_lifecycle.py): which differences it names, the placement
+allowance, and the VM limit rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pkvm_sim.tools.kernel_lifecycle import (
+    PHASES,
+    KernelLifecycle,
+    LifecycleCheck,
+    Phase,
+    differences,
+    render_table,
+)
+
+# 6.12, 4 GiB, 1 CPU as a real boot showed it (pool 2571 pages)
+REAL = {
+    "boot": (2534, 37, 0, 0), "vm1-1vcpu": (2531, 40, 20, 3), "vm1-destroyed": (2534, 37, 0, 0),
+    "vm2-4vcpus": (2531, 40, 26, 8), "vm2-and-vm3": (2531, 40, 46, 11),
+    "all-destroyed": (2534, 37, 0, 0),
+}
+
+
+def kernel(vm_limit: int | None = 255, vm_cap: int = 300) -> KernelLifecycle:
+    record = KernelLifecycle(machine="m", kernel="6.12-4k", profile="v6.12", page_size="4K",
+                             memory="4G", cpus=1, cpu_model="max", vm_cap=vm_cap,
+                             vm_limit=vm_limit, carveout_base=0x13DC00000,
+                             carveout_bytes=26 << 20, ia_bits=52)
+    record.phases = [Phase(name, *REAL[name]) for name in PHASES]
+    return record
+
+
+def simulated(changes: dict[tuple[str, str], int] | None = None, vm_limit: int | None = 255
+              ) -> dict[str, Any]:
+    phases = []
+    for name in PHASES:
+        free, tables, donated, shared = REAL[name]
+        phase = {"phase": name, "hyp_pool_free_pages": free, "hyp_s1_table_pages": tables,
+                 "donated_pages": donated, "shared_pages": shared}
+        for (where, figure), value in (changes or {}).items():
+            if where == name:
+                phase[figure] = value
+        phases.append(phase)
+    return {"phases": phases, "vm_limit": vm_limit}
+
+
+def test_equal_figures_are_no_difference() -> None:
+    assert differences(kernel(), simulated()) == []
+
+
+def test_a_boot_figure_must_be_exact() -> None:
+    found = differences(kernel(), simulated({("boot", "hyp_pool_free_pages"): 2571}))
+    assert found == ["boot: hyp_pool_free_pages kernel 2534, simulator 2571"]
+
+
+def test_donated_pages_are_exact_even_with_vms_alive() -> None:
+    found = differences(kernel(), simulated({("vm1-1vcpu", "donated_pages"): 2}))
+    assert found == ["vm1-1vcpu: donated_pages kernel 20, simulator 2"]
+
+
+def test_shared_pages_may_differ_by_one_page_per_live_vcpu() -> None:
+    # vm2-and-vm3: five vCPUs alive -> 11 +- 5 passes, 17 does not
+    assert differences(kernel(), simulated({("vm2-and-vm3", "shared_pages"): 6})) == []
+    found = differences(kernel(), simulated({("vm2-and-vm3", "shared_pages"): 17}))
+    assert found == ["vm2-and-vm3: shared_pages kernel 11, simulator 17 "
+                     "(placement allowance 5)"]
+    assert differences(kernel(), simulated({("vm2-and-vm3", "shared_pages"): 6}),
+                       exact=True) != []
+
+
+def test_tables_may_differ_by_one_per_live_vm() -> None:
+    assert differences(kernel(), simulated({("vm1-1vcpu", "hyp_s1_table_pages"): 41})) == []
+    assert differences(kernel(), simulated({("vm1-1vcpu", "hyp_s1_table_pages"): 42})) != []
+    assert differences(kernel(), simulated({("vm1-destroyed", "hyp_s1_table_pages"): 38})) != []
+
+
+def test_a_missing_phase_is_named() -> None:
+    sim = simulated()
+    sim["phases"] = [p for p in sim["phases"] if p["phase"] != "vm2-4vcpus"]
+    assert differences(kernel(), sim) == ["vm2-4vcpus: the simulator has no such phase"]
+
+
+def test_vm_limit_rules() -> None:
+    assert differences(kernel(255), simulated(vm_limit=256)) == [
+        "vm_limit: kernel 255 (then None errno None), simulator 256"]
+    # no refusal up to the cap: the simulator may refuse later, or never, but not sooner
+    assert differences(kernel(None, vm_cap=300), simulated(vm_limit=None)) == []
+    assert differences(kernel(None, vm_cap=300), simulated(vm_limit=400)) == []
+    assert differences(kernel(None, vm_cap=300), simulated(vm_limit=255)) != []
+
+
+def test_the_table_marks_each_differing_figure() -> None:
+    sim = simulated({("boot", "hyp_pool_free_pages"): 2571, ("vm1-1vcpu", "shared_pages"): 4})
+    check = LifecycleCheck(kernel(), sim, [], differences(kernel(), sim))
+    text = render_table([check])
+    assert "2534/2571 *" in text
+    assert "3/4 ~" in text
+    assert "DIFFERS boot: hyp_pool_free_pages kernel 2534, simulator 2571" in text
+    assert text.endswith("0/1 machines match the simulator")
