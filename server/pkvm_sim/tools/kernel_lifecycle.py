@@ -367,6 +367,8 @@ def render_table(checks: Sequence[LifecycleCheck]) -> str:
                 "~" in cell for row in rows for cell in row) else "")]
         lines.append("")
     matched = sum(c.match for c in checks)
+    lines.append("k/sim: kernel/simulator; *: differs; ~: differs within the placement "
+                 "allowance (docs/kernel-lifecycle.md)")
     lines.append(f"{matched}/{len(checks)} machines match the simulator")
     return "\n".join(lines)
 
