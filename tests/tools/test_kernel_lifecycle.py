@@ -4,6 +4,9 @@ allowance, and the VM limit rules."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from pkvm_sim.tools.kernel_lifecycle import (
@@ -100,3 +103,20 @@ def test_the_table_marks_each_differing_figure() -> None:
     assert "3/4 ~" in text
     assert "DIFFERS boot: hyp_pool_free_pages kernel 2534, simulator 2571" in text
     assert text.endswith("0/1 machines match the simulator")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pkvm_sim.cli", "kernel-check", "--lifecycle",
+                           *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_bad_usage_exits_2_before_booting(tmp_path: Path) -> None:
+    image = tmp_path / "Image"
+    image.write_bytes(b"not booted")
+    done = _cli("--image", str(image), "--profile", "v6.12", "--cpus", "9")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "--cpus must be 1 to 8" in done.stderr
+    done = _cli("--image", str(tmp_path / "missing"), "--profile", "v6.12")
+    assert done.returncode == 2 and "no such file" in done.stderr
+    done = _cli("--image", str(image), "--profile", "v6.12", "--vm-cap", "-1")
+    assert done.returncode == 2 and "--vm-cap" in done.stderr
