@@ -320,6 +320,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="CPUs of the machine (-smp), repeatable (default 1)")
     lifecycle.add_argument("--vm-cap", type=int, default=300, metavar="N",
                            help="VMs the VM-limit step tries at most (default 300; 0 skips)")
+    lifecycle.add_argument("--qemu-cpu", metavar="MODEL",
+                           help="QEMU -cpu (default max,pauth-impdef=on, with lpa2=off for 16K "
+                           "kernels; e.g. max,pauth-impdef=on,lpa2=off gives 4K kernels a "
+                           "48-bit IPA limit)")
     lifecycle.add_argument("--exact", action="store_true",
                            help="no placement allowance: every figure must be equal")
     lifecycle.add_argument("--save", type=Path, metavar="DIR",
@@ -393,7 +397,7 @@ def run_lifecycle_cli(args: argparse.Namespace) -> int:
             print(f"kernel-check: error: {tool} not found (Debian: apt-get install {package})",
                   file=sys.stderr)
             return EXIT_USAGE
-    machines = [lifecycle.Machine(kernel, memory, cpus) for kernel in kernels
+    machines = [lifecycle.Machine(kernel, memory, cpus, args.qemu_cpu) for kernel in kernels
                 for memory in maps for cpus in cpu_counts]
     timeout_s = max(args.timeout, lifecycle.DEFAULT_LIFECYCLE_TIMEOUT_S)
     checks = lifecycle.run_lifecycle_checks(machines, vm_cap=args.vm_cap, timeout_s=timeout_s,

@@ -62,13 +62,19 @@ class Machine:
     kernel: KernelImage
     memory: MemoryMap
     cpus: int
+    qemu_cpu: str | None = None  # QEMU's -cpu, when not the default below
 
     @property
     def name(self) -> str:
-        return f"{self.kernel.flavour}-{self.memory.name}-{self.cpus}cpu"
+        name = f"{self.kernel.flavour}-{self.memory.name}-{self.cpus}cpu"
+        if self.qemu_cpu is not None:
+            name += "-" + re.sub(r"[^A-Za-z0-9=]+", "-", self.qemu_cpu)
+        return name
 
     @property
     def cpu_model(self) -> str:
+        if self.qemu_cpu is not None:
+            return self.qemu_cpu
         # The 16K v6.12 kernel in protected mode hangs late in its boot with LPA2 present;
         # without LPA2 it reaches /init (and the host's IPA limit is 48 bits).
         if self.kernel.page_size == "16K":
