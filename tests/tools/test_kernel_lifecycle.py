@@ -4,6 +4,7 @@ allowance, and the VM limit rules."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,43 @@ def test_bad_usage_exits_2_before_booting(tmp_path: Path) -> None:
     assert done.returncode == 2 and "no such file" in done.stderr
     done = _cli("--image", str(image), "--profile", "v6.12", "--vm-cap", "-1")
     assert done.returncode == 2 and "--vm-cap" in done.stderr
+
+
+FAKE_SIMULATOR = '''
+import json, sys
+args = sys.argv[1:]
+assert args[:3] == ["scenario", "vm-lifecycle", "--json"], args
+print(json.dumps(json.load(open(sys.argv[0] + ".json"))))
+'''
+
+
+def test_saved_records_are_compared_with_the_given_simulator(tmp_path: Path) -> None:
+    """--saved reads a record --save wrote; --simulator runs another program (here a stand-in
+    that checks its arguments and prints prepared figures); the exit status follows."""
+    from pkvm_sim.tools.kernel_lifecycle import load_truth, write_truth
+
+    saved = write_truth(kernel(), tmp_path)
+    assert load_truth(saved).phases == kernel().phases
+    fake = tmp_path / "fake_sim.py"
+    fake.write_text(FAKE_SIMULATOR)
+    (tmp_path / "fake_sim.py.json").write_text(json.dumps(simulated()))
+    done = _cli("--saved", str(saved), "--simulator", f"{sys.executable} {fake}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1/1 machines match the simulator" in done.stdout
+    (tmp_path / "fake_sim.py.json").write_text(
+        json.dumps(simulated({("vm1-1vcpu", "donated_pages"): 19})))
+    done = _cli("--saved", str(saved), "--simulator", f"{sys.executable} {fake}", "--json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["machines"][0]["differences"] == [
+        "vm1-1vcpu: donated_pages kernel 20, simulator 19"]
+    assert report["machines"][0]["simulator_command"][-6:] == [
+        "--memblock=0x40000000:4G", "--carveout-base=0x13dc00000", "--cpus", "1",
+        "--ia-bits", "52"]
+
+
+def test_a_file_that_is_no_saved_record_is_a_usage_error(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    done = _cli("--saved", str(bad))
+    assert done.returncode == 2 and "not a saved kernel record" in done.stderr

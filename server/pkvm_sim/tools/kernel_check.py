@@ -24,6 +24,7 @@ import json
 import os
 import re
 import selectors
+import shlex
 import shutil
 import subprocess
 import sys
@@ -324,6 +325,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="QEMU -cpu (default max,pauth-impdef=on, with lpa2=off for 16K "
                            "kernels; e.g. max,pauth-impdef=on,lpa2=off gives 4K kernels a "
                            "48-bit IPA limit)")
+    lifecycle.add_argument("--saved", type=Path, nargs="+", metavar="FILE",
+                           help="compare kernel records saved by --save (JSON) with the "
+                           "simulator instead of booting")
+    lifecycle.add_argument("--simulator", metavar="COMMAND",
+                           help="the pkvm-sim to compare with, as a command line (default: "
+                           "this one, `python -m pkvm_sim.cli`)")
     lifecycle.add_argument("--exact", action="store_true",
                            help="no placement allowance: every figure must be equal")
     lifecycle.add_argument("--save", type=Path, metavar="DIR",
@@ -378,6 +385,16 @@ def run_lifecycle_cli(args: argparse.Namespace) -> int:
     from pkvm_sim.tools import kernel_lifecycle as lifecycle
     from pkvm_sim.tools.el2_initrd import CROSS_CC
 
+    simulator = shlex.split(args.simulator) if args.simulator else None
+    if args.saved:
+        try:
+            saved = [lifecycle.load_truth(path) for path in args.saved]
+        except ValueError as error:
+            print(f"kernel-check: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        checks = [lifecycle.compare(k, exact=args.exact, simulator=simulator) for k in saved]
+        print(lifecycle.render_json(checks) if args.json else lifecycle.render_table(checks))
+        return EXIT_OK if all(check.match for check in checks) else EXIT_MISMATCH
     try:
         kernels = select_kernels(args)
         maps = [MemoryMap.parse(m) for m in (args.memory or ("4G",))]
@@ -401,7 +418,8 @@ def run_lifecycle_cli(args: argparse.Namespace) -> int:
                 for memory in maps for cpus in cpu_counts]
     timeout_s = max(args.timeout, lifecycle.DEFAULT_LIFECYCLE_TIMEOUT_S)
     checks = lifecycle.run_lifecycle_checks(machines, vm_cap=args.vm_cap, timeout_s=timeout_s,
-                                            truth_dir=args.save, exact=args.exact)
+                                            truth_dir=args.save, exact=args.exact,
+                                            simulator=simulator)
     print(lifecycle.render_json(checks) if args.json else lifecycle.render_table(checks))
     return EXIT_OK if all(check.match for check in checks) else EXIT_MISMATCH
 

@@ -223,24 +223,32 @@ def prepare_initrd(workdir: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def scenario_command(machine: Machine, carveout_base: int, ia_bits: int) -> list[str]:
+def default_simulator() -> list[str]:
+    """This pkvm-sim, run as users run it."""
+    return [sys.executable, "-m", "pkvm_sim.cli"]
+
+
+def scenario_command(kernel: KernelLifecycle, simulator: Sequence[str] | None = None
+                     ) -> list[str]:
+    """`scenario vm-lifecycle --json` for the machine this kernel record was measured on."""
+    assert kernel.carveout_base is not None
     return [
-        sys.executable, "-m", "pkvm_sim.cli", "scenario", "vm-lifecycle", "--json",
-        "--profile", machine.kernel.profile, "--page-size", machine.kernel.page_size,
-        *machine.memory.memblock_flags(), f"--carveout-base={carveout_base:#x}",
-        "--cpus", str(machine.cpus), "--ia-bits", str(ia_bits),
+        *(simulator or default_simulator()), "scenario", "vm-lifecycle", "--json",
+        "--profile", kernel.profile, "--page-size", kernel.page_size,
+        *MemoryMap.parse(kernel.memory).memblock_flags(),
+        f"--carveout-base={kernel.carveout_base:#x}", "--cpus", str(kernel.cpus),
+        "--ia-bits", str(kernel.ia_bits or 48),
     ]
 
 
-def simulate(machine: Machine, carveout_base: int, ia_bits: int) -> dict[str, Any]:
-    """`scenario vm-lifecycle --json` for the machine; ValueError says why it could not run."""
-    command = scenario_command(machine, carveout_base, ia_bits)
+def simulate(command: Sequence[str]) -> dict[str, Any]:
+    """Run `scenario vm-lifecycle --json`; ValueError says why it could not run."""
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         stderr = done.stderr.strip().splitlines()
         if "invalid choice" in done.stderr and "vm-lifecycle" in done.stderr:
             raise ValueError("this pkvm-sim has no `scenario vm-lifecycle` command yet")
-        raise ValueError(f"`{' '.join(command[2:])}` exited {done.returncode}: "
+        raise ValueError(f"`{' '.join(command)}` exited {done.returncode}: "
                          + (stderr[-1] if stderr else "no message"))
     try:
         parsed: dict[str, Any] = json.loads(done.stdout)
@@ -316,15 +324,21 @@ class LifecycleCheck:
 
 
 def check_machine(machine: Machine, initrd: Path, *, vm_cap: int, timeout_s: float,
-                  exact: bool = False) -> LifecycleCheck:
+                  exact: bool = False, simulator: Sequence[str] | None = None
+                  ) -> LifecycleCheck:
     with tempfile.TemporaryDirectory(prefix="pkvm-lifecycle-") as tmp:
         kernel = measure(machine, initrd, Path(tmp), vm_cap=vm_cap, timeout_s=timeout_s)
+    return compare(kernel, exact=exact, simulator=simulator)
+
+
+def compare(kernel: KernelLifecycle, *, exact: bool = False,
+            simulator: Sequence[str] | None = None) -> LifecycleCheck:
+    """The kernel's figures against the simulator's for the same machine."""
     if kernel.error is not None or kernel.carveout_base is None:
         return LifecycleCheck(kernel, None, [], [f"kernel: {kernel.error}"])
-    ia_bits = kernel.ia_bits or 48
-    command = scenario_command(machine, kernel.carveout_base, ia_bits)
+    command = scenario_command(kernel, simulator)
     try:
-        simulated = simulate(machine, kernel.carveout_base, ia_bits)
+        simulated = simulate(command)
     except (ValueError, subprocess.TimeoutExpired) as error:
         return LifecycleCheck(kernel, None, command, [f"simulator: {error}"])
     return LifecycleCheck(kernel, simulated, command,
@@ -340,6 +354,24 @@ def write_truth(kernel: KernelLifecycle, directory: Path) -> Path:
     path.write_text(json.dumps(record, indent=1) + "\n")
     (directory / f"{kernel.machine}.map.txt").write_text("\n".join(boot_map) + "\n")
     return path
+
+
+def load_truth(path: Path) -> KernelLifecycle:
+    """A kernel record `write_truth` saved (ValueError when it is not one)."""
+    try:
+        record = json.loads(path.read_text())
+        phases = [_phase(p) for p in record.pop("phases")]
+        extra = [_phase(p) for p in record.pop("extra_phases")]
+        kernel = KernelLifecycle(**record)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a saved kernel record ({error})") from error
+    kernel.phases, kernel.extra_phases = phases, extra
+    return kernel
+
+
+def _phase(record: dict[str, Any]) -> Phase:
+    levels = {int(level): pages for level, pages in record.pop("table_pages_by_level").items()}
+    return Phase(**record, table_pages_by_level=levels)
 
 
 def render_table(checks: Sequence[LifecycleCheck]) -> str:
@@ -361,12 +393,12 @@ def render_table(checks: Sequence[LifecycleCheck]) -> str:
                 for f in FIGURES)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-        limit = ("none" if k.vm_limit is None else
-                 f"{k.vm_limit} (then {k.vm_limit_failed_call} errno {k.vm_limit_errno})")
+        if k.vm_limit is not None:
+            limit = f"{k.vm_limit} (then {k.vm_limit_failed_call} errno {k.vm_limit_errno})"
+        else:
+            limit = f"none up to {k.vm_cap}" if k.vm_cap else "not measured (--vm-cap 0)"
         sim_limit = (check.simulator or {}).get("vm_limit", "-")
-        lines.append(f"vm_limit: kernel {limit}"
-                     + (f" up to {k.vm_cap}" if k.vm_limit is None else "")
-                     + f", simulator {sim_limit}")
+        lines.append(f"vm_limit: kernel {limit}, simulator {sim_limit}")
         lines += [f"DIFFERS {d}" for d in check.differences] or [
             "ok" + (" (~: within the placement allowance)" if any(
                 "~" in cell for row in rows for cell in row) else "")]
@@ -391,21 +423,21 @@ def render_json(checks: Sequence[LifecycleCheck]) -> str:
         record = asdict(check.kernel)
         record.pop("boot_map")
         machines.append({"kernel": record, "simulator": check.simulator,
-                         "simulator_command": check.simulator_command[2:],
+                         "simulator_command": check.simulator_command,
                          "differences": check.differences, "match": check.match})
     return json.dumps({"ok": all(c.match for c in checks), "machines": machines}, indent=1)
 
 
 def run_lifecycle_checks(machines: Sequence[Machine], *, vm_cap: int, timeout_s: float,
-                         truth_dir: Path | None = None, exact: bool = False
-                         ) -> list[LifecycleCheck]:
+                         truth_dir: Path | None = None, exact: bool = False,
+                         simulator: Sequence[str] | None = None) -> list[LifecycleCheck]:
     """Check each machine in turn (one boot at a time: each runs hundreds of VMs)."""
     checks = []
     with tempfile.TemporaryDirectory(prefix="pkvm-initrd-") as tmp:
         initrd = prepare_initrd(Path(tmp))
         for machine in machines:
             check = check_machine(machine, initrd, vm_cap=vm_cap, timeout_s=timeout_s,
-                                  exact=exact)
+                                  exact=exact, simulator=simulator)
             if truth_dir is not None and check.kernel.error is None:
                 write_truth(check.kernel, truth_dir)
             checks.append(check)
