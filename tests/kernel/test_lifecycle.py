@@ -19,8 +19,10 @@ Four boots, one after the other: about 3 to 4 minutes on two busy cores.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -134,3 +136,20 @@ def test_the_simulator_matches_the_kernel(machines: dict[str, dict[str, Any]], n
                                            for d in record["differences"]):
         unavailable("this pkvm-sim has no `scenario vm-lifecycle` command")
     assert record["match"], "\n".join(record["differences"])
+
+
+def test_a_kernel_that_never_reaches_init_is_reported(tmp_path: Path) -> None:
+    """Not a kernel: QEMU runs garbage, no boot line comes; the check says so, exits 1, and
+    leaves no QEMU behind (the timeout is the whole budget of the boot)."""
+    if shutil.which("qemu-system-aarch64") is None:
+        unavailable("qemu-system-aarch64 is not installed (Debian: qemu-system-arm)")
+    image = tmp_path / "Image"
+    image.write_bytes(b"\x00" * 65536)
+    done = subprocess.run(
+        [sys.executable, "-m", "pkvm_sim.cli", "kernel-check", "--lifecycle", "--json",
+         "--image", str(image), "--profile", "v6.12", "--timeout", "5"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr
+    record = json.loads(done.stdout)["machines"][0]
+    assert "timeout after 5 s before /init finished" in record["kernel"]["error"]
+    assert record["match"] is False

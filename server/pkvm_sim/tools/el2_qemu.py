@@ -8,6 +8,7 @@ carve-out (base and size from the kernel's `kvm [0]: Reserved N MiB at 0xBASE` l
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -92,7 +93,8 @@ class Monitor:
 def run_lifecycle(command: Sequence[str], monitor_path: Path, workdir: Path,
                   timeout_s: float, on_line: Callable[[str], None] | None = None
                   ) -> LifecycleBoot:
-    """Run QEMU until /init powers off; dump the carve-out at every PKVM-STEP marker."""
+    """Run QEMU until /init powers off; dump the carve-out at every PKVM-STEP marker.
+    QEMU is always gone when this returns or raises."""
     start = time.monotonic()
     deadline = start + timeout_s
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -102,38 +104,33 @@ def run_lifecycle(command: Sequence[str], monitor_path: Path, workdir: Path,
     monitor: Monitor | None = None
     log: list[str] = []
     release: str | None = None
+    finished = False
     try:
         for line in lines_until(proc.stdout, deadline):
             log.append(line)
             if on_line is not None:
                 on_line(line)
-            if boot is None and (m := RESERVED_RE.search(line)):
-                boot = LifecycleBoot(int(m.group(2), 16), int(m.group(1)) * MIB, log=log)
-                boot.kernel_release = release
             if release is None and (m := VERSION_RE.search(line)):
                 release = m.group(1)
-            if (m := _RESULT_RE.search(line)) and boot is not None:
-                for pair in m.group(1).split():
-                    key, _, value = pair.partition("=")
-                    boot.results[key] = value
+            if boot is None and (m := RESERVED_RE.search(line)):
+                boot = LifecycleBoot(int(m.group(2), 16), int(m.group(1)) * MIB,
+                                     kernel_release=release, log=log)
             if "PKVM-ERROR" in line or "Kernel panic" in line:
                 raise LifecycleBootError(line.strip(), log[-30:])
-            if (m := _STEP_RE.search(line)) and "PKVM-STEP" in line:
-                if boot is None:
-                    raise LifecycleBootError("no 'kvm [0]: Reserved' line before /init", log)
-                if monitor is None:
-                    monitor = Monitor(monitor_path, deadline)
-                name = m.group(1)
-                dump = workdir / f"{name}.bin"
-                monitor.command("stop", deadline)
-                monitor.command(f'pmemsave {boot.carveout_base:#x} {boot.carveout_bytes:#x} '
-                                f'"{dump}"', deadline)
-                monitor.command("cont", deadline)
-                boot.dumps[name] = dump
-                proc.stdin.write(b"\n")
+            if "PKVM-" not in line:
+                continue
+            if boot is None:
+                raise LifecycleBootError("no 'kvm [0]: Reserved' line before /init", log[-30:])
+            if m := _RESULT_RE.search(line):
+                boot.results.update(pair.partition("=")[::2] for pair in m.group(1).split())
+            elif m := _STEP_RE.search(line):
+                monitor = monitor or Monitor(monitor_path, deadline)
+                boot.dumps[m.group(1)] = _dump(monitor, boot, workdir / f"{m.group(1)}.bin",
+                                               deadline)
+                proc.stdin.write(b"\n")  # /init goes on
                 proc.stdin.flush()
-            if "PKVM-DONE" in line and boot is not None:
-                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            elif "PKVM-DONE" in line:
+                finished = True
                 boot.seconds = round(time.monotonic() - start, 1)
                 return boot
         reason = "QEMU exited" if proc.poll() is not None else f"timeout after {timeout_s:.0f} s"
@@ -141,8 +138,26 @@ def run_lifecycle(command: Sequence[str], monitor_path: Path, workdir: Path,
     finally:
         if monitor is not None:
             monitor.close()
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc, finished)
+
+
+def _dump(monitor: Monitor, boot: LifecycleBoot, path: Path, deadline: float) -> Path:
+    """Save the carve-out with the machine stopped, so that the dump is one instant."""
+    monitor.command("stop", deadline)
+    monitor.command(f'pmemsave {boot.carveout_base:#x} {boot.carveout_bytes:#x} "{path}"',
+                    deadline)
+    monitor.command("cont", deadline)
+    return path
+
+
+def _stop(proc: subprocess.Popen[bytes], finished: bool) -> None:
+    """After /init's power-off let QEMU exit by itself (a few seconds), else kill it."""
+    try:
+        proc.wait(timeout=10 if finished else 0.1)
+    except subprocess.TimeoutExpired:
+        proc.kill()
         proc.wait()
-        proc.stdout.close()
-        proc.stdin.close()
+    for stream in (proc.stdout, proc.stdin):
+        if stream is not None:
+            with contextlib.suppress(OSError):  # stdin's pipe to a QEMU that is gone
+                stream.close()

@@ -308,8 +308,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory map, repeatable; '+' separates NUMA nodes "
                         f"(default: {' '.join(DEFAULT_MAPS)})")
     parser.add_argument("--jobs", type=int, default=2, help="boots at a time (default 2)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds per boot (default {DEFAULT_TIMEOUT_S:.0f})")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help=f"seconds per boot (default {DEFAULT_TIMEOUT_S:.0f}; with "
+                        "--lifecycle 900)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     lifecycle = parser.add_argument_group(
         "--lifecycle", "run VMs through /dev/kvm under the real kernel, read EL2's memory at "
@@ -376,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
               "qemu-system-arm)", file=sys.stderr)
         return EXIT_USAGE
     pairs = [(kernel, memory) for kernel in kernels for memory in maps]
-    rows = run_checks(pairs, jobs=args.jobs, timeout_s=args.timeout)
+    rows = run_checks(pairs, jobs=args.jobs, timeout_s=args.timeout or DEFAULT_TIMEOUT_S)
     print(render_json(rows) if args.json else render_table(rows))
     return EXIT_OK if all(row.match for row in rows) else EXIT_MISMATCH
 
@@ -416,7 +417,7 @@ def run_lifecycle_cli(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     machines = [lifecycle.Machine(kernel, memory, cpus, args.qemu_cpu) for kernel in kernels
                 for memory in maps for cpus in cpu_counts]
-    timeout_s = max(args.timeout, lifecycle.DEFAULT_LIFECYCLE_TIMEOUT_S)
+    timeout_s = args.timeout or lifecycle.DEFAULT_LIFECYCLE_TIMEOUT_S
     checks = lifecycle.run_lifecycle_checks(machines, vm_cap=args.vm_cap, timeout_s=timeout_s,
                                             truth_dir=args.save, exact=args.exact,
                                             simulator=simulator)
