@@ -275,8 +275,8 @@ def placement_allowance(phase: Phase, figure: str, cpus: int = 1) -> int:
       per VM `struct kvm` and the task's FP state (kvm_arch_vcpu_run_map_fp), per vCPU
       `struct kvm_vcpu`; where the kernel donates (v6.12), also per VM the guest PGD and
       `pkvm_hyp_vm`, per vCPU `pkvm_hyp_vcpu`. Seen: 6.1 1 to 3 new tables for a 1-vCPU VM,
-      1 to 4 for a 4-vCPU one; 6.12 2 to 4 (an independent review saw 4), and 1 to 5 for
-      both VMs.
+      1 to 4 for a 4-vCPU one; 6.12 1 to 3 (an independent review saw 4), 1 to 5 for the
+      4-vCPU one, 1 to 6 for both VMs.
     * stage-1 tables at boot with several CPUs: each CPU's hyp per-CPU area
       (`recreate_hyp_mappings`) and, v6.12, its host SVE state (`pkvm_create_host_sve_mappings`)
       are separate host allocations mapped in the linear map; past the first CPU each can
