@@ -183,3 +183,11 @@ def test_a_file_that_is_no_saved_record_is_a_usage_error(tmp_path: Path) -> None
     bad.write_text("{}")
     done = _cli("--saved", str(bad))
     assert done.returncode == 2 and "not a saved kernel record" in done.stderr
+
+
+def test_the_boot_map_is_printed_on_request() -> None:
+    record = kernel()
+    record.boot_map = ["VA start ... header", "0x1000 0x2000 -> 0x5000_0000 owned"]
+    check = LifecycleCheck(record, simulated(), [], [])
+    assert "0x1000 0x2000 -> 0x5000_0000 owned" in render_table([check], show_map=True)
+    assert "0x5000_0000" not in render_table([check])

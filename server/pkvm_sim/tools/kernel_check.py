@@ -326,6 +326,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="QEMU -cpu (default max,pauth-impdef=on, with lpa2=off for 16K "
                            "kernels; e.g. max,pauth-impdef=on,lpa2=off gives 4K kernels a "
                            "48-bit IPA limit)")
+    lifecycle.add_argument("--show-map", action="store_true",
+                           help="print EL2's stage-1 at boot (VA -> PA ranges, state, tables)")
     lifecycle.add_argument("--saved", type=Path, nargs="+", metavar="FILE",
                            help="compare kernel records saved by --save (JSON) with the "
                            "simulator instead of booting")
@@ -421,7 +423,8 @@ def run_lifecycle_cli(args: argparse.Namespace) -> int:
     checks = lifecycle.run_lifecycle_checks(machines, vm_cap=args.vm_cap, timeout_s=timeout_s,
                                             truth_dir=args.save, exact=args.exact,
                                             simulator=simulator)
-    print(lifecycle.render_json(checks) if args.json else lifecycle.render_table(checks))
+    print(lifecycle.render_json(checks) if args.json
+          else lifecycle.render_table(checks, show_map=args.show_map))
     return EXIT_OK if all(check.match for check in checks) else EXIT_MISMATCH
 
 

@@ -387,7 +387,7 @@ def _phase(record: dict[str, Any]) -> Phase:
     return Phase(**record, table_pages_by_level=levels)
 
 
-def render_table(checks: Sequence[LifecycleCheck]) -> str:
+def render_table(checks: Sequence[LifecycleCheck], show_map: bool = False) -> str:
     lines: list[str] = []
     for check in checks:
         k = check.kernel
@@ -412,6 +412,8 @@ def render_table(checks: Sequence[LifecycleCheck]) -> str:
             limit = f"none up to {k.vm_cap}" if k.vm_cap else "not measured (--vm-cap 0)"
         sim_limit = (check.simulator or {}).get("vm_limit", "-")
         lines.append(f"vm_limit: kernel {limit}, simulator {sim_limit}")
+        if show_map and k.boot_map:
+            lines += ["EL2 stage-1 at boot:", *k.boot_map]
         lines += [f"DIFFERS {d}" for d in check.differences] or [
             "ok" + (" (~: within the placement allowance)" if any(
                 "~" in cell for row in rows for cell in row) else "")]
