@@ -188,3 +188,53 @@ def test_a_second_ctrl_c_ends_quietly(target: str, tmp_path: Path) -> None:
     assert "Traceback" not in stderr and "stopped by a second SIGINT" in stderr
     wait_for_no_vm(target)
     assert vms_on(target) == 0
+
+
+# -- 6. reports a person can archive ------------------------------------------------------------
+
+
+def test_every_report_names_when_what_and_which_server(target: str, tmp_path: Path) -> None:
+    """No timestamp, tool version or server identity in the HTML or JSON on main; free
+    blocks drawn as zig-zag lines, no latency over time."""
+    from pkvm_sim import __version__
+
+    with Hypervisor(target) as hv:  # the server's identity, asked independently
+        instance_id, profile = hv.instance_id(), hv.reserve().profile
+    before = time.time()
+    result = load(target, "--vms", "2", "--duration", "1.2", "--sample-interval", "0.2",
+                  "--workload", "churn", "--json", str(tmp_path / "r.json"),
+                  "--csv", str(tmp_path / "r.csv"), "--html", str(tmp_path / "r.html"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report, rows, html = reports(tmp_path)
+    from datetime import datetime
+
+    stamp = datetime.fromisoformat(report["generated_at"]).timestamp()
+    assert before - 1 <= stamp <= time.time() + 1
+    assert report["tool_version"] == __version__ and report["target"] == target
+    assert report["server"]["instance_id"] == instance_id
+    assert report["server"]["profile"] == profile == "v5.14"
+    for row in rows:
+        assert (row["generated_at"], row["tool_version"], row["target"],
+                row["server_profile"], row["server_instance_id"], row["result"]) == \
+            (report["generated_at"], __version__, target, profile, instance_id, "ok")
+    first_line = result.stdout.splitlines()[0]
+    for fact in (report["generated_at"], __version__, target, profile, instance_id):
+        assert fact in first_line, (fact, first_line)
+        assert fact in html, fact
+    # Latency over time: a row per second, p50 <= p99 <= max.
+    assert len(report["latency_timeline"]) >= 1
+    for row in report["latency_timeline"]:
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+        assert set(row["mean_ms"]) <= set(report["operations"])
+    for caption in ("Latency over time", "hyp: free blocks per order"):
+        assert f"<figcaption>{caption}</figcaption>" in html
+
+
+def test_no_two_operations_share_a_colour() -> None:
+    """alloc/unpin and create_vm/unshare were drawn in one colour each on main."""
+    from pkvm_sim.tools.load.html import operation_style
+
+    ops = ("alloc", "put", "get", "share", "unshare", "pin", "unpin", "guest_map", "topup",
+           "mmio", "create_vm", "destroy_vm")
+    colours = [operation_style(op, index)["color"] for index, op in enumerate(ops)]
+    assert len(set(colours)) == len(ops), dict(zip(ops, colours, strict=True))

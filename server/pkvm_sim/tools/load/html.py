@@ -22,6 +22,7 @@ OPERATION_COLOURS = {
 }
 SPARE_COLOURS = ("#637939", "#843c39", "#7b4173", "#e7ba52", "#3182bd", "#31a354")
 LIFECYCLE = ("create_vm", "destroy_vm")
+MAX_ANNOTATED_SAMPLES = 40  # a heatmap with at most this many samples shows its counts
 
 
 def operation_style(op: str, index: int) -> dict[str, Any]:
@@ -139,10 +140,24 @@ def free_blocks_heatmap(report: dict[str, Any], name: str) -> str:
     last = ts[-1] + (ts[-1] - mids[-1] if mids else 0.5)
     edges = [first, *mids, last]
     fig, ax = plt.subplots(figsize=(11, 1.6 + 0.28 * orders))
-    highest = float(grid.max()) if grid.count() else 1.0
+    highest = max(2.0, float(grid.max()) if grid.count() else 1.0)
     mesh = ax.pcolormesh(edges, np.arange(orders + 1) - 0.5, grid, cmap="viridis",
-                         norm=LogNorm(vmin=1, vmax=max(highest, 2)), shading="flat")
-    fig.colorbar(mesh, ax=ax, label="free blocks (log)", pad=0.01)
+                         norm=LogNorm(vmin=1, vmax=highest), shading="flat")
+    bar = fig.colorbar(mesh, ax=ax, label="free blocks (log scale)", pad=0.01)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 100000)
+             if t <= highest]
+    bar.set_ticks(ticks, labels=[str(t) for t in ticks])
+    bar.minorticks_off()
+    if len(ts) <= MAX_ANNOTATED_SAMPLES:  # few cells: write each count in its cell
+        widths = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+        wide = sorted(widths)[len(widths) // 2] * 0.6  # the last sample's cell may be a sliver
+        for order in range(orders):
+            for column, t in enumerate(ts):
+                value = grid[order, column]
+                if value is not np.ma.masked and widths[column] >= wide:
+                    bright = mesh.norm(value) > 0.6  # viridis turns yellow: dark text
+                    ax.text(t, order, f"{int(value)}", ha="center", va="center",
+                            fontsize=7, color="black" if bright else "white")
     ax.set_yticks(range(orders))
     ax.set_ylabel("order")
     ax.set_xlabel("seconds since the end of the warm-up")
