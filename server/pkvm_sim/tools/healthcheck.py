@@ -43,10 +43,16 @@ def socket_inodes(pids: Iterable[str]) -> set[str]:
     inodes: set[str] = set()
     for pid in pids:
         try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:
             continue  # gone, or another user's
-        inodes.update(m.group(1) for link in links if (m := _SOCKET_LINK.fullmatch(link)))
+        for fd in fds:
+            try:  # one fd may close while we look (the listing's own, in this process)
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if m := _SOCKET_LINK.fullmatch(link):
+                inodes.add(m.group(1))
     return inodes
 
 
