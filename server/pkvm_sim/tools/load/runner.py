@@ -202,8 +202,12 @@ class LoadRun:
 
     def _stop(self) -> None:
         """A stop signal (see interrupts.py): each VM ends after its call in flight, and is
-        destroyed and checked as usual. Called from the signal handler: it only sets a flag."""
+        destroyed and checked as usual. Called from the signal handler: it sets a flag and
+        says so."""
         self.stopping = True
+        self.out.write(f"\npkvm-sim load: {self.interrupts.name}: stopping; the run's VMs are"
+                       " destroyed and checked, then the reports written (again: quit at once)\n")
+        self.out.flush()
 
     def _done(self, client: Client) -> bool:
         shape = self.shape
