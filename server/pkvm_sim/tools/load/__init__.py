@@ -166,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
             interrupts.stopping_allowed = False  # from here a signal ends the process
             return report_and_write(shape, workload, result, args, interrupts)
         except Abort as abort:
-            _exit_now(f"{prog}: stopped by a second {abort} (the run's VMs that were left"
-                      " are the server's to reclaim; reports not written are missing)",
+            when = f"a second {abort}" if abort.second else f"{abort} while writing the reports"
+            _exit_now(f"{prog}: stopped at once by {when} (reports not yet written are"
+                      " missing; a VM left behind is the server's to reclaim)",
                       128 + abort.signum)
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -20,9 +20,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Abort(BaseException):
     """A second signal: leave now (BaseException, so no `except Exception` swallows it)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, second: bool) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.second = second  # False: the first signal, while the reports were written
 
 
 class Interrupts:
@@ -48,9 +49,10 @@ class Interrupts:
             if self.on_stop is not None:
                 self.on_stop()
             return
-        if self.first is None:
+        second = self.first is not None
+        if not second:
             self.first = signum
-        raise Abort(signum)
+        raise Abort(signum, second)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Interrupts]:
