@@ -212,8 +212,9 @@ def shape_from_args(args: argparse.Namespace) -> Shape:
 
 
 def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
-    """The CSV and HTML files first, then the JSON and the table, which say whether the
-    others were written. A report that cannot be written fails the run (exit 1)."""
+    """The JSON and CSV files first (fast: they survive a SIGKILL that follows a SIGTERM while
+    the HTML is drawn), then the HTML, then the table. A report that cannot be written fails
+    the run (exit 1); the JSON and CSV are then written again with that verdict."""
     from .report import csv_text, decide, table_text
 
     def attempt(flag: str, path: str, text: Any) -> None:
@@ -224,15 +225,22 @@ def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
             report["reasons"].append(f"{flag} {path} not written: {error}")
             decide(report, report["exit_code"] if report["interrupted"] else None)
 
-    if args.csv:
-        attempt("--csv", args.csv, lambda: csv_text(report))
+    def data_files() -> None:
+        if args.json and args.json != "-" and f"--json {args.json}" not in \
+                report["reports_not_written"]:
+            attempt("--json", args.json, lambda: json.dumps(report, indent=2) + "\n")
+        if args.csv and f"--csv {args.csv}" not in report["reports_not_written"]:
+            attempt("--csv", args.csv, lambda: csv_text(report))
+
+    data_files()
     if args.html:
         from .html import render
 
         print(f"pkvm-sim load: drawing {args.html} ...", file=sys.stderr, flush=True)
+        failed_before = len(report["reports_not_written"])
         attempt("--html", args.html, lambda: render(report))
-    if args.json and args.json != "-":
-        attempt("--json", args.json, lambda: json.dumps(report, indent=2) + "\n")
+        if len(report["reports_not_written"]) > failed_before:
+            data_files()  # the verdict changed: say so in the files already written
     table_to = sys.stderr if args.json == "-" else sys.stdout
     table_to.write(table_text(report))
     table_to.flush()
