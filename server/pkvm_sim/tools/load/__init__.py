@@ -47,8 +47,19 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
+VERDICT_HELP = (
+    "Exit status: 0 only when the run made what it was asked (every VM, the whole duration"
+    " or total), nothing unexpected came back, the leak check passed and every report was"
+    " written; 1 otherwise (the report lists why); 2 bad usage, an unwritable report path or"
+    " an unreachable target; 130 / 143 when SIGINT / SIGTERM stopped the run (its VMs are"
+    " destroyed and every report written, marked interrupted). See README.md, \"The load"
+    " tool's verdict\"."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _HelpFormatter
+    parser.epilog = VERDICT_HELP
     d = DEFAULTS
     shape = parser.add_argument_group("shape")
     shape.add_argument("--target", default=d["target"], help="HOST:PORT of the service")
