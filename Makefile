@@ -1,7 +1,7 @@
 # One way to run things: the README and .ci/run both go through these targets.
 #
 #   make serve   install the service only (runtime dependencies), then run it with the
-#                built-in default config
+#                built-in default config; flags in ARGS: make serve ARGS="--profile v5.13"
 #   make test    install (project + test tools), then run the whole pytest suite
 #   make check   the fast lane: no system installs; every test but those marked as needing
 #                QEMU, Podman, Prometheus, test tools, Locust, Node, fresh venvs, a Dask
@@ -88,8 +88,10 @@ $(SCHEMA_CHECK_STAMP): $(SCHEMA_CHECK_DIR)/package.json $(SCHEMA_CHECK_DIR)/pack
 	  echo "warning: npm not found; the dashboard JSON-schema test will be skipped" >&2; \
 	fi
 
+# ARGS: flags for `pkvm-sim serve` (see `pkvm-sim serve --help`), e.g. ARGS="--max-vms 64".
+ARGS ?=
 serve: install-runtime
-	$(BIN)/pkvm-sim serve
+	$(BIN)/pkvm-sim serve $(ARGS)
 
 # What the tests drive (prometheus/promtool, node/npm, podman, runc, debootstrap, python3-venv)
 # or only what the service needs (--runtime: python3-venv): installed only where missing

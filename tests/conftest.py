@@ -65,6 +65,8 @@ LANES_BY_NODE_ID: dict[str, tuple[str, ...]] = {
     "tests/tools/test_scenario.py": ("slow",),
     "tests/tools/test_plots.py": ("slow",),
     "tests/tools/test_load.py::test_json_csv_and_html_reports": ("slow",),
+    "tests/tools/test_load_verdict.py": ("slow",),
+    "tests/service/test_serve_cli.py::test_make_serve_passes_args": ("slow",),
     "tests/tools/test_load.py::test_max_ops_bounds_each_vm": ("slow",),
     "tests/tools/test_load.py::test_progress_lines_and_terminal_progress": ("slow",),
     "tests/tools/test_load.py::test_open_loop_charges_a_stalled_server": ("slow",),

@@ -25,6 +25,16 @@ SIM = "sim"
 SERVER = "server"
 LIMITS = "limits"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENV_PREFIX = "PKVM_SIM_"
+# PKVM_SIM_* variables that are not `serve` knobs: the config file, the singular spelling of
+# PKVM_SIM_MEMBLOCKS, and the variables of other tools of the project, which a user may well
+# have exported in the same shell (deploy/*.yml, scripts/, kernel-check, interop/node).
+ENV_NOT_KNOBS = frozenset({
+    "PKVM_SIM_CONFIG", "PKVM_SIM_MEMBLOCK",
+    "PKVM_SIM_IMAGE", "PKVM_SIM_GRPC_PORT", "PKVM_SIM_METRICS_PORT",
+    "PKVM_SIM_V513_GRPC_PORT", "PKVM_SIM_V514_GRPC_PORT",
+    "PKVM_SIM_KERNEL_CACHE", "PKVM_SIM_DEBIAN_MIRROR", "PKVM_SIM_CACHE", "PKVM_SIM_TARGET",
+})
 
 
 def non_negative_int(value: Any) -> int:
@@ -82,6 +92,10 @@ class Knob:
     @property
     def option(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
 
 
 SIM_KNOBS = (
@@ -193,9 +207,10 @@ def describe_default(value: Any) -> str:
     return str(value)
 
 
-def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob]) -> None:
+def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob], env: bool) -> None:
     for knob in knobs:
-        text = f"{knob.help} (default {describe_default(default_of(knob))})"
+        also = f"; env {knob.env}" if env else ""
+        text = f"{knob.help} (default {describe_default(default_of(knob))}{also})"
         if knob.name == "memblocks":
             parser.add_argument(knob.option, dest=knob.name, action="append",
                                 metavar=knob.metavar, help=text)
@@ -204,16 +219,37 @@ def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob]) -> None:
 
 
 def add_sim_arguments(
-    parser: argparse.ArgumentParser, only: Iterable[str] | None = None
+    parser: argparse.ArgumentParser, only: Iterable[str] | None = None, env: bool = False
 ) -> None:
     """The simulated machine's knobs as flags, all or `only` those named (serve, and any
-    tool that builds a SimConfig: `SimConfig.from_mapping(vars(args))` takes them)."""
+    tool that builds a SimConfig: `SimConfig.from_mapping(vars(args))` takes them). With
+    `env` the help names each knob's PKVM_SIM_* variable (serve reads them; others do not)."""
     wanted = None if only is None else set(only)
-    _add(parser, (k for k in SIM_KNOBS if wanted is None or k.name in wanted))
+    _add(parser, (k for k in SIM_KNOBS if wanted is None or k.name in wanted), env)
 
 
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
-    _add(parser, SERVICE_KNOBS)
+    _add(parser, SERVICE_KNOBS, env=True)
+
+
+def unknown_env_variables(environ: Iterable[str]) -> list[str]:
+    """PKVM_SIM_* names in `environ` that are no knob (a typo would otherwise be silently
+    ignored, where the same typo in a config file is an error)."""
+    known = {knob.env for knob in ALL_KNOBS} | ENV_NOT_KNOBS
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
+def env_error(names: list[str]) -> str:
+    """The one-line error for unknown PKVM_SIM_* variables, with the likely meant ones."""
+    import difflib  # noqa: PLC0415
+
+    known = sorted({knob.env for knob in ALL_KNOBS} | ENV_NOT_KNOBS)
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return (f"unknown environment variable{'s' if len(names) > 1 else ''}: {', '.join(parts)};"
+            " `pkvm-sim serve --help` names every PKVM_SIM_* variable")
 
 
 def parse_service_value(name: str, value: Any) -> Any:
