@@ -8,26 +8,17 @@ from __future__ import annotations
 
 import threading
 
-from pkvm.v1 import hypervisor_pb2 as pb2
-
 from pkvm_sim.core.model import FaultOutcome, FaultResult
 
-# pkvm_operations_total{op} name of every Execute operation, keyed by the BatchOp itself
-# (tests/service/test_batch_tables.py checks that every BatchOp but UNSPECIFIED has one).
+from .operations import BY_BATCH_OP, OPERATION_NAMES
+
+# pkvm_operations_total{op}: the names of the operation records (service/operations.py);
+# BATCH_OP_NAMES those Execute runs, keyed by BatchOp.
 BATCH_OP_NAMES: dict[int, str] = {
-    pb2.BATCH_OP_ALLOC_PAGES: "alloc_pages",
-    pb2.BATCH_OP_PUT_PAGE: "put_page",
-    pb2.BATCH_OP_GET_PAGE: "get_page",
-    pb2.BATCH_OP_HOST_SHARE: "host_share",
-    pb2.BATCH_OP_HOST_UNSHARE: "host_unshare",
-    pb2.BATCH_OP_MAP_MMIO: "map_mmio",
-    pb2.BATCH_OP_HOST_FAULT: "host_fault",
-    pb2.BATCH_OP_TOPUP_MEMCACHE: "topup_memcache",
-    pb2.BATCH_OP_GUEST_MAP: "guest_map",
+    op: operation.counted for op, operation in BY_BATCH_OP.items()
+    if operation.counted is not None
 }
-# Operations only the unary RPCs perform.
-UNARY_ONLY_OP_NAMES = ("create_vm", "destroy_vm", "pin_shared", "unpin_shared")
-OP_NAMES: tuple[str, ...] = (*BATCH_OP_NAMES.values(), *UNARY_ONLY_OP_NAMES)
+OP_NAMES: tuple[str, ...] = OPERATION_NAMES
 
 
 class ServiceCounters:
