@@ -1,12 +1,10 @@
 """Cheap service counters read by the metrics collector at scrape time.
 
-The hot path only bumps plain ints (one short uncontended lock per request, one dict store
-per operation kind and batch); the Prometheus collector turns them into samples when scraped.
+The hot path only bumps plain ints (one dict store per request, per operation kind and per
+batch, all on the event loop); the Prometheus collector turns them into samples when scraped.
 """
 
 from __future__ import annotations
-
-import threading
 
 from pkvm_sim.core.model import FaultOutcome, FaultResult
 
@@ -25,7 +23,6 @@ class ServiceCounters:
     """Requests by (method, code) and successful simulator operations by op name."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._requests: dict[tuple[str, str], int] = {}
         # Written only under the simulator lock (the service holds it around every op).
         self.operations: dict[str, int] = dict.fromkeys(OP_NAMES, 0)
@@ -41,13 +38,14 @@ class ServiceCounters:
             self.fault_failures["memory" if result.is_memory else "mmio"] += 1
 
     def count_request(self, method: str, code: str) -> None:
+        """Call on the event loop: the only writer, so no lock (a scrape's dict copy runs in
+        C under the GIL, and sees each count whole)."""
         key = (method, code)
-        with self._lock:
-            self._requests[key] = self._requests.get(key, 0) + 1
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
 
     def requests(self) -> dict[tuple[str, str], int]:
-        with self._lock:
-            return dict(self._requests)
+        return self._requests.copy()
 
     def operations_by_name(self) -> dict[str, int]:
         return dict(self.operations)

@@ -84,7 +84,7 @@ class Machine:
 
 
 Run = Callable[..., Any]
-Reply = Callable[[Machine, Any, Any], Message]
+Replier = Callable[[Machine, Any, Any], Message]
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,7 +95,7 @@ class Operation:
     auth: Auth
     run: Run
     args: tuple[str, ...] = ()
-    reply: Reply | None = None  # None: to_message(response type, result)
+    reply: Replier | Into | None = None  # None: to_message(response type, result)
     counted: str | None = None
     batch_op: int | None = None
     batch_value: Callable[[Any], int] | None = None
@@ -118,10 +118,20 @@ class Operation:
         getter = operator.attrgetter(*self.args)
         return lambda request: getter(request)
 
-    def respond(self, machine: Machine, request: Any, result: Any) -> Message:
-        if self.reply is not None:
-            return self.reply(machine, request, result)
-        return to_message(self.response_type, result)
+    @functools.cached_property
+    def replier(self) -> Replier:
+        """(machine, request, result) -> the response message, resolved once."""
+        response_type = self.response_type
+        reply = self.reply
+        if reply is None:
+            return lambda machine, request, result: to_message(response_type, result)
+        if isinstance(reply, Into):
+            name = reply.field
+            convert = _converter(response_type.DESCRIPTOR.fields_by_name[name])
+            if convert is _identity:
+                return lambda machine, request, result: response_type(**{name: result})
+            return lambda machine, request, result: response_type(**{name: convert(result)})
+        return reply
 
 
 # -- results -> messages, generically by field name ------------------------------------------------
@@ -200,20 +210,11 @@ def _enum_converter(enum_name: str) -> Callable[[Any], int]:
     return cached
 
 
-def into(field: str) -> Reply:
-    """Reply with `result` as the response's field `field`."""
+@dataclass(frozen=True)
+class Into:
+    """Reply with the result as the response's field `field` (a scalar or a dataclass)."""
 
-    converters: dict[type[Message], Callable[[Any], Any]] = {}
-
-    def reply(machine: Machine, request: Any, result: Any) -> Message:
-        response_type = _response_of(request)
-        convert = converters.get(response_type)
-        if convert is None:
-            convert = converters[response_type] = _converter(
-                response_type.DESCRIPTOR.fields_by_name[field])
-        return response_type(**{field: convert(result)})
-
-    return reply
+    field: str
 
 
 # Request message name -> the response type of its RPC.
@@ -302,7 +303,7 @@ def alloc_pages(machine: Machine, handle: int, order: int, pool: int) -> int:
         machine.ledger.check(handle, order)
     pfn = machine.hv.alloc_pages(handle, order, kind)
     if kind is PoolKind.HYP:
-        machine.ledger.allocated(handle, [pfn], order)
+        machine.ledger.allocated_one(handle, pfn, order)
     return pfn
 
 
@@ -330,7 +331,7 @@ def alloc_pages_run(machine: Machine, handle: int, order: int, pool: int,
 
 def put_page(machine: Machine, handle: int, pfn: int) -> int:
     refcount = machine.hv.put_page(handle, pfn)
-    machine.ledger.put(handle, [pfn], [refcount])
+    machine.ledger.put_one(handle, pfn, refcount)
     return refcount
 
 
@@ -435,14 +436,14 @@ _SHARE = ("pfn", "nr_pages")
 OPERATIONS: tuple[Operation, ...] = (
     Operation("CreateVM", Auth.CLIENT, create_vm,
               ("nr_vcpus", "slice_pages", "name", "lease_seconds"), counted="create_vm"),
-    Operation("DestroyVM", Auth.VM, destroy_vm, ("handle",), into("pages_returned"),
+    Operation("DestroyVM", Auth.VM, destroy_vm, ("handle",), Into("pages_returned"),
               counted="destroy_vm"),
     Operation("RenewVM", Auth.VM, renew_vm, ("handle",)),
     Operation("AllocPages", Auth.VM, alloc_pages, ("handle", "order", "pool"), _alloc_reply,
               counted="alloc_pages", batch_op=pb2.BATCH_OP_ALLOC_PAGES),
-    Operation("PutPage", Auth.VM, put_page, ("handle", "pfn"), into("refcount"),
+    Operation("PutPage", Auth.VM, put_page, ("handle", "pfn"), Into("refcount"),
               counted="put_page", batch_op=pb2.BATCH_OP_PUT_PAGE),
-    Operation("GetPage", Auth.VM, get_page, ("handle", "pfn"), into("refcount"),
+    Operation("GetPage", Auth.VM, get_page, ("handle", "pfn"), Into("refcount"),
               counted="get_page", batch_op=pb2.BATCH_OP_GET_PAGE),
     Operation("HostShare", Auth.VM, host_share, ("handle", *_SHARE, "page_by_page"),
               counted="host_share", batch_op=pb2.BATCH_OP_HOST_SHARE,
@@ -453,12 +454,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("PinShared", Auth.VM, pin_shared, ("handle", *_SHARE), counted="pin_shared"),
     Operation("UnpinShared", Auth.VM, unpin_shared, ("handle", *_SHARE),
               counted="unpin_shared"),
-    Operation("MapMMIO", Auth.CLIENT, map_mmio, ("addr",), into("fault"), counted="map_mmio",
+    Operation("MapMMIO", Auth.CLIENT, map_mmio, ("addr",), Into("fault"), counted="map_mmio",
               batch_op=pb2.BATCH_OP_MAP_MMIO, batch_value=fault_value),
-    Operation("HostFault", Auth.CLIENT, host_fault, ("addr",), into("fault"),
+    Operation("HostFault", Auth.CLIENT, host_fault, ("addr",), Into("fault"),
               counted="host_fault", batch_op=pb2.BATCH_OP_HOST_FAULT, batch_value=fault_value),
     Operation("TopupMemcache", Auth.VM, topup_memcache, ("handle", "nr_pages"),
-              into("memcache_pages"), counted="topup_memcache",
+              Into("memcache_pages"), counted="topup_memcache",
               batch_op=pb2.BATCH_OP_TOPUP_MEMCACHE),
     Operation("GuestMap", Auth.VM, guest_map, ("handle", "ipa", "pfn"), counted="guest_map",
               batch_op=pb2.BATCH_OP_GUEST_MAP, batch_value=operator.attrgetter("level")),

@@ -183,15 +183,18 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         are immutable snapshots). A coroutine `run` (SaveState) is awaited instead, and
         takes the lock itself for as long as it needs it."""
         method, auth, counted = operation.rpc, operation.auth, operation.counted
-        run, read_args, respond = operation.run, operation.read_args, operation.respond
+        run, read_args, reply = operation.run, operation.read_args, operation.replier
         awaited, machine, lock = operation.awaited, self.machine, self.lock
         operations, count_request = self.counters.operations, self.counters.count_request
         tokens, admission = self.tokens, self.admission
+        instance_metadata = self.instance_metadata
 
         async def handler(request: Any, context: Context) -> Any:
-            context.set_trailing_metadata(self.instance_metadata)  # sent with the status
+            context.set_trailing_metadata(instance_metadata)  # sent with the status
             try:
-                self._admit()
+                if self.stopping:
+                    raise shutting_down()
+                admission.enter_rpc()
                 try:
                     if auth is Auth.VM:
                         tokens.check(request.handle,
@@ -207,7 +210,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                             result = run(machine, *args)
                             if counted is not None:
                                 operations[counted] += 1
-                    response = respond(machine, request, result)
+                    response = reply(machine, request, result)
                 finally:
                     admission.leave_rpc()
             except REFUSALS as error:
