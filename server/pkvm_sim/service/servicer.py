@@ -294,7 +294,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         assert task is not None
         self._idle_streams.add(task)
         try:
-            return await asyncio.wait_for(context.read(), idle)
+            async with asyncio.timeout(idle):  # no task per read, unlike asyncio.wait_for
+                return await context.read()
         except TimeoutError:
             raise exhausted("STREAM_IDLE", f"no batch for {idle} s: the stream is closed "
                             "(open a new one when needed)") from None
