@@ -22,12 +22,12 @@ import grpc
 import grpc.aio
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
-from . import _calls as calls
+from . import _client as calls  # the call table
 from ._batch import Batch, BatchResult
-from ._calls import Call
 from ._client import (
     CHANNEL_OPTIONS,
     HEALTH_CHECK,
+    Call,
     VmHandle,
     channel_credentials,
     create_vm_fields,
