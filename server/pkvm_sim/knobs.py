@@ -86,7 +86,7 @@ class Knob:
 
 SIM_KNOBS = (
     Knob("profile", SIM, "kernel modelled", profile_help()),
-    Knob("hyp_page_layout", SIM, "struct hyp_page size (none: the profile's)", "32|4|2"),
+    Knob("hyp_page_layout", SIM, "struct hyp_page size (none: the profile's)", "32|8|4|2"),
     Knob("page_size", SIM, "PAGE_SIZE", "4K|16K|64K"),
     Knob("vmemmap_coverage", SIM, "vmemmap coverage", "carveout|all"),
     Knob("max_order_formula", SIM, "hyp_pool max_order formula", "v5.14|v5.17|v6.4"),

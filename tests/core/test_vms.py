@@ -171,7 +171,7 @@ def test_statistics_name_every_pool() -> None:
 
 # -- finding 2: the memcache (topup_hyp_memcache at the host, refill_memcache at EL2) -------
 
-@pytest.mark.parametrize("profile", ["v5.14", "v6.12+guest-share"])
+@pytest.mark.parametrize("profile", ["v5.14"])
 def test_topup_only_allocates_and_el2_refills_first_in_first_out(profile: str) -> None:
     """topup_hyp_memcache (host, arch/arm64/kvm/mmu.c) allocates pages and pushes them on
     the host's memcache: they stay host-owned. At the next guest map,

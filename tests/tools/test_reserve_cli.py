@@ -193,7 +193,8 @@ def test_compare_any_profiles_json(capsys: pytest.CaptureFixture[str]) -> None:
     both = json.loads(out)
     assert list(both) == ["v6.1", "v6.12"]
     code, out, _ = invoke(["--compare", "all", "--json"], capsys)
-    assert code == 0 and list(json.loads(out)) == ["v5.13", "v5.14", "v6.1", "v6.12"]
+    assert code == 0 and list(json.loads(out)) == ["v5.13", "v5.14", "v6.1", "v6.12", "v6.18",
+                                                    "v7.3"]
     code, out, _ = invoke(["--compare", "v6.1,v6.12", "--json", "--memblock", "0x40000000:4G"],
                           capsys)
     both = json.loads(out)

@@ -71,7 +71,7 @@ class SimConfig:
     """All knobs of the simulated machine; defaults are the quick-start configuration."""
 
     profile: Profile = Profile.V5_14  # a key of profiles.PROFILES
-    hyp_page_layout: str | None = None  # '32', '4', '2'; None = the profile's
+    hyp_page_layout: str | None = None  # '32', '8', '4', '2'; None = the profile's
     page_size: int = PAGE_SIZES["4K"]
     vmemmap_coverage: str = "all"  # 'carveout' (V13/V14) or 'all' (V62)
     max_order_formula: str | None = None  # MAX_ORDER_FORMULAS; None = the profile's
@@ -91,7 +91,8 @@ class SimConfig:
     def _validate(self) -> None:
         geometry = PageGeometry(self.page_size)  # raises on a bad page size
         if self.hyp_page_layout is not None and self.hyp_page_layout not in LAYOUTS:
-            raise ValueError(f"hyp_page_layout must be one of 32, 4, 2, not {self.hyp_page_layout}")
+            raise ValueError(f"hyp_page_layout must be one of {', '.join(LAYOUTS)}, "
+                             f"not {self.hyp_page_layout}")
         if self.vmemmap_coverage not in ("carveout", "all"):
             raise ValueError("vmemmap_coverage must be 'carveout' or 'all'")
         if self.max_order_formula not in (None, *MAX_ORDER_FORMULAS):

@@ -187,6 +187,7 @@ class Hypervisor:
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise InvalidArgument(f"nr_vcpus must be in 1..{MAX_VCPUS}, not {nr_vcpus}",
                                   reason="BAD_NR_VCPUS")
+        self._refuse_unmodelled(Operation.VMS, "create a VM at EL2")
         if slice_pages < 1:
             raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
                                   reason="BAD_SLICE_SIZE")
@@ -487,17 +488,30 @@ class Hypervisor:
         """FAILED_PRECONDITION / NOT_IN_PROFILE when the modelled kernel lacks `op`."""
         if op in self.operations:
             return
+        self._refuse_unmodelled(op, what)
         kernel = self.config.kernel
         hint = ""
         if kernel.full_vmemmap_extension:
             hint = " (vmemmap_coverage 'all' serves it as an extension of this profile)"
         elif op is Operation.GUEST_SHARE:
-            hint = " (profile v6.12+guest-share serves it as an extension)"
+            hint = " (profile v6.18 models a kernel that has it)"
         raise FailedPrecondition(
             f"cannot {what}: profile {kernel.profile} models a kernel without it; the first"
             f" kernel that has it is {FIRST_KERNEL[op]}{hint}",
             reason="NOT_IN_PROFILE",
         )
+
+    def _refuse_unmodelled(self, op: Operation, what: str) -> None:
+        """FAILED_PRECONDITION / NOT_MODELLED when the kernel has `op` but the core does not
+        implement its rules for this version yet (profiles.py unmodelled_operations)."""
+        kernel = self.config.kernel
+        if op in kernel.unmodelled_operations:
+            raise FailedPrecondition(
+                f"cannot {what}: profile {kernel.profile} models a kernel that has it, with"
+                " rules the simulator does not implement yet (docs/model.md, 'v6.18/v7.3:"
+                " run-time rules to wire'); it refuses rather than apply another version's",
+                reason="NOT_MODELLED",
+            )
 
     def host_share(self, handle: int, pfn: int, nr_pages: int = 1, *,
                    page_by_page: bool = False) -> ShareResult:

@@ -55,6 +55,7 @@ from .hyp_pool import HypPool
 from .hypervisor import Hypervisor
 from .model import PoolKind
 from .pgtable import Stage2PageTable
+from .profiles import REMOVED_PROFILES
 
 MAGIC = b"PKVMSTAT"
 FORMAT_VERSION = 1
@@ -81,6 +82,9 @@ class StateFile:
     service: dict[str, Any]
     vmemmap: list[bytes] = field(repr=False)
     size_bytes: int = 0
+    # What restore() changed to read the file, one line each for the user (a profile
+    # that was removed, restored as its replacement).
+    notes: list[str] = field(default_factory=list)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -310,9 +314,13 @@ def _describe(error: BaseException) -> str:
 
 
 def restore(state: StateFile) -> Hypervisor:
-    """The machine a decoded state file holds, audited; StateFileError if it is not sound."""
+    """The machine a decoded state file holds, audited; StateFileError if it is not sound.
+
+    A file of a removed profile (profiles.REMOVED_PROFILES) restores as its replacement when
+    the machine uses nothing the replacement lacks, with a line in `state.notes` saying so."""
     try:
-        config = SimConfig.from_mapping(state.machine["config"])
+        config_map = _map_removed_profile(state)
+        config = SimConfig.from_mapping(config_map)
     except (KeyError, ValueError, TypeError) as error:
         raise StateFileError(f"bad configuration in the file: {_describe(error)}") from None
     try:
@@ -326,6 +334,32 @@ def restore(state: StateFile) -> Hypervisor:
     except AssertionError as error:
         raise StateFileError(f"the restored machine fails audit(): {_describe(error)}") from None
     return hv
+
+
+def _map_removed_profile(state: StateFile) -> dict[str, Any]:
+    """The file's configuration, with a removed profile replaced by the one it maps to.
+
+    v6.12+guest-share maps to v6.12 (same reservation, same 4-byte vmemmap): the machine
+    restores exactly unless it holds guest shares or memcache pages, which v6.12 cannot
+    have; such a file is refused, naming why."""
+    config_map: dict[str, Any] = dict(state.machine["config"])
+    name = config_map.get("profile")
+    if not isinstance(name, str) or name not in REMOVED_PROFILES:
+        return config_map
+    replacement, why = REMOVED_PROFILES[name]
+    m = state.machine
+    guest_state = bool(m.get("guest_shared")) or any(
+        decode_value(vm.get("memcache")) or decode_value(vm.get("hyp_memcache"))
+        for vm in m.get("vms", [])
+    )
+    if guest_state:
+        raise StateFileError(f"{why}; this file holds guest shares or memcache pages, which"
+                             f" {replacement} cannot have: it cannot be restored")
+    config_map["profile"] = replacement
+    note = f"{why}; restored as {replacement} (nothing in the file needs more)"
+    if note not in state.notes:
+        state.notes.append(note)
+    return config_map
 
 
 def _apply(hv: Hypervisor, state: StateFile) -> None:

@@ -1,7 +1,7 @@
 """`pkvm-sim kernel-check`: boot real arm64 kernels in pKVM protected mode under QEMU and
 compare what they reserve for EL2 with what the simulator computes for the same memory map.
 
-    scripts/fetch-kernels                         # once: Debian's 6.1 and 6.12 kernels, cached
+    scripts/fetch-kernels                         # once: Debian's 6.1 to 7.3 kernels, cached
     pkvm-sim kernel-check                         # every cached kernel x the default maps
     pkvm-sim kernel-check --kernel 6.12-16k --memory 4G --memory 64M+8896M --json
     pkvm-sim kernel-check --image ./Image --profile v6.12 --page-size 4K --memory 8G
