@@ -11,6 +11,8 @@
 #   make lint    ruff + mypy (separate on purpose: `make test` does not depend on it)
 #   make bench   run every bench/bench_*.py
 #   make proto   regenerate the protobuf/gRPC code under proto/
+#   make initrd  cross-compile the static arm64 /init of `kernel-check --lifecycle` into
+#                build/el2-initrd.cpio (needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross)
 #   make clean   remove the venv and every cache/build artifact
 
 SHELL := /bin/bash
@@ -45,10 +47,10 @@ PYTEST_ARGS ?=
 SLOW_LANES := qemu or podman or prometheus or tools or locust or node or install or cluster or slow
 
 .PHONY: help install install-runtime system-packages runtime-system-packages tools serve test check \
-	container-images lint bench proto image lock clean
+	container-images lint bench proto image lock clean initrd
 
 help:
-	@echo "targets: install install-runtime tools serve test check lint bench proto image lock clean"
+	@echo "targets: install install-runtime tools serve test check lint bench proto image lock clean initrd"
 
 install: $(INSTALL_STAMP)
 install-runtime: $(RUNTIME_STAMP)
@@ -129,6 +131,10 @@ bench: install
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto \
 	  --pyi_out=proto proto/pkvm/v1/*.proto
+
+initrd: install
+	mkdir -p build
+	$(BIN)/python -m pkvm_sim.tools.el2_initrd build/el2-initrd.cpio
 
 # The project's image, built with Podman: the base image is a local stand-in made with
 # debootstrap (scripts/podman-images), passed as PYTHON_IMAGE. Needs root.

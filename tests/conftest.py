@@ -30,6 +30,7 @@ if os.environ.get("CI"):
 LANES_BY_NODE_ID: dict[str, tuple[str, ...]] = {
     # what a test drives beyond the venv
     "tests/kernel/": ("qemu",),
+    "tests/tools/test_el2_initrd.py::test_init_is_a_static_arm64_executable": ("qemu",),
     "tests/deploy/test_container.py": ("podman",),
     "tests/deploy/test_container_quickstart.py": ("podman",),
     "tests/deploy/test_compose_stack.py": ("podman", "prometheus"),
