@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from .errors import OutOfMemory
 
 
+# Host allocations that stay host-owned (every other owner tag is donated to hyp): VM slices,
+# the host memcaches, and the host kernel's structs it shares with hyp (struct kvm and
+# kvm_vcpu, the VMM task's FP/SIMD state).
+HOST_OWNED_TAGS = ("slice:", "hostmc:", "kvm:", "task:")
+
+
 @dataclass(frozen=True)
 class HostAllocation:
     base_pfn: int
