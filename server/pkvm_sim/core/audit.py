@@ -83,8 +83,8 @@ def audit(hv: Hypervisor) -> None:
         alloc = hm.allocations.get(vm.slice_base_pfn)
         assert alloc is not None and alloc.owner == f"slice:{handle}"
         for pfn in vm.struct_pfns:
-            alloc = hm.allocations.get(hm.allocation_at(pfn).base_pfn)  # type: ignore[union-attr]
-            assert alloc is not None and alloc.owner == f"kvm:{handle}"
+            alloc = hm.allocation_at(pfn)
+            assert alloc is not None and alloc.owner.startswith("slab:")
             assert pfn in hv._kernel_shared, f"struct page {pfn:#x} of VM {handle:#x} not shared"
         if vm.pool is None:
             assert (Operation.VMS not in hv.operations or not vm.ran) and vm.pgt is None
@@ -120,7 +120,7 @@ def audit(hv: Hypervisor) -> None:
     allocated = sum(a.nr_pages for a in hm.allocations.values())
     assert hm.free_pages + allocated + lay.nr_pages == total, "host RAM pages do not add up"
     for owner in {a.owner.split(":")[1] for a in hm.allocations.values()
-                  if not a.owner.startswith("task:")}:
+                  if not a.owner.startswith(("task:", "slab:", "boot:"))}:
         assert int(owner) in hv._vms, f"host allocation for a destroyed VM {owner}"
     task_pages = {a.base_pfn for a in hm.allocations.values() if a.owner.startswith("task:")}
     assert task_pages == ({hv._task_fp_pfn} if hv._task_fp_pfn is not None else set())

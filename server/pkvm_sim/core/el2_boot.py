@@ -77,9 +77,11 @@ class KernelImage:
 # kvm_vgic_global_state 16f2278 (sizeof struct vgic_global < 1 page, on one page);
 # __kvm_nvhe___per_cpu_start f8b000 .. f8db40. SVE state: sizeof(struct cpu_sve_state) 16 +
 # SVE_SIG_REGS_SIZE(16) 8736 for QEMU max's 2048-bit vectors.
+# hyp_va_bits 52: the build has 52-bit VAs and QEMU's max CPU has LPA2 (a 5-level stage-1,
+# the PGD at level -1, as the real boot's walk shows).
 DEBIAN_6_12_4K = KernelImage(
     name="linux-image-6.12.117+deb13-arm64",
-    va_bits=48,
+    va_bits=52,
     idmap=(0xF59000, 0xF59D04),
     hyp_sections=((0xF59D04, 0xF6E000), (0x1D19000, 0x1D1F000), (0x23FC000, 0x23FE000)),
     host_sections=((0x16F2278, 0x16F2278 + 1),),
@@ -95,14 +97,18 @@ DEBIAN_6_12_4K = KernelImage(
 )
 
 # linux-image-6.1.0-50-arm64 (4K): its kallsyms has text symbols only (no KALLSYMS_ALL):
-# __hyp_idmap_text_start ce0000 .. ce0ae4, __hyp_text_start ce0ae4 .. cf0000 (_stext 10000).
+# __hyp_idmap_text_start ce0000 .. ce0ae4, __hyp_text_start ce0ae4 .. cf0000. The data
+# sections are read from EL2's stage-1 after a real boot (image at 0x4020_0000): the host's
+# __start_rodata d00000 .. __end_rodata 1648000 (shared-owned), __hyp_rodata 1648000 ..
+# 164c000, __hyp_bss 1f6e000 .. 1f70000, then __hyp_bss_end .. __bss_stop 200b000
+# (shared-owned); the nVHE per-CPU area maps 2 pages.
 DEBIAN_6_1_4K = KernelImage(
     name="linux-image-6.1.0-50-arm64",
     va_bits=48,
     idmap=(0xCE0000, 0xCE0AE4),
-    hyp_sections=((0xCE0AE4, 0xCF0000),),
-    host_sections=(),
-    nvhe_percpu_bytes=0,
+    hyp_sections=((0xCE0AE4, 0xCF0000), (0x1648000, 0x164C000), (0x1F6E000, 0x1F70000)),
+    host_sections=((0xD00000, 0x1648000), (0x1F70000, 0x200B000)),
+    nvhe_percpu_bytes=2 * 4096,
     # BTF of the build: struct kvm 4040, kvm_vcpu 9680; user_fpsimd_state 528 (one page)
     kvm_bytes=4040,
     kvm_vcpu_bytes=9680,
@@ -263,10 +269,19 @@ def kernel_image_for(profile: str, page_size: int) -> KernelImage | None:
     return KERNEL_IMAGES.get((version, page_size))
 
 
-def default_percpu_base(carveout_base: int) -> int:
-    """Where init_hyp_mode's allocations start by default: the 2 MiB window below the
-    carve-out's (the buddy allocator serves early allocations from the top of free memory)."""
-    return (carveout_base - 2 * MIB) // (2 * MIB) * (2 * MIB)
+# Where init_hyp_mode's per-CPU allocations sit by default: this far into ZONE_NORMAL (the
+# RAM above 4 GiB, where GFP_KERNEL allocations go first), as on the real QEMU boots (6.12:
+# 0x1_00aa_4000 with 1 CPU, 0x1_00bb_8000 with 4; 6.1: 0x1_0100_0000). Only which 2 MiB and
+# 1 GiB windows they fall in matters (the tables they need).
+PERCPU_ZONE_OFFSET = 10 * MIB
+ZONE_DMA32_END = 4 * GIB
+
+
+def default_percpu_base(memblocks: list[tuple[int, int]]) -> int:
+    """PERCPU_ZONE_OFFSET into ZONE_NORMAL, or into RAM if there is none above 4 GiB."""
+    zone = ZONE_DMA32_END if any(b + n > ZONE_DMA32_END for b, n in memblocks) else min(
+        b for b, _ in memblocks)
+    return zone + PERCPU_ZONE_OFFSET
 
 
 def machine_boot(config: SimConfig, carveout_base: int, carveout_bytes: int,
@@ -278,12 +293,13 @@ def machine_boot(config: SimConfig, carveout_base: int, carveout_bytes: int,
     lowest = min(block.base for block in config.memblocks)
     image_base = (config.kernel_image_base if config.kernel_image_base is not None
                   else lowest + 2 * MIB)
+    blocks = [(b.base, b.size) for b in config.memblocks]
     percpu_base = (config.kvm_percpu_base if config.kvm_percpu_base is not None
-                   else default_percpu_base(carveout_base))
+                   else default_percpu_base(blocks))
     return boot_mappings(
         page_size=config.page_size, nr_cpus=config.nr_cpus, image=image,
         image_base=image_base, percpu_base=percpu_base,
-        memblocks=[(b.base, b.size) for b in config.memblocks],
+        memblocks=blocks,
         carveout=(carveout_base, carveout_bytes), vmemmap_back=vmemmap_back,
         entry_bytes=config.layout.entry_bytes)
 

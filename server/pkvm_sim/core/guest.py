@@ -101,6 +101,8 @@ class GuestVm:
     pins: dict[int, int] = field(default_factory=dict)  # slice pfn -> pin count
     # host pages of struct kvm and each struct kvm_vcpu, shared with hyp (v6.1, v6.12)
     struct_pfns: list[int] = field(default_factory=list)
+    # its slab objects (cache name, slab base pfn, slot): struct kvm, then each kvm_vcpu
+    slab_objects: list[tuple[str, int, int]] = field(default_factory=list)
     ran: bool = False  # its vCPUs ran once (v6.2+: the VM exists at EL2 from then on)
 
     @property

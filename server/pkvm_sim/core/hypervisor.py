@@ -28,10 +28,12 @@ Who owns a page (what `audit` proves, and what `page_info` reports):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
 from .config import SimConfig
+from .el2_boot import kernel_image_for, machine_boot
 from .errors import (
     Busy,
     FailedPrecondition,
@@ -43,8 +45,8 @@ from .errors import (
     PkvmError,
     WouldPanic,
 )
-from .el2_boot import kernel_image_for, machine_boot
 from .guest import GuestMmOps, GuestVm
+from .host_kernel import KMALLOC_4K, SLAB_GROUP, SlabCache, object_pfns, vcpu_cache
 from .host_memory import HOST_OWNED_TAGS, HostMemory
 from .host_stage2 import HostStage2
 from .hyp_pool import HypPool, get_order
@@ -215,7 +217,7 @@ class Hypervisor:
         hm = self.host_memory
         slice_base = hm.alloc(slice_pages, f"slice:{handle}")
         try:
-            struct_pfns = self._share_host_structs(handle, nr_vcpus)
+            struct_pfns, objects = self._share_host_structs(handle, nr_vcpus)
         except PkvmError as err:
             hm.free(slice_base)
             if isinstance(err, OutOfMemory):
@@ -223,7 +225,7 @@ class Hypervisor:
             raise
         vm = GuestVm(handle, index + 1 if not at_el2 else 0, name or f"vm-{handle:#x}",
                      nr_vcpus, slice_base, slice_pages, -1, 0, -1, 0, None,
-                     struct_pfns=struct_pfns)
+                     struct_pfns=struct_pfns, slab_objects=objects)
         self._vms[handle] = vm
         self._vms_created += 1
         if run:
@@ -285,9 +287,12 @@ class Hypervisor:
         hm = self.host_memory
         made: list[int] = []
         try:
-            meta = hm.alloc(meta_pages, f"meta:{handle}")
+            # alloc_pages_exact: the PGD (order 4 for 16 pages) and the structs (order 1 for
+            # 2 pages) come from different free blocks, hence pageblocks.
+            meta = self._alloc_donation(meta_pages, f"meta:{handle}", ("meta:",))
             made.append(meta)
-            pgd_base = hm.alloc(pgd_pages, f"pgd:{handle}", align_pages=pgd_pages)
+            pgd_base = self._alloc_donation(pgd_pages, f"pgd:{handle}", ("pgd:",),
+                                            align_pages=pgd_pages)
             made.append(pgd_base)
             donated = [*range(meta, meta + meta_pages), *range(pgd_base, pgd_base + pgd_pages)]
             self.hyp_stage1.check_can_map(donated)
@@ -317,35 +322,90 @@ class Hypervisor:
 
     # -- what the host kernel shares with hyp for its own structs (v6.1, v6.12) -----------
 
-    def _share_host_structs(self, handle: int, nr_vcpus: int) -> list[int]:
-        """kvm_share_hyp(kvm, kvm + 1) and, per vCPU, kvm_share_hyp(vcpu, vcpu + 1): host
-        pages allocated for the structs (their sizes from the build's BTF; the slab object
-        is taken at the start of its slab: ceil(size / PAGE_SIZE) pages), shared with hyp.
-        Returns the shared pfns; nothing changes on a refusal."""
+    def _share_host_structs(self, handle: int, nr_vcpus: int) -> tuple[
+            list[int], list[tuple[str, int, int]]]:
+        """kvm_share_hyp(kvm, kvm + 1) and, per vCPU, kvm_share_hyp(vcpu, vcpu + 1): the
+        structs (sizes from the build's BTF) are slab objects (host_kernel.py): struct kvm
+        in kmalloc-4k, each struct kvm_vcpu in the kvm_vcpu cache, packed back to back, so
+        vCPUs of one VM share boundary pages. Returns the pfns shared (a page per object it
+        spans) and the objects; nothing changes on a refusal."""
         build = self.build
         if build is None:
-            return []
-        sizes = [build.kvm_bytes] + [build.kvm_vcpu_bytes] * nr_vcpus
-        hm = self.host_memory
-        bases: list[int] = []
+            return [], []
+        objects: list[tuple[str, int, int]] = []
         pfns: list[int] = []
         try:
-            for size in sizes:
-                pages = ceil_div(size, self.page_size)
-                base = hm.alloc(pages, f"kvm:{handle}")
-                bases.append(base)
-                pfns += range(base, base + pages)
+            for cache in [KMALLOC_4K] + [vcpu_cache(build.kvm_vcpu_bytes)] * nr_vcpus:
+                obj = self._slab_alloc(cache, objects)
+                objects.append(obj)
+                pfns += object_pfns(cache, obj, self.page_size)
             self._kernel_share(pfns)
         except PkvmError:
-            for base in bases:
-                hm.free(base)
+            while objects:
+                self._slab_free(objects.pop(), objects)
             raise
-        return pfns
+        return pfns, objects
+
+    def _kernel_alloc(self, nr_pages: int, owner: str, group: tuple[str, ...],
+                      align_pages: int = 1) -> int:
+        """A host kernel allocation (slab pages, pages to donate), placed by pageblock
+        grouping (HostMemory.alloc_grouped): ZONE_NORMAL (above 4 GiB) first."""
+        shift = self.page_shift
+        four_gib = (4 << 30) >> shift
+        ram_above = any(b.end > 4 << 30 for b in self.config.memblocks)
+        zone_start = four_gib if ram_above else min(b.base for b in self.config.memblocks) >> shift
+        return self.host_memory.alloc_grouped(
+            nr_pages, owner, group=group, block_pages=self.page_size // 8,
+            zone_start_pfn=zone_start, align_pages=align_pages)
+
+    def _alloc_donation(self, nr_pages: int, owner: str, group: tuple[str, ...],
+                        align_pages: int = 1) -> int:
+        """Host pages to donate: the kernel's own allocation where the build is modelled,
+        else first fit (older profiles, as before)."""
+        if self.build is None:
+            return self.host_memory.alloc(nr_pages, owner, align_pages=align_pages)
+        return self._kernel_alloc(nr_pages, owner, group, align_pages)
+
+    def _slab_alloc(self, cache: SlabCache, pending: list[tuple[str, int, int]]
+                    ) -> tuple[str, int, int]:
+        """An object from the lowest slab of `cache` with a free slot, else a new slab
+        (`pending`: objects taken for a VM not published yet)."""
+        used = self._slab_occupancy(pending)
+        owner = f"slab:{cache.name}"
+        per_slab = cache.objects_per_slab(self.page_size)
+        for base in sorted(a.base_pfn for a in self.host_memory.allocations.values()
+                           if a.owner == owner):
+            taken = used.get(base, set())
+            free = next((i for i in range(per_slab) if i not in taken), None)
+            if free is not None:
+                return cache.name, base, free
+        base = self._kernel_alloc(cache.slab_pages, owner, SLAB_GROUP,
+                                  align_pages=cache.slab_pages)
+        return cache.name, base, 0
+
+    def _slab_free(self, obj: tuple[str, int, int],
+                   pending: Iterable[tuple[str, int, int]] = ()) -> None:
+        """Free an object (already dropped from its VM); an empty slab goes back."""
+        _cache, base, _index = obj
+        used = self._slab_occupancy(pending)
+        if not used.get(base):
+            self.host_memory.free(base)
+
+    def _slab_occupancy(self, pending: Iterable[tuple[str, int, int]] = ()
+                        ) -> dict[int, set[int]]:
+        """{slab base pfn: slots in use}, from the live VMs' objects (and `pending`)."""
+        used: dict[int, set[int]] = {}
+        for vm in self._vms.values():
+            for _cache, base, index in vm.slab_objects:
+                used.setdefault(base, set()).add(index)
+        for _cache, base, index in pending:
+            used.setdefault(base, set()).add(index)
+        return used
 
     def _kernel_share(self, pfns: list[int]) -> None:
         """__pkvm_host_share_hyp of host-kernel pages (share_pfn_hyp counts repeated shares
         of one pfn: only the first reaches EL2)."""
-        new = [pfn for pfn in pfns if pfn not in self._kernel_shared]
+        new = [pfn for pfn in dict.fromkeys(pfns) if pfn not in self._kernel_shared]
         if new:
             self.hyp_stage1.check_can_map(new)
             self.host_stage2.set_page_state(new, STATE_SHARED_OWNED)
@@ -369,7 +429,7 @@ class Hypervisor:
         """v6.1 kvm_arch_vcpu_run_map_fp: the VMM task's user_fpsimd_state (one page of its
         task_struct; the simulator's VMM is one task for every VM)."""
         if self._task_fp_pfn is None:
-            pfn = self.host_memory.alloc(1, "task:fpsimd")
+            pfn = self._kernel_alloc(1, "task:fpsimd", SLAB_GROUP)
             try:
                 self._kernel_share([pfn])
             except PkvmError:
@@ -419,10 +479,9 @@ class Hypervisor:
         # The host kernel's own shares (kvm_arch_vcpu_destroy, kvm_arch_destroy_vm).
         if vm.struct_pfns:
             self._kernel_unshare(vm.struct_pfns)
-            for base in sorted({self.host_memory.allocation_at(pfn).base_pfn  # type: ignore[union-attr]
-                                for pfn in vm.struct_pfns}):
-                self.host_memory.free(base)
-            returned += len(vm.struct_pfns)
+            objects, vm.slab_objects = vm.slab_objects, []
+            while objects:
+                self._slab_free(objects.pop(), objects)
         if vm.ran and self.build is not None and self.build.shares_task_fpsimd:
             self._unshare_task_fp()
         # Blocks the VM allocated: back to their pools, whatever their refcount.
