@@ -6,19 +6,21 @@ stage-1 with the early allocator running over the hyp pool's own region (`hyp_pg
 (`hyp_pool_init(..., hyp_early_alloc_nr_used_pages())`). So every table of the boot stage-1,
 the PGD included, is a page the hyp pool never hands out. In the kernel's order:
 
-    mapping                         hyp VA                          granule    v6.1  v6.12
-    ------------------------------  ------------------------------  ---------  ----  -----
-    the idmap page                  = its PA (hyp_create_idmap)      blocks ok  yes   yes
-    the vmemmap                     private quarter, upper half     blocks ok  carve-out slice / all memory
-    hyp text, rodata, bss           linear alias of the image       page       yes   yes
-    the carve-out                   linear alias                    page       yes   yes
-    per CPU: per-CPU area           linear alias                    page       yes   yes
-    per CPU: stack (guard + page)   private range, 2-page aligned   page       yes   yes
-    per CPU: host SVE state         linear alias                    page       -     yes (if SVE)
-    host rodata, host bss tail      linear alias                    page       yes   -
-    kvm_vgic_global_state           linear alias                    page       -     yes
-    after hyp_pool_init, per CPU:
-    the fixmap slot                 private range                   page       -     yes (hyp_create_pcpu_fixmap: tables from the pool)
+    mapping                        hyp VA                          granule    v6.1   v6.12
+    -----------------------------  ------------------------------  ---------  -----  -----
+    the idmap page                 = its PA (hyp_create_idmap)     blocks ok  yes    yes
+    the vmemmap (1)                private quarter, upper half     blocks ok  yes    yes
+    hyp text, rodata, bss          linear alias of the image       page       yes    yes
+    the carve-out                  linear alias                    page       yes    yes
+    per CPU: per-CPU area          linear alias                    page       yes    yes
+    per CPU: stack (guard + page)  private range, 2-page aligned   page       yes    yes
+    per CPU: host SVE state        linear alias                    page       -      if SVE
+    host rodata, host bss tail     linear alias                    page       yes    -
+    kvm_vgic_global_state          linear alias                    page       -      yes
+    per CPU: the fixmap slot (2)   private range                   page       -      yes
+
+(1) v6.1 the carve-out's slice, v6.12 every memblock's. (2) hyp_create_pcpu_fixmap, after
+hyp_pool_init: its tables come from the hyp pool.
 
 "Page": `pkvm_create_mappings_locked` maps one page at a time, so those ranges never get
 block mappings; the idmap and vmemmap go through `kvm_pgtable_hyp_map` with the whole

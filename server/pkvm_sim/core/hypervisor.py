@@ -616,7 +616,9 @@ class Hypervisor:
         if kind is PoolKind.HYP:
             return self.hyp_pool, (handle, kind)
         self._require(Operation.VMS, "allocate from a VM pool")
-        return self._el2_part(vm).pool, (handle, kind)
+        vm_pool = self._el2_part(vm).pool
+        assert vm_pool is not None
+        return vm_pool, (handle, kind)
 
     def _owned_block(self, handle: int, pfn: int) -> HypPool:
         """The pool of the block headed by pfn, if VM `handle` allocated it (refusals, in
