@@ -26,9 +26,9 @@ Model:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from .el2_boot import BootMapping
+from .el2_boot import BootMapping, HypVaLayout
 from .errors import WouldPanic
 from .hyp_pool import HypPool
 
@@ -44,14 +44,15 @@ class HypStage1:
     def __init__(self, page_shift: int, pool: HypPool | None = None,
                  boot_ranges: Iterable[tuple[int, int]] = (), *,
                  va_bits: int = HYP_VA_BITS, boot: Iterable[BootMapping] = (),
-                 va_page_of: Callable[[int], int] | None = None) -> None:
+                 va_layout: HypVaLayout | None = None) -> None:
         """boot_ranges: [start_pfn, end_pfn) ranges EL2 mapped at boot at VA = PA with
         blocks allowed (profiles without a modelled boot: the carve-out); boot: the
-        mappings of el2_boot.boot_mappings; va_page_of: a pfn's hyp VA page (default PA).
+        mappings of el2_boot.boot_mappings; va_layout: where a pfn's linear alias is
+        (None: hyp VA = PA).
         Call `start(pool)` once the hyp pool exists if `pool` is not given."""
         self.page_shift = page_shift
         self.va_bits = va_bits
-        self.va_page_of = va_page_of or _identity
+        self.va_layout = va_layout
         bits = page_shift - 3
         # span_pages[level]: the pages one table of that level covers (levels -1 .. 3).
         self.span_pages = {lvl: 1 << (bits * (LEAF_LEVEL + 1 - lvl))
@@ -116,7 +117,8 @@ class HypStage1:
         return self.early_pages + len(self.pool_boot_tables)
 
     def _path(self, pfn: int) -> list[Key]:
-        va_page = self.va_page_of(pfn)
+        va_page = (pfn if self.va_layout is None
+                   else self.va_layout.linear_page(pfn << self.page_shift))
         return [(level, va_page // self.span_pages[level]) for level in self.table_levels]
 
     def _is_boot(self, key: Key) -> bool:
@@ -214,6 +216,3 @@ class HypStage1:
         """Sorted (level, index, pfn) of the allocated tables (canonical_dump)."""
         return sorted((level, index, pfn) for (level, index), pfn in self._tables.items())
 
-
-def _identity(pfn: int) -> int:
-    return pfn

@@ -213,13 +213,19 @@ class Hypervisor:
         index = 0
         if not at_el2:  # the service's own table: the VMID never reaches EL2
             index = self._free_vm_slot(MAX_VMS)
+        elif run:  # the first run would find the hyp VM table full: refuse before anything
+            self._free_vm_slot(self.config.kernel.vm_table_entries or MAX_VMS)
         handle = VM_HANDLE_OFFSET + self._vms_created
         hm = self.host_memory
-        slice_base = hm.alloc(slice_pages, f"slice:{handle}")
+        # Without a modelled build (v5.x) the donations come first and the slice after them,
+        # as this simulator always placed them.
+        slice_later = self.build is None and run and at_el2
+        slice_base = -1 if slice_later else hm.alloc(slice_pages, f"slice:{handle}")
         try:
             struct_pfns, objects = self._share_host_structs(handle, nr_vcpus)
         except PkvmError as err:
-            hm.free(slice_base)
+            if not slice_later:
+                hm.free(slice_base)
             if isinstance(err, OutOfMemory):
                 raise OutOfMemory(f"cannot create VM: {err.message}", reason=err.reason) from err
             raise
@@ -231,9 +237,14 @@ class Hypervisor:
         if run:
             try:
                 self.run_vm(handle)
-            except PkvmError:
-                self.teardown_vm(handle)  # nothing of it reached EL2: undo the creation
+                if slice_later:
+                    vm.slice_base_pfn = hm.alloc(slice_pages, f"slice:{handle}")
+            except PkvmError as err:
+                self.teardown_vm(handle)  # undo the creation
                 self._vms_created -= 1  # the handle was never handed out
+                if slice_later and isinstance(err, OutOfMemory):
+                    raise OutOfMemory(f"cannot create VM: {err.message}",
+                                      reason=err.reason) from err
                 raise
         return self._vm_info(vm)
 
@@ -496,7 +507,8 @@ class Hypervisor:
                 pass
             del self._owners[head]
         if vm.pool is None:  # no VM at EL2: only a slice
-            self.host_memory.free(vm.slice_base_pfn)
+            if vm.slice_base_pfn >= 0:  # -1: refused before its slice was allocated
+                self.host_memory.free(vm.slice_base_pfn)
             return TeardownResult(returned + vm.slice_nr_pages, 0, 0, unpinned, unshared)
         # Guest stage-2: pages shared with the guest go back to the host (their share count
         # drops; at 0 the host page is OWNED again), every table back into vm.pool, then the
@@ -533,7 +545,8 @@ class Hypervisor:
         hs2.set_owner_pages(pgd, OWNER_HOST)
         self.host_memory.free(vm.meta_pfn)
         self.host_memory.free(vm.pgd_base_pfn)
-        self.host_memory.free(vm.slice_base_pfn)
+        if vm.slice_base_pfn >= 0:  # -1: refused before its slice was allocated
+            self.host_memory.free(vm.slice_base_pfn)
         returned += vm.donated_pages + vm.slice_nr_pages
         return TeardownResult(returned, el2_returned, guest_unshared, unpinned, unshared)
 
@@ -1121,7 +1134,7 @@ def _boot_stage1(config: SimConfig, layout: CarveoutLayout) -> HypStage1:
         return HypStage1(shift, None, [(layout.base_pfn, layout.base_pfn + layout.nr_pages)])
     va_layout, mappings = boot
     return HypStage1(shift, None, va_bits=va_layout.va_bits, boot=mappings,
-                     va_page_of=lambda pfn: va_layout.linear_page(pfn << shift))
+                     va_layout=va_layout)
 
 
 def _pool_dump(pool: HypPool) -> dict[str, Any]:

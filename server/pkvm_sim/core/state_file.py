@@ -163,6 +163,10 @@ def _optional_state(hv: Hypervisor) -> dict[str, Any]:
     guest_shared = getattr(hv, "_guest_shared", None)
     if guest_shared is not None:
         out["guest_shared"] = [[pfn, count] for pfn, count in guest_shared.items()]
+    kernel_shared = getattr(hv, "_kernel_shared", None)
+    if kernel_shared:  # v6.1/v6.12 machines: the host kernel's structs shared with hyp
+        out["kernel_shared"] = [[pfn, count] for pfn, count in kernel_shared.items()]
+        out["task_fp_pfn"] = hv._task_fp_pfn
     return out
 
 
@@ -379,6 +383,10 @@ def _load_optional_state(hv: Hypervisor, m: dict[str, Any]) -> None:
             raise ValueError("the file has guest share counts, this machine has none")
         guest_shared.clear()
         guest_shared.update({pfn: count for pfn, count in m["guest_shared"]})
+    if "kernel_shared" in m:
+        hv._kernel_shared.clear()
+        hv._kernel_shared.update({pfn: count for pfn, count in m["kernel_shared"]})
+        hv._task_fp_pfn = m.get("task_fp_pfn")
 
 
 def _load_vmemmap(hv: Hypervisor, segments: list[dict[str, Any]], blobs: list[bytes]) -> None:
