@@ -35,6 +35,9 @@ CONFIGS = [
     {"profile": "v6.12"},
     {"profile": "v6.12+guest-share"},
     {"profile": "v6.12+guest-share", "page_size": "16K"},
+    # 64K pages with the 2-byte hyp_page: refcount limit 8191 for 8192-entry tables
+    {"profile": "v6.12+guest-share", "page_size": "64K", "hyp_page_layout": "2"},
+    {"profile": "v5.14", "page_size": "64K", "hyp_page_layout": "2"},
 ]
 
 def _config_id(config: dict[str, Any]) -> str:
