@@ -29,8 +29,11 @@ range, which uses a block where VA and PA are both aligned (`kvm_block_mapping_s
 The hyp VA layout (`hyp_create_idmap`, arch/arm64/kvm/va_layout.c `kvm_compute_layout`): the
 linear alias is PA - memstart_addr in the half of the VA space opposite to the idmap (bits above
 the RAM span are a random tag, which keeps every 1 GiB and 2 MiB window of the alias aligned as
-in PA); the private range starts at BIT(va_bits - 2) and the vmemmap at
-BIT(va_bits - 2) | BIT(va_bits - 3), for an idmap below 2^(va_bits - 2).
+in PA; the half is chosen by bit vabits_actual - 1, the kernel's own VA size); the private
+range starts at BIT(hyp_va_bits - 2) and the vmemmap at BIT(hyp_va_bits - 2) |
+BIT(hyp_va_bits - 3), for an idmap below both. hyp_va_bits = max(IDMAP_VA_BITS 48,
+vabits_actual) (kvm_mmu_init); vabits_actual is the build's VA_BITS when the CPU has LPA2
+(52-bit builds), else its 48-bit (4K) or 47-bit (16K) fallback.
 
 Where the kernel image and the host's KVM allocations sit is a property of the machine and the
 build: `KernelImage` holds the section offsets of one Debian build (read from its kallsyms), and
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
 
 MIB = 1 << 20
 GIB = 1 << 30
+IDMAP_VA_BITS = 48
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class KernelImage:
     """The parts of one kernel build that EL2 maps at boot (byte offsets from `_text`)."""
 
     name: str  # the build, e.g. 'linux-image-6.12.117+deb13-arm64'
-    va_bits: int  # hyp_va_bits: max(IDMAP_VA_BITS 48, vabits_actual)
+    kernel_va_bits: int  # vabits_actual without LPA2
+    kernel_va_bits_lpa2: int  # vabits_actual on a CPU with LPA2
     idmap: tuple[int, int]  # __hyp_idmap_text_start, __hyp_idmap_text_end
     hyp_sections: tuple[tuple[int, int], ...]  # hyp text, rodata, bss
     host_sections: tuple[tuple[int, int], ...]  # host data EL2 maps read-only
@@ -79,11 +84,12 @@ class KernelImage:
 # kvm_vgic_global_state 16f2278 (sizeof struct vgic_global < 1 page, on one page);
 # __kvm_nvhe___per_cpu_start f8b000 .. f8db40. SVE state: sizeof(struct cpu_sve_state) 16 +
 # SVE_SIG_REGS_SIZE(16) 8736 for QEMU max's 2048-bit vectors.
-# hyp_va_bits 52: the build has 52-bit VAs and QEMU's max CPU has LPA2 (a 5-level stage-1,
-# the PGD at level -1, as the real boot's walk shows).
+# 52-bit VAs with LPA2 (QEMU's max CPU: a 5-level stage-1, the PGD at level -1, as the real
+# boot's walk shows), 48 without.
 DEBIAN_6_12_4K = KernelImage(
     name="linux-image-6.12.117+deb13-arm64",
-    va_bits=52,
+    kernel_va_bits=48,
+    kernel_va_bits_lpa2=52,
     idmap=(0xF59000, 0xF59D04),
     hyp_sections=((0xF59D04, 0xF6E000), (0x1D19000, 0x1D1F000), (0x23FC000, 0x23FE000)),
     host_sections=((0x16F2278, 0x16F2278 + 1),),
@@ -106,7 +112,8 @@ DEBIAN_6_12_4K = KernelImage(
 # (shared-owned); the nVHE per-CPU area maps 2 pages.
 DEBIAN_6_1_4K = KernelImage(
     name="linux-image-6.1.0-50-arm64",
-    va_bits=48,
+    kernel_va_bits=48,
+    kernel_va_bits_lpa2=48,  # no LPA2 in 6.1
     idmap=(0xCE0000, 0xCE0AE4),
     hyp_sections=((0xCE0AE4, 0xCF0000), (0x1648000, 0x164C000), (0x1F6E000, 0x1F70000)),
     host_sections=((0xD00000, 0x1648000), (0x1F70000, 0x200B000)),
@@ -117,9 +124,31 @@ DEBIAN_6_1_4K = KernelImage(
     shares_task_fpsimd=True,
 )
 
+# linux-image-6.12.117+deb13-arm64-16k, from its kallsyms (_text ffffc00080000000) and BTF
+# (pkvm_hyp_vm 4328 B with 16K pages). Booted with QEMU's lpa2=off (with LPA2 the 16K
+# kernel hangs in protected mode): 47-bit kernel VAs, so hyp_va_bits = IDMAP_VA_BITS = 48
+# and the linear map sits in the half chosen by bit 46.
+DEBIAN_6_12_16K = KernelImage(
+    name="linux-image-6.12.117+deb13-arm64-16k",
+    kernel_va_bits=47,
+    kernel_va_bits_lpa2=52,
+    idmap=(0xF5C000, 0xF5CD04),
+    hyp_sections=((0xF5CD04, 0xF74000), (0x1D44000, 0x1D4C000), (0x2484000, 0x2488000)),
+    host_sections=((0x171C278, 0x171C278 + 1),),
+    nvhe_percpu_bytes=0x201AB40 - 0x2018000,
+    sve_state_bytes=16 + 8736,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=3952,
+    kvm_vcpu_bytes=7056,
+    hyp_vm_bytes=4328,
+    hyp_vcpu_bytes=7072,
+)
+
 KERNEL_IMAGES: dict[tuple[str, int], KernelImage] = {
     ("v6.1", 4096): DEBIAN_6_1_4K,
     ("v6.12", 4096): DEBIAN_6_12_4K,
+    ("v6.12", 16384): DEBIAN_6_12_16K,
 }
 
 
@@ -140,12 +169,17 @@ class HypVaLayout:
     """Where EL2 puts things in its VA space (in pages of page_shift)."""
 
     page_shift: int
-    va_bits: int
+    va_bits: int  # hyp_va_bits
+    kernel_va_bits: int  # vabits_actual
     memstart: int  # memstart_addr: the PA the linear map starts at
 
     @property
     def linear_base(self) -> int:
-        return 1 << (self.va_bits - 1)
+        """kvm_compute_layout: hyp_va_msb (bit vabits_actual - 1), plus a random tag above the
+        RAM span; the model's tag is BIT(vabits_actual - 3), which keeps the alias clear of
+        the private range and the vmemmap when both halves coincide (16K: 47-bit kernel VAs
+        in a 48-bit hyp VA space), as the real boots' tags were."""
+        return 1 << (self.kernel_va_bits - 1) | 1 << (self.kernel_va_bits - 3)
 
     @property
     def private_base(self) -> int:
@@ -191,7 +225,8 @@ def _order(nr_pages: int) -> int:
     return max(0, (nr_pages - 1).bit_length())
 
 
-def boot_mappings(*, page_size: int, nr_cpus: int, image: KernelImage, image_base: int,
+def boot_mappings(*, page_size: int, nr_cpus: int, image: KernelImage, lpa2: bool,
+                  image_base: int,
                   percpu_base: int, memblocks: list[tuple[int, int]],
                   carveout: tuple[int, int], vmemmap_back: int, entry_bytes: int
                   ) -> tuple[HypVaLayout, list[BootMapping]]:
@@ -200,7 +235,9 @@ def boot_mappings(*, page_size: int, nr_cpus: int, image: KernelImage, image_bas
     memblocks: (base, size) bytes; carveout: (base, size) bytes; vmemmap_back: PA of the
     vmemmap region of the carve-out."""
     shift = page_size.bit_length() - 1
-    lay = HypVaLayout(shift, image.va_bits, memstart_addr(min(b for b, _ in memblocks), page_size))
+    kernel_bits = image.kernel_va_bits_lpa2 if lpa2 else image.kernel_va_bits
+    lay = HypVaLayout(shift, max(IDMAP_VA_BITS, kernel_bits), kernel_bits,
+                      memstart_addr(min(b for b, _ in memblocks), page_size))
     maps: list[BootMapping] = []
 
     def linear(what: str, start: int, end: int) -> None:
@@ -300,6 +337,7 @@ def machine_boot(config: SimConfig, carveout_base: int, carveout_bytes: int,
                    else default_percpu_base(blocks))
     return boot_mappings(
         page_size=config.page_size, nr_cpus=config.nr_cpus, image=image,
+        lpa2=config.ia_bits > 48,  # an IPA limit above 48 bits: the CPU has LPA2
         image_base=image_base, percpu_base=percpu_base,
         memblocks=blocks,
         carveout=(carveout_base, carveout_bytes), vmemmap_back=vmemmap_back,

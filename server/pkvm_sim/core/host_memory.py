@@ -42,7 +42,11 @@ class HostMemory:
         """ram_ranges: (base_pfn, nr_pages) of host RAM available for allocation."""
         self._free: list[list[int]] = []  # sorted, disjoint, non-touching [start, end)
         for base, nr in sorted(ram_ranges):
-            if nr > 0:
+            if nr <= 0:
+                continue
+            if self._free and self._free[-1][1] == base:  # adjacent memblocks (NUMA nodes)
+                self._free[-1][1] = base + nr
+            else:
                 self._free.append([base, base + nr])
         self.allocations: dict[int, HostAllocation] = {}
         self.free_pages = sum(end - start for start, end in self._free)

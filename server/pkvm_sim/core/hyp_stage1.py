@@ -116,6 +116,17 @@ class HypStage1:
         """Boot stage-1 table pages: the early allocator's and the pool's."""
         return self.early_pages + len(self.pool_boot_tables)
 
+    def tables_by_level(self) -> dict[int, int]:
+        """{level: table pages}, boot and run-time tables, the root included (with a
+        modelled boot) at level min(table_levels) - 1."""
+        counts: dict[int, int] = {}
+        if self.early_pages:
+            root = self.table_levels[0] - 1
+            counts[root] = 1
+        for level, _index in [*self._boot, *self.pool_boot_tables, *self._tables]:
+            counts[level] = counts.get(level, 0) + 1
+        return dict(sorted(counts.items()))
+
     def _path(self, pfn: int) -> list[Key]:
         va_page = (pfn if self.va_layout is None
                    else self.va_layout.linear_page(pfn << self.page_shift))
