@@ -11,7 +11,6 @@ from pkvm_sim.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfMemory,
     PermissionDenied,
     WouldPanic,
 )

@@ -25,7 +25,7 @@ from typing import Any
 from pkvm_sim.core.config import Memblock, SimConfig
 from pkvm_sim.core.errors import PkvmError
 from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.core.profiles import version_key
+from pkvm_sim.core.profiles import Profile, version_key
 
 PHASES = ("boot", "vm1-1vcpu", "vm1-destroyed", "vm2-4vcpus", "vm2-and-vm3", "all-destroyed")
 DEFAULT_MEMBLOCK = "0x40000000:4G"  # QEMU virt: RAM at 1 GiB
@@ -67,7 +67,7 @@ def lifecycle_config(profile: str, *, page_size: int = 4096, memblocks: list[str
                      carveout_base: int | None = None) -> SimConfig:
     """The machine of the real-kernel review unless told otherwise: RAM at 0x4000_0000."""
     blocks = tuple(Memblock.parse(m) for m in (memblocks or [DEFAULT_MEMBLOCK]))
-    return SimConfig(profile=profile, page_size=page_size, memblocks=blocks, nr_cpus=cpus,
+    return SimConfig(profile=Profile(profile), page_size=page_size, memblocks=blocks, nr_cpus=cpus,
                      ia_bits=ia_bits if ia_bits is not None else default_ia_bits(profile,
                                                                                  page_size),
                      carveout_base=carveout_base)
