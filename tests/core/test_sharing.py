@@ -433,3 +433,27 @@ def test_hyp_stage1_geometry(page_size: str, levels: tuple[int, ...],
     hv.destroy_vm(vm.handle)
     assert s1.table_pages() == {}
     hv.audit()
+
+
+def test_guest_share_leaves_the_host_stage2_alone() -> None:
+    """From v6.14 the host's page states live in the hyp vmemmap (hyp_page.host_state):
+    __pkvm_host_share_guest sets SHARED_OWNED there and maps nothing for a page the host
+    owns, so a host block over the page is not split."""
+    hv = boot(profile="v6.12+guest-share", memblocks=["0x80000000:1G"])
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=2048)
+    h = vm.handle
+    hv.topup_memcache(h, 4)
+    hv.guest_map(h, 0, vm.slice_base_pfn)  # the first map takes the refill
+    block_pfn = -(-vm.slice_base_pfn // 512) * 512 + 512  # a 2 MiB block inside the slice
+    fault = hv.host_fault(block_pfn << 12)
+    assert fault.level <= 2  # the host maps it with a block
+    leaves = [(m.start, m.end, m.level) for m in hv.host_stage2.pgt.mappings()]
+    hv.guest_map(h, 0x1000, block_pfn + 5)
+    assert [(m.start, m.end, m.level) for m in hv.host_stage2.pgt.mappings()] == leaves
+    assert hv.page_info(block_pfn + 5).host_state is PageState.SHARED_OWNED
+    with pytest.raises(PermissionDenied):  # shared with a guest: not OWNED for hyp
+        hv.host_share(h, block_pfn + 5)
+    hv.audit()
+    hv.destroy_vm(h)
+    assert hv.page_info(block_pfn + 5).host_state is PageState.OWNED
+    hv.audit()

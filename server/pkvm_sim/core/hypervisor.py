@@ -560,9 +560,7 @@ class Hypervisor:
             if not self._guest_shared[pfn]:
                 del self._guest_shared[pfn]
                 back_to_host.append(pfn)
-        if back_to_host:
-            self.host_stage2.set_page_state(sorted(back_to_host), STATE_OWNED)
-        return len(back_to_host)
+        return len(back_to_host)  # OWNED again: a state in the vmemmap, not the stage-2
 
     def vm(self, handle: int) -> VmInfo:
         """-ENOENT (NotFound) for an unknown handle."""
@@ -741,10 +739,11 @@ class Hypervisor:
         hs2 = self.host_stage2
         for q in pfns:
             pte, _level = hs2.host_leaf(q)
-            if not (pte is None or (pte[PTE_KIND] == LEAF and pte[PTE_PROT] == PROT_RWX
+            if q in self._guest_shared or not (
+                    pte is None or (pte[PTE_KIND] == LEAF and pte[PTE_PROT] == PROT_RWX
                                     and pte[PTE_STATE] == STATE_OWNED)):
                 raise PermissionDenied(
-                    f"host page {q:#x} is {hs2.host_state(q).value}, not owned: cannot share",
+                    f"host page {q:#x} is {self._host_state(q).value}, not owned: cannot share",
                     reason="HOST_PAGE_NOT_OWNED",
                 )
             if q in self._hyp_shared:
@@ -770,6 +769,13 @@ class Hypervisor:
                                    failed_errno=err.errno_name)
         return ShareResult(pfn, nr_pages, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                            pages_done=nr_pages)
+
+    def _host_state(self, pfn: int) -> PageState:
+        """The host's state of a page: SHARED_OWNED while guests map it (v6.14+ keeps that
+        in the vmemmap), else what its host stage-2 leaf says."""
+        if pfn in self._guest_shared:
+            return PageState.SHARED_OWNED
+        return self.host_stage2.host_state(pfn)
 
     def host_unshare(self, handle: int, pfn: int, nr_pages: int = 1) -> ShareResult:
         """__pkvm_host_unshare_hyp; -EBUSY if EL2 has any of the pages pinned (6.2+). EL2
@@ -893,7 +899,7 @@ class Hypervisor:
         if pte is not None:  # __guest_check_page_state_range(ipa, PKVM_NOPAGE)
             raise PermissionDenied(f"guest ipa {ipa:#x} is not unmapped: it maps pfn"
                                    f" {pte[PTE_PFN]:#x}", reason="IPA_MAPPED")
-        host_state = self.host_stage2.host_state(pfn)
+        host_state = self._host_state(pfn)
         if host_state is PageState.SHARED_OWNED and not self._guest_shared.get(pfn):
             # v6.14-v6.15 __pkvm_host_share_guest: WARN_ON(1) before -EPERM, fatal at EL2.
             raise WouldPanic(f"host page {pfn:#x} is shared with hyp, not with guests: EL2"
@@ -906,13 +912,14 @@ class Hypervisor:
         vm.require_table_pages(plan.tables, len(refill))
         pgt.check_plan(plan)  # the 2-byte layout's refcount limit, before any change
         self.hyp_stage1.check_can_map(refill)
-        # Both host stage-2 changes (the page's state, the refill's owner) planned together:
-        # once this passes, neither can fail.
-        self.host_stage2._prepare_page_maps([pfn, *refill], leaf=True,
-                                            what="share a page with the guest")
-        if host_state is PageState.OWNED:
-            self.host_stage2.set_page_state([pfn], STATE_SHARED_OWNED)
-        self.host_stage2.set_owner_pages(refill, OWNER_HYP)
+        # The refill's donations change the host stage-2 (owner annotations). The shared
+        # page's host state does not: from v6.14 the host's page states live in the hyp
+        # vmemmap (hyp_page.host_state; __host_set_page_state_range maps nothing for a page
+        # the host owns), so the host stage-2 is left alone (no block is split).
+        if refill:
+            self.host_stage2._prepare_page_maps(refill, leaf=True,
+                                                what="donate the memcache refill")
+            self.host_stage2.set_owner_pages(refill, OWNER_HYP)
         self._refill(vm, refill)
         before = mm.allocated
         ret = pgt.map(ipa, self.page_size, leaf_pte(pfn, PROT_RWX, STATE_SHARED_BORROWED))
@@ -1024,7 +1031,7 @@ class Hypervisor:
         if owner == "none":
             host_state, hyp_state = PageState.NOPAGE, PageState.NOPAGE
         else:
-            host_state = self.host_stage2.host_state(pfn)
+            host_state = self._host_state(pfn)
             if pfn in self._hyp_shared or pfn in self._kernel_shared:
                 hyp_state = PageState.SHARED_BORROWED
             elif owner == "host":
