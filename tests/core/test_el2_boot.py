@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from pkvm_sim.core.config import Memblock, SimConfig
 from pkvm_sim.core.el2_boot import KERNEL_IMAGES, boot_mappings
-from pkvm_sim.core.errors import OutOfMemory
+from pkvm_sim.core.errors import FailedPrecondition, OutOfMemory, WouldPanic
 from pkvm_sim.core.hypervisor import Hypervisor
 
 RAM_4G = (Memblock(0x4000_0000, 4 << 30),)
@@ -96,3 +96,37 @@ def test_v6_1_has_no_vm_limit_at_el2() -> None:
         hv.run_vm(hv.create_vm(nr_vcpus=1, slice_pages=1, run=False).handle)
     assert hv.statistics().nr_vms == 300
     hv.audit()
+
+
+def test_an_empty_hyp_pool_at_a_vm_run_is_fatal_and_changes_nothing() -> None:
+    """__pkvm_init_vm donates through do_donate, which maps under WARN_ON; every WARN at
+    EL2 is fatal (nvhe_hyp_panic_handler, 6.1 and 6.12 alike). So a hyp pool that cannot
+    supply the stage-1 tables is the panic outcome, not a retryable -ENOMEM."""
+    hv = machine("v6.12", 1, 52)
+    holder = hv.create_vm(nr_vcpus=1, slice_pages=1)
+    # 300 vCPUs: 602 pages of hyp VM/vCPU structs, more than a pageblock, so they land
+    # where EL2 has no level-3 table yet.
+    vm = hv.create_vm(nr_vcpus=300, slice_pages=1, run=False)
+    while hv.hyp_pool.free_pages:
+        hv.alloc_pages(holder.handle, 0)
+    before = hv.canonical_dump(host_tables=True)
+    with pytest.raises(WouldPanic) as err:
+        hv.run_vm(vm.handle)
+    assert err.value.reason == "HYP_POOL_EXHAUSTED" and err.value.would_panic
+    assert hv.canonical_dump(host_tables=True) == before
+    hv.audit()
+
+
+@pytest.mark.parametrize(("call", "args"), [
+    ("guest_map", (0x1000, -1, -5)),  # unknown VM, unaligned IPA, bad pfn
+    ("topup_memcache", (0x1000, 10**9)),  # unknown VM, too many pages
+    ("host_share", (0x1000, -1, 0)),
+])
+def test_not_in_profile_comes_before_any_argument_check(call: str, args: tuple[int, ...]) -> None:
+    """An operation the modelled kernel lacks is refused NOT_IN_PROFILE whatever its
+    arguments (v5.14 with carve-out coverage has neither sharing nor guest maps)."""
+    hv = Hypervisor.boot(SimConfig(profile="v5.14", vmemmap_coverage="carveout",
+                                   memblocks=RAM_4G))
+    with pytest.raises(FailedPrecondition) as err:
+        getattr(hv, call)(*args)
+    assert err.value.reason == "NOT_IN_PROFILE"
