@@ -49,6 +49,9 @@ op = st.one_of(
     st.tuples(st.just("mmio"), st.integers(0x83F0_0000 >> 12, 0x8420_0000 >> 12)),
     st.tuples(st.just("recycle")),
     st.tuples(st.just("create"), st.integers(1, 3), st.integers(1, 600)),
+    # KVM_CREATE_VM + vCPUs only (the VM exists at EL1), then its first KVM_RUN
+    st.tuples(st.just("create_el1"), st.integers(1, 5), st.integers(1, 64)),
+    st.tuples(st.just("run"), st.integers(0, 3)),
     st.tuples(st.just("destroy"), st.integers(0, 3)),
     st.tuples(st.just("topup"), st.integers(0, 3), st.integers(0, 8)),
     st.tuples(st.just("gmap"), st.integers(0, 3), st.integers(0, 1 << 12), st.integers(0, 599)),
@@ -79,6 +82,10 @@ def apply(hv: Hypervisor, step: tuple[Any, ...], blocks: list[tuple[int, int]]) 
         hv.unmap_dev_all()
     elif kind == "create":
         hv.create_vm(nr_vcpus=step[1], slice_pages=step[2])
+    elif kind == "create_el1":
+        hv.create_vm(nr_vcpus=step[1], slice_pages=step[2], run=False)
+    elif kind == "run":
+        hv.run_vm(vm_at(step[1]))
     elif kind == "destroy":
         hv.destroy_vm(vm_at(step[1]))
     elif kind == "topup":
