@@ -327,3 +327,25 @@ def test_a_write_that_fails_half_way_leaves_the_old_file(tmp_path: Path,
         state_file.save(path, hv)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["machine.pkvm"]
+
+
+V1_V6_12_FILE = Path(__file__).resolve().parents[1] / "data" / "state" / "v1-v6.12-guest-share.pkvm"
+
+
+def test_a_v6_12_file_from_before_the_boot_model_still_restores() -> None:
+    """tests/data/state/v1-v6.12-guest-share.pkvm was written by pkvm-sim before EL2's boot
+    stage-1 and the run-time costs were modelled (never regenerated): a 256 MiB
+    v6.12+guest-share machine where VM "old-a" (2 vCPUs) shared 3 slice pages with hyp,
+    pinned one and allocated an order-1 hyp-pool block, and VM "old-b" topped up 4 memcache
+    pages and mapped one page for its guest. Then its hyp stage-1 was keyed by PA and
+    nothing was charged at boot (hyp_s1_early_used_pages 0): it restores as that machine,
+    with the same hyp pool (645 free, one stage-1 table), and tears down cleanly."""
+    hv = state_file.restore(state_file.load(V1_V6_12_FILE))
+    assert [(v.name, v.nr_vcpus) for v in hv.vms()] == [("old-a", 2), ("old-b", 1)]
+    assert hv.hyp_pool.free_pages == 645
+    assert hv.statistics().hyp_stage1_table_pages == 1
+    assert hv.hyp_stage1.va_layout is None  # the old PA-keyed tables
+    for vm in hv.vms():
+        hv.destroy_vm(vm.handle)
+    assert hv.statistics().hyp_stage1_table_pages == 0
+    hv.audit()
