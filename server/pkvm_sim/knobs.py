@@ -106,12 +106,18 @@ SIM_KNOBS = (
     Knob("max_order_formula", SIM, "hyp_pool max_order formula", "v5.14|v5.17|v6.4"),
     Knob("memblocks", SIM, "RAM region, repeatable (env: comma-separated)", "BASE:SIZE",
          flag="--memblock"),
-    Knob("ia_bits", SIM, "host stage-2 input address bits", "N"),
-    Knob("nr_cpus", SIM, "CPUs", "N"),
-    Knob("hyp_s1_early_used_pages", SIM, "hyp pool pages reserved", "N"),
+    Knob("ia_bits", SIM, "host stage-2 input address bits (32..52; above 48 needs LPA2, "
+         "v6.9+, or 64K pages)", "N"),
+    Knob("nr_cpus", SIM, "CPUs (EL2 maps each one's per-CPU area, stack, fixmap)", "N"),
+    Knob("hyp_s1_early_used_pages", SIM, "hyp pool pages the boot stage-1 took (none: "
+         "what the modelled boot takes, v6.1/v6.12)", "N"),
     Knob("hyp_pool_extra_pages", SIM, "enlarge the hyp pool by N pages", "N"),
     Knob("carveout_base", SIM, "place the carve-out here (none: top-down)", "ADDR"),
     Knob("faithful_bugs", SIM, "reproduce the kernel's quirks (v5.13)", "BOOL"),
+    Knob("kernel_image_base", SIM, "where the kernel image sits (none: QEMU virt's, RAM "
+         "base + 2 MiB)", "ADDR"),
+    Knob("kvm_percpu_base", SIM, "where KVM's per-CPU host allocations start (none: 10 MiB "
+         "into the RAM above 4 GiB, as on QEMU virt)", "ADDR"),
 )
 SERVER_KNOBS = (
     Knob("listen", SERVER, "gRPC address (0.0.0.0 to serve other machines)", "HOST:PORT",

@@ -364,3 +364,17 @@ def test_a_file_of_the_removed_profile_with_guest_shares_is_refused_naming_why()
     decoded = _file_of_removed_profile(hv, "v6.12+guest-share")
     with pytest.raises(StateFileError, match="guest shares or memcache pages.*cannot be"):
         state_file.restore(decoded)
+
+
+V1_V6_12_FILE = Path(__file__).resolve().parents[1] / "data" / "state" / "v1-v6.12-guest-share.pkvm"
+
+
+def test_the_committed_old_guest_share_file_is_refused_naming_why() -> None:
+    """tests/data/state/v1-v6.12-guest-share.pkvm was written by pkvm-sim before EL2's boot
+    stage-1 was modelled, by the removed v6.12+guest-share profile: VM "old-b" topped up 4
+    memcache pages and mapped a page for its guest, which v6.12 cannot have. It is refused
+    with the reason, not half restored."""
+    decoded = state_file.load(V1_V6_12_FILE)
+    with pytest.raises(StateFileError, match="v6.12\\+guest-share was removed.*guest shares or"
+                       " memcache pages"):
+        state_file.restore(decoded)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import OutOfMemory
+from .errors import WouldPanic
 from .hyp_pool import HypPool
 from .pgtable import Stage2PageTable
 from .physmem import PhysicalMemory
@@ -101,6 +101,11 @@ class GuestVm:
     admitted: list[int] = field(default_factory=list)  # memcache pages now in vm.pool
     shared: set[int] = field(default_factory=set)  # slice pfns shared with hyp
     pins: dict[int, int] = field(default_factory=dict)  # slice pfn -> pin count
+    # host pages of struct kvm and each struct kvm_vcpu, shared with hyp (v6.1, v6.12)
+    struct_pfns: list[int] = field(default_factory=list)
+    # its slab objects (cache name, slab base pfn, slot): struct kvm, then each kvm_vcpu
+    slab_objects: list[tuple[str, int, int]] = field(default_factory=list)
+    ran: bool = False  # its vCPUs ran once (v6.2+: the VM exists at EL2 from then on)
 
     @property
     def donated_pages(self) -> int:
@@ -117,13 +122,15 @@ class GuestVm:
         return self.memcache[::-1][:nr]
 
     def require_table_pages(self, need: int, refill: int) -> None:
-        """-ENOMEM unless vm.pool, EL2's memcache and the coming refill hold `need` pages."""
+        """WouldPanic unless vm.pool, EL2's memcache and the coming refill hold `need`
+        pages: v6.14 __pkvm_host_share_guest maps under WARN_ON, fatal at EL2."""
         assert self.pool is not None
         have = self.pool.free_pages + len(self.hyp_memcache) + refill
         if need > have:
-            raise OutOfMemory(
+            raise WouldPanic(
                 f"VM {self.handle:#x}: the guest map needs {need} table page(s), the VM pool"
                 f" has {self.pool.free_pages} free, EL2's memcache {len(self.hyp_memcache)}"
-                f" and the refill would add {refill}: top up the memcache and retry",
+                f" and the refill would add {refill}: EL2 would WARN (fatal); top up the"
+                " memcache first",
                 reason="MEMCACHE_EMPTY",
             )

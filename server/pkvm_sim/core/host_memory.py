@@ -17,6 +17,11 @@ from dataclasses import dataclass
 
 from .errors import OutOfMemory
 
+# Host allocations that stay host-owned (every other owner tag is donated to hyp): VM slices,
+# the host memcaches, and the host kernel's structs it shares with hyp (struct kvm and
+# kvm_vcpu, the VMM task's FP/SIMD state).
+HOST_OWNED_TAGS = ("slice:", "hostmc:", "slab:", "task:", "boot:")
+
 
 @dataclass(frozen=True)
 class HostAllocation:
@@ -37,7 +42,11 @@ class HostMemory:
         """ram_ranges: (base_pfn, nr_pages) of host RAM available for allocation."""
         self._free: list[list[int]] = []  # sorted, disjoint, non-touching [start, end)
         for base, nr in sorted(ram_ranges):
-            if nr > 0:
+            if nr <= 0:
+                continue
+            if self._free and self._free[-1][1] == base:  # adjacent memblocks (NUMA nodes)
+                self._free[-1][1] = base + nr
+            else:
                 self._free.append([base, base + nr])
         self.allocations: dict[int, HostAllocation] = {}
         self.free_pages = sum(end - start for start, end in self._free)
@@ -65,6 +74,56 @@ class HostMemory:
             )
         i, base = found
         start, end = self._free[i]
+        pieces = [[s, e] for s, e in ((start, base), (base + nr_pages, end)) if e > s]
+        self._free[i:i + 1] = pieces
+        self.allocations[base] = HostAllocation(base, nr_pages, owner)
+        self.free_pages -= nr_pages
+        return base
+
+    def alloc_grouped(self, nr_pages: int, owner: str, *, group: tuple[str, ...],
+                      block_pages: int, zone_start_pfn: int, align_pages: int = 1) -> int:
+        """The host kernel's own allocations, grouped as the buddy allocator's pageblocks
+        group them: first fit inside a pageblock (block_pages, aligned) that already holds an
+        allocation whose owner starts with one of `group`, else at the start of the lowest
+        wholly free pageblock at or above zone_start_pfn (ZONE_NORMAL first), else first fit
+        anywhere. Deterministic from the allocations alone (nothing else is stored)."""
+        if nr_pages < 1:
+            raise ValueError("nr_pages must be >= 1")
+        blocks = sorted({pfn // block_pages for a in self.allocations.values()
+                         if a.owner.startswith(group)
+                         for pfn in (a.base_pfn, a.end_pfn - 1)})
+        for block in blocks:
+            base = self._fit_in(block * block_pages, (block + 1) * block_pages, nr_pages,
+                                align_pages)
+            if base is not None:
+                return self._take(base, nr_pages, owner)
+        fresh = self._free_block(block_pages, zone_start_pfn)
+        if fresh is None:
+            fresh = self._free_block(block_pages, 0)
+        if fresh is not None and nr_pages <= block_pages:
+            return self._take(fresh, nr_pages, owner)
+        return self.alloc(nr_pages, owner, align_pages=align_pages)
+
+    def _fit_in(self, lo: int, hi: int, nr_pages: int, align_pages: int) -> int | None:
+        for start, end in self._free:
+            start, end = max(start, lo), min(end, hi)
+            base = -(-start // align_pages) * align_pages
+            if base + nr_pages <= end:
+                return base
+        return None
+
+    def _free_block(self, block_pages: int, from_pfn: int) -> int | None:
+        """The lowest wholly free aligned block at or above from_pfn."""
+        for start, end in self._free:
+            base = -(-max(start, from_pfn) // block_pages) * block_pages
+            if base + block_pages <= end:
+                return base
+        return None
+
+    def _take(self, base: int, nr_pages: int, owner: str) -> int:
+        i = bisect.bisect_right(self._free, [base, 1 << 64]) - 1
+        start, end = self._free[i]
+        assert start <= base and base + nr_pages <= end, "taking pages that are not free"
         pieces = [[s, e] for s, e in ((start, base), (base + nr_pages, end)) if e > s]
         self._free[i:i + 1] = pieces
         self.allocations[base] = HostAllocation(base, nr_pages, owner)

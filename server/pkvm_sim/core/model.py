@@ -148,3 +148,6 @@ class HypervisorStatistics:
     carveout_bytes: int
     guest_shared_pages: int = 0  # host pages shared with guests (v6.14+ guest maps)
     hyp_stage1_table_pages: int = 0  # hyp pool pages in EL2 stage-1 tables for shares/donations
+    # hyp pool pages in EL2's boot stage-1 (root included): early-allocator pages reserved at
+    # hyp_pool_init plus the fixmap's (0 where the profile's boot is not modelled)
+    hyp_stage1_boot_table_pages: int = 0
