@@ -3,6 +3,8 @@
 #   make serve   install the service only (runtime dependencies), then run it with the
 #                built-in default config
 #   make test    install (project + test tools), then run the whole pytest suite
+#   make test-pure  the core tests and the oracle traces on the pure-Python core
+#                (PKVM_SIM_PURE_PYTHON=1; `make test` runs the compiled one where it can)
 #   make image   build the Docker image with Podman (on a local base stand-in: no registry)
 #   make lock    regenerate constraints.txt (the pinned runtime dependencies)
 #   make lint    ruff + mypy (separate on purpose: `make test` does not depend on it)
@@ -38,11 +40,19 @@ SCHEMA_CHECK_STAMP := $(SCHEMA_CHECK_DIR)/node_modules/.stamp
 
 PYTEST_ARGS ?=
 
+# The core is compiled with mypyc at install (setup.py): an edited core source reinstalls,
+# so the .so files never lag behind (pkvm_sim.core also refuses a stale .so at import).
+CORE_SOURCES := $(wildcard server/pkvm_sim/core/*.py)
+BUILD_INPUTS := pyproject.toml setup.py $(CONSTRAINTS) $(CORE_SOURCES)
+# What the pure lane runs: the core's own tests and the oracle traces.
+PURE_TESTS := tests/core tests/tools/test_replay_trace.py
+
 .PHONY: help install install-runtime system-packages runtime-system-packages tools serve test \
+	test-pure \
 	container-images lint bench proto image lock clean
 
 help:
-	@echo "targets: install install-runtime tools serve test lint bench proto image lock clean"
+	@echo "targets: install install-runtime tools serve test test-pure lint bench proto image lock clean"
 
 install: $(INSTALL_STAMP)
 install-runtime: $(RUNTIME_STAMP)
@@ -55,12 +65,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 
-$(RUNTIME_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+$(RUNTIME_STAMP): $(BUILD_INPUTS) | $(BIN)/python
 	$(PIP) --constraint $(CONSTRAINTS) -e '.[server]'
 	@touch $@
 
 # The test install is a superset of the runtime one.
-$(INSTALL_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+$(INSTALL_STAMP): $(BUILD_INPUTS) | $(BIN)/python
 	$(PIP) --constraint $(CONSTRAINTS) -e '.[test]'
 	@touch $@ $(RUNTIME_STAMP)
 
@@ -106,6 +116,9 @@ test: system-packages install tools container-images
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc
 
+test-pure: install
+	@PKVM_SIM_PURE_PYTHON=1 $(BIN)/python -m pytest $(PURE_TESTS) $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -139,3 +152,4 @@ clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info \
 	  $(SCHEMA_CHECK_DIR)/node_modules
 	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -f server/pkvm_sim/core/*.so server/pkvm_sim/core/_build_manifest.json

@@ -25,8 +25,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class VersionAction(argparse.Action):
+    """--version: the package version and which core runs (computed only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and the core flavour (compiled/pure), exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from .version import version_line
+
+        parser.exit(message=version_line() + "\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pkvm-sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

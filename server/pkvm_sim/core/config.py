@@ -94,7 +94,9 @@ class SimConfig:
             raise ValueError(f"hyp_page_layout must be one of 32, 4, 2, not {self.hyp_page_layout}")
         if self.vmemmap_coverage not in ("carveout", "all"):
             raise ValueError("vmemmap_coverage must be 'carveout' or 'all'")
-        if self.max_order_formula not in (None, *MAX_ORDER_FORMULAS):
+        # (not `in (None, *MAX_ORDER_FORMULAS)`: mypyc 2.4 cannot compile a starred tuple there)
+        formula = self.max_order_formula
+        if formula is not None and formula not in MAX_ORDER_FORMULAS:
             raise ValueError(
                 f"max_order_formula must be one of {', '.join(MAX_ORDER_FORMULAS)}, "
                 f"not {self.max_order_formula!r}"
