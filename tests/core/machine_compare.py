@@ -99,9 +99,15 @@ class _Walker:
 def _attributes(obj: Any) -> dict[str, Any]:
     attrs = dict(getattr(obj, "__dict__", {}))
     for cls in type(obj).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if hasattr(obj, name):
+        # A class compiled by mypyc has neither __dict__ nor (always) __slots__: it lists its
+        # attributes in __mypyc_attrs__ (docs/compiled-core.md).
+        names = (*getattr(cls, "__slots__", ()), *getattr(cls, "__mypyc_attrs__", ()))
+        for name in names:
+            if not name.startswith("__") and hasattr(obj, name):
                 attrs[name] = getattr(obj, name)
+    # An object of ours with no attribute found would compare equal to anything.
+    assert attrs or not type(obj).__module__.startswith("pkvm_sim"), \
+        f"no attributes found on a {type(obj).__qualname__}"
     return attrs
 
 
