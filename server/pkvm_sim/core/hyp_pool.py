@@ -14,7 +14,8 @@ Where things live, as in the kernel after the series:
   vmemmap). Removing a block from the middle of a list (when its buddy merges with it) is
   lazy: the queue keeps a *ghost* of it, counted in `_ghosts[order]`, which is skipped when it
   reaches the head. Ghosts always precede a later live copy of the same pfn, since appends go
-  to the tail, so the live order of each list is exactly the kernel's. Lists are compacted
+  to the tail, so the live order of each list is exactly the kernel's (and a block that is
+  the newest entry of its list is simply dropped, no ghost). Lists are compacted
   when ghosts outnumber live blocks, so every operation is amortised O(1).
   Each queue is a plain list and the index of its head (`_heads[order]`): taking the head
   moves the index; the consumed prefix is dropped when the queue empties or when it is
@@ -235,7 +236,17 @@ class HypPool:
     # -- free lists (pool lock held) ------------------------------------------------------
 
     def _list_remove(self, pfn: int, order: int) -> None:
-        """page_remove_from_list for a block anywhere in its list: it becomes a ghost."""
+        """page_remove_from_list for a block anywhere in its list: it becomes a ghost, unless
+        it is the newest entry (a buddy split off just before, the common case), which is
+        simply dropped: a live block's entry is the last one holding its pfn."""
+        queue = self._lists[order]
+        if queue[-1] == pfn:
+            queue.pop()
+            self._nr_free[order] -= 1
+            if len(queue) == self._heads[order]:
+                queue.clear()
+                self._heads[order] = 0
+            return
         ghosts = self._ghosts[order]
         ghosts[pfn] = ghosts.get(pfn, 0) + 1
         self._nr_free[order] -= 1

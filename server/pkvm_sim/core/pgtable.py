@@ -408,6 +408,8 @@ class Stage2PageTable:
         entries = self.entries(table)
         if hi - lo < len(entries):  # a narrow window on a full table: probe the window
             indices = [i for i in range(lo, hi + 1) if i in entries]
+        elif lo == 0 and hi == self.ptrs - 1:  # the whole table
+            indices = sorted(entries)
         else:
             indices = sorted(i for i in entries if lo <= i <= hi)
         return [(idx, entries[idx], base + (idx << shift)) for idx in indices]
