@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sysconfig
 import traceback
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,21 @@ def pure_requested() -> bool:
     return os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
 
 
+def missing_build_tool(compiler_name: str | None) -> str:
+    """Why a C build cannot even start ('' if it may): checked before mypyc's minutes."""
+    from distutils.ccompiler import new_compiler
+    from distutils.sysconfig import customize_compiler
+
+    compiler: Any = new_compiler(compiler=compiler_name)
+    customize_compiler(compiler)
+    executable = getattr(compiler, "compiler_so", ["cc"])[0]
+    if shutil.which(executable) is None:
+        return f"no C compiler ({executable} is not on PATH)"
+    if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        return "no Python headers (Python.h; Debian: python3-dev)"
+    return ""
+
+
 class PlatformDistribution(Distribution):
     """The wheel carries compiled code (when the compiler was there): tag it per platform."""
 
@@ -68,6 +84,9 @@ class BuildCompiledCore(build_ext):
     def _mypyc_extensions(self) -> list[Any]:
         if pure_requested():
             self._failure = f"{PURE_PYTHON_ENV} is set at build time"
+            return []
+        self._failure = missing_build_tool(self.compiler) or None
+        if self._failure:
             return []
         try:
             from mypyc.build import mypycify
