@@ -165,6 +165,8 @@ class SimConfig:
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if key == "profile":  # a name ("v6.12") becomes the Profile the field's type says
+        return profile_spec(value).profile
     if key == "memblocks":
         items = [value] if isinstance(value, str) else list(value)
         return tuple(
