@@ -55,6 +55,10 @@ class _Walker:
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 self.walk(x, y, f"{path}[{i}]")
             return
+        if _is_compiled_bound_method(a):  # a mypyc class's bound method: compare its object
+            assert a.__name__ == b.__name__, f"{path}: {a!r} is not {b!r}"
+            self.walk(a.__self__, b.__self__, f"{path}.__self__")
+            return
         if isinstance(a, BuiltinFunctionType | FunctionType | type):
             assert a is b, f"{path}: {a!r} is not {b!r}"
             return
@@ -94,6 +98,13 @@ class _Walker:
         self.reverse[id(b)] = id(a)
         self.keep += [a, b]  # ids stay valid while we walk
         return True
+
+
+def _is_compiled_bound_method(obj: Any) -> bool:
+    """A method of a class compiled by mypyc, bound to an instance: a builtin method."""
+    owner = getattr(obj, "__self__", None)
+    return (isinstance(obj, BuiltinFunctionType) and owner is not None
+            and hasattr(type(owner), "__mypyc_attrs__"))
 
 
 def _attributes(obj: Any) -> dict[str, Any]:
