@@ -45,7 +45,8 @@ PYTEST_ARGS ?=
 CORE_SOURCES := $(wildcard server/pkvm_sim/core/*.py)
 BUILD_INPUTS := pyproject.toml setup.py $(CONSTRAINTS) $(CORE_SOURCES)
 # What the pure lane runs: the core's own tests and the oracle traces.
-PURE_TESTS := tests/core tests/tools/test_replay_trace.py
+# (and tests that count calls by patching core classes, which compiled code bypasses).
+PURE_TESTS := tests/core tests/tools/test_replay_trace.py tests/metrics/test_snapshot.py
 
 .PHONY: help install install-runtime system-packages runtime-system-packages tools serve test \
 	test-pure \
