@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spans", default=DEFAULT_SPANS, help="comma-separated IPA spans")
     parser.add_argument("--span-base", default=None,
                         help="where the MMIO spans start (default 0, the bottom of the IPA space)")
-    parser.add_argument("--ia-bits", type=int, default=SimConfig.ia_bits,
+    parser.add_argument("--ia-bits", type=int, default=SimConfig().ia_bits,
                         help="host stage-2 IPA bits (default %(default)s); 44 to 48 give a"
                         " 4-level stage-2 with 4K pages, whose level 0 holds no blocks")
     parser.add_argument("--faults-per-span", type=int, default=2000)
