@@ -63,6 +63,11 @@ def missing_build_tool(compiler_name: str | None) -> str:
     return ""
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
 class PlatformDistribution(Distribution):
     """The wheel carries compiled code (when the compiler was there): tag it per platform."""
 
@@ -93,16 +98,17 @@ class BuildCompiledCore(build_ext):
 
             return list(mypycify([str(CORE_DIR / name) for name in sorted(self._digests)],
                                  opt_level="3", group_name=GROUP_NAME))
-        except (Exception, SystemExit):  # mypy missing or a mypyc error: stay pure
-            self._failure = "mypyc could not compile the core:\n" + traceback.format_exc()
+        except (Exception, SystemExit) as error:  # mypy missing or a mypyc error: stay pure
+            self._failure = f"mypyc failed ({_one_line(error)})\n{traceback.format_exc()}"
             return []
 
     def run(self) -> None:
         if self.extensions:
             try:
                 super().run()
-            except Exception:  # no compiler, no Python.h, a link error...
-                self._failure = "the C build failed:\n" + traceback.format_exc()
+            except Exception as error:  # a compiler that fails, a link error...
+                self._failure = f"the C build failed ({_one_line(error)})\n" \
+                    + traceback.format_exc()
                 self._remove_outputs()
                 self.extensions = []
         if self._failure:
