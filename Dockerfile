@@ -9,18 +9,31 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---- build: turn the source tree into a wheel ----------------------------------------------
+# ---- build: turn the source tree into a wheel with the compiled core ------------------------
 FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# A C compiler for mypyc (setup.py compiles pkvm_sim.core), and Python's headers where the
+# base lacks them (the official image has them; a Debian python3 needs python3-dev). Only
+# this stage has them: the runtime stage below ships no compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && if ! python -c 'import sys, sysconfig, pathlib; sys.exit(not pathlib.Path(sysconfig.get_paths()["include"], "Python.h").is_file())'; then \
+        apt-get install -y --no-install-recommends python3-dev; \
+    fi \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proto/ proto/
 COPY server/ server/
 COPY client/ client/
-RUN pip wheel --no-deps --wheel-dir /wheels .
+# The image must run the compiled core: fail here if the wheel came out pure.
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+ && python -c 'import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob("/wheels/pkvm_sim-*.whl")[0]).namelist(); sys.exit(0 if any("core/_native__mypyc" in n for n in names) else "the wheel holds no compiled core")'
 
 # ---- runtime: the wheel with the server's dependencies only, run as an unprivileged user ----
 FROM ${PYTHON_IMAGE}

@@ -6,6 +6,8 @@
 #   make check   the fast lane: no system installs; every test but those marked as needing
 #                QEMU, Podman, Prometheus, test tools, Locust, Node, fresh venvs, a Dask
 #                cluster, or seconds of their own (markers: pyproject.toml); about a minute
+#   make test-pure  the core tests and the oracle traces on the pure-Python core
+#                (PKVM_SIM_PURE_PYTHON=1; `make test` runs the compiled one where it can)
 #   make image   build the Docker image with Podman (on a local base stand-in: no registry)
 #   make lock    regenerate constraints.txt (the pinned runtime dependencies)
 #   make lint    ruff + mypy (separate on purpose: `make test` does not depend on it)
@@ -46,11 +48,19 @@ PYTEST_ARGS ?=
 # What `make check` leaves out: the markers of pyproject.toml's [tool.pytest.ini_options].
 SLOW_LANES := qemu or podman or prometheus or tools or locust or node or install or cluster or slow
 
+# The core is compiled with mypyc at install (setup.py): an edited core source reinstalls,
+# so the .so files never lag behind (pkvm_sim.core also refuses a stale .so at import).
+CORE_SOURCES := $(wildcard server/pkvm_sim/core/*.py)
+BUILD_INPUTS := pyproject.toml setup.py $(CONSTRAINTS) $(CORE_SOURCES)
+# What the pure lane runs: the core's own tests and the oracle traces.
+# (and tests that count calls by patching core classes, which compiled code bypasses).
+PURE_TESTS := tests/core tests/tools/test_replay_trace.py tests/metrics/test_snapshot.py
+
 .PHONY: help install install-runtime system-packages runtime-system-packages tools serve test check \
-	container-images lint bench proto image lock clean initrd
+	test-pure container-images lint bench proto image lock clean initrd
 
 help:
-	@echo "targets: install install-runtime tools serve test check lint bench proto image lock clean initrd"
+	@echo "targets: install install-runtime tools serve test check test-pure lint bench proto image lock clean initrd"
 
 install: $(INSTALL_STAMP)
 install-runtime: $(RUNTIME_STAMP)
@@ -63,12 +73,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 
-$(RUNTIME_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+$(RUNTIME_STAMP): $(BUILD_INPUTS) | $(BIN)/python
 	$(PIP) --constraint $(CONSTRAINTS) -e '.[server]'
 	@touch $@
 
 # The test install is a superset of the runtime one.
-$(INSTALL_STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+$(INSTALL_STAMP): $(BUILD_INPUTS) | $(BIN)/python
 	$(PIP) --constraint $(CONSTRAINTS) -e '.[test]'
 	@touch $@ $(RUNTIME_STAMP)
 
@@ -121,6 +131,9 @@ check: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc
 
+test-pure: install
+	@PKVM_SIM_PURE_PYTHON=1 $(BIN)/python -m pytest $(PURE_TESTS) $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -158,3 +171,4 @@ clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info \
 	  $(SCHEMA_CHECK_DIR)/node_modules
 	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -f server/pkvm_sim/core/*.so server/pkvm_sim/core/_build_manifest.json

@@ -12,8 +12,6 @@ import os
 import signal
 import sys
 
-from pkvm_sim import __version__
-
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pkvm_sim.service.serve", "run the gRPC service (default configuration: 4 GiB)"),
     "reserve": ("pkvm_sim.tools.reserve", "print the EL2 carve-out (reservation) breakdown"),
@@ -29,9 +27,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class VersionAction(argparse.Action):
+    """--version: the package version and which core runs (computed only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and the core flavour (compiled/pure), exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from .version import version_line
+
+        parser.exit(message=version_line() + "\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pkvm-sim", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -50,10 +61,6 @@ EXIT_USAGE = 2
 # A reader that went away (`pkvm-sim reserve --compare | head -1`): end as quietly as `cat`
 # does, with the status of a process killed by SIGPIPE.
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
-
-
-def version_text() -> str:
-    return f"pkvm-sim {__version__}"
 
 
 def _quiet_after_broken_pipe() -> int:

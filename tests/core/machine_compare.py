@@ -55,6 +55,10 @@ class _Walker:
             for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 self.walk(x, y, f"{path}[{i}]")
             return
+        if _is_compiled_bound_method(a):  # a mypyc class's bound method: compare its object
+            assert a.__name__ == b.__name__, f"{path}: {a!r} is not {b!r}"
+            self.walk(a.__self__, b.__self__, f"{path}.__self__")
+            return
         if isinstance(a, BuiltinFunctionType | FunctionType | type):
             assert a is b, f"{path}: {a!r} is not {b!r}"
             return
@@ -96,12 +100,25 @@ class _Walker:
         return True
 
 
+def _is_compiled_bound_method(obj: Any) -> bool:
+    """A method of a class compiled by mypyc, bound to an instance: a builtin method."""
+    owner = getattr(obj, "__self__", None)
+    return (isinstance(obj, BuiltinFunctionType) and owner is not None
+            and hasattr(type(owner), "__mypyc_attrs__"))
+
+
 def _attributes(obj: Any) -> dict[str, Any]:
     attrs = dict(getattr(obj, "__dict__", {}))
     for cls in type(obj).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if hasattr(obj, name):
+        # A class compiled by mypyc has neither __dict__ nor (always) __slots__: it lists its
+        # attributes in __mypyc_attrs__ (docs/compiled-core.md).
+        names = (*getattr(cls, "__slots__", ()), *getattr(cls, "__mypyc_attrs__", ()))
+        for name in names:
+            if not name.startswith("__") and hasattr(obj, name):
                 attrs[name] = getattr(obj, name)
+    # An object of ours with no attribute found would compare equal to anything.
+    assert attrs or not type(obj).__module__.startswith("pkvm_sim"), \
+        f"no attributes found on a {type(obj).__qualname__}"
     return attrs
 
 

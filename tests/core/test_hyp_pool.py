@@ -248,3 +248,21 @@ class TestSplitAndAdmitted:
         pool.release_admitted(33)
         assert vmemmap.refcount(33) == 0 and not pool.contains(33)
         pool.check_invariants()
+
+
+@pytest.mark.parametrize("other_written_pages", [0, 64])
+def test_check_invariants_finds_a_written_free_page(other_written_pages: int) -> None:
+    """A free block must read as zeros (the memset of __hyp_attach_page). Other pools' pages
+    in the shared physmem, few or many, change nothing; both ways of finding the pool's
+    written pages (its range or physmem, whichever is smaller) are exercised."""
+    pool = make_pool(0x100, 16)
+    for q in range(other_written_pages):
+        pool.physmem.write(0x10_000 + q, "another pool's table")
+    pool.check_invariants()
+    held = pool.alloc_pages(0)
+    pool.physmem.write(held, "data")
+    pool.check_invariants()  # a held page may hold anything
+    free_tail = held + 1  # the buddy split off by the alloc: free
+    pool.physmem.write(free_tail, "stale")
+    with pytest.raises(AssertionError, match=f"free page {free_tail:#x} is not zero"):
+        pool.check_invariants()

@@ -52,8 +52,10 @@ def test_series_facts() -> None:
 def test_unknown_profile_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="v5.13, v5.14"):
         profile_spec("v4.19")
+    # Names come in through from_mapping (CLI, TOML, environment, state files). Passing a str
+    # to SimConfig itself is a type error, which the compiled core enforces (TypeError).
     with pytest.raises(ValueError, match="unknown profile"):
-        SimConfig(profile="v4.19")  # type: ignore[arg-type]
+        SimConfig.from_mapping({"profile": "v4.19"})
 
 
 def test_registry_order_is_oldest_first() -> None:

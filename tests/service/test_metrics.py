@@ -120,6 +120,7 @@ def test_info_names_the_configuration(service: RunningService) -> None:
     assert value == 1
     assert (labels["profile"], labels["layout"], labels["page_size"]) == ("v5.14", "4", "4096")
     assert labels["coverage"] == "all" and labels["version"]
+    assert labels["core"] in ("compiled", "pure")
 
 
 def test_vmemmap_per_layout_follows_the_entry_size(service: RunningService) -> None:

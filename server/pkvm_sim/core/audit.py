@@ -79,6 +79,12 @@ def audit(hv: Hypervisor) -> None:
 
     table_pfns = set(host_tables)
     hm = hv.host_memory
+    for pfn, (h, _kind) in hv._owners.items():
+        assert h in hv._vms, f"block {pfn:#x} owned by a destroyed VM"
+    vm_owned_by_handle: dict[int, set[int]] = {}  # one pass over the owners, not one per VM
+    for pfn, (h, kind) in hv._owners.items():
+        if kind is PoolKind.VM:
+            vm_owned_by_handle.setdefault(h, set()).add(pfn)
     for handle, vm in hv._vms.items():
         alloc = hm.allocations.get(vm.slice_base_pfn)
         assert alloc is not None and alloc.owner == f"slice:{handle}"
@@ -94,8 +100,7 @@ def audit(hv: Hypervisor) -> None:
         assert not set(tables) & table_pfns, "a table page is used twice"
         table_pfns |= set(tables)
         vm_held = {pfn for pfn, _rc, _o in vm.pool.held_blocks()}
-        vm_owned = {pfn for pfn, (h, kind) in hv._owners.items()
-                    if h == handle and kind is PoolKind.VM}
+        vm_owned = vm_owned_by_handle.get(handle, set())
         assert vm_held == set(tables) | vm_owned, f"VM {handle:#x} pool holds stray pages"
         assert all(_pool_has(vm.pool, pfn) for pfn in tables)
         caches = (vm.memcache, vm.hyp_memcache, vm.admitted)
@@ -110,8 +115,6 @@ def audit(hv: Hypervisor) -> None:
                             (vm.slice_base_pfn, "slice")):
             alloc = hm.allocations.get(base)
             assert alloc is not None and alloc.owner == f"{owner}:{handle}"
-        for pfn, (h, _kind) in hv._owners.items():
-            assert h in hv._vms, f"block {pfn:#x} owned by a destroyed VM"
 
     # 4: host RAM partition.
     hm.check_invariants()

@@ -108,7 +108,9 @@ class SimConfig:
                              f"not {self.hyp_page_layout}")
         if self.vmemmap_coverage not in ("carveout", "all"):
             raise ValueError("vmemmap_coverage must be 'carveout' or 'all'")
-        if self.max_order_formula not in (None, *MAX_ORDER_FORMULAS):
+        # (not `in (None, *MAX_ORDER_FORMULAS)`: mypyc 2.4 cannot compile a starred tuple there)
+        formula = self.max_order_formula
+        if formula is not None and formula not in MAX_ORDER_FORMULAS:
             raise ValueError(
                 f"max_order_formula must be one of {', '.join(MAX_ORDER_FORMULAS)}, "
                 f"not {self.max_order_formula!r}"
@@ -187,6 +189,8 @@ class SimConfig:
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if key == "profile":  # a name ("v6.12") becomes the Profile the field's type says
+        return profile_spec(value).profile
     if key == "memblocks":
         items = [value] if isinstance(value, str) else list(value)
         return tuple(

@@ -21,13 +21,19 @@ guarantees the simulated state is exactly what it was before the call.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class PkvmError(Exception):
-    """Base of every refusal from the core."""
+    """Base of every refusal from the core.
 
-    errno_name: str = ""
-    default_reason: str = "ERROR"
-    would_panic: bool = False
+    The three class attributes are ClassVars: per class, overridden by subclasses in any
+    module (mypyc would otherwise make them per-instance defaults that subclasses compiled
+    elsewhere do not see)."""
+
+    errno_name: ClassVar[str] = ""
+    default_reason: ClassVar[str] = "ERROR"
+    would_panic: ClassVar[bool] = False
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)

@@ -9,13 +9,18 @@ Where things live, as in the kernel after the series:
   V14), `order << S | refcount`. A free head of order o is exactly `o << S`, so "is the buddy
   free with order o" (V14's `buddy->order == order && !buddy->refcount`) is one compare.
 - the free lists: one FIFO per order. The kernel threads a list node through the first 16
-  bytes of each free block; here a block's place in its order's deque plays that node, and
+  bytes of each free block; here a block's place in its order's queue plays that node, and
   like the node it exists only while the block is free (nothing per page, nothing in the
   vmemmap). Removing a block from the middle of a list (when its buddy merges with it) is
-  lazy: the deque keeps a *ghost* of it, counted in `_ghosts[order]`, which is skipped when it
+  lazy: the queue keeps a *ghost* of it, counted in `_ghosts[order]`, which is skipped when it
   reaches the head. Ghosts always precede a later live copy of the same pfn, since appends go
-  to the tail, so the live order of each list is exactly the kernel's. Lists are compacted
+  to the tail, so the live order of each list is exactly the kernel's (and a block that is
+  the newest entry of its list is simply dropped, no ghost). Lists are compacted
   when ghosts outnumber live blocks, so every operation is amortised O(1).
+  Each queue is a plain list and the index of its head (`_heads[order]`): taking the head
+  moves the index; the consumed prefix is dropped when the queue empties or when it is
+  longer than what is left. (Plain lists and ints are what mypyc compiles to direct C; a
+  deque's methods stay Python calls: docs/compiled-core.md.)
 
 Page states (2.2), for every pfn q of the pool:
 
@@ -44,15 +49,17 @@ one lock of the simulator is taken by the caller; the methods here assume it is 
 from __future__ import annotations
 
 from array import array
-from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Final, final
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
 from .vmemmap import Vmemmap
 
-U32_MASK = 0xFFFF_FFFF
+U32_MASK: Final = 0xFFFF_FFFF
+# A queue's consumed prefix is dropped once it is this long and longer than the rest.
+_TRIM_MIN: Final = 1024
 
 
 def get_order(size_bytes: int, page_shift: int) -> int:
@@ -110,6 +117,7 @@ class PoolStatistics:
         return self.nr_pages + self.admitted_pages
 
 
+@final
 class HypPool:
     """struct hyp_pool: a buddy allocator over a contiguous pfn range."""
 
@@ -117,7 +125,7 @@ class HypPool:
         "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
         "refcount_max", "vmemmap", "physmem", "alloc_failures",
         "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_vm", "_shift", "_tail",
-        "_lists", "_ghosts", "_nr_free", "_admitted", "_contents",
+        "_lists", "_heads", "_ghosts", "_nr_free", "_admitted", "_contents",
     )
 
     def __init__(
@@ -174,7 +182,8 @@ class HypPool:
         self._vm = segment.entries
         self._shift = layout.order_shift
         self._tail = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
-        self._lists: list[deque[int]] = [deque() for _ in range(max_order)]
+        self._lists: list[list[int]] = [[] for _ in range(max_order)]
+        self._heads = [0] * max_order  # _lists[o][:_heads[o]] was taken already
         self._ghosts: list[dict[int, int]] = [{} for _ in range(max_order)]
         self._nr_free = [0] * max_order
         self._admitted: set[int] = set()
@@ -227,39 +236,81 @@ class HypPool:
     # -- free lists (pool lock held) ------------------------------------------------------
 
     def _list_remove(self, pfn: int, order: int) -> None:
-        """page_remove_from_list for a block anywhere in its list: it becomes a ghost."""
+        """page_remove_from_list for a block anywhere in its list: it becomes a ghost, unless
+        it is the newest entry (a buddy split off just before, the common case), which is
+        simply dropped: a live block's entry is the last one holding its pfn."""
+        queue = self._lists[order]
+        if queue[-1] == pfn:
+            queue.pop()
+            self._nr_free[order] -= 1
+            if len(queue) == self._heads[order]:
+                queue.clear()
+                self._heads[order] = 0
+            return
         ghosts = self._ghosts[order]
         ghosts[pfn] = ghosts.get(pfn, 0) + 1
         self._nr_free[order] -= 1
-        if len(self._lists[order]) > 2 * self._nr_free[order] + 64:
+        if self._queued(order) > 2 * self._nr_free[order] + 64:
             self._compact(order)
 
     def _compact(self, order: int) -> None:
         """Drop every ghost from list `order`, keeping the live blocks in order."""
-        self._lists[order] = deque(self._live_blocks(order))
+        self._lists[order] = list(self._live_blocks(order))
+        self._heads[order] = 0
         self._ghosts[order] = {}
 
     def _live_blocks(self, order: int) -> Iterator[int]:
         pending = dict(self._ghosts[order])
-        for pfn in self._lists[order]:
+        queue = self._lists[order]
+        for i in range(self._heads[order], len(queue)):
+            pfn = queue[i]
             count = pending.get(pfn)
             if count:
                 pending[pfn] = count - 1
             else:
                 yield pfn
 
+    def _queued(self, order: int) -> int:
+        """Entries (live blocks and ghosts) still in queue `order`."""
+        return len(self._lists[order]) - self._heads[order]
+
+    def _take_head(self, order: int) -> int:
+        """popleft() of queue `order`, ghost or not (the caller knows it is not empty)."""
+        queue = self._lists[order]
+        head = self._heads[order]
+        pfn = queue[head]
+        head += 1
+        if head == len(queue):
+            queue.clear()
+            head = 0
+        elif head >= _TRIM_MIN and 2 * head >= len(queue):
+            del queue[:head]
+            head = 0
+        self._heads[order] = head
+        return pfn
+
     def _pop_head(self, order: int) -> int:
         """Take the first live block off list `order` (the caller knows one exists)."""
-        queue = self._lists[order]
         ghosts = self._ghosts[order]
-        pfn = queue.popleft()
+        pfn = self._take_head(order)
         while ghosts and pfn in ghosts:
             count = ghosts.pop(pfn)
             if count > 1:
                 ghosts[pfn] = count - 1
-            pfn = queue.popleft()
+            pfn = self._take_head(order)
         self._nr_free[order] -= 1
         return pfn
+
+    def load_free_lists(self, lists: Sequence[Sequence[int]], admitted: Sequence[int]) -> None:
+        """Replace the free lists (head first, no ghosts) and the admitted pages: a restore.
+
+        The caller has checked them against the vmemmap it restored (state_file.py).
+        """
+        self._lists = [list(heads) for heads in lists]
+        self._heads = [0] * len(lists)
+        self._ghosts = [{} for _ in lists]
+        self._nr_free = [len(heads) for heads in lists]
+        self._admitted = set(admitted)
 
     # -- the allocator ----------------------------------------------------------------------
 
@@ -282,7 +333,7 @@ class HypPool:
             if pfn in self._admitted:
                 return self._alloc_admitted(pfn)
         else:
-            pfn = self._lists[i].popleft()
+            pfn = self._take_head(i)
             nr_free[i] -= 1
         vm = self._vm
         off = self._off
@@ -542,7 +593,7 @@ class HypPool:
         for order in range(self.max_order):
             blocks = self.free_list(order)
             assert len(blocks) == self._nr_free[order], f"list {order} count drifted"
-            assert len(blocks) + sum(self._ghosts[order].values()) == len(self._lists[order]), \
+            assert len(blocks) + sum(self._ghosts[order].values()) == self._queued(order), \
                 f"list {order}: a ghost has no entry"
             for pfn in blocks:
                 assert pfn not in free_heads, f"{pfn:#x} is twice on the free lists"
@@ -556,9 +607,18 @@ class HypPool:
                 assert self.vmemmap.refcount(pfn) >= 1, f"admitted page {pfn:#x} leaked"
         self._check_range(free_heads)
         assert self.free_pages == sum(1 << o for o in free_heads.values()), "free_pages drifted"
-        for pfn in self.physmem.written_pfns():
+        for pfn in self._written_pages():
             if self._in_free_block(pfn, free_heads):
                 raise AssertionError(f"free page {pfn:#x} is not zero")
+
+    def _written_pages(self) -> list[int]:
+        """This pool's pages that hold something. physmem is shared by every pool (an audit
+        checks hundreds): walk whichever is smaller, the pool's pages or the written ones."""
+        lo, end, admitted = self.base_pfn, self._end_pfn, self._admitted
+        contents = self.physmem._contents
+        if end - lo + len(admitted) < len(contents):
+            return [pfn for pfn in [*range(lo, end), *sorted(admitted)] if pfn in contents]
+        return [pfn for pfn in contents if lo <= pfn < end or pfn in admitted]
 
     def _check_range(self, free_heads: dict[int, int]) -> None:
         vm, off, shift, mask = self._vm, self._off, self._shift, self.refcount_max

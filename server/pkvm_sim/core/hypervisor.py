@@ -607,7 +607,10 @@ class Hypervisor:
 
     # -- pool pages on behalf of a VM (A.5) ------------------------------------------------
 
-    def alloc_pages(self, handle: int, order: int, pool: PoolKind = PoolKind.HYP) -> int:
+    # `pool` is typed `object`: callers pass what a client sent ("hyp", "vm", or anything),
+    # and _alloc_target refuses what is not a PoolKind with BAD_POOL, compiled or not (a
+    # narrower type would make the compiled core raise TypeError first).
+    def alloc_pages(self, handle: int, order: int, pool: object = PoolKind.HYP) -> int:
         """hyp_alloc_pages on the hyp pool (default) or the VM's own pool; the block's owner
         becomes the VM. Returns the head pfn. -EINVAL for order < 0 or > MAX_ORDER; -ENOMEM
         when the pool has no block (including order >= the pool's max_order)."""
@@ -617,7 +620,7 @@ class Hypervisor:
         return pfn
 
     def alloc_pages_run(
-        self, handle: int, order: int, pool: PoolKind, count: int
+        self, handle: int, order: int, pool: object, count: int
     ) -> tuple[list[int], PkvmError | None]:
         """`count` alloc_pages in a row, as an Execute batch runs them: the pfns handed out,
         in order, and the refusal that stopped the run early (returned, not raised). Each
@@ -637,7 +640,7 @@ class Hypervisor:
         return pfns, None
 
     def _alloc_target(
-        self, handle: int, order: int, pool: PoolKind
+        self, handle: int, order: int, pool: object
     ) -> tuple[HypPool, tuple[int, PoolKind]]:
         """The pool an alloc_pages draws from, and the owner record of what it hands out."""
         vm = self._vm(handle)
@@ -645,7 +648,7 @@ class Hypervisor:
             raise InvalidArgument(f"order must be in 0..{self.max_order}, not {order}",
                                   reason="BAD_ORDER")
         try:
-            kind = pool if pool.__class__ is PoolKind else PoolKind(pool)
+            kind = pool if isinstance(pool, PoolKind) else PoolKind(pool)  # type: ignore[arg-type]
         except (ValueError, TypeError):
             raise InvalidArgument(f"unknown pool {pool!r}: 'hyp' or 'vm'",
                                   reason="BAD_POOL") from None

@@ -406,8 +406,13 @@ class Stage2PageTable:
         lo = max(0, (start - base) >> shift)
         hi = min(self.ptrs - 1, (end - 1 - base) >> shift)
         entries = self.entries(table)
-        return [(idx, entries[idx], base + (idx << shift))
-                for idx in sorted(i for i in entries if lo <= i <= hi)]
+        if hi - lo < len(entries):  # a narrow window on a full table: probe the window
+            indices = [i for i in range(lo, hi + 1) if i in entries]
+        elif lo == 0 and hi == self.ptrs - 1:  # the whole table
+            indices = sorted(entries)
+        else:
+            indices = sorted(i for i in entries if lo <= i <= hi)
+        return [(idx, entries[idx], base + (idx << shift)) for idx in indices]
 
     def _unmap_table(self, table: int, level: int, base: int, start: int, end: int) -> None:
         mm = self.mm_ops
@@ -440,8 +445,24 @@ class Stage2PageTable:
                 yield Mapping(at, at + (1 << self._shift[level]), level, pte)
 
     def range_compatible(self, start: int, end: int, accept: Callable[[Pte], bool]) -> bool:
-        """True when every non-zero leaf pte covering [start, end) satisfies `accept`."""
-        return all(accept(m.pte) for m in self.mappings(start, end))
+        """True when every non-zero leaf pte covering [start, end) satisfies `accept`.
+
+        The walk of mappings(), stopping at the first refusal, without building a Mapping
+        per leaf or a generator per table (the host fault path asks this for every level)."""
+        for pgd_pfn, base in self._pgd_pages_for(start, end):
+            if not self._leaves_accepted(pgd_pfn, self.start_level, base, start, end, accept):
+                return False
+        return True
+
+    def _leaves_accepted(self, table: int, level: int, base: int, start: int, end: int,
+                         accept: Callable[[Pte], bool]) -> bool:
+        for _idx, pte, at in self._slots_in(table, level, base, start, end):
+            if pte[PTE_KIND] == TABLE:
+                if not self._leaves_accepted(pte[PTE_PFN], level + 1, at, start, end, accept):
+                    return False
+            elif not accept(pte):
+                return False
+        return True
 
     def table_pages(self) -> Iterator[tuple[int, int, int]]:
         """(pfn, level, number of non-zero entries) of every table page, PGD pages first."""

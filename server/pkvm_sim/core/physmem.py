@@ -13,9 +13,10 @@ is the memset the allocator does when a block goes back to a free list (SEMANTIC
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, final
 
 
+@final
 class PhysicalMemory:
     """Sparse page contents, keyed by pfn."""
 

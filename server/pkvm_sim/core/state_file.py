@@ -40,7 +40,6 @@ import struct
 import sys
 import zlib
 from array import array
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
@@ -463,10 +462,7 @@ def _load_pool(pool: HypPool, state: dict[str, Any]) -> None:
         raise ValueError(f"pool {pool.name}: {len(lists)} free lists for max_order"
                          f" {pool.max_order}")
     # The file holds each list's live order; ghosts (lazily removed entries) are not state.
-    pool._lists = [deque(heads) for heads in lists]
-    pool._ghosts = [{} for _ in lists]
-    pool._nr_free = [len(heads) for heads in lists]
-    pool._admitted = set(state["admitted"])
+    pool.load_free_lists(lists, state["admitted"])
     pool.alloc_failures = int(state["alloc_failures"])
 
 

@@ -16,11 +16,13 @@ import bisect
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import final
 
 from .errors import WouldPanic
 from .layout import HypPageLayout
 
 
+@final
 @dataclass
 class VmemmapSegment:
     """Entries for the contiguous pfns [base_pfn, base_pfn + nr_pages)."""
@@ -39,6 +41,7 @@ def _zeroed_array(typecode: str, n: int) -> array[int]:
     return array(typecode, [0]) * n
 
 
+@final
 class Vmemmap:
     """struct hyp_page for every covered pfn; the segments never overlap."""
 
@@ -65,15 +68,21 @@ class Vmemmap:
         """What the simulator's arrays occupy."""
         return sum(seg.entries.itemsize * len(seg.entries) for seg in self.segments)
 
+    def _index(self, pfn: int) -> int:
+        """The index of the last segment starting at or below pfn (-1: none)."""
+        if len(self._bases) == 1:  # one memblock: the common case, no search
+            return 0 if pfn >= self._bases[0] else -1
+        return bisect.bisect_right(self._bases, pfn) - 1
+
     def covers(self, pfn: int) -> bool:
-        i = bisect.bisect_right(self._bases, pfn) - 1
+        i = self._index(pfn)
         return i >= 0 and pfn < self.segments[i].end_pfn
 
     def segment_for(
         self, pfn: int, nr_pages: int = 1, *, must: bool = True
     ) -> VmemmapSegment | None:
         """The segment holding all of [pfn, pfn + nr_pages), or (must=False) None."""
-        i = bisect.bisect_right(self._bases, pfn) - 1
+        i = self._index(pfn)
         if i >= 0:
             seg = self.segments[i]
             if pfn + nr_pages <= seg.end_pfn:

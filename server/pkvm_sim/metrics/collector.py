@@ -32,21 +32,20 @@ class SimInfo:
     layout: str
     page_size: str
     coverage: str
+    core: str  # "compiled" (mypyc) or "pure" (pkvm_sim.core.CORE_FLAVOUR)
 
     @classmethod
     def of(cls, config: SimConfig) -> SimInfo:
-        from importlib.metadata import PackageNotFoundError, version
+        from pkvm_sim.core import CORE_FLAVOUR
+        from pkvm_sim.version import package_version
 
-        try:
-            package_version = version("pkvm-sim")
-        except PackageNotFoundError:  # running from a source tree that was never installed
-            package_version = "unknown"
         return cls(
-            version=package_version,
+            version=package_version(),
             profile=str(config.profile),
             layout=config.layout.name,
             page_size=str(config.page_size),
             coverage=config.vmemmap_coverage,
+            core=CORE_FLAVOUR,
         )
 
 
@@ -99,10 +98,11 @@ class HypervisorCollector(Collector):
         info = self._info
         family = GaugeMetricFamily(
             "pkvm_sim_info", "The simulator's version and configuration (value 1).",
-            labels=["version", "profile", "layout", "page_size", "coverage"],
+            labels=["version", "profile", "layout", "page_size", "coverage", "core"],
         )
         family.add_metric(
-            [info.version, info.profile, info.layout, info.page_size, info.coverage], 1
+            [info.version, info.profile, info.layout, info.page_size, info.coverage, info.core],
+            1,
         )
         yield family
 

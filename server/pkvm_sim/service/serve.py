@@ -46,6 +46,7 @@ from pkvm_sim.knobs import (
     parse_service_value,
     unknown_env_variables,
 )
+from pkvm_sim.version import version_line
 
 log = logging.getLogger("pkvm_sim.serve")
 
@@ -275,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     metrics = f" (metrics on {service.metrics_address})" if service.metrics_address else ""
     tls = " with TLS" if service.tls else ""
+    log.info("ready: %s", version_line())
     print(f"pkvm-sim listening on {service.address}{tls}{metrics}", flush=True)
     while not stop_requested.wait(1.0):
         pass

@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--span-base", default=None,
                         help="where the MMIO spans start (default 0, the bottom of the IPA space)")
     parser.add_argument("--ia-bits", type=int, default=None,
-                        help=f"host stage-2 IPA bits (default {SimConfig.ia_bits}; vm-lifecycle:"
+                        help=f"host stage-2 IPA bits (default {SimConfig().ia_bits}; vm-lifecycle:"
                         " the kernel's limit on QEMU's max CPU, 52 for v6.12 4K with LPA2, else"
                         " 48); 44 to 48 give a 4-level stage-2 with 4K pages, whose level 0"
                         " holds no blocks; up to 52 with LPA2 (v6.9+) or 64K pages")
@@ -123,7 +123,7 @@ def build_config(args: argparse.Namespace, profile: str) -> SimConfig:
             split += [Memblock(block.base + i * (size + hole), size) for i in range(n)]
         blocks = split
     return SimConfig(profile=Profile(profile), page_size=page_size, memblocks=tuple(blocks),
-                     ia_bits=args.ia_bits if args.ia_bits is not None else SimConfig.ia_bits)
+                     ia_bits=args.ia_bits if args.ia_bits is not None else SimConfig().ia_bits)
 
 
 def _host_pool_used(hv: Hypervisor) -> int:
