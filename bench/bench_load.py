@@ -10,7 +10,7 @@ in process, through its runner API (exactly what the CLI runs). Each (VMs, workl
 against echo, then real, then echo again, and the two echo runs are averaged, so drift on a
 shared machine hits both sides alike. Printed per pair: ops/s and p99 latency (all operations
 together) for real and echo, and real/echo. Echo is the ceiling of a Python asyncio client
-(PERFORMANCE.md: the client, not the server, is the limit), so real/echo says how much of the
+(docs/performance.md: the client, not the server, is the limit), so real/echo says how much of the
 tool's capacity the simulator's own work costs.
 """
 

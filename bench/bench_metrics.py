@@ -115,7 +115,7 @@ def bench_wrapper_cpu() -> None:
                for name, make in (("plain", plain), ("metered", metered))}
     extra = (timings["metered"] - timings["plain"]) * 1e6
     print(f"interceptor CPU: {extra:.2f} us per unary call (look-up, wrapper, counters, "
-          f"histogram); PERFORMANCE.md: an aio server spends about 160 us per call")
+          f"histogram); docs/performance.md: an aio server spends about 160 us per call")
 
 
 def bench_scrape() -> None:

@@ -4,7 +4,8 @@ at random, then: GetStats equals the post-boot figures and the server's RSS stay
     python bench/bench_tenancy_soak.py [--seconds 120] [--vms 256] [--workers 4]
 
 The server is `pkvm-sim serve` in its own process with short leases (a killed client's VMs
-are reaped, as SEMANTICS A.4 asks of a session that ends). Client processes (the SDK) each
+are reaped, as docs/service.md (Sessions and leases) asks of a session that ends).
+Client processes (the SDK) each
 drive their share of the VMs: allocs and puts (unary and Execute), share/unshare, memcache
 top-ups and guest maps, MMIO faults, and destroy + create. Every `--kill-every` seconds one
 random client is SIGKILLed and replaced. At the end every client is killed, the leases run

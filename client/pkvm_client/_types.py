@@ -46,7 +46,7 @@ class Pool(enum.IntEnum):
 
 
 class PageState(enum.IntEnum):
-    """The state of a page in one component's stage-2 (SEMANTICS 4.2)."""
+    """The state of a page in one component's stage-2 (docs/stage2.md, Sharing)."""
 
     UNSPECIFIED = 0
     OWNED = 1

@@ -96,7 +96,7 @@ def assert_parity(vm: VM, refusal: Refusal, expected: type[PkvmError]) -> PkvmEr
 
 
 def out_of_memory(hv: Hypervisor, vm: VM) -> tuple[Refusal, type[PkvmError]]:
-    """Order >= the hyp pool's max_order: -ENOMEM (SEMANTICS 2.4)."""
+    """Order >= the hyp pool's max_order: -ENOMEM (docs/allocator.md)."""
     return Refusal(lambda: vm.alloc_pages(order=11),
                    one(lambda b: b.alloc_pages(order=11))), OutOfMemoryError
 
@@ -138,7 +138,7 @@ def out_of_range(hv: Hypervisor, vm: VM) -> tuple[Refusal, type[PkvmError]]:
 
 
 def out_of_range_ipa(hv: Hypervisor, vm: VM) -> tuple[Refusal, type[PkvmError]]:
-    """An IPA beyond the guest's 40-bit space (SEMANTICS: ranges beyond 2^ia_bits -ERANGE)."""
+    """An IPA beyond the guest's 40-bit space: -ERANGE, as kvm_pgtable_walk refuses it."""
     base = vm.info.slice_base_pfn
     vm.topup_memcache(8)
     return Refusal(lambda: vm.guest_map(1 << 40, base),

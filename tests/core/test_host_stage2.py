@@ -1,6 +1,7 @@
 """Host stage-2: boot golden vector (1.6), the worked fault trace (3.9), MMIO recycling (3.8).
 
-Expected figures are taken from SEMANTICS or reasoned by hand in the comments; none is copied
+Expected figures are taken from the kernel's walkers (pgtable.c, mem_protect.c) or reasoned
+by hand in the comments; none is copied
 from the implementation's output.
 """
 
@@ -48,7 +49,7 @@ def test_example_a_host_s2_pool_golden_vector_after_boot() -> None:
     }
     pool = hv.host_pools[0]
     assert pool.free_pages == 2583 - 1  # 3.9: 2583 after the PGD, minus the annotation table
-    # Each PGD page is its own order-0 page (V15 fix): refcount 1 + entries.
+    # Each PGD page is its own order-0 page (v5.15 fix): refcount 1 + entries.
     assert pool.refcount(0x1_7FE2_0) == 2  # the TABLE entry for [0x1_4000_0000, +1 GiB)
     assert pool.refcount(0x1_7FE2_1) == 1
     assert pool.refcount(0x1_7F40_F) == 12  # 11 annotated 2 MiB blocks (22 MiB)

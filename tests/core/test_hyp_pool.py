@@ -1,6 +1,8 @@
-"""The V14 buddy allocator against the spec's worked examples (SEMANTICS 2) and its BUG table.
+"""The v5.14 buddy allocator against worked examples and its BUG table
+(docs/allocator.md).
 
-Expected values are derived by hand from the kernel algorithm as SEMANTICS describes it.
+Expected values are derived by hand from the kernel algorithm (page_alloc.c, v5.14), as
+docs/allocator.md describes it.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class TestMaxOrder:
 
 
 class TestTinyExample:
-    """SEMANTICS 2.10: pages 0..3 at an aligned base."""
+    """docs/allocator.md: pages 0..3 at an aligned base."""
 
     def test_init_alloc_put(self) -> None:
         pool = make_pool(0x40, 4)
@@ -168,7 +170,7 @@ class TestAllocPut:
 
 
 class TestRefusals:
-    """SEMANTICS 2.9: what the kernel BUGs on is an error here, and nothing changes."""
+    """docs/allocator.md: what the kernel BUGs on is an error here, and nothing changes."""
 
     @staticmethod
     def snapshot(pool: HypPool) -> tuple[object, ...]:

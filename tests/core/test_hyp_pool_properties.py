@@ -1,4 +1,5 @@
-"""Random operation sequences on HypPool; check_invariants() (SEMANTICS 2.2) after every step.
+"""Random operation sequences on HypPool; check_invariants() (docs/allocator.md) after
+every step.
 
 A tiny independent model tracks what the allocator must guarantee: handed-out blocks are
 aligned, inside the pool and disjoint; refcounts follow gets and puts; every page is either

@@ -1,4 +1,4 @@
-"""Stage-2 page-table walks (SEMANTICS 3.1, 3.2, 3.5, 3.6), on a small pool of our own.
+"""Stage-2 page-table walks (docs/stage2.md), on a small pool of our own.
 
 Expected values come from the geometry table of 3.1 and from counting entries by hand:
 the rule of 3.2 says a table page's refcount is 1 + its non-zero entries.

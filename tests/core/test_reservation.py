@@ -1,4 +1,4 @@
-"""Reservation arithmetic and EL2 partition (SEMANTICS 1.2 to 1.6).
+"""Reservation arithmetic and EL2 partition (docs/reservation.md).
 
 Every expected number below is taken from the spec's worked examples (1.6: A, B, "other page
 sizes"), the table of 1.2, or the tiny facts of 1.3 / 1.4, or reasoned out by hand in a comment;
@@ -49,7 +49,7 @@ def reservation(**values: Any) -> Reservation:
         (524_288, G4K, 1024 + 2 + 1 + 1),  # example B, 2 GiB
         (1_572_864, G4K, 3072 + 6 + 1 + 1),  # example B, 6 GiB
         (262_144, G4K, 512 + 1 + 1 + 1),  # G, 4K
-        (41, G4K, 4),  # V13 fixed point step: M(41) = 4
+        (41, G4K, 4),  # v5.13 fixed point step: M(41) = 4
         (6, G4K, 4),
         (1, G4K, 4),  # every level needs one page
         (0, G4K, 0),
@@ -91,10 +91,10 @@ def test_total_is_summed_region_by_region() -> None:
 @pytest.mark.parametrize(
     ("h_pages", "entry_bytes", "geometry", "expected"),
     [
-        (5154, 32, G4K, 45),  # example A, V13: 41 + 4
-        (5154, 4, G4K, 10),  # example A, V14: 6 + 4
-        (9262, 32, G4K, 77),  # example B, V13: 73 + 4
-        (9262, 4, G4K, 14),  # example B, V14: 10 + 4
+        (5154, 32, G4K, 45),  # example A, v5.13: 41 + 4
+        (5154, 4, G4K, 10),  # example A, v5.14: 6 + 4
+        (9262, 32, G4K, 77),  # example B, v5.13: 73 + 4
+        (9262, 4, G4K, 14),  # example B, v5.14: 10 + 4
         (348, 4, G16K, 5),  # 16K: 166 + 182 pre-vmemmap
         (48, 4, G64K, 5),  # 64K: 16 + 32 pre-vmemmap
         (0, 4, G4K, 0),
@@ -285,7 +285,7 @@ def test_vmemmap_bytes_per_gib(layout: str, page_size: str, per_gib: int) -> Non
 
 
 def test_layout_overrides_profile_entry_size() -> None:
-    # v5.13 budgets with 4-byte entries: same H as example A, V14's fixed point.
+    # v5.13 budgets with 4-byte entries: same H as example A, v5.14's fixed point.
     r = reservation(profile="v5.13", hyp_page_layout="4")
     assert r.host_s2_mem_pages == 2070
     assert r.vmemmap_pages == 10
@@ -423,7 +423,7 @@ def test_64k_partition_fits_with_large_slack() -> None:
 
 
 def test_hyp_pool_extra_pages_grow_s1_and_the_reservation() -> None:
-    # 1000 extra pages: S1 = 3569, H = 6154; V14: ceil(6154*4/4096) = 7, + M(7) = 4 -> 11;
+    # 1000 extra pages: S1 = 3569, H = 6154; v5.14: ceil(6154*4/4096) = 7, + M(7) = 4 -> 11;
     # hyp_mem_pages = 6165 (24.08 MiB) -> 26 MiB.
     cfg = config(hyp_pool_extra_pages=1000)
     r = compute_reservation(cfg)

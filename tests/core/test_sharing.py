@@ -1,4 +1,4 @@
-"""Host -> hyp share / unshare / pin (SEMANTICS 4.2, 4.4: the V17 table, V62 pinning)."""
+"""Host -> hyp share / unshare / pin (docs/stage2.md, Sharing: the v5.17 table, v6.2 pinning)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Guest VMs (SEMANTICS 5, A.3 to A.5): creation, memcache, guest stage-2, teardown, and the
+"""Guest VMs (docs/stage2.md, VMs): creation, memcache, guest stage-2, teardown, and the
 pool pages a VM allocates on its own behalf."""
 
 from __future__ import annotations

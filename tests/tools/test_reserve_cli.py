@@ -1,6 +1,6 @@
 """`pkvm-sim reserve`, driven in-process through add_arguments() + run().
 
-Expected values come from SEMANTICS 1.6 (examples A and B) and 1.2.
+Expected values come from docs/reservation.md (examples A and B) and 1.2.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Whole-machine invariants (SEMANTICS A.3, 3.2, 4.2, 7): what `Hypervisor.audit()` proves.
+"""Whole-machine invariants (docs/model.md, section 9): what `Hypervisor.audit()` proves.
 
 1. Every pool obeys 2.2 and free + allocated + reserved == its pages.
 2. Every table page (host and guest stage-2, PGD pages included) has refcount 1 + non-zero

@@ -1,4 +1,4 @@
-"""The simulated machine's configuration (SEMANTICS A.1).
+"""The simulated machine's configuration (docs/service.md, Configuration).
 
 `SimConfig` is immutable and validated on construction; the CLI, the server's flags,
 config file and environment, and the tests all build one through `SimConfig.from_mapping`
@@ -80,7 +80,7 @@ class SimConfig:
     profile: Profile = Profile.V5_14  # a key of profiles.PROFILES
     hyp_page_layout: str | None = None  # '32', '8', '4', '2'; None = the profile's
     page_size: int = PAGE_SIZES["4K"]
-    vmemmap_coverage: str = "all"  # 'carveout' (V13/V14) or 'all' (V62)
+    vmemmap_coverage: str = "all"  # 'carveout' (v5.13/v5.14) or 'all' (v6.2)
     max_order_formula: str | None = None  # MAX_ORDER_FORMULAS; None = the profile's
     memblocks: tuple[Memblock, ...] = DEFAULT_MEMBLOCKS
     ia_bits: int = 40
@@ -88,7 +88,7 @@ class SimConfig:
     # None: what the modelled boot takes (v6.1, v6.12: core/el2_boot.py; older profiles 0)
     hyp_s1_early_used_pages: int | None = None
     hyp_pool_extra_pages: int = 0
-    carveout_base: int | None = None  # None = top-down placement (SEMANTICS 1.5)
+    carveout_base: int | None = None  # None = top-down placement (docs/reservation.md)
     faithful_bugs: bool = False  # reproduce the quirks the profile's kernel has (profiles.py)
     # Where the kernel image sits (None: QEMU virt's -kernel placement, RAM base + 2 MiB) and
     # where init_hyp_mode's per-CPU host allocations start (None: el2_boot's default); both

@@ -1,4 +1,4 @@
-"""A protected guest VM at EL2: its pool, its stage-2 and its memcaches (SEMANTICS 5).
+"""A protected guest VM at EL2: its pool, its stage-2 and its memcaches (docs/stage2.md, VMs).
 
     host RAM                                   EL2
     ---------                                  ---
@@ -24,7 +24,7 @@ Hypervisor.destroy_vm).
 
 VM pools use the v5.17 max_order formula whatever the configuration says: with the v5.14
 formula a 2-page pool could not hold its own 2-page PGD (orders 0..0 only) and a 1-page pool
-could not exist at all; VM pools only exist from V62 on, where the fix is in.
+could not exist at all; VM pools only exist from v6.2 on, where the fix is in.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The host stage-2: an identity map built lazily from host faults (SEMANTICS 3.1 to 3.8).
+"""The host stage-2: an identity map built lazily from host faults (docs/stage2.md).
 
 The host runs with a stage-2 that starts empty (except the annotations of what EL2 owns) and
 is filled by faults: each fault maps a block around the address that lies inside the address's
@@ -141,7 +141,7 @@ class HostStage2:
         `config.kernel.host_s2_pools` (each record says which faults use it, and whether its
         -ENOMEM recycles MMIO).
 
-        The PGD block is split (hyp_split_page, the V15 fix) so every PGD page is an order-0
+        The PGD block is split (hyp_split_page, the v5.15 fix) so every PGD page is an order-0
         page with its own refcount.
         """
         self.config = config
@@ -209,7 +209,7 @@ class HostStage2:
     # -- faults (3.4) ----------------------------------------------------------------------
 
     def handle_fault(self, addr: int) -> FaultResult:
-        """handle_host_mem_abort -> host_stage2_idmap(addr), V13/V14 flavour."""
+        """handle_host_mem_abort -> host_stage2_idmap(addr), v5.13/v5.14 flavour."""
         if addr < 0:
             raise InvalidArgument(f"address {addr:#x} is negative", reason="BAD_ADDRESS")
         if addr >= self.pgt.ia_size:
@@ -325,7 +325,7 @@ class HostStage2:
     def find_range(
         self, addr: int, prot: int, rstart: int, rend: int
     ) -> tuple[int, int, int] | None:
-        """The V13/V14 range search: (level, start, end) of the largest compatible block."""
+        """The v5.13/v5.14 range search: (level, start, end) of the largest compatible block."""
         pgt = self.pgt
 
         def compatible(pte: Pte) -> bool:
@@ -413,7 +413,7 @@ class HostStage2:
                 reason="NOT_MEMORY",
             )
         self.mm.alloc_pool = self.mem_pool
-        ret = self.pgt.map(start, end - start, annotation_pte(OWNER_HYP))  # no retry in V14
+        ret = self.pgt.map(start, end - start, annotation_pte(OWNER_HYP))  # no retry in v5.14
         if ret == ENOMEM:
             raise OutOfMemory("no host stage-2 page to annotate hyp memory",
                               reason="POOL_EXHAUSTED")

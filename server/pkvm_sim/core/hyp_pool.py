@@ -1,4 +1,4 @@
-"""The EL2 buddy allocator, `struct hyp_pool`, exactly as in Linux v5.14 (SEMANTICS section 2).
+"""The EL2 buddy allocator, `struct hyp_pool`, exactly as in Linux v5.14 (docs/allocator.md).
 
 A pool owns the pfns [base_pfn, base_pfn + nr_pages). Its first `reserved_pages` are held
 with refcount 1 and never handed out; the rest are cut into naturally aligned blocks of
@@ -6,8 +6,8 @@ with refcount 1 and never handed out; the rest are cut into naturally aligned bl
 
 Where things live, as in the kernel after the series:
 - refcount and order of every page: its packed vmemmap entry (`struct hyp_page`, 4 bytes in
-  V14), `order << S | refcount`. A free head of order o is exactly `o << S`, so "is the buddy
-  free with order o" (V14's `buddy->order == order && !buddy->refcount`) is one compare.
+  v5.14), `order << S | refcount`. A free head of order o is exactly `o << S`, so "is the buddy
+  free with order o" (v5.14's `buddy->order == order && !buddy->refcount`) is one compare.
 - the free lists: one FIFO per order. The kernel threads a list node through the first 16
   bytes of each free block; here a block's place in its order's queue plays that node, and
   like the node it exists only while the block is free (nothing per page, nothing in the
@@ -75,7 +75,7 @@ def pool_max_order(
     formula: str = "v5.14",
     u32_arithmetic: bool = False,
 ) -> int:
-    """max_order of a pool of nr_pages (SEMANTICS 2.1), as the number of free lists: orders
+    """max_order of a pool of nr_pages (docs/allocator.md), as the number of free lists: orders
     0 .. max_order - 1 exist, `max_order_cap` (the kernel's exclusive MAX_ORDER: 11 with 4K
     pages) bounds it.
 
@@ -142,7 +142,7 @@ class HypPool:
         u32_arithmetic: bool = False,
         name: str = "pool",
     ) -> None:
-        """hyp_pool_init(pool, base_pfn, nr_pages, reserved_pages) (SEMANTICS 2.3)."""
+        """hyp_pool_init(pool, base_pfn, nr_pages, reserved_pages) (docs/allocator.md)."""
         if nr_pages < 1 or not 0 <= reserved_pages <= nr_pages:
             raise InvalidArgument(
                 f"pool {name}: need nr_pages >= 1 and 0 <= reserved_pages <= nr_pages",
@@ -438,7 +438,7 @@ class HypPool:
         return count + 1
 
     def split_page(self, pfn: int) -> None:
-        """hyp_split_page (V15): turn a held block into 2**order held order-0 pages."""
+        """hyp_split_page (v5.15): turn a held block into 2**order held order-0 pages."""
         self._require_held_head(pfn)
         i = pfn - self._off
         order = self._vm[i] >> self._shift
@@ -449,12 +449,12 @@ class HypPool:
         for t in tails:
             self._vm[t] = 1
 
-    # -- pages outside the range: memcache pages admitted into VM pools (V62) ---------------
+    # -- pages outside the range: memcache pages admitted into VM pools (v6.2) ---------------
 
     def admit_page(self, pfn: int) -> None:
         """Take ownership of a page outside the range as a held order-0 page (refcount 1).
 
-        Such pages are never coalesced (SEMANTICS 2.5, V62 "non-coalescable pages"): when
+        Such pages are never coalesced (docs/allocator.md, v6.2 "non-coalescable pages"): when
         their refcount drops to 0 they join free list 0 on their own.
         """
         if self.base_pfn <= pfn < self._end_pfn or pfn in self._admitted:
@@ -585,7 +585,8 @@ class HypPool:
         )
 
     def check_invariants(self) -> None:
-        """Prove SEMANTICS 2.2 for this pool; raises AssertionError naming the first breach.
+        """Prove the pool's invariants (docs/allocator.md); raises AssertionError naming the
+        first breach.
 
         O(pool size): for tests and audits, never on the hot path.
         """

@@ -1,12 +1,12 @@
 """The booted simulated hypervisor: the one object the service, tools and tests drive.
 
-`Hypervisor.boot(config)` does what the kernel does at KVM init (SEMANTICS 1.4 to 1.5, 3.1,
+`Hypervisor.boot(config)` does what the kernel does at KVM init (docs/reservation.md,
 3.7): compute and place the carve-out, carve the vmemmap and the pools out of it, build the
 vmemmap for the configured coverage, create the host stage-2 with its PGD allocated from its
 pool, and annotate everything the hypervisor owns so the host can never map it.
 
 This class is not thread-safe and takes no locks: callers serialise every call (the service
-holds one lock around each request or batch, SEMANTICS A.7). Every public method either
+holds one lock around each request or batch, docs/service.md). Every public method either
 completes or raises a `PkvmError` subclass and leaves the state exactly as it was. (One
 documented exception, kernel behaviour: a host fault that fails with -ENOMEM even after
 recycling MMIO is reported FATAL and keeps the partial page-table edits of 3.5.)
@@ -87,7 +87,7 @@ from .profiles import FIRST_KERNEL, KVM_MAX_PVMS, Operation
 from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
 from .vmemmap import Vmemmap
 
-VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000 (SEMANTICS 5)
+VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000
 # Client VMs without EL2 state (profiles without Operation.VMS) and VMs of profiles that
 # reserve no hyp VM table are the service's own records: at most this many. VMs at EL2 of a
 # profile with a VM table live in it: vm_table_entries (KVM_MAX_PVMS, 255, in v6.12).
@@ -189,7 +189,7 @@ class Hypervisor:
         return cls(config, reservation, layout, vmemmap, physmem, hyp_pool, host_pools,
                    host_stage2, host_memory, stage1)
 
-    # -- VMs (SEMANTICS 5, A.4) -------------------------------------------------------------
+    # -- VMs (docs/stage2.md, VMs) -------------------------------------------------------------
 
     def create_vm(self, *, nr_vcpus: int, slice_pages: int, name: str | None = None,
                   run: bool = True) -> VmInfo:
@@ -712,7 +712,7 @@ class Hypervisor:
         """hyp_get_page on a head the VM owns; returns the refcount after."""
         return self._owned_block(handle, pfn).get_page(pfn)
 
-    # -- host <-> hyp sharing (SEMANTICS 4.2, 4.4) ---------------------------------------
+    # -- host <-> hyp sharing (docs/stage2.md, Sharing) ---------------------------------------
 
     def _share_pages(self, handle: int, pfn: int, nr_pages: int, op: Operation) -> tuple[
             GuestVm, list[int]]:
@@ -870,7 +870,7 @@ class Hypervisor:
             if not vm.pins[q]:
                 del vm.pins[q]
 
-    # -- host stage-2 faults (SEMANTICS 3.3 to 3.8) -------------------------------------------
+    # -- host stage-2 faults (docs/stage2.md) -------------------------------------------
 
     def host_fault(self, addr: int) -> FaultResult:
         """A host stage-2 fault on `addr` (memory or MMIO, decided by the memblocks)."""
@@ -886,7 +886,7 @@ class Hypervisor:
         """host_stage2_unmap_dev_all on demand; returns the table pages it freed."""
         return self.host_stage2.unmap_dev_all()
 
-    # -- guest stage-2 (SEMANTICS 5; v6.14+ __pkvm_host_share_guest) -----------------------
+    # -- guest stage-2 (docs/stage2.md, VMs; v6.14+ __pkvm_host_share_guest) -----------------------
 
     def topup_memcache(self, handle: int, nr_pages: int) -> int:
         """The host's topup_hyp_memcache(mc, min_pages = nr_pages): fill the VM's host

@@ -1,4 +1,4 @@
-"""Page geometry and the `struct hyp_page` layouts (SEMANTICS A.1, 1.1, 1.2).
+"""Page geometry and the `struct hyp_page` layouts (docs/service.md, Configuration).
 
 A *layout* is what one vmemmap entry looks like at EL2. The simulator stores each entry as
 one packed unsigned integer, `order << order_shift | refcount`, in a typed array whose item
@@ -19,7 +19,7 @@ order in the kernel; the simulator keeps them in its own maps (hypervisor.py), s
 refcount and the order are packed here, and the vmemmap's *size* (what the reservation counts)
 is the 8 modelled bytes.
 
-(The V13 pool pointer and list_head are not stored: the pool is known from context and the
+(The v5.13 pool pointer and list_head are not stored: the pool is known from context and the
 free-list node lives with the free block, see hyp_pool.py.)
 """
 
@@ -87,7 +87,7 @@ LAYOUTS: dict[str, HypPageLayout] = {
 
 @dataclass(frozen=True)
 class PageGeometry:
-    """Everything that follows from PAGE_SIZE (SEMANTICS notation, 3.1)."""
+    """Everything that follows from PAGE_SIZE (the notation of docs/reservation.md)."""
 
     page_size: int
 

@@ -20,7 +20,7 @@ class PoolKind(StrEnum):
 
 
 class PageState(StrEnum):
-    """Page state of one component (SEMANTICS 4.2); NOPAGE = no access."""
+    """Page state of one component (docs/stage2.md, Sharing); NOPAGE = no access."""
 
     OWNED = "owned"
     SHARED_OWNED = "shared_owned"

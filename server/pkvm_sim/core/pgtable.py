@@ -1,4 +1,4 @@
-"""A stage-2 page table whose table pages are pool pages (SEMANTICS 3.1, 3.2, 3.5, 3.6).
+"""A stage-2 page table whose table pages are pool pages (docs/stage2.md).
 
 One instance is one `struct kvm_pgtable`: the host's (identity map, owner annotations) or a
 guest's. Table pages live in simulated physical memory: each page's non-zero entries are a
@@ -22,7 +22,7 @@ Geometry (4K pages, ia_bits 40: start level 1, two concatenated PGD pages):
     PGD page 0 [0, 512 GiB)   PGD page 1 [512 GiB, 1 TiB)      level 1: 1 GiB per entry
         entry 2 -> table (level 2, 2 MiB per entry) -> table (level 3, 4 KiB per entry)
 
-The walkers here follow V13/V14 pgtable.c: a map stops at the first error and keeps what it
+The walkers here follow v5.13/v5.14 pgtable.c: a map stops at the first error and keeps what it
 already did (-ENOMEM half-way leaves new, partly filled tables, which is harmless: mapping is
 idempotent); a map over an identical leaf is -EAGAIN. The one condition the kernel would BUG
 on, a table page's refcount at the hyp_page limit, is detected before anything changes
@@ -55,7 +55,7 @@ PTE_OWNER = 1  # ANNOTATED: the owner id
 PTE_PROT = 2  # LEAF: PROT_* bits
 PTE_STATE = 3  # LEAF: STATE_* (the page state in the software bits)
 
-# Stage-2 permissions (KVM_PGTABLE_PROT_*), and the page states of SEMANTICS 4.2 (SW bits).
+# Stage-2 permissions (KVM_PGTABLE_PROT_*), and the page states (SW bits; docs/stage2.md).
 PROT_R = 1
 PROT_W = 2
 PROT_X = 4
@@ -262,7 +262,7 @@ class Stage2PageTable:
             table = pte[PTE_PFN]
             level += 1
 
-    # -- map (kvm_pgtable_stage2_map / set_owner, V13/V14 walker) ------------------------
+    # -- map (kvm_pgtable_stage2_map / set_owner, v5.13/v5.14 walker) ------------------------
 
     def map(self, addr: int, size: int, pte: Pte | None) -> int:
         """Install `pte` over [addr, addr + size) with the largest leaves that fit.

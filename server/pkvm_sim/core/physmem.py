@@ -7,7 +7,7 @@ series (patch 3/7), are held by the owning `HypPool` in its own sparse node maps
 "in the free page" in the same sense: they exist only while the block is free.
 
 Invariant: a page is in `_contents` only while something has written to it; `zero_range`
-is the memset the allocator does when a block goes back to a free list (SEMANTICS 2.5).
+is the memset the allocator does when a block goes back to a free list (docs/allocator.md).
 """
 
 from __future__ import annotations

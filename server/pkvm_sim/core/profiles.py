@@ -205,7 +205,7 @@ class KernelProfile:
     unmodelled_operations: frozenset[Operation] = frozenset()
     # True for v5.13/v5.14: with vmemmap_coverage 'all' (the quick-start default) these
     # profiles also serve every later EL2 operation, with the later kernels' rules, on this
-    # version's allocator and reservation (SEMANTICS' "V62" machine). With 'carveout' they
+    # version's allocator and reservation (the v6.2 machine). With 'carveout' they
     # are exactly their kernel: no sharing, no VMs at EL2.
     full_vmemmap_extension: bool = False
 

@@ -1,4 +1,4 @@
-"""How much memory the host reserves for EL2, and how EL2 carves it up (SEMANTICS 1.3 to 1.6).
+"""How much memory the host reserves for EL2, and how EL2 carves it up (docs/reservation.md).
 
 The host (`kvm_hyp_reserve`, arch/arm64/kvm/hyp/reserved_mem.c) sizes one contiguous carve-out
 before EL2 exists; EL2 (`divide_memory_pool`, nvhe/setup.c) then hands it out with a bump
@@ -33,7 +33,7 @@ Worked example A (4K pages, one 4 GiB memblock at 0x8000_0000, v5.14):
     0x1_7FE2_8000  slack     472 pages
     0x1_8000_0000  end
 
-`hyp_pool_extra_pages` (SEMANTICS A.3) enlarges the hyp pool for load tests. It is added to S1
+`hyp_pool_extra_pages` (docs/model.md) enlarges the hyp pool for load tests. It is added to S1
 *before* the vmemmap fixed point, so V, hyp_mem_pages and the reservation all grow with it and
 the overhead figures show its cost; with 0 every number equals the kernel's.
 """
@@ -209,7 +209,7 @@ def vmemmap_region_pages(
 def all_memory_vmemmap_pages(
     memblocks: tuple[Memblock, ...], entry_bytes: int, geometry: PageGeometry
 ) -> int:
-    """V62 rule: back the vmemmap of every memblock; a page shared by the slices of two
+    """v6.2 rule: back the vmemmap of every memblock; a page shared by the slices of two
     consecutive regions is counted once (what is backed; vmemmap_region_pages is what v6.2+
     reserves). 1024 pages for 4 GiB with 4-byte entries."""
     total_pages = 0
@@ -305,7 +305,7 @@ class Reservation:
     is no such pool, not an empty one).
 
     `all_memory_vmemmap_pages` is the vmemmap backing for the configured coverage: every
-    memblock under 'all' (V62 rule), the carve-out's own slice under 'carveout'; a vmemmap page
+    memblock under 'all' (v6.2 rule), the carve-out's own slice under 'carveout'; a vmemmap page
     shared by two neighbouring regions is backed once. `vmemmap_region_pages` is what v6.2+
     kernels reserve for all memory instead: each region's slice rounded out to pages, summed
     (a shared page counted twice). Up to v6.1 both are reported beside the reservation, never

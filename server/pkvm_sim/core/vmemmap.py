@@ -1,12 +1,12 @@
-"""The hyp vmemmap: one `struct hyp_page` per covered pfn (SEMANTICS 1.1 to 1.3).
+"""The hyp vmemmap: one `struct hyp_page` per covered pfn (docs/reservation.md).
 
 Entries are stored packed (`order << shift | refcount`, see layout.py) in one typed array per
 covered segment, so the simulator spends `layout.stored_bytes` per page and nothing per page
 beyond that. A fresh vmemmap reads as zeros (refcount 0, order 0), as the kernel's zeroed
 early allocation does.
 
-Coverage: with 'carveout' (V13/V14) only the carve-out's pfns have entries; with 'all'
-(V62) every memblock pfn has one. Touching any other pfn's entry is the EL2 fault the
+Coverage: with 'carveout' (v5.13/v5.14) only the carve-out's pfns have entries; with 'all'
+(v6.2) every memblock pfn has one. Touching any other pfn's entry is the EL2 fault the
 kernel would take, reported as `WouldPanic`.
 """
 

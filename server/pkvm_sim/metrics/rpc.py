@@ -10,7 +10,7 @@ Exported series (labels `grpc_type`, `grpc_service`, `grpc_method`, and `grpc_co
 As in go-grpc-prometheus, the histogram has no `grpc_code` label: codes multiply its series.
 
 The hot path costs one short lock and a few integer additions per RPC (no prometheus_client
-object, no `.labels()` look-up: PERFORMANCE.md measures those at 2 µs each). A scrape copies
+object, no `.labels()` look-up: docs/performance.md measures those at 2 µs each). A scrape copies
 the records in O(methods) under that lock and renders them outside it.
 
 `ServerMetricsInterceptor` serves `grpc.server`, `AioServerMetricsInterceptor` serves
@@ -37,7 +37,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 # Upper bounds in seconds. Prometheus' default buckets start at 5 ms; a unary call here takes
-# about 0.4 ms (PERFORMANCE.md), so finer buckets come first or p50 would read as 5 ms.
+# about 0.4 ms (docs/performance.md), so finer buckets come first or p50 would read as 5 ms.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,

@@ -1,4 +1,4 @@
-"""Execute: batches of per-VM operations in a packed encoding (PERFORMANCE.md).
+"""Execute: batches of per-VM operations in a packed encoding (docs/performance.md).
 
 A batch is parallel packed arrays: operation i is (ops[i], arg0[i], arg1[i]). Operations run
 in order; each is either fully done or refused with the status code the unary RPC would give

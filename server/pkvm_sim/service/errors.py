@@ -1,4 +1,4 @@
-"""PkvmError -> gRPC status (SEMANTICS A.6): the server's one mapping table.
+"""PkvmError -> gRPC status (docs/service.md, Errors): the server's one mapping table.
 
 Every refusal leaves the service as a status code plus a `google.rpc.ErrorInfo` detail
 (domain `pkvm.v1`) whose reason is the core's machine-readable `reason` and whose metadata

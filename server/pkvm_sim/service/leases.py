@@ -1,4 +1,4 @@
-"""VM leases: a client that disappears does not leak its VMs (SEMANTICS A.4).
+"""VM leases: a client that disappears does not leak its VMs (docs/service.md, Sessions and leases).
 
 Every VM holds a lease of some length. Each call authenticated on the VM's behalf renews it
 (`TokenRegistry.check` calls `LeaseTable.renew`, so no RPC can forget to), RenewVM renews it

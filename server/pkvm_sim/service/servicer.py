@@ -2,7 +2,7 @@
 
 The servicer runs on the asyncio event loop of a `grpc.aio` server (docs/service.md says
 why). The core is not thread-safe, so every call into it happens under one `threading.Lock`
-(SEMANTICS A.7), which the loop takes for one unary call or one chunk of a batch, and the
+(docs/service.md, Server), which the loop takes for one unary call or one chunk of a batch, and the
 other threads (the lease reaper, the metrics scrape's snapshot) take briefly. No request can
 see a half-done operation because every core method either completes or raises before its
 first write, and both happen inside the lock.

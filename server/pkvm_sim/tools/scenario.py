@@ -2,7 +2,7 @@
 
 vm-lifecycle: what VMs cost at EL2 on a kernel, step by step (tools/lifecycle.py).
 
-mmio-pressure (SEMANTICS 3.8): the same machine and the same seeded fault sequence under the
+mmio-pressure (docs/stage2.md): the same machine and the same seeded fault sequence under the
 v5.13 profile (two host stage-2 pools; only MMIO faults recycle, from the MMIO pool) and the
 v5.14 profile (one pool; any -ENOMEM recycles MMIO and retries):
 
