@@ -302,12 +302,15 @@ class Progress:
         self.done = self.failed = 0
         self.started = time.monotonic()
         self._printed = 0.0
+        self._first_done = self.started
         self.tty = stream.isatty()
 
     def update(self, row: Row) -> None:
+        now = time.monotonic()
+        if not self.done:
+            self._first_done = now  # the rate is measured from here: start-up excluded
         self.done += 1
         self.failed += row.get("error") is not None
-        now = time.monotonic()
         if self.tty or self.done == self.total or now - self._printed >= self.interval_s:
             self._printed = now
             self.stream.write(("\r" if self.tty else "") + self.line(now)
@@ -319,9 +322,12 @@ class Progress:
         left = self.total - self.done
         width = 30
         filled = width * self.done // max(self.total, 1)
-        eta = elapsed / self.done * left if self.done else 0.0
+        if self.done >= 2 and now > self._first_done:
+            to_go = _clock((now - self._first_done) / (self.done - 1) * left)
+        else:
+            to_go = "0:00:00" if not left else "?"
         return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done,"
-                f" {self.failed} failed, {left} left, {_clock(eta)} to go")
+                f" {self.failed} failed, {left} left, {to_go} to go, {_clock(elapsed)} so far")
 
     def close(self) -> None:
         if self.tty:
