@@ -231,7 +231,8 @@ def run_point(point: Point) -> Row:
     """The point's row: its columns plus its run's figures, or its `error` (never raises)."""
     row = point.row()
     try:
-        row.update(RUNNERS[point.run](point))
+        figures = RUNNERS[point.run](point)
+        row.update((key, figures[key]) for key in RESULT_COLUMNS if key in figures)
     except Exception as error:  # a failed point is a row with its error, not a lost one
         row["error"] = f"{type(error).__name__}: {error}"
     return row
@@ -247,8 +248,7 @@ def _run_capacity(point: Point) -> Row:
     assert point.shape is not None
     options = dict(point.options)
     result = capacity(point.sim_config(), point.shape, max_vms=options.get("max_vms"))
-    figures = result.as_dict()
-    return {key: figures[key] for key in RESULT_COLUMNS if key in figures}
+    return result.as_dict()
 
 
 def _run_vm_lifecycle(point: Point) -> Row:
@@ -275,8 +275,7 @@ def _run_mmio_pressure(point: Point) -> Row:
     assert point.seed is not None
     result = run_mmio_pressure(build_config(args, point.profile), spans,
                                int(options.get("faults_per_span", 200)), point.seed)
-    figures = result.as_dict()
-    return {key: figures[key] for key in RESULT_COLUMNS if key in figures}
+    return result.as_dict()
 
 
 RUNNERS: dict[str, Callable[[Point], Row]] = {
