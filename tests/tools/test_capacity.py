@@ -14,6 +14,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,42 @@ def test_the_command_runs_behind_pkvm_sim() -> None:
         capture_output=True, text=True, timeout=300, check=True)
     rows = json.loads(done.stdout)
     assert len(rows) >= 4 and all(r["vms"] == 2 for r in rows)
+
+
+# -- against a running service -------------------------------------------------------------
+
+
+@pytest.fixture
+def v6_12_server() -> Iterator[str]:
+    """`pkvm-sim serve` of 4 GiB under v6.12 whose operator caps the server at 20 VMs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pkvm_sim.cli", "serve", "--profile", "v6.12", "--memblock",
+         FOUR_GIB, "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--max-vms", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        yield line.split("listening on ")[1].split()[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_against_a_server_its_own_vm_cap_binds_and_every_vm_is_destroyed(
+        v6_12_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pkvm_client import Hypervisor as Client
+
+    code, out, err = invoke(["--target", v6_12_server, "--vcpus", "1", "--guest-memory", "8M",
+                             "--host-shares", "2", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    # The table would hold 255; the operator's --max-vms 20 refuses the 21st (QUOTA_EXCEEDED).
+    assert (row["profile"], row["vms"]) == ("v6.12", 20)
+    assert (row["binding_limit"], row["reason"]) == ("service-cap", "QUOTA_EXCEEDED")
+    with Client(v6_12_server) as hv:
+        stats = hv.stats()
+        assert stats.nr_vms == 0 and stats.shared_pages == 0

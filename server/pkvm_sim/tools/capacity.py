@@ -126,10 +126,14 @@ class GuestShape:
 
 
 def _size_label(value: int) -> str:
+    if value <= 0:
+        return "unknown"
     if value % GIB == 0:
         return f"{value // GIB} GiB"
     if value % MIB == 0:
         return f"{value // MIB} MiB"
+    if value % 1024 == 0:
+        return f"{value // 1024} KiB"
     return f"{value} B"
 
 
@@ -390,7 +394,7 @@ TABLE_ROWS = (
 def render_table(results: Sequence[CapacityResult]) -> str:
     """Profiles side by side, as `reserve --compare` prints them."""
     first = results[0]
-    title = (f"capacity: {first.shape} guests; {_size_label(first.memory_bytes)} of RAM,"
+    title = (f"capacity: {first.shape} guests; RAM {_size_label(first.memory_bytes)},"
              f" {first.page_size // 1024}K pages")
     header = ("", *(r.profile for r in results))
     rows = [(label, *(str(getattr(r, attr)) for r in results)) for label, attr in TABLE_ROWS]

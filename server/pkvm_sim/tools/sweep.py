@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import itertools
 import os
 import sys
@@ -158,7 +159,8 @@ def parse_grid(doc: dict[str, Any]) -> Grid:
     known = {"runs", "profiles", "page_sizes", "machines", "shapes", "seeds", "config", *RUNS}
     unknown = sorted(set(doc) - known)
     if unknown:
-        raise ValueError(f"unknown grid key(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
+        raise ValueError(f"unknown grid key(s) {', '.join(unknown)}:"
+                         f" use {', '.join(sorted(known))}")
     runs = _names(doc, "runs", RUNS)
     profiles = tuple(_profiles(doc.get("profiles", ["v6.12"])))
     page_sizes = tuple(str(p) for p in doc.get("page_sizes", ["4K"]))
@@ -296,13 +298,13 @@ class Progress:
     time per point so far). On a terminal it redraws in place; elsewhere it prints a line
     at most every `interval_s` seconds, and always the last one."""
 
-    def __init__(self, total: int, stream: IO[str], interval_s: float = 2.0) -> None:
+    def __init__(self, total: int, stream: IO[str] | None, interval_s: float = 2.0) -> None:
         self.total, self.stream, self.interval_s = total, stream, interval_s
         self.done = self.failed = 0
         self.started = time.monotonic()
         self._printed = 0.0
         self._first_done = self.started
-        self.tty = stream.isatty()
+        self.tty = stream is not None and stream.isatty()
 
     def update(self, row: Row) -> None:
         now = time.monotonic()
@@ -310,6 +312,8 @@ class Progress:
             self._first_done = now  # the rate is measured from here: start-up excluded
         self.done += 1
         self.failed += row.get("error") is not None
+        if self.stream is None:
+            return
         if self.tty or self.done == self.total or now - self._printed >= self.interval_s:
             self._printed = now
             self.stream.write(("\r" if self.tty else "") + self.line(now)
@@ -329,7 +333,7 @@ class Progress:
                 f" {self.failed} failed, {left} left, {to_go} to go, {_clock(elapsed)} so far")
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and self.stream is not None:
             self.stream.write("\n")
             self.stream.flush()
 
@@ -354,22 +358,22 @@ def run_on_dask(points: Sequence[Point], scheduler: str | None, workers: int,
     """Each point a task; `scheduler` None: a LocalCluster of `workers` single-threaded
     processes, else the address of a running scheduler. Finished rows are appended to `rows`
     as they come (so the caller keeps them if this is interrupted)."""
-    try:
-        from distributed import Client, LocalCluster, as_completed
+    try:  # untyped: bound as Any
+        distributed: Any = importlib.import_module("distributed")
     except ImportError as error:
         raise SweepSetupError("sweep on Dask needs the sweep extra: pip install "
                               "'pkvm-sim[sweep]' (or --scheduler none)") from error
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
-    client = Client(cluster if cluster is not None else scheduler)
+    client = distributed.Client(cluster if cluster is not None else scheduler)
     try:
         # pure=False: no deduplication by content; every point is its own task, keyed by index
         futures = [client.submit(run_point, point, key=f"point-{point.index}", pure=False)
                    for point in points]
         by_key = {future.key: point for future, point in zip(futures, points, strict=True)}
-        for future in as_completed(futures):
+        for future in distributed.as_completed(futures):
             row = _row_of(future, by_key[future.key])
             rows.append(row)
             on_row(row)
@@ -408,9 +412,9 @@ def write_rows(rows: Sequence[Row], out: str | Path) -> Path:
     path = Path(out)
     ordered = sorted(rows, key=lambda r: int(r["point"]))
     if path.suffix == ".parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+        try:  # untyped: bound as Any
+            pa: Any = importlib.import_module("pyarrow")
+            pq: Any = importlib.import_module("pyarrow.parquet")
         except ImportError as error:
             raise SweepSetupError("parquet output needs pyarrow: pip install "
                                   "'pkvm-sim[sweep]' (or --out FILE.csv)") from error
@@ -437,8 +441,7 @@ def read_rows(path: str | Path) -> list[Row]:
     """Rows back from a file `write_rows` wrote, with the same Python types."""
     path = Path(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
+        pq: Any = importlib.import_module("pyarrow.parquet")
         return list(pq.read_table(path).to_pylist())
     with path.open(newline="") as stream:
         return [{c: _from_cell(c, v) for c, v in r.items()} for r in csv.DictReader(stream)]
@@ -520,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sweep: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     points = grid.points()
-    progress = Progress(len(points), open(os.devnull, "w") if args.quiet else sys.stderr)
+    progress = Progress(len(points), None if args.quiet else sys.stderr)
     rows: list[Row] = []
     interrupted = False
     try:
