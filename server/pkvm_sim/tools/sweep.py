@@ -369,18 +369,26 @@ def run_on_dask(points: Sequence[Point], scheduler: str | None, workers: int,
                                dashboard_address=None)
     client = distributed.Client(cluster if cluster is not None else scheduler)
     try:
-        # pure=False: no deduplication by content; every point is its own task, keyed by index
-        futures = [client.submit(run_point, point, key=f"point-{point.index}", pure=False)
-                   for point in points]
-        by_key = {future.key: point for future, point in zip(futures, points, strict=True)}
-        for future in distributed.as_completed(futures):
-            row = _row_of(future, by_key[future.key])
-            rows.append(row)
-            on_row(row)
+        run_with_client(client, points, on_row, rows)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+    return rows
+
+
+def run_with_client(client: Any, points: Sequence[Point], on_row: Callable[[Row], None],
+                    rows: list[Row]) -> list[Row]:
+    """Submit every point to a connected `distributed.Client`; rows appended as they finish."""
+    distributed: Any = importlib.import_module("distributed")
+    # pure=False: no deduplication by content; every point is its own task, keyed by index
+    futures = [client.submit(run_point, point, key=f"point-{point.index}", pure=False)
+               for point in points]
+    by_key = {future.key: point for future, point in zip(futures, points, strict=True)}
+    for future in distributed.as_completed(futures):
+        row = _row_of(future, by_key[future.key])
+        rows.append(row)
+        on_row(row)
     return rows
 
 
