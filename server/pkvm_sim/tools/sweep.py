@@ -40,11 +40,14 @@ from pkvm_sim.core.layout import GIB, PAGE_SIZES
 from pkvm_sim.core.profiles import kernel_profile_names, profile_spec
 
 from .capacity import GuestShape, capacity
+from .scenario import DEFAULT_SPANS
 
 EXIT_OK = 0
 EXIT_FAILED_POINTS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+CONNECT_S = 30.0  # to reach a scheduler given by --scheduler
+WAIT_WORKERS_S = 600.0  # for --wait-workers
 
 RUNS = ("reserve", "capacity", "vm-lifecycle", "mmio-pressure")
 # The grid dimensions each run depends on (profile, page size and machine: all of them).
@@ -75,6 +78,7 @@ RESULT_COLUMNS = (
     "pool_pages_used_peak",
 )
 COLUMNS = POINT_COLUMNS + RESULT_COLUMNS
+DEFAULT_MMIO_SPANS = tuple(DEFAULT_SPANS.split(","))  # scenario mmio-pressure's
 Row = dict[str, Any]
 
 
@@ -103,6 +107,19 @@ class Point:
         return SimConfig.from_mapping({**dict(self.config), "profile": self.profile,
                                        "page_size": self.page_size,
                                        "memblocks": list(self.memblocks)})
+
+    def cost_estimate(self) -> int:
+        """A rough relative run time, to start the longest points first (fewer idle workers
+        at the end of a sweep): capacity adds up to RAM / guest memory VMs; mmio-pressure
+        runs its faults; reserve is arithmetic."""
+        memory = sum(parse_size(m.partition(":")[2]) for m in self.memblocks)
+        if self.run == "capacity" and self.shape is not None:
+            return 10 + min(memory // self.shape.memory_bytes, 4096)
+        if self.run == "mmio-pressure":
+            options = dict(self.options)
+            return 10 + int(options.get("faults_per_span", 200)) * len(
+                options.get("spans", DEFAULT_MMIO_SPANS))
+        return 1
 
     def row(self) -> Row:
         """The point's own columns, every result column None."""
@@ -265,7 +282,7 @@ def _run_vm_lifecycle(point: Point) -> Row:
 
 
 def _run_mmio_pressure(point: Point) -> Row:
-    from .scenario import DEFAULT_SPANS, build_config, run_mmio_pressure
+    from .scenario import build_config, run_mmio_pressure
 
     options = dict(point.options)
     args = argparse.Namespace(
@@ -273,7 +290,7 @@ def _run_mmio_pressure(point: Point) -> Row:
         ram_fragments=int(options.get("ram_fragments", 1)), hole=str(options.get("hole", "1M")),
         ia_bits=int(dict(point.config).get("ia_bits", SimConfig.ia_bits)))
     spans = [int(float(s[:-1]) * GIB) if str(s).endswith(("G", "g")) and "." in str(s)
-             else parse_size(s) for s in options.get("spans", DEFAULT_SPANS.split(","))]
+             else parse_size(s) for s in options.get("spans", DEFAULT_MMIO_SPANS)]
     assert point.seed is not None
     result = run_mmio_pressure(build_config(args, point.profile), spans,
                                int(options.get("faults_per_span", 200)), point.seed)
@@ -354,10 +371,12 @@ def run_in_process(points: Sequence[Point], on_row: Callable[[Row], None],
 
 
 def run_on_dask(points: Sequence[Point], scheduler: str | None, workers: int,
-                on_row: Callable[[Row], None], rows: list[Row]) -> list[Row]:
+                on_row: Callable[[Row], None], rows: list[Row], *,
+                wait_workers: int = 0) -> list[Row]:
     """Each point a task; `scheduler` None: a LocalCluster of `workers` single-threaded
-    processes, else the address of a running scheduler. Finished rows are appended to `rows`
-    as they come (so the caller keeps them if this is interrupted)."""
+    processes, else the address of a running scheduler (first waiting, up to
+    WAIT_WORKERS_S, for `wait_workers` workers to join it). Finished rows are appended to
+    `rows` as they come (so the caller keeps them if this is interrupted)."""
     try:  # untyped: bound as Any
         distributed: Any = importlib.import_module("distributed")
     except ImportError as error:
@@ -367,8 +386,20 @@ def run_on_dask(points: Sequence[Point], scheduler: str | None, workers: int,
     if scheduler is None:
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
-    client = distributed.Client(cluster if cluster is not None else scheduler)
     try:
+        client = distributed.Client(cluster if cluster is not None else scheduler,
+                                    timeout=CONNECT_S)
+    except OSError as error:
+        if cluster is not None:
+            cluster.close()
+        raise SweepSetupError(f"cannot reach the Dask scheduler {scheduler}: {error}") from None
+    try:
+        if wait_workers:
+            try:
+                client.wait_for_workers(wait_workers, timeout=WAIT_WORKERS_S)
+            except TimeoutError as error:
+                raise SweepSetupError(f"fewer than {wait_workers} workers joined {scheduler}"
+                                      f" within {WAIT_WORKERS_S:.0f} s") from error
         run_with_client(client, points, on_row, rows)
     finally:
         client.close()
@@ -381,8 +412,10 @@ def run_with_client(client: Any, points: Sequence[Point], on_row: Callable[[Row]
                     rows: list[Row]) -> list[Row]:
     """Submit every point to a connected `distributed.Client`; rows appended as they finish."""
     distributed: Any = importlib.import_module("distributed")
-    # pure=False: no deduplication by content; every point is its own task, keyed by index
-    futures = [client.submit(run_point, point, key=f"point-{point.index}", pure=False)
+    # pure=False: no deduplication by content; every point is its own task, keyed by index.
+    # The longest points first (priority), so that no worker is left with a long one at the end.
+    futures = [client.submit(run_point, point, key=f"point-{point.index}", pure=False,
+                             priority=point.cost_estimate())
                for point in points]
     by_key = {future.key: point for future, point in zip(futures, points, strict=True)}
     for future in distributed.as_completed(futures):
@@ -511,6 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         " (default: a local Dask cluster of --workers processes)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="local cluster worker processes (default: the CPU count)")
+    parser.add_argument("--wait-workers", type=int, default=0, metavar="N",
+                        help="with --scheduler tcp://...: wait until N workers have joined"
+                        f" (at most {WAIT_WORKERS_S:.0f} s) before submitting")
     parser.add_argument("--plot", metavar="FILE.png|FILE.svg",
                         help="also draw guests carried against RAM from the capacity rows")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
@@ -539,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
             run_in_process(points, progress.update, rows)
         else:
             run_on_dask(points, args.scheduler, args.workers or default_workers(),
-                        progress.update, rows)
+                        progress.update, rows, wait_workers=args.wait_workers)
     except KeyboardInterrupt:
         interrupted = True
     except (SweepSetupError, OSError) as error:
