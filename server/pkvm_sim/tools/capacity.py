@@ -117,15 +117,15 @@ class GuestShape:
     @property
     def label(self) -> str:
         """'2 vCPU, 1 GiB' (+ ', touches 64 MiB', + ', shares 4 pages')."""
-        text = f"{self.vcpus} vCPU, {_size_label(self.memory_bytes)}"
+        text = f"{self.vcpus} vCPU, {size_label(self.memory_bytes)}"
         if self.touched_bytes:
-            text += f", touches {_size_label(self.touched_bytes)}"
+            text += f", touches {size_label(self.touched_bytes)}"
         if self.host_shared_pages:
             text += f", shares {self.host_shared_pages} pages"
         return text
 
 
-def _size_label(value: int) -> str:
+def size_label(value: int) -> str:
     if value <= 0:
         return "unknown"
     if value % GIB == 0:
@@ -213,6 +213,9 @@ class CapacityResult:
     host_s2_pool_pages: int = 0
     host_s2_pool_free_pages: int = 0
     host_ram_free_pages: int = 0
+    # the longest free run: a VM's guest memory is one run of host RAM in the model (its
+    # slice), so RAM can refuse a guest while holding more free pages than it needs
+    host_ram_largest_free_run_pages: int = 0
     vm_table_entries: int = 0  # the kernel's VM table (0: none; the service's 4096 apply)
     first_vm_hyp_pool_pages: int = 0  # hyp pool pages the first VM took
     first_vm_host_ram_pages: int = 0  # host RAM pages the first VM took (slice included)
@@ -277,6 +280,8 @@ def _record_pools(hv: Hypervisor, result: CapacityResult) -> None:
     result.host_s2_pool_pages = sum(pool.nr_pages for pool in hv.host_pools)
     result.host_s2_pool_free_pages = sum(pool.free_pages for pool in hv.host_pools)
     result.host_ram_free_pages = hv.host_memory.free_pages
+    result.host_ram_largest_free_run_pages = max(
+        (nr for _base, nr in hv.host_memory.free_ranges()), default=0)
 
 
 def capacity(config: SimConfig, shape: GuestShape, *,
@@ -384,6 +389,7 @@ TABLE_ROWS = (
     ("host stage-2 pool pages", "host_s2_pool_pages"),
     ("host stage-2 pool free pages", "host_s2_pool_free_pages"),
     ("host RAM free pages", "host_ram_free_pages"),
+    ("host RAM longest free run", "host_ram_largest_free_run_pages"),
     ("kernel VM table entries", "vm_table_entries"),
     ("first VM: hyp pool pages", "first_vm_hyp_pool_pages"),
     ("first VM: host RAM pages", "first_vm_host_ram_pages"),
@@ -394,7 +400,7 @@ TABLE_ROWS = (
 def render_table(results: Sequence[CapacityResult]) -> str:
     """Profiles side by side, as `reserve --compare` prints them."""
     first = results[0]
-    title = (f"capacity: {first.shape} guests; RAM {_size_label(first.memory_bytes)},"
+    title = (f"capacity: {first.shape} guests; RAM {size_label(first.memory_bytes)},"
              f" {first.page_size // 1024}K pages")
     header = ("", *(r.profile for r in results))
     rows = [(label, *(str(getattr(r, attr)) for r in results)) for label, attr in TABLE_ROWS]
@@ -434,7 +440,7 @@ def plot_capacity(results: Sequence[CapacityResult], out: str) -> None:
     bar_ax.set_ylabel("VMs carried")
     bar_ax.margins(y=0.2)
     first = results[0]
-    fig.suptitle(f"capacity: {first.shape} guests, {_size_label(first.memory_bytes)} of RAM,"
+    fig.suptitle(f"capacity: {first.shape} guests, {size_label(first.memory_bytes)} of RAM,"
                  f" {first.page_size // 1024}K pages")
     _save(fig, check_output(out))
 

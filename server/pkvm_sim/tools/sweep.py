@@ -39,7 +39,7 @@ from pkvm_sim.core.config import SimConfig, parse_size
 from pkvm_sim.core.layout import GIB, PAGE_SIZES
 from pkvm_sim.core.profiles import kernel_profile_names, profile_spec
 
-from .capacity import GuestShape, capacity
+from .capacity import GuestShape, capacity, size_label
 from .scenario import DEFAULT_SPANS
 
 EXIT_OK = 0
@@ -69,7 +69,8 @@ RESULT_COLUMNS = (
     "host_s2_pgtable_pages",
     # capacity
     "vms", "binding_limit", "reason", "hyp_pool_pages", "hyp_pool_free_pages",
-    "host_s2_pool_free_pages", "host_ram_free_pages", "first_vm_hyp_pool_pages",
+    "host_s2_pool_free_pages", "host_ram_free_pages", "host_ram_largest_free_run_pages",
+    "first_vm_hyp_pool_pages",
     "first_vm_donated_pages",
     # vm-lifecycle
     "vm_limit",
@@ -470,6 +471,7 @@ def write_rows(rows: Sequence[Row], out: str | Path) -> Path:
     return path
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
 _STRING_COLUMNS = {"run", "profile", "machine", "shape", "error", "binding_limit", "reason"}
 
 
@@ -511,15 +513,22 @@ def plot_sweep(rows: Sequence[Row], out: str | Path) -> Path:
         for r in points:
             if r["shape"] == shape:
                 lines.setdefault((r["profile"], r["page_size"]), []).append(r)
+        page_sizes = sorted({page_size for _profile, page_size in lines})
         for (profile, page_size), line_rows in sorted(lines.items()):
             line_rows.sort(key=lambda r: r["memory_bytes"])
-            label = profile if len({p for _p, p in lines}) == 1 else (
-                f"{profile} {page_size // 1024}K")
+            label = profile if len(page_sizes) == 1 else f"{profile} {page_size // 1024}K"
+            # one line style per page size: lines that coincide stay visible
+            style = LINE_STYLES[page_sizes.index(page_size) % len(LINE_STYLES)]
             ax.plot([r["memory_bytes"] / GIB for r in line_rows], [r["vms"] for r in line_rows],
-                    marker="o", label=label)
+                    marker="o", linestyle=style, label=label)
+        machines = {r["memory_bytes"]: r["machine"] for r in points if r["shape"] == shape}
+        for memory, machine in machines.items():
+            ax.annotate(machine, (memory / GIB, 0), xycoords=("data", "axes fraction"),
+                        textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8,
+                        color="#555555")
         first = next(r for r in points if r["shape"] == shape)
         ax.set_title(f"{shape}: {first['vcpus']} vCPU,"
-                     f" {first['guest_memory_bytes'] / GIB:g} GiB guests")
+                     f" {size_label(first['guest_memory_bytes'])} guests")
         ax.set_xlabel("host RAM (GiB)")
         ax.set_ylabel("guests carried")
         ax.grid(alpha=0.3)
