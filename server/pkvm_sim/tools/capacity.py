@@ -220,6 +220,7 @@ class CapacityResult:
     first_vm_hyp_pool_pages: int = 0  # hyp pool pages the first VM took
     first_vm_host_ram_pages: int = 0  # host RAM pages the first VM took (slice included)
     first_vm_donated_pages: int = 0
+    first_vm_shared_pages: int = 0  # host pages shared with EL2 for the first VM
     # hyp pool free pages after each VM (0 = at boot): what --plot draws; not in --json
     hyp_pool_free_after_vm: list[int] = field(default_factory=list, repr=False)
 
@@ -251,6 +252,7 @@ def run_capacity(hv: Hypervisor, shape: GuestShape, *, max_vms: int | None = Non
     )
     result.hyp_pool_free_after_vm.append(hv.hyp_pool.free_pages)
     hyp_before, ram_before = hv.hyp_pool.free_pages, hv.host_memory.free_pages
+    shared_before = hv.statistics(vm_pools=False).shared_pages
     while max_vms is None or result.vms < max_vms:
         try:
             info = add_vm(hv, shape, name=f"capacity-{result.vms}")
@@ -264,6 +266,8 @@ def run_capacity(hv: Hypervisor, shape: GuestShape, *, max_vms: int | None = Non
             result.first_vm_hyp_pool_pages = hyp_before - hv.hyp_pool.free_pages
             result.first_vm_host_ram_pages = ram_before - hv.host_memory.free_pages
             result.first_vm_donated_pages = info.donated_pages
+            result.first_vm_shared_pages = (hv.statistics(vm_pools=False).shared_pages
+                                            - shared_before)
         result.hyp_pool_free_after_vm.append(hv.hyp_pool.free_pages)
         if on_vm is not None:
             on_vm(hv, result.vms)
@@ -394,6 +398,7 @@ TABLE_ROWS = (
     ("first VM: hyp pool pages", "first_vm_hyp_pool_pages"),
     ("first VM: host RAM pages", "first_vm_host_ram_pages"),
     ("first VM: donated pages", "first_vm_donated_pages"),
+    ("first VM: shared pages", "first_vm_shared_pages"),
 )
 
 
