@@ -168,7 +168,14 @@ def test_in_process_sweep_writes_rows_and_plot(tmp_path: Path) -> None:
     assert picture.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ctrl_c_keeps_finished_rows_and_says_how_many_are_missing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", [
+    pytest.param(["--scheduler", "none"], id="in-process"),
+    pytest.param(["--workers", "2"], id="local-cluster", marks=pytest.mark.cluster),
+])
+def test_ctrl_c_keeps_finished_rows_and_says_how_many_are_missing(tmp_path: Path,
+                                                                  where: list[str]) -> None:
+    if "--workers" in where:
+        require_dask()
     grid = tmp_path / "grid.toml"
     # 40 capacity points of ~2000 small guests each: long enough to interrupt half-way.
     machines = "\n".join(f'm{i} = ["0x40000000:32G"]' for i in range(40))
@@ -176,8 +183,8 @@ def test_ctrl_c_keeps_finished_rows_and_says_how_many_are_missing(tmp_path: Path
                     f's = {{ vcpus = 1, memory = "16M" }}\n[machines]\n{machines}\n')
     out = tmp_path / "rows.csv"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pkvm_sim.cli", "sweep", str(grid), "--out", str(out),
-         "--scheduler", "none"], stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "pkvm_sim.cli", "sweep", str(grid), "--out", str(out), *where],
+        stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
         first = proc.stderr.readline()  # printed when the first point is done
@@ -265,3 +272,17 @@ def test_dask_scheduler_and_workers_give_the_in_process_rows(tmp_path: Path,
         workers = client.scheduler_info()["workers"].values()
         # the cluster is the two `dask worker` processes (the sweep brought none of its own)
         assert len(workers) == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["capacity", "--memblock", "0x40000000:1G", "--max-vms", "2", "--json"],
+    ["sweep", str(EXAMPLE), "--scheduler", "none", "--quiet", "--out", "{out}"],
+])
+def test_offline_runs_load_neither_grpc_nor_dask(argv: list[str], tmp_path: Path) -> None:
+    """capacity and an in-process sweep need neither the service's gRPC nor Dask."""
+    argv = [a.replace("{out}", str(tmp_path / "rows.csv")) for a in argv]
+    code = (f"import sys; from pkvm_sim.cli import main; main({argv!r}); "
+            "print('grpc' in sys.modules, 'distributed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=DEADLINE_S).stdout
+    assert out.strip().splitlines()[-1] == "False False"

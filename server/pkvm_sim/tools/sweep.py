@@ -26,6 +26,7 @@ import argparse
 import csv
 import importlib
 import itertools
+import logging
 import os
 import sys
 import time
@@ -386,7 +387,7 @@ def run_on_dask(points: Sequence[Point], scheduler: str | None, workers: int,
     cluster = None
     if scheduler is None:
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                                           dashboard_address=None, silence_logs=logging.ERROR)
     try:
         client = distributed.Client(cluster if cluster is not None else scheduler,
                                     timeout=CONNECT_S)
