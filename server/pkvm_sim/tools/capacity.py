@@ -8,7 +8,7 @@
 The core is booted for the machine (the usual machine flags), then VMs of the shape are added
 one by one (`add_vm`) until the first refusal. The refusal names the limit that bound first:
 
-    vm-table          the hyp VM table is full: KVM_MAX_PVMS (255) slots, v6.2 to v6.12
+    vm-table          the hyp VM table is full: KVM_MAX_PVMS (255) slots, from v6.2 on
                       (find_free_vm_table_entry -> -ENOMEM)
     hyp-pool          the hyp pool cannot give EL2's stage-1 a table page for a donation or
                       a share (hyp_complete_donation / hyp_complete_share -> -ENOMEM)
@@ -321,6 +321,7 @@ def shape_from_args(args: argparse.Namespace) -> GuestShape:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n")[0]
+    parser.epilog = __doc__.split("\n\n", 2)[2]  # how it works and the binding limits
     add_sim_arguments(parser, only=CAPACITY_KNOBS)
     parser.add_argument("--profile", action="append", metavar="PROFILE",
                         choices=[*profile_names(), "all"],
@@ -364,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
         if args.target:
             from .capacity_remote import remote_capacity
 
+            _note_ignored_by_target(args)
             results = [remote_capacity(args.target, shape, max_vms=args.max_vms)]
         else:
             results = [capacity(config_for(args, profile), shape, max_vms=args.max_vms)
@@ -381,6 +383,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render_table(results))
     return EXIT_OK
+
+
+def _note_ignored_by_target(args: argparse.Namespace) -> None:
+    """The server's machine and profile apply with --target: say which flags are ignored."""
+    given = [name for name in ("profile", *CAPACITY_KNOBS) if getattr(args, name, None)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        print(f"capacity: note: {flags} ignored with --target (the server's machine applies)",
+              file=sys.stderr)
 
 
 # What the side-by-side table shows, in order: (label, CapacityResult attribute).

@@ -546,6 +546,7 @@ def plot_sweep(rows: Sequence[Row], out: str | Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n")[0]
+    parser.epilog = __doc__.split("\n\n", 2)[2]  # grids, points, rows, the extra
     parser.add_argument("grid", metavar="GRID.toml", help="the grid (see examples/sweep.toml)")
     parser.add_argument("--out", required=True, metavar="FILE.parquet|FILE.csv",
                         help="where the rows go, one per point")
