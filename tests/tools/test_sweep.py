@@ -286,3 +286,23 @@ def test_offline_runs_load_neither_grpc_nor_dask(argv: list[str], tmp_path: Path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=DEADLINE_S).stdout
     assert out.strip().splitlines()[-1] == "False False"
+
+
+def test_vm_lifecycle_rows_agree_with_capacity(tmp_path: Path) -> None:
+    """The VM limit vm-lifecycle reports and the 1-vCPU guests capacity carries are the same
+    count on the same machine (v6.12: the 255-entry table); a build without vm-lifecycle
+    gives rows with the error, not lost rows."""
+    import importlib.util
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('runs = ["vm-lifecycle", "capacity"]\nprofiles = ["v6.12"]\n'
+                    '[machines]\nm = ["0x40000000:4G"]\n'
+                    '[shapes]\none = { vcpus = 1, memory = "4K" }\n'
+                    '[config]\nia_bits = 48\nnr_cpus = 1\n')
+    lifecycle_row, capacity_row = in_process_rows(grid)
+    assert capacity_row["vms"] == 255 and capacity_row["binding_limit"] == "vm-table"
+    if importlib.util.find_spec("pkvm_sim.tools.lifecycle") is None:
+        assert "vm-lifecycle" in lifecycle_row["error"]
+    else:
+        assert lifecycle_row["error"] is None
+        assert lifecycle_row["vm_limit"] == capacity_row["vms"]

@@ -181,11 +181,17 @@ def _touch_guest_memory(hv: Hypervisor, info: VmInfo, nr_pages: int) -> None:
     start_level, _pgd_pages = pgd_geometry(hv.geometry, hv.config.ia_bits)
     min_pages = 3 - start_level  # kvm_mmu_cache_min_pages: a table page per level below the PGD
     for index in range(nr_pages):
-        cached = hv.topup_memcache(info.handle, 0)  # the host memcache's size, nothing added
-        if cached < min_pages:
-            hv.topup_memcache(info.handle, min_pages - cached)
+        _topup_to(hv, info.handle, min_pages)
         hv.guest_map(info.handle, GUEST_IPA_BASE + index * hv.page_size,
                      info.slice_base_pfn + index)
+
+
+def _topup_to(hv: Hypervisor, handle: int, min_pages: int) -> None:
+    """The host's memcache holds at least `min_pages` afterwards (__topup_hyp_memcache fills
+    up to min_pages; a top-up that adds its count gets there too: both are handled)."""
+    cached = hv.topup_memcache(handle, 0)  # the host memcache's size, nothing added
+    if cached < min_pages and hv.topup_memcache(handle, min_pages - cached) < min_pages:
+        hv.topup_memcache(handle, min_pages)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -273,14 +273,14 @@ def _run_capacity(point: Point) -> Row:
 
 
 def _run_vm_lifecycle(point: Point) -> Row:
-    from . import scenario
-
-    lifecycle: Callable[..., Any] | None = getattr(scenario, "run_vm_lifecycle", None)
-    if lifecycle is None:
-        raise NotImplementedError("this build has no scenario vm-lifecycle")
-    out = lifecycle(point.sim_config())
-    figures = out if isinstance(out, dict) else asdict(out)
-    return {"vm_limit": figures.get("vm_limit")}
+    """`scenario vm-lifecycle` on the point's machine: the VM limit (None: none up to its
+    cap). Its machine knobs are the point's (the scenario's own defaults do not apply)."""
+    try:
+        lifecycle = importlib.import_module("pkvm_sim.tools.lifecycle")
+    except ImportError:
+        raise NotImplementedError("this build has no scenario vm-lifecycle") from None
+    result = lifecycle.run_vm_lifecycle(point.sim_config())
+    return {"vm_limit": result.vm_limit}
 
 
 def _run_mmio_pressure(point: Point) -> Row:
