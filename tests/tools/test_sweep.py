@@ -276,11 +276,15 @@ def test_dask_scheduler_and_workers_give_the_in_process_rows(tmp_path: Path,
 
 @pytest.mark.parametrize("argv", [
     ["capacity", "--memblock", "0x40000000:1G", "--max-vms", "2", "--json"],
-    ["sweep", str(EXAMPLE), "--scheduler", "none", "--quiet", "--out", "{out}"],
+    ["sweep", "{grid}", "--scheduler", "none", "--quiet", "--out", "{out}"],
 ])
 def test_offline_runs_load_neither_grpc_nor_dask(argv: list[str], tmp_path: Path) -> None:
     """capacity and an in-process sweep need neither the service's gRPC nor Dask."""
-    argv = [a.replace("{out}", str(tmp_path / "rows.csv")) for a in argv]
+    grid = tmp_path / "grid.toml"
+    grid.write_text('runs = ["reserve", "capacity"]\n[machines]\nm = ["0x40000000:1G"]\n'
+                    '[shapes]\ns = { vcpus = 1, memory = "256M" }\n')
+    argv = [a.replace("{out}", str(tmp_path / "rows.csv")).replace("{grid}", str(grid))
+            for a in argv]
     code = (f"import sys; from pkvm_sim.cli import main; main({argv!r}); "
             "print('grpc' in sys.modules, 'distributed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
