@@ -21,6 +21,8 @@ one by one (`add_vm`) until the first refusal. The refusal names the limit that 
                       no VM table: v5.x extension VMs, v6.1's EL1-only VMs) or, against a
                       server, its quotas (QUOTA_EXCEEDED: max_vms, quota_slice_pages)
     max-vms           --max-vms was reached without a refusal
+    not-modelled      no answer: the simulator refuses VMs of this profile (NOT_MODELLED)
+                      until its run-time rules are implemented
 
 What one VM costs is whatever the core's VM model says (`Hypervisor.create_vm`, host shares,
 guest maps and memcache top-ups): `add_vm` is the single place a VM of a shape is built, so
@@ -74,6 +76,7 @@ class Limit(StrEnum):
     MEMCACHE = "memcache"
     SERVICE_CAP = "service-cap"
     MAX_VMS = "max-vms"
+    NOT_MODELLED = "not-modelled"  # the profile's VM rules are not in the simulator yet
     OTHER = "other"  # a refusal none of the above explains: its reason is reported
 
 
@@ -84,6 +87,7 @@ _LIMIT_OF_REASON = {
     "POOL_EXHAUSTED": Limit.HOST_S2_POOL,  # the only pool add_vm's steps allocate from
     "MEMCACHE_EMPTY": Limit.MEMCACHE,
     "QUOTA_EXCEEDED": Limit.SERVICE_CAP,
+    "NOT_MODELLED": Limit.NOT_MODELLED,
 }
 
 
