@@ -177,8 +177,8 @@ def test_ctrl_c_keeps_finished_rows_and_says_how_many_are_missing(tmp_path: Path
     if "--workers" in where:
         require_dask()
     grid = tmp_path / "grid.toml"
-    # 40 capacity points of ~2000 small guests each: long enough to interrupt half-way.
-    machines = "\n".join(f'm{i} = ["0x40000000:32G"]' for i in range(40))
+    # 40 capacity points of ~250 small guests each: the signal comes after the first.
+    machines = "\n".join(f'm{i} = ["0x40000000:4G"]' for i in range(40))
     grid.write_text('runs = ["capacity"]\nprofiles = ["v6.1"]\n[shapes]\n'
                     f's = {{ vcpus = 1, memory = "16M" }}\n[machines]\n{machines}\n')
     out = tmp_path / "rows.csv"
