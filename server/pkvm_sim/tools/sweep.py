@@ -81,6 +81,7 @@ RESULT_COLUMNS = (
 )
 COLUMNS = POINT_COLUMNS + RESULT_COLUMNS
 DEFAULT_MMIO_SPANS = tuple(DEFAULT_SPANS.split(","))  # scenario mmio-pressure's
+MMIO_FAULTS_PER_SPAN = 200  # a grid's default: a tenth of the scenario's, for many points
 Row = dict[str, Any]
 
 
@@ -110,16 +111,19 @@ class Point:
                                        "page_size": self.page_size,
                                        "memblocks": list(self.memblocks)})
 
+    @property
+    def memory_bytes(self) -> int:
+        return sum(parse_size(m.partition(":")[2]) for m in self.memblocks)
+
     def cost_estimate(self) -> int:
         """A rough relative run time, to start the longest points first (fewer idle workers
         at the end of a sweep): capacity adds up to RAM / guest memory VMs; mmio-pressure
         runs its faults; reserve is arithmetic."""
-        memory = sum(parse_size(m.partition(":")[2]) for m in self.memblocks)
         if self.run == "capacity" and self.shape is not None:
-            return 10 + min(memory // self.shape.memory_bytes, 4096)
+            return 10 + min(self.memory_bytes // self.shape.memory_bytes, 4096)
         if self.run == "mmio-pressure":
             options = dict(self.options)
-            return 10 + int(options.get("faults_per_span", 200)) * len(
+            return 10 + int(options.get("faults_per_span", MMIO_FAULTS_PER_SPAN)) * len(
                 options.get("spans", DEFAULT_MMIO_SPANS))
         return 1
 
@@ -130,7 +134,7 @@ class Point:
         row.update(
             point=self.index, run=self.run, profile=self.profile,
             page_size=PAGE_SIZES[self.page_size], machine=self.machine,
-            memory_bytes=sum(parse_size(m.partition(":")[2]) for m in self.memblocks),
+            memory_bytes=self.memory_bytes,
             shape=self.shape_name or None, seed=self.seed,
             vcpus=shape.vcpus if shape else None,
             guest_memory_bytes=shape.memory_bytes if shape else None,
@@ -295,7 +299,8 @@ def _run_mmio_pressure(point: Point) -> Row:
              else parse_size(s) for s in options.get("spans", DEFAULT_MMIO_SPANS)]
     assert point.seed is not None
     result = run_mmio_pressure(build_config(args, point.profile), spans,
-                               int(options.get("faults_per_span", 200)), point.seed)
+                               int(options.get("faults_per_span", MMIO_FAULTS_PER_SPAN)),
+                               point.seed)
     return result.as_dict()
 
 
