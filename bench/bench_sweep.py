@@ -36,7 +36,7 @@ def grid(quick: bool) -> list[Point]:
         "profiles": ["v6.1", "v6.12"],
         "page_sizes": ["4K", "16K"],
         "machines": {f"ram-{g}g": [f"0x40000000:{g}G"] for g in gibs},
-        "shapes": {"small": {"vcpus": 1, "memory": "16M"},
+        "shapes": {"small": {"vcpus": 1, "memory": "64M"},
                    "std": {"vcpus": 2, "memory": "1G"}},
     }
     return parse_grid(doc).points()
