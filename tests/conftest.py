@@ -66,6 +66,7 @@ LANES_BY_NODE_ID: dict[str, tuple[str, ...]] = {
     "tests/tools/test_plots.py": ("slow",),
     "tests/tools/test_capacity.py::test_without_a_kernel_vm_table": ("slow",),
     "tests/tools/test_capacity.py::test_plot_draws_a_picture": ("slow",),
+    "tests/tools/test_capacity.py::test_one_vm_costs_what_vm_lifecycle_says": ("slow",),
     "tests/tools/test_sweep.py::test_in_process_sweep_writes_rows_and_plot": ("slow",),
     "tests/tools/test_load.py::test_json_csv_and_html_reports": ("slow",),
     "tests/tools/test_load.py::test_max_ops_bounds_each_vm": ("slow",),

@@ -297,13 +297,13 @@ def test_one_vm_costs_what_vm_lifecycle_says(profile: str) -> None:
         pytest.skip("this build has no `scenario vm-lifecycle` (the run-time model's)")
     phases = {phase["phase"]: phase for phase in report["phases"]}
     boot, first = phases["boot"], phases["vm1-1vcpu"]
-    result = capacity(config(profile, **LIFECYCLE_MACHINE), GuestShape(vcpus=1,
-                                                                       memory_bytes=4096))
+    result = capacity(config(profile, **LIFECYCLE_MACHINE),
+                      GuestShape(vcpus=1, memory_bytes=4096), max_vms=LIFECYCLE_VM_CAP)
     assert result.first_vm_hyp_pool_pages == (boot["hyp_pool_free_pages"]
                                               - first["hyp_pool_free_pages"])
     assert result.first_vm_donated_pages == first["donated_pages"]
     assert result.first_vm_shared_pages == first["shared_pages"]
-    if report["vm_limit"] is None:
-        assert result.vms >= LIFECYCLE_VM_CAP
+    if report["vm_limit"] is None:  # no refusal up to the cap, here either
+        assert (result.vms, result.binding_limit) == (LIFECYCLE_VM_CAP, Limit.MAX_VMS)
     else:
         assert result.vms == report["vm_limit"]
