@@ -130,3 +130,12 @@ def test_dask_knows_every_flag_the_stack_passes(role: str, services: dict[str, A
 def test_the_deploy_readme_documents_the_sweep_stack() -> None:
     readme = (DEPLOY_DIR / "README.md").read_text()
     assert SWEEP_YML.name in readme and "PKVM_SIM_EXTRAS" in readme
+
+
+def test_the_workers_get_the_sweeps_worker_settings(services: dict[str, Any]) -> None:
+    """What a local sweep cluster sets (WORKER_CONFIG), the compose workers get through Dask's
+    environment variables (DASK_ + the key's parts joined by __, upper case)."""
+    expected = {"DASK_" + key.replace(".", "__").replace("-", "_").upper(): str(value)
+                for key, value in sweep.WORKER_CONFIG.items()}
+    for name in WORKERS:
+        assert services[name]["environment"] == expected, name

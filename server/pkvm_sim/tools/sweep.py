@@ -389,10 +389,7 @@ def run_on_dask(points: Sequence[Point], scheduler: str | None, workers: int,
     except ImportError as error:
         raise SweepSetupError("sweep on Dask needs the sweep extra: pip install "
                               "'pkvm-sim[sweep]' (or --scheduler none)") from error
-    cluster = None
-    if scheduler is None:
-        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
+    cluster = local_cluster(workers) if scheduler is None else None
     try:
         client = distributed.Client(cluster if cluster is not None else scheduler,
                                     timeout=CONNECT_S)
@@ -413,6 +410,31 @@ def run_on_dask(points: Sequence[Point], scheduler: str | None, workers: int,
         if cluster is not None:
             cluster.close()
     return rows
+
+
+# Worker settings for CPU-bound pure-Python tasks. A worker's own threads take the GIL from
+# the task's thread: the statistical profiler samples every 10 ms and the event loop ticks
+# every 20 ms; with them, a point took 2 to 3 times its CPU time in wall time (probe on this
+# project's machine). Set on workers the sweep starts; for a cluster of yours, the same in
+# the environment (deploy/docker-compose.sweep.yml does): DASK_DISTRIBUTED__WORKER__PROFILE__
+# ENABLED=False, DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s,
+# DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s.
+WORKER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+
+
+def local_cluster(workers: int) -> Any:
+    """A `distributed.LocalCluster` of `workers` single-threaded worker processes, with
+    WORKER_CONFIG (the nannies hand the configuration to the processes they start)."""
+    distributed: Any = importlib.import_module("distributed")
+    dask: Any = importlib.import_module("dask")
+    with dask.config.set(WORKER_CONFIG):
+        return distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
+                                        processes=True, dashboard_address=None,
+                                        silence_logs=logging.ERROR)
 
 
 def run_with_client(client: Any, points: Sequence[Point], on_row: Callable[[Row], None],
