@@ -1,7 +1,7 @@
 # One way to run things: the README and .ci/run both go through these targets.
 #
 #   make serve   install the service only (runtime dependencies), then run it with the
-#                built-in default config
+#                built-in default config; flags in ARGS: make serve ARGS="--profile v5.13"
 #   make test    install (project + test tools), then run the whole pytest suite
 #   make check   the fast lane: no system installs; every test but those marked as needing
 #                QEMU, Podman, Prometheus, test tools, Locust, Node, fresh venvs, a Dask
@@ -11,6 +11,8 @@
 #   make lint    ruff + mypy (separate on purpose: `make test` does not depend on it)
 #   make bench   run every bench/bench_*.py
 #   make proto   regenerate the protobuf/gRPC code under proto/
+#   make initrd  cross-compile the static arm64 /init of `kernel-check --lifecycle` into
+#                build/el2-initrd.cpio (needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross)
 #   make clean   remove the venv and every cache/build artifact
 
 SHELL := /bin/bash
@@ -45,10 +47,10 @@ PYTEST_ARGS ?=
 SLOW_LANES := qemu or podman or prometheus or tools or locust or node or install or cluster or slow
 
 .PHONY: help install install-runtime system-packages runtime-system-packages tools serve test check \
-	container-images lint bench proto image lock clean
+	container-images lint bench proto image lock clean initrd
 
 help:
-	@echo "targets: install install-runtime tools serve test check lint bench proto image lock clean"
+	@echo "targets: install install-runtime tools serve test check lint bench proto image lock clean initrd"
 
 install: $(INSTALL_STAMP)
 install-runtime: $(RUNTIME_STAMP)
@@ -86,8 +88,10 @@ $(SCHEMA_CHECK_STAMP): $(SCHEMA_CHECK_DIR)/package.json $(SCHEMA_CHECK_DIR)/pack
 	  echo "warning: npm not found; the dashboard JSON-schema test will be skipped" >&2; \
 	fi
 
+# ARGS: flags for `pkvm-sim serve` (see `pkvm-sim serve --help`), e.g. ARGS="--max-vms 64".
+ARGS ?=
 serve: install-runtime
-	$(BIN)/pkvm-sim serve
+	$(BIN)/pkvm-sim serve $(ARGS)
 
 # What the tests drive (prometheus/promtool, node/npm, podman, runc, debootstrap, python3-venv)
 # or only what the service needs (--runtime: python3-venv): installed only where missing
@@ -129,6 +133,10 @@ bench: install
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto \
 	  --pyi_out=proto proto/pkvm/v1/*.proto
+
+initrd: install
+	mkdir -p build
+	$(BIN)/python -m pkvm_sim.tools.el2_initrd build/el2-initrd.cpio
 
 # The project's image, built with Podman: the base image is a local stand-in made with
 # debootstrap (scripts/podman-images), passed as PYTHON_IMAGE. Needs root.

@@ -30,6 +30,7 @@ if os.environ.get("CI"):
 LANES_BY_NODE_ID: dict[str, tuple[str, ...]] = {
     # what a test drives beyond the venv
     "tests/kernel/": ("qemu",),
+    "tests/tools/test_el2_initrd.py::test_init_is_a_static_arm64_executable": ("qemu",),
     "tests/deploy/test_container.py": ("podman",),
     "tests/deploy/test_container_quickstart.py": ("podman",),
     "tests/deploy/test_compose_stack.py": ("podman", "prometheus"),
@@ -69,6 +70,8 @@ LANES_BY_NODE_ID: dict[str, tuple[str, ...]] = {
     "tests/tools/test_capacity.py::test_one_vm_costs_what_vm_lifecycle_says": ("slow",),
     "tests/tools/test_sweep.py::test_in_process_sweep_writes_rows_and_plot": ("slow",),
     "tests/tools/test_load.py::test_json_csv_and_html_reports": ("slow",),
+    "tests/tools/test_load_verdict.py": ("slow",),
+    "tests/service/test_serve_cli.py::test_make_serve_passes_args": ("slow",),
     "tests/tools/test_load.py::test_max_ops_bounds_each_vm": ("slow",),
     "tests/tools/test_load.py::test_progress_lines_and_terminal_progress": ("slow",),
     "tests/tools/test_load.py::test_open_loop_charges_a_stalled_server": ("slow",),

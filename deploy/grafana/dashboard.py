@@ -112,8 +112,8 @@ def overview() -> list[tuple[Builder[dm.Panel], int, int]]:
     return [
         (stat_panel("Metrics endpoint", "1 while Prometheus scrapes the target.", "none",
                     f"up{{{JOB}}}", "{{instance}}"), 4, 4),
-        (stat_panel("Configuration", "pkvm_sim_info: profile, hyp_page layout (bytes per "
-                    "struct hyp_page) and page size of each instance.", "none",
+        (stat_panel("Configuration", "pkvm_sim_info: profile (v5.13 to v7.3), hyp_page "
+                    "layout (bytes per struct hyp_page) and page size of each instance.", "none",
                     f"max by (profile, layout, page_size, version) (pkvm_sim_info{{{JOB}}})",
                     "{{profile}}, {{layout}}-byte hyp_page, {{page_size}} B pages")
          .text_mode(common.BigValueTextMode.NAME), 6, 4),  # the labels are the point
@@ -255,7 +255,8 @@ def overhead_panels() -> list[tuple[Builder[dm.Panel], int, int]]:
                    "pool, host stage-2 pool(s), rounding slack.", "bytes",
                    f"max by (part) (pkvm_carveout_bytes{{{JOB}}})", "{{part}}"), 8, 8),
         (bar_panel("hyp_vmemmap per layout", "What the covered memory's hyp_vmemmap costs with "
-                   "a 32-byte (v5.13), 4-byte (v5.14) or 2-byte struct hyp_page.", "bytes",
+                   "a 32-byte (v5.13), 8-byte (v6.18, v7.3), 4-byte (v5.14 to v6.12) or "
+                   "2-byte struct hyp_page.", "bytes",
                    f"max by (layout) (pkvm_vmemmap_layout_bytes{{{JOB}}})",
                    "{{layout}}-byte hyp_page"), 8, 8),
         (series_panel("hyp_vmemmap overhead", "hyp_vmemmap bytes per byte of covered memory "

@@ -53,8 +53,21 @@ from pkvm_sim.tools.load.workloads import (
 def blocking(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run one blocking SDK call on a native thread of gevent's pool; the user's greenlet
     waits cooperatively. (grpc's own gevent integration, `init_gevent()`, was tried first:
-    under a few users it lost calls, leaving users blocked forever without a deadline.)"""
-    return gevent.get_hub().threadpool.apply(fn, args, kwargs)
+    under a few users it lost calls, leaving users blocked forever without a deadline.)
+
+    A refusal comes back as a value and is raised here, in the user's greenlet: raised in
+    the pool's thread, gevent's hub would print it as a traceback (one per refusal, even
+    for the answers this file counts as fine) before passing it on."""
+    def in_thread() -> tuple[bool, Any]:
+        try:
+            return True, fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 (re-raised below, in the greenlet)
+            return False, error
+
+    ok, value = gevent.get_hub().threadpool.apply(in_thread)
+    if not ok:
+        raise value
+    return value
 
 
 @events.init_command_line_parser.add_listener

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+
+from pkvm_sim import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("pkvm_sim.service.serve", "run the gRPC service (default configuration: 4 GiB)"),
@@ -30,6 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pkvm-sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=version_text())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -45,13 +50,37 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 SERVER_ONLY_MODULES = frozenset({"grpc_health", "grpc_reflection", "grpc_status",
                                  "prometheus_client"})
 EXIT_USAGE = 2
+# A reader that went away (`pkvm-sim reserve --compare | head -1`): end as quietly as `cat`
+# does, with the status of a process killed by SIGPIPE.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def version_text() -> str:
+    return f"pkvm-sim {__version__}"
+
+
+def _quiet_after_broken_pipe() -> int:
+    """Point stdout at /dev/null so that the interpreter's final flush of what is still
+    buffered cannot raise BrokenPipeError a second time at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:  # a subcommand's module may import them when loaded, or only when it runs
         args = build_parser(argv).parse_args(argv)
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a pipe that closed early shows up here, inside the try
+        return code
+    except BrokenPipeError:
+        return _quiet_after_broken_pipe()
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in SERVER_ONLY_MODULES:
             raise

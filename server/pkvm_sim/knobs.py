@@ -25,6 +25,16 @@ SIM = "sim"
 SERVER = "server"
 LIMITS = "limits"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENV_PREFIX = "PKVM_SIM_"
+# PKVM_SIM_* variables that are not `serve` knobs: the config file, the singular spelling of
+# PKVM_SIM_MEMBLOCKS, and the variables of other tools of the project, which a user may well
+# have exported in the same shell (deploy/*.yml, scripts/, kernel-check, interop/node).
+ENV_NOT_KNOBS = frozenset({
+    "PKVM_SIM_CONFIG", "PKVM_SIM_MEMBLOCK",
+    "PKVM_SIM_IMAGE", "PKVM_SIM_GRPC_PORT", "PKVM_SIM_METRICS_PORT",
+    "PKVM_SIM_V513_GRPC_PORT", "PKVM_SIM_V514_GRPC_PORT",
+    "PKVM_SIM_KERNEL_CACHE", "PKVM_SIM_DEBIAN_MIRROR", "PKVM_SIM_CACHE", "PKVM_SIM_TARGET",
+})
 
 
 def non_negative_int(value: Any) -> int:
@@ -83,21 +93,31 @@ class Knob:
     def option(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
 
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
 
 SIM_KNOBS = (
     Knob("profile", SIM, "kernel modelled", profile_help()),
-    Knob("hyp_page_layout", SIM, "struct hyp_page size (none: the profile's)", "32|4|2"),
+    Knob("hyp_page_layout", SIM, "struct hyp_page size (none: the profile's)", "32|8|4|2"),
     Knob("page_size", SIM, "PAGE_SIZE", "4K|16K|64K"),
     Knob("vmemmap_coverage", SIM, "vmemmap coverage", "carveout|all"),
     Knob("max_order_formula", SIM, "hyp_pool max_order formula", "v5.14|v5.17|v6.4"),
     Knob("memblocks", SIM, "RAM region, repeatable (env: comma-separated)", "BASE:SIZE",
          flag="--memblock"),
-    Knob("ia_bits", SIM, "host stage-2 input address bits", "N"),
-    Knob("nr_cpus", SIM, "CPUs", "N"),
-    Knob("hyp_s1_early_used_pages", SIM, "hyp pool pages reserved", "N"),
+    Knob("ia_bits", SIM, "host stage-2 input address bits (32..52; above 48 needs LPA2, "
+         "v6.9+, or 64K pages)", "N"),
+    Knob("nr_cpus", SIM, "CPUs (EL2 maps each one's per-CPU area, stack, fixmap)", "N"),
+    Knob("hyp_s1_early_used_pages", SIM, "hyp pool pages the boot stage-1 took (none: "
+         "what the modelled boot takes, v6.1/v6.12)", "N"),
     Knob("hyp_pool_extra_pages", SIM, "enlarge the hyp pool by N pages", "N"),
     Knob("carveout_base", SIM, "place the carve-out here (none: top-down)", "ADDR"),
     Knob("faithful_bugs", SIM, "reproduce the kernel's quirks (v5.13)", "BOOL"),
+    Knob("kernel_image_base", SIM, "where the kernel image sits (none: QEMU virt's, RAM "
+         "base + 2 MiB)", "ADDR"),
+    Knob("kvm_percpu_base", SIM, "where KVM's per-CPU host allocations start (none: 10 MiB "
+         "into the RAM above 4 GiB, as on QEMU virt)", "ADDR"),
 )
 SERVER_KNOBS = (
     Knob("listen", SERVER, "gRPC address (0.0.0.0 to serve other machines)", "HOST:PORT",
@@ -193,9 +213,10 @@ def describe_default(value: Any) -> str:
     return str(value)
 
 
-def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob]) -> None:
+def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob], env: bool) -> None:
     for knob in knobs:
-        text = f"{knob.help} (default {describe_default(default_of(knob))})"
+        also = f"; env {knob.env}" if env else ""
+        text = f"{knob.help} (default {describe_default(default_of(knob))}{also})"
         if knob.name == "memblocks":
             parser.add_argument(knob.option, dest=knob.name, action="append",
                                 metavar=knob.metavar, help=text)
@@ -204,16 +225,37 @@ def _add(parser: argparse.ArgumentParser, knobs: Iterable[Knob]) -> None:
 
 
 def add_sim_arguments(
-    parser: argparse.ArgumentParser, only: Iterable[str] | None = None
+    parser: argparse.ArgumentParser, only: Iterable[str] | None = None, env: bool = False
 ) -> None:
     """The simulated machine's knobs as flags, all or `only` those named (serve, and any
-    tool that builds a SimConfig: `SimConfig.from_mapping(vars(args))` takes them)."""
+    tool that builds a SimConfig: `SimConfig.from_mapping(vars(args))` takes them). With
+    `env` the help names each knob's PKVM_SIM_* variable (serve reads them; others do not)."""
     wanted = None if only is None else set(only)
-    _add(parser, (k for k in SIM_KNOBS if wanted is None or k.name in wanted))
+    _add(parser, (k for k in SIM_KNOBS if wanted is None or k.name in wanted), env)
 
 
 def add_service_arguments(parser: argparse.ArgumentParser) -> None:
-    _add(parser, SERVICE_KNOBS)
+    _add(parser, SERVICE_KNOBS, env=True)
+
+
+def unknown_env_variables(environ: Iterable[str]) -> list[str]:
+    """PKVM_SIM_* names in `environ` that are no knob (a typo would otherwise be silently
+    ignored, where the same typo in a config file is an error)."""
+    known = {knob.env for knob in ALL_KNOBS} | ENV_NOT_KNOBS
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
+def env_error(names: list[str]) -> str:
+    """The one-line error for unknown PKVM_SIM_* variables, with the likely meant ones."""
+    import difflib  # noqa: PLC0415
+
+    known = sorted({knob.env for knob in ALL_KNOBS} | ENV_NOT_KNOBS)
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return (f"unknown environment variable{'s' if len(names) > 1 else ''}: {', '.join(parts)};"
+            " `pkvm-sim serve --help` names every PKVM_SIM_* variable")
 
 
 def parse_service_value(name: str, value: Any) -> Any:

@@ -59,7 +59,7 @@ def test_unknown_profile_names_the_known_ones() -> None:
 def test_registry_order_is_oldest_first() -> None:
     names = profile_names()
     assert names[:2] == ("v5.13", "v5.14")
-    versions = [version_key(n) for n in names]  # "v6.12+guest-share" is (6, 12)
+    versions = [version_key(n) for n in names]
     assert versions == sorted(versions)
 
 

@@ -244,3 +244,26 @@ def test_fault_tables_allocated_is_net_of_the_recycle() -> None:
     for pfn in drained:
         pool.put_page(pfn)
     hv.audit()
+
+
+def test_guest_map_refused_at_the_refcount_limit_changes_nothing() -> None:
+    """64K pages and the 2-byte hyp_page (13-bit refcount, max 8191): a guest level-3 table
+    holds 8192 entries, so the 8191st leaf in one table would need refcount 8192. The map
+    is planned before the first change (as the host side is): the host page stays OWNED,
+    the memcache is not refilled, and audit() passes. One host page is mapped at every IPA
+    (a page shared with guests may be shared again), so the host stage-2 gains one leaf."""
+    hv = boot(profile="v5.14", page_size="64K", hyp_page_layout="2",
+              memblocks=["0x80000000:2G"])
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=8192)
+    hv.topup_memcache(vm.handle, 4)
+    limit = hv.vmemmap.layout.refcount_max  # 8191: a table can hold 8190 entries
+    for i in range(limit - 1):
+        hv.guest_map(vm.handle, i * P64K, vm.slice_base_pfn)
+    hv.topup_memcache(vm.handle, 4)
+    pfn = vm.slice_base_pfn + 1
+    before = hv.canonical_dump(host_tables=True)
+    with pytest.raises(RefcountLimit):
+        hv.guest_map(vm.handle, (limit - 1) * P64K, pfn)
+    assert hv.canonical_dump(host_tables=True) == before
+    assert hv.page_info(pfn).host_state is PageState.OWNED
+    hv.audit()

@@ -101,9 +101,21 @@ def test_every_knob_is_declared_once_with_its_owners_default() -> None:
     assert {k.name for k in knobs.SERVER_KNOBS} - settings == {"log_level", "state_file"}
     helps = {action.dest: action.help for action in _parser()._actions}
     # The help text shows the defaults of the dataclasses that own the knobs.
-    assert "(default 8)" in helps["nr_cpus"] and SimConfig().nr_cpus == 8
-    assert f"(default {Limits().quota_hyp_pages})" in helps["quota_hyp_pages"]
-    assert f"(default {ServerSettings().listen})" in helps["listen"]
+    # The help text shows the defaults of the dataclasses that own the knobs, and the
+    # environment variable serve reads for each.
+    assert "(default 8; env PKVM_SIM_NR_CPUS)" in helps["nr_cpus"] and SimConfig().nr_cpus == 8
+    assert f"(default {Limits().quota_hyp_pages}; env PKVM_SIM_QUOTA_HYP_PAGES)" in \
+        helps["quota_hyp_pages"]
+    assert f"(default {ServerSettings().listen}; env PKVM_SIM_LISTEN)" in helps["listen"]
+
+
+def test_an_unknown_environment_variable_is_refused_like_an_unknown_file_key() -> None:
+    with pytest.raises(ValueError, match=r"PKVM_SIM_NR_CPU \(did you mean PKVM_SIM_NR_CPUS\?\)"):
+        serve.resolve(parse(), environ={"PKVM_SIM_NR_CPU": "4"})
+    # the config file's and the project's other tools' variables are not knobs, and pass
+    config, _ = serve.resolve(parse(), environ={"PKVM_SIM_IMAGE": "x", "PKVM_SIM_NR_CPUS": "4",
+                                                "PKVM_SIM_KERNEL_CACHE": "/tmp"})
+    assert config.nr_cpus == 4
 
 
 def test_a_tool_can_take_a_subset_of_the_machine_knobs() -> None:

@@ -222,7 +222,9 @@ def test_stop_during_a_heavy_batch_ends_within_grace() -> None:
         stream = OpenStream(stub, bearer(vm.token))
         stream.requests.put(heavy_batch(vm.vm))
         time.sleep(0.3)
-        service.stop(1.0)  # returns once the server has stopped
+        # A grace long enough for the server to say goodbye on a loaded machine; the batch
+        # still stops at its next chunk, long before it would have ended.
+        service.stop(10.0)
         partial = next(stream.call)  # the batch's answer: what ran, the rest ABORTED
         assert 0 < partial.completed < 4096
         assert set(partial.codes[partial.completed:]) == {10}

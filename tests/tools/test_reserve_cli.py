@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 from pkvm_sim.tools import reserve
@@ -193,7 +194,8 @@ def test_compare_any_profiles_json(capsys: pytest.CaptureFixture[str]) -> None:
     both = json.loads(out)
     assert list(both) == ["v6.1", "v6.12"]
     code, out, _ = invoke(["--compare", "all", "--json"], capsys)
-    assert code == 0 and list(json.loads(out)) == ["v5.13", "v5.14", "v6.1", "v6.12"]
+    assert code == 0 and list(json.loads(out)) == ["v5.13", "v5.14", "v6.1", "v6.12", "v6.18",
+                                                    "v7.3"]
     code, out, _ = invoke(["--compare", "v6.1,v6.12", "--json", "--memblock", "0x40000000:4G"],
                           capsys)
     both = json.loads(out)
@@ -229,7 +231,11 @@ def test_reserve_and_serve_share_one_declaration_of_the_machine_flags() -> None:
     machine = {"--memblock", "--profile", "--page-size", "--hyp-page-layout",
                "--vmemmap-coverage", "--carveout-base", "--hyp-pool-extra-pages"}
     assert machine <= set(reserve_flags)
-    assert all(reserve_flags[flag] == serve_flags[flag] for flag in machine)
+    # serve's help adds the knob's environment variable, which only serve reads.
+    for flag in machine:
+        env = serve_flags[flag]
+        assert env is not None and re.search(r"; env PKVM_SIM_[A-Z_]+\)$", env), env
+        assert re.sub(r"; env PKVM_SIM_[A-Z_]+\)$", ")", env) == reserve_flags[flag]
 
 
 def test_reserve_loads_no_grpc() -> None:

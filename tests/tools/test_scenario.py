@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pkvm_sim.cli import main
@@ -88,12 +89,87 @@ def test_4k_mmio_pool_runs_dry_with_a_4_level_stage2(
 def test_all_profiles_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
     """ia_bits 48: v6.x maps a whole 512 GiB window per MMIO fault (host_stage2_adjust_range),
     so of 300 faults over 256 TiB some land in windows already mapped (spurious) and fewer
-    map anything than in v5.x, where every fault maps its own 1 GiB block."""
+    map anything than in v5.x, where every fault maps its own 1 GiB block. v6.16+ (v6.18,
+    v7.3) maps one block of the first level that has blocks, 1 GiB here, as v5.x does."""
     out = run_json(capsys, "mmio-pressure", "--profile", "all", "--ia-bits", "48",
                    "--spans", "256T", "--faults-per-span", "300")
     results = out["results"]
     assert isinstance(results, dict)
-    assert list(results) == ["v5.13", "v5.14", "v6.1", "v6.12"]
+    assert list(results) == ["v5.13", "v5.14", "v6.1", "v6.12", "v6.18", "v7.3"]
     mapped = {p: r["mmio_faults_before_recycle"] for p, r in results.items()}
-    assert mapped["v5.13"] == mapped["v5.14"] == 300
+    assert mapped["v5.13"] == mapped["v5.14"] == mapped["v6.18"] == mapped["v7.3"] == 300
     assert mapped["v6.1"] == mapped["v6.12"] < 300
+
+
+# -- vm-lifecycle: what a VM costs at EL2 (issue 16) -------------------------------------------
+
+# Real kernels under QEMU (-M virt, -cpu max, protected mode), 4 GiB at 0x4000_0000, 1 CPU,
+# EL2's memory read with the QEMU monitor after each step:
+# (hyp pool free pages, stage-1 table pages, donated pages, shared pages).
+REAL_4G_1CPU = {
+    "v6.12": [(2534, 37, 0, 0), (2531, 40, 20, 3), (2534, 37, 0, 0), (2531, 40, 26, 8),
+              (2531, 40, 46, 11), (2534, 37, 0, 0)],
+    "v6.1": [(2536, 33, 0, 0), (2535, 34, 0, 5), (2536, 33, 0, 0), (2535, 34, 0, 13),
+             (2535, 34, 0, 16), (2536, 33, 0, 0)],
+}
+REAL_VM_LIMIT = {"v6.12": 255, "v6.1": None}  # 6.12: the 256th KVM_RUN fails; 6.1: none
+
+
+@pytest.mark.parametrize("profile", ["v6.12", "v6.1"])
+def test_vm_lifecycle_json_equals_the_real_kernel(capsys: pytest.CaptureFixture[str],
+                                                  profile: str) -> None:
+    out = run_json(capsys, "vm-lifecycle", "--profile", profile, "--cpus", "1",
+                   "--memblock", "0x40000000:4G", "--vm-cap", "300")
+    assert set(out) == {"phases", "vm_limit"}
+    phases = out["phases"]
+    assert isinstance(phases, list)
+    assert [p["phase"] for p in phases] == ["boot", "vm1-1vcpu", "vm1-destroyed",
+                                            "vm2-4vcpus", "vm2-and-vm3", "all-destroyed"]
+    got = [(p["hyp_pool_free_pages"], p["hyp_s1_table_pages"], p["donated_pages"],
+            p["shared_pages"]) for p in phases]
+    assert got == REAL_4G_1CPU[profile]
+    assert out["vm_limit"] == REAL_VM_LIMIT[profile]
+
+
+def test_vm_lifecycle_on_a_machine_it_was_not_written_for(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Real 6.12 under QEMU, 2 GiB at 0x4000_0000 (no RAM above 4 GiB), 1 CPU."""
+    out = run_json(capsys, "vm-lifecycle", "--profile", "v6.12", "--memblock",
+                   "0x40000000:2G", "--vm-cap", "300")
+    phases = out["phases"]
+    assert isinstance(phases, list)
+    got = [(p["hyp_pool_free_pages"], p["hyp_s1_table_pages"], p["donated_pages"],
+            p["shared_pages"]) for p in phases]
+    assert got == [(1514, 31, 0, 0), (1511, 34, 20, 3), (1514, 31, 0, 0), (1511, 34, 26, 8),
+                   (1511, 34, 46, 11), (1514, 31, 0, 0)]
+
+
+def test_vm_lifecycle_without_lpa2_uses_a_48_bit_hyp_va(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Real 6.12 with QEMU's lpa2=off (IPA limit 48): a 4-level hyp stage-1 (33 boot tables,
+    not 37) and a 1-page guest PGD (donations 1 + 2 + 2)."""
+    out = run_json(capsys, "vm-lifecycle", "--profile", "v6.12", "--ia-bits", "48",
+                   "--memblock", "0x40000000:4G", "--vm-cap", "0")
+    phases = out["phases"]
+    assert isinstance(phases, list)
+    assert (phases[0]["hyp_pool_free_pages"], phases[0]["hyp_s1_table_pages"]) == (2538, 33)
+    assert phases[1]["donated_pages"] == 5
+
+
+def test_vm_lifecycle_table_and_plot(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    picture = tmp_path / "pool.png"
+    assert main(["scenario", "vm-lifecycle", "--profile", "v6.12", "--profile", "v6.1",
+                 "--vm-cap", "10", "--plot", str(picture)]) == 0
+    text = capsys.readouterr().out
+    assert "vm-lifecycle v6.12" in text and "vm-lifecycle v6.1" in text
+    assert "255" not in text.split("VM limit")[1].splitlines()[0]  # capped at 10: none
+    assert picture.stat().st_size > 10_000 and picture.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv", [["--ia-bits", "52", "--profile", "v6.1"],
+                                  ["--memblock", "lots"], ["--vm-cap", "-1"]])
+def test_vm_lifecycle_bad_input_is_a_clear_error(capsys: pytest.CaptureFixture[str],
+                                                 argv: list[str]) -> None:
+    assert main(["scenario", "vm-lifecycle", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scenario: error: ") and "Traceback" not in err

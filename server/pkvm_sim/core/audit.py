@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING
 
+from .host_memory import HOST_OWNED_TAGS
 from .model import PoolKind
 from .pgtable import (
     ANNOTATED,
@@ -66,7 +67,9 @@ def audit(hv: Hypervisor) -> None:
     owned_hyp = {pfn for pfn, (_h, kind) in hv._owners.items() if kind is PoolKind.HYP}
     s1_tables = hv.hyp_stage1.table_pages()
     assert not owned_hyp & set(s1_tables), "a VM's block is also a hyp stage-1 table"
-    assert hyp_held == owned_hyp | set(s1_tables), \
+    boot_tables = set(hv.hyp_stage1.pool_boot_tables.values())
+    assert not boot_tables & (owned_hyp | set(s1_tables)), "a boot table is also held otherwise"
+    assert hyp_held == owned_hyp | set(s1_tables) | boot_tables, \
         "hyp pool blocks differ from VM ownership records + hyp stage-1 tables"
     expected = hv.hyp_stage1.expected_entries()
     for pfn, (_level, entries) in s1_tables.items():
@@ -79,8 +82,12 @@ def audit(hv: Hypervisor) -> None:
     for handle, vm in hv._vms.items():
         alloc = hm.allocations.get(vm.slice_base_pfn)
         assert alloc is not None and alloc.owner == f"slice:{handle}"
+        for pfn in vm.struct_pfns:
+            alloc = hm.allocation_at(pfn)
+            assert alloc is not None and alloc.owner.startswith("slab:")
+            assert pfn in hv._kernel_shared, f"struct page {pfn:#x} of VM {handle:#x} not shared"
         if vm.pool is None:
-            assert Operation.VMS not in hv.operations and vm.pgt is None
+            assert (Operation.VMS not in hv.operations or not vm.ran) and vm.pgt is None
             continue
         assert vm.pgt is not None
         tables = _check_tables(vm.pgt, f"vm {handle:#x}")
@@ -112,14 +119,33 @@ def audit(hv: Hypervisor) -> None:
     total = sum(b.size for b in hv.config.memblocks) >> hv.page_shift
     allocated = sum(a.nr_pages for a in hm.allocations.values())
     assert hm.free_pages + allocated + lay.nr_pages == total, "host RAM pages do not add up"
-    for owner in {a.owner.split(":")[1] for a in hm.allocations.values()}:
+    for owner in {a.owner.split(":")[1] for a in hm.allocations.values()
+                  if not a.owner.startswith(("task:", "slab:", "boot:"))}:
         assert int(owner) in hv._vms, f"host allocation for a destroyed VM {owner}"
+    task_pages = {a.base_pfn for a in hm.allocations.values() if a.owner.startswith("task:")}
+    assert task_pages == ({hv._task_fp_pfn} if hv._task_fp_pfn is not None else set())
+    struct_refs: dict[int, int] = {}
+    for vm in hv._vms.values():
+        for pfn in vm.struct_pfns:
+            struct_refs[pfn] = struct_refs.get(pfn, 0) + 1
+    if hv._task_fp_pfn is not None:
+        struct_refs[hv._task_fp_pfn] = sum(1 for vm in hv._vms.values() if vm.ran)
+    assert struct_refs == hv._kernel_shared, "kernel share counts differ from the structs"
+    slabs: dict[str, dict[int, set[int]]] = {}
+    for vm in hv._vms.values():
+        for name, base, index in vm.slab_objects:
+            slots = slabs.setdefault(name, {}).setdefault(base, set())
+            assert index not in slots, f"slab slot {base:#x}/{index} used twice"
+            slots.add(index)
+    assert slabs == hv.slabs, "the slab index differs from the VMs' objects"
+    slab_pages = {a.base_pfn for a in hm.allocations.values() if a.owner.startswith("slab:")}
+    assert slab_pages == {base for cache in slabs.values() for base in cache}, \
+        "slab pages differ from the slabs in use"
 
     # 5: annotations == hyp-owned memory; no valid host leaf touches it.
     shift = hv.page_shift
     hyp_owned = [(lay.base_pfn << shift, (lay.base_pfn + lay.nr_pages) << shift)]
-    donated = [a for a in hm.allocations.values()
-               if not a.owner.startswith(("slice:", "hostmc:"))]
+    donated = [a for a in hm.allocations.values() if not a.owner.startswith(HOST_OWNED_TAGS)]
     hyp_owned += [(a.base_pfn << shift, a.end_pfn << shift) for a in donated]
     hyp_runs = _merge(hyp_owned)
     starts = [s for s, _e in hyp_runs]
@@ -140,7 +166,7 @@ def audit(hv: Hypervisor) -> None:
             shared_host.add(m.start >> shift)
     assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
 
-    hyp_mapped = set(hv._hyp_shared)
+    hyp_mapped = set(hv._hyp_shared) | set(hv._kernel_shared)
     for a in donated:
         hyp_mapped |= set(range(a.base_pfn, a.end_pfn))
     assert hv.hyp_stage1.mapped == hyp_mapped, \
@@ -149,8 +175,9 @@ def audit(hv: Hypervisor) -> None:
     # 6: sharing.
     both = set(hv._hyp_shared) & set(hv._guest_shared)
     assert not both, f"pages both guest-mapped and hyp-borrowed: {sorted(both)[:8]}"
-    assert shared_host == set(hv._hyp_shared) | set(hv._guest_shared), \
-        "host-shared pages differ from hyp-borrowed + guest-shared pages"
+    # Guest shares keep the host state in the vmemmap (v6.14+), not in host stage-2 leaves.
+    assert shared_host == set(hv._hyp_shared) | set(hv._kernel_shared), \
+        "host stage-2 shared pages differ from the pages hyp borrows"
     guest_leaves: dict[int, int] = {}
     for handle, vm in hv._vms.items():
         if vm.pgt is None:

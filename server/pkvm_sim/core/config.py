@@ -20,8 +20,15 @@ from .layout import (
     PageGeometry,
     Profile,
 )
-from .profiles import MAX_ORDER_FORMULAS, KernelProfile, VmemmapReservation, profile_spec
+from .profiles import (
+    MAX_ORDER_FORMULAS,
+    KernelProfile,
+    VmemmapReservation,
+    profile_spec,
+    version_key,
+)
 
+MAX_IA_BITS = 52  # with LPA2 (4K, 16K) or 64K pages
 HYP_MEMBLOCK_REGIONS = 128  # the kernel copies at most this many memblock regions
 
 _SIZE_RE = re.compile(r"^\s*(0x[0-9a-f_]+|[0-9_]+)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
@@ -71,17 +78,23 @@ class SimConfig:
     """All knobs of the simulated machine; defaults are the quick-start configuration."""
 
     profile: Profile = Profile.V5_14  # a key of profiles.PROFILES
-    hyp_page_layout: str | None = None  # '32', '4', '2'; None = the profile's
+    hyp_page_layout: str | None = None  # '32', '8', '4', '2'; None = the profile's
     page_size: int = PAGE_SIZES["4K"]
     vmemmap_coverage: str = "all"  # 'carveout' (V13/V14) or 'all' (V62)
     max_order_formula: str | None = None  # MAX_ORDER_FORMULAS; None = the profile's
     memblocks: tuple[Memblock, ...] = DEFAULT_MEMBLOCKS
     ia_bits: int = 40
     nr_cpus: int = 8
-    hyp_s1_early_used_pages: int = 0
+    # None: what the modelled boot takes (v6.1, v6.12: core/el2_boot.py; older profiles 0)
+    hyp_s1_early_used_pages: int | None = None
     hyp_pool_extra_pages: int = 0
     carveout_base: int | None = None  # None = top-down placement (SEMANTICS 1.5)
     faithful_bugs: bool = False  # reproduce the quirks the profile's kernel has (profiles.py)
+    # Where the kernel image sits (None: QEMU virt's -kernel placement, RAM base + 2 MiB) and
+    # where init_hyp_mode's per-CPU host allocations start (None: el2_boot's default); both
+    # only place what EL2 maps at boot (v6.1, v6.12).
+    kernel_image_base: int | None = None
+    kvm_percpu_base: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profile", profile_spec(self.profile).profile)
@@ -91,7 +104,8 @@ class SimConfig:
     def _validate(self) -> None:
         geometry = PageGeometry(self.page_size)  # raises on a bad page size
         if self.hyp_page_layout is not None and self.hyp_page_layout not in LAYOUTS:
-            raise ValueError(f"hyp_page_layout must be one of 32, 4, 2, not {self.hyp_page_layout}")
+            raise ValueError(f"hyp_page_layout must be one of {', '.join(LAYOUTS)}, "
+                             f"not {self.hyp_page_layout}")
         if self.vmemmap_coverage not in ("carveout", "all"):
             raise ValueError("vmemmap_coverage must be 'carveout' or 'all'")
         if self.max_order_formula not in (None, *MAX_ORDER_FORMULAS):
@@ -107,8 +121,12 @@ class SimConfig:
                 f"profile {self.profile} reserves and backs the vmemmap of all memory: "
                 "vmemmap_coverage 'carveout' does not exist there"
             )
-        if not 32 <= self.ia_bits <= 48:
-            raise ValueError(f"ia_bits must be in 32..48, not {self.ia_bits}")
+        if not 32 <= self.ia_bits <= MAX_IA_BITS:
+            raise ValueError(f"ia_bits must be in 32..{MAX_IA_BITS}, not {self.ia_bits}")
+        if self.ia_bits > 48 and not self.has_52_bit_pa:
+            raise ValueError(
+                f"ia_bits {self.ia_bits} needs 52-bit physical addresses: 64K pages, or 4K/16K"
+                " pages with LPA2 (v6.9+ profiles)")
         if not 1 <= self.nr_cpus <= 4096:
             raise ValueError(f"nr_cpus must be in 1..4096, not {self.nr_cpus}")
         if not self.memblocks:
@@ -125,9 +143,15 @@ class SimConfig:
         for lower, upper in zip(self.memblocks, self.memblocks[1:], strict=False):
             if upper.base < lower.end:
                 raise ValueError(f"memblocks {lower} and {upper} overlap")
-        for name in ("hyp_s1_early_used_pages", "hyp_pool_extra_pages"):
-            if getattr(self, name) < 0:
+        for name in ("hyp_s1_early_used_pages", "hyp_pool_extra_pages", "kernel_image_base",
+                     "kvm_percpu_base"):
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must not be negative")
+
+    @property
+    def has_52_bit_pa(self) -> bool:
+        """52-bit PA/IPA exist: ARM64_PA_BITS_52 with 64K pages, LPA2 with 4K/16K (v6.9+)."""
+        return self.page_size == PAGE_SIZES["64K"] or version_key(self.profile.value) >= (6, 9)
 
     @property
     def kernel(self) -> KernelProfile:
@@ -177,7 +201,7 @@ def _coerce(key: str, value: Any) -> Any:
         return parse_size(value)
     if key == "hyp_page_layout":
         return str(value)
-    if key == "carveout_base":
+    if key in ("carveout_base", "kernel_image_base", "kvm_percpu_base"):
         return parse_size(value)
     if key in ("ia_bits", "nr_cpus", "hyp_s1_early_used_pages", "hyp_pool_extra_pages"):
         return int(value, 0) if isinstance(value, str) else int(value)

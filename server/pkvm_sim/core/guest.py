@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import OutOfMemory
+from .errors import WouldPanic
 from .hyp_pool import HypPool
 from .pgtable import Stage2PageTable
 from .physmem import PhysicalMemory
@@ -77,9 +77,11 @@ class GuestMmOps:
         return self.pool.refcount(pfn)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GuestVm:
-    """struct pkvm_hyp_vm, reduced to what the memory manager needs."""
+    """struct pkvm_hyp_vm, reduced to what the memory manager needs (built by keyword). A VM
+    without EL2 state (vmemmap coverage 'carveout') has only its identity and slice: no
+    metadata (meta_pfn -1), no PGD (pgd_base_pfn -1), no pool."""
 
     handle: int
     vmid: int
@@ -87,11 +89,11 @@ class GuestVm:
     nr_vcpus: int
     slice_base_pfn: int
     slice_nr_pages: int
-    meta_pfn: int
-    meta_pages: int
-    pgd_base_pfn: int
-    pgd_pages: int
-    pool: HypPool | None  # None with vmemmap coverage 'carveout': no EL2 VM state at all
+    meta_pfn: int = -1
+    meta_pages: int = 0
+    pgd_base_pfn: int = -1
+    pgd_pages: int = 0
+    pool: HypPool | None = None  # None with vmemmap coverage 'carveout': no EL2 VM state
     pgt: Stage2PageTable | None = None
     mm: GuestMmOps | None = None
     memcache: list[int] = field(default_factory=list)  # the host's memcache, top = last
@@ -99,6 +101,11 @@ class GuestVm:
     admitted: list[int] = field(default_factory=list)  # memcache pages now in vm.pool
     shared: set[int] = field(default_factory=set)  # slice pfns shared with hyp
     pins: dict[int, int] = field(default_factory=dict)  # slice pfn -> pin count
+    # host pages of struct kvm and each struct kvm_vcpu, shared with hyp (v6.1, v6.12)
+    struct_pfns: list[int] = field(default_factory=list)
+    # its slab objects (cache name, slab base pfn, slot): struct kvm, then each kvm_vcpu
+    slab_objects: list[tuple[str, int, int]] = field(default_factory=list)
+    ran: bool = False  # its vCPUs ran once (v6.2+: the VM exists at EL2 from then on)
 
     @property
     def donated_pages(self) -> int:
@@ -115,13 +122,15 @@ class GuestVm:
         return self.memcache[::-1][:nr]
 
     def require_table_pages(self, need: int, refill: int) -> None:
-        """-ENOMEM unless vm.pool, EL2's memcache and the coming refill hold `need` pages."""
+        """WouldPanic unless vm.pool, EL2's memcache and the coming refill hold `need`
+        pages: v6.14 __pkvm_host_share_guest maps under WARN_ON, fatal at EL2."""
         assert self.pool is not None
         have = self.pool.free_pages + len(self.hyp_memcache) + refill
         if need > have:
-            raise OutOfMemory(
+            raise WouldPanic(
                 f"VM {self.handle:#x}: the guest map needs {need} table page(s), the VM pool"
                 f" has {self.pool.free_pages} free, EL2's memcache {len(self.hyp_memcache)}"
-                f" and the refill would add {refill}: top up the memcache and retry",
+                f" and the refill would add {refill}: EL2 would WARN (fatal); top up the"
+                " memcache first",
                 reason="MEMCACHE_EMPTY",
             )

@@ -17,6 +17,11 @@ from dataclasses import dataclass
 
 from .errors import OutOfMemory
 
+# Host allocations that stay host-owned (every other owner tag is donated to hyp): VM slices,
+# the host memcaches, and the host kernel's structs it shares with hyp (struct kvm and
+# kvm_vcpu, the VMM task's FP/SIMD state).
+HOST_OWNED_TAGS = ("slice:", "hostmc:", "slab:", "task:", "boot:")
+
 
 @dataclass(frozen=True)
 class HostAllocation:
@@ -37,9 +42,16 @@ class HostMemory:
         """ram_ranges: (base_pfn, nr_pages) of host RAM available for allocation."""
         self._free: list[list[int]] = []  # sorted, disjoint, non-touching [start, end)
         for base, nr in sorted(ram_ranges):
-            if nr > 0:
+            if nr <= 0:
+                continue
+            if self._free and self._free[-1][1] == base:  # adjacent memblocks (NUMA nodes)
+                self._free[-1][1] = base + nr
+            else:
                 self._free.append([base, base + nr])
         self.allocations: dict[int, HostAllocation] = {}
+        # base pfns of the allocations per owner-tag prefix ('slab:', 'meta:'...): an index
+        # over `allocations` for alloc_grouped
+        self._by_tag: dict[str, set[int]] = {}
         self.free_pages = sum(end - start for start, end in self._free)
 
     def free_ranges(self) -> list[tuple[int, int]]:
@@ -67,12 +79,79 @@ class HostMemory:
         start, end = self._free[i]
         pieces = [[s, e] for s, e in ((start, base), (base + nr_pages, end)) if e > s]
         self._free[i:i + 1] = pieces
-        self.allocations[base] = HostAllocation(base, nr_pages, owner)
+        self._record(HostAllocation(base, nr_pages, owner))
         self.free_pages -= nr_pages
         return base
 
+    def alloc_grouped(self, nr_pages: int, owner: str, *, group: tuple[str, ...],
+                      block_pages: int, zone_start_pfn: int, align_pages: int = 1) -> int:
+        """The host kernel's own allocations, grouped as the buddy allocator's pageblocks
+        group them: first fit inside a pageblock (block_pages, aligned) that already holds an
+        allocation whose owner starts with one of `group`, else at the start of the lowest
+        wholly free pageblock at or above zone_start_pfn (ZONE_NORMAL first), else first fit
+        anywhere. Deterministic from the allocations alone (nothing else is stored)."""
+        if nr_pages < 1:
+            raise ValueError("nr_pages must be >= 1")
+        blocks = sorted({pfn // block_pages
+                         for tag in group for base in self._by_tag.get(tag, ())
+                         for pfn in (base, self.allocations[base].end_pfn - 1)})
+        for block in blocks:
+            base = self._fit_in(block * block_pages, (block + 1) * block_pages, nr_pages,
+                                align_pages)
+            if base is not None:
+                return self._take(base, nr_pages, owner)
+        fresh = self._free_block(block_pages, zone_start_pfn)
+        if fresh is None:
+            fresh = self._free_block(block_pages, 0)
+        if fresh is not None and nr_pages <= block_pages:
+            return self._take(fresh, nr_pages, owner)
+        return self.alloc(nr_pages, owner, align_pages=align_pages)
+
+    def _fit_in(self, lo: int, hi: int, nr_pages: int, align_pages: int) -> int | None:
+        for start, end in self._free:
+            start, end = max(start, lo), min(end, hi)
+            base = -(-start // align_pages) * align_pages
+            if base + nr_pages <= end:
+                return base
+        return None
+
+    def _free_block(self, block_pages: int, from_pfn: int) -> int | None:
+        """The lowest wholly free aligned block at or above from_pfn."""
+        for start, end in self._free:
+            base = -(-max(start, from_pfn) // block_pages) * block_pages
+            if base + block_pages <= end:
+                return base
+        return None
+
+    def _take(self, base: int, nr_pages: int, owner: str) -> int:
+        i = bisect.bisect_right(self._free, [base, 1 << 64]) - 1
+        start, end = self._free[i]
+        assert start <= base and base + nr_pages <= end, "taking pages that are not free"
+        pieces = [[s, e] for s, e in ((start, base), (base + nr_pages, end)) if e > s]
+        self._free[i:i + 1] = pieces
+        self._record(HostAllocation(base, nr_pages, owner))
+        self.free_pages -= nr_pages
+        return base
+
+    def _record(self, alloc: HostAllocation) -> None:
+        self.allocations[alloc.base_pfn] = alloc
+        self._by_tag.setdefault(_tag(alloc.owner), set()).add(alloc.base_pfn)
+
+    def _forget(self, alloc: HostAllocation) -> None:
+        bases = self._by_tag[_tag(alloc.owner)]
+        bases.discard(alloc.base_pfn)
+        if not bases:
+            del self._by_tag[_tag(alloc.owner)]
+
+    def reindex(self) -> None:
+        """Rebuild the tag index from `allocations` (after they are replaced wholesale)."""
+        self._by_tag = {}
+        for alloc in self.allocations.values():
+            self._by_tag.setdefault(_tag(alloc.owner), set()).add(alloc.base_pfn)
+
     def free(self, base_pfn: int) -> HostAllocation:
         alloc = self.allocations.pop(base_pfn)
+        self._forget(alloc)
         start, end = alloc.base_pfn, alloc.end_pfn
         i = bisect.bisect_left(self._free, [start, end])
         if i > 0 and self._free[i - 1][1] == start:
@@ -89,7 +168,8 @@ class HostMemory:
     def retag(self, base_pfn: int, owner: str) -> None:
         """Give an allocation a new owner tag (a host memcache page EL2 took over)."""
         alloc = self.allocations[base_pfn]
-        self.allocations[base_pfn] = HostAllocation(alloc.base_pfn, alloc.nr_pages, owner)
+        self._forget(alloc)
+        self._record(HostAllocation(alloc.base_pfn, alloc.nr_pages, owner))
 
     def allocation_at(self, pfn: int) -> HostAllocation | None:
         """The allocation holding pfn, if any (O(log n) over the sorted bases)."""
@@ -116,3 +196,8 @@ class HostMemory:
         for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, "an allocation overlaps another or free RAM"
         assert self.free_pages == sum(e - s for s, e in self._free)
+
+
+def _tag(owner: str) -> str:
+    """'slab:' for 'slab:kvm_vcpu': the prefix alloc_grouped groups by."""
+    return owner.split(":", 1)[0] + ":"

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import Memblock, SimConfig
-from .errors import InvalidArgument, OutOfMemory, WouldPanic
+from .errors import InvalidArgument, OutOfMemory, PermissionDenied, WouldPanic
 from .hyp_pool import HypPool, PoolStatistics, get_order
 from .model import FaultOutcome, FaultResult, HostStage2Statistics, PageState
 from .pgtable import (
@@ -157,9 +157,8 @@ class HostStage2:
         for is_memory in (True, False):
             spec = config.kernel.host_s2_pool_for(is_memory=is_memory)
             self._fault_pools[is_memory] = (by_name[spec.name], spec.recycles_mmio)
-        self._from_empty_entry = (
-            config.kernel.host_s2_range_search is HostRangeSearch.FROM_EMPTY_ENTRY
-        )
+        self._range_search = config.kernel.host_s2_range_search
+        self._from_empty_entry = self._range_search is not HostRangeSearch.LARGEST_COMPATIBLE
         mem_pool = self._fault_pools[True][0]
         self.mem_pool = mem_pool  # PGD, memory faults, annotations and donations
         self.mm = HostMmOps(list(pools), vmemmap.layout.refcount_max)
@@ -236,8 +235,8 @@ class HostStage2:
             counters.spurious_faults += 1
             g = self.pgt.granule(cur_level)
             start = addr & ~(g - 1)
-            return FaultResult(addr, is_mem, FaultOutcome.SPURIOUS, start, start + g,
-                               cur_level, False, 0, 0)
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.SPURIOUS,
+                               range_start=start, range_end=start + g, level=cur_level)
 
         if self._from_empty_entry:
             found = self.adjust_range(addr, current, cur_level, rstart, rend)
@@ -245,11 +244,19 @@ class HostStage2:
         else:
             found = self.find_range(addr, prot, rstart, rend)
             errno_name = "EEXIST"
+        annotated = current is not None and current[PTE_KIND] == ANNOTATED
+        if found is None and annotated and self.config.kernel.annotated_fault_injects_abort:
+            # 7.x handle_host_mem_abort: -EPERM -> host_inject_mem_abort; EL2 survives and
+            # nothing changes (the host kernel takes the abort).
+            raise PermissionDenied(
+                f"host access to {addr:#x}: annotated as not the host's; EL2 injects a data"
+                " abort into the host (host_inject_mem_abort)", reason="HOST_ABORT_INJECTED")
         if found is None:
             counters.fatal_faults += 1
-            owner = ("annotated as owned by hyp" if current is not None
-                     and current[PTE_KIND] == ANNOTATED else "incompatible mappings at every level")
-            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, 3, False, 0, 0,
+            owner = ("annotated as owned by hyp" if annotated
+                     else "incompatible mappings at every level")
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.FATAL,
+                               range_start=addr, range_end=page_end, level=3,
                                errno_name=errno_name,
                                reason=f"host access to {addr:#x}: {owner}; the real hypervisor"
                                " would panic (host touched hyp-owned memory)")
@@ -277,26 +284,34 @@ class HostStage2:
             if recycled:
                 partial = (f"; after -ENOMEM MMIO was recycled ({recycled_pages} table pages"
                            f" freed) and {tables} table page(s) this fault added remain")
-            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level,
-                               recycled, recycled_pages, tables, errno_name=None,
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.FATAL,
+                               range_start=addr, range_end=page_end, level=level,
+                               recycled=recycled, recycled_pages=recycled_pages,
+                               tables_allocated=tables, errno_name=None,
                                reason=f"{err.reason}: {err.message}{partial}")
         finally:
             mm.alloc_pool = self.mem_pool
             mm.log = None
         tables = self._live(log)
         if ret == OK:
-            return FaultResult(addr, is_mem, FaultOutcome.MAPPED, start, end, level, recycled,
-                               recycled_pages, tables)
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.MAPPED,
+                               range_start=start, range_end=end, level=level,
+                               recycled=recycled, recycled_pages=recycled_pages,
+                               tables_allocated=tables)
         if ret == EAGAIN:
             counters.spurious_faults += 1
-            return FaultResult(addr, is_mem, FaultOutcome.SPURIOUS, start, end, level, recycled,
-                               recycled_pages, tables)
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.SPURIOUS,
+                               range_start=start, range_end=end, level=level,
+                               recycled=recycled, recycled_pages=recycled_pages,
+                               tables_allocated=tables)
         assert ret == ENOMEM
         counters.map_failures += 1
         counters.fatal_faults += 1
         pool_name = pool.name
-        return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level, recycled,
-                           recycled_pages, tables, errno_name="ENOMEM",
+        return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.FATAL,
+                           range_start=addr, range_end=page_end, level=level,
+                           recycled=recycled, recycled_pages=recycled_pages,
+                           tables_allocated=tables, errno_name="ENOMEM",
                            reason=f"pool {pool_name} has no page for a table"
                            + (" even after unmapping all MMIO" if recycled else "")
                            + f"; {tables} new table page(s) stay (3.5)"
@@ -338,10 +353,23 @@ class HostStage2:
         addr; stop when the next level supports blocks and the granule lies in the region, or
         at level 3. The kernel checks the NEXT level's block support against this level's
         granule, so a granule whose own level has no blocks (level 0; level 1 with 16K or
-        64K pages) can be chosen: it is mapped with the next level's blocks."""
+        64K pages) can be chosen: it is mapped with the next level's blocks.
+
+        FIRST_FITTING_BLOCK (v6.16+, profiles.py) fixed that: the first level from there
+        that supports blocks and whose granule lies in the region, else the page; the
+        range is one block or page at that level."""
         if current is not None:
             return None
         pgt = self.pgt
+        if self._range_search is HostRangeSearch.FIRST_FITTING_BLOCK:
+            for lvl in range(level, 4):
+                if not pgt.block_allowed(lvl):
+                    continue
+                g = pgt.granule(lvl)
+                start = addr & ~(g - 1)
+                if lvl == 3 or (rstart <= start and start + g <= rend):
+                    return lvl, start, start + g
+            raise AssertionError("level 3 always supports a (page) mapping")
         while True:
             g = pgt.granule(level)
             start = addr & ~(g - 1)

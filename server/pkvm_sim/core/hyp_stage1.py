@@ -10,11 +10,15 @@ every table left with no entries (page_count 1) back to the hyp pool (6.1 and 6.
 arch/arm64/kvm/hyp/pgtable.c hyp_unmap_walker).
 
 Model:
-- hyp VA = PA (the real alias adds a constant whose low bits are zero, so which pages share a
-  table is the same); a 48-bit VA space, so the root is level 0 with 4K and 16K pages and
-  level 1 with 64K pages.
-- Tables that exist from boot (those over the carve-out, which the early allocator paid for)
-  are never allocated or freed here; every other table is an order-0 page of the hyp pool
+- Tables are keyed by (level, index of the hyp VA they cover). Profiles with a modelled boot
+  (v6.1, v6.12: core/el2_boot.py) place pages at their linear alias (PA - memstart_addr in
+  the upper half of the VA space) and know every boot mapping: the idmap, the vmemmap, the
+  hyp sections, the carve-out, per-CPU areas, stacks, fixmap slots. Older profiles keep
+  hyp VA = PA and know only the carve-out (mapped with blocks where it can be).
+- Boot tables (`boot_tables`, the root included) were paid by the early allocator from the
+  hyp pool's first pages (`early_pages`: hyp_pool_init reserves them) or, for the fixmap
+  (v6.2+), taken from the hyp pool right after it started (`pool_boot_tables`). They hold
+  boot leaves and are never freed. Every other table is an order-0 page of the hyp pool
   whose refcount is 1 + its valid entries, as in the kernel (mm_ops get_page per entry).
 - Mapping is all or nothing here: the tables a batch needs are counted first, and a pool
   that cannot supply them refuses with -ENOMEM before anything changes.
@@ -24,54 +28,118 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import OutOfMemory
+from .el2_boot import BootMapping, HypVaLayout
+from .errors import WouldPanic
 from .hyp_pool import HypPool
 
 HYP_VA_BITS = 48
 LEAF_LEVEL = 3
+Key = tuple[int, int]  # (level, index): the table of that level covering VA page index * span
 
 
 class HypStage1:
-    """The hyp stage-1 tables over host pages that hyp maps (shared or donated)."""
+    """EL2's stage-1 tables: those of the boot mappings, and those over host pages that hyp
+    maps at run time (shared or donated)."""
 
-    def __init__(self, page_shift: int, pool: HypPool,
-                 boot_ranges: Iterable[tuple[int, int]]) -> None:
-        """boot_ranges: [start_pfn, end_pfn) ranges EL2 mapped at boot (the carve-out)."""
+    def __init__(self, page_shift: int, pool: HypPool | None = None,
+                 boot_ranges: Iterable[tuple[int, int]] = (), *,
+                 va_bits: int = HYP_VA_BITS, boot: Iterable[BootMapping] = (),
+                 va_layout: HypVaLayout | None = None) -> None:
+        """boot_ranges: [start_pfn, end_pfn) ranges EL2 mapped at boot at VA = PA with
+        blocks allowed (profiles without a modelled boot: the carve-out); boot: the
+        mappings of el2_boot.boot_mappings; va_layout: where a pfn's linear alias is
+        (None: hyp VA = PA).
+        Call `start(pool)` once the hyp pool exists if `pool` is not given."""
         self.page_shift = page_shift
-        self.pool = pool
+        self.va_bits = va_bits
+        self.va_layout = va_layout
         bits = page_shift - 3
-        # span_pages[level]: the pages one table of that level covers.
+        # span_pages[level]: the pages one table of that level covers (levels -1 .. 3).
         self.span_pages = {lvl: 1 << (bits * (LEAF_LEVEL + 1 - lvl))
-                           for lvl in range(LEAF_LEVEL + 1)}
+                           for lvl in range(-1, LEAF_LEVEL + 1)}
         # The root: the smallest table (highest level) that still spans the whole VA space.
-        root = max(lvl for lvl in range(LEAF_LEVEL + 1)
-                   if (self.span_pages[lvl] << page_shift) >= 1 << HYP_VA_BITS)
+        root = max(lvl for lvl in range(-1, LEAF_LEVEL + 1)
+                   if (self.span_pages[lvl] << page_shift) >= 1 << va_bits)
         self.table_levels = tuple(range(root + 1, LEAF_LEVEL + 1))  # below the root
-        min_block_level = 1 if page_shift == 12 else 2  # kvm_block_mapping_supported
-        self._boot: set[tuple[int, int]] = set()
+        # kvm_block_mapping_supported: level-1 blocks with 4K pages, level-2 otherwise.
+        self.min_block_level = 1 if page_shift == 12 else 2
+        self._boot: set[Key] = set()
         for start, end in boot_ranges:
-            self._mark_boot_tables(start, end, min_block_level)
-        self._tables: dict[tuple[int, int], int] = {}  # (level, index) -> table pfn
+            self._add_boot(BootMapping("boot", start, end - start, start, blocks=True))
+        self._late_boot: list[BootMapping] = []
+        modelled_boot = False
+        for mapping in boot:
+            modelled_boot = True
+            if mapping.after_pool_init:
+                self._late_boot.append(mapping)
+            else:
+                self._add_boot(mapping)
+        # The early allocator's pages: the root + every boot table (only with a modelled boot).
+        self.early_pages = 1 + len(self._boot) if modelled_boot else 0
+        self.pool_boot_tables: dict[Key, int] = {}  # boot tables taken from the pool
+        self._tables: dict[Key, int] = {}  # (level, index) -> table pfn (run time)
         self.mapped: set[int] = set()  # pfns hyp maps at their alias, outside boot mappings
+        self.pool: HypPool
+        if pool is not None:
+            self.start(pool)
 
-    def _mark_boot_tables(self, start: int, end: int, min_block_level: int) -> None:
+    def start(self, pool: HypPool) -> None:
+        """After hyp_pool_init: the boot mappings made from the pool (the fixmap)."""
+        self.pool = pool
+        for mapping in self._late_boot:
+            for key in self._mapping_keys(mapping):
+                if key not in self._boot and key not in self.pool_boot_tables:
+                    self.pool_boot_tables[key] = pool.alloc_pages(0)
+
+    def _add_boot(self, mapping: BootMapping) -> None:
+        self._boot.update(self._mapping_keys(mapping))
+
+    def _mapping_keys(self, mapping: BootMapping) -> set[Key]:
+        """The tables (below the root) a boot mapping needs. A table whose whole span the
+        mapping covers, with VA and PA aligned alike, is not needed when the entry above it
+        can hold a block (kvm_block_mapping_supported)."""
+        keys: set[Key] = set()
+        start, end = mapping.va_page, mapping.va_page + mapping.nr_pages
         for level in self.table_levels:
             span = self.span_pages[level]
             for index in range(start // span, -(-end // span)):
                 lo, hi = index * span, (index + 1) * span
-                # A chunk the range covers whole is one block of the level above: no table.
-                if start <= lo and hi <= end and level - 1 >= min_block_level:
+                if (mapping.blocks and mapping.pa_page is not None
+                        and (mapping.pa_page - start) % span == 0
+                        and start <= lo and hi <= end and level - 1 >= self.min_block_level):
                     continue
-                self._boot.add((level, index))
+                keys.add((level, index))
+        return keys
 
-    def _path(self, pfn: int) -> list[tuple[int, int]]:
-        return [(level, pfn // self.span_pages[level]) for level in self.table_levels]
+    @property
+    def boot_tables(self) -> int:
+        """Boot stage-1 table pages: the early allocator's and the pool's."""
+        return self.early_pages + len(self.pool_boot_tables)
 
-    def _missing(self, pfns: Iterable[int]) -> list[tuple[int, int]]:
-        missing: dict[tuple[int, int], None] = {}
+    def tables_by_level(self) -> dict[int, int]:
+        """{level: table pages}, boot and run-time tables, the root included (with a
+        modelled boot) at level min(table_levels) - 1."""
+        counts: dict[int, int] = {}
+        if self.early_pages:
+            root = self.table_levels[0] - 1
+            counts[root] = 1
+        for level, _index in [*self._boot, *self.pool_boot_tables, *self._tables]:
+            counts[level] = counts.get(level, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def _path(self, pfn: int) -> list[Key]:
+        va_page = (pfn if self.va_layout is None
+                   else self.va_layout.linear_page(pfn << self.page_shift))
+        return [(level, va_page // self.span_pages[level]) for level in self.table_levels]
+
+    def _is_boot(self, key: Key) -> bool:
+        return key in self._boot or key in self.pool_boot_tables
+
+    def _missing(self, pfns: Iterable[int]) -> list[Key]:
+        missing: dict[Key, None] = {}
         for pfn in pfns:
             for key in self._path(pfn):
-                if key not in self._boot and key not in self._tables:
+                if not self._is_boot(key) and key not in self._tables:
                     missing[key] = None
         return list(missing)
 
@@ -80,12 +148,15 @@ class HypStage1:
         return len(self._missing(pfns))
 
     def check_can_map(self, pfns: list[int]) -> None:
-        """-ENOMEM (nothing changed) when the hyp pool cannot supply the tables."""
+        """WouldPanic (nothing changed) when the hyp pool cannot supply the tables: the
+        kernel maps in hyp_complete_share / hyp_complete_donation under do_share's /
+        do_donate's WARN_ON, and every WARN at EL2 is fatal (nvhe_hyp_panic_handler)."""
         need = self.tables_needed(pfns)
         if need > self.pool.free_pages:
-            raise OutOfMemory(
+            raise WouldPanic(
                 f"EL2 needs {need} hyp stage-1 table page(s) to map the page(s), the hyp pool"
-                f" has {self.pool.free_pages} free", reason="HYP_POOL_EXHAUSTED")
+                f" has {self.pool.free_pages} free: EL2 would WARN (fatal)",
+                reason="HYP_POOL_EXHAUSTED")
 
     def map_pages(self, pfns: list[int]) -> int:
         """pkvm_create_mappings_locked page by page; returns the tables allocated."""
@@ -96,7 +167,7 @@ class HypStage1:
             parent: int | None = None  # None: the root or a boot table (not counted)
             for key in self._path(pfn):
                 table = self._tables.get(key)
-                if table is None and key not in self._boot:
+                if table is None and not self._is_boot(key):
                     table = self.pool.alloc_pages(0)
                     self._tables[key] = table
                     allocated += 1
@@ -155,3 +226,4 @@ class HypStage1:
     def dump(self) -> list[tuple[int, int, int]]:
         """Sorted (level, index, pfn) of the allocated tables (canonical_dump)."""
         return sorted((level, index, pfn) for (level, index), pfn in self._tables.items())
+

@@ -32,6 +32,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .config import SimConfig
+from .el2_boot import kernel_image_for, machine_boot
 from .errors import (
     Busy,
     FailedPrecondition,
@@ -44,7 +45,8 @@ from .errors import (
     WouldPanic,
 )
 from .guest import GuestMmOps, GuestVm
-from .host_memory import HostMemory
+from .host_kernel import KMALLOC_4K, SLAB_GROUP, SlabCache, object_pfns, vcpu_cache
+from .host_memory import HOST_OWNED_TAGS, HostMemory
 from .host_stage2 import HostStage2
 from .hyp_pool import HypPool, get_order
 from .hyp_stage1 import HypStage1
@@ -93,6 +95,7 @@ MAX_VMS = 4096
 PKVM_HYP_VM_BYTES = 1024  # struct pkvm_hyp_vm without the vCPU pointer array (illustrative)
 PKVM_HYP_VCPU_BYTES = 4096  # struct pkvm_hyp_vcpu (illustrative), donated per vCPU
 MAX_VCPUS = 512
+
 # Page-by-page operations (share, unshare, pin, unpin, memcache top-up) take at most this many
 # pages per call. The kernel's hypercalls take one page at a time; the bound keeps any one
 # request's time under the simulator lock short (about 40 ms), so no client can stall the
@@ -106,7 +109,7 @@ class Hypervisor:
     def __init__(self, config: SimConfig, reservation: Reservation, layout: CarveoutLayout,
                  vmemmap: Vmemmap, physmem: PhysicalMemory, hyp_pool: HypPool,
                  host_pools: list[HypPool], host_stage2: HostStage2,
-                 host_memory: HostMemory) -> None:
+                 host_memory: HostMemory, hyp_stage1: HypStage1 | None = None) -> None:
         """Use `Hypervisor.boot(config)`."""
         self.config = config
         self.reservation = reservation
@@ -125,11 +128,21 @@ class Hypervisor:
         self._owners: dict[int, tuple[int, PoolKind]] = {}  # block head -> (handle, pool)
         self._hyp_shared: dict[int, int] = {}  # pfn -> handle: hyp SHARED_BORROWED pages
         self._guest_shared: dict[int, int] = {}  # pfn -> host_share_guest_count (v6.14+)
+        # Host-kernel pages shared with hyp (struct kvm, kvm_vcpu, the VMM task's FP state):
+        # pfn -> share_pfn_hyp count. Only v6.1/v6.12 machines (a modelled build) have them.
+        self._kernel_shared: dict[int, int] = {}
+        self._task_fp_pfn: int | None = None
+        # The host's slab caches of KVM structs: cache name -> slab base pfn -> slots in use
+        # (derived from the VMs' slab_objects: rebuild_slabs after a restore).
+        self.slabs: dict[str, dict[int, set[int]]] = {}
+        self._partial_slabs: dict[str, set[int]] = {}  # slabs with a free slot, per cache
+        self.build = kernel_image_for(config.profile.value, config.page_size)
         # What this profile serves (registry): a missing operation is NOT_IN_PROFILE.
         self.operations = config.kernel.operations(config.vmemmap_coverage)
-        # EL2's stage-1 tables over pages it maps at their alias (shares, donations).
-        self.hyp_stage1 = HypStage1(self.page_shift, hyp_pool,
-                                    [(layout.base_pfn, layout.base_pfn + layout.nr_pages)])
+        # EL2's stage-1: its boot tables and those over pages it maps at their alias
+        # (shares, donations).
+        self.hyp_stage1 = hyp_stage1 or HypStage1(
+            self.page_shift, hyp_pool, [(layout.base_pfn, layout.base_pfn + layout.nr_pages)])
         # VMs ever created: the next handle is VM_HANDLE_OFFSET + this, so a handle is never
         # reused within one machine's lifetime (saved with it: core/state_file.py).
         self._vms_created = 0
@@ -157,8 +170,15 @@ class Hypervisor:
                            page_shift=shift, max_order_cap=cap,
                            max_order_formula=config.pool_max_order_formula, name=name)
 
+        stage1 = _boot_stage1(config, layout)
+        early_pages = (config.hyp_s1_early_used_pages
+                       if config.hyp_s1_early_used_pages is not None else stage1.early_pages)
+        if early_pages > layout.region("hyp").nr_pages:
+            raise ValueError(f"boot failed: EL2's boot stage-1 needs {early_pages} pages, the"
+                             f" hyp pool has {layout.region('hyp').nr_pages}")
         try:
-            hyp_pool = pool("hyp", layout.hyp_reserved_pages)
+            hyp_pool = pool("hyp", early_pages)
+            stage1.start(hyp_pool)
             host_pools = [pool(spec.name) for spec in config.kernel.host_s2_pools]
             host_stage2 = HostStage2(config, physmem, vmemmap, host_pools)
             host_stage2.mark_hyp(reservation.carveout_base, reservation.carveout_end)
@@ -167,64 +187,129 @@ class Hypervisor:
         ram = [(b.base >> shift, b.size >> shift) for b in config.memblocks]
         host_memory = HostMemory(_subtract(ram, layout.base_pfn, layout.nr_pages))
         return cls(config, reservation, layout, vmemmap, physmem, hyp_pool, host_pools,
-                   host_stage2, host_memory)
+                   host_stage2, host_memory, stage1)
 
     # -- VMs (SEMANTICS 5, A.4) -------------------------------------------------------------
 
-    def create_vm(self, *, nr_vcpus: int, slice_pages: int, name: str | None = None) -> VmInfo:
-        """Create a VM: a slice of host RAM for its VMM, donated metadata and guest PGD pages,
-        and a VM pool initialised over the PGD pages. -EINVAL for nr_vcpus < 1 or a bad
-        size; -ENOMEM when host RAM cannot supply the slice or the donations.
+    def create_vm(self, *, nr_vcpus: int, slice_pages: int, name: str | None = None,
+                  run: bool = True) -> VmInfo:
+        """Create a VM (KVM_CREATE_VM and its vCPUs) with a slice of host RAM for its VMM
+        and, with run=True (the service's), run each vCPU once. -EINVAL for nr_vcpus < 1 or
+        a bad size; -ENOMEM when host RAM cannot supply the slice or the structs.
 
-        In a profile without VMs at EL2 (Operation.VMS) the VM is slice-only: no donations,
-        pool or guest stage-2, and what needs them is refused NOT_IN_PROFILE. With VMs at EL2
-        the kernel's VM table holds KVM_MAX_PVMS (255) VMs (find_free_vm_table_entry: -ENOMEM
-        when full); the donated pages are mapped in EL2's stage-1 (hyp_complete_donation),
-        whose tables come from the hyp pool. Here creation is one step: the kernel's
-        __pkvm_init_vm (which also pins the host's shared struct kvm) and one
-        __pkvm_init_vcpu per vCPU (each pinning its host vCPU struct) are not modelled
-        separately (docs/model.md)."""
+        Creation at EL1 (v6.1, v6.12: kvm_arch_init_vm, kvm_arch_vcpu_create): the host
+        shares its struct kvm and each struct kvm_vcpu with hyp (kvm_share_hyp), which maps
+        them in EL2's stage-1, with tables from the hyp pool. The VM exists at EL2 only from
+        its first run (`run_vm`). In a profile without VMs at EL2 (Operation.VMS) the VM never
+        gets an EL2 part: no donations, pool or guest stage-2, and what needs them is refused
+        NOT_IN_PROFILE. An empty hyp pool in hyp_complete_share is a WARN at EL2, which the
+        kernel treats as fatal: WouldPanic, nothing changed."""
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise InvalidArgument(f"nr_vcpus must be in 1..{MAX_VCPUS}, not {nr_vcpus}",
                                   reason="BAD_NR_VCPUS")
+        self._refuse_unmodelled(Operation.VMS, "create a VM at EL2")
         if slice_pages < 1:
             raise InvalidArgument(f"slice_pages must be >= 1, not {slice_pages}",
                                   reason="BAD_SLICE_SIZE")
+        if len(self._vms) >= MAX_VMS:
+            raise OutOfMemory(f"the VM table is full ({MAX_VMS} VMs)", reason="VM_TABLE_FULL")
         at_el2 = Operation.VMS in self.operations
-        # The hyp VM table kvm_hyp_reserve reserved (v6.2+: KVM_MAX_PVMS slots); profiles
-        # without one (v5.x serving VMs as an extension) keep the service's own table.
-        # The slot (VMID - 1) is reused like the kernel's; the handle is not (it would be
-        # slot + 0x1000 in the kernel): a client can tell its VM was destroyed, or the server
-        # restarted, from a new VM that took the slot (docs/state-file.md).
-        slots = self.config.kernel.vm_table_entries or MAX_VMS
-        used = {vm.vmid - 1 for vm in self._vms.values()}
+        index = 0
+        if not at_el2:  # the service's own table: the VMID never reaches EL2
+            index = self._free_vm_slot(MAX_VMS)
+        elif run:  # the first run would find the hyp VM table full: refuse before anything
+            self._free_vm_slot(self.config.kernel.vm_table_entries or MAX_VMS)
+        handle = VM_HANDLE_OFFSET + self._vms_created
+        hm = self.host_memory
+        # Without a modelled build (v5.x) the donations come first and the slice after them,
+        # as this simulator always placed them.
+        slice_later = self.build is None and run and at_el2
+        slice_base = -1 if slice_later else hm.alloc(slice_pages, f"slice:{handle}")
+        try:
+            struct_pfns, objects = self._share_host_structs(handle, nr_vcpus)
+        except PkvmError as err:
+            if not slice_later:
+                hm.free(slice_base)
+            if isinstance(err, OutOfMemory):
+                raise OutOfMemory(f"cannot create VM: {err.message}", reason=err.reason) from err
+            raise
+        vm = GuestVm(handle=handle, vmid=index + 1 if not at_el2 else 0,
+                     name=name or f"vm-{handle:#x}", nr_vcpus=nr_vcpus,
+                     slice_base_pfn=slice_base, slice_nr_pages=slice_pages,
+                     struct_pfns=struct_pfns, slab_objects=objects)
+        self._vms[handle] = vm
+        self._vms_created += 1
+        if run:
+            try:
+                self.run_vm(handle)
+                if slice_later:
+                    vm.slice_base_pfn = hm.alloc(slice_pages, f"slice:{handle}")
+            except PkvmError as err:
+                self.teardown_vm(handle)  # undo the creation
+                self._vms_created -= 1  # the handle was never handed out
+                if slice_later and isinstance(err, OutOfMemory):
+                    raise OutOfMemory(f"cannot create VM: {err.message}",
+                                      reason=err.reason) from err
+                raise
+        return self._vm_info(vm)
+
+    def _free_vm_slot(self, slots: int) -> int:
+        """find_free_vm_table_entry: the lowest free slot (VMID - 1), -ENOMEM when full.
+        The slot is reused like the kernel's; the handle is not (it would be slot + 0x1000
+        in the kernel): a client can tell its VM was destroyed, or the server restarted,
+        from a new VM that took the slot (docs/state-file.md)."""
+        used = {vm.vmid - 1 for vm in self._vms.values() if vm.vmid}
         index = next((i for i in range(slots) if i not in used), None)
         if index is None:
             table = ("the hyp VM table (KVM_MAX_PVMS)" if slots == KVM_MAX_PVMS
                      else "the VM table")
             raise OutOfMemory(f"{table} is full ({slots} VMs)", reason="VM_TABLE_FULL")
-        handle = VM_HANDLE_OFFSET + self._vms_created
-        if not at_el2:
-            # No EL2 VM state in this kernel; the client still gets a handle and a slice, and
-            # everything that needs the VM at EL2 is refused (NOT_IN_PROFILE).
-            slice_base = self.host_memory.alloc(slice_pages, f"slice:{handle}")
-            vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
-                         slice_pages, -1, 0, -1, 0, None)
-            self._vms[handle] = vm
-            self._vms_created += 1
+        return index
+
+    def run_vm(self, handle: int) -> VmInfo:
+        """The first KVM_RUN of each vCPU; later runs change nothing.
+
+        v6.2+ (Operation.VMS): pkvm_create_hyp_vm creates the VM at EL2: __pkvm_init_vm
+        takes a slot of the hyp VM table (KVM_MAX_PVMS, 255: -ENOMEM when full, so the
+        256th VM fails here, not at creation) and the donated pkvm_hyp_vm and guest PGD
+        (sized by the host's IPA limit in protected mode), then one __pkvm_init_vcpu per
+        vCPU donates its pkvm_hyp_vcpu. v6.1: kvm_arch_vcpu_run_map_fp shares the VMM
+        task's FP/SIMD state with hyp (one page for the task, however many vCPUs ran)."""
+        vm = self._vm(handle)
+        if vm.ran:
             return self._vm_info(vm)
+        build = self.build
+        if Operation.VMS in self.operations:
+            self._create_at_el2(vm)
+        elif build is not None and build.shares_task_fpsimd:
+            self._share_task_fp()
+        vm.ran = True
+        return self._vm_info(vm)
+
+    def _create_at_el2(self, vm: GuestVm) -> None:
+        """__pkvm_init_vm + __pkvm_init_vcpu per vCPU, all or nothing here."""
+        handle, nr_vcpus = vm.handle, vm.nr_vcpus
+        # The hyp VM table kvm_hyp_reserve reserved (v6.2+: KVM_MAX_PVMS slots); profiles
+        # without one (v5.x serving VMs as an extension) keep the service's own table.
+        index = self._free_vm_slot(self.config.kernel.vm_table_entries or MAX_VMS)
         _start, pgd_pages = pgd_geometry(self.geometry, self.config.ia_bits)
-        meta_pages = (ceil_div(PKVM_HYP_VM_BYTES + 8 * nr_vcpus, self.page_size)
-                      + nr_vcpus * ceil_div(PKVM_HYP_VCPU_BYTES, self.page_size))
+        build = self.build
+        vm_bytes = build.hyp_vm_bytes if build else PKVM_HYP_VM_BYTES
+        vcpu_bytes = build.hyp_vcpu_bytes if build else PKVM_HYP_VCPU_BYTES
+        # hyp_vm_sz = PAGE_ALIGN(PKVM_HYP_VM_SIZE + vcpu pointers), then per vCPU
+        # PAGE_ALIGN(PKVM_HYP_VCPU_SIZE) (pkvm.c __pkvm_create_hyp_vm).
+        meta_pages = (ceil_div(vm_bytes + 8 * nr_vcpus, self.page_size)
+                      + nr_vcpus * ceil_div(vcpu_bytes, self.page_size))
         hm = self.host_memory
         made: list[int] = []
         try:
-            meta = hm.alloc(meta_pages, f"meta:{handle}")
+            # alloc_pages_exact: the PGD (order 4 for 16 pages) and the structs (order 1 for
+            # 2 pages) come from different free blocks, hence pageblocks.
+            meta = self._alloc_donation(meta_pages, f"meta:{handle}", ("meta:",))
             made.append(meta)
-            pgd_base = hm.alloc(pgd_pages, f"pgd:{handle}", align_pages=pgd_pages)
+            pgd_base = self._alloc_donation(pgd_pages, f"pgd:{handle}", ("pgd:",),
+                                            align_pages=pgd_pages)
             made.append(pgd_base)
-            slice_base = hm.alloc(slice_pages, f"slice:{handle}")
-            made.append(slice_base)
             donated = [*range(meta, meta + meta_pages), *range(pgd_base, pgd_base + pgd_pages)]
             self.hyp_stage1.check_can_map(donated)
             # All or nothing (planned first): a refusal leaves the host stage-2 untouched.
@@ -235,12 +320,14 @@ class Hypervisor:
                 hm.free(base)
             if isinstance(err, OutOfMemory):
                 raise OutOfMemory(f"cannot create VM: {err.message}", reason=err.reason) from err
-            raise  # e.g. RefcountLimit: a WouldPanic stays one
+            raise  # e.g. RefcountLimit or an empty hyp pool: a WouldPanic stays one
         pool = HypPool(self.vmemmap, self.physmem, pgd_base, pgd_pages, 0,
                        page_shift=self.page_shift, max_order_cap=self.max_order,
                        max_order_formula="v5.17", name=f"vm/{handle}")
-        vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
-                     slice_pages, meta, meta_pages, pgd_base, pgd_pages, pool)
+        vm.vmid = index + 1
+        vm.meta_pfn, vm.meta_pages = meta, meta_pages
+        vm.pgd_base_pfn, vm.pgd_pages = pgd_base, pgd_pages
+        vm.pool = pool
         vm.mm = GuestMmOps(vm, self.physmem, self.vmemmap.layout.refcount_max)
         order = get_order(pgd_pages * self.page_size, self.page_shift)
         pgd = pool.alloc_pages(order)
@@ -248,9 +335,150 @@ class Hypervisor:
         vm.pgt = Stage2PageTable(self.geometry, self.config.ia_bits, self.physmem, vm.mm,
                                  [pgd + i for i in range(pgd_pages)],
                                  on_refcount_limit=self.host_stage2.count_refcount_limit)
-        self._vms[handle] = vm  # published last
-        self._vms_created += 1
-        return self._vm_info(vm)
+
+    # -- what the host kernel shares with hyp for its own structs (v6.1, v6.12) -----------
+
+    def _share_host_structs(self, handle: int, nr_vcpus: int) -> tuple[
+            list[int], list[tuple[str, int, int]]]:
+        """kvm_share_hyp(kvm, kvm + 1) and, per vCPU, kvm_share_hyp(vcpu, vcpu + 1): the
+        structs (sizes from the build's BTF) are slab objects (host_kernel.py): struct kvm
+        in kmalloc-4k, each struct kvm_vcpu in the kvm_vcpu cache, packed back to back, so
+        vCPUs of one VM share boundary pages. Returns the pfns shared (a page per object it
+        spans) and the objects; nothing changes on a refusal."""
+        build = self.build
+        if build is None:
+            return [], []
+        objects: list[tuple[str, int, int]] = []
+        pfns: list[int] = []
+        try:
+            for cache in [KMALLOC_4K] + [vcpu_cache(build.kvm_vcpu_bytes)] * nr_vcpus:
+                obj = self._slab_alloc(cache)
+                objects.append(obj)
+                pfns += object_pfns(cache, obj, self.page_size)
+            self._kernel_share(pfns)
+        except PkvmError:
+            while objects:
+                self._slab_free(objects.pop())
+            raise
+        return pfns, objects
+
+    def _kernel_alloc(self, nr_pages: int, owner: str, group: tuple[str, ...],
+                      align_pages: int = 1) -> int:
+        """A host kernel allocation (slab pages, pages to donate), placed by pageblock
+        grouping (HostMemory.alloc_grouped): ZONE_NORMAL (above 4 GiB) first."""
+        shift = self.page_shift
+        four_gib = (4 << 30) >> shift
+        ram_above = any(b.end > 4 << 30 for b in self.config.memblocks)
+        zone_start = four_gib if ram_above else min(b.base for b in self.config.memblocks) >> shift
+        return self.host_memory.alloc_grouped(
+            nr_pages, owner, group=group, block_pages=self.page_size // 8,
+            zone_start_pfn=zone_start, align_pages=align_pages)
+
+    def _alloc_donation(self, nr_pages: int, owner: str, group: tuple[str, ...],
+                        align_pages: int = 1) -> int:
+        """Host pages to donate: the kernel's own allocation where the build is modelled,
+        else first fit (older profiles, as before)."""
+        if self.build is None:
+            return self.host_memory.alloc(nr_pages, owner, align_pages=align_pages)
+        return self._kernel_alloc(nr_pages, owner, group, align_pages)
+
+    def _slab_alloc(self, cache: SlabCache) -> tuple[str, int, int]:
+        """An object from the lowest slab of `cache` with a free slot, else a new slab."""
+        slabs = self.slabs.setdefault(cache.name, {})
+        per_slab = cache.objects_per_slab(self.page_size)
+        partial = self._partial_slabs.setdefault(cache.name, set())
+        if partial:
+            base = min(partial)
+            taken = slabs[base]
+            index = next(i for i in range(per_slab) if i not in taken)
+            taken.add(index)
+            if len(taken) == per_slab:
+                partial.discard(base)
+            return cache.name, base, index
+        base = self._kernel_alloc(cache.slab_pages, f"slab:{cache.name}", SLAB_GROUP,
+                                  align_pages=cache.slab_pages)
+        slabs[base] = {0}
+        if per_slab > 1:
+            partial.add(base)
+        return cache.name, base, 0
+
+    def _slab_free(self, obj: tuple[str, int, int]) -> None:
+        """Free an object; a slab left empty goes back to the host."""
+        name, base, index = obj
+        slabs = self.slabs[name]
+        slabs[base].discard(index)
+        partial = self._partial_slabs.setdefault(name, set())
+        partial.add(base)
+        if not slabs[base]:
+            del slabs[base]
+            partial.discard(base)
+            self.host_memory.free(base)
+            if not slabs:
+                del self.slabs[name]
+        if not partial:
+            del self._partial_slabs[name]
+
+    def rebuild_slabs(self) -> None:
+        """The slab index from the live VMs' objects (after a state file is loaded)."""
+        self.slabs.clear()
+        for vm in self._vms.values():
+            for name, base, index in vm.slab_objects:
+                self.slabs.setdefault(name, {}).setdefault(base, set()).add(index)
+        self._partial_slabs.clear()
+        sizes = {KMALLOC_4K.name: KMALLOC_4K}
+        if self.build is not None:
+            sizes["kvm_vcpu"] = vcpu_cache(self.build.kvm_vcpu_bytes)
+        for name, slabs in self.slabs.items():
+            per_slab = sizes[name].objects_per_slab(self.page_size)
+            partial = {base for base, used in slabs.items() if len(used) < per_slab}
+            if partial:
+                self._partial_slabs[name] = partial
+
+    def _kernel_share(self, pfns: list[int]) -> None:
+        """__pkvm_host_share_hyp of host-kernel pages (share_pfn_hyp counts repeated shares
+        of one pfn: only the first reaches EL2)."""
+        new = [pfn for pfn in dict.fromkeys(pfns) if pfn not in self._kernel_shared]
+        if new:
+            self.hyp_stage1.check_can_map(new)
+            self.host_stage2.set_page_state(new, STATE_SHARED_OWNED)
+            self.hyp_stage1.map_pages(new)
+        for pfn in pfns:
+            self._kernel_shared[pfn] = self._kernel_shared.get(pfn, 0) + 1
+
+    def _kernel_unshare(self, pfns: list[int]) -> None:
+        """unshare_pfn_hyp: the last unshare of a pfn reaches EL2."""
+        last = []
+        for pfn in pfns:
+            self._kernel_shared[pfn] -= 1
+            if not self._kernel_shared[pfn]:
+                del self._kernel_shared[pfn]
+                last.append(pfn)
+        if last:
+            self.host_stage2.set_page_state(last, STATE_OWNED)
+            self.hyp_stage1.unmap_pages(last)
+
+    def _share_task_fp(self) -> None:
+        """v6.1 kvm_arch_vcpu_run_map_fp: the VMM task's user_fpsimd_state (one page of its
+        task_struct; the simulator's VMM is one task for every VM)."""
+        if self._task_fp_pfn is None:
+            pfn = self._kernel_alloc(1, "task:fpsimd", SLAB_GROUP)
+            try:
+                self._kernel_share([pfn])
+            except PkvmError:
+                self.host_memory.free(pfn)
+                raise
+            self._task_fp_pfn = pfn
+        else:
+            self._kernel_share([self._task_fp_pfn])
+
+    def _unshare_task_fp(self) -> None:
+        """kvm_vcpu_unshare_task_fp at vCPU destruction; the page goes with the last one."""
+        pfn = self._task_fp_pfn
+        assert pfn is not None
+        self._kernel_unshare([pfn])
+        if pfn not in self._kernel_shared:
+            self.host_memory.free(pfn)
+            self._task_fp_pfn = None
 
     def destroy_vm(self, handle: int) -> int:
         """Tear a VM down and return everything to the host; returns the number of pages
@@ -280,6 +508,14 @@ class Hypervisor:
             for pfn in shared:
                 del self._hyp_shared[pfn]
             vm.shared.clear()
+        # The host kernel's own shares (kvm_arch_vcpu_destroy, kvm_arch_destroy_vm).
+        if vm.struct_pfns:
+            self._kernel_unshare(vm.struct_pfns)
+            objects, vm.slab_objects = vm.slab_objects, []
+            while objects:
+                self._slab_free(objects.pop())
+        if vm.ran and self.build is not None and self.build.shares_task_fpsimd:
+            self._unshare_task_fp()
         # Blocks the VM allocated: back to their pools, whatever their refcount.
         for head, (owner, kind) in sorted(self._owners.items()):
             if owner != handle:
@@ -292,8 +528,11 @@ class Hypervisor:
                 pass
             del self._owners[head]
         if vm.pool is None:  # no VM at EL2: only a slice
-            self.host_memory.free(vm.slice_base_pfn)
-            return TeardownResult(returned + vm.slice_nr_pages, 0, 0, unpinned, unshared)
+            if vm.slice_base_pfn >= 0:  # -1: refused before its slice was allocated
+                self.host_memory.free(vm.slice_base_pfn)
+            return TeardownResult(pages_returned=returned + vm.slice_nr_pages,
+                                  el2_returned_pages=0, guest_unshared_pages=0,
+                                  unpinned_pages=unpinned, host_unshared_pages=unshared)
         # Guest stage-2: pages shared with the guest go back to the host (their share count
         # drops; at 0 the host page is OWNED again), every table back into vm.pool, then the
         # PGD pages.
@@ -329,9 +568,12 @@ class Hypervisor:
         hs2.set_owner_pages(pgd, OWNER_HOST)
         self.host_memory.free(vm.meta_pfn)
         self.host_memory.free(vm.pgd_base_pfn)
-        self.host_memory.free(vm.slice_base_pfn)
+        if vm.slice_base_pfn >= 0:  # -1: refused before its slice was allocated
+            self.host_memory.free(vm.slice_base_pfn)
         returned += vm.donated_pages + vm.slice_nr_pages
-        return TeardownResult(returned, el2_returned, guest_unshared, unpinned, unshared)
+        return TeardownResult(pages_returned=returned, el2_returned_pages=el2_returned,
+                              guest_unshared_pages=guest_unshared, unpinned_pages=unpinned,
+                              host_unshared_pages=unshared)
 
     def _drop_guest_shares(self, pgt: Stage2PageTable) -> int:
         """Every guest leaf's host page: host_share_guest_count - 1, OWNED again at 0.
@@ -343,9 +585,7 @@ class Hypervisor:
             if not self._guest_shared[pfn]:
                 del self._guest_shared[pfn]
                 back_to_host.append(pfn)
-        if back_to_host:
-            self.host_stage2.set_page_state(sorted(back_to_host), STATE_OWNED)
-        return len(back_to_host)
+        return len(back_to_host)  # OWNED again: a state in the vmemmap, not the stage-2
 
     def vm(self, handle: int) -> VmInfo:
         """-ENOENT (NotFound) for an unknown handle."""
@@ -412,8 +652,9 @@ class Hypervisor:
         if kind is PoolKind.HYP:
             return self.hyp_pool, (handle, kind)
         self._require(Operation.VMS, "allocate from a VM pool")
-        assert vm.pool is not None
-        return vm.pool, (handle, kind)
+        vm_pool = self._el2_part(vm).pool
+        assert vm_pool is not None
+        return vm_pool, (handle, kind)
 
     def _owned_block(self, handle: int, pfn: int) -> HypPool:
         """The pool of the block headed by pfn, if VM `handle` allocated it (refusals, in
@@ -472,6 +713,7 @@ class Hypervisor:
 
     def _share_pages(self, handle: int, pfn: int, nr_pages: int, op: Operation) -> tuple[
             GuestVm, list[int]]:
+        self._require(op, op.value)  # before any argument check
         vm = self._vm(handle)
         _check_page_count(nr_pages, minimum=1)
         if not vm.in_slice(pfn, nr_pages):
@@ -480,24 +722,44 @@ class Hypervisor:
                 f" [{vm.slice_base_pfn:#x}, +{vm.slice_nr_pages})",
                 reason="NOT_IN_SLICE",
             )
-        self._require(op, op.value)
         return vm, list(range(pfn, pfn + nr_pages))
+
+    @staticmethod
+    def _el2_part(vm: GuestVm) -> GuestVm:
+        """The VM, if it exists at EL2 (it ran); else FAILED_PRECONDITION / NOT_RUN."""
+        if vm.pool is None:
+            raise FailedPrecondition(f"VM {vm.handle:#x} has not run: it does not exist at"
+                                     " EL2 yet (run it first)", reason="VM_NOT_RUN")
+        return vm
 
     def _require(self, op: Operation, what: str) -> None:
         """FAILED_PRECONDITION / NOT_IN_PROFILE when the modelled kernel lacks `op`."""
         if op in self.operations:
             return
+        self._refuse_unmodelled(op, what)
         kernel = self.config.kernel
         hint = ""
         if kernel.full_vmemmap_extension:
             hint = " (vmemmap_coverage 'all' serves it as an extension of this profile)"
         elif op is Operation.GUEST_SHARE:
-            hint = " (profile v6.12+guest-share serves it as an extension)"
+            hint = " (profile v6.18 models a kernel that has it)"
         raise FailedPrecondition(
             f"cannot {what}: profile {kernel.profile} models a kernel without it; the first"
             f" kernel that has it is {FIRST_KERNEL[op]}{hint}",
             reason="NOT_IN_PROFILE",
         )
+
+    def _refuse_unmodelled(self, op: Operation, what: str) -> None:
+        """FAILED_PRECONDITION / NOT_MODELLED when the kernel has `op` but the core does not
+        implement its rules for this version yet (profiles.py unmodelled_operations)."""
+        kernel = self.config.kernel
+        if op in kernel.unmodelled_operations:
+            raise FailedPrecondition(
+                f"cannot {what}: profile {kernel.profile} models a kernel that has it, with"
+                " rules the simulator does not implement yet (docs/model.md, 'v6.18/v7.3:"
+                " run-time rules to wire'); it refuses rather than apply another version's",
+                reason="NOT_MODELLED",
+            )
 
     def host_share(self, handle: int, pfn: int, nr_pages: int = 1, *,
                    page_by_page: bool = False) -> ShareResult:
@@ -515,10 +777,11 @@ class Hypervisor:
         hs2 = self.host_stage2
         for q in pfns:
             pte, _level = hs2.host_leaf(q)
-            if not (pte is None or (pte[PTE_KIND] == LEAF and pte[PTE_PROT] == PROT_RWX
+            if q in self._guest_shared or not (
+                    pte is None or (pte[PTE_KIND] == LEAF and pte[PTE_PROT] == PROT_RWX
                                     and pte[PTE_STATE] == STATE_OWNED)):
                 raise PermissionDenied(
-                    f"host page {q:#x} is {hs2.host_state(q).value}, not owned: cannot share",
+                    f"host page {q:#x} is {self._host_state(q).value}, not owned: cannot share",
                     reason="HOST_PAGE_NOT_OWNED",
                 )
             if q in self._hyp_shared:
@@ -544,6 +807,13 @@ class Hypervisor:
                                    failed_errno=err.errno_name)
         return ShareResult(pfn, nr_pages, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                            pages_done=nr_pages)
+
+    def _host_state(self, pfn: int) -> PageState:
+        """The host's state of a page: SHARED_OWNED while guests map it (v6.14+ keeps that
+        in the vmemmap), else what its host stage-2 leaf says."""
+        if pfn in self._guest_shared:
+            return PageState.SHARED_OWNED
+        return self.host_stage2.host_state(pfn)
 
     def host_unshare(self, handle: int, pfn: int, nr_pages: int = 1) -> ShareResult:
         """__pkvm_host_unshare_hyp; -EBUSY if EL2 has any of the pages pinned (6.2+). EL2
@@ -616,17 +886,20 @@ class Hypervisor:
     # -- guest stage-2 (SEMANTICS 5; v6.14+ __pkvm_host_share_guest) -----------------------
 
     def topup_memcache(self, handle: int, nr_pages: int) -> int:
-        """The host's topup_hyp_memcache: allocate nr_pages host pages and push them on the
-        VM's host memcache; returns its size. It only allocates: the pages stay host-owned
-        (the host stage-2 is untouched) until EL2 refills its own memcache at the next guest
-        map (pkvm_refill_memcache), donating them one at a time."""
-        vm = self._vm(handle)
-        _check_page_count(nr_pages, minimum=0)
+        """The host's topup_hyp_memcache(mc, min_pages = nr_pages): fill the VM's host
+        memcache up to nr_pages pages (__topup_hyp_memcache pushes while nr_pages <
+        min_pages; a memcache already that full gets nothing); returns its size. It only
+        allocates: the pages stay host-owned (the host stage-2 is untouched) until EL2
+        refills its own memcache at the next guest map (pkvm_refill_memcache), donating
+        them one at a time."""
         self._require(Operation.GUEST_SHARE, "top up a VM memcache")
-        if nr_pages > self.host_memory.free_pages:
+        vm = self._el2_part(self._vm(handle))
+        _check_page_count(nr_pages, minimum=0)
+        missing = max(0, nr_pages - len(vm.memcache))
+        if missing > self.host_memory.free_pages:
             raise OutOfMemory(f"host RAM has {self.host_memory.free_pages} free pages, the"
-                              f" top-up needs {nr_pages}", reason="HOST_MEMORY_EXHAUSTED")
-        for _ in range(nr_pages):
+                              f" top-up needs {missing}", reason="HOST_MEMORY_EXHAUSTED")
+        for _ in range(missing):
             pfn = self.host_memory.alloc(1, f"hostmc:{handle}")
             # push_hyp_memcache: each page holds the address of the one below it.
             head = vm.memcache[-1] if vm.memcache else None
@@ -645,14 +918,16 @@ class Hypervisor:
           guest tables come from vm.pool, then from EL2's memcache.
 
         Everything is checked before anything changes (a refusal changes nothing, including
-        the refill the kernel would already have done)."""
-        vm = self._vm(handle)
+        the refill the kernel would already have done). Where v6.14 WARNs at EL2 (a page
+        shared with hyp; a memcache too short for the guest tables) the machine would
+        panic: WouldPanic, nothing changed."""
+        self._require(Operation.GUEST_SHARE, "map guest memory")
+        vm = self._el2_part(self._vm(handle))
         if not vm.in_slice(pfn):
             raise PermissionDenied(f"pfn {pfn:#x} is not in VM {handle:#x}'s slice",
                                    reason="NOT_IN_SLICE")
         if ipa < 0 or ipa % self.page_size:
             raise InvalidArgument(f"ipa {ipa:#x} is not page aligned", reason="BAD_ADDRESS")
-        self._require(Operation.GUEST_SHARE, "map guest memory")
         pgt, mm = vm.pgt, vm.mm
         assert pgt is not None and mm is not None
         if ipa >= pgt.ia_size:
@@ -662,23 +937,27 @@ class Hypervisor:
         if pte is not None:  # __guest_check_page_state_range(ipa, PKVM_NOPAGE)
             raise PermissionDenied(f"guest ipa {ipa:#x} is not unmapped: it maps pfn"
                                    f" {pte[PTE_PFN]:#x}", reason="IPA_MAPPED")
-        host_state = self.host_stage2.host_state(pfn)
+        host_state = self._host_state(pfn)
         if host_state is PageState.SHARED_OWNED and not self._guest_shared.get(pfn):
-            raise PermissionDenied(f"host page {pfn:#x} is shared with hyp, not with guests",
-                                   reason="HOST_PAGE_SHARED_WITH_HYP")
+            # v6.14-v6.15 __pkvm_host_share_guest: WARN_ON(1) before -EPERM, fatal at EL2.
+            raise WouldPanic(f"host page {pfn:#x} is shared with hyp, not with guests: EL2"
+                             " WARNs (fatal)", reason="HOST_PAGE_SHARED_WITH_HYP")
         if host_state not in (PageState.OWNED, PageState.SHARED_OWNED):
             raise PermissionDenied(f"host page {pfn:#x} is {host_state.value}: cannot share"
                                    " it with the guest", reason="HOST_PAGE_NOT_OWNED")
         refill = vm.refill_pages()
-        vm.require_table_pages(pgt.tables_needed_for_page(ipa, set()), len(refill))
+        plan = pgt.plan_page_maps([ipa], leaf=True)
+        vm.require_table_pages(plan.tables, len(refill))
+        pgt.check_plan(plan)  # the 2-byte layout's refcount limit, before any change
         self.hyp_stage1.check_can_map(refill)
-        # Both host stage-2 changes (the page's state, the refill's owner) planned together:
-        # once this passes, neither can fail.
-        self.host_stage2._prepare_page_maps([pfn, *refill], leaf=True,
-                                            what="share a page with the guest")
-        if host_state is PageState.OWNED:
-            self.host_stage2.set_page_state([pfn], STATE_SHARED_OWNED)
-        self.host_stage2.set_owner_pages(refill, OWNER_HYP)
+        # The refill's donations change the host stage-2 (owner annotations). The shared
+        # page's host state does not: from v6.14 the host's page states live in the hyp
+        # vmemmap (hyp_page.host_state; __host_set_page_state_range maps nothing for a page
+        # the host owns), so the host stage-2 is left alone (no block is split).
+        if refill:
+            self.host_stage2._prepare_page_maps(refill, leaf=True,
+                                                what="donate the memcache refill")
+            self.host_stage2.set_owner_pages(refill, OWNER_HYP)
         self._refill(vm, refill)
         before = mm.allocated
         ret = pgt.map(ipa, self.page_size, leaf_pte(pfn, PROT_RWX, STATE_SHARED_BORROWED))
@@ -724,9 +1003,10 @@ class Hypervisor:
             ),
             host_stage2=self.host_stage2.statistics(list(pool_stats[1:1 + len(self.host_pools)])),
             nr_vms=len(self._vms),
-            shared_pages=len(self._hyp_shared),
+            shared_pages=len(self._hyp_shared) + len(self._kernel_shared),
             guest_shared_pages=len(self._guest_shared),
             hyp_stage1_table_pages=len(self.hyp_stage1.table_pages()),
+            hyp_stage1_boot_table_pages=self.hyp_stage1.boot_tables,
             hyp_mem_pages=self.reservation.hyp_mem_pages,
             carveout_base=self.reservation.carveout_base,
             carveout_bytes=self.reservation.reserved_bytes,
@@ -771,7 +1051,7 @@ class Hypervisor:
         if lay.base_pfn <= pfn < lay.base_pfn + lay.nr_pages:
             return "hyp", None
         alloc = self.host_memory.allocation_at(pfn)
-        if alloc is not None and not alloc.owner.startswith(("slice:", "hostmc:")):
+        if alloc is not None and not alloc.owner.startswith(HOST_OWNED_TAGS):
             return f"vm:{alloc.owner.split(':')[1]}", None
         return "host", None
 
@@ -789,8 +1069,8 @@ class Hypervisor:
         if owner == "none":
             host_state, hyp_state = PageState.NOPAGE, PageState.NOPAGE
         else:
-            host_state = self.host_stage2.host_state(pfn)
-            if pfn in self._hyp_shared:
+            host_state = self._host_state(pfn)
+            if pfn in self._hyp_shared or pfn in self._kernel_shared:
                 hyp_state = PageState.SHARED_BORROWED
             elif owner == "host":
                 hyp_state = PageState.NOPAGE
@@ -886,6 +1166,20 @@ class Hypervisor:
                 i, j = a - seg.base_pfn, b - seg.base_pfn
                 digest.update(seg.entries[i:j].tobytes())
         return digest.hexdigest()
+
+
+def _boot_stage1(config: SimConfig, layout: CarveoutLayout) -> HypStage1:
+    """EL2's boot stage-1 (recreate_hyp_mappings) where the profile's boot is modelled
+    (core/el2_boot.py); else the carve-out mapped at VA = PA, as before."""
+    shift = config.geometry.page_shift
+    vmemmap = layout.region("vmemmap")
+    boot = machine_boot(config, layout.base_pfn << shift, layout.nr_pages << shift,
+                        vmemmap.base_pfn << shift)
+    if boot is None:
+        return HypStage1(shift, None, [(layout.base_pfn, layout.base_pfn + layout.nr_pages)])
+    va_layout, mappings = boot
+    return HypStage1(shift, None, va_bits=va_layout.va_bits, boot=mappings,
+                     va_layout=va_layout)
 
 
 def _pool_dump(pool: HypPool) -> dict[str, Any]:

@@ -8,8 +8,16 @@ compare against `o << order_shift` (refcount 0), as cheap as it is in the kernel
     layout | modelled entry                      | stored as       | refcount max | NO_ORDER
     -------+-------------------------------------+-----------------+--------------+---------
     32     | u32 refcount, u32 order, ptr, list  | array('Q'), 8 B | 2**32 - 1    | 2**32-1
+    8      | u16 refcount, u8 order, 4+4-bit     | array('I'), 4 B | 65535        | 255
+           | host/hyp state, u32 guest shares    |                 |              |
     4      | u16 refcount, u16 order             | array('I'), 4 B | 65535        | 65535
     2      | 13-bit refcount, 3-bit order        | array('H'), 2 B | 8191         | 7
+
+Layout 8 is the struct of v6.16 to v7.3 (nvhe/memory.h; 8 bytes in the BTF of Debian's 6.18.15
+and 7.3.4 images): the page states and the guest-share count live beside the refcount and
+order in the kernel; the simulator keeps them in its own maps (hypervisor.py), so only the
+refcount and the order are packed here, and the vmemmap's *size* (what the reservation counts)
+is the 8 modelled bytes.
 
 (The V13 pool pointer and list_head are not stored: the pool is known from context and the
 free-list node lives with the free block, see hyp_pool.py.)
@@ -28,6 +36,7 @@ __all__ = [
     "LAYOUT_2",
     "LAYOUT_32",
     "LAYOUT_4",
+    "LAYOUT_8",
     "MIB",
     "PAGE_SIZES",
     "HypPageLayout",
@@ -67,10 +76,13 @@ class HypPageLayout:
 
 
 LAYOUT_32 = HypPageLayout("32", 32, 2**32 - 1, 2**32 - 1, None, "Q", 32)
+LAYOUT_8 = HypPageLayout("8", 8, 65535, 255, None, "I", 16)  # HYP_NO_ORDER (u8)~0
 LAYOUT_4 = HypPageLayout("4", 4, 65535, 65535, None, "I", 16)
 LAYOUT_2 = HypPageLayout("2", 2, 8191, 7, 7, "H", 13)
 
-LAYOUTS: dict[str, HypPageLayout] = {lay.name: lay for lay in (LAYOUT_32, LAYOUT_4, LAYOUT_2)}
+LAYOUTS: dict[str, HypPageLayout] = {
+    lay.name: lay for lay in (LAYOUT_32, LAYOUT_8, LAYOUT_4, LAYOUT_2)
+}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ profile is a new record here plus the code for what is really new in it.
     v5.14    4 B  (layout 4)  host_s2 (one pool)         any fault recycles MMIO and retries
     v6.1     4 B  (layout 4)  host_s2 (one pool)         any fault recycles MMIO and retries
     v6.12    4 B  (layout 4)  host_s2 (one pool)         any fault recycles MMIO and retries
+    v6.18    8 B  (layout 8)  host_s2 (one pool)         any fault recycles MMIO and retries
+    v7.3     8 B  (layout 8)  host_s2 (one pool)         any fault recycles MMIO and retries
 
 What the reservation (kvm_hyp_reserve) adds up, per profile:
 
@@ -20,6 +22,14 @@ What the reservation (kvm_hyp_reserve) adds up, per profile:
     v5.14    4             the carve-out (fixed point)         -         -           v5.14
     v6.1     4             the carve-out (fixed point)         -         -           v5.17
     v6.12    5 (LPA2)      all memory, region by region        255 ptrs  2 + desc    v6.4
+    v6.18    5 (LPA2)      all memory, region by region        255 ptrs  2 + desc    v6.4
+    v7.3     5 (LPA2)      all memory, region by region        255 ptrs  2 + desc    v6.4
+
+v6.18 and v7.3 reserve by v6.12's formula with an 8-byte struct hyp_page (v6.14 added the host
+page state and the guest-share count to it): 1 MiB more per GiB of RAM with 4K pages.
+Run-time rules of v6.16+ that the core does not implement yet are refused NOT_MODELLED
+(`unmodelled_operations`, docs/model.md "v6.18/v7.3: run-time rules to wire"), never served
+with an older kernel's rules.
 
 This module depends on nothing of ours (layouts are named, see layout.LAYOUTS), so every other
 module of the core, and the CLI, can import it.
@@ -27,7 +37,7 @@ module of the core, and the CLI, can import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
@@ -39,6 +49,7 @@ __all__ = [
     "HostS2Pool",
     "VmemmapReservation",
     "KernelProfile",
+    "REMOVED_PROFILES",
     "Operation",
     "Profile",
     "kernel_profile_names",
@@ -64,9 +75,21 @@ class Profile(StrEnum):
     V5_14 = "v5.14"
     V6_1 = "v6.1"
     V6_12 = "v6.12"
-    # Extension profile (sharing helper): v6.12 plus the guest sharing of v6.14+, turned on
-    # knowingly; its record is v6.12's with `extra_operations`, added below the registry.
-    V6_12_GUEST_SHARE = "v6.12+guest-share"
+    V6_18 = "v6.18"
+    V7_3 = "v7.3"
+
+
+# Profiles that existed and were removed, with what a state file naming one restores as and
+# why (core/state_file.py). v6.12+guest-share was v6.12's reservation (4-byte hyp_page) with
+# v6.14's guest sharing: no kernel ever had both, so it went when v6.18 came.
+REMOVED_PROFILES: dict[str, tuple[str, str]] = {
+    "v6.12+guest-share": (
+        "v6.12",
+        "profile v6.12+guest-share was removed: it mixed v6.12's reservation (4-byte "
+        "struct hyp_page) with the guest sharing of v6.14+, which no kernel has; v6.18 "
+        "models a kernel with guest sharing",
+    ),
+}
 
 
 class VmemmapReservation(StrEnum):
@@ -116,6 +139,13 @@ class HostRangeSearch(StrEnum):
     # is then mapped with the largest leaves that fit (a level-0 or, with 16K/64K pages, a
     # level-1 range is mapped by many level-1 or level-2 blocks in one fault)
     FROM_EMPTY_ENTRY = "from-empty-entry"
+    # v6.16+ host_stage2_adjust_range ("KVM: arm64: Adjust range correctly during host
+    # stage-2 faults", e728e705802f; the level-3 fallback 8531d5a83d8e, backported to 6.18
+    # stable after 6.18.15, only matters for regions that are not page aligned): from the
+    # level where the walk met the empty entry down, the first level that supports block
+    # mappings and whose granule lies in the region; the page at level 3 otherwise. The
+    # range is that one block.
+    FIRST_FITTING_BLOCK = "first-fitting-block"
 
 
 @dataclass(frozen=True)
@@ -153,6 +183,10 @@ class KernelProfile:
     ffa_descriptor_bytes: int = 0  # FF-A proxy: the largest fragmented descriptor buffered
     # -- host stage-2 ------------------------------------------------------------------
     host_s2_range_search: HostRangeSearch = HostRangeSearch.LARGEST_COMPATIBLE
+    # A host fault on an annotated (non-host-owned) entry: False, the hypervisor panics
+    # (BUG_ON in handle_host_mem_abort up to 6.18); True, EL2 injects a data abort back
+    # into the host (host_inject_mem_abort, 7.x) and survives.
+    annotated_fault_injects_abort: bool = False
     # -- quirks config.faithful_bugs reproduces (only where this version has them) --------
     range_is_memory_off_by_one: bool = False  # tests the exclusive end (fixed in v5.14)
     # -- what was checked against a booted kernel (tests/kernel, pkvm-sim kernel-check) ----
@@ -163,9 +197,12 @@ class KernelProfile:
         return self.ffa_mailbox_pages > 0
 
     # -- which EL2 operations exist (sharing helper) -------------------------------------
-    # Operations modelled beyond the kernel version, turned on knowingly (extension
-    # profiles such as v6.12+guest-share).
+    # Operations modelled beyond the kernel version, turned on knowingly (an extension
+    # profile; none is registered today).
     extra_operations: frozenset[Operation] = frozenset()
+    # Operations this kernel has whose rules for this version the core does not implement
+    # yet: refused NOT_MODELLED rather than served with another version's rules.
+    unmodelled_operations: frozenset[Operation] = frozenset()
     # True for v5.13/v5.14: with vmemmap_coverage 'all' (the quick-start default) these
     # profiles also serve every later EL2 operation, with the later kernels' rules, on this
     # version's allocator and reservation (SEMANTICS' "V62" machine). With 'carveout' they
@@ -174,17 +211,22 @@ class KernelProfile:
 
     @property
     def is_extension(self) -> bool:
-        """True for a profile that models more than any released kernel (v6.12+guest-share):
-        reservation comparisons and kernel checks skip it, its base profile stands for it."""
+        """True for a profile that models more than any released kernel: reservation
+        comparisons and kernel checks skip it, its base profile stands for it."""
         return bool(self.extra_operations)
+
+    def native_operations(self) -> frozenset[Operation]:
+        """The EL2 operations the modelled kernel has (FIRST_KERNEL)."""
+        version = version_key(self.profile.value)
+        return frozenset(op for op, first in FIRST_KERNEL.items()
+                         if version >= version_key(first))
 
     def operations(self, vmemmap_coverage: str) -> frozenset[Operation]:
         """The EL2 operations this profile serves under a vmemmap coverage."""
         if self.full_vmemmap_extension and vmemmap_coverage == "all":
             return frozenset(Operation)
-        version = version_key(self.profile.value)
-        native = {op for op, first in FIRST_KERNEL.items() if version >= version_key(first)}
-        return frozenset(native) | self.extra_operations
+        served = self.native_operations() | self.extra_operations
+        return served - self.unmodelled_operations
 
     @property
     def split_host_s2_pools(self) -> bool:
@@ -203,6 +245,45 @@ _MERGED_POOL = HostS2Pool(
     "host_s2", hyp_tables_for_memory=True, pgd_pages=True, gib_allowances=1,
     memory_faults=True, mmio_faults=True, recycles_mmio=True,
 )
+
+def _today(profile: Profile, *, summary: str, injects_abort: bool) -> KernelProfile:
+    """v6.18 and v7.3: kvm_hyp_reserve as in v6.12 (arch/arm64/kvm/pkvm.c and
+    asm/kvm_pkvm.h: 5-level budgets, vmemmap region by region, VM table, FF-A proxy with the
+    same descriptor bound; pkvm_selftest_pages() is 0 without CONFIG_NVHE_EL2_DEBUG, which
+    Debian's kernels do not set), with STRUCT_HYP_PAGE_SIZE 8 (nvhe/memory.h)."""
+    return KernelProfile(
+        profile=profile,
+        summary=summary,
+        default_layout="8",
+        host_s2_pools=(_MERGED_POOL,),
+        max_order_formula="v6.4",
+        max_order_inclusive=True,
+        kernel_refs=(
+            "arch/arm64/kvm/pkvm.c kvm_hyp_reserve",
+            "arch/arm64/include/asm/kvm_pkvm.h hyp_vmemmap_pages, hyp_vm_table_pages, "
+            "hyp_ffa_proxy_pages, pkvm_selftest_pages",
+            "arch/arm64/kvm/hyp/include/nvhe/memory.h struct hyp_page (8 bytes)",
+            "arch/arm64/kvm/hyp/hyp-constants.c STRUCT_HYP_PAGE_SIZE",
+            "arch/arm64/kvm/hyp/nvhe/setup.c divide_memory_pool",
+            "arch/arm64/kvm/hyp/nvhe/page_alloc.c hyp_pool_init (MAX_PAGE_ORDER)",
+            "arch/arm64/kvm/hyp/nvhe/mem_protect.c host_stage2_adjust_range",
+        ),
+        hyp_pgtable_levels=5,
+        vmemmap_reservation=VmemmapReservation.ALL_MEMORY,
+        vm_table_entries=255,
+        ffa_mailbox_pages=2,
+        ffa_descriptor_bytes=48 + 32 + 16 + 2048 * 16,  # as v6.12 (include/linux/arm_ffa.h)
+        host_s2_range_search=HostRangeSearch.FIRST_FITTING_BLOCK,
+        annotated_fault_injects_abort=injects_abort,
+        booted_page_sizes=("4K", "16K"),
+        # v6.16+: a host share no longer maps the page at EL2 (hyp_pin_shared_mem does, on
+        # the first pin); the core's share, unshare and pin map at share time as up to
+        # v6.15. VM creation donates v6.18/v7.3's struct sizes; guest shares take ranges
+        # and check the memcache first. Until the core has these rules (docs/model.md), the
+        # operations are refused NOT_MODELLED.
+        unmodelled_operations=frozenset(Operation),
+    )
+
 
 PROFILES: dict[Profile, KernelProfile] = {
     spec.profile: spec
@@ -293,26 +374,20 @@ PROFILES: dict[Profile, KernelProfile] = {
             host_s2_range_search=HostRangeSearch.FROM_EMPTY_ENTRY,
             booted_page_sizes=("4K", "16K"),
         ),
+        _today(
+            Profile.V6_18,
+            summary="LTS 6.18 (Android's next GKI): v6.12's reservation with an 8-byte "
+            "hyp_page (host state + guest-share count); guest sharing at EL2",
+            injects_abort=False,  # the host-side protected-guest series is not in 6.18
+        ),
+        _today(
+            Profile.V7_3,
+            summary="7.3: as v6.18 for the reservation and the hyp_page; guest sharing by "
+            "range, donation to protected guests from the host side",
+            injects_abort=True,  # 7.3 nvhe/mem_protect.c handle_host_mem_abort
+        ),
     )
 }
-
-
-def _add_extension_profiles() -> None:
-    """v6.12+guest-share: v6.12's record plus v6.14's guest sharing (once v6.12 exists)."""
-    base = next((spec for name, spec in PROFILES.items() if name.value == "v6.12"), None)
-    if base is not None:
-        PROFILES[Profile.V6_12_GUEST_SHARE] = replace(
-            base, profile=Profile.V6_12_GUEST_SHARE,
-            summary="extension: v6.12 plus __pkvm_host_share_guest and the memcache refill"
-            " at EL2 of v6.14+ (guest stage-2 maps)",
-            extra_operations=frozenset({Operation.GUEST_SHARE}),
-            kernel_refs=(*base.kernel_refs,
-                         "v6.14 arch/arm64/kvm/hyp/nvhe/mem_protect.c __pkvm_host_share_guest",
-                         "v6.14 arch/arm64/kvm/hyp/nvhe/hyp-main.c pkvm_refill_memcache"),
-        )
-
-
-_add_extension_profiles()
 
 
 def profile_spec(profile: Profile | str) -> KernelProfile:

@@ -577,7 +577,8 @@ def partition_carveout(reservation: Reservation, config: SimConfig) -> CarveoutL
         reservation.entry_bytes,
     ):
         raise ValueError("reservation was computed for another profile, page size or layout")
-    if config.hyp_s1_early_used_pages > reservation.hyp_s1_pgtable_pages:
+    early_pages = config.hyp_s1_early_used_pages or 0
+    if early_pages > reservation.hyp_s1_pgtable_pages:
         raise ValueError(
             f"hyp_s1_early_used_pages {config.hyp_s1_early_used_pages} exceeds the "
             f"hyp pool's {reservation.hyp_s1_pgtable_pages} pages"
@@ -617,5 +618,5 @@ def partition_carveout(reservation: Reservation, config: SimConfig) -> CarveoutL
         base_pfn=base_pfn,
         nr_pages=reservation.reserved_pages,
         regions=tuple(regions),
-        hyp_reserved_pages=config.hyp_s1_early_used_pages,
+        hyp_reserved_pages=early_pages,
     )

@@ -52,9 +52,11 @@ from .errors import PkvmError
 from .guest import GuestMmOps, GuestVm
 from .host_memory import HostAllocation
 from .hyp_pool import HypPool
+from .hyp_stage1 import HypStage1
 from .hypervisor import Hypervisor
-from .model import PoolKind
-from .pgtable import Stage2PageTable
+from .model import PageState, PoolKind
+from .pgtable import STATE_OWNED, Stage2PageTable
+from .profiles import REMOVED_PROFILES
 
 MAGIC = b"PKVMSTAT"
 FORMAT_VERSION = 1
@@ -81,6 +83,9 @@ class StateFile:
     service: dict[str, Any]
     vmemmap: list[bytes] = field(repr=False)
     size_bytes: int = 0
+    # What restore() changed to read the file, one line each for the user (a profile
+    # that was removed, restored as its replacement).
+    notes: list[str] = field(default_factory=list)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -160,9 +165,15 @@ def _optional_state(hv: Hypervisor) -> dict[str, Any]:
             "tables": [[level, index, pfn] for (level, index), pfn in stage1._tables.items()],
             "mapped": sorted(stage1.mapped),
         }
+        if stage1.va_layout is not None:  # tables keyed by hyp VA (a modelled boot)
+            out["hyp_stage1"]["va"] = "linear"
     guest_shared = getattr(hv, "_guest_shared", None)
     if guest_shared is not None:
         out["guest_shared"] = [[pfn, count] for pfn, count in guest_shared.items()]
+    kernel_shared = getattr(hv, "_kernel_shared", None)
+    if kernel_shared:  # v6.1/v6.12 machines: the host kernel's structs shared with hyp
+        out["kernel_shared"] = [[pfn, count] for pfn, count in kernel_shared.items()]
+        out["task_fp_pfn"] = hv._task_fp_pfn
     return out
 
 
@@ -310,9 +321,13 @@ def _describe(error: BaseException) -> str:
 
 
 def restore(state: StateFile) -> Hypervisor:
-    """The machine a decoded state file holds, audited; StateFileError if it is not sound."""
+    """The machine a decoded state file holds, audited; StateFileError if it is not sound.
+
+    A file of a removed profile (profiles.REMOVED_PROFILES) restores as its replacement when
+    the machine uses nothing the replacement lacks, with a line in `state.notes` saying so."""
     try:
-        config = SimConfig.from_mapping(state.machine["config"])
+        config_map = _map_removed_profile(state)
+        config = SimConfig.from_mapping(config_map)
     except (KeyError, ValueError, TypeError) as error:
         raise StateFileError(f"bad configuration in the file: {_describe(error)}") from None
     try:
@@ -326,6 +341,32 @@ def restore(state: StateFile) -> Hypervisor:
     except AssertionError as error:
         raise StateFileError(f"the restored machine fails audit(): {_describe(error)}") from None
     return hv
+
+
+def _map_removed_profile(state: StateFile) -> dict[str, Any]:
+    """The file's configuration, with a removed profile replaced by the one it maps to.
+
+    v6.12+guest-share maps to v6.12 (same reservation, same 4-byte vmemmap): the machine
+    restores exactly unless it holds guest shares or memcache pages, which v6.12 cannot
+    have; such a file is refused, naming why."""
+    config_map: dict[str, Any] = dict(state.machine["config"])
+    name = config_map.get("profile")
+    if not isinstance(name, str) or name not in REMOVED_PROFILES:
+        return config_map
+    replacement, why = REMOVED_PROFILES[name]
+    m = state.machine
+    guest_state = bool(m.get("guest_shared")) or any(
+        decode_value(vm.get("memcache")) or decode_value(vm.get("hyp_memcache"))
+        for vm in m.get("vms", [])
+    )
+    if guest_state:
+        raise StateFileError(f"{why}; this file holds guest shares or memcache pages, which"
+                             f" {replacement} cannot have: it cannot be restored")
+    config_map["profile"] = replacement
+    note = f"{why}; restored as {replacement} (nothing in the file needs more)"
+    if note not in state.notes:
+        state.notes.append(note)
+    return config_map
 
 
 def _apply(hv: Hypervisor, state: StateFile) -> None:
@@ -352,11 +393,13 @@ def _apply(hv: Hypervisor, state: StateFile) -> None:
     hm.allocations = {}
     for base, nr_pages, owner in m["host_memory"]["allocations"]:
         hm.allocations[base] = HostAllocation(base, nr_pages, owner)
+    hm.reindex()
     hm.free_pages = sum(end - start for start, end in hm._free)
     hv._vms = {vm.handle: vm for vm in vms}
     hv._owners = {pfn: (handle, PoolKind(kind)) for pfn, handle, kind in m["owners"]}
     hv._hyp_shared = {pfn: handle for pfn, handle in m["hyp_shared"]}
     hv._vms_created = int(m["vms_created"])
+    hv.rebuild_slabs()
     _load_optional_state(hv, m)
 
 
@@ -368,6 +411,10 @@ def _load_optional_state(hv: Hypervisor, m: dict[str, Any]) -> None:
     if "hyp_stage1" in m:
         if stage1 is None:
             raise ValueError("the file has hyp stage-1 tables, this machine has none")
+        if stage1.va_layout is not None and m["hyp_stage1"].get("va") != "linear":
+            # Written before EL2's boot was modelled (v6.1/v6.12): its tables are keyed by
+            # PA and nothing was charged at boot. Restore that machine as it was.
+            stage1 = hv.hyp_stage1 = _legacy_stage1(hv)
         stage1._tables.clear()  # in place, as everywhere: nothing else need know
         stage1._tables.update({(level, index): pfn
                                for level, index, pfn in m["hyp_stage1"]["tables"]})
@@ -379,6 +426,16 @@ def _load_optional_state(hv: Hypervisor, m: dict[str, Any]) -> None:
             raise ValueError("the file has guest share counts, this machine has none")
         guest_shared.clear()
         guest_shared.update({pfn: count for pfn, count in m["guest_shared"]})
+        # Files from before guest shares kept the host state in the vmemmap (as v6.14
+        # does) marked those pages SHARED_OWNED in the host stage-2: make them OWNED there.
+        marked = [pfn for pfn in sorted(guest_shared)
+                  if hv.host_stage2.host_state(pfn) is PageState.SHARED_OWNED]
+        if marked:
+            hv.host_stage2.set_page_state(marked, STATE_OWNED)
+    if "kernel_shared" in m:
+        hv._kernel_shared.clear()
+        hv._kernel_shared.update({pfn: count for pfn, count in m["kernel_shared"]})
+        hv._task_fp_pfn = m.get("task_fp_pfn")
 
 
 def _load_vmemmap(hv: Hypervisor, segments: list[dict[str, Any]], blobs: list[bytes]) -> None:
@@ -427,12 +484,24 @@ def _load_host_stage2(hv: Hypervisor, state: dict[str, Any]) -> None:
     hs2.mm.freed = int(state["tables_freed"])
 
 
+def _legacy_stage1(hv: Hypervisor) -> HypStage1:
+    """EL2's stage-1 as files written before the boot model had it: hyp VA = PA, the
+    carve-out mapped at boot, no boot table charged to the hyp pool (such files also say
+    hyp_s1_early_used_pages 0)."""
+    if hv.hyp_pool.reserved_pages:
+        raise ValueError("a file from before the boot model must have no early pages")
+    lay = hv.carveout
+    return HypStage1(hv.page_shift, hv.hyp_pool, [(lay.base_pfn, lay.base_pfn + lay.nr_pages)])
+
+
 def _rebuild_vm(hv: Hypervisor, state: dict[str, Any]) -> GuestVm:
     """A GuestVm from its saved fields; its pool is initialised over the PGD range as at
     creation (the vmemmap and free lists are then overwritten with the file's)."""
     values = {name: decode_value(value) for name, value in state.items()
               if name not in ("pool", "pgd_pfns", "tables_allocated")}
     vm = GuestVm(**values, pool=None)
+    if "ran" not in state:  # files from before VMs had two steps: a VM at EL2 had run
+        vm.ran = state["pool"] is not None
     pool_state = state["pool"]
     if pool_state is None:
         return vm

@@ -35,7 +35,7 @@ def memory_map_message(
     hypervisor: Hypervisor, config: SimConfig, reserve: pb2.ReserveResponse,
     pool_names: list[str],
 ) -> pb2.GetMemoryMapResponse:
-    """Runs under the simulator lock (the servicer's @rpc holds it)."""
+    """Runs under the simulator lock (the servicer's unary handler holds it)."""
     if len(pool_names) > MAX_POOLS:
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "TOO_MANY_POOLS",
                            f"at most {MAX_POOLS} pools per call")

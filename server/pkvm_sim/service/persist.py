@@ -51,6 +51,7 @@ class Restored:
     hypervisor: Hypervisor
     config: SimConfig
     size_bytes: int
+    notes: tuple[str, ...] = ()  # what restore changed to read the file (state_file.restore)
 
 
 class StateKeeper:
@@ -80,7 +81,7 @@ class StateKeeper:
             raise StateFileError(f"the tokens of VMs {sorted(set(service.tokens) ^ set(hv._vms))}"
                                  " do not match the machine's VMs")
         self._pending_service = service
-        return Restored(hv, hv.config, decoded.size_bytes)
+        return Restored(hv, hv.config, decoded.size_bytes, tuple(decoded.notes))
 
     def attach(self, servicer: HypervisorServicer) -> None:
         """Give the servicer the restored tokens, leases and counters (before serving)."""
@@ -224,6 +225,8 @@ def restore_at_start(
     if clash:
         return (f"state file {path} holds a machine booted with another configuration:"
                 f" {'; '.join(clash)} (drop those settings, or use another --state-file)")
+    for note in restored.notes:
+        print(f"pkvm-sim serve: state file {path}: note: {note}", file=sys.stderr, flush=True)
     print(f"pkvm-sim serve: restored {path}: {describe(restored)}", file=sys.stderr,
           flush=True)
     return keeper, restored

@@ -21,9 +21,11 @@ get the grace period to finish, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Mapping
@@ -33,13 +35,16 @@ from typing import Any
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.knobs import (
+    ENV_PREFIX,
     LIMITS,
     NOT_SETTINGS,
     SERVICE_KNOBS,
     SIM_KNOBS,
     add_service_arguments,
     add_sim_arguments,
+    env_error,
     parse_service_value,
+    unknown_env_variables,
 )
 
 log = logging.getLogger("pkvm_sim.serve")
@@ -47,16 +52,24 @@ log = logging.getLogger("pkvm_sim.serve")
 SWITCH_INTERVAL_SECONDS = 0.001
 EXIT_OK = 0
 EXIT_USAGE = 2
-ENV_PREFIX = "PKVM_SIM_"
+ENV_HELP = (
+    "Environment: every flag has a PKVM_SIM_<NAME> variable (named in its help; e.g."
+    " PKVM_SIM_PROFILE=v5.13, PKVM_SIM_MEMBLOCKS=0x80000000:4G,0x880000000:6G,"
+    " PKVM_SIM_LISTEN=0.0.0.0:50051), and PKVM_SIM_CONFIG=FILE is --config. Sources, later"
+    " wins: defaults < config file < environment < flags. An unknown PKVM_SIM_* variable is"
+    " an error, like an unknown config-file key."
+)
 SIM_KEYS = tuple(knob.name for knob in SIM_KNOBS)
 SERVER_KEYS = tuple(knob.name for knob in SERVICE_KNOBS)
 LIMIT_KEYS = tuple(knob.name for knob in SERVICE_KNOBS if knob.section == LIMITS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML (or YAML) configuration file")
+    parser.epilog = ENV_HELP
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML (or YAML) configuration file (env {ENV_PREFIX}CONFIG)")
     add_service_arguments(parser)
-    add_sim_arguments(parser)
+    add_sim_arguments(parser, env=True)
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -90,6 +103,10 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The knobs set by PKVM_SIM_* variables; ValueError names any unknown one."""
+    unknown = unknown_env_variables(environ)
+    if unknown:
+        raise ValueError(env_error(unknown))
     values: dict[str, Any] = {}
     for key in (*SIM_KEYS, *SERVER_KEYS):
         raw = environ.get(ENV_PREFIX + key.upper())
@@ -174,6 +191,41 @@ def explicit_knobs(args: argparse.Namespace, environ: Mapping[str, str] | None =
     return given & set(SIM_KEYS)
 
 
+def bind_problem(address: str | None, what: str) -> str | None:
+    """Why `address` cannot be listened on (e.g. a port in use), naming it, or None.
+
+    Checked before the servers start so that the message is ours, one line: gRPC's own
+    failure prints a C-core log line and advice about GRPC_VERBOSITY, the metrics server's
+    a bare `[Errno 98]`. A port taken between this check and the real bind still fails the
+    start (with gRPC's words)."""
+    if not address:
+        return None
+    from .server import split_host_port
+
+    host, port = split_host_port(address)
+    if port == 0:
+        return None  # any free port
+    try:
+        candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                        flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return f"cannot listen on {address} ({what}): {error.strerror}"
+    failure: OSError | None = None
+    for family, kind, proto, _name, sockaddr in candidates:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                failure = failure or error
+                continue
+        return None  # one address binds: the server serves on it (as gRPC does)
+    assert failure is not None
+    reason = "address already in use" if failure.errno == errno.EADDRINUSE \
+        else (failure.strerror or str(failure)).lower()
+    return f"cannot listen on {address} ({what}): {reason}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config, server_values = resolve(args)
@@ -210,6 +262,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log.info("%s", effective_configuration(config, settings))
+    problem = (bind_problem(settings.listen, "gRPC")
+               or bind_problem(settings.metrics_listen, "metrics"))
+    if problem is not None:
+        print(f"pkvm-sim serve: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         service = start(config, settings, state=keeper,
                         hypervisor=restored.hypervisor if restored else None)

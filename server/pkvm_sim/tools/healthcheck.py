@@ -1,15 +1,19 @@
 """`pkvm-sim healthcheck`: exit 0 when a pkvm-sim service answers SERVING, for the image's
 HEALTHCHECK.
 
-    pkvm-sim healthcheck                       # every port the container's processes listen on
+    pkvm-sim healthcheck                       # the ports of this user's `pkvm-sim serve`
     pkvm-sim healthcheck --pid 1234            # the ports of one process
     pkvm-sim healthcheck --target host:50051   # one address
+    pkvm-sim healthcheck --target host:50051 --ca-file ca.pem   # a TLS server
 
 Without --target it follows the port the server really uses, whatever `--listen`, config file
-or environment chose: it reads the listening TCP sockets of the processes it can see
+or environment chose: it reads the listening TCP sockets of the processes it looks at
 (/proc/PID/fd against /proc/net/tcp and tcp6) and asks the standard grpc.health.v1 service on
-each. The metrics port, which speaks HTTP/1.1, fails that check quickly. Exit status: 0 when
-one says SERVING, 1 otherwise (nothing listening, NOT_SERVING, no answer).
+each, through the SDK (`Hypervisor.serving`, with the TLS options of tools/connect.py). The
+metrics port, which speaks HTTP/1.1, fails that check quickly. With no --pid it looks only at
+`pkvm-sim serve` processes run by the same user: never at other programs' ports, nor at another
+user's server on a shared host. Exit status: 0 when one says SERVING, 1 otherwise (nothing
+listening, NOT_SERVING, no answer).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+from .connect import add_connection_arguments, connect
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -34,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=3.0, metavar="S", help="per-address timeout (3)"
     )
+    add_connection_arguments(parser)
 
 
 def socket_inodes(pids: Iterable[str]) -> set[str]:
@@ -41,10 +48,16 @@ def socket_inodes(pids: Iterable[str]) -> set[str]:
     inodes: set[str] = set()
     for pid in pids:
         try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:
             continue  # gone, or another user's
-        inodes.update(m.group(1) for link in links if (m := _SOCKET_LINK.fullmatch(link)))
+        for fd in fds:
+            try:  # one fd may close while we look (the listing's own, in this process)
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if m := _SOCKET_LINK.fullmatch(link):
+                inodes.add(m.group(1))
     return inodes
 
 
@@ -72,9 +85,29 @@ def listening_addresses(table: str, inodes: set[str]) -> list[str]:
     return targets
 
 
+def is_own_server(pid: str, uid: int) -> bool:
+    """A `pkvm-sim serve` process (console script or `python -m pkvm_sim.cli`) of user uid."""
+    proc = Path("/proc") / pid
+    try:
+        if proc.stat().st_uid != uid:
+            return False
+        argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # gone, or not ours to read
+    words = [w.decode(errors="replace") for w in argv if w]
+    for index, word in enumerate(words):
+        if Path(word).name == "pkvm-sim" or word in ("pkvm_sim.cli", "pkvm_sim"):
+            return "serve" in words[index + 1:]
+    return False
+
+
 def discover_targets(pid: int | None) -> list[str]:
-    pids = [str(pid)] if pid is not None else [p.name for p in Path("/proc").iterdir()
-                                                if p.name.isdigit()]
+    if pid is not None:
+        pids = [str(pid)]
+    else:
+        uid = os.getuid()
+        pids = [p.name for p in Path("/proc").iterdir()
+                if p.name.isdigit() and is_own_server(p.name, uid)]
     inodes = socket_inodes(pids)
     targets: list[str] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -85,25 +118,22 @@ def discover_targets(pid: int | None) -> list[str]:
     return sorted(set(targets))
 
 
-def is_serving(target: str, timeout: float) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
-
-    with grpc.insecure_channel(target) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
-            )
-        except grpc.RpcError:
-            return False
-    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+def is_serving(target: str, args: argparse.Namespace, timeout: float) -> bool:
+    with connect(target, args, timeout=timeout) as hv:
+        return hv.serving()
 
 
 def run(args: argparse.Namespace) -> int:
     targets = [args.target] if args.target else discover_targets(args.pid)
-    for target in targets:
-        if is_serving(target, args.timeout):
-            print(f"SERVING on {target}")
-            return EXIT_HEALTHY
-    print(f"not serving (checked: {', '.join(targets) or 'no listening port'})", file=sys.stderr)
+    try:
+        for target in targets:
+            if is_serving(target, args, args.timeout):
+                print(f"SERVING on {target}")
+                return EXIT_HEALTHY
+    except (OSError, ValueError) as error:  # an unreadable PEM or token file
+        print(f"healthcheck: error: {error}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    where = ", ".join(targets) or ("no listening port" if args.target or args.pid is not None
+                                   else "no `pkvm-sim serve` of this user listens")
+    print(f"not serving (checked: {where})", file=sys.stderr)
     return EXIT_UNHEALTHY

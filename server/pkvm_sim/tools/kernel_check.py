@@ -1,7 +1,7 @@
 """`pkvm-sim kernel-check`: boot real arm64 kernels in pKVM protected mode under QEMU and
 compare what they reserve for EL2 with what the simulator computes for the same memory map.
 
-    scripts/fetch-kernels                         # once: Debian's 6.1 and 6.12 kernels, cached
+    scripts/fetch-kernels                         # once: Debian's 6.1 to 7.3 kernels, cached
     pkvm-sim kernel-check                         # every cached kernel x the default maps
     pkvm-sim kernel-check --kernel 6.12-16k --memory 4G --memory 64M+8896M --json
     pkvm-sim kernel-check --image ./Image --profile v6.12 --page-size 4K --memory 8G
@@ -24,6 +24,7 @@ import json
 import os
 import re
 import selectors
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,9 +53,9 @@ FILE_BACKED_FROM = 8 * GIB  # larger maps are backed by sparse files (the host r
 DEFAULT_MAPS = ("1G", "4G", "64G", "64M+9600M")
 DEFAULT_TIMEOUT_S = 90.0
 
-_RESERVED_RE = re.compile(r"kvm \[\d+\]: Reserved (\d+) MiB at (0x[0-9a-fA-F]+)")
+RESERVED_RE = re.compile(r"kvm \[\d+\]: Reserved (\d+) MiB at (0x[0-9a-fA-F]+)")
 _PROTECTED_RE = re.compile(r"Protected (nVHE|hVHE) mode initialized successfully")
-_VERSION_RE = re.compile(r"Linux version (\S+) ")
+VERSION_RE = re.compile(r"Linux version (\S+) ")
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class MemoryMap:
         """The `--memblock BASE:SIZE` flags of `pkvm-sim reserve` for this map."""
         return [f"--memblock={b.base:#x}:{_size_name(b.size)}" for b in self.memblocks()]
 
-    def qemu_args(self, workdir: Path) -> list[str]:
+    def qemu_args(self, workdir: Path, cpus: int = 1) -> list[str]:
         """-m and, for several nodes or a big map, memory backends and NUMA nodes."""
         total = _size_name(self.total_bytes)
         if len(self.node_bytes) == 1 and self.total_bytes < FILE_BACKED_FROM:
@@ -130,8 +131,10 @@ class MemoryMap:
             args += ["-object", f"{backing},id=m{i},size={size}"]
             if len(self.node_bytes) == 1:
                 args += ["-machine", f"memory-backend=m{i}"]
-            else:  # the one CPU sits in node 0; the other nodes are memory only
-                args += ["-numa", f"node,memdev=m{i},nodeid={i}" + (",cpus=0" if i == 0 else "")]
+            else:  # the CPUs sit in node 0; the other nodes are memory only
+                cpu_list = "0" if cpus == 1 else f"0-{cpus - 1}"
+                args += ["-numa", f"node,memdev=m{i},nodeid={i}"
+                         + (f",cpus={cpu_list}" if i == 0 else "")]
         return args
 
 
@@ -179,11 +182,11 @@ def boot(kernel: KernelImage, memory: MemoryMap, timeout_s: float = DEFAULT_TIME
         )
         assert proc.stdout is not None
         try:
-            for line in _lines_until(proc.stdout, start + timeout_s):
+            for line in lines_until(proc.stdout, start + timeout_s):
                 tail = [*tail[-19:], line]
-                if release is None and (m := _VERSION_RE.search(line)):
+                if release is None and (m := VERSION_RE.search(line)):
                     release = m.group(1)
-                if reserved is None and (m := _RESERVED_RE.search(line)):
+                if reserved is None and (m := RESERVED_RE.search(line)):
                     reserved = int(m.group(1)), int(m.group(2), 16)
                 if _PROTECTED_RE.search(line):
                     return _result(reserved, True, release, start, None, tail)
@@ -208,7 +211,7 @@ def _result(reserved: tuple[int, int] | None, protected: bool, release: str | No
     )
 
 
-def _lines_until(stream: IO[bytes], deadline: float) -> Iterator[str]:
+def lines_until(stream: IO[bytes], deadline: float) -> Iterator[str]:
     """Decoded lines of `stream` until EOF or the monotonic `deadline`."""
     selector = selectors.DefaultSelector()
     selector.register(stream, selectors.EVENT_READ)
@@ -305,9 +308,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory map, repeatable; '+' separates NUMA nodes "
                         f"(default: {' '.join(DEFAULT_MAPS)})")
     parser.add_argument("--jobs", type=int, default=2, help="boots at a time (default 2)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds per boot (default {DEFAULT_TIMEOUT_S:.0f})")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help=f"seconds per boot (default {DEFAULT_TIMEOUT_S:.0f}; with "
+                        "--lifecycle 900)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
+    lifecycle = parser.add_argument_group(
+        "--lifecycle", "run VMs through /dev/kvm under the real kernel, read EL2's memory at "
+        "each step and compare with `pkvm-sim scenario vm-lifecycle` (one boot per kernel, "
+        "memory map and CPU count; default map 4G)")
+    lifecycle.add_argument("--lifecycle", action="store_true",
+                           help="the run-time check instead of the boot-line check")
+    lifecycle.add_argument("--cpus", type=int, action="append", metavar="N",
+                           help="CPUs of the machine (-smp), repeatable (default 1)")
+    lifecycle.add_argument("--vm-cap", type=int, default=300, metavar="N",
+                           help="VMs the VM-limit step tries at most (default 300; 0 skips)")
+    lifecycle.add_argument("--qemu-cpu", metavar="MODEL",
+                           help="QEMU -cpu (default max,pauth-impdef=on, with lpa2=off for 16K "
+                           "kernels; e.g. max,pauth-impdef=on,lpa2=off gives 4K kernels a "
+                           "48-bit IPA limit)")
+    lifecycle.add_argument("--show-map", action="store_true",
+                           help="print EL2's stage-1 at boot (VA -> PA ranges, state, tables)")
+    lifecycle.add_argument("--saved", type=Path, nargs="+", metavar="FILE",
+                           help="compare kernel records saved by --save (JSON) with the "
+                           "simulator instead of booting")
+    lifecycle.add_argument("--simulator", metavar="COMMAND",
+                           help="the pkvm-sim to compare with, as a command line (default: "
+                           "this one, `python -m pkvm_sim.cli`)")
+    lifecycle.add_argument("--exact", action="store_true",
+                           help="no placement allowance: every figure must be equal")
+    lifecycle.add_argument("--save", type=Path, metavar="DIR",
+                           help="write each machine's kernel figures (JSON) and EL2 stage-1 "
+                           "map at boot (text) into DIR")
 
 
 def select_kernels(args: argparse.Namespace) -> list[KernelImage]:
@@ -333,6 +364,8 @@ def select_kernels(args: argparse.Namespace) -> list[KernelImage]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.lifecycle:
+        return run_lifecycle_cli(args)
     try:
         kernels = select_kernels(args)
         maps = [MemoryMap.parse(m) for m in (args.memory or DEFAULT_MAPS)]
@@ -346,9 +379,53 @@ def run(args: argparse.Namespace) -> int:
               "qemu-system-arm)", file=sys.stderr)
         return EXIT_USAGE
     pairs = [(kernel, memory) for kernel in kernels for memory in maps]
-    rows = run_checks(pairs, jobs=args.jobs, timeout_s=args.timeout)
+    rows = run_checks(pairs, jobs=args.jobs, timeout_s=args.timeout or DEFAULT_TIMEOUT_S)
     print(render_json(rows) if args.json else render_table(rows))
     return EXIT_OK if all(row.match for row in rows) else EXIT_MISMATCH
+
+
+def run_lifecycle_cli(args: argparse.Namespace) -> int:
+    from pkvm_sim.tools import kernel_lifecycle as lifecycle
+    from pkvm_sim.tools.el2_initrd import CROSS_CC
+
+    simulator = shlex.split(args.simulator) if args.simulator else None
+    if args.saved:
+        try:
+            saved = [lifecycle.load_truth(path) for path in args.saved]
+        except ValueError as error:
+            print(f"kernel-check: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        checks = [lifecycle.compare(k, exact=args.exact, simulator=simulator) for k in saved]
+        print(lifecycle.render_json(checks) if args.json else lifecycle.render_table(checks))
+        return EXIT_OK if all(check.match for check in checks) else EXIT_MISMATCH
+    try:
+        kernels = select_kernels(args)
+        maps = [MemoryMap.parse(m) for m in (args.memory or ("4G",))]
+        cpu_counts = args.cpus or [1]
+        if any(not 1 <= n <= 8 for n in cpu_counts):
+            raise ValueError("--cpus must be 1 to 8")
+        if args.vm_cap < 0:
+            raise ValueError("--vm-cap must not be negative")
+        for kernel in kernels:
+            simulated_reserved_bytes(kernel, maps[0])
+    except ValueError as error:
+        print(f"kernel-check: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    for tool, package in ((QEMU, "qemu-system-arm"),
+                          (CROSS_CC, "gcc-aarch64-linux-gnu libc6-dev-arm64-cross")):
+        if shutil.which(tool) is None:
+            print(f"kernel-check: error: {tool} not found (Debian: apt-get install {package})",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    machines = [lifecycle.Machine(kernel, memory, cpus, args.qemu_cpu) for kernel in kernels
+                for memory in maps for cpus in cpu_counts]
+    timeout_s = args.timeout or lifecycle.DEFAULT_LIFECYCLE_TIMEOUT_S
+    checks = lifecycle.run_lifecycle_checks(machines, vm_cap=args.vm_cap, timeout_s=timeout_s,
+                                            truth_dir=args.save, exact=args.exact,
+                                            simulator=simulator)
+    print(lifecycle.render_json(checks) if args.json
+          else lifecycle.render_table(checks, show_map=args.show_map))
+    return EXIT_OK if all(check.match for check in checks) else EXIT_MISMATCH
 
 
 def render_json(rows: Sequence[CheckRow]) -> str:

@@ -1,5 +1,7 @@
 """`pkvm-sim scenario`: seeded workloads that put the series' claims side by side.
 
+vm-lifecycle: what VMs cost at EL2 on a kernel, step by step (tools/lifecycle.py).
+
 mmio-pressure (SEMANTICS 3.8): the same machine and the same seeded fault sequence under the
 v5.13 profile (two host stage-2 pools; only MMIO faults recycle, from the MMIO pool) and the
 v5.14 profile (one pool; any -ENOMEM recycles MMIO and retries):
@@ -36,34 +38,53 @@ from pkvm_sim.core.layout import GIB, PAGE_SIZES, Profile
 from pkvm_sim.core.model import FaultOutcome
 from pkvm_sim.core.profiles import kernel_profile_names, profile_names
 
+from .lifecycle import (
+    DEFAULT_MEMBLOCK,
+    DEFAULT_VM_CAP,
+    lifecycle_config,
+    plot_lifecycle,
+    run_vm_lifecycle,
+)
 from .plots import ScenarioTimeline, plot_scenario, sampler
 
-SCENARIOS = ("mmio-pressure", "refcount-limit")
+SCENARIOS = ("mmio-pressure", "refcount-limit", "vm-lifecycle")
 DEFAULT_SPANS = "0.5G,1G,2G,4G"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=SCENARIOS, help="which scenario to run")
-    parser.add_argument("--profile", choices=[*profile_names(), "both", "all"], default="both",
-                        help="profile(s) to run side by side (default: both = v5.13 and v5.14;"
-                        " all = every profile)")
+    parser.add_argument("--profile", choices=[*profile_names(), "both", "all"],
+                        action="append", default=None,
+                        help="profile(s) to run side by side, repeatable (default: both ="
+                        " v5.13 and v5.14; vm-lifecycle: v6.12; all = every kernel profile)")
     parser.add_argument("--page-size", default="4K", choices=sorted(PAGE_SIZES))
     parser.add_argument("--memblock", action="append", default=None, metavar="BASE:SIZE",
-                        help="RAM region (repeatable; default 0x80000000:4G)")
+                        help="RAM region (repeatable; default 0x80000000:4G, vm-lifecycle:"
+                        f" {DEFAULT_MEMBLOCK} as on QEMU virt)")
+    parser.add_argument("--cpus", type=int, default=1,
+                        help="vm-lifecycle: CPUs (per-CPU areas, stacks mapped at EL2)")
+    parser.add_argument("--carveout-base", default=None, metavar="ADDR",
+                        help="vm-lifecycle: place the carve-out here (default: top-down)")
+    parser.add_argument("--vm-cap", type=int, default=DEFAULT_VM_CAP,
+                        help="vm-lifecycle: stop counting the VM limit here (default"
+                        " %(default)s; the JSON says null when no VM was refused)")
     parser.add_argument("--ram-fragments", type=int, default=1,
                         help="split each RAM region into N memblocks separated by --hole")
     parser.add_argument("--hole", default="1M", help="MMIO hole between RAM fragments")
     parser.add_argument("--spans", default=DEFAULT_SPANS, help="comma-separated IPA spans")
     parser.add_argument("--span-base", default=None,
                         help="where the MMIO spans start (default 0, the bottom of the IPA space)")
-    parser.add_argument("--ia-bits", type=int, default=SimConfig.ia_bits,
-                        help="host stage-2 IPA bits (default %(default)s); 44 to 48 give a"
-                        " 4-level stage-2 with 4K pages, whose level 0 holds no blocks")
+    parser.add_argument("--ia-bits", type=int, default=None,
+                        help=f"host stage-2 IPA bits (default {SimConfig.ia_bits}; vm-lifecycle:"
+                        " the kernel's limit on QEMU's max CPU, 52 for v6.12 4K with LPA2, else"
+                        " 48); 44 to 48 give a 4-level stage-2 with 4K pages, whose level 0"
+                        " holds no blocks; up to 52 with LPA2 (v6.9+) or 64K pages")
     parser.add_argument("--faults-per-span", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--plot", metavar="FILE.png|FILE.svg",  # observe: tools/plots.py
-                        help="mmio-pressure: also draw table pages and recycles over the faults")
+                        help="mmio-pressure: also draw table pages and recycles over the"
+                        " faults; vm-lifecycle: the hyp pool over the steps")
 
 
 @dataclass
@@ -102,7 +123,7 @@ def build_config(args: argparse.Namespace, profile: str) -> SimConfig:
             split += [Memblock(block.base + i * (size + hole), size) for i in range(n)]
         blocks = split
     return SimConfig(profile=Profile(profile), page_size=page_size, memblocks=tuple(blocks),
-                     ia_bits=args.ia_bits)
+                     ia_bits=args.ia_bits if args.ia_bits is not None else SimConfig.ia_bits)
 
 
 def _host_pool_used(hv: Hypervisor) -> int:
@@ -218,8 +239,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  first refusal at {ff['addr']:#x}: {ff['reason']}")
         return 0 if out["refcount_limit_hits"] else 1
 
-    profiles = {"both": ["v5.13", "v5.14"], "all": list(kernel_profile_names())}.get(
-        args.profile, [args.profile])
+    if args.name == "vm-lifecycle":
+        return run_lifecycle_command(args)
+    profiles = _profiles(args, ["both"])
     try:  # a bad span or an impossible memory map is the user's error, not a crash
         spans = [parse_size(s) if not s.endswith(("G", "g")) or "." not in s
                  else int(float(s[:-1]) * GIB) for s in args.spans.split(",")]
@@ -257,4 +279,58 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "run", "run_mmio_pressure", "run_refcount_limit"]
+def _profiles(args: argparse.Namespace, default: list[str]) -> list[str]:
+    """--profile, repeatable: 'both' = v5.13 and v5.14, 'all' = every kernel profile."""
+    out: list[str] = []
+    for name in args.profile or default:
+        for profile in {"both": ["v5.13", "v5.14"], "all": list(kernel_profile_names())}.get(
+                name, [name]):
+            if profile not in out:
+                out.append(profile)
+    return out
+
+
+def run_lifecycle_command(args: argparse.Namespace) -> int:
+    """vm-lifecycle: the six steps per profile; a table, --json, --plot."""
+    profiles = _profiles(args, ["v6.12"])
+    try:
+        carveout_base = None if args.carveout_base is None else parse_size(args.carveout_base)
+        configs = [lifecycle_config(profile, page_size=PAGE_SIZES[args.page_size],
+                                    memblocks=args.memblock, cpus=args.cpus,
+                                    ia_bits=args.ia_bits, carveout_base=carveout_base)
+                   for profile in profiles]
+        if args.vm_cap < 0:
+            raise ValueError(f"--vm-cap must be >= 0, not {args.vm_cap}")
+        results = [run_vm_lifecycle(config, vm_cap=args.vm_cap) for config in configs]
+        if args.plot:
+            plot_lifecycle(results, args.plot, _machine_line(configs[0], ia=len(configs) == 1))
+    except ValueError as error:
+        print(f"scenario: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        out: Any = (results[0].as_json() if len(results) == 1
+                    else {r.profile: r.as_json() for r in results})
+        print(json.dumps(out, indent=2))
+        return 0
+    for config, result in zip(configs, results, strict=True):
+        print(f"vm-lifecycle {result.profile}: {_machine_line(config)}")
+        print(f"  {'step':15}{'hyp pool free':>15}{'stage-1 tables':>16}{'donated':>9}"
+              f"{'shared':>8}")
+        for phase in result.phases:
+            print(f"  {phase.phase:15}{phase.hyp_pool_free_pages:>15}"
+                  f"{phase.hyp_s1_table_pages:>16}{phase.donated_pages:>9}"
+                  f"{phase.shared_pages:>8}")
+        limit = (f"{result.vm_limit} (then {result.vm_limit_reason})"
+                 if result.vm_limit is not None else f"none up to {args.vm_cap} VMs")
+        print(f"  VM limit (1-vCPU VMs run and kept open): {limit}\n")
+    return 0
+
+
+def _machine_line(config: SimConfig, *, ia: bool = True) -> str:
+    ram = ", ".join(f"{b.size >> 20} MiB at {b.base:#x}" for b in config.memblocks)
+    line = f"{ram}, {config.nr_cpus} CPU(s), {config.page_size >> 10}K pages"
+    return line + (f", IPA {config.ia_bits} bits" if ia else "")
+
+
+__all__ = ["add_arguments", "run", "run_lifecycle_command", "run_mmio_pressure",
+           "run_refcount_limit"]

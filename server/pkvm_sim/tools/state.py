@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     except StateFileError as error:
         print(f"pkvm-sim state: {args.file}: {error}", file=sys.stderr)
         return EXIT_USAGE
+    for note in decoded.notes:
+        print(f"pkvm-sim state: {args.file}: note: {note}", file=sys.stderr)
     summary = summarise(decoded, hv)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -11,12 +11,15 @@ deploy/locust/locustfile.py), `runner` (asyncio, open or closed loop, leak check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .interrupts import Abort, Interrupts
 from .workloads import BUILTIN, WorkloadError, load_workload
 
 if TYPE_CHECKING:
@@ -44,8 +47,19 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
+VERDICT_HELP = (
+    "Exit status: 0 only when the run made what it was asked (every VM, the whole duration"
+    " or total), nothing unexpected came back, the leak check passed and every report was"
+    " written; 1 otherwise (the report lists why); 2 bad usage, an unwritable report path or"
+    " an unreachable target; 130 / 143 when SIGINT / SIGTERM stopped the run (its VMs are"
+    " destroyed and every report written, marked interrupted). See README.md, \"The load"
+    " tool's verdict\"."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _HelpFormatter
+    parser.epilog = VERDICT_HELP
     d = DEFAULTS
     shape = parser.add_argument_group("shape")
     shape.add_argument("--target", default=d["target"], help="HOST:PORT of the service")
@@ -116,12 +130,33 @@ def _usage_error(args: argparse.Namespace) -> str | None:
     return next((message for ok, message in checks if not ok), None)
 
 
+EXIT_USAGE = 2
+
+
+def output_problem(args: argparse.Namespace) -> str | None:
+    """Every report file can be written: its directory is made (as `draw --out` does) and
+    must be writable, and the path must not be a directory. Checked before the run, so a
+    long run never ends with its report lost."""
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--html", args.html)):
+        if path is None or path == "-":
+            continue
+        out = Path(path)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"{flag} {path}: cannot make its directory: {error.strerror}"
+        if out.is_dir():
+            return f"{flag} {path}: is a directory"
+        if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            return f"{flag} {path}: not writable"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    from .report import build_report
     from .runner import Unreachable, run_load
 
     prog = "pkvm-sim " + getattr(args, "command", "load")
-    problem = _usage_error(args)
+    problem = _usage_error(args) or output_problem(args)
     if problem is None:
         try:
             workload = load_workload(args.workload, args.mmio_base, args.mmio_span)
@@ -129,16 +164,43 @@ def run(args: argparse.Namespace) -> int:
             problem = str(error)
     if problem is not None:
         print(f"{prog}: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     shape = shape_from_args(args)
-    try:
-        result = run_load(shape, workload)
-    except Unreachable as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 2
-    report = build_report(shape, workload, result)
+    interrupts = Interrupts()
+    with interrupts.installed():
+        try:
+            try:
+                result = run_load(shape, workload, interrupts=interrupts)
+            except Unreachable as error:
+                print(f"{prog}: {error}", file=sys.stderr)
+                return EXIT_USAGE
+            interrupts.stopping_allowed = False  # from here a signal ends the process
+            return report_and_write(shape, workload, result, args, interrupts)
+        except Abort as abort:
+            when = f"a second {abort}" if abort.second else f"{abort} while writing the reports"
+            _exit_now(f"{prog}: stopped at once by {when} (reports not yet written are"
+                      " missing; a VM left behind is the server's to reclaim)",
+                      128 + abort.signum)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def report_and_write(shape: Shape, workload: Any, result: Any, args: argparse.Namespace,
+                     interrupts: Interrupts) -> int:
+    from .report import build_report
+
+    exit_code = interrupts.exit_code() if interrupts.first is not None else None
+    report = build_report(shape, workload, result, exit_code)
     write_outputs(report, args)
     return int(report["exit_code"])
+
+
+def _exit_now(message: str, code: int) -> None:
+    """Leave at once and quietly: no traceback, no gRPC shutdown noise from half-closed
+    channels (os._exit skips the interpreter's teardown)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def shape_from_args(args: argparse.Namespace) -> Shape:
@@ -161,17 +223,37 @@ def shape_from_args(args: argparse.Namespace) -> Shape:
 
 
 def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
-    from .report import csv_text, table_text
+    """The JSON and CSV files first (fast: they survive a SIGKILL that follows a SIGTERM while
+    the HTML is drawn), then the HTML, then the table. A report that cannot be written fails
+    the run (exit 1); the JSON and CSV are then written again with that verdict."""
+    from .report import csv_text, decide, table_text
 
-    table_to = sys.stderr if args.json == "-" else sys.stdout
-    table_to.write(table_text(report))
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.csv:
-        Path(args.csv).write_text(csv_text(report))
+    def attempt(flag: str, path: str, text: Any) -> None:
+        try:
+            Path(path).write_text(text())
+        except (OSError, ValueError) as error:
+            report["reports_not_written"].append(f"{flag} {path}")
+            report["reasons"].append(f"{flag} {path} not written: {error}")
+            decide(report, report["exit_code"] if report["interrupted"] else None)
+
+    def data_files() -> None:
+        if args.json and args.json != "-" and f"--json {args.json}" not in \
+                report["reports_not_written"]:
+            attempt("--json", args.json, lambda: json.dumps(report, indent=2) + "\n")
+        if args.csv and f"--csv {args.csv}" not in report["reports_not_written"]:
+            attempt("--csv", args.csv, lambda: csv_text(report))
+
+    data_files()
     if args.html:
         from .html import render
 
-        Path(args.html).write_text(render(report))
+        print(f"pkvm-sim load: drawing {args.html} ...", file=sys.stderr, flush=True)
+        failed_before = len(report["reports_not_written"])
+        attempt("--html", args.html, lambda: render(report))
+        if len(report["reports_not_written"]) > failed_before:
+            data_files()  # the verdict changed: say so in the files already written
+    table_to = sys.stderr if args.json == "-" else sys.stdout
+    table_to.write(table_text(report))
+    table_to.flush()
+    if args.json == "-":
+        print(json.dumps(report, indent=2), flush=True)

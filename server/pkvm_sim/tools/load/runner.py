@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
+from .interrupts import Interrupts
 from .recorder import PoolSample, Recorder
 from .sdk import (
     AsyncHypervisor,
@@ -80,6 +80,16 @@ class LeakCheck:
         return not self.problems and self.vms_created == self.vms_destroyed
 
 
+@dataclass(frozen=True)
+class ServerIdentity:
+    """Which server answered: its kernel profile (Reserve) and its process's instance id
+    (GetStats; new at every start), so an archived report names what it measured."""
+
+    profile: str = ""
+    instance_id: str = ""
+    page_size: int = 4096
+
+
 @dataclass
 class RunResult:
     recorder: Recorder
@@ -87,6 +97,10 @@ class RunResult:
     leak: LeakCheck
     page_size: int
     vms_started: int
+    server: ServerIdentity = field(default_factory=ServerIdentity)
+    interrupted: str | None = None  # the signal that stopped the run (SIGINT, SIGTERM)
+    first_create_refusal: str = ""  # why a VM could not be created, e.g. CODE/REASON
+    vms_lost: int = 0  # VMs whose recycle could not create the next VM: they stopped early
 
 
 @dataclass
@@ -104,10 +118,16 @@ class Client:
 
 
 class LoadRun:
-    def __init__(self, shape: Shape, workload: Workload, out: TextIO | None = None) -> None:
+    def __init__(self, shape: Shape, workload: Workload, out: TextIO | None = None,
+                 interrupts: Interrupts | None = None) -> None:
         self.shape = shape
         self.workload = workload
         self.out = sys.stderr if out is None else out  # looked up now: tests swap stderr
+        self.interrupts = Interrupts() if interrupts is None else interrupts
+        self.interrupts.on_stop = self._stop
+        self.server = ServerIdentity()
+        self.first_create_refusal = ""
+        self.vms_lost = 0
         self.recorder = Recorder()
         self.leak = LeakCheck()
         self.page_size = 4096
@@ -135,10 +155,9 @@ class LoadRun:
             if shape.duration is not None:
                 self.stop_at = self.measure_from + shape.duration
             sampler = asyncio.create_task(self._sample_loop(control))
-            with self._sigint_stops():
-                clients = [Client(i, conns[i % len(conns)], random.Random(
-                    shape.seed * 1_000_003 + i)) for i in range(shape.vms)]
-                await asyncio.gather(*(self._client_loop(c) for c in clients))
+            clients = [Client(i, conns[i % len(conns)], random.Random(
+                shape.seed * 1_000_003 + i)) for i in range(shape.vms)]
+            await asyncio.gather(*(self._client_loop(c) for c in clients))
             ended = time.perf_counter()
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,16 +170,20 @@ class LoadRun:
                 self.leak.problems.append(self.leak.server_wide)
             measured = max(0.0, ended - self.measure_from)
             return RunResult(self.recorder, measured, self.leak, self.page_size,
-                             self.vms_started)
+                             self.vms_started, self.server, self.interrupts.name,
+                             self.first_create_refusal, self.vms_lost)
         finally:
             for conn in [control, *conns]:
                 await conn.close()
 
     async def _figures(self, control: AsyncHypervisor) -> ServerFigures | None:
         try:
-            return pool_figures(await control.stats())
+            stats = await control.stats()
         except PkvmError:
             return None
+        if not self.server.instance_id:
+            self.server = replace(self.server, instance_id=str(stats.instance_id))
+        return pool_figures(stats)
 
     async def _connect(self, control: AsyncHypervisor, conns: list[AsyncHypervisor]) -> None:
         try:
@@ -174,24 +197,17 @@ class LoadRun:
             raise Unreachable(f"{self.shape.target} refused Reserve: {error.code.name}"
                               f" {error.message}") from None
         self.page_size = int(reserve.page_size)
-
-    @contextlib.contextmanager
-    def _sigint_stops(self) -> Any:
-        """Ctrl-C ends the run cleanly: the VMs are still destroyed and checked."""
-        loop = asyncio.get_running_loop()
-        try:
-            loop.add_signal_handler(signal.SIGINT, self._stop)
-            installed = True
-        except (NotImplementedError, RuntimeError, ValueError):
-            installed = False
-        try:
-            yield
-        finally:
-            if installed:
-                loop.remove_signal_handler(signal.SIGINT)
+        self.server = replace(self.server, profile=str(reserve.profile),
+                              page_size=self.page_size)
 
     def _stop(self) -> None:
+        """A stop signal (see interrupts.py): each VM ends after its call in flight, and is
+        destroyed and checked as usual. Called from the signal handler: it sets a flag and
+        says so."""
         self.stopping = True
+        self.out.write(f"\npkvm-sim load: {self.interrupts.name}: stopping; the run's VMs are"
+                       " destroyed and checked, then the reports written (again: quit at once)\n")
+        self.out.flush()
 
     def _done(self, client: Client) -> bool:
         shape = self.shape
@@ -202,7 +218,7 @@ class LoadRun:
     # -- one client VM -------------------------------------------------------------------------
 
     async def _client_loop(self, client: Client) -> None:
-        if not await self._create(client):
+        if self.stopping or not await self._create(client):
             return
         self.vms_started += 1
         rate = self.shape.rps / self.shape.vms if self.shape.rps else 0.0
@@ -219,6 +235,7 @@ class LoadRun:
                 if rate:
                     next_send += sent / rate
                 if client.vm is None:  # a recycle could not create the new VM
+                    self.vms_lost += 1
                     return
             await self._drain(client)
         finally:
@@ -240,7 +257,10 @@ class LoadRun:
             vm = await client.hv.create_vm(nr_vcpus=1, slice_pages=self.shape.slice_pages,
                                            name=f"load-{client.index}")
         except PkvmError as error:
-            self._record("create_vm", start, refusal_of(error), force=True)
+            refusal = refusal_of(error)
+            self._record("create_vm", start, refusal, force=True)
+            self.first_create_refusal = self.first_create_refusal or \
+                f"{refusal.key} {error.message}".strip()
             return False
         self._record("create_vm", start, None, force=True)
         self.leak.vms_created += 1
@@ -447,6 +467,7 @@ def progress_line(run: LoadRun, now: float, last: tuple[float, int]) -> str:
             f" expected, {unexpected} unexpected{pools}")
 
 
-def run_load(shape: Shape, workload: Workload, out: TextIO | None = None) -> RunResult:
-    return asyncio.run(LoadRun(shape, workload, out).run())
+def run_load(shape: Shape, workload: Workload, out: TextIO | None = None,
+             interrupts: Interrupts | None = None) -> RunResult:
+    return asyncio.run(LoadRun(shape, workload, out, interrupts).run())
 
