@@ -131,8 +131,8 @@ def test_touched_memory_costs_what_the_memcache_rules_say() -> None:
     its own memcache up to the host's count (refill_memcache). Map 1 takes both pages for its
     level-2 and level-3 tables; map 2 needs no table, but the host tops up 2 more and EL2
     takes them (it held 0). So two touched pages cost 4 pages of host RAM more than none."""
-    _, _, untouched = one_vm("v6.12+guest-share", GuestShape(vcpus=1, memory_bytes=MIB))
-    hv, _, touched = one_vm("v6.12+guest-share",
+    _, _, untouched = one_vm("v5.14", GuestShape(vcpus=1, memory_bytes=MIB))
+    hv, _, touched = one_vm("v5.14",
                             GuestShape(vcpus=1, memory_bytes=MIB, touched_bytes=2 * 4096))
     assert touched - untouched == 4
     assert hv.statistics().guest_shared_pages == 2
@@ -223,7 +223,11 @@ def test_the_command_runs_behind_pkvm_sim() -> None:
          "--max-vms", "2", "--json"],
         capture_output=True, text=True, timeout=300, check=True)
     rows = json.loads(done.stdout)
-    assert len(rows) >= 4 and all(r["vms"] == 2 for r in rows)
+    assert len(rows) >= 4
+    # every released kernel answers: 2 guests, or no answer where its VM rules are not modelled
+    assert all((r["vms"], r["binding_limit"]) in ((2, "max-vms"), (0, "not-modelled"))
+               for r in rows)
+    assert {r["profile"] for r in rows if r["vms"] == 2} >= {"v5.13", "v5.14", "v6.1", "v6.12"}
 
 
 # -- against a running service -------------------------------------------------------------
