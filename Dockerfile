@@ -49,10 +49,14 @@ RUN groupadd --system --gid 10001 pkvm \
 
 # The project's wheel with its `server` extra (no grpcio-tools, no test or lint tools), every
 # dependency at the version constraints.txt pins (`make lock` regenerates it).
+# PKVM_SIM_EXTRAS adds optional extras, e.g. `sweep` (Dask) for deploy/docker-compose.sweep.yml;
+# empty by default: the service's image carries the service only.
+ARG PKVM_SIM_EXTRAS=""
 COPY constraints.txt /wheels/
 COPY --from=build /wheels/ /wheels/
 RUN set -- /wheels/pkvm_sim-*.whl \
  && pip install --constraint /wheels/constraints.txt "$1[server]" \
+        ${PKVM_SIM_EXTRAS:+"$1[$PKVM_SIM_EXTRAS]"} \
  && rm -rf /wheels
 
 USER 10001:10001

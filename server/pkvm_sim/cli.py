@@ -24,6 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "healthcheck": ("pkvm_sim.tools.healthcheck", "exit 0 if a local service says SERVING"),
     "draw": ("pkvm_sim.tools.draw", "draw a running service's memory: pools, free blocks"),
     "state": ("pkvm_sim.tools.state", "inspect a state file (serve --state-file)"),
+    "capacity": ("pkvm_sim.tools.capacity",
+                 "how many guests of a shape a machine carries, and which limit binds"),
+    "sweep": ("pkvm_sim.tools.sweep", "run a grid of simulations on Dask (the sweep extra)"),
 }
 
 
