@@ -3,7 +3,8 @@
 #   make serve   install the service only (runtime dependencies), then run it with the
 #                built-in default config; flags in ARGS: make serve ARGS="--profile v5.13"
 #   make test    install (project + test tools), then run the whole pytest suite
-#   make check   the fast lane: no system installs; every test but those marked as needing
+#   make check   the fast lane, on the pure core: no system installs, no mypyc build; every
+#                test but those marked as needing
 #                QEMU, Podman, Prometheus, test tools, Locust, Node, fresh venvs, a Dask
 #                cluster, or seconds of their own (markers: pyproject.toml); about a minute
 #   make test-pure  the core tests and the oracle traces on the pure-Python core
@@ -126,8 +127,17 @@ test: system-packages install tools container-images
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc
 
-check: install
-	@rc=0; $(BIN)/python -m pytest -q -m "not ($(SLOW_LANES))" $(PYTEST_ARGS) || rc=$$?; \
+# The fast lane runs the pure core: a core edit needs no mypyc rebuild (minutes) before it.
+# Its install is the test install without compiling, unless a full install is already there.
+CHECK_STAMP := $(VENV)/.stamp-check
+$(CHECK_STAMP): pyproject.toml setup.py $(CONSTRAINTS) | $(BIN)/python
+	@if [ ! -f $(INSTALL_STAMP) ] || [ pyproject.toml -nt $(INSTALL_STAMP) ]; then \
+	  PKVM_SIM_PURE_PYTHON=1 $(PIP) --constraint $(CONSTRAINTS) -e '.[test]'; fi
+	@touch $@
+
+check: $(CHECK_STAMP)
+	@rc=0; PKVM_SIM_PURE_PYTHON=1 $(BIN)/python -m pytest -q -m "not ($(SLOW_LANES))" \
+	  $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; \
 	exit $$rc
 

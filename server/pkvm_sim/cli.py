@@ -40,7 +40,8 @@ class VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
         from .version import version_line
 
-        parser.exit(message=version_line() + "\n")
+        print(version_line())  # on stdout, as argparse's own version action does
+        parser.exit()
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

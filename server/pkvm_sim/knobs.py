@@ -34,6 +34,8 @@ ENV_NOT_KNOBS = frozenset({
     "PKVM_SIM_IMAGE", "PKVM_SIM_GRPC_PORT", "PKVM_SIM_METRICS_PORT",
     "PKVM_SIM_V513_GRPC_PORT", "PKVM_SIM_V514_GRPC_PORT",
     "PKVM_SIM_KERNEL_CACHE", "PKVM_SIM_DEBIAN_MIRROR", "PKVM_SIM_CACHE", "PKVM_SIM_TARGET",
+    "PKVM_SIM_PURE_PYTHON",  # which core runs (pkvm_sim.core), read before any knob
+    "PKVM_SIM_EXTRAS", "PKVM_SIM_SWEEP_IMAGE",  # the image's build and the sweep stack
 })
 
 
