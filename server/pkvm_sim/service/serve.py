@@ -130,7 +130,7 @@ def settings_from(server: Mapping[str, Any]) -> Any:
     """ServerSettings (limits included) from loosely typed values; ValueError when bad."""
     from .leases import LeaseTable
     from .limits import Limits
-    from .server import ServerSettings
+    from .server import ServerSettings, check_key_pair
 
     values = {key: parse_service_value(key, value) for key, value in server.items()}
     limits = Limits(**{key: values.pop(key) for key in LIMIT_KEYS if key in values})
@@ -139,6 +139,8 @@ def settings_from(server: Mapping[str, Any]) -> Any:
     settings = ServerSettings(**values)
     settings = replace(settings, limits=limits)
     LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)  # ValueError if bad
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        check_key_pair(settings.tls_cert, settings.tls_key)  # before any log line
     return settings
 
 
@@ -214,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         service = start(config, settings, state=keeper,
                         hypervisor=restored.hypervisor if restored else None)
     except (ValueError, OSError, RuntimeError) as error:
+        if keeper is not None:
+            keeper.release()
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
     metrics = f" (metrics on {service.metrics_address})" if service.metrics_address else ""
@@ -221,10 +225,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"pkvm-sim listening on {service.address}{tls}{metrics}", flush=True)
     while not stop_requested.wait(1.0):
         pass
-    log.info("stopping: in-flight calls get %g s", settings.grace_seconds)
-    service.stop(settings.grace_seconds)
-    if keeper is not None:  # after in-flight calls: the file holds their effects
-        from .persist import save_at_exit
+    if keeper is None:
+        log.info("stopping: in-flight calls get %g s", settings.grace_seconds)
+        service.stop(settings.grace_seconds)
+        return EXIT_OK
+    # The save comes after in-flight calls (the file holds their effects) and inside the
+    # grace period too: a supervisor that kills after --grace-seconds never cuts it short.
+    calls_seconds = keeper.calls_grace(settings.grace_seconds)
+    log.info("stopping: in-flight calls get %g s, the save the rest of %g s", calls_seconds,
+             settings.grace_seconds)
+    service.stop(calls_seconds)
+    from .persist import save_at_exit
 
+    try:
         return save_at_exit(keeper, service.servicer)
-    return EXIT_OK
+    finally:
+        keeper.release()

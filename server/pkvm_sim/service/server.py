@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
-from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
@@ -37,6 +37,7 @@ from pkvm_sim.metrics import (
 )
 
 from .auth import ClientToken
+from .decoding import add_servicer
 from .leases import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_LEASE_SECONDS,
@@ -115,6 +116,7 @@ class ServerSettings:
         """TLS credentials from the PEM files, or None for plaintext."""
         if self.tls_cert is None or self.tls_key is None:
             return None
+        check_key_pair(self.tls_cert, self.tls_key)
         chain = Path(self.tls_cert).read_bytes()
         key = Path(self.tls_key).read_bytes()
         client_ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
@@ -122,6 +124,20 @@ class ServerSettings:
             [(key, chain)], root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
+
+
+def check_key_pair(cert_path: str, key_path: str) -> None:
+    """ValueError naming the files when the key is not the certificate's (gRPC itself would
+    only say that it failed to bind) or either file cannot be loaded as PEM."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_path, key_path, password=lambda: b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"--tls-key {key_path} does not match the certificate in"
+                             f" --tls-cert {cert_path}") from None
+        raise ValueError(f"cannot load --tls-cert {cert_path} with --tls-key {key_path}:"
+                         f" {error.reason or error}") from None
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -299,7 +315,7 @@ async def _serve(
     interceptors: Sequence[grpc.aio.ServerInterceptor],
 ) -> tuple[grpc.aio.Server, Any, int]:
     server = grpc.aio.server(options=settings.grpc_options(), interceptors=list(interceptors))
-    pb2_grpc.add_HypervisorServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    add_servicer(servicer, server)  # undecodable bodies: INVALID_ARGUMENT (decoding.py)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

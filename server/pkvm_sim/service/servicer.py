@@ -51,6 +51,7 @@ from pkvm_sim.core.reservation import compute_reservation, partition_carveout
 from .auth import ClientToken, TokenRegistry, bearer_token
 from .batch import BatchRun, batch_functions, validate_batch
 from .counters import ServiceCounters
+from .decoding import Undecodable
 from .errors import ServiceError, describe, to_status
 from .leases import LeaseTable
 from .limits import (
@@ -546,6 +547,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             request = await self._next_batch(context)
             if request is grpc.aio.EOF:
                 return
+            if isinstance(request, Undecodable):
+                raise request.refusal()
             validate_batch(request)
             # The stream's token is its VM's, so this also refuses another VM's handle;
             # NOT_FOUND once the VM is destroyed. Renews the lease.
