@@ -142,6 +142,10 @@ LIMIT_KNOBS = (
          non_negative_int),
     Knob("stream_idle_seconds", LIMITS, "an Execute stream with no batch for this long is "
          "closed (0: never)", "S", seconds),
+    Knob("max_connections", LIMITS, "client connections accepted at once (0: no limit)", "N",
+         non_negative_int),
+    Knob("max_streams_per_connection", LIMITS, "concurrent HTTP/2 streams (calls) per "
+         "connection; more are refused by HTTP/2 (0: no limit)", "N", non_negative_int),
 )
 SERVICE_KNOBS = SERVER_KNOBS + LIMIT_KNOBS
 ALL_KNOBS = SIM_KNOBS + SERVICE_KNOBS

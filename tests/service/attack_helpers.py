@@ -112,7 +112,7 @@ class RawH2:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.server_settings: dict[int, int] = {}
-        self.settings_seen = threading.Event()
+        self.settings_seen = threading.Event()  # ... and in force
         self.refused: set[int] = set()
         self.reset: dict[int, int] = {}
         self.goaway = threading.Event()
@@ -146,8 +146,9 @@ class RawH2:
             for offset in range(0, len(payload) - 5, 6):
                 key, value = struct.unpack_from(">HI", payload, offset)
                 self.server_settings[key] = value
-            self.settings_seen.set()
-            self.send(frame(SETTINGS, ACK, 0))
+            # ACK, then a PING: its answer proves the server has read the ACK, so that its
+            # settings (the stream limit) are in force before the caller floods.
+            self.send(frame(SETTINGS, ACK, 0) + frame(PING, 0, 0, b"settled!"))
         elif kind == RST_STREAM:
             (code,) = struct.unpack(">I", payload[:4])
             self.reset[stream_id] = code
@@ -155,6 +156,8 @@ class RawH2:
                 self.refused.add(stream_id)
         elif kind == PING and not flags & ACK:
             self.send(frame(PING, ACK, 0, payload))
+        elif kind == PING and payload == b"settled!":
+            self.settings_seen.set()
         elif kind == GOAWAY:
             self.goaway.set()
 

@@ -3,11 +3,14 @@ bodies, HTTP/2 stream and connection floods without credentials, SaveState flood
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import grpc
 import pytest
 from pkvm.v1 import hypervisor_pb2 as pb2
 
-from tests.service.attack_helpers import ServeProcess
+from tests.service.attack_helpers import SETTINGS_MAX_CONCURRENT_STREAMS, RawH2, ServeProcess
 from tests.service.tenants import Stub
 
 GARBAGE = b"\xff\xff\xff\xff"  # field 31, wire type 7: no protobuf message parses this
@@ -52,3 +55,73 @@ def test_undecodable_bodies_get_invalid_argument_and_are_logged_once() -> None:
     assert "Traceback" not in log, log[-3000:]
     reports = [line for line in log.splitlines() if "undecodable" in line]
     assert len(reports) == 1, reports  # at most one line a minute
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+GET_STATS = "/pkvm.v1.HypervisorService/GetStats"
+
+
+def test_a_stream_flood_without_credentials_is_refused_by_http2() -> None:
+    """HEADERS with no body, stream after stream, on one raw connection: the server announces
+    its per-connection stream limit and resets every stream over it (REFUSED_STREAM), so
+    the flood costs it a bounded amount of memory, and another client is served throughout."""
+    limit = 128  # the default --max-streams-per-connection
+    with ServeProcess() as server, grpc.insecure_channel(server.target) as channel:
+        stub = Stub(channel)
+        stub.GetStats(pb2.GetStatsRequest(), timeout=30)
+        flood = RawH2(server.port)
+        try:
+            assert flood.settings_seen.wait(30)
+            assert flood.server_settings.get(SETTINGS_MAX_CONCURRENT_STREAMS) == limit
+            rss_before = server.rss_bytes()
+            sent, codes = 0, []
+            for _round in range(20):
+                flood.open_streams(1000, GET_STATS, first_id=1 + 2 * sent)
+                sent += 1000
+                try:
+                    stub.GetStats(pb2.GetStatsRequest(), timeout=30)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+            assert wait_for(lambda: len(flood.refused) >= sent - limit), len(flood.refused)
+            grown = server.rss_bytes() - rss_before
+        finally:
+            flood.close()
+    assert codes == [grpc.StatusCode.OK] * len(codes), codes
+    assert grown < (64 << 20), grown  # 20,000 open streams would take hundreds of MiB
+
+
+def test_connections_over_the_limit_are_closed() -> None:
+    own_connection = (("grpc.use_local_subchannel_pool", 1),)  # one TCP connection each
+    with ServeProcess("--max-connections", "4") as server:
+        held = [grpc.insecure_channel(server.target, options=own_connection) for _ in range(4)]
+        try:
+            assert all(_stats_ok(channel) for channel in held)
+            extra = RawH2(server.port)
+            try:
+                assert extra.closed.wait(30)  # closed without a word of HTTP/2
+                assert not extra.settings_seen.is_set()
+            finally:
+                extra.close()
+            held.pop().close()  # a slot frees up: another client gets in
+            with grpc.insecure_channel(server.target, options=own_connection) as channel:
+                assert wait_for(lambda: _stats_ok(channel))
+        finally:
+            for channel in held:
+                channel.close()
+
+
+def _stats_ok(channel: grpc.Channel) -> bool:
+    try:
+        Stub(channel).GetStats(pb2.GetStatsRequest(), timeout=5)
+    except grpc.RpcError:
+        return False
+    return True

@@ -109,6 +109,12 @@ class ServerSettings:
         ]
         if self.max_connection_idle_ms:
             options.append(("grpc.max_connection_idle_ms", self.max_connection_idle_ms))
+        if self.limits.max_streams_per_connection:
+            options.append(("grpc.max_concurrent_streams",
+                            self.limits.max_streams_per_connection))
+        if self.limits.max_connections:
+            options.append(("grpc.max_allowed_incoming_connections",
+                            self.limits.max_connections))
         options.extend(self.extra_options)
         return options
 
