@@ -16,8 +16,8 @@ The surface is what `__all__` lists (a test pins it):
 - batches: `Batch`, `BatchResult`, `MAX_BATCH_OPS`;
 - results, frozen dataclasses whose attributes are named as the protocol's fields (`_types`):
   `VmInfo`, `Fault`, `ShareResult`, `GuestMapping`, `Stats`, `PoolStats`, `VmemmapStats`,
-  `HostStage2Stats`, `PageInfo`, `Reservation`, `CarveoutRegion`; enums `Pool`, `PageState`,
-  `FaultOutcome`;
+  `HostStage2Stats`, `PageInfo`, `Reservation`, `CarveoutRegion`, `SavedState`, `MemoryMap`,
+  `MemoryRegion`, `PoolMap`; enums `Pool`, `PageState`, `FaultOutcome`;
 - errors: `PkvmError` and its subclasses, drawn as a tree in `pkvm_client._errors`.
 
 Every call takes `timeout=` (seconds; None = no deadline; left out = the client's `timeout`).
@@ -47,9 +47,12 @@ from ._types import (
     FaultOutcome,
     GuestMapping,
     HostStage2Stats,
+    MemoryMap,
+    MemoryRegion,
     PageInfo,
     PageState,
     Pool,
+    PoolMap,
     PoolStats,
     Reservation,
     SavedState,
@@ -80,6 +83,8 @@ __all__ = [
     "HostStage2Stats",
     "Hypervisor",
     "InvalidArgumentError",
+    "MemoryMap",
+    "MemoryRegion",
     "NotFoundError",
     "OutOfMemoryError",
     "OutOfRangeError",
@@ -88,6 +93,7 @@ __all__ = [
     "PermissionDeniedError",
     "PkvmError",
     "Pool",
+    "PoolMap",
     "PoolStats",
     "Reservation",
     "SavedState",

@@ -16,19 +16,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
+from . import _calls as calls
 from ._batch import Batch, BatchResult
+from ._calls import Call
 from ._client import (
     CHANNEL_OPTIONS,
+    HEALTH_CHECK,
     VmHandle,
     channel_credentials,
-    create_vm_request,
+    create_vm_fields,
+    is_serving,
     with_client_token,
 )
 from ._errors import TransportError, from_rpc_error
@@ -36,6 +39,7 @@ from ._types import (
     USE_CLIENT_DEFAULT,
     Fault,
     GuestMapping,
+    MemoryMap,
     PageInfo,
     Pool,
     PoolName,
@@ -45,9 +49,10 @@ from ._types import (
     Stats,
     Timeout,
     VmInfo,
-    from_message,
     resolve_timeout,
 )
+
+T = TypeVar("T")
 
 
 class ClientTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
@@ -65,12 +70,15 @@ class ClientTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
-async def _call(fn: Any, request: Any, **kwargs: Any) -> Any:
-    """Make one unary call; a failure is raised as its typed PkvmError."""
+async def _invoke(stub: Any, call: Call[T], timeout: float | None,
+                  metadata: Sequence[tuple[str, str]] | None, fields: dict[str, Any]) -> T:
+    """Make one unary call of the call table; a failure is raised as its typed PkvmError."""
     try:
-        return await fn(request, **kwargs)
+        response = await getattr(stub, call.rpc)(call.request(**fields), metadata=metadata,
+                                                 timeout=timeout)
     except grpc.RpcError as error:
         raise from_rpc_error(error) from None
+    return call.result(response)
 
 
 class AsyncHypervisor:
@@ -129,16 +137,28 @@ class AsyncHypervisor:
     def _deadline(self, timeout: Timeout) -> float | None:
         return resolve_timeout(timeout, self.timeout)
 
+    async def _invoke(self, call: Call[T], timeout: Timeout, **fields: Any) -> T:
+        return await _invoke(self.stub, call, self._deadline(timeout), None, fields)
+
+    async def serving(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> bool:
+        """The server's grpc.health.v1 answer (see `Hypervisor.serving`)."""
+        check: Any = self.channel.unary_unary(HEALTH_CHECK, request_serializer=None,
+                                              response_deserializer=None)
+        try:
+            return is_serving(await check(b"", timeout=self._deadline(timeout)))
+        except grpc.RpcError:
+            return False
+
     def create_vm(
         self, nr_vcpus: int = 1, slice_pages: int = 256, name: str = "",
         lease_seconds: float | None = None, *, timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> AsyncVMCreation:
         """Create a VM (see `Hypervisor.create_vm`): `async with hv.create_vm(...) as vm`
         destroys it on exit; `vm = await hv.create_vm(...)` just creates it."""
-        request = create_vm_request(nr_vcpus, slice_pages, name, lease_seconds)
+        fields = create_vm_fields(nr_vcpus, slice_pages, name, lease_seconds)
 
         async def create() -> AsyncVM:
-            response = await _call(self.stub.CreateVM, request, timeout=self._deadline(timeout))
+            response = await self._invoke(calls.CREATE_VM, timeout, **fields)
             return AsyncVM(self, response.vm, response.token, response.lease_seconds)
 
         return AsyncVMCreation(create)
@@ -149,40 +169,35 @@ class AsyncHypervisor:
 
     async def map_mmio(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
         """A host stage-2 fault on MMIO address `addr` (InvalidArgumentError if it is RAM)."""
-        response = await _call(self.stub.MapMMIO, pb2.MapMMIORequest(addr=addr),
-                               timeout=self._deadline(timeout))
-        return from_message(Fault, response.fault)
+        return await self._invoke(calls.MAP_MMIO, timeout, addr=addr)
 
     async def host_fault(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
         """A host stage-2 fault on any address; a FATAL outcome is reported, not raised."""
-        response = await _call(self.stub.HostFault, pb2.HostFaultRequest(addr=addr),
-                               timeout=self._deadline(timeout))
-        return from_message(Fault, response.fault)
+        return await self._invoke(calls.HOST_FAULT, timeout, addr=addr)
 
     async def stats(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Stats:
         """A consistent snapshot of the pools, vmemmap, host stage-2 and carve-out."""
-        response = await _call(self.stub.GetStats, pb2.GetStatsRequest(),
-                               timeout=self._deadline(timeout))
-        return from_message(Stats, response)
+        return await self._invoke(calls.GET_STATS, timeout)
 
     async def page_info(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> PageInfo:
         """The vmemmap entry, owner and page states of `pfn`."""
-        response = await _call(self.stub.GetPageInfo, pb2.GetPageInfoRequest(pfn=pfn),
-                               timeout=self._deadline(timeout))
-        return from_message(PageInfo, response)
+        return await self._invoke(calls.GET_PAGE_INFO, timeout, pfn=pfn)
 
     async def reserve(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Reservation:
         """The carve-out report (kvm_hyp_reserve) of the server's configuration."""
-        response = await _call(self.stub.Reserve, pb2.ReserveRequest(),
-                               timeout=self._deadline(timeout))
-        return from_message(Reservation, response)
+        return await self._invoke(calls.RESERVE, timeout)
+
+    async def memory_map(
+        self, pools: Sequence[str] = (), *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> MemoryMap:
+        """Where RAM, the carve-out and the free blocks of `pools` are (see
+        `Hypervisor.memory_map`)."""
+        return await self._invoke(calls.GET_MEMORY_MAP, timeout, pools=list(pools))
 
     async def save_state(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> SavedState:
         """Have the server write its whole machine to its --state-file now (a host-wide
         call: the client token when the server has one)."""
-        response = await _call(self.stub.SaveState, pb2.SaveStateRequest(),
-                               timeout=self._deadline(timeout))
-        return from_message(SavedState, response)
+        return await self._invoke(calls.SAVE_STATE, timeout)
 
     async def instance_id(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
         """The server process's id, new at every start: a change means it restarted."""
@@ -231,25 +246,22 @@ class AsyncVM(VmHandle):
     ) -> None:
         await self.destroy()
 
-    async def _call(self, fn: Any, request: Any, timeout: Timeout) -> Any:
-        return await _call(fn, request, metadata=self._md, timeout=self._deadline(timeout))
+    async def _invoke(self, call: Call[T], timeout: Timeout, **fields: Any) -> T:
+        return await _invoke(self._stub, call, self._deadline(timeout), self._md,
+                             {"handle": self.handle, **fields})
 
     async def destroy(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """Tear the VM down; returns the number of pages given back to the host. Idempotent:
         once this handle has destroyed the VM, later calls send nothing and return 0."""
         if self.destroyed:
             return 0
-        request = pb2.DestroyVMRequest(handle=self.handle)
-        response = await self._call(self._stub.DestroyVM, request, timeout)
+        pages = await self._invoke(calls.DESTROY_VM, timeout)
         self.destroyed = True
-        return int(response.pages_returned)
+        return pages
 
     async def renew(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Renew the VM's lease; returns the seconds left on it (0.0: the VM has no lease)."""
-        request = pb2.RenewVMRequest(handle=self.handle)
-        response = await self._call(self._stub.RenewVM, request, timeout)
-        self.lease_seconds = float(response.lease_seconds)
-        return int(response.expires_in_ms) / 1000
+        return self._renewed(await self._invoke(calls.RENEW_VM, timeout))
 
     async def alloc_pages(
         self, order: int = 0, pool: Pool | PoolName = Pool.HYP, *,
@@ -257,19 +269,15 @@ class AsyncVM(VmHandle):
     ) -> int:
         """hyp_alloc_pages: a 2**order block from the hyp pool or the VM's own (`Pool.VM`),
         owned by this VM; returns its head pfn."""
-        kind = cast(pb2.PoolKind, Pool.of(pool))
-        request = pb2.AllocPagesRequest(handle=self.handle, order=order, pool=kind)
-        return int((await self._call(self._stub.AllocPages, request, timeout)).pfn)
+        return await self._invoke(calls.ALLOC_PAGES, timeout, order=order, pool=Pool.of(pool))
 
     async def put_page(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """hyp_put_page on a block head this VM owns; returns the refcount after."""
-        request = pb2.PutPageRequest(handle=self.handle, pfn=pfn)
-        return int((await self._call(self._stub.PutPage, request, timeout)).refcount)
+        return await self._invoke(calls.PUT_PAGE, timeout, pfn=pfn)
 
     async def get_page(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """hyp_get_page on a block head this VM owns; returns the refcount after."""
-        request = pb2.GetPageRequest(handle=self.handle, pfn=pfn)
-        return int((await self._call(self._stub.GetPage, request, timeout)).refcount)
+        return await self._invoke(calls.GET_PAGE, timeout, pfn=pfn)
 
     async def host_share(
         self, pfn: int, nr_pages: int = 1, *, page_by_page: bool = False,
@@ -278,31 +286,26 @@ class AsyncVM(VmHandle):
         """__pkvm_host_share_hyp on pages of the VM's slice; returns their new states.
         All or nothing, or with page_by_page=True one page at a time as the host's loop does,
         stopping at the first refusal (`pages_done`, `failed_pfn`, `failed_reason`)."""
-        request = pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages,
-                                       page_by_page=page_by_page)
-        return from_message(ShareResult, await self._call(self._stub.HostShare, request, timeout))
+        return await self._invoke(calls.HOST_SHARE, timeout, pfn=pfn, nr_pages=nr_pages,
+                                  page_by_page=page_by_page)
 
     async def host_unshare(
         self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> ShareResult:
         """__pkvm_host_unshare_hyp (BusyError while EL2 has a page pinned)."""
-        request = pb2.HostUnshareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
-        response = await self._call(self._stub.HostUnshare, request, timeout)
-        return from_message(ShareResult, response)
+        return await self._invoke(calls.HOST_UNSHARE, timeout, pfn=pfn, nr_pages=nr_pages)
 
     async def pin_shared(
         self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> None:
         """hyp_pin_shared_mem: EL2 takes a reference on shared pages (blocks unshare)."""
-        request = pb2.PinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
-        await self._call(self._stub.PinShared, request, timeout)
+        await self._invoke(calls.PIN_SHARED, timeout, pfn=pfn, nr_pages=nr_pages)
 
     async def unpin_shared(
         self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> None:
         """hyp_unpin_shared_mem: drop EL2's reference taken by `pin_shared`."""
-        request = pb2.UnpinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
-        await self._call(self._stub.UnpinShared, request, timeout)
+        await self._invoke(calls.UNPIN_SHARED, timeout, pfn=pfn, nr_pages=nr_pages)
 
     async def map_mmio(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
         """`AsyncHypervisor.map_mmio` (a host-level call: it needs no VM)."""
@@ -316,16 +319,13 @@ class AsyncVM(VmHandle):
         self, nr_pages: int, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> int:
         """Donate host pages to the VM's memcache; returns the memcache size after."""
-        request = pb2.TopupMemcacheRequest(handle=self.handle, nr_pages=nr_pages)
-        response = await self._call(self._stub.TopupMemcache, request, timeout)
-        return int(response.memcache_pages)
+        return await self._invoke(calls.TOPUP_MEMCACHE, timeout, nr_pages=nr_pages)
 
     async def guest_map(
         self, ipa: int, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> GuestMapping:
         """Map slice page `pfn` at `ipa` of the guest stage-2 (tables from the memcache)."""
-        request = pb2.GuestMapRequest(handle=self.handle, ipa=ipa, pfn=pfn)
-        return from_message(GuestMapping, await self._call(self._stub.GuestMap, request, timeout))
+        return await self._invoke(calls.GUEST_MAP, timeout, ipa=ipa, pfn=pfn)
 
     async def stats(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Stats:
         """`AsyncHypervisor.stats`."""

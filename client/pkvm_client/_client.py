@@ -20,20 +20,23 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
+from . import _calls as calls
 from ._batch import Batch, BatchResult
+from ._calls import READ_ONLY_METHODS, Call
 from ._errors import TransportError, from_rpc_error
 from ._types import (
     USE_CLIENT_DEFAULT,
     Fault,
     GuestMapping,
+    MemoryMap,
     PageInfo,
     Pool,
     PoolName,
@@ -49,7 +52,7 @@ from ._types import (
 
 T = TypeVar("T")
 SERVICE = "pkvm.v1.HypervisorService"
-READ_ONLY_METHODS = ("GetStats", "GetPageInfo", "Reserve")
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 # gRPC retry policy: transparent retries of the idempotent, read-only calls only.
 SERVICE_CONFIG = json.dumps({
@@ -139,22 +142,29 @@ def make_channel(
     return channel
 
 
-def create_vm_request(
+def create_vm_fields(
     nr_vcpus: int, slice_pages: int, name: str, lease_seconds: float | None
-) -> pb2.CreateVMRequest:
-    """The CreateVM request (shared by the sync and asyncio clients)."""
-    return pb2.CreateVMRequest(
-        nr_vcpus=nr_vcpus, slice_pages=slice_pages, name=name,
-        lease_seconds=lease_seconds or 0.0,
-    )
+) -> dict[str, Any]:
+    """The CreateVM request's fields (shared by the sync and asyncio clients)."""
+    return {"nr_vcpus": nr_vcpus, "slice_pages": slice_pages, "name": name,
+            "lease_seconds": lease_seconds or 0.0}
 
 
-def _call(fn: Callable[..., T], request: Any, **kwargs: Any) -> T:
-    """Make one unary call; a failure is raised as its typed PkvmError."""
+def is_serving(response: bytes) -> bool:
+    """A grpc.health.v1 HealthCheckResponse, read without the grpcio-health-checking package
+    (the SDK does not depend on it): field 1, `status`, a varint; SERVING is 1."""
+    return response == b"\x08\x01"
+
+
+def _invoke(stub: Any, call: Call[T], timeout: float | None,
+            metadata: Sequence[tuple[str, str]] | None, fields: dict[str, Any]) -> T:
+    """Make one unary call of the call table; a failure is raised as its typed PkvmError."""
     try:
-        return fn(request, **kwargs)
+        response = getattr(stub, call.rpc)(call.request(**fields), metadata=metadata,
+                                           timeout=timeout)
     except grpc.RpcError as error:
         raise from_rpc_error(error) from None
+    return call.result(response)
 
 
 class Hypervisor:
@@ -214,6 +224,19 @@ class Hypervisor:
     def _deadline(self, timeout: Timeout) -> float | None:
         return resolve_timeout(timeout, self.timeout)
 
+    def _invoke(self, call: Call[T], timeout: Timeout, **fields: Any) -> T:
+        return _invoke(self.stub, call, self._deadline(timeout), None, fields)
+
+    def serving(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> bool:
+        """The server's grpc.health.v1 answer for the whole server: True when SERVING,
+        False when NOT_SERVING or unreachable (what `pkvm-sim healthcheck` asks)."""
+        check: Any = self.channel.unary_unary(HEALTH_CHECK, request_serializer=None,
+                                              response_deserializer=None)
+        try:
+            return is_serving(check(b"", timeout=self._deadline(timeout)))
+        except grpc.RpcError:
+            return False
+
     # -- VMs -----------------------------------------------------------------------------------
 
     def create_vm(
@@ -224,11 +247,8 @@ class Hypervisor:
         manager to destroy it on exit. `lease_seconds` (None = the server's default): the
         server destroys the VM once that long passes without a call for it; `vm.renew()`
         keeps it alive."""
-        response = _call(
-            self.stub.CreateVM,
-            create_vm_request(nr_vcpus, slice_pages, name, lease_seconds),
-            timeout=self._deadline(timeout),
-        )
+        response = self._invoke(calls.CREATE_VM, timeout, **create_vm_fields(
+            nr_vcpus, slice_pages, name, lease_seconds))
         return VM(self, response.vm, response.token, response.lease_seconds)
 
     def attach(self, handle: int, token: str) -> VM:
@@ -239,36 +259,31 @@ class Hypervisor:
 
     def map_mmio(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
         """A host stage-2 fault on MMIO address `addr` (InvalidArgumentError if it is RAM)."""
-        request = pb2.MapMMIORequest(addr=addr)
-        response = _call(self.stub.MapMMIO, request, timeout=self._deadline(timeout))
-        return from_message(Fault, response.fault)
+        return self._invoke(calls.MAP_MMIO, timeout, addr=addr)
 
     def host_fault(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
         """A host stage-2 fault on any address; a FATAL outcome is reported, not raised."""
-        request = pb2.HostFaultRequest(addr=addr)
-        response = _call(self.stub.HostFault, request, timeout=self._deadline(timeout))
-        return from_message(Fault, response.fault)
+        return self._invoke(calls.HOST_FAULT, timeout, addr=addr)
 
     def stats(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Stats:
         """A consistent snapshot of the pools, vmemmap, host stage-2 and carve-out."""
-        request = pb2.GetStatsRequest()
-        return from_message(
-            Stats, _call(self.stub.GetStats, request, timeout=self._deadline(timeout))
-        )
+        return self._invoke(calls.GET_STATS, timeout)
 
     def page_info(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> PageInfo:
         """The vmemmap entry, owner and page states of `pfn`."""
-        request = pb2.GetPageInfoRequest(pfn=pfn)
-        return from_message(
-            PageInfo, _call(self.stub.GetPageInfo, request, timeout=self._deadline(timeout))
-        )
+        return self._invoke(calls.GET_PAGE_INFO, timeout, pfn=pfn)
 
     def reserve(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Reservation:
         """The carve-out report (kvm_hyp_reserve) of the server's configuration."""
-        request = pb2.ReserveRequest()
-        return from_message(
-            Reservation, _call(self.stub.Reserve, request, timeout=self._deadline(timeout))
-        )
+        return self._invoke(calls.RESERVE, timeout)
+
+    def memory_map(
+        self, pools: Sequence[str] = (), *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> MemoryMap:
+        """Where RAM, the carve-out and the free blocks of `pools` are (names as `stats()`
+        reports them; empty: the hyp pool and the host stage-2 pool(s)); what
+        `pkvm-sim draw` pictures."""
+        return self._invoke(calls.GET_MEMORY_MAP, timeout, pools=list(pools))
 
     # -- the state file (docs/state-file.md) ---------------------------------------------------
 
@@ -276,10 +291,7 @@ class Hypervisor:
         """Have the server write its whole machine to its --state-file now (a host-wide
         call: the client token when the server has one; FailedPreconditionError when it runs
         without --state-file)."""
-        request = pb2.SaveStateRequest()
-        return from_message(
-            SavedState, _call(self.stub.SaveState, request, timeout=self._deadline(timeout))
-        )
+        return self._invoke(calls.SAVE_STATE, timeout)
 
     def instance_id(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
         """The server process's id, new at every start: a change means it restarted (its
@@ -314,6 +326,11 @@ class VmHandle:
     def _deadline(self, timeout: Timeout) -> float | None:
         return resolve_timeout(timeout, self._timeout)
 
+    def _renewed(self, response: Any) -> float:
+        """Note a RenewVM response; the seconds left on the lease."""
+        self.lease_seconds = float(response.lease_seconds)
+        return int(response.expires_in_ms) / 1000
+
 
 class VM(VmHandle):
     """One client VM: its handle, token and the per-VM operations. As a context manager it
@@ -332,28 +349,22 @@ class VM(VmHandle):
     ) -> None:
         self.destroy()
 
-    def _call(self, fn: Callable[..., T], request: Any, timeout: Timeout) -> T:
-        try:
-            return fn(request, metadata=self._md, timeout=self._deadline(timeout))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+    def _invoke(self, call: Call[T], timeout: Timeout, **fields: Any) -> T:
+        return _invoke(self._stub, call, self._deadline(timeout), self._md,
+                       {"handle": self.handle, **fields})
 
     def destroy(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """Tear the VM down; returns the number of pages given back to the host. Idempotent:
         once this handle has destroyed the VM, later calls send nothing and return 0."""
         if self.destroyed:
             return 0
-        request = pb2.DestroyVMRequest(handle=self.handle)
-        response = self._call(self._stub.DestroyVM, request, timeout)
+        pages = self._invoke(calls.DESTROY_VM, timeout)
         self.destroyed = True
-        return int(response.pages_returned)
+        return pages
 
     def renew(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Renew the VM's lease; returns the seconds left on it (0.0: the VM has no lease)."""
-        request = pb2.RenewVMRequest(handle=self.handle)
-        response = self._call(self._stub.RenewVM, request, timeout)
-        self.lease_seconds = float(response.lease_seconds)
-        return int(response.expires_in_ms) / 1000
+        return self._renewed(self._invoke(calls.RENEW_VM, timeout))
 
     def alloc_pages(
         self, order: int = 0, pool: Pool | PoolName = Pool.HYP, *,
@@ -361,21 +372,16 @@ class VM(VmHandle):
     ) -> int:
         """hyp_alloc_pages: a 2**order block from the hyp pool or the VM's own (`Pool.VM`),
         owned by this VM; returns its head pfn."""
-        request = pb2.AllocPagesRequest(
-            handle=self.handle, order=order, pool=cast(pb2.PoolKind, Pool.of(pool))
-        )
-        return int(self._call(self._stub.AllocPages, request, timeout).pfn)
+        return self._invoke(calls.ALLOC_PAGES, timeout, order=order, pool=Pool.of(pool))
 
     def put_page(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """hyp_put_page on a block head this VM owns; returns the refcount after (0: the
         block went back to its pool)."""
-        request = pb2.PutPageRequest(handle=self.handle, pfn=pfn)
-        return int(self._call(self._stub.PutPage, request, timeout).refcount)
+        return self._invoke(calls.PUT_PAGE, timeout, pfn=pfn)
 
     def get_page(self, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """hyp_get_page on a block head this VM owns; returns the refcount after."""
-        request = pb2.GetPageRequest(handle=self.handle, pfn=pfn)
-        return int(self._call(self._stub.GetPage, request, timeout).refcount)
+        return self._invoke(calls.GET_PAGE, timeout, pfn=pfn)
 
     def host_share(
         self, pfn: int, nr_pages: int = 1, *, page_by_page: bool = False,
@@ -384,30 +390,26 @@ class VM(VmHandle):
         """__pkvm_host_share_hyp on pages of the VM's slice; returns their new states.
         All or nothing, or with page_by_page=True one page at a time as the host's loop does,
         stopping at the first refusal (`pages_done`, `failed_pfn`, `failed_reason`)."""
-        request = pb2.HostShareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages,
-                                       page_by_page=page_by_page)
-        return from_message(ShareResult, self._call(self._stub.HostShare, request, timeout))
+        return self._invoke(calls.HOST_SHARE, timeout, pfn=pfn, nr_pages=nr_pages,
+                            page_by_page=page_by_page)
 
     def host_unshare(
         self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> ShareResult:
         """__pkvm_host_unshare_hyp (BusyError while EL2 has a page pinned)."""
-        request = pb2.HostUnshareRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
-        return from_message(ShareResult, self._call(self._stub.HostUnshare, request, timeout))
+        return self._invoke(calls.HOST_UNSHARE, timeout, pfn=pfn, nr_pages=nr_pages)
 
     def pin_shared(
         self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> None:
         """hyp_pin_shared_mem: EL2 takes a reference on shared pages (blocks unshare)."""
-        request = pb2.PinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
-        self._call(self._stub.PinShared, request, timeout)
+        self._invoke(calls.PIN_SHARED, timeout, pfn=pfn, nr_pages=nr_pages)
 
     def unpin_shared(
         self, pfn: int, nr_pages: int = 1, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> None:
         """hyp_unpin_shared_mem: drop EL2's reference taken by `pin_shared`."""
-        request = pb2.UnpinSharedRequest(handle=self.handle, pfn=pfn, nr_pages=nr_pages)
-        self._call(self._stub.UnpinShared, request, timeout)
+        self._invoke(calls.UNPIN_SHARED, timeout, pfn=pfn, nr_pages=nr_pages)
 
     def map_mmio(self, addr: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Fault:
         """`Hypervisor.map_mmio` (a host-level call: it needs no VM)."""
@@ -419,15 +421,13 @@ class VM(VmHandle):
 
     def topup_memcache(self, nr_pages: int, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """Donate host pages to the VM's memcache; returns the memcache size after."""
-        request = pb2.TopupMemcacheRequest(handle=self.handle, nr_pages=nr_pages)
-        return int(self._call(self._stub.TopupMemcache, request, timeout).memcache_pages)
+        return self._invoke(calls.TOPUP_MEMCACHE, timeout, nr_pages=nr_pages)
 
     def guest_map(
         self, ipa: int, pfn: int, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> GuestMapping:
         """Map slice page `pfn` at `ipa` of the guest stage-2 (tables from the memcache)."""
-        request = pb2.GuestMapRequest(handle=self.handle, ipa=ipa, pfn=pfn)
-        return from_message(GuestMapping, self._call(self._stub.GuestMap, request, timeout))
+        return self._invoke(calls.GUEST_MAP, timeout, ipa=ipa, pfn=pfn)
 
     def stats(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> Stats:
         """`Hypervisor.stats`."""

@@ -232,6 +232,40 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class MemoryRegion:
+    """One RAM region of the host's memory map, in bytes."""
+
+    base: int
+    size: int
+
+
+@dataclass(frozen=True)
+class PoolMap:
+    """A pool's layout: [base_pfn, base_pfn + nr_pages), of which the first reserved_pages
+    are reserved, free blocks where listed, every other page allocated."""
+
+    name: str
+    base_pfn: int
+    nr_pages: int
+    reserved_pages: int
+    free_block_pfns: tuple[int, ...]  # block heads, ascending
+    free_block_orders: tuple[int, ...]  # the order of the block at the same index
+    admitted_pages: int  # pages outside the range given to the pool later (memcache)
+
+
+@dataclass(frozen=True)
+class MemoryMap:
+    """Where RAM, the carve-out and the pools' free blocks are (`hv.memory_map()`)."""
+
+    page_size: int
+    memblocks: tuple[MemoryRegion, ...]
+    carveout_base: int  # bytes
+    carveout_bytes: int
+    carveout: tuple[CarveoutRegion, ...]  # in placement order
+    pools: tuple[PoolMap, ...]
+
+
+@dataclass(frozen=True)
 class SavedState:
     """What `hv.save_state()` wrote: the server's --state-file (docs/state-file.md)."""
 

@@ -27,6 +27,7 @@ EXPORTS = {
     # results and enums
     "VmInfo", "Fault", "ShareResult", "GuestMapping", "Stats", "PoolStats", "VmemmapStats",
     "HostStage2Stats", "PageInfo", "Reservation", "CarveoutRegion", "SavedState",
+    "MemoryMap", "MemoryRegion", "PoolMap",
     "Pool", "PageState", "FaultOutcome",
     # errors
     "PkvmError", "OutOfMemoryError", "InvalidArgumentError", "OutOfRangeError", "NotFoundError",
@@ -48,6 +49,9 @@ MESSAGE_OF_RESULT = {
     "Reservation": pb2.ReserveResponse,
     "CarveoutRegion": pb2.CarveoutRegion,
     "SavedState": pb2.SaveStateResponse,
+    "MemoryMap": pb2.GetMemoryMapResponse,
+    "MemoryRegion": pb2.MemoryRegion,
+    "PoolMap": pb2.PoolMap,
 }
 PROTO_ENUM_OF = {"Pool": "PoolKind", "PageState": "PageState", "FaultOutcome": "FaultOutcome"}
 

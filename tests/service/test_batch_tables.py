@@ -7,13 +7,14 @@ from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.service.batch import batch_functions
 from pkvm_sim.service.counters import BATCH_OP_NAMES, OP_NAMES, ServiceCounters
-from pkvm_sim.service.limits import HypPageLedger
+from pkvm_sim.service.servicer import HypervisorServicer
 
 OPERATIONS = [value for name, value in pb2.BatchOp.items() if value != pb2.BATCH_OP_UNSPECIFIED]
 
 
 def test_every_batch_op_has_a_function_and_a_name() -> None:
-    table = batch_functions(Hypervisor.boot(SimConfig()), HypPageLedger())
+    config = SimConfig()
+    table = batch_functions(HypervisorServicer(Hypervisor.boot(config), config).machine)
     assert sorted(table) == sorted(OPERATIONS)
     assert sorted(BATCH_OP_NAMES) == sorted(OPERATIONS)
     for op in OPERATIONS:  # the metrics name is the enum's own name, lower case

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -157,8 +158,14 @@ def test_refusals_are_counted_by_reason(service: RunningService,
     with pytest.raises(grpc.RpcError) as refused:
         stub.PutPage(pb2.PutPageRequest(handle=raw_vm.handle, pfn=1 << 40), metadata=raw_vm.md)
     code = refused.value.code().name
-    after = refusals()
-    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    # The server counts the call once its status is sent, so the client may scrape first.
+    deadline = time.monotonic() + 30
+    while True:
+        after = refusals()
+        grown = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        if grown or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     [(method, got_code, reason)] = grown
     assert (method, got_code) == ("PutPage", code) and reason
 
@@ -175,9 +182,12 @@ def test_interceptor_counts_unary_calls_by_code(service: RunningService,
     stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=0), metadata=raw_vm.md)
     with pytest.raises(grpc.RpcError) as refused:
         stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=0))  # no token
-    after = handled(service)
     ok = ("unary", "AllocPages", "OK")
     denied = ("unary", "AllocPages", refused.value.code().name)
+    deadline = time.monotonic() + 30  # counted once the status is sent: wait for it
+    while (after := handled(service)).get(denied, 0) == before.get(denied, 0) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert after[ok] - before.get(ok, 0) == 1
     assert after[denied] - before.get(denied, 0) == 1
     samples = scrape(service)

@@ -77,9 +77,11 @@ class GuestMmOps:
         return self.pool.refcount(pfn)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GuestVm:
-    """struct pkvm_hyp_vm, reduced to what the memory manager needs."""
+    """struct pkvm_hyp_vm, reduced to what the memory manager needs (built by keyword). A VM
+    without EL2 state (vmemmap coverage 'carveout') has only its identity and slice: no
+    metadata (meta_pfn -1), no PGD (pgd_base_pfn -1), no pool."""
 
     handle: int
     vmid: int
@@ -87,11 +89,11 @@ class GuestVm:
     nr_vcpus: int
     slice_base_pfn: int
     slice_nr_pages: int
-    meta_pfn: int
-    meta_pages: int
-    pgd_base_pfn: int
-    pgd_pages: int
-    pool: HypPool | None  # None with vmemmap coverage 'carveout': no EL2 VM state at all
+    meta_pfn: int = -1
+    meta_pages: int = 0
+    pgd_base_pfn: int = -1
+    pgd_pages: int = 0
+    pool: HypPool | None = None  # None with vmemmap coverage 'carveout': no EL2 VM state
     pgt: Stage2PageTable | None = None
     mm: GuestMmOps | None = None
     memcache: list[int] = field(default_factory=list)  # the host's memcache, top = last

@@ -236,8 +236,8 @@ class HostStage2:
             counters.spurious_faults += 1
             g = self.pgt.granule(cur_level)
             start = addr & ~(g - 1)
-            return FaultResult(addr, is_mem, FaultOutcome.SPURIOUS, start, start + g,
-                               cur_level, False, 0, 0)
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.SPURIOUS,
+                               range_start=start, range_end=start + g, level=cur_level)
 
         if self._from_empty_entry:
             found = self.adjust_range(addr, current, cur_level, rstart, rend)
@@ -249,7 +249,8 @@ class HostStage2:
             counters.fatal_faults += 1
             owner = ("annotated as owned by hyp" if current is not None
                      and current[PTE_KIND] == ANNOTATED else "incompatible mappings at every level")
-            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, 3, False, 0, 0,
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.FATAL,
+                               range_start=addr, range_end=page_end, level=3,
                                errno_name=errno_name,
                                reason=f"host access to {addr:#x}: {owner}; the real hypervisor"
                                " would panic (host touched hyp-owned memory)")
@@ -277,26 +278,34 @@ class HostStage2:
             if recycled:
                 partial = (f"; after -ENOMEM MMIO was recycled ({recycled_pages} table pages"
                            f" freed) and {tables} table page(s) this fault added remain")
-            return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level,
-                               recycled, recycled_pages, tables, errno_name=None,
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.FATAL,
+                               range_start=addr, range_end=page_end, level=level,
+                               recycled=recycled, recycled_pages=recycled_pages,
+                               tables_allocated=tables, errno_name=None,
                                reason=f"{err.reason}: {err.message}{partial}")
         finally:
             mm.alloc_pool = self.mem_pool
             mm.log = None
         tables = self._live(log)
         if ret == OK:
-            return FaultResult(addr, is_mem, FaultOutcome.MAPPED, start, end, level, recycled,
-                               recycled_pages, tables)
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.MAPPED,
+                               range_start=start, range_end=end, level=level,
+                               recycled=recycled, recycled_pages=recycled_pages,
+                               tables_allocated=tables)
         if ret == EAGAIN:
             counters.spurious_faults += 1
-            return FaultResult(addr, is_mem, FaultOutcome.SPURIOUS, start, end, level, recycled,
-                               recycled_pages, tables)
+            return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.SPURIOUS,
+                               range_start=start, range_end=end, level=level,
+                               recycled=recycled, recycled_pages=recycled_pages,
+                               tables_allocated=tables)
         assert ret == ENOMEM
         counters.map_failures += 1
         counters.fatal_faults += 1
         pool_name = pool.name
-        return FaultResult(addr, is_mem, FaultOutcome.FATAL, addr, page_end, level, recycled,
-                           recycled_pages, tables, errno_name="ENOMEM",
+        return FaultResult(addr=addr, is_memory=is_mem, outcome=FaultOutcome.FATAL,
+                           range_start=addr, range_end=page_end, level=level,
+                           recycled=recycled, recycled_pages=recycled_pages,
+                           tables_allocated=tables, errno_name="ENOMEM",
                            reason=f"pool {pool_name} has no page for a table"
                            + (" even after unmapping all MMIO" if recycled else "")
                            + f"; {tables} new table page(s) stay (3.5)"

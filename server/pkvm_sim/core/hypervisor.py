@@ -208,8 +208,9 @@ class Hypervisor:
             # No EL2 VM state in this kernel; the client still gets a handle and a slice, and
             # everything that needs the VM at EL2 is refused (NOT_IN_PROFILE).
             slice_base = self.host_memory.alloc(slice_pages, f"slice:{handle}")
-            vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
-                         slice_pages, -1, 0, -1, 0, None)
+            vm = GuestVm(handle=handle, vmid=index + 1, name=name or f"vm-{handle:#x}",
+                         nr_vcpus=nr_vcpus, slice_base_pfn=slice_base,
+                         slice_nr_pages=slice_pages)
             self._vms[handle] = vm
             self._vms_created += 1
             return self._vm_info(vm)
@@ -239,8 +240,10 @@ class Hypervisor:
         pool = HypPool(self.vmemmap, self.physmem, pgd_base, pgd_pages, 0,
                        page_shift=self.page_shift, max_order_cap=self.max_order,
                        max_order_formula="v5.17", name=f"vm/{handle}")
-        vm = GuestVm(handle, index + 1, name or f"vm-{handle:#x}", nr_vcpus, slice_base,
-                     slice_pages, meta, meta_pages, pgd_base, pgd_pages, pool)
+        vm = GuestVm(handle=handle, vmid=index + 1, name=name or f"vm-{handle:#x}",
+                     nr_vcpus=nr_vcpus, slice_base_pfn=slice_base, slice_nr_pages=slice_pages,
+                     meta_pfn=meta, meta_pages=meta_pages, pgd_base_pfn=pgd_base,
+                     pgd_pages=pgd_pages, pool=pool)
         vm.mm = GuestMmOps(vm, self.physmem, self.vmemmap.layout.refcount_max)
         order = get_order(pgd_pages * self.page_size, self.page_shift)
         pgd = pool.alloc_pages(order)
@@ -293,7 +296,9 @@ class Hypervisor:
             del self._owners[head]
         if vm.pool is None:  # no VM at EL2: only a slice
             self.host_memory.free(vm.slice_base_pfn)
-            return TeardownResult(returned + vm.slice_nr_pages, 0, 0, unpinned, unshared)
+            return TeardownResult(pages_returned=returned + vm.slice_nr_pages,
+                                  el2_returned_pages=0, guest_unshared_pages=0,
+                                  unpinned_pages=unpinned, host_unshared_pages=unshared)
         # Guest stage-2: pages shared with the guest go back to the host (their share count
         # drops; at 0 the host page is OWNED again), every table back into vm.pool, then the
         # PGD pages.
@@ -331,7 +336,9 @@ class Hypervisor:
         self.host_memory.free(vm.pgd_base_pfn)
         self.host_memory.free(vm.slice_base_pfn)
         returned += vm.donated_pages + vm.slice_nr_pages
-        return TeardownResult(returned, el2_returned, guest_unshared, unpinned, unshared)
+        return TeardownResult(pages_returned=returned, el2_returned_pages=el2_returned,
+                              guest_unshared_pages=guest_unshared, unpinned_pages=unpinned,
+                              host_unshared_pages=unshared)
 
     def _drop_guest_shares(self, pgt: Stage2PageTable) -> int:
         """Every guest leaf's host page: host_share_guest_count - 1, OWNED again at 0.

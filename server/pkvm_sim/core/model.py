@@ -47,9 +47,10 @@ class VmInfo:
     donated_pages: int  # host pages donated to hyp at creation (metadata + guest PGD)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FaultResult:
-    """Outcome of a host stage-2 fault (host_fault) or an MMIO fault (map_mmio)."""
+    """Outcome of a host stage-2 fault (host_fault) or an MMIO fault (map_mmio). Built by
+    keyword only, as every result record here with more than a few fields."""
 
     addr: int
     is_memory: bool
@@ -57,9 +58,9 @@ class FaultResult:
     range_start: int  # the mapped block [range_start, range_end); equals addr's page if fatal
     range_end: int
     level: int  # page-table level of the leaf (1, 2 or 3)
-    recycled: bool  # unmap_dev_all ran to make room
-    recycled_pages: int  # table pages that recycle freed
-    tables_allocated: int  # table pages this fault added that are still in use (a table
+    recycled: bool = False  # unmap_dev_all ran to make room
+    recycled_pages: int = 0  # table pages that recycle freed
+    tables_allocated: int = 0  # table pages this fault added that are still in use (a table
     # the first attempt took and the recycle freed is not counted; one taken again once)
     errno_name: str | None = None  # for FATAL: 'EEXIST', 'ENOMEM', ...
     reason: str | None = None  # for FATAL: human-readable cause
@@ -77,7 +78,7 @@ class ShareResult:
     failed_errno: str | None = None  # its errno name (e.g. 'EPERM')
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TeardownResult:
     """What destroying a VM gave back, the kernel's steps apart from the service's."""
 

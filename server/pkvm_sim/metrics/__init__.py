@@ -14,11 +14,17 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from .collector import HypervisorCollector, SimInfo
 from .http import MetricsHTTPServer, start_metrics_server
-from .rpc import AioServerMetricsInterceptor, RpcStats, ServerMetricsInterceptor
+from .rpc import (
+    AioServerMetricsInterceptor,
+    InstrumentedServer,
+    RpcStats,
+    ServerMetricsInterceptor,
+)
 from .snapshot import MetricsSnapshot, locked_snapshot, take_snapshot
 
 __all__ = [
     "AioServerMetricsInterceptor",
+    "InstrumentedServer",
     "HypervisorCollector",
     "MetricsHTTPServer",
     "MetricsSnapshot",

@@ -14,7 +14,11 @@ object, no `.labels()` look-up: PERFORMANCE.md measures those at 2 µs each). A 
 the records in O(methods) under that lock and renders them outside it.
 
 `ServerMetricsInterceptor` serves `grpc.server`, `AioServerMetricsInterceptor` serves
-`grpc.aio.server`; both feed one `RpcStats`.
+`grpc.aio.server`; both feed one `RpcStats`. `InstrumentedServer` does what the aio
+interceptor does at registration time instead of on every call: the `add_*_to_server`
+functions register through it and each method handler is wrapped once. grpc.aio runs an
+interceptor chain (two more coroutines and a handler look-up) per call; the service uses
+`InstrumentedServer` for that reason (docs/service.md, "Where a unary call spends its time").
 """
 
 from __future__ import annotations
@@ -351,6 +355,10 @@ class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return self._wrapped.get(handler_call_details.method, handler, self._wrap)
 
+    def wrapped(self, full_method: str, handler: Handler) -> Handler:
+        """`handler` wrapped by the metrics (built once per method and handler)."""
+        return self._wrapped.get(full_method, handler, self._wrap)
+
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
         behavior = _behavior(handler)
         stats = self._stats
@@ -381,3 +389,38 @@ class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             stats.finish(record, context, start)
             return result
         return _rebuild(handler, call)  # type: ignore[no-any-return]
+
+
+class _InstrumentedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers come back wrapped (once per method)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler,
+                 interceptor: AioServerMetricsInterceptor) -> None:
+        self._inner = inner
+        self._interceptor = interceptor
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._interceptor.wrapped(handler_call_details.method, handler)
+
+
+class InstrumentedServer:
+    """A `grpc.aio.Server` as the generated `add_*_to_server` functions see it: the handlers
+    they register are wrapped by RpcStats once, here, rather than by an interceptor on every
+    call. Pass it where those functions take the server; use the real server for the rest."""
+
+    def __init__(self, server: grpc.aio.Server, stats: RpcStats) -> None:
+        self._server = server
+        self._interceptor = AioServerMetricsInterceptor(stats)
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_InstrumentedGenericHandler(h, self._interceptor) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, Handler]) -> None:
+        wrapped = {method: self._interceptor.wrapped(f"/{service}/{method}", handler)
+                   for method, handler in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)

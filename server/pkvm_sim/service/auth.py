@@ -44,11 +44,24 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
         if key == AUTH_METADATA_KEY:
             if isinstance(value, bytes):
                 value = value.decode("ascii", "replace")
+            if value.startswith("Bearer ") and len(value) <= _MAX_BEARER_VALUE \
+                    and " " not in value[7:]:
+                return value[7:]  # the SDK's form, checked without splitting
             scheme, _, credential = value.strip().partition(" ")
             if scheme.lower() != BEARER_SCHEME or len(credential) > MAX_TOKEN_BYTES:
                 return ""
             return credential.strip()
     return None
+
+
+_MAX_BEARER_VALUE = len("Bearer ") + MAX_TOKEN_BYTES
+
+
+def _same(token: str, expected: str) -> bool:
+    """Constant-time comparison (the expected token is ASCII: secrets.token_urlsafe)."""
+    if token.isascii():
+        return hmac.compare_digest(token, expected)
+    return False
 
 
 def _digest(token: str) -> bytes:
@@ -113,7 +126,7 @@ class TokenRegistry:
             )
         if token is None:
             raise missing_token("per-VM calls")
-        if not hmac.compare_digest(token.encode(), expected.encode()):
+        if not _same(token, expected):
             raise _unauthenticated("BAD_TOKEN", f"the token is not VM {handle:#x}'s")
         self.leases.renew(handle)
 
@@ -121,8 +134,7 @@ class TokenRegistry:
         """Whether `token` is still VM `handle`'s (the VM was not destroyed, and its handle
         not given to a new VM, since the token was checked)."""
         expected = self._tokens.get(handle)
-        return expected is not None and token is not None and hmac.compare_digest(
-            token.encode(), expected.encode())
+        return expected is not None and token is not None and _same(token, expected)
 
     def handle_of(self, token: str | None) -> int:
         """The VM whose token this is (an Execute stream's VM, known at stream start)."""

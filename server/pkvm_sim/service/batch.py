@@ -19,20 +19,27 @@ per operation says whether it took effect.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
 
-from pkvm_sim.core.errors import InvalidArgument, PkvmError, WouldPanic
-from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.core.model import FaultOutcome, FaultResult, PoolKind
+from pkvm_sim.core.errors import PkvmError
 
-from .counters import BATCH_OP_NAMES
 from .errors import ServiceError, status_code_of
-from .limits import MAX_BATCH_OPS, HypPageLedger, check_pages, invalid
+from .limits import MAX_BATCH_OPS, invalid
+from .operations import (
+    BY_BATCH_OP,
+    Auth,
+    Machine,
+    Operation,
+    alloc_pages_run,
+    put_pages_run,
+)
 
 __all__ = ["MAX_BATCH_OPS", "BatchRun", "batch_functions", "validate_batch"]
 
@@ -40,89 +47,43 @@ _ABORTED = 10  # google.rpc.Code.ABORTED
 _INVALID_ARGUMENT = 3
 _INTERNAL = 13
 
-_POOL_OF_ARG = {0: PoolKind.HYP, 1: PoolKind.HYP, 2: PoolKind.VM}
-HOST_WIDE_OPS = frozenset((pb2.BATCH_OP_MAP_MMIO, pb2.BATCH_OP_HOST_FAULT))
+_VALID_POOL_ARGS = (pb2.POOL_KIND_UNSPECIFIED, pb2.POOL_KIND_HYP, pb2.POOL_KIND_VM)
 
 BatchFn = Callable[..., int]
 BatchTable = dict[int, tuple[BatchFn, int]]
 
 
-def _nr(value: int) -> int:
-    return value or 1
+def batch_functions(machine: Machine, *, host_wide_allowed: bool = True) -> BatchTable:
+    """BatchOp -> (function(handle, arg0[, arg1]) -> value, number of args after the
+    handle), made from the operation records (service/operations.py)."""
+    return {op: batch_entry(operation, machine, host_wide_allowed)
+            for op, operation in BY_BATCH_OP.items()}
 
 
-def batch_functions(
-    hv: Hypervisor,
-    ledger: HypPageLedger,
-    *,
-    max_pages_per_op: int = 4096,
-    count_fault: Callable[[FaultResult], None] = lambda result: None,
-    host_wide_allowed: bool = True,
-) -> BatchTable:
-    """BatchOp -> (function, number of args it takes after the handle).
+def batch_entry(operation: Operation, machine: Machine,
+                host_wide_allowed: bool) -> tuple[BatchFn, int]:
+    """One operation as a batch runs it: the batch's handle (when the operation takes one)
+    then arg0 and arg1 for its next arguments; its value is `batch_value(result)`."""
+    takes_handle = operation.args[:1] == ("handle",)
+    nr_args = min(2, len(operation.args) - takes_handle)
+    if operation.auth is Auth.CLIENT and not host_wide_allowed:
+        return _host_wide_refused, nr_args
+    run: Callable[..., Any] = functools.partial(operation.run, machine)
+    value = operation.batch_value
+    if value is None:
+        if takes_handle:
+            return run, nr_args  # the hot case: no wrapper at all
+        return (lambda handle, *args: run(*args)), nr_args
+    if takes_handle:
+        return (lambda handle, *args: value(run(handle, *args))), nr_args
+    return (lambda handle, *args: value(run(*args))), nr_args
 
-    Every BatchOp but UNSPECIFIED has an entry (tests/service/test_batch_tables.py). Hot
-    operations are the core's own bound methods where nothing needs wrapping.
-    """
 
-    def _fault_value(result: FaultResult) -> int:
-        count_fault(result)
-        if result.outcome is FaultOutcome.FATAL:
-            raise WouldPanic(f"{result.errno_name}: {result.reason}", reason="WOULD_PANIC")
-        return result.range_start
-
-    def alloc_pages(handle: int, order: int, pool: int) -> int:
-        kind = _POOL_OF_ARG.get(pool)
-        if kind is None:
-            raise InvalidArgument(f"unknown pool {pool}", reason="INVALID_POOL")
-        if kind is PoolKind.HYP:
-            ledger.check(handle, order)
-        pfn = hv.alloc_pages(handle, order, kind)
-        if kind is PoolKind.HYP:
-            ledger.allocated(handle, [pfn], order)
-        return pfn
-
-    def put_page(handle: int, pfn: int) -> int:
-        count = hv.put_page(handle, pfn)
-        ledger.put(handle, [pfn], [count])
-        return count
-
-    def host_share(handle: int, pfn: int, nr: int) -> int:
-        check_pages(_nr(nr), max_pages_per_op)
-        return hv.host_share(handle, pfn, _nr(nr)).pfn
-
-    def host_unshare(handle: int, pfn: int, nr: int) -> int:
-        check_pages(_nr(nr), max_pages_per_op)
-        return hv.host_unshare(handle, pfn, _nr(nr)).pfn
-
-    def host_wide(fault: Callable[[int], FaultResult]) -> BatchFn:
-        def op(handle: int, addr: int) -> int:
-            if not host_wide_allowed:
-                raise ServiceError(
-                    grpc.StatusCode.PERMISSION_DENIED, "CLIENT_TOKEN_REQUIRED",
-                    "host-wide operations need the client token: use the MapMMIO/HostFault "
-                    "RPCs")
-            return _fault_value(fault(addr))
-        return op
-
-    def topup_memcache(handle: int, nr: int) -> int:
-        check_pages(nr, max_pages_per_op)
-        return hv.topup_memcache(handle, nr)
-
-    def guest_map(handle: int, ipa: int, pfn: int) -> int:
-        return hv.guest_map(handle, ipa, pfn).level
-
-    return {
-        pb2.BATCH_OP_ALLOC_PAGES: (alloc_pages, 2),
-        pb2.BATCH_OP_PUT_PAGE: (put_page, 1),
-        pb2.BATCH_OP_GET_PAGE: (hv.get_page, 1),
-        pb2.BATCH_OP_HOST_SHARE: (host_share, 2),
-        pb2.BATCH_OP_HOST_UNSHARE: (host_unshare, 2),
-        pb2.BATCH_OP_MAP_MMIO: (host_wide(hv.map_mmio), 1),
-        pb2.BATCH_OP_HOST_FAULT: (host_wide(hv.host_fault), 1),
-        pb2.BATCH_OP_TOPUP_MEMCACHE: (topup_memcache, 1),
-        pb2.BATCH_OP_GUEST_MAP: (guest_map, 2),
-    }
+def _host_wide_refused(handle: int, *args: int) -> int:
+    """A batch carries its VM's token, not the client token a host-wide call needs."""
+    raise ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED, "CLIENT_TOKEN_REQUIRED",
+        "host-wide operations need the client token: use the MapMMIO/HostFault RPCs")
 
 
 def validate_batch(request: pb2.ExecuteRequest) -> None:
@@ -150,12 +111,10 @@ class BatchRun:
     """
 
     def __init__(
-        self, hv: Hypervisor, fns: BatchTable, ledger: HypPageLedger,
-        request: pb2.ExecuteRequest,
+        self, machine: Machine, fns: BatchTable, request: pb2.ExecuteRequest,
     ) -> None:
-        self.hv = hv
+        self.machine = machine
         self.fns = fns
-        self.ledger = ledger
         self.request = request
         self.ops: list[int] = list(request.ops)
         n = self.n = len(self.ops)
@@ -224,29 +183,14 @@ class BatchRun:
 
     def _run(self, op: int, i: int, end: int) -> tuple[int, BaseException | None]:
         """A run of identical allocs or puts from i: (operations done, the refusal)."""
-        hv, handle = self.hv, self.request.handle
+        handle = self.request.handle
         if op == _ALLOC:
-            order, kind = self.arg0[i], _POOL_OF_ARG[self.arg1[i]]
-            count = end - i
-            if kind is PoolKind.HYP and 0 <= order <= 62:
-                allowed = max(0, self.ledger.room(handle)) >> order
-                if allowed < count:
-                    count = allowed
-                    if not count:
-                        try:
-                            self.ledger.check(handle, order)
-                        except ServiceError as refusal:
-                            return 0, refusal
-            pfns, error = hv.alloc_pages_run(handle, order, kind, count)
-            if kind is PoolKind.HYP:
-                self.ledger.allocated(handle, pfns, order)
-            self.values[i:i + len(pfns)] = pfns
-            return len(pfns), error
-        pfns = self.arg0[i:end]
-        counts, error = hv.put_pages_run(handle, pfns)
-        self.ledger.put(handle, pfns, counts)
-        self.values[i:i + len(counts)] = counts
-        return len(counts), error
+            values, error = alloc_pages_run(self.machine, handle, self.arg0[i], self.arg1[i],
+                                            end - i)
+        else:
+            values, error = put_pages_run(self.machine, handle, self.arg0[i:end])
+        self.values[i:i + len(values)] = values
+        return len(values), error
 
     def abort_rest(self, reason: str | None, message: str = "") -> None:
         """Report every operation not yet run as ABORTED (with one BatchError naming
@@ -267,17 +211,18 @@ class BatchRun:
     def count_into(self, operations: dict[str, int]) -> None:
         """pkvm_operations_total: every op that ran and was not refused."""
         ran = self.ops[:self.next]
-        names = BATCH_OP_NAMES
         for op, number in Counter(ran).items():
-            name = names.get(op)
+            name = _COUNTED.get(op)
             if name is not None:
                 operations[name] += number
         for i in self.refused:
-            name = names.get(ran[i])
+            name = _COUNTED.get(ran[i])
             if name is not None:
                 operations[name] -= 1
 
 
+_COUNTED = {op: operation.counted for op, operation in BY_BATCH_OP.items()
+            if operation.counted is not None}
 _ALLOC = pb2.BATCH_OP_ALLOC_PAGES
 _PUT = pb2.BATCH_OP_PUT_PAGE
 _RUN_OPS = (_ALLOC, _PUT)
@@ -294,7 +239,7 @@ def _run_end(ops: list[int], arg0: list[int], arg1: list[int], start: int) -> in
             end += 1
         return end
     order, pool = arg0[start], arg1[start]
-    if pool not in _POOL_OF_ARG:
+    if pool not in _VALID_POOL_ARGS:
         return end
     if _tail_is(ops, start, _ALLOC) and _tail_is(arg0, start, order) \
             and _tail_is(arg1, start, pool):

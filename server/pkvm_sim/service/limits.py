@@ -97,6 +97,8 @@ class HypPageLedger:
 
     def __init__(self, quota: int = UNLIMITED) -> None:
         self.quota = quota
+        # Without a quota nothing is refused, so nothing needs recording (held() is then 0).
+        self.tracking = quota != UNLIMITED
         self._blocks: dict[int, dict[int, int]] = {}
         self._pages: dict[int, int] = {}
 
@@ -117,15 +119,30 @@ class HypPageLedger:
                 f"VM {handle:#x} holds {self.held(handle)} hyp pool pages; an order-{order} "
                 f"block would exceed its quota of {self.quota}")
 
+    def allocated_one(self, handle: int, pfn: int, order: int) -> None:
+        """Record one block (the unary AllocPages)."""
+        if self.tracking:
+            size = 1 << order
+            self._blocks.setdefault(handle, {})[pfn] = size
+            self._pages[handle] = self._pages.get(handle, 0) + size
+
+    def put_one(self, handle: int, pfn: int, refcount: int) -> None:
+        """Record one put (the unary PutPage); a refcount of 0 freed the block."""
+        if refcount or not self.tracking:
+            return
+        blocks = self._blocks.get(handle)
+        if blocks:
+            self._pages[handle] -= blocks.pop(pfn, 0)
+
     def allocated(self, handle: int, pfns: list[int], order: int) -> None:
-        if pfns:
+        if pfns and self.tracking:
             size = 1 << order
             self._blocks.setdefault(handle, {}).update(dict.fromkeys(pfns, size))
             self._pages[handle] = self._pages.get(handle, 0) + size * len(pfns)
 
     def put(self, handle: int, pfns: list[int], refcounts: list[int]) -> None:
         """Record puts; a refcount of 0 freed the block."""
-        blocks = self._blocks.get(handle)
+        blocks = self._blocks.get(handle) if self.tracking else None
         if not blocks:
             return
         pop = blocks.pop

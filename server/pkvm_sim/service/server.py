@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.metrics import (
-    AioServerMetricsInterceptor,
+    InstrumentedServer,
     RpcStats,
     SimInfo,
     locked_snapshot,
@@ -289,11 +289,10 @@ def start(
     if state is not None:
         state.attach(servicer)
     rpc_stats = RpcStats()  # the grpc_server_* series (observe)
-    interceptors = (AioServerMetricsInterceptor(rpc_stats), *interceptors)
     runner = EventLoopThread()
     try:
         server, health_servicer, port = runner.call(
-            _serve(settings, servicer, credentials, interceptors)
+            _serve(settings, servicer, credentials, interceptors, rpc_stats)
         )
     except BaseException:
         runner.close()
@@ -319,13 +318,18 @@ async def _serve(
     servicer: HypervisorServicer,
     credentials: grpc.ServerCredentials | None,
     interceptors: Sequence[grpc.aio.ServerInterceptor],
+    rpc_stats: RpcStats,
 ) -> tuple[grpc.aio.Server, Any, int]:
-    server = grpc.aio.server(options=settings.grpc_options(), interceptors=list(interceptors))
-    add_servicer(servicer, server)  # undecodable bodies: INVALID_ARGUMENT (decoding.py)
+    # No interceptor unless given: the grpc_server_* metrics wrap each handler once, when it
+    # is registered (InstrumentedServer), instead of running an interceptor chain per call.
+    server = grpc.aio.server(options=settings.grpc_options(),
+                             interceptors=list(interceptors) or None)
+    registry: Any = InstrumentedServer(server, rpc_stats)
+    add_servicer(servicer, registry)  # undecodable bodies: INVALID_ARGUMENT (decoding.py)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registry)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), registry
     )
     if credentials is None:
         port = server.add_insecure_port(settings.listen)

@@ -2,10 +2,12 @@
 
     pkvm-sim draw --target 127.0.0.1:50051 --out machine.png
     pkvm-sim draw --target 127.0.0.1:50051 --out machine.svg --pool hyp --pool vm/4096
+    pkvm-sim draw --target host:50051 --ca-file ca.pem --out machine.png       # TLS
 
-One GetMemoryMap call (read-only) gives the memblocks, the carve-out's regions and every free
-block of the pools asked for (default: the hyp pool and the host stage-2 pool(s)); the picture
-is tools/plots.py's `draw_machine`.
+One GetMemoryMap call (read-only, through the SDK's `Hypervisor.memory_map`) gives the
+memblocks, the carve-out's regions and every free block of the pools asked for (default: the
+hyp pool and the host stage-2 pool(s)); the picture is tools/plots.py's `draw_machine`.
+TLS and client-token options are the SDK's (tools/connect.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from .connect import add_connection_arguments, connect
+
 if TYPE_CHECKING:
+    from pkvm_client import Hypervisor
+
     from .plots import MachineLayout
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -29,21 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a pool to draw, repeatable (default: hyp and host stage-2)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S",
                         help="seconds to wait for the service (default 10)")
+    add_connection_arguments(parser)
 
 
-def fetch_machine(target: str, pools: list[str], timeout: float) -> MachineLayout:
+def fetch_machine(hv: Hypervisor, target: str, pools: list[str],
+                  timeout: float) -> MachineLayout:
     """The service's memory map as plots.MachineLayout."""
-    import grpc
-    from pkvm.v1 import hypervisor_pb2 as pb2
-    from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
-
     from .plots import MachineLayout, PoolLayout
 
-    with grpc.insecure_channel(target) as channel:
-        stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
-        answer = stub.GetMemoryMap(pb2.GetMemoryMapRequest(pools=pools), timeout=timeout,
-                                   wait_for_ready=True)
-        info = stub.Reserve(pb2.ReserveRequest(), timeout=timeout)
+    hv.wait_ready(timeout)
+    answer = hv.memory_map(pools)
+    info = hv.reserve()
     return MachineLayout(
         page_size=answer.page_size,
         memblocks=tuple((m.base, m.size) for m in answer.memblocks),
@@ -64,7 +66,7 @@ def fetch_machine(target: str, pools: list[str], timeout: float) -> MachineLayou
 
 
 def run(args: argparse.Namespace) -> int:
-    import grpc
+    from pkvm_client import PkvmError
 
     from .plots import PlotError, check_output, draw_machine
 
@@ -74,10 +76,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"draw: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        machine = fetch_machine(args.target, args.pool or [], args.timeout)
-    except grpc.RpcError as error:
-        print(f"draw: error: {args.target}: {error.code().name}: {error.details()}",
-              file=sys.stderr)
+        with connect(args.target, args, timeout=args.timeout) as hv:
+            machine = fetch_machine(hv, args.target, args.pool or [], args.timeout)
+    except (OSError, ValueError) as error:
+        print(f"draw: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except PkvmError as error:
+        print(f"draw: error: {args.target}: {error.code.name}: {error}", file=sys.stderr)
         return EXIT_ERROR
     try:
         draw_machine(machine, out)

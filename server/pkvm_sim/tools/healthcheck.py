@@ -4,11 +4,13 @@ HEALTHCHECK.
     pkvm-sim healthcheck                       # every port the container's processes listen on
     pkvm-sim healthcheck --pid 1234            # the ports of one process
     pkvm-sim healthcheck --target host:50051   # one address
+    pkvm-sim healthcheck --target host:50051 --ca-file ca.pem   # a TLS server
 
 Without --target it follows the port the server really uses, whatever `--listen`, config file
 or environment chose: it reads the listening TCP sockets of the processes it can see
 (/proc/PID/fd against /proc/net/tcp and tcp6) and asks the standard grpc.health.v1 service on
-each. The metrics port, which speaks HTTP/1.1, fails that check quickly. Exit status: 0 when
+each, through the SDK (`Hypervisor.serving`, with the TLS options of tools/connect.py). The
+metrics port, which speaks HTTP/1.1, fails that check quickly. Exit status: 0 when
 one says SERVING, 1 otherwise (nothing listening, NOT_SERVING, no answer).
 """
 
@@ -22,6 +24,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from .connect import add_connection_arguments, connect
+
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
 TCP_LISTEN = "0A"  # the st column of /proc/net/tcp for a listening socket
@@ -34,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=3.0, metavar="S", help="per-address timeout (3)"
     )
+    add_connection_arguments(parser)
 
 
 def socket_inodes(pids: Iterable[str]) -> set[str]:
@@ -85,25 +90,20 @@ def discover_targets(pid: int | None) -> list[str]:
     return sorted(set(targets))
 
 
-def is_serving(target: str, timeout: float) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
-
-    with grpc.insecure_channel(target) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
-            )
-        except grpc.RpcError:
-            return False
-    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+def is_serving(target: str, args: argparse.Namespace, timeout: float) -> bool:
+    with connect(target, args, timeout=timeout) as hv:
+        return hv.serving()
 
 
 def run(args: argparse.Namespace) -> int:
     targets = [args.target] if args.target else discover_targets(args.pid)
-    for target in targets:
-        if is_serving(target, args.timeout):
-            print(f"SERVING on {target}")
-            return EXIT_HEALTHY
+    try:
+        for target in targets:
+            if is_serving(target, args, args.timeout):
+                print(f"SERVING on {target}")
+                return EXIT_HEALTHY
+    except (OSError, ValueError) as error:  # an unreadable PEM or token file
+        print(f"healthcheck: error: {error}", file=sys.stderr)
+        return EXIT_UNHEALTHY
     print(f"not serving (checked: {', '.join(targets) or 'no listening port'})", file=sys.stderr)
     return EXIT_UNHEALTHY
