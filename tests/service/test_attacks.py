@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -125,3 +127,30 @@ def _stats_ok(channel: grpc.Channel) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+def test_a_save_state_flood_shares_saves_and_takes_no_call_slots(tmp_path: Path) -> None:
+    """32 concurrent SaveState calls against --max-concurrent-rpcs 4: another client's calls
+    are all served meanwhile, and the callers share a few saves instead of queueing 32."""
+    callers = 32
+    with ServeProcess("--state-file", str(tmp_path / "m.pkvm"), "--max-concurrent-rpcs", "4",
+                      "--memblock", "0x80000000:4G") as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stub = Stub(channel)
+        for _ in range(8):
+            stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=64), timeout=30)
+        with ThreadPoolExecutor(callers) as pool:
+            saves = [pool.submit(stub.SaveState, pb2.SaveStateRequest(), timeout=120)
+                     for _ in range(callers)]
+            codes = []
+            while not all(save.done() for save in saves):
+                try:
+                    stub.GetStats(pb2.GetStatsRequest(), timeout=30)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+            results = [save.result() for save in saves]
+    assert codes and set(codes) == {grpc.StatusCode.OK}, codes
+    assert all(result.nr_vms == 8 for result in results)
+    distinct_saves = {(result.seconds, result.size_bytes) for result in results}
+    assert len(distinct_saves) <= callers // 4, len(distinct_saves)

@@ -51,7 +51,7 @@ from .limits import Admission, HypPageLedger, Limits, exhausted
 from .operations import OPERATIONS, Auth, Machine, Operation
 
 if TYPE_CHECKING:
-    from .persist import SaveResult, StateKeeper
+    from .persist import CoalescedSaves, SaveResult, StateKeeper
 
 __all__ = ["Auth", "HypervisorServicer", "reserve_message"]
 
@@ -115,6 +115,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.instance_id = uuid.uuid4().hex
         self.instance_metadata = ((INSTANCE_ID_METADATA_KEY, self.instance_id),)
         self.state: StateKeeper | None = None  # the --state-file keeper (service/persist.py)
+        self._saves: CoalescedSaves | None = None  # SaveState calls, coalesced
         self.machine = Machine(
             hypervisor, config, self.limits, self.ledger, self.counters, self.leases,
             self.tokens, self.reservation, self.instance_id, self._save_state,
@@ -195,7 +196,10 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             try:
                 if self.stopping:
                     raise shutting_down()
-                admission.enter_rpc()
+                # An awaited operation (SaveState) holds no call slot: its callers share
+                # one save (persist.CoalescedSaves) and wait without cost to anyone.
+                if not awaited:
+                    admission.enter_rpc()
                 try:
                     if auth is Auth.VM:
                         tokens.check(request.handle,
@@ -213,7 +217,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                                 operations[counted] += 1
                     response = reply(machine, request, result)
                 finally:
-                    admission.leave_rpc()
+                    if not awaited:
+                        admission.leave_rpc()
             except REFUSALS as error:
                 count_request(method, describe(error)[0].name)
                 await self._abort(context, error)
@@ -230,13 +235,17 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     async def _save_state(self) -> SaveResult:
         """SaveState: the copy is taken under the lock; compressing and writing run on a
-        worker thread, so the event loop keeps serving meanwhile."""
+        worker thread, so the event loop keeps serving meanwhile. Concurrent calls share
+        saves (persist.CoalescedSaves)."""
         if self.state is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
                                "the server was started without --state-file")
+        if self._saves is None:
+            from .persist import CoalescedSaves
+
+            self._saves = CoalescedSaves(self.state, self)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, self.state.save, self)
+            return await self._saves.save()
         except OSError as error:
             raise ServiceError(grpc.StatusCode.INTERNAL, "SAVE_FAILED",
                                f"cannot write the state file: {error}") from None
