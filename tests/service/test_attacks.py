@@ -3,7 +3,11 @@ bodies, HTTP/2 stream and connection floods without credentials, SaveState flood
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,3 +158,56 @@ def test_a_save_state_flood_shares_saves_and_takes_no_call_slots(tmp_path: Path)
     assert all(result.nr_vms == 8 for result in results)
     distinct_saves = {(result.seconds, result.size_bytes) for result in results}
     assert len(distinct_saves) <= callers // 4, len(distinct_saves)
+
+
+class Slowloris:
+    """`count` connections to /metrics, each trickling its request one byte at a time and
+    reconnecting whenever the server closes it, until stopped."""
+
+    REQUEST = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n"
+
+    def __init__(self, port: int, count: int, byte_every_s: float) -> None:
+        self.port = port
+        self.byte_every_s = byte_every_s
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._trickle, daemon=True)
+                        for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _trickle(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=30) as conn:
+                    for i in range(len(self.REQUEST)):
+                        if self.stopped.wait(self.byte_every_s):
+                            return
+                        conn.sendall(self.REQUEST[i:i + 1])
+            except OSError:
+                continue  # closed by the server: come back
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def test_slowloris_connections_do_not_lock_scrapers_out() -> None:
+    with ServeProcess(metrics=True) as server:
+        assert server.metrics_port is not None
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        attack = Slowloris(server.metrics_port, count=32, byte_every_s=0.5)  # 16 slots
+        try:
+            time.sleep(1.0)  # every slot is held by a trickling connection
+            statuses = []
+            for _ in range(40):
+                try:
+                    with urllib.request.urlopen(url, timeout=30) as answer:
+                        statuses.append(answer.status)
+                        assert b"pkvm_vms" in answer.read()
+                except urllib.error.HTTPError as error:
+                    statuses.append(error.code)
+                time.sleep(0.05)
+        finally:
+            attack.stop()
+    assert statuses == [200] * len(statuses), statuses
