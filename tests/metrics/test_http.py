@@ -28,9 +28,9 @@ def server() -> Iterator[MetricsHTTPServer]:
     running.server_close()
 
 
-def get(server: MetricsHTTPServer) -> bytes:
+def get(server: MetricsHTTPServer, timeout: float = 30) -> bytes:
     url = f"http://127.0.0.1:{server.server_port}/metrics"
-    body: bytes = urllib.request.urlopen(url, timeout=5).read()
+    body: bytes = urllib.request.urlopen(url, timeout=timeout).read()
     return body
 
 
@@ -93,8 +93,7 @@ def test_a_503_only_when_every_connection_is_past_its_request() -> None:
     registry = CollectorRegistry()
     blocking = Blocking()
     registry.register(blocking)
-    server = start_metrics_server(registry, "127.0.0.1", 0, max_connections=2,
-                                  render_interval_s=0)
+    server = start_metrics_server(registry, "127.0.0.1", 0, max_connections=2)
     url = f"http://127.0.0.1:{server.server_port}/metrics"
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -139,28 +138,35 @@ def test_the_request_deadline_covers_the_whole_request(server: MetricsHTTPServer
 
 
 class Counting(Collector):
-    def __init__(self) -> None:
+    """Counts its renders; the first one takes `first_render_s`."""
+
+    def __init__(self, first_render_s: float) -> None:
         self.collects = 0
+        self.first_render_s = first_render_s
 
     def collect(self) -> Iterable[Metric]:
         self.collects += 1
+        if self.collects == 1:
+            time.sleep(self.first_render_s)
         yield GaugeMetricFamily("counted", "Renders so far.", value=self.collects)
 
 
-def test_many_scrapers_share_one_render_per_interval() -> None:
+def test_scrapers_in_a_crowd_share_renders_and_each_gets_a_fresh_one() -> None:
+    """A render of 0.3 s spaces the next by 3 s: the 40 scrapes that come meanwhile all
+    share that next render (taken after they came), instead of rendering 40 times."""
     registry = CollectorRegistry()
-    counting = Counting()
+    counting = Counting(first_render_s=0.3)
     registry.register(counting)
-    server = start_metrics_server(registry, "127.0.0.1", 0, max_connections=64,
-                                  render_interval_s=3600)
+    server = start_metrics_server(registry, "127.0.0.1", 0, max_connections=64)
     try:
-        with ThreadPoolExecutor(16) as pool:
-            bodies = list(pool.map(lambda _: get(server), range(100)))
+        assert b"counted 1.0" in get(server)
+        with ThreadPoolExecutor(40) as pool:
+            bodies = list(pool.map(lambda _: get(server, timeout=60), range(40)))
     finally:
         server.shutdown()
         server.server_close()
-    assert counting.collects == 1 and server.cache.renders == 1
-    assert all(b"counted 1.0" in body for body in bodies)
+    assert counting.collects == 2 and server.cache.renders == 2
+    assert all(b"counted 2.0" in body for body in bodies)
 
 
 def test_bad_limits_are_refused() -> None:

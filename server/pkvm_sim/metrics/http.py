@@ -10,9 +10,10 @@ guarded server.
   only when every connection is past its request (rendering or sending the answer) is the
   new one answered `503` and closed. So idle or trickling connections can delay, but never
   lock out, a real scrape.
-- Render cache: the registry is rendered (the simulator snapshot taken, every series
-  formatted, gzip applied) at most once per `render_interval_s` per format; every scrape
-  within the interval gets the same bytes. A hundred scrapers cost what one does.
+- Shared renders: a render (the simulator snapshot taken, every series formatted, gzip
+  applied) serves every scrape that waited for it, and renders are spaced by ten times
+  their duration, so rendering takes at most about a tenth of the time however many
+  scrape. Every scrape still gets figures taken after it arrived (`RenderCache`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from prometheus_client.registry import Collector
 
 DEFAULT_READ_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 16
-DEFAULT_RENDER_INTERVAL_S = 1.0
+RENDER_DUTY_FACTOR = 10.0  # renders are spaced by ten times their duration
 SWEEP_INTERVAL_S = 0.25  # how often connections past their request deadline are closed
 
 _BUSY_RESPONSE = (
@@ -42,32 +43,42 @@ _BUSY_RESPONSE = (
 
 
 class RenderCache:
-    """The registry's exposition per (format, gzip), re-rendered at most once per interval.
-    A scrape that finds the copy stale renders it while the others wait for that render
-    (one render at a time, never one per scraper)."""
+    """The registry's exposition per (format, gzip), shared by the scrapes that wait for
+    the same render. Every scrape gets a render that started after it came (never a stale
+    copy), renders run one at a time, and the next one starts no sooner than
+    `RENDER_DUTY_FACTOR` times the last one's duration after it: scrapes arriving meanwhile
+    wait and share it. So rendering takes at most about a tenth of the time however many
+    scrape, and a lone scraper waits at most that long."""
 
-    def __init__(self, registry: Collector, interval_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, registry: Collector, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.registry = registry
-        self.interval_s = interval_s
         self.clock = clock
+        self.sleep = sleep
         self.renders = 0
-        self._lock = threading.Lock()
-        self._cached: dict[tuple[str, bool], tuple[float, bytes]] = {}
+        self._lock = threading.Lock()  # held while waiting for a render slot and rendering
+        self._cached: dict[tuple[str, bool], tuple[float, bytes]] = {}  # (started, bytes)
+        self._next_start = 0.0
 
     def body(self, accept: str | None, gzipped: bool) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
         key = (content_type, gzipped)
+        arrived = self.clock()
         with self._lock:
-            now = self.clock()
             hit = self._cached.get(key)
-            if hit is not None and now - hit[0] < self.interval_s:
-                return hit[1], content_type
+            if hit is not None and hit[0] >= arrived:
+                return hit[1], content_type  # rendered after this scrape came: share it
+            rest = self._next_start - self.clock()
+            if rest > 0:
+                self.sleep(rest)  # scrapes arriving meanwhile queue here and share
+            started = self.clock()
             output = encoder(self.registry)
             if gzipped:
                 output = gzip.compress(output)
             self.renders += 1
-            self._cached[key] = (self.clock(), output)
+            done = self.clock()
+            self._cached[key] = (started, output)
+            self._next_start = done + RENDER_DUTY_FACTOR * (done - started)
             return output, content_type
 
 
@@ -205,14 +216,13 @@ def start_metrics_server(
     *,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
-    render_interval_s: float = DEFAULT_RENDER_INTERVAL_S,
 ) -> MetricsHTTPServer:
     """Serve `registry` on host:port (0: any free port) from a daemon thread.
 
     Stop it with `shutdown()` then `server_close()`."""
-    if read_timeout_s <= 0 or max_connections < 1 or render_interval_s < 0:
+    if read_timeout_s <= 0 or max_connections < 1:
         raise ValueError("the metrics read timeout and connection limit must be positive")
-    cache = RenderCache(registry, render_interval_s)
+    cache = RenderCache(registry)
     server = MetricsHTTPServer((host, port), cache, max_connections, read_timeout_s)
     thread = threading.Thread(target=server.serve_forever, name="pkvm-metrics", daemon=True)
     thread.start()
