@@ -15,9 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 from pkvm.v1 import hypervisor_pb2 as pb2
+from pkvm_sim.service.limits import Limits
 
 from tests.service.attack_helpers import SETTINGS_MAX_CONCURRENT_STREAMS, RawH2, ServeProcess
-from tests.service.tenants import Stub
+from tests.service.tenants import Stub, serve
 
 GARBAGE = b"\xff\xff\xff\xff"  # field 31, wire type 7: no protobuf message parses this
 
@@ -211,3 +212,31 @@ def test_slowloris_connections_do_not_lock_scrapers_out() -> None:
         finally:
             attack.stop()
     assert statuses == [200] * len(statuses), statuses
+
+
+def test_a_get_stats_flood_with_1000_vms_shares_snapshots() -> None:
+    """Each GetStats with 1000 VMs is a snapshot of 1002 pools under the lock. 16 clients
+    asking at once share snapshots instead of taking one each; every answer still comes
+    from a snapshot taken after its call (it sees the VM created just before)."""
+    service = serve(Limits(max_vms=2000))
+    try:
+        with grpc.insecure_channel(service.target) as channel:
+            stub = Stub(channel)
+            for _ in range(1000):
+                stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=1), timeout=30)
+            stats = service.servicer._stats
+            runs_before = stats.runs
+
+            def client(_: int) -> list[int]:
+                return [stub.GetStats(pb2.GetStatsRequest(), timeout=60).nr_vms
+                        for _ in range(10)]
+
+            with ThreadPoolExecutor(16) as pool:
+                answers = [n for seen in pool.map(client, range(16)) for n in seen]
+            calls, runs = len(answers), stats.runs - runs_before
+            stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=1), timeout=30)
+            assert stub.GetStats(pb2.GetStatsRequest(), timeout=60).nr_vms == 1001
+    finally:
+        service.stop(0)
+    assert set(answers) == {1000}
+    assert runs <= calls // 4, (runs, calls)

@@ -76,6 +76,8 @@ class Machine:
     instance_id: str
     # SaveState: takes the lock itself, writes on a worker thread (set by the servicer).
     save_state: Callable[[], Awaitable[SaveResult]] | None = None
+    # GetStats: concurrent calls share one snapshot (service/coalesce.py; set by the servicer).
+    shared_stats: Callable[[], Awaitable[Message]] | None = None
 
     def forget_vm(self, handle: int) -> None:
         """Service bookkeeping of a destroyed VM."""
@@ -396,8 +398,21 @@ def guest_map(machine: Machine, handle: int, ipa: int, pfn: int) -> Any:
     return machine.hv.guest_map(handle, ipa, pfn)
 
 
-def get_stats(machine: Machine) -> Any:
-    return machine.hv.statistics()
+async def get_stats(machine: Machine) -> Message:
+    """A snapshot shared by the GetStats calls waiting for it (O(pools + VMs) each)."""
+    if machine.shared_stats is None:
+        raise ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "no statistics source")
+    return await machine.shared_stats()
+
+
+def stats_response(machine: Machine, stats: Any) -> Message:
+    response = to_message(pb2.GetStatsResponse, stats)
+    response.instance_id = machine.instance_id  # type: ignore[attr-defined]
+    return response
+
+
+def _shared_reply(machine: Machine, request: Any, response: Message) -> Message:
+    return response
 
 
 def get_page_info(machine: Machine, pfn: int) -> Any:
@@ -463,7 +478,7 @@ OPERATIONS: tuple[Operation, ...] = (
               batch_op=pb2.BATCH_OP_TOPUP_MEMCACHE),
     Operation("GuestMap", Auth.VM, guest_map, ("handle", "ipa", "pfn"), counted="guest_map",
               batch_op=pb2.BATCH_OP_GUEST_MAP, batch_value=operator.attrgetter("level")),
-    Operation("GetStats", Auth.NONE, get_stats, reply=_with_instance_id),
+    Operation("GetStats", Auth.NONE, get_stats, reply=_shared_reply, awaited=True),
     Operation("GetPageInfo", Auth.NONE, get_page_info, ("pfn",)),
     Operation("Reserve", Auth.NONE, reserve),
     Operation("GetMemoryMap", Auth.NONE, get_memory_map, ("pools",)),

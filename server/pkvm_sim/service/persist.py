@@ -15,7 +15,6 @@ compressing, checksumming and the atomic write happen outside it.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import os
@@ -145,59 +144,6 @@ class StateKeeper:
         expected = max(self.last_save_seconds, self.load_seconds)
         reserve = min(grace_seconds, max(grace_seconds / 2, SAVE_MARGIN * expected))
         return grace_seconds - reserve
-
-
-class CoalescedSaves:
-    """SaveState calls sharing saves. A call waits for the first save that starts after it
-    came (so the file holds everything it saw done); every call that comes while a save
-    runs shares the next one. One save runs at a time, and the next starts no sooner than
-    the last one's duration after it ended: saves take at most half of the time, whatever
-    the number of callers, so a flood of SaveState costs other clients no more than one
-    caller saving back to back would. Runs on the event loop."""
-
-    def __init__(self, keeper: StateKeeper, servicer: HypervisorServicer) -> None:
-        self.keeper = keeper
-        self.servicer = servicer
-        self.saves = 0  # saves run (tests and the log)
-        self._pending: asyncio.Future[SaveResult] | None = None  # the next save's callers
-        self._runner: asyncio.Task[None] | None = None
-        self._rest_until = 0.0  # loop time before which the next save does not start
-
-    async def save(self) -> SaveResult:
-        loop = asyncio.get_running_loop()
-        if self._pending is None:
-            self._pending = loop.create_future()
-            self._pending.add_done_callback(_retrieve)
-        pending = self._pending
-        if self._runner is None:
-            self._runner = loop.create_task(self._run())
-        return await asyncio.shield(pending)
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending is not None:
-                rest = self._rest_until - loop.time()
-                if rest > 0:
-                    await asyncio.sleep(rest)  # callers arriving meanwhile join this save
-                pending, self._pending = self._pending, None
-                started = loop.time()
-                try:
-                    result = await loop.run_in_executor(None, self.keeper.save, self.servicer)
-                except Exception as error:  # noqa: BLE001 (every caller gets it)
-                    pending.set_exception(error)
-                else:
-                    pending.set_result(result)
-                self.saves += 1
-                self._rest_until = loop.time() + (loop.time() - started)
-        finally:
-            self._runner = None
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark an exception as seen even when every caller went away before it came."""
-    if not future.cancelled():
-        future.exception()
 
 
 # -- one server per file --------------------------------------------------------------------

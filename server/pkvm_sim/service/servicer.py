@@ -23,6 +23,7 @@ VMs are leased (service/leases.py): each authenticated call renews the VM's leas
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from google.protobuf.message import Message
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
@@ -43,15 +45,16 @@ from pkvm_sim.core.reservation import compute_reservation, partition_carveout
 
 from .auth import ClientToken, TokenRegistry, bearer_token
 from .batch import BatchRun, batch_functions, validate_batch
+from .coalesce import Coalesced
 from .counters import ServiceCounters
 from .decoding import Undecodable
 from .errors import ServiceError, describe, to_status
 from .leases import LeaseTable
 from .limits import Admission, HypPageLedger, Limits, exhausted
-from .operations import OPERATIONS, Auth, Machine, Operation
+from .operations import OPERATIONS, Auth, Machine, Operation, stats_response
 
 if TYPE_CHECKING:
-    from .persist import CoalescedSaves, SaveResult, StateKeeper
+    from .persist import SaveResult, StateKeeper
 
 __all__ = ["Auth", "HypervisorServicer", "reserve_message"]
 
@@ -115,10 +118,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.instance_id = uuid.uuid4().hex
         self.instance_metadata = ((INSTANCE_ID_METADATA_KEY, self.instance_id),)
         self.state: StateKeeper | None = None  # the --state-file keeper (service/persist.py)
-        self._saves: CoalescedSaves | None = None  # SaveState calls, coalesced
+        self._saves: Coalesced[SaveResult] | None = None  # SaveState calls share saves
+        # GetStats calls share snapshots: O(pools + VMs) each, under the lock.
+        self._stats = Coalesced(self._stats_response, spacing=STATS_SPACING)
         self.machine = Machine(
             hypervisor, config, self.limits, self.ledger, self.counters, self.leases,
             self.tokens, self.reservation, self.instance_id, self._save_state,
+            self._shared_stats,
         )
         self._batch_fns = batch_functions(self.machine,
                                           host_wide_allowed=not self.client_token.required)
@@ -241,14 +247,21 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
                                "the server was started without --state-file")
         if self._saves is None:
-            from .persist import CoalescedSaves
-
-            self._saves = CoalescedSaves(self.state, self)
+            self._saves = Coalesced(functools.partial(self.state.save, self),
+                                    spacing=SAVE_SPACING)
         try:
-            return await self._saves.save()
+            return await self._saves()
         except OSError as error:
             raise ServiceError(grpc.StatusCode.INTERNAL, "SAVE_FAILED",
                                f"cannot write the state file: {error}") from None
+
+    async def _shared_stats(self) -> Message:
+        return await self._stats()
+
+    def _stats_response(self) -> Message:
+        """GetStats' answer: the snapshot under the lock, the message built outside it
+        (on a worker thread; the callers that shared the snapshot share the message)."""
+        return stats_response(self.machine, self.statistics())
 
     def statistics(self) -> HypervisorStatistics:
         """A consistent snapshot, O(pools + VMs) under the lock: what the metrics collector
@@ -366,6 +379,11 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 return True
             return run.step(self.chunk_seconds)
 
+
+# Saves are spaced by their duration (busy at most half of the time), GetStats snapshots by
+# ten times theirs (a tenth): see coalesce.py.
+SAVE_SPACING = 1.0
+STATS_SPACING = 10.0
 
 # Open streams may finish their work for this share of the grace period (the rest is margin
 # for the last chunk and the answers).
