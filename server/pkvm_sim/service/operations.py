@@ -102,6 +102,9 @@ class Operation:
     batch_op: int | None = None
     batch_value: Callable[[Any], int] | None = None
     awaited: bool = False  # `run` is a coroutine function that takes the lock itself
+    # False: the call holds no --max-concurrent-rpcs slot (SaveState: its callers share
+    # saves and wait at no cost, service/coalesce.py)
+    admitted: bool = True
 
     @functools.cached_property
     def response_type(self) -> type[Message]:
@@ -482,7 +485,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GetPageInfo", Auth.NONE, get_page_info, ("pfn",)),
     Operation("Reserve", Auth.NONE, reserve),
     Operation("GetMemoryMap", Auth.NONE, get_memory_map, ("pools",)),
-    Operation("SaveState", Auth.CLIENT, save_state, reply=_with_instance_id, awaited=True),
+    Operation("SaveState", Auth.CLIENT, save_state, reply=_with_instance_id, awaited=True,
+              admitted=False),
 )
 BY_RPC: dict[str, Operation] = {operation.rpc: operation for operation in OPERATIONS}
 BY_BATCH_OP: dict[int, Operation] = {

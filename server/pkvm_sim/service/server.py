@@ -242,7 +242,7 @@ class RunningService:
         await self.health.enter_graceful_shutdown()
         self.servicer.begin_shutdown(grace)
         await self.server.stop(grace)
-        self.servicer.batch_worker.shutdown(wait=False, cancel_futures=True)
+        self.servicer.fair.close()
 
     def wait(self) -> None:
         self._stopped.wait()

@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -49,6 +48,7 @@ from .coalesce import Coalesced
 from .counters import ServiceCounters
 from .decoding import Undecodable
 from .errors import ServiceError, describe, to_status
+from .fairness import FairLock
 from .leases import LeaseTable
 from .limits import Admission, HypPageLedger, Limits, exhausted
 from .operations import OPERATIONS, Auth, Machine, Operation, stats_response
@@ -107,9 +107,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.counters = ServiceCounters()
         self.reservation = reserve_message(config)
         self.chunk_seconds = chunk_seconds
-        # Chunks of long batches run here, one at a time, so the loop stays free to serve
-        # every other call meanwhile (they wait at most one chunk for the lock).
-        self.batch_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkvm-batch")
+        # Every unary operation and batch chunk takes the lock through this: tenants get
+        # fair turns, and the loop stays free to take in calls (fairness.py).
+        self.fair = FairLock(self.lock)
         self.stopping = False  # set by begin_shutdown: new calls are refused
         self._stop_deadline = float("inf")  # batches end by then (time.monotonic)
         self._idle_streams: set[asyncio.Task[Any]] = set()  # streams waiting for a batch
@@ -192,19 +192,24 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         takes the lock itself for as long as it needs it."""
         method, auth, counted = operation.rpc, operation.auth, operation.counted
         run, read_args, reply = operation.run, operation.read_args, operation.replier
-        awaited, machine, lock = operation.awaited, self.machine, self.lock
+        awaited, admitted, machine = operation.awaited, operation.admitted, self.machine
         operations, count_request = self.counters.operations, self.counters.count_request
         tokens, admission = self.tokens, self.admission
         instance_metadata = self.instance_metadata
+        fair = self.fair
+
+        def locked(*args: Any) -> Any:
+            result = run(machine, *args)
+            if counted is not None:
+                operations[counted] += 1
+            return result
 
         async def handler(request: Any, context: Context) -> Any:
             context.set_trailing_metadata(instance_metadata)  # sent with the status
             try:
                 if self.stopping:
                     raise shutting_down()
-                # An awaited operation (SaveState) holds no call slot: its callers share
-                # one save (persist.CoalescedSaves) and wait without cost to anyone.
-                if not awaited:
+                if admitted:  # SaveState's callers share saves and hold no slot
                     admission.enter_rpc()
                 try:
                     if auth is Auth.VM:
@@ -216,14 +221,12 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                     args = read_args(request)
                     if awaited:
                         result = await run(machine, *args)
-                    else:
-                        with lock:
-                            result = run(machine, *args)
-                            if counted is not None:
-                                operations[counted] += 1
+                    else:  # under the lock, in this client's fair turn (fairness.py)
+                        result = await fair.run(context.peer(),
+                                                functools.partial(locked, *args))
                     response = reply(machine, request, result)
                 finally:
-                    if not awaited:
+                    if admitted:
                         admission.leave_rpc()
             except REFUSALS as error:
                 count_request(method, describe(error)[0].name)
@@ -340,26 +343,26 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self.tokens.check(request.handle, token)
             run = BatchRun(self.machine, self._batch_fns, request)
             try:
-                await self._run_chunks(run, token)
+                await self._run_chunks(run, token, context.peer())
             finally:
                 run.count_into(self.counters.operations)
             await context.write(run.response())
             if run.abort_reason == "SHUTTING_DOWN":
                 raise shutting_down("; the batch was cut short")
 
-    async def _run_chunks(self, run: BatchRun, token: str | None) -> None:
-        """Run the batch chunk by chunk. The first chunk runs on the loop (most batches
-        need no more); later ones on the batch worker thread, so that other calls are
-        served while it works. A cancelled call (client gone, deadline passed) stops at
-        the next boundary: the await raises CancelledError."""
-        if self._chunk(run, token):
+    async def _run_chunks(self, run: BatchRun, token: str | None, tenant: str) -> None:
+        """Run the batch chunk by chunk, each in the tenant's fair turn for the lock
+        (fairness.py), so other calls are served between two chunks. A cancelled call
+        (client gone, deadline passed) stops at the next boundary: the await raises
+        CancelledError."""
+        chunk_fn = functools.partial(self._chunk, run, token)
+        if await self.fair.run(tenant, chunk_fn):
             return
-        loop = asyncio.get_running_loop()
         while True:
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 run.abort_rest("SHUTTING_DOWN", "the server is shutting down")
                 return
-            chunk = loop.run_in_executor(self.batch_worker, self._chunk, run, token)
+            chunk = self.fair.submit(tenant, chunk_fn)
             try:
                 if await asyncio.shield(chunk):
                     return
@@ -370,14 +373,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 raise
 
     def _chunk(self, run: BatchRun, token: str | None) -> bool:
-        """One chunk under the lock; True once the batch is done. Between two chunks the
-        VM may have been destroyed and its handle given to a new VM: the rest of the batch
-        is then not run (ABORTED, VM_NOT_FOUND) rather than run on another VM."""
-        with self.lock:
-            if not self.tokens.holds(run.request.handle, token):
-                run.abort_rest("VM_NOT_FOUND", "the VM was destroyed during the batch")
-                return True
-            return run.step(self.chunk_seconds)
+        """One chunk (the caller holds the lock); True once the batch is done. Between two
+        chunks the VM may have been destroyed and its handle given to a new VM: the rest of
+        the batch is then not run (ABORTED, VM_NOT_FOUND) rather than run on another VM."""
+        if not self.tokens.holds(run.request.handle, token):
+            run.abort_rest("VM_NOT_FOUND", "the VM was destroyed during the batch")
+            return True
+        return run.step(self.chunk_seconds)
 
 
 # Saves are spaced by their duration (busy at most half of the time), GetStats snapshots by
