@@ -132,6 +132,8 @@ LIMIT_KNOBS = (
          "N", non_negative_int),
     Knob("quota_hyp_pages", LIMITS, "pages one VM may hold from the hyp pool at once "
          "(0: no limit)", "N", non_negative_int),
+    Knob("quota_memcache_pages", LIMITS, "host pages one VM's memcache may hold "
+         "(TopupMemcache; 0: no limit)", "N", non_negative_int),
     Knob("max_pages_per_op", LIMITS, "pages per page-by-page operation (1..4096)", "N",
          non_negative_int),
     Knob("max_streams", LIMITS, "open Execute streams in all (0: no limit)", "N",

@@ -240,3 +240,27 @@ def test_a_get_stats_flood_with_1000_vms_shares_snapshots() -> None:
         service.stop(0)
     assert set(answers) == {1000}
     assert runs <= calls // 4, (runs, calls)
+
+
+def test_topup_memcache_is_bounded_per_vm() -> None:
+    """One VM with a 1-page slice used to take every page of host RAM by top-ups. The
+    default quota (4096 pages) stops it, in unary calls and in batches alike."""
+    with ServeProcess() as server, grpc.insecure_channel(server.target) as channel:
+        stub = Stub(channel)
+        vm = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=1), timeout=30)
+        md = (("authorization", f"Bearer {vm.token}"),)
+        handle = vm.vm.handle
+        sizes = [stub.TopupMemcache(pb2.TopupMemcacheRequest(handle=handle, nr_pages=256),
+                                    metadata=md, timeout=30).memcache_pages
+                 for _ in range(4096 // 256)]
+        assert sizes[-1] == 4096
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.TopupMemcache(pb2.TopupMemcacheRequest(handle=handle, nr_pages=1),
+                               metadata=md, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason_of(caught.value) == "QUOTA_EXCEEDED"
+        batch = pb2.ExecuteRequest(handle=handle, ops=[pb2.BATCH_OP_TOPUP_MEMCACHE] * 4,
+                                   arg0=[256] * 4)
+        answer = next(iter(stub.Execute(iter([batch]), metadata=md, timeout=30)))
+        assert answer.completed == 0
+        assert [e.reason for e in answer.errors] == ["QUOTA_EXCEEDED"] * 4

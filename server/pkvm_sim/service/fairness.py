@@ -10,10 +10,11 @@ in new calls, and a light tenant's job waits for at most the one job that is run
 for the queue: one long batch, many small batches, or a flood of unary calls from others
 all look the same to it.
 
-The fast path: when nothing is running or waiting, a job runs at once on the loop (no
-thread handoff), unless the loop ran one less than `INLINE_PAUSE` times that job's
-duration ago. So a single client pays nothing, and a burst of arrivals puts at most one job
-on the loop before the rest queue fairly.
+The fast path: when nothing is running or waiting, a light tenant's job (one that used
+less than `INLINE_MAX_USAGE_S` of lock time lately) runs at once on the loop, with no
+thread handoff, unless the loop ran one less than `INLINE_PAUSE` times that job's duration
+ago. So a light client pays nothing, a heavy one always queues (its jobs never hold the
+loop), and a burst of arrivals puts at most one job on the loop before the rest queue.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ T = TypeVar("T")
 
 HALF_LIFE_S = 1.0
 INLINE_PAUSE = 4.0
+INLINE_MAX_USAGE_S = 0.005  # a tenant that used more lock time recently always queues
 
 Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
@@ -57,8 +59,9 @@ class FairLock:
     async def run(self, tenant: str, fn: Callable[[], T]) -> T:
         """fn()'s result (or exception), run under the lock in the tenant's turn."""
         with self._state:
-            inline = not self._running and not self._waiting \
-                and self.clock() >= self._inline_ok_at
+            now = self.clock()
+            inline = not self._running and not self._waiting and now >= self._inline_ok_at \
+                and self._decayed(tenant, now) < INLINE_MAX_USAGE_S
             if inline:
                 self._running = True
         if inline:

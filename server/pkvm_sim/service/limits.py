@@ -4,7 +4,8 @@ Every limit refuses with a clear status and reason and changes nothing:
 
 - quotas (RESOURCE_EXHAUSTED, `QUOTA_EXCEEDED`): `max_vms` VMs in all, `quota_slice_pages`
   the largest slice one VM may ask for, `quota_hyp_pages` the pages one VM may hold from the
-  hyp pool at once (0 = no limit: a single user may drain the pool when they ask to);
+  hyp pool at once (0 = no limit: a single user may drain the pool when they ask to),
+  `quota_memcache_pages` the host pages one VM's memcache may hold (TopupMemcache);
 - request bounds (INVALID_ARGUMENT): a VM name of at most `MAX_NAME_BYTES` bytes
   (`NAME_TOO_LONG`), at most `max_pages_per_op` pages per page-by-page operation (`BAD_SIZE`;
   this keeps the longest single operation near 4 ms here, see docs/service.md), at most
@@ -40,6 +41,9 @@ class Limits:
     max_vms: int = 1024
     quota_slice_pages: int = 262_144  # 1 GiB of 4 KiB pages: a quarter of the quick-start RAM
     quota_hyp_pages: int = 256  # a tenth of the quick-start hyp pool (2569 pages)
+    # Host pages one VM's memcache may hold, topped up but not yet used (a guest map takes
+    # a few): without it one VM with a 1-page slice could take every page of host RAM.
+    quota_memcache_pages: int = 4096
     max_pages_per_op: int = 256
     max_streams: int = 256
     max_streams_per_vm: int = 4
@@ -52,7 +56,8 @@ class Limits:
     max_streams_per_connection: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("max_vms", "quota_slice_pages", "quota_hyp_pages", "max_streams",
+        for name in ("max_vms", "quota_slice_pages", "quota_hyp_pages",
+                     "quota_memcache_pages", "max_streams",
                      "max_streams_per_vm", "max_concurrent_rpcs", "max_connections",
                      "max_streams_per_connection"):
             if getattr(self, name) < 0:
