@@ -44,7 +44,7 @@ from pkvm_sim.knobs import (
 
 log = logging.getLogger("pkvm_sim.serve")
 
-SWITCH_INTERVAL_SECONDS = 0.001
+SWITCH_INTERVAL_SECONDS = 0.0002
 EXIT_OK = 0
 EXIT_USAGE = 2
 ENV_PREFIX = "PKVM_SIM_"
@@ -198,8 +198,9 @@ def run(args: argparse.Namespace) -> int:
         keeper, restored = outcome
         if restored is not None:
             config = restored.config
-    # The batch worker thread computes while the loop thread serves other calls: hand the
-    # GIL over every millisecond instead of every 5 (docs/service.md, bench_tenancy.py).
+    # The fair worker thread computes while the loop thread takes calls in: hand the GIL
+    # over every 0.2 ms instead of every 5, so another client's call is not held up at each
+    # of its steps (docs/service.md, bench_attacks.py: 1 ms left p99s 2-3x higher).
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     from .server import start
