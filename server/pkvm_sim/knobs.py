@@ -154,6 +154,8 @@ LIMIT_KNOBS = (
          "N", non_negative_int),
     Knob("quota_hyp_pages", LIMITS, "pages one VM may hold from the hyp pool at once "
          "(0: no limit)", "N", non_negative_int),
+    Knob("quota_memcache_pages", LIMITS, "host pages one VM's memcache may hold "
+         "(TopupMemcache; 0: no limit)", "N", non_negative_int),
     Knob("max_pages_per_op", LIMITS, "pages per page-by-page operation (1..4096)", "N",
          non_negative_int),
     Knob("max_streams", LIMITS, "open Execute streams in all (0: no limit)", "N",
@@ -164,6 +166,10 @@ LIMIT_KNOBS = (
          non_negative_int),
     Knob("stream_idle_seconds", LIMITS, "an Execute stream with no batch for this long is "
          "closed (0: never)", "S", seconds),
+    Knob("max_connections", LIMITS, "client connections accepted at once (0: no limit)", "N",
+         non_negative_int),
+    Knob("max_streams_per_connection", LIMITS, "concurrent HTTP/2 streams (calls) per "
+         "connection; more are refused by HTTP/2 (0: no limit)", "N", non_negative_int),
 )
 SERVICE_KNOBS = SERVER_KNOBS + LIMIT_KNOBS
 ALL_KNOBS = SIM_KNOBS + SERVICE_KNOBS

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pkvm_client import AsyncHypervisor, AuthenticationError, Hypervisor, PkvmEr
 from pkvm_sim.service.auth import bearer_token
 from pkvm_sim.service.server import RunningService
 
+from tests.service.attack_helpers import ENV
 from tests.service.fixtures import bearer
 from tests.service.tenants import OpenStream, Stub, refusal, serve
 
@@ -171,3 +173,17 @@ def test_tls_settings_go_together() -> None:
         serve(tls_cert="cert.pem")
     with pytest.raises(ValueError, match="needs"):
         serve(tls_client_ca="ca.pem")
+
+
+def test_a_tls_key_that_does_not_match_its_certificate_is_named(pki: Path) -> None:
+    """The real CLI: one line naming both files, exit 2 (gRPC alone says 'Failed to bind')."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pkvm_sim.cli", "serve", "--listen", "127.0.0.1:0",
+         "--metrics-listen", "off", "--tls-cert", str(pki / "server.pem"),
+         "--tls-key", str(pki / "client.key")],
+        capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 2 and result.stdout == "", result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "does not match" in lines[0] and str(pki / "client.key") in lines[0]
+    assert str(pki / "server.pem") in lines[0]

@@ -11,7 +11,7 @@ Layout (all integers little-endian):
     offset  size  field
     0       8     magic  b"PKVMSTAT"
     8       4     format version (u32), FORMAT_VERSION
-    12      4     flags (u32), 0
+    12      4     flags (u32), 0: a reader refuses any bit it does not know
     16      8     payload length in bytes (u64)
     24      32    SHA-256 of the payload
     56      ...   payload: sections, each
@@ -19,8 +19,9 @@ Layout (all integers little-endian):
 
 Sections of version 1: "machine" (JSON, below), "service" (JSON, the service's), and
 "vmemmap/<i>" (segment i's packed `struct hyp_page` entries, raw little-endian items of the
-layout's width). A reader refuses a file whose magic, version, length or checksum is wrong
-before it decodes anything, so a refusal never depends on what the payload says.
+layout's width). A reader refuses a file whose magic, version, flags, length or checksum is
+wrong before it decodes anything, so a refusal never depends on what the payload says; `load`
+reads the header first, so a huge foreign file is refused without being read whole.
 
 How a restore works, and why it is merge-safe: `restore` boots a fresh machine from the
 file's configuration (so every attribute derived from the configuration is computed by the
@@ -33,6 +34,7 @@ forgets here fails that test; add it here and bump FORMAT_VERSION (docs/state-fi
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -52,7 +54,7 @@ from .guest import GuestMmOps, GuestVm
 from .host_memory import HostAllocation
 from .hyp_pool import HypPool
 from .hyp_stage1 import HypStage1
-from .hypervisor import Hypervisor
+from .hypervisor import VM_HANDLE_OFFSET, Hypervisor
 from .model import PageState, PoolKind
 from .pgtable import STATE_OWNED, Stage2PageTable
 from .profiles import REMOVED_PROFILES
@@ -60,6 +62,8 @@ from .profiles import REMOVED_PROFILES
 MAGIC = b"PKVMSTAT"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIQ32s")  # magic, version, flags, payload length, sha256
+KNOWN_FLAGS = 0  # version 1 defines no flag: any set bit is a file this reader cannot trust
+TEMPORARY_INFIX = ".tmp-"  # a save writes `.<name>.tmp-<pid>` first, then renames it
 SECTION_HEAD = struct.Struct("<B")
 SECTION_LENGTH = struct.Struct("<Q")
 COMPRESS_LEVEL = 1  # zlib level 1: a 64 GiB machine's vmemmap shrinks ~100x in well under 1 s
@@ -263,22 +267,8 @@ def _section(name: str, data: bytes) -> bytes:
 
 def decode(data: bytes) -> StateFile:
     """Check and unpack a state file's bytes; StateFileError (one line) if anything is off."""
-    if not data:
-        raise StateFileError("empty file: not a pkvm-sim state file")
-    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
-        raise StateFileError("not a pkvm-sim state file (wrong magic)")
-    if len(data) < HEADER.size:
-        raise StateFileError(f"truncated: {len(data)} bytes, shorter than the header")
-    _magic, version, _flags, length, digest = HEADER.unpack_from(data)
-    if version != FORMAT_VERSION:
-        newer = "a newer" if version > FORMAT_VERSION else "an older, unsupported"
-        raise StateFileError(f"format version {version} is {newer} format; this pkvm-sim"
-                             f" reads version {FORMAT_VERSION}")
+    length, digest = check_header(data[:HEADER.size], len(data))
     payload = memoryview(data)[HEADER.size:]
-    if len(payload) != length:
-        what = "truncated" if len(payload) < length else "has trailing bytes"
-        raise StateFileError(f"{what}: the header announces {length} payload bytes, the file"
-                             f" has {len(payload)}")
     if hashlib.sha256(payload).digest() != digest:
         raise StateFileError("corrupt: the SHA-256 checksum of the payload does not match")
     try:
@@ -291,7 +281,32 @@ def decode(data: bytes) -> StateFile:
         raise StateFileError(f"corrupt: cannot decode the payload ({_describe(error)})") from None
     if sections:
         raise StateFileError(f"corrupt: unknown sections {sorted(sections)}")
-    return StateFile(version, machine, service, vmemmap, len(data))
+    return StateFile(FORMAT_VERSION, machine, service, vmemmap, len(data))
+
+
+def check_header(head: bytes, file_bytes: int) -> tuple[int, bytes]:
+    """Check the first HEADER.size bytes of a `file_bytes`-byte file: magic, version, flags,
+    announced length. Returns (payload length, SHA-256 digest); StateFileError otherwise."""
+    if not file_bytes:
+        raise StateFileError("empty file: not a pkvm-sim state file")
+    if len(head) < len(MAGIC) or head[:len(MAGIC)] != MAGIC:
+        raise StateFileError("not a pkvm-sim state file (wrong magic)")
+    if len(head) < HEADER.size:
+        raise StateFileError(f"truncated: {file_bytes} bytes, shorter than the header")
+    _magic, version, flags, length, digest = HEADER.unpack_from(head)
+    if version != FORMAT_VERSION:
+        newer = "a newer" if version > FORMAT_VERSION else "an older, unsupported"
+        raise StateFileError(f"format version {version} is {newer} format; this pkvm-sim"
+                             f" reads version {FORMAT_VERSION}")
+    if flags & ~KNOWN_FLAGS:
+        raise StateFileError(f"unknown header flags {flags:#010x}: format version"
+                             f" {FORMAT_VERSION} defines none")
+    payload_bytes = file_bytes - HEADER.size
+    if payload_bytes != length:
+        what = "truncated" if payload_bytes < length else "has trailing bytes"
+        raise StateFileError(f"{what}: the header announces {length} payload bytes, the file"
+                             f" has {payload_bytes}")
+    return length, digest
 
 
 def _sections(payload: memoryview) -> dict[str, bytes]:
@@ -399,7 +414,18 @@ def _apply(hv: Hypervisor, state: StateFile) -> None:
     hv._hyp_shared = {pfn: handle for pfn, handle in m["hyp_shared"]}
     hv._vms_created = int(m["vms_created"])
     hv.rebuild_slabs()
+    _check_handle_counter(hv)
     _load_optional_state(hv, m)
+
+
+def _check_handle_counter(hv: Hypervisor) -> None:
+    """Handles are never reused (the next is VM_HANDLE_OFFSET + VMs ever created): a counter
+    at or below a live VM's or a page owner's handle would hand that handle out again."""
+    handles = set(hv._vms) | {handle for handle, _kind in hv._owners.values()}
+    next_handle = VM_HANDLE_OFFSET + hv._vms_created
+    if handles and max(handles) >= next_handle:
+        raise ValueError(f"vms_created {hv._vms_created} would give handle {next_handle:#x}"
+                         f" again, but VM {max(handles):#x} exists")
 
 
 def _load_optional_state(hv: Hypervisor, m: dict[str, Any]) -> None:
@@ -529,7 +555,7 @@ def write_snapshot(path: str | os.PathLike[str], snap: Snapshot) -> int:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMPORARY_INFIX}{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -550,10 +576,20 @@ def write_atomically(path: Path, data: bytes) -> None:
 def load(path: str | os.PathLike[str]) -> StateFile:
     """Read and check a state file (never writes to it)."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            file_bytes = os.fstat(file.fileno()).st_size
+            head = file.read(HEADER.size)
+            check_header(head, file_bytes)  # before reading a byte more
+            data = head + file.read()
     except OSError as error:
         raise StateFileError(f"cannot read: {error.strerror or error}") from None
     return decode(data)
+
+
+def temporary_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files a save of `path` left behind when its process died mid-write."""
+    target = Path(path)
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}{TEMPORARY_INFIX}*"))
 
 
 __all__ = [
@@ -563,6 +599,7 @@ __all__ = [
     "StateFile",
     "StateFileError",
     "capture",
+    "check_header",
     "decode",
     "encode",
     "load",
@@ -570,5 +607,6 @@ __all__ = [
     "pack",
     "save",
     "snapshot",
+    "temporary_files",
     "write_snapshot",
 ]

@@ -2,7 +2,8 @@
 
 - collector.py: pkvm_* figures rendered from a snapshot taken at scrape time (snapshot.py);
 - rpc.py: the go-grpc-prometheus grpc_server_* series, fed by a server interceptor;
-- http.py: the /metrics endpoint, with read timeouts and a connection limit;
+- http.py: the /metrics endpoint: rendered once per interval, a deadline for each request,
+  a connection limit that idle connections cannot exhaust;
 - serve_metrics(): the one call the service makes to put it all together.
 """
 

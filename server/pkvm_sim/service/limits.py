@@ -4,11 +4,16 @@ Every limit refuses with a clear status and reason and changes nothing:
 
 - quotas (RESOURCE_EXHAUSTED, `QUOTA_EXCEEDED`): `max_vms` VMs in all, `quota_slice_pages`
   the largest slice one VM may ask for, `quota_hyp_pages` the pages one VM may hold from the
-  hyp pool at once (0 = no limit: a single user may drain the pool when they ask to);
+  hyp pool at once (0 = no limit: a single user may drain the pool when they ask to),
+  `quota_memcache_pages` the host pages one VM's memcache may hold (TopupMemcache);
 - request bounds (INVALID_ARGUMENT): a VM name of at most `MAX_NAME_BYTES` bytes
   (`NAME_TOO_LONG`), at most `max_pages_per_op` pages per page-by-page operation (`BAD_SIZE`;
   this keeps the longest single operation near 4 ms here, see docs/service.md), at most
   MAX_BATCH_OPS operations per batch and no more arguments than operations;
+- transport (HTTP/2, before any credential is checked): `max_streams_per_connection`
+  concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS: a stream over
+  it is reset with REFUSED_STREAM) and `max_connections` connections (one more is closed
+  at once);
 - concurrency (RESOURCE_EXHAUSTED): `max_streams` open Execute streams in all
   (`TOO_MANY_STREAMS`), `max_streams_per_vm` per VM (`TOO_MANY_STREAMS_FOR_VM`),
   `max_concurrent_rpcs` calls being served at once (`TOO_MANY_RPCS`), and a stream idle for
@@ -36,15 +41,25 @@ class Limits:
     max_vms: int = 1024
     quota_slice_pages: int = 262_144  # 1 GiB of 4 KiB pages: a quarter of the quick-start RAM
     quota_hyp_pages: int = 256  # a tenth of the quick-start hyp pool (2569 pages)
+    # Host pages one VM's memcache may hold, topped up but not yet used (a guest map takes
+    # a few): without it one VM with a 1-page slice could take every page of host RAM.
+    quota_memcache_pages: int = 4096
     max_pages_per_op: int = 256
     max_streams: int = 256
     max_streams_per_vm: int = 4
     max_concurrent_rpcs: int = 1024
     stream_idle_seconds: float = 60.0  # 0: idle streams stay open
+    # Transport bounds, enforced by gRPC's HTTP/2 layer before any handler (or credential
+    # check) runs: a client that opens streams and sends no body costs at most this many
+    # pending calls per connection, and at most max_connections connections are accepted.
+    max_connections: int = 256
+    max_streams_per_connection: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("max_vms", "quota_slice_pages", "quota_hyp_pages", "max_streams",
-                     "max_streams_per_vm", "max_concurrent_rpcs"):
+        for name in ("max_vms", "quota_slice_pages", "quota_hyp_pages",
+                     "quota_memcache_pages", "max_streams",
+                     "max_streams_per_vm", "max_concurrent_rpcs", "max_connections",
+                     "max_streams_per_connection"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = no limit)")
         if not 1 <= self.max_pages_per_op <= 4096:

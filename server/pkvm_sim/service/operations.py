@@ -76,6 +76,8 @@ class Machine:
     instance_id: str
     # SaveState: takes the lock itself, writes on a worker thread (set by the servicer).
     save_state: Callable[[], Awaitable[SaveResult]] | None = None
+    # GetStats: concurrent calls share one snapshot (service/coalesce.py; set by the servicer).
+    shared_stats: Callable[[], Awaitable[Message]] | None = None
 
     def forget_vm(self, handle: int) -> None:
         """Service bookkeeping of a destroyed VM."""
@@ -100,6 +102,9 @@ class Operation:
     batch_op: int | None = None
     batch_value: Callable[[Any], int] | None = None
     awaited: bool = False  # `run` is a coroutine function that takes the lock itself
+    # False: the call holds no --max-concurrent-rpcs slot (SaveState: its callers share
+    # saves and wait at no cost, service/coalesce.py)
+    admitted: bool = True
 
     @functools.cached_property
     def response_type(self) -> type[Message]:
@@ -389,6 +394,12 @@ def fault_value(result: FaultResult) -> int:
 
 def topup_memcache(machine: Machine, handle: int, nr_pages: int) -> int:
     check_pages(nr_pages, machine.limits.max_pages_per_op)
+    quota = machine.limits.quota_memcache_pages
+    if quota:
+        held = len(machine.hv._vm(handle).memcache)  # NOT_FOUND for an unknown handle
+        if held + nr_pages > quota:
+            raise quota_exceeded(f"VM {handle:#x} holds {held} host memcache pages; {nr_pages}"
+                                 f" more would exceed its quota of {quota}")
     return machine.hv.topup_memcache(handle, nr_pages)
 
 
@@ -396,8 +407,21 @@ def guest_map(machine: Machine, handle: int, ipa: int, pfn: int) -> Any:
     return machine.hv.guest_map(handle, ipa, pfn)
 
 
-def get_stats(machine: Machine) -> Any:
-    return machine.hv.statistics()
+async def get_stats(machine: Machine) -> Message:
+    """A snapshot shared by the GetStats calls waiting for it (O(pools + VMs) each)."""
+    if machine.shared_stats is None:
+        raise ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "no statistics source")
+    return await machine.shared_stats()
+
+
+def stats_response(machine: Machine, stats: Any) -> Message:
+    response = to_message(pb2.GetStatsResponse, stats)
+    response.instance_id = machine.instance_id  # type: ignore[attr-defined]
+    return response
+
+
+def _shared_reply(machine: Machine, request: Any, response: Message) -> Message:
+    return response
 
 
 def get_page_info(machine: Machine, pfn: int) -> Any:
@@ -463,11 +487,12 @@ OPERATIONS: tuple[Operation, ...] = (
               batch_op=pb2.BATCH_OP_TOPUP_MEMCACHE),
     Operation("GuestMap", Auth.VM, guest_map, ("handle", "ipa", "pfn"), counted="guest_map",
               batch_op=pb2.BATCH_OP_GUEST_MAP, batch_value=operator.attrgetter("level")),
-    Operation("GetStats", Auth.NONE, get_stats, reply=_with_instance_id),
+    Operation("GetStats", Auth.NONE, get_stats, reply=_shared_reply, awaited=True),
     Operation("GetPageInfo", Auth.NONE, get_page_info, ("pfn",)),
     Operation("Reserve", Auth.NONE, reserve),
     Operation("GetMemoryMap", Auth.NONE, get_memory_map, ("pools",)),
-    Operation("SaveState", Auth.CLIENT, save_state, reply=_with_instance_id, awaited=True),
+    Operation("SaveState", Auth.CLIENT, save_state, reply=_with_instance_id, awaited=True,
+              admitted=False),
 )
 BY_RPC: dict[str, Operation] = {operation.rpc: operation for operation in OPERATIONS}
 BY_BATCH_OP: dict[int, Operation] = {

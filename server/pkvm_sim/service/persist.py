@@ -15,6 +15,9 @@ compressing, checksumming and the atomic write happen outside it.
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import sys
 import threading
 import time
@@ -33,6 +36,13 @@ from .counters import OP_NAMES
 
 if TYPE_CHECKING:
     from .servicer import HypervisorServicer
+
+log = logging.getLogger(__name__)
+
+
+# At exit the save gets this many times the longest save or restore seen (and at least
+# half of --grace-seconds), in-flight calls the rest of the grace period.
+SAVE_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ class StateKeeper:
         self.path = Path(path)
         self._save_lock = threading.Lock()  # one save at a time (one temporary file)
         self._pending_service: ServiceState | None = None
+        self._lock: FileLock | None = None  # held from claim() to release()
+        self.last_save_seconds = 0.0  # how long the last save took (sizes the exit's share)
+        self.load_seconds = 0.0  # how long reading and restoring the file took
 
     def check_writable(self) -> None:
         """Refuse a path whose directory does not exist, before serving (not at SIGTERM)."""
@@ -69,11 +82,34 @@ class StateKeeper:
         if self.path.exists() and not self.path.is_file():
             raise StateFileError("not a regular file")
 
+    def claim(self) -> None:
+        """Make this process the file's only server, before anything is read: lock it
+        (another server on the same file is refused), prove that a save can be written
+        (a read-only directory is refused now, not when everything would be lost at exit),
+        and remove the temporary files of saves that died mid-write. StateFileError
+        (one line) otherwise; `release` undoes it."""
+        self.check_writable()
+        probe_writable(self.path)
+        self._lock = FileLock.take(lock_path(self.path))
+        try:
+            for stale in state_file.temporary_files(self.path):
+                stale.unlink(missing_ok=True)
+                log.warning("removed %s, left by a save that did not finish", stale)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def load(self) -> Restored | None:
         """The machine in the file, audited; None when there is no file yet."""
         self.check_writable()
         if not self.path.exists():
             return None
+        started = time.perf_counter()
         decoded = state_file.load(self.path)
         hv = state_file.restore(decoded)
         service = parse_service(decoded.service)
@@ -81,6 +117,7 @@ class StateKeeper:
             raise StateFileError(f"the tokens of VMs {sorted(set(service.tokens) ^ set(hv._vms))}"
                                  " do not match the machine's VMs")
         self._pending_service = service
+        self.load_seconds = time.perf_counter() - started
         return Restored(hv, hv.config, decoded.size_bytes, tuple(decoded.notes))
 
     def attach(self, servicer: HypervisorServicer) -> None:
@@ -98,7 +135,85 @@ class StateKeeper:
                 snap = state_file.snapshot(hv, capture_service(servicer))
                 nr_vms = len(hv._vms)
             size = state_file.write_snapshot(self.path, snap)
-        return SaveResult(str(self.path), size, time.perf_counter() - started, nr_vms)
+        seconds = time.perf_counter() - started
+        self.last_save_seconds = seconds
+        return SaveResult(str(self.path), size, seconds, nr_vms)
+
+    def calls_grace(self, grace_seconds: float) -> float:
+        """The share of the shutdown grace that in-flight calls get; the save has the rest:
+        at least half, and SAVE_MARGIN times the longest a save or the restore took here."""
+        expected = max(self.last_save_seconds, self.load_seconds)
+        reserve = min(grace_seconds, max(grace_seconds / 2, SAVE_MARGIN * expected))
+        return grace_seconds - reserve
+
+
+# -- one server per file --------------------------------------------------------------------
+
+
+def lock_path(path: Path) -> Path:
+    """The lock beside the state file (the file itself is replaced by every save, so a lock
+    on it would not outlive the first save)."""
+    return path.with_name(f".{path.name}.lock")
+
+
+class FileLock:
+    """An exclusive flock(2) on a lock file, held by an open descriptor. The kernel drops it
+    when the process dies, however it dies, so a crashed server never blocks the next."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def take(cls, path: Path) -> FileLock:
+        """Lock `path` (created if missing) or raise StateFileError naming the holder.
+        The loop guards against a holder that unlinked the file between our open and our
+        flock: the lock is only ours once the path still names the inode we locked."""
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as error:
+                raise StateFileError(f"cannot create the lock {path}:"
+                                     f" {error.strerror or error}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise StateFileError(f"in use by another pkvm-sim serve (pid {holder}); one"
+                                     " server per state file") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return cls(path, fd)
+            os.close(fd)  # unlinked by its last holder meanwhile: lock the new one
+
+    def release(self) -> None:
+        """Unlink, then unlock (in this order: whoever opens the old inode meanwhile sees it
+        unlinked and retries)."""
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+
+
+def probe_writable(path: Path) -> None:
+    """Write, sync and remove a file beside `path`, as a save would; StateFileError if the
+    directory cannot take it (read-only file system, no permission, full disk)."""
+    probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"pkvm-sim")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as error:
+        raise StateFileError(f"cannot be saved: writing in {path.parent} fails"
+                             f" ({error.strerror or error})") from None
 
 
 # -- the service section -------------------------------------------------------------------
@@ -214,8 +329,13 @@ def restore_at_start(
     file is never written on that path)."""
     keeper = StateKeeper(path)
     try:
+        keeper.claim()
+    except StateFileError as error:
+        return f"state file {path}: {error}"
+    try:
         restored = keeper.load()
     except StateFileError as error:
+        keeper.release()
         return f"state file {path}: {error} (the file was left as it is)"
     if restored is None:
         print(f"pkvm-sim serve: no state file at {path} yet: booting a fresh machine, saved"
@@ -223,6 +343,7 @@ def restore_at_start(
         return keeper, None
     clash = conflicts(restored.config, wanted, explicit)
     if clash:
+        keeper.release()
         return (f"state file {path} holds a machine booted with another configuration:"
                 f" {'; '.join(clash)} (drop those settings, or use another --state-file)")
     for note in restored.notes:

@@ -50,7 +50,7 @@ from pkvm_sim.version import version_line
 
 log = logging.getLogger("pkvm_sim.serve")
 
-SWITCH_INTERVAL_SECONDS = 0.001
+SWITCH_INTERVAL_SECONDS = 0.0002
 EXIT_OK = 0
 EXIT_USAGE = 2
 ENV_HELP = (
@@ -148,7 +148,7 @@ def settings_from(server: Mapping[str, Any]) -> Any:
     """ServerSettings (limits included) from loosely typed values; ValueError when bad."""
     from .leases import LeaseTable
     from .limits import Limits
-    from .server import ServerSettings
+    from .server import ServerSettings, check_key_pair
 
     values = {key: parse_service_value(key, value) for key, value in server.items()}
     limits = Limits(**{key: values.pop(key) for key in LIMIT_KEYS if key in values})
@@ -157,6 +157,8 @@ def settings_from(server: Mapping[str, Any]) -> Any:
     settings = ServerSettings(**values)
     settings = replace(settings, limits=limits)
     LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)  # ValueError if bad
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        check_key_pair(settings.tls_cert, settings.tls_key)  # before any log line
     return settings
 
 
@@ -249,8 +251,9 @@ def run(args: argparse.Namespace) -> int:
         keeper, restored = outcome
         if restored is not None:
             config = restored.config
-    # The batch worker thread computes while the loop thread serves other calls: hand the
-    # GIL over every millisecond instead of every 5 (docs/service.md, bench_tenancy.py).
+    # The fair worker thread computes while the loop thread takes calls in: hand the GIL
+    # over every 0.2 ms instead of every 5, so another client's call is not held up at each
+    # of its steps (docs/service.md, bench_attacks.py: 1 ms left p99s 2-3x higher).
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
     from .server import start
@@ -272,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
         service = start(config, settings, state=keeper,
                         hypervisor=restored.hypervisor if restored else None)
     except (ValueError, OSError, RuntimeError) as error:
+        if keeper is not None:
+            keeper.release()
         print(f"pkvm-sim serve: {error}", file=sys.stderr)
         return EXIT_USAGE
     metrics = f" (metrics on {service.metrics_address})" if service.metrics_address else ""
@@ -280,10 +285,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"pkvm-sim listening on {service.address}{tls}{metrics}", flush=True)
     while not stop_requested.wait(1.0):
         pass
-    log.info("stopping: in-flight calls get %g s", settings.grace_seconds)
-    service.stop(settings.grace_seconds)
-    if keeper is not None:  # after in-flight calls: the file holds their effects
-        from .persist import save_at_exit
+    if keeper is None:
+        log.info("stopping: in-flight calls get %g s", settings.grace_seconds)
+        service.stop(settings.grace_seconds)
+        return EXIT_OK
+    # The save comes after in-flight calls (the file holds their effects) and inside the
+    # grace period too: a supervisor that kills after --grace-seconds never cuts it short.
+    calls_seconds = keeper.calls_grace(settings.grace_seconds)
+    log.info("stopping: in-flight calls get %g s, the save the rest of %g s", calls_seconds,
+             settings.grace_seconds)
+    service.stop(calls_seconds)
+    from .persist import save_at_exit
 
+    try:
         return save_at_exit(keeper, service.servicer)
-    return EXIT_OK
+    finally:
+        keeper.release()

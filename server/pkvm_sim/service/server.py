@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
-from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
@@ -37,6 +37,7 @@ from pkvm_sim.metrics import (
 )
 
 from .auth import ClientToken
+from .decoding import add_servicer
 from .leases import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_LEASE_SECONDS,
@@ -108,6 +109,12 @@ class ServerSettings:
         ]
         if self.max_connection_idle_ms:
             options.append(("grpc.max_connection_idle_ms", self.max_connection_idle_ms))
+        if self.limits.max_streams_per_connection:
+            options.append(("grpc.max_concurrent_streams",
+                            self.limits.max_streams_per_connection))
+        if self.limits.max_connections:
+            options.append(("grpc.max_allowed_incoming_connections",
+                            self.limits.max_connections))
         options.extend(self.extra_options)
         return options
 
@@ -115,6 +122,7 @@ class ServerSettings:
         """TLS credentials from the PEM files, or None for plaintext."""
         if self.tls_cert is None or self.tls_key is None:
             return None
+        check_key_pair(self.tls_cert, self.tls_key)
         chain = Path(self.tls_cert).read_bytes()
         key = Path(self.tls_key).read_bytes()
         client_ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
@@ -122,6 +130,20 @@ class ServerSettings:
             [(key, chain)], root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
+
+
+def check_key_pair(cert_path: str, key_path: str) -> None:
+    """ValueError naming the files when the key is not the certificate's (gRPC itself would
+    only say that it failed to bind) or either file cannot be loaded as PEM."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_path, key_path, password=lambda: b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"--tls-key {key_path} does not match the certificate in"
+                             f" --tls-cert {cert_path}") from None
+        raise ValueError(f"cannot load --tls-cert {cert_path} with --tls-key {key_path}:"
+                         f" {error.reason or error}") from None
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -220,7 +242,7 @@ class RunningService:
         await self.health.enter_graceful_shutdown()
         self.servicer.begin_shutdown(grace)
         await self.server.stop(grace)
-        self.servicer.batch_worker.shutdown(wait=False, cancel_futures=True)
+        self.servicer.fair.close()
 
     def wait(self) -> None:
         self._stopped.wait()
@@ -303,7 +325,7 @@ async def _serve(
     server = grpc.aio.server(options=settings.grpc_options(),
                              interceptors=list(interceptors) or None)
     registry: Any = InstrumentedServer(server, rpc_stats)
-    pb2_grpc.add_HypervisorServiceServicer_to_server(servicer, registry)  # type: ignore[no-untyped-call]
+    add_servicer(servicer, registry)  # undecodable bodies: INVALID_ARGUMENT (decoding.py)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registry)
     reflection.enable_server_reflection(

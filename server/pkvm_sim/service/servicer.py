@@ -23,15 +23,16 @@ VMs are leased (service/leases.py): each authenticated call renews the VM's leas
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from google.protobuf.message import Message
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
@@ -43,11 +44,14 @@ from pkvm_sim.core.reservation import compute_reservation, partition_carveout
 
 from .auth import ClientToken, TokenRegistry, bearer_token
 from .batch import BatchRun, batch_functions, validate_batch
+from .coalesce import Coalesced
 from .counters import ServiceCounters
+from .decoding import Undecodable
 from .errors import ServiceError, describe, to_status
+from .fairness import FairLock
 from .leases import LeaseTable
 from .limits import Admission, HypPageLedger, Limits, exhausted
-from .operations import OPERATIONS, Auth, Machine, Operation
+from .operations import OPERATIONS, Auth, Machine, Operation, stats_response
 
 if TYPE_CHECKING:
     from .persist import SaveResult, StateKeeper
@@ -103,9 +107,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.counters = ServiceCounters()
         self.reservation = reserve_message(config)
         self.chunk_seconds = chunk_seconds
-        # Chunks of long batches run here, one at a time, so the loop stays free to serve
-        # every other call meanwhile (they wait at most one chunk for the lock).
-        self.batch_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkvm-batch")
+        # Every unary operation and batch chunk takes the lock through this: tenants get
+        # fair turns, and the loop stays free to take in calls (fairness.py).
+        self.fair = FairLock(self.lock)
         self.stopping = False  # set by begin_shutdown: new calls are refused
         self._stop_deadline = float("inf")  # batches end by then (time.monotonic)
         self._idle_streams: set[asyncio.Task[Any]] = set()  # streams waiting for a batch
@@ -114,9 +118,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.instance_id = uuid.uuid4().hex
         self.instance_metadata = ((INSTANCE_ID_METADATA_KEY, self.instance_id),)
         self.state: StateKeeper | None = None  # the --state-file keeper (service/persist.py)
+        self._saves: Coalesced[SaveResult] | None = None  # SaveState calls share saves
+        # GetStats calls share snapshots: O(pools + VMs) each, under the lock.
+        self._stats = Coalesced(self._stats_response, spacing=STATS_SPACING)
         self.machine = Machine(
             hypervisor, config, self.limits, self.ledger, self.counters, self.leases,
             self.tokens, self.reservation, self.instance_id, self._save_state,
+            self._shared_stats,
         )
         self._batch_fns = batch_functions(self.machine,
                                           host_wide_allowed=not self.client_token.required)
@@ -184,17 +192,25 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         takes the lock itself for as long as it needs it."""
         method, auth, counted = operation.rpc, operation.auth, operation.counted
         run, read_args, reply = operation.run, operation.read_args, operation.replier
-        awaited, machine, lock = operation.awaited, self.machine, self.lock
+        awaited, admitted, machine = operation.awaited, operation.admitted, self.machine
         operations, count_request = self.counters.operations, self.counters.count_request
         tokens, admission = self.tokens, self.admission
         instance_metadata = self.instance_metadata
+        fair = self.fair
+
+        def locked(*args: Any) -> Any:
+            result = run(machine, *args)
+            if counted is not None:
+                operations[counted] += 1
+            return result
 
         async def handler(request: Any, context: Context) -> Any:
             context.set_trailing_metadata(instance_metadata)  # sent with the status
             try:
                 if self.stopping:
                     raise shutting_down()
-                admission.enter_rpc()
+                if admitted:  # SaveState's callers share saves and hold no slot
+                    admission.enter_rpc()
                 try:
                     if auth is Auth.VM:
                         tokens.check(request.handle,
@@ -205,14 +221,13 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                     args = read_args(request)
                     if awaited:
                         result = await run(machine, *args)
-                    else:
-                        with lock:
-                            result = run(machine, *args)
-                            if counted is not None:
-                                operations[counted] += 1
+                    else:  # under the lock, in this client's fair turn (fairness.py)
+                        result = await fair.run(context.peer(),
+                                                functools.partial(locked, *args))
                     response = reply(machine, request, result)
                 finally:
-                    admission.leave_rpc()
+                    if admitted:
+                        admission.leave_rpc()
             except REFUSALS as error:
                 count_request(method, describe(error)[0].name)
                 await self._abort(context, error)
@@ -229,16 +244,27 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
 
     async def _save_state(self) -> SaveResult:
         """SaveState: the copy is taken under the lock; compressing and writing run on a
-        worker thread, so the event loop keeps serving meanwhile."""
+        worker thread, so the event loop keeps serving meanwhile. Concurrent calls share
+        saves (persist.CoalescedSaves)."""
         if self.state is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "NO_STATE_FILE",
                                "the server was started without --state-file")
+        if self._saves is None:
+            self._saves = Coalesced(functools.partial(self.state.save, self),
+                                    spacing=SAVE_SPACING)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, self.state.save, self)
+            return await self._saves()
         except OSError as error:
             raise ServiceError(grpc.StatusCode.INTERNAL, "SAVE_FAILED",
                                f"cannot write the state file: {error}") from None
+
+    async def _shared_stats(self) -> Message:
+        return await self._stats()
+
+    def _stats_response(self) -> Message:
+        """GetStats' answer: the snapshot under the lock, the message built outside it
+        (on a worker thread; the callers that shared the snapshot share the message)."""
+        return stats_response(self.machine, self.statistics())
 
     def statistics(self) -> HypervisorStatistics:
         """A consistent snapshot, O(pools + VMs) under the lock: what the metrics collector
@@ -309,32 +335,34 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             request = await self._next_batch(context)
             if request is grpc.aio.EOF:
                 return
+            if isinstance(request, Undecodable):
+                raise request.refusal()
             validate_batch(request)
             # The stream's token is its VM's, so this also refuses another VM's handle;
             # NOT_FOUND once the VM is destroyed. Renews the lease.
             self.tokens.check(request.handle, token)
             run = BatchRun(self.machine, self._batch_fns, request)
             try:
-                await self._run_chunks(run, token)
+                await self._run_chunks(run, token, context.peer())
             finally:
                 run.count_into(self.counters.operations)
             await context.write(run.response())
             if run.abort_reason == "SHUTTING_DOWN":
                 raise shutting_down("; the batch was cut short")
 
-    async def _run_chunks(self, run: BatchRun, token: str | None) -> None:
-        """Run the batch chunk by chunk. The first chunk runs on the loop (most batches
-        need no more); later ones on the batch worker thread, so that other calls are
-        served while it works. A cancelled call (client gone, deadline passed) stops at
-        the next boundary: the await raises CancelledError."""
-        if self._chunk(run, token):
+    async def _run_chunks(self, run: BatchRun, token: str | None, tenant: str) -> None:
+        """Run the batch chunk by chunk, each in the tenant's fair turn for the lock
+        (fairness.py), so other calls are served between two chunks. A cancelled call
+        (client gone, deadline passed) stops at the next boundary: the await raises
+        CancelledError."""
+        chunk_fn = functools.partial(self._chunk, run, token)
+        if await self.fair.run(tenant, chunk_fn):
             return
-        loop = asyncio.get_running_loop()
         while True:
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 run.abort_rest("SHUTTING_DOWN", "the server is shutting down")
                 return
-            chunk = loop.run_in_executor(self.batch_worker, self._chunk, run, token)
+            chunk = self.fair.submit(tenant, chunk_fn)
             try:
                 if await asyncio.shield(chunk):
                     return
@@ -345,15 +373,19 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 raise
 
     def _chunk(self, run: BatchRun, token: str | None) -> bool:
-        """One chunk under the lock; True once the batch is done. Between two chunks the
-        VM may have been destroyed and its handle given to a new VM: the rest of the batch
-        is then not run (ABORTED, VM_NOT_FOUND) rather than run on another VM."""
-        with self.lock:
-            if not self.tokens.holds(run.request.handle, token):
-                run.abort_rest("VM_NOT_FOUND", "the VM was destroyed during the batch")
-                return True
-            return run.step(self.chunk_seconds)
+        """One chunk (the caller holds the lock); True once the batch is done. Between two
+        chunks the VM may have been destroyed and its handle given to a new VM: the rest of
+        the batch is then not run (ABORTED, VM_NOT_FOUND) rather than run on another VM."""
+        if not self.tokens.holds(run.request.handle, token):
+            run.abort_rest("VM_NOT_FOUND", "the VM was destroyed during the batch")
+            return True
+        return run.step(self.chunk_seconds)
 
+
+# Saves are spaced by their duration (busy at most half of the time), GetStats snapshots by
+# ten times theirs (a tenth): see coalesce.py.
+SAVE_SPACING = 1.0
+STATS_SPACING = 10.0
 
 # Open streams may finish their work for this share of the grace period (the rest is margin
 # for the last chunk and the answers).
