@@ -243,19 +243,21 @@ def test_a_get_stats_flood_with_1000_vms_shares_snapshots() -> None:
 
 
 def test_topup_memcache_is_bounded_per_vm() -> None:
-    """One VM with a 1-page slice used to take every page of host RAM by top-ups. The
-    default quota (4096 pages) stops it, in unary calls and in batches alike."""
-    with ServeProcess() as server, grpc.insecure_channel(server.target) as channel:
+    """One VM with a 1-page slice used to take every page of host RAM by top-ups. A top-up
+    now fills the memcache up to its argument, as the kernel's does (repeating it adds
+    nothing), and the memcache quota bounds that size, in unary calls and in batches alike."""
+    with ServeProcess("--quota-memcache-pages", "100") as server, \
+            grpc.insecure_channel(server.target) as channel:
         stub = Stub(channel)
         vm = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=1), timeout=30)
         md = (("authorization", f"Bearer {vm.token}"),)
         handle = vm.vm.handle
-        sizes = [stub.TopupMemcache(pb2.TopupMemcacheRequest(handle=handle, nr_pages=256),
+        sizes = [stub.TopupMemcache(pb2.TopupMemcacheRequest(handle=handle, nr_pages=100),
                                     metadata=md, timeout=30).memcache_pages
-                 for _ in range(4096 // 256)]
-        assert sizes[-1] == 4096
+                 for _ in range(3)]
+        assert sizes == [100, 100, 100]
         with pytest.raises(grpc.RpcError) as caught:
-            stub.TopupMemcache(pb2.TopupMemcacheRequest(handle=handle, nr_pages=1),
+            stub.TopupMemcache(pb2.TopupMemcacheRequest(handle=handle, nr_pages=101),
                                metadata=md, timeout=30)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert reason_of(caught.value) == "QUOTA_EXCEEDED"

@@ -107,3 +107,15 @@ def test_serve_bad_config_exits_2() -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2 and "pkvm-sim serve:" in result.stderr
+
+
+def test_a_burst_of_stop_signals_still_stops_the_server(
+    server_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    """SIGTERM and SIGINT arriving together (a supervisor and `make` both forwarding one)
+    end the server cleanly: the signal handler takes no lock that the main thread may hold."""
+    process, _target = server_process
+    for _ in range(50):
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0

@@ -395,11 +395,13 @@ def fault_value(result: FaultResult) -> int:
 def topup_memcache(machine: Machine, handle: int, nr_pages: int) -> int:
     check_pages(nr_pages, machine.limits.max_pages_per_op)
     quota = machine.limits.quota_memcache_pages
-    if quota:
+    # A top-up fills the memcache up to nr_pages (__topup_hyp_memcache): what it would hold
+    # afterwards is the larger of the two.
+    if quota and nr_pages > quota:
         held = len(machine.hv._vm(handle).memcache)  # NOT_FOUND for an unknown handle
-        if held + nr_pages > quota:
-            raise quota_exceeded(f"VM {handle:#x} holds {held} host memcache pages; {nr_pages}"
-                                 f" more would exceed its quota of {quota}")
+        if max(held, nr_pages) > quota:
+            raise quota_exceeded(f"VM {handle:#x} holds {held} host memcache pages; filling it"
+                                 f" up to {nr_pages} would exceed its quota of {quota}")
     return machine.hv.topup_memcache(handle, nr_pages)
 
 

@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import sys
-import threading
+import time
 from collections.abc import Mapping
 from dataclasses import fields, replace
 from pathlib import Path
@@ -51,6 +51,8 @@ from pkvm_sim.version import version_line
 log = logging.getLogger("pkvm_sim.serve")
 
 SWITCH_INTERVAL_SECONDS = 0.0002
+# How often the main thread looks for a stop signal (SIGTERM, SIGINT).
+STOP_POLL_SECONDS = 0.1
 EXIT_OK = 0
 EXIT_USAGE = 2
 ENV_HELP = (
@@ -258,10 +260,13 @@ def run(args: argparse.Namespace) -> int:
 
     from .server import start
 
-    stop_requested = threading.Event()
+    # The handler only appends to a list: it runs between two bytecodes of the main thread,
+    # which may be holding a lock at that moment (an Event's, if the handler called set()
+    # while the main thread waited on it: two signals at once deadlocked the server so).
+    stop_signals: list[int] = []
 
     def request_stop(signum: int, frame: object) -> None:
-        stop_requested.set()
+        stop_signals.append(signum)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -283,8 +288,8 @@ def run(args: argparse.Namespace) -> int:
     tls = " with TLS" if service.tls else ""
     log.info("ready: %s", version_line())
     print(f"pkvm-sim listening on {service.address}{tls}{metrics}", flush=True)
-    while not stop_requested.wait(1.0):
-        pass
+    while not stop_signals:
+        time.sleep(STOP_POLL_SECONDS)
     if keeper is None:
         log.info("stopping: in-flight calls get %g s", settings.grace_seconds)
         service.stop(settings.grace_seconds)
