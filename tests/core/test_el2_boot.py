@@ -12,12 +12,13 @@ from pkvm_sim.core.config import Memblock, SimConfig
 from pkvm_sim.core.el2_boot import KERNEL_IMAGES, boot_mappings
 from pkvm_sim.core.errors import FailedPrecondition, OutOfMemory, WouldPanic
 from pkvm_sim.core.hypervisor import Hypervisor
+from pkvm_sim.core.profiles import Profile
 
 RAM_4G = (Memblock(0x4000_0000, 4 << 30),)
 
 
 def machine(profile: str, cpus: int, ia_bits: int) -> Hypervisor:
-    return Hypervisor.boot(SimConfig(profile=profile, memblocks=RAM_4G, nr_cpus=cpus,
+    return Hypervisor.boot(SimConfig(profile=Profile(profile), memblocks=RAM_4G, nr_cpus=cpus,
                                      ia_bits=ia_bits))
 
 
@@ -45,12 +46,12 @@ def test_v6_1_boot_stage1_is_the_real_one() -> None:
 
 def test_older_profiles_keep_an_unreserved_pool() -> None:
     """v5.14 keeps its behaviour (and its oracle traces): no boot tables are charged."""
-    hv = Hypervisor.boot(SimConfig(profile="v5.14", memblocks=RAM_4G))
+    hv = Hypervisor.boot(SimConfig(profile=Profile("v5.14"), memblocks=RAM_4G))
     assert hv.hyp_stage1.early_pages == 0 and hv.hyp_pool.reserved_pages == 0
 
 
 def test_the_knob_overrides_the_computed_early_pages() -> None:
-    hv = Hypervisor.boot(SimConfig(profile="v6.12", memblocks=RAM_4G, ia_bits=52,
+    hv = Hypervisor.boot(SimConfig(profile=Profile("v6.12"), memblocks=RAM_4G, ia_bits=52,
                                    hyp_s1_early_used_pages=10))
     assert hv.hyp_pool.reserved_pages == 10
 
@@ -125,7 +126,7 @@ def test_an_empty_hyp_pool_at_a_vm_run_is_fatal_and_changes_nothing() -> None:
 def test_not_in_profile_comes_before_any_argument_check(call: str, args: tuple[int, ...]) -> None:
     """An operation the modelled kernel lacks is refused NOT_IN_PROFILE whatever its
     arguments (v5.14 with carve-out coverage has neither sharing nor guest maps)."""
-    hv = Hypervisor.boot(SimConfig(profile="v5.14", vmemmap_coverage="carveout",
+    hv = Hypervisor.boot(SimConfig(profile=Profile("v5.14"), vmemmap_coverage="carveout",
                                    memblocks=RAM_4G))
     with pytest.raises(FailedPrecondition) as err:
         getattr(hv, call)(*args)
