@@ -71,7 +71,7 @@ def test_closed_label_sets() -> None:
         assert catalog[name].label_values == {"kind": ("memory", "mmio")}
     assert catalog["pkvm_pool_free_blocks"].labels == ("pool", "order")
     assert catalog["pkvm_grpc_requests_total"].labels == ("method", "code")
-    assert catalog["pkvm_vmemmap_layout_bytes"].label_values == {"layout": ("32", "4", "2")}
+    assert catalog["pkvm_vmemmap_layout_bytes"].label_values == {"layout": ("32", "8", "4", "2")}
     # go-grpc-prometheus: the histogram has no grpc_code (codes would multiply its series)
     assert catalog["grpc_server_handling_seconds"].labels == (
         "grpc_type", "grpc_service", "grpc_method"

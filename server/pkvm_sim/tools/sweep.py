@@ -294,7 +294,7 @@ def _run_mmio_pressure(point: Point) -> Row:
     args = argparse.Namespace(
         page_size=point.page_size, memblock=list(point.memblocks),
         ram_fragments=int(options.get("ram_fragments", 1)), hole=str(options.get("hole", "1M")),
-        ia_bits=int(dict(point.config).get("ia_bits", SimConfig.ia_bits)))
+        ia_bits=int(dict(point.config).get("ia_bits", SimConfig().ia_bits)))
     spans = [int(float(s[:-1]) * GIB) if str(s).endswith(("G", "g")) and "." in str(s)
              else parse_size(s) for s in options.get("spans", DEFAULT_MMIO_SPANS)]
     assert point.seed is not None
