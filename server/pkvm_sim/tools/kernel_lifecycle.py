@@ -138,7 +138,7 @@ def carveout_layout(kernel: KernelImage, memory: MemoryMap, base: int, size_byte
             config.kernel.vmemmap_reservation is VmemmapReservation.ALL_MEMORY),
         vm_table_pages=reservation.vm_table_pages,
         hyp_pool_pages=reservation.hyp_s1_pgtable_pages,
-        hyp_page=HypPageLayout(entry_bytes=reservation.entry_bytes),
+        hyp_page=HypPageLayout.of_entry_bytes(reservation.entry_bytes),
     )
 
 
