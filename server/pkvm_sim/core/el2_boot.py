@@ -76,6 +76,16 @@ class KernelImage:
     hyp_vm_bytes: int = 0  # PKVM_HYP_VM_SIZE, sizeof(struct pkvm_hyp_vm) (v6.2+)
     hyp_vcpu_bytes: int = 0  # PKVM_HYP_VCPU_SIZE, sizeof(struct pkvm_hyp_vcpu) (v6.2+)
     shares_task_fpsimd: bool = False  # kvm_arch_vcpu_run_map_fp shares the task's FP state
+    # -- v6.16+ (mem_protect.c, pkvm.c) ------------------------------------------------------
+    # __pkvm_host_share_hyp maps the page at EL2 (up to v6.15); from v6.16 it only records the
+    # states in the hyp_page, and hyp_pin_shared_mem maps (the first pin) instead.
+    share_maps_at_el2: bool = True
+    # The hyp VM table slot is taken at KVM_CREATE_VM (pkvm_init_host_vm -> __pkvm_reserve_vm,
+    # 6.18+ builds, seen on 6.18.15 and 7.3.4), not at the first KVM_RUN (__pkvm_init_vm).
+    vm_slot_at_create: bool = False
+    # Non-protected guests' stage-2 is EL2's (v6.14+): the guest's first fault shares the page
+    # with __pkvm_host_share_guest after the host topped up the vCPU memcache.
+    guest_stage2_at_el2: bool = False
 
 
 # linux-image-6.12.117+deb13-arm64 (4K), offsets from its kallsyms (_text ffff800080000000):
@@ -145,10 +155,64 @@ DEBIAN_6_12_16K = KernelImage(
     hyp_vcpu_bytes=7072,
 )
 
+# linux-image-6.18.15+deb13-arm64 (4K). Its section offsets are read from EL2's stage-1 after
+# a real boot (image at 0x4020_0000, `kernel-check --lifecycle --show-map`): the idmap page and
+# hyp text 114d000 .. 1165000 (24 pages, the idmap page first), hyp rodata 217d000 ..
+# 2184000, hyp data and bss 29bd000 .. 29bf000; the nVHE per-CPU area and the host SVE
+# state map 3 pages each. No host section is mapped at boot: from v6.16 a share with hyp
+# (kvm_vgic_global_state's included) maps nothing. BTF: struct kvm 4072, kvm_vcpu 7328,
+# pkvm_hyp_vm 4432, pkvm_hyp_vcpu 7344.
+DEBIAN_6_18_4K = KernelImage(
+    name="linux-image-6.18.15+deb13-arm64",
+    kernel_va_bits=48,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x114D000, 0x114D800),  # within its page: the walk shows the page only
+    hyp_sections=((0x114D800, 0x1165000), (0x217D000, 0x2184000), (0x29BD000, 0x29BF000)),
+    host_sections=(),
+    nvhe_percpu_bytes=3 * 4096,
+    sve_state_bytes=16 + 8736,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4072,
+    kvm_vcpu_bytes=7328,
+    hyp_vm_bytes=4432,
+    hyp_vcpu_bytes=7344,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+)
+
+# linux-image-7.3.4+deb13-arm64 (4K), read the same way (a real boot's EL2 stage-1): hyp text
+# 12bf000 .. 12da000 (27 pages, the idmap page first), hyp rodata 26e8000 .. 26f0000, hyp
+# data and bss 3140000 .. 3142000 (nvhe/setup.c maps __hyp_data and __hyp_bss, adjacent
+# here); per-CPU area 3 pages, host SVE state 4 pages (a larger cpu_sve_state). BTF: struct
+# kvm 4136 (kmalloc-8k: two pages), kvm_vcpu 9024, pkvm_hyp_vm 4496, pkvm_hyp_vcpu 9040.
+DEBIAN_7_3_4K = KernelImage(
+    name="linux-image-7.3.4+deb13-arm64",
+    kernel_va_bits=48,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x12BF000, 0x12BF800),
+    hyp_sections=((0x12BF800, 0x12DA000), (0x26E8000, 0x26F0000), (0x3140000, 0x3142000)),
+    host_sections=(),
+    nvhe_percpu_bytes=3 * 4096,
+    sve_state_bytes=4 * 4096,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4136,
+    kvm_vcpu_bytes=9024,
+    hyp_vm_bytes=4496,
+    hyp_vcpu_bytes=9040,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+)
+
 KERNEL_IMAGES: dict[tuple[str, int], KernelImage] = {
     ("v6.1", 4096): DEBIAN_6_1_4K,
     ("v6.12", 4096): DEBIAN_6_12_4K,
     ("v6.12", 16384): DEBIAN_6_12_16K,
+    ("v6.18", 4096): DEBIAN_6_18_4K,
+    ("v7.3", 4096): DEBIAN_7_3_4K,
 }
 
 

@@ -94,7 +94,23 @@ def _vm(hv: Hypervisor, nr_vcpus: int) -> int:
     """KVM_CREATE_VM, its vCPUs, then each vCPU's first KVM_RUN."""
     handle = hv.create_vm(nr_vcpus=nr_vcpus, slice_pages=VM_SLICE_PAGES, run=False).handle
     hv.run_vm(handle)
+    _first_guest_fault(hv, handle)
     return handle
+
+
+def _first_guest_fault(hv: Hypervisor, handle: int) -> None:
+    """v6.14+ (non-protected guests' stage-2 at EL2): the guest's first instruction fetch
+    faults; user_mem_abort tops the vCPU memcache up to kvm_mmu_cache_min_pages (the guest
+    stage-2's levels - 1: 3 with a 52-bit IPA and 4K pages) and shares the page with
+    __pkvm_host_share_guest, whose refill donates those pages to EL2 and whose map takes
+    the guest's tables from them. The other vCPUs run the same code: no second fault."""
+    build = hv.build
+    if build is None or not build.guest_stage2_at_el2:
+        return
+    vm = hv._vm(handle)
+    assert vm.pgt is not None
+    hv.topup_memcache(handle, (4 - vm.pgt.start_level) - 1)
+    hv.guest_map(handle, 0, vm.slice_base_pfn)
 
 
 def run_vm_lifecycle(config: SimConfig, *, vm_cap: int = DEFAULT_VM_CAP) -> LifecycleResult:
