@@ -797,8 +797,9 @@ class Hypervisor:
         if op in self.unmodelled_operations:
             raise FailedPrecondition(
                 f"cannot {what}: profile {kernel.profile} models a kernel that has it, with"
-                " rules the simulator does not implement yet (docs/model.md, 'v6.18/v7.3:"
-                " run-time rules to wire'); it refuses rather than apply another version's",
+                " rules the simulator does not implement for this machine (docs/model.md,"
+                " 'v6.18/v7.3: run-time rules'); it refuses rather than apply another"
+                " version's",
                 reason="NOT_MODELLED",
             )
 
