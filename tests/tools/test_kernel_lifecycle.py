@@ -191,3 +191,21 @@ def test_the_boot_map_is_printed_on_request() -> None:
     check = LifecycleCheck(record, simulated(), [], [])
     assert "0x1000 0x2000 -> 0x5000_0000 owned" in render_table([check], show_map=True)
     assert "0x5000_0000" not in render_table([check])
+
+
+def test_the_vm_limit_keep_knob_reaches_the_guest_command_line(tmp_path: Path) -> None:
+    """--vm-limit-keep: /init (el2_init/init.c) reads pkvm_vm_keep=1 from /proc/cmdline and
+    powers off with the VM-limit VMs alive; without it nothing is added."""
+    from pkvm_sim.tools.el2_qemu import qemu_command  # noqa: PLC0415
+
+    def append(keep: bool) -> str:
+        argv = qemu_command(tmp_path / "Image", tmp_path / "initrd", cpus=1, memory_args=[],
+                            monitor=tmp_path / "mon", cpu_model="max", vm_cap=300,
+                            keep_vms=keep)
+        return argv[argv.index("-append") + 1]
+
+    assert "pkvm_vm_keep=1" in append(True).split()
+    assert "pkvm_vm_keep" not in append(False)
+    source = (Path(__file__).resolve().parents[2] / "server" / "pkvm_sim" / "tools" / "el2_init"
+              / "init.c").read_text()
+    assert 'cmdline_number("pkvm_vm_keep", 0)' in source
