@@ -131,6 +131,16 @@ def audit(hv: Hypervisor) -> None:
     if hv._task_fp_pfn is not None:
         struct_refs[hv._task_fp_pfn] = sum(1 for vm in hv._vms.values() if vm.ran)
     assert struct_refs == hv._kernel_shared, "kernel share counts differ from the structs"
+    slabs: dict[str, dict[int, set[int]]] = {}
+    for vm in hv._vms.values():
+        for name, base, index in vm.slab_objects:
+            slots = slabs.setdefault(name, {}).setdefault(base, set())
+            assert index not in slots, f"slab slot {base:#x}/{index} used twice"
+            slots.add(index)
+    assert slabs == hv.slabs, "the slab index differs from the VMs' objects"
+    slab_pages = {a.base_pfn for a in hm.allocations.values() if a.owner.startswith("slab:")}
+    assert slab_pages == {base for cache in slabs.values() for base in cache}, \
+        "slab pages differ from the slabs in use"
 
     # 5: annotations == hyp-owned memory; no valid host leaf touches it.
     shift = hv.page_shift

@@ -49,6 +49,9 @@ class HostMemory:
             else:
                 self._free.append([base, base + nr])
         self.allocations: dict[int, HostAllocation] = {}
+        # base pfns of the allocations per owner-tag prefix ('slab:', 'meta:'...): an index
+        # over `allocations` for alloc_grouped
+        self._by_tag: dict[str, set[int]] = {}
         self.free_pages = sum(end - start for start, end in self._free)
 
     def free_ranges(self) -> list[tuple[int, int]]:
@@ -76,7 +79,7 @@ class HostMemory:
         start, end = self._free[i]
         pieces = [[s, e] for s, e in ((start, base), (base + nr_pages, end)) if e > s]
         self._free[i:i + 1] = pieces
-        self.allocations[base] = HostAllocation(base, nr_pages, owner)
+        self._record(HostAllocation(base, nr_pages, owner))
         self.free_pages -= nr_pages
         return base
 
@@ -89,9 +92,9 @@ class HostMemory:
         anywhere. Deterministic from the allocations alone (nothing else is stored)."""
         if nr_pages < 1:
             raise ValueError("nr_pages must be >= 1")
-        blocks = sorted({pfn // block_pages for a in self.allocations.values()
-                         if a.owner.startswith(group)
-                         for pfn in (a.base_pfn, a.end_pfn - 1)})
+        blocks = sorted({pfn // block_pages
+                         for tag in group for base in self._by_tag.get(tag, ())
+                         for pfn in (base, self.allocations[base].end_pfn - 1)})
         for block in blocks:
             base = self._fit_in(block * block_pages, (block + 1) * block_pages, nr_pages,
                                 align_pages)
@@ -126,12 +129,29 @@ class HostMemory:
         assert start <= base and base + nr_pages <= end, "taking pages that are not free"
         pieces = [[s, e] for s, e in ((start, base), (base + nr_pages, end)) if e > s]
         self._free[i:i + 1] = pieces
-        self.allocations[base] = HostAllocation(base, nr_pages, owner)
+        self._record(HostAllocation(base, nr_pages, owner))
         self.free_pages -= nr_pages
         return base
 
+    def _record(self, alloc: HostAllocation) -> None:
+        self.allocations[alloc.base_pfn] = alloc
+        self._by_tag.setdefault(_tag(alloc.owner), set()).add(alloc.base_pfn)
+
+    def _forget(self, alloc: HostAllocation) -> None:
+        bases = self._by_tag[_tag(alloc.owner)]
+        bases.discard(alloc.base_pfn)
+        if not bases:
+            del self._by_tag[_tag(alloc.owner)]
+
+    def reindex(self) -> None:
+        """Rebuild the tag index from `allocations` (after they are replaced wholesale)."""
+        self._by_tag = {}
+        for alloc in self.allocations.values():
+            self._by_tag.setdefault(_tag(alloc.owner), set()).add(alloc.base_pfn)
+
     def free(self, base_pfn: int) -> HostAllocation:
         alloc = self.allocations.pop(base_pfn)
+        self._forget(alloc)
         start, end = alloc.base_pfn, alloc.end_pfn
         i = bisect.bisect_left(self._free, [start, end])
         if i > 0 and self._free[i - 1][1] == start:
@@ -148,7 +168,8 @@ class HostMemory:
     def retag(self, base_pfn: int, owner: str) -> None:
         """Give an allocation a new owner tag (a host memcache page EL2 took over)."""
         alloc = self.allocations[base_pfn]
-        self.allocations[base_pfn] = HostAllocation(alloc.base_pfn, alloc.nr_pages, owner)
+        self._forget(alloc)
+        self._record(HostAllocation(alloc.base_pfn, alloc.nr_pages, owner))
 
     def allocation_at(self, pfn: int) -> HostAllocation | None:
         """The allocation holding pfn, if any (O(log n) over the sorted bases)."""
@@ -175,3 +196,8 @@ class HostMemory:
         for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, "an allocation overlaps another or free RAM"
         assert self.free_pages == sum(e - s for s, e in self._free)
+
+
+def _tag(owner: str) -> str:
+    """'slab:' for 'slab:kvm_vcpu': the prefix alloc_grouped groups by."""
+    return owner.split(":", 1)[0] + ":"

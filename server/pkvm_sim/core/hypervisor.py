@@ -28,7 +28,6 @@ Who owns a page (what `audit` proves, and what `page_info` reports):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -135,6 +134,10 @@ class Hypervisor:
         # pfn -> share_pfn_hyp count. Only v6.1/v6.12 machines (a modelled build) have them.
         self._kernel_shared: dict[int, int] = {}
         self._task_fp_pfn: int | None = None
+        # The host's slab caches of KVM structs: cache name -> slab base pfn -> slots in use
+        # (derived from the VMs' slab_objects: rebuild_slabs after a restore).
+        self.slabs: dict[str, dict[int, set[int]]] = {}
+        self._partial_slabs: dict[str, set[int]] = {}  # slabs with a free slot, per cache
         self.build = kernel_image_for(config.profile.value, config.page_size)
         # What this profile serves (registry): a missing operation is NOT_IN_PROFILE. An
         # operation whose rules need the build's sizes (v6.18, v7.3) is served where the
@@ -370,13 +373,13 @@ class Hypervisor:
         try:
             for cache in ([kvm_struct_cache(build.kvm_bytes)]
                           + [vcpu_cache(build.kvm_vcpu_bytes)] * nr_vcpus):
-                obj = self._slab_alloc(cache, objects)
+                obj = self._slab_alloc(cache)
                 objects.append(obj)
                 pfns += object_pfns(cache, obj, self.page_size)
             self._kernel_share(pfns)
         except PkvmError:
             while objects:
-                self._slab_free(objects.pop(), objects)
+                self._slab_free(objects.pop())
             raise
         return pfns, objects
 
@@ -400,41 +403,59 @@ class Hypervisor:
             return self.host_memory.alloc(nr_pages, owner, align_pages=align_pages)
         return self._kernel_alloc(nr_pages, owner, group, align_pages)
 
-    def _slab_alloc(self, cache: SlabCache, pending: list[tuple[str, int, int]]
-                    ) -> tuple[str, int, int]:
-        """An object from the lowest slab of `cache` with a free slot, else a new slab
-        (`pending`: objects taken for a VM not published yet)."""
-        used = self._slab_occupancy(pending)
-        owner = f"slab:{cache.name}"
+    def _slab_alloc(self, cache: SlabCache) -> tuple[str, int, int]:
+        """An object from the lowest slab of `cache` with a free slot, else a new slab."""
+        slabs = self.slabs.setdefault(cache.name, {})
         per_slab = cache.objects_per_slab(self.page_size)
-        for base in sorted(a.base_pfn for a in self.host_memory.allocations.values()
-                           if a.owner == owner):
-            taken = used.get(base, set())
-            free = next((i for i in range(per_slab) if i not in taken), None)
-            if free is not None:
-                return cache.name, base, free
-        base = self._kernel_alloc(cache.slab_pages, owner, SLAB_GROUP,
+        partial = self._partial_slabs.setdefault(cache.name, set())
+        if partial:
+            base = min(partial)
+            taken = slabs[base]
+            index = next(i for i in range(per_slab) if i not in taken)
+            taken.add(index)
+            if len(taken) == per_slab:
+                partial.discard(base)
+            return cache.name, base, index
+        base = self._kernel_alloc(cache.slab_pages, f"slab:{cache.name}", SLAB_GROUP,
                                   align_pages=cache.slab_pages)
+        slabs[base] = {0}
+        if per_slab > 1:
+            partial.add(base)
         return cache.name, base, 0
 
-    def _slab_free(self, obj: tuple[str, int, int],
-                   pending: Iterable[tuple[str, int, int]] = ()) -> None:
-        """Free an object (already dropped from its VM); an empty slab goes back."""
-        _cache, base, _index = obj
-        used = self._slab_occupancy(pending)
-        if not used.get(base):
+    def _slab_free(self, obj: tuple[str, int, int]) -> None:
+        """Free an object; a slab left empty goes back to the host."""
+        name, base, index = obj
+        slabs = self.slabs[name]
+        slabs[base].discard(index)
+        partial = self._partial_slabs.setdefault(name, set())
+        partial.add(base)
+        if not slabs[base]:
+            del slabs[base]
+            partial.discard(base)
             self.host_memory.free(base)
+            if not slabs:
+                del self.slabs[name]
+        if not partial:
+            del self._partial_slabs[name]
 
-    def _slab_occupancy(self, pending: Iterable[tuple[str, int, int]] = ()
-                        ) -> dict[int, set[int]]:
-        """{slab base pfn: slots in use}, from the live VMs' objects (and `pending`)."""
-        used: dict[int, set[int]] = {}
+    def rebuild_slabs(self) -> None:
+        """The slab index from the live VMs' objects (after a state file is loaded)."""
+        self.slabs.clear()
         for vm in self._vms.values():
-            for _cache, base, index in vm.slab_objects:
-                used.setdefault(base, set()).add(index)
-        for _cache, base, index in pending:
-            used.setdefault(base, set()).add(index)
-        return used
+            for name, base, index in vm.slab_objects:
+                self.slabs.setdefault(name, {}).setdefault(base, set()).add(index)
+        self._partial_slabs.clear()
+        sizes: dict[str, SlabCache] = {}
+        if self.build is not None:
+            kvm_cache = kvm_struct_cache(self.build.kvm_bytes)
+            sizes = {kvm_cache.name: kvm_cache,
+                     "kvm_vcpu": vcpu_cache(self.build.kvm_vcpu_bytes)}
+        for name, slabs in self.slabs.items():
+            per_slab = sizes[name].objects_per_slab(self.page_size)
+            partial = {base for base, used in slabs.items() if len(used) < per_slab}
+            if partial:
+                self._partial_slabs[name] = partial
 
     def _kernel_share(self, pfns: list[int]) -> None:
         """__pkvm_host_share_hyp of host-kernel pages (share_pfn_hyp counts repeated shares
@@ -558,7 +579,7 @@ class Hypervisor:
             self._kernel_unshare(vm.struct_pfns)
             objects, vm.slab_objects = vm.slab_objects, []
             while objects:
-                self._slab_free(objects.pop(), objects)
+                self._slab_free(objects.pop())
         if vm.ran and self.build is not None and self.build.shares_task_fpsimd:
             self._unshare_task_fp()
         # Blocks the VM allocated: back to their pools, whatever their refcount.

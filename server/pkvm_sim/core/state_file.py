@@ -393,11 +393,13 @@ def _apply(hv: Hypervisor, state: StateFile) -> None:
     hm.allocations = {}
     for base, nr_pages, owner in m["host_memory"]["allocations"]:
         hm.allocations[base] = HostAllocation(base, nr_pages, owner)
+    hm.reindex()
     hm.free_pages = sum(end - start for start, end in hm._free)
     hv._vms = {vm.handle: vm for vm in vms}
     hv._owners = {pfn: (handle, PoolKind(kind)) for pfn, handle, kind in m["owners"]}
     hv._hyp_shared = {pfn: handle for pfn, handle in m["hyp_shared"]}
     hv._vms_created = int(m["vms_created"])
+    hv.rebuild_slabs()
     _load_optional_state(hv, m)
 
 
