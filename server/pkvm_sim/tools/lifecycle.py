@@ -166,10 +166,19 @@ def plot_lifecycle(results: list[LifecycleResult], path: str, machine: str) -> N
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
     steps = list(range(len(PHASES)))
-    for result in results:
+    annotated: set[tuple[int, int]] = set()
+    # Profiles often agree (v6.18 and v7.3 do on the pool): distinct markers and line styles
+    # keep a line drawn under another visible, and each value is labelled once.
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+    for i, result in enumerate(results):
         free = [p.hyp_pool_free_pages for p in result.phases]
-        top.plot(steps, free, marker="o", label=f"{result.profile}: hyp pool free pages")
+        marker, line = styles[i % len(styles)]
+        top.plot(steps, free, marker=marker, linestyle=line, markerfacecolor="none",
+                 label=f"{result.profile}: hyp pool free pages")
         for x, y in zip(steps, free, strict=True):
+            if (x, y) in annotated:
+                continue
+            annotated.add((x, y))
             top.annotate(str(y), (x, y), textcoords="offset points", xytext=(0, 6),
                          ha="center", fontsize=8)
     top.set_ylabel("hyp pool free pages")
