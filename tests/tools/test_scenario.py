@@ -137,7 +137,7 @@ def test_vm_lifecycle_json_equals_the_real_kernel(capsys: pytest.CaptureFixture[
 # PGD (16), pkvm_hyp_vm (2), pkvm_hyp_vcpu (2 in 6.18, 3 in 7.3: 9040 B) per vCPU and the 3
 # memcache pages of the guest's first fault; shared pages are the pinned struct kvm and
 # kvm_vcpu. The VM limit: 255, the 256th KVM_CREATE_VM failing with ENOMEM (6.18.15 with
-# --vm-cap 300; 7.3.4 in the newkernels branch's run, before its teardown timed out).
+# --vm-cap 300; 7.3.4 with --vm-cap 300 --vm-limit-keep).
 # The model was written against the 4G 1-CPU machines; 6G 2 CPUs and 2G are checks.
 REAL_TODAY = {
     ("v6.18", "4G", 1): [(2536, 35, 0, 0), (2533, 38, 23, 4), (2536, 35, 0, 0),
