@@ -35,7 +35,8 @@ CONFIGS = [
     {"profile": "v6.12"},
     {"profile": "v6.18"},  # run-time rules of v6.16+ (a modelled 4K build)
     {"profile": "v7.3"},
-    {"profile": "v7.3", "page_size": "16K"},  # no modelled build: NOT_MODELLED
+    {"profile": "v7.3", "page_size": "16K"},
+    {"profile": "v6.18", "page_size": "64K"},  # no modelled build: NOT_MODELLED
     # 64K pages with the 2-byte hyp_page: refcount limit 8191 for 8192-entry tables
     {"profile": "v6.12", "page_size": "64K", "hyp_page_layout": "2"},
     {"profile": "v5.14", "page_size": "64K", "hyp_page_layout": "2"},

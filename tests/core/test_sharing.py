@@ -460,12 +460,13 @@ def test_guest_share_leaves_the_host_stage2_alone() -> None:
 
 @pytest.mark.parametrize("profile", ["v6.18", "v7.3"])
 def test_v6_16_rules_need_a_build(profile: str) -> None:
-    """The 4K Debian builds of 6.18 and 7.3 are modelled (el2_boot.KERNEL_IMAGES): every
-    operation is served. With 16K pages no build is modelled, so nothing that needs the
+    """The 4K and 16K Debian builds of 6.18 and 7.3 are modelled (el2_boot.KERNEL_IMAGES):
+    every operation is served. With 64K pages (no Debian build) nothing that needs the
     run-time rules is served: NOT_MODELLED, not another version's rules."""
-    hv = boot(profile=profile, memblocks=["0x40000000:1G"])
-    assert hv.operations == set(Operation)
-    hv16 = boot(profile=profile, page_size="16K", memblocks=["0x40000000:1G"])
+    for page_size in ("4K", "16K"):
+        hv = boot(profile=profile, page_size=page_size, memblocks=["0x40000000:1G"])
+        assert hv.operations == set(Operation)
+    hv64 = boot(profile=profile, page_size="64K", memblocks=["0x40000000:1G"])
     with pytest.raises(FailedPrecondition) as err:
-        hv16.create_vm(nr_vcpus=1, slice_pages=1)
+        hv64.create_vm(nr_vcpus=1, slice_pages=1)
     assert err.value.reason == "NOT_MODELLED"

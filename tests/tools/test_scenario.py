@@ -149,31 +149,44 @@ REAL_TODAY = {
     ("v7.3", "2G", 1): [(1516, 29, 0, 0), (1515, 30, 24, 5), (1516, 29, 0, 0),
                         (1515, 30, 33, 12), (1515, 30, 57, 17), (1516, 29, 0, 0)],
 }
+# The 16K builds, booted with QEMU's lpa2=off (48-bit IPA: a 1-page guest PGD, hyp VM and
+# vCPU 1 page each, 3 memcache pages), 4 GiB, 1 CPU.
+REAL_TODAY_16K = {
+    "v6.18": [(155, 13, 0, 0), (155, 13, 6, 2), (155, 13, 0, 0), (155, 13, 9, 4),
+              (155, 13, 15, 6), (155, 13, 0, 0)],
+    "v7.3": [(154, 14, 0, 0), (154, 14, 6, 3), (154, 14, 0, 0), (154, 14, 9, 5),
+             (154, 14, 15, 6), (154, 14, 0, 0)],
+}
 
 
-@pytest.mark.parametrize(("profile", "memory", "cpus"), list(REAL_TODAY))
+@pytest.mark.parametrize(("profile", "memory", "cpus", "page_size"),
+                         [(*key, "4K") for key in REAL_TODAY]
+                         + [(p, "4G", 1, "16K") for p in REAL_TODAY_16K])
 def test_vm_lifecycle_today_equals_the_real_kernel(capsys: pytest.CaptureFixture[str],
                                                    profile: str, memory: str,
-                                                   cpus: int) -> None:
+                                                   cpus: int, page_size: str) -> None:
     """Donations and the VM limit exactly (and a 1-CPU boot); tables and shared pages within
     what the host's placement moves (kernel_lifecycle.placement_allowance: slab slots, 2 MiB
     windows, per-CPU areas), as `kernel-check --lifecycle` judges them."""
     from pkvm_sim.tools.kernel_lifecycle import Phase, placement_allowance  # noqa: PLC0415
 
     out = run_json(capsys, "vm-lifecycle", "--profile", profile, "--cpus", str(cpus),
-                   "--memblock", f"0x40000000:{memory}", "--vm-cap", "300")
+                   "--memblock", f"0x40000000:{memory}", "--page-size", page_size,
+                   "--vm-cap", "300")
     phases = out["phases"]
     assert isinstance(phases, list)
     assert out["vm_limit"] == 255
     figures = ("hyp_pool_free_pages", "hyp_s1_table_pages", "donated_pages", "shared_pages")
-    for sim, real in zip(phases, REAL_TODAY[profile, memory, cpus], strict=True):
+    table = (REAL_TODAY[profile, memory, cpus] if page_size == "4K"
+             else REAL_TODAY_16K[profile])
+    for sim, real in zip(phases, table, strict=True):
         kernel = Phase(sim["phase"], *real)
         for figure, real_value in zip(figures, real, strict=True):
             allowance = placement_allowance(kernel, figure, cpus)
             assert abs(sim[figure] - real_value) <= allowance, (sim["phase"], figure)
         assert sim["donated_pages"] == kernel.donated_pages
     if cpus == 1:
-        assert phases[0]["hyp_s1_table_pages"] == REAL_TODAY[profile, memory, cpus][0][1]
+        assert phases[0]["hyp_s1_table_pages"] == table[0][1]
 
 
 def test_vm_lifecycle_on_a_machine_it_was_not_written_for(

@@ -86,6 +86,10 @@ class KernelImage:
     # Non-protected guests' stage-2 is EL2's (v6.14+): the guest's first fault shares the page
     # with __pkvm_host_share_guest after the host topped up the vCPU memcache.
     guest_stage2_at_el2: bool = False
+    # kvm_compute_layout picks the linear alias's half by bit hyp_va_bits - 1 (7.3:
+    # kvm_hyp_va_bits()) instead of vabits_actual - 1 (up to 6.18); they differ when the
+    # kernel's VA size is below 48 bits (16K pages without LPA2: 47).
+    va_msb_from_hyp_va_bits: bool = False
 
 
 # linux-image-6.12.117+deb13-arm64 (4K), offsets from its kallsyms (_text ffff800080000000):
@@ -205,6 +209,57 @@ DEBIAN_7_3_4K = KernelImage(
     share_maps_at_el2=False,
     vm_slot_at_create=True,
     guest_stage2_at_el2=True,
+    va_msb_from_hyp_va_bits=True,  # the same bit here: 52-bit kernel and hyp VAs with LPA2
+)
+
+# linux-image-6.18.15+deb13-arm64-16k, read the same way (booted with QEMU's lpa2=off, as
+# the 16K builds need in protected mode): hyp text 114c000 .. 1164000 (the idmap page
+# first), hyp rodata 2198000 .. 21a0000, hyp data and bss 2a28000 .. 2a2c000; per-CPU area
+# and host SVE state one 16 KiB page each. BTF: pkvm_hyp_vm 4448, the rest as 4K.
+DEBIAN_6_18_16K = KernelImage(
+    name="linux-image-6.18.15+deb13-arm64-16k",
+    kernel_va_bits=47,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x114C000, 0x114C800),
+    hyp_sections=((0x114C800, 0x1164000), (0x2198000, 0x21A0000), (0x2A28000, 0x2A2C000)),
+    host_sections=(),
+    nvhe_percpu_bytes=0x2B40,
+    sve_state_bytes=16 + 8736,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4072,
+    kvm_vcpu_bytes=7328,
+    hyp_vm_bytes=4448,
+    hyp_vcpu_bytes=7344,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+)
+
+# linux-image-7.3.4+deb13-arm64-16k, read the same way (lpa2=off): hyp text 12c0000 ..
+# 12dc000, hyp rodata 2708000 .. 2710000, hyp data and bss 31b8000 .. 31bc000; per-CPU
+# area and host SVE state one page each. The linear alias is in the upper half of the
+# 48-bit hyp VA space (0xd966...: bit 47, kvm_hyp_va_bits()), where 6.18's 16K build put it
+# in the lower (0x63b2...: bit 46). BTF: pkvm_hyp_vm 4512, the rest as 4K.
+DEBIAN_7_3_16K = KernelImage(
+    name="linux-image-7.3.4+deb13-arm64-16k",
+    kernel_va_bits=47,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x12C0000, 0x12C0800),
+    hyp_sections=((0x12C0800, 0x12DC000), (0x2708000, 0x2710000), (0x31B8000, 0x31BC000)),
+    host_sections=(),
+    nvhe_percpu_bytes=3 * 4096,
+    sve_state_bytes=4 * 4096,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4136,
+    kvm_vcpu_bytes=9024,
+    hyp_vm_bytes=4512,
+    hyp_vcpu_bytes=9040,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+    va_msb_from_hyp_va_bits=True,
 )
 
 KERNEL_IMAGES: dict[tuple[str, int], KernelImage] = {
@@ -212,7 +267,9 @@ KERNEL_IMAGES: dict[tuple[str, int], KernelImage] = {
     ("v6.12", 4096): DEBIAN_6_12_4K,
     ("v6.12", 16384): DEBIAN_6_12_16K,
     ("v6.18", 4096): DEBIAN_6_18_4K,
+    ("v6.18", 16384): DEBIAN_6_18_16K,
     ("v7.3", 4096): DEBIAN_7_3_4K,
+    ("v7.3", 16384): DEBIAN_7_3_16K,
 }
 
 
@@ -236,6 +293,7 @@ class HypVaLayout:
     va_bits: int  # hyp_va_bits
     kernel_va_bits: int  # vabits_actual
     memstart: int  # memstart_addr: the PA the linear map starts at
+    msb_bits: int = 0  # the VA size whose top bit picks the linear alias's half (0: kernel's)
 
     @property
     def linear_base(self) -> int:
@@ -243,7 +301,8 @@ class HypVaLayout:
         RAM span; the model's tag is BIT(vabits_actual - 3), which keeps the alias clear of
         the private range and the vmemmap when both halves coincide (16K: 47-bit kernel VAs
         in a 48-bit hyp VA space), as the real boots' tags were."""
-        return 1 << (self.kernel_va_bits - 1) | 1 << (self.kernel_va_bits - 3)
+        msb = self.msb_bits or self.kernel_va_bits
+        return 1 << (msb - 1) | 1 << (self.kernel_va_bits - 3)
 
     @property
     def private_base(self) -> int:
@@ -300,8 +359,10 @@ def boot_mappings(*, page_size: int, nr_cpus: int, image: KernelImage, lpa2: boo
     vmemmap region of the carve-out."""
     shift = page_size.bit_length() - 1
     kernel_bits = image.kernel_va_bits_lpa2 if lpa2 else image.kernel_va_bits
-    lay = HypVaLayout(shift, max(IDMAP_VA_BITS, kernel_bits), kernel_bits,
-                      memstart_addr(min(b for b, _ in memblocks), page_size))
+    hyp_bits = max(IDMAP_VA_BITS, kernel_bits)
+    lay = HypVaLayout(shift, hyp_bits, kernel_bits,
+                      memstart_addr(min(b for b, _ in memblocks), page_size),
+                      msb_bits=hyp_bits if image.va_msb_from_hyp_va_bits else 0)
     maps: list[BootMapping] = []
 
     def linear(what: str, start: int, end: int) -> None:
