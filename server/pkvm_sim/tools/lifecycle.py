@@ -79,9 +79,18 @@ def _donated_pages(hv: Hypervisor) -> int:
                for vm in hv._vms.values())
 
 
+def _shared_pages(hv: Hypervisor) -> int:
+    """Host pages EL2 maps as shared, as a dump of EL2's stage-1 counts them: every share up
+    to v6.15; from v6.16 (a share maps nothing) only the pinned ones."""
+    shared = set(hv._hyp_shared) | set(hv._kernel_shared)
+    if hv._pins_map:
+        return len(shared & hv.hyp_stage1.mapped)
+    return len(shared)
+
+
 def _snapshot(hv: Hypervisor, phase: str, base: Phase | None) -> Phase:
     stats = hv.statistics(vm_pools=False)
-    donated, shared = _donated_pages(hv), stats.shared_pages
+    donated, shared = _donated_pages(hv), _shared_pages(hv)
     if base is not None:
         donated -= base.donated_pages
         shared -= base.shared_pages
