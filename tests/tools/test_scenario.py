@@ -231,3 +231,14 @@ def test_vm_lifecycle_bad_input_is_a_clear_error(capsys: pytest.CaptureFixture[s
     assert main(["scenario", "vm-lifecycle", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("scenario: error: ") and "Traceback" not in err
+
+
+def test_vm_lifecycle_on_a_machine_without_a_modelled_build_says_why(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """v7.3 with 64K pages (no Debian build, so no run-time model): exit 2 and the reason,
+    no traceback."""
+    assert main(["scenario", "vm-lifecycle", "--profile", "v7.3", "--page-size", "64K",
+                 "--vm-cap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scenario: error: ") and "(NOT_MODELLED)" in err
+    assert "Traceback" not in err
