@@ -209,3 +209,22 @@ def test_the_vm_limit_keep_knob_reaches_the_guest_command_line(tmp_path: Path) -
     source = (Path(__file__).resolve().parents[2] / "server" / "pkvm_sim" / "tools" / "el2_init"
               / "init.c").read_text()
     assert 'cmdline_number("pkvm_vm_keep", 0)' in source
+
+
+SAVED_TODAY = sorted((Path(__file__).resolve().parents[1] / "data" / "lifecycle").glob("*.json"))
+
+
+def test_the_saved_6_18_and_7_3_records_match_the_simulator() -> None:
+    """The real 6.18.15 and 7.3.4 records (tests/data/lifecycle, 4K and 16K, several memory
+    sizes and CPU counts) against `scenario vm-lifecycle` for the same machines, as
+    `kernel-check --lifecycle --saved` judges them: every one matches."""
+    from pkvm_sim.tools.kernel_lifecycle import compare, load_truth  # noqa: PLC0415
+
+    assert len(SAVED_TODAY) == 6
+    for path in SAVED_TODAY:
+        kernel = load_truth(path)
+        assert kernel.error is None
+        check = compare(kernel)
+        assert check.match, (path.name, check.differences)
+        if kernel.vm_cap:  # 7.3 4G: the limit was measured (--vm-limit-keep)
+            assert (kernel.vm_limit, kernel.vm_limit_failed_call) == (255, "KVM_CREATE_VM")
