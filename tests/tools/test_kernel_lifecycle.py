@@ -226,5 +226,5 @@ def test_the_saved_6_18_and_7_3_records_match_the_simulator() -> None:
         assert kernel.error is None
         check = compare(kernel)
         assert check.match, (path.name, check.differences)
-        if kernel.vm_cap:  # 7.3 4G: the limit was measured (--vm-limit-keep)
+        if kernel.vm_cap:  # 4G 4K: the limit was measured (--vm-limit-keep)
             assert (kernel.vm_limit, kernel.vm_limit_failed_call) == (255, "KVM_CREATE_VM")
