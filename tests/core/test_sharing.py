@@ -223,8 +223,9 @@ def test_registry_operations_per_profile() -> None:
     assert ops("v6.1") == ops("v6.1", "carveout") == {"SHARE_HYP", "UNSHARE_HYP"}
     assert ops("v6.12") == everything - {"GUEST_SHARE"}
     assert FIRST_KERNEL[Operation.GUEST_SHARE] == "v6.14"
-    # v6.18 and v7.3 have every operation, with v6.16+ rules the core does not implement
-    # yet: none is served (NOT_MODELLED) rather than served by an older kernel's rules.
+    # v6.18 and v7.3 have every operation, with v6.16+ rules that need the build's struct
+    # sizes: the registry serves none by itself; a machine whose build is modelled (4K)
+    # serves them all, any other refuses NOT_MODELLED (test_v6_16_rules_need_a_build).
     for today in ("v6.18", "v7.3"):
         assert profile_spec(today).native_operations() == set(Operation)
         assert ops(today) == set()
@@ -455,3 +456,17 @@ def test_guest_share_leaves_the_host_stage2_alone() -> None:
     hv.destroy_vm(h)
     assert hv.page_info(block_pfn + 5).host_state is PageState.OWNED
     hv.audit()
+
+
+@pytest.mark.parametrize("profile", ["v6.18", "v7.3"])
+def test_v6_16_rules_need_a_build(profile: str) -> None:
+    """The 4K and 16K Debian builds of 6.18 and 7.3 are modelled (el2_boot.KERNEL_IMAGES):
+    every operation is served. With 64K pages (no Debian build) nothing that needs the
+    run-time rules is served: NOT_MODELLED, not another version's rules."""
+    for page_size in ("4K", "16K"):
+        hv = boot(profile=profile, page_size=page_size, memblocks=["0x40000000:1G"])
+        assert hv.operations == set(Operation)
+    hv64 = boot(profile=profile, page_size="64K", memblocks=["0x40000000:1G"])
+    with pytest.raises(FailedPrecondition) as err:
+        hv64.create_vm(nr_vcpus=1, slice_pages=1)
+    assert err.value.reason == "NOT_MODELLED"

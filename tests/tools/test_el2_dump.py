@@ -10,6 +10,7 @@ from pkvm_sim.tools.el2_dump import (
     SW1_BIT,
     CarveoutLayout,
     DumpUnreadable,
+    HypPageLayout,
     mapped_ranges,
     read_step,
 )
@@ -135,3 +136,37 @@ def test_ranges_merge_contiguous_alike_leaves() -> None:
         (0x1000, 1, "owned"), (0x2000, 1, "shared-borrowed"), (0x3000, 1, "shared-owned"),
         (0x4000, 2, "owned"), (0x20_0000, 512, "owned"),
     ]
+
+
+def test_v6_16_page_states_come_from_the_hyp_page_not_the_software_bits() -> None:
+    """From v6.16 EL2 maps pinned shared pages without software bits; its state is
+    `__hyp_state_comp`, the high nibble of byte 3 of the 8-byte hyp_page, stored XOR 0b11
+    (get_hyp_state in nvhe/memory.h). Here the walk finds three pages without software
+    bits; their hyp_page says owned (comp 3), shared-borrowed (comp 1) and nothing written
+    (comp 0: PKVM_NOPAGE, a page EL2 maps but holds no state for)."""
+    lay = CarveoutLayout(
+        base=CARVEOUT_BASE, size_bytes=(600 + 8) * PAGE, page_size=PAGE,
+        memblocks=((RAM_BASE, RAM_BYTES),), vmemmap_covers_all_memory=True,
+        vm_table_pages=1, hyp_pool_pages=8, hyp_page=HypPageLayout.of_entry_bytes(8),
+    )
+    assert lay.vmemmap_pages == 512  # 1 GiB of 4K pages x 8 bytes
+    c = Carveout(lay)
+    pgd, l1, l2, l3 = (c.pool_page(i) for i in range(4))
+    for table, child in ((pgd, l1), (l1, l2), (l2, l3)):
+        c.set_entry(table, 0, child | VALID_TABLE)
+    pages = (0x5000_0000, 0x5000_1000, 0x5000_2000)
+    for i, pa in enumerate(pages):
+        c.set_entry(l3, 1 + i, pa | AF_RW | VALID_TABLE)
+
+    def hyp_page(phys: int) -> int:
+        return 8 * ((phys - RAM_BASE) // PAGE)  # the vmemmap slice starts at RAM_BASE's pfn
+
+    for table, entries in ((pgd, 1), (l1, 1), (l2, 1), (l3, 3)):
+        c.data[hyp_page(table): hyp_page(table) + 2] = (entries + 1).to_bytes(2, "little")
+    c.data[hyp_page(pages[0]) + 3] = 0x3 << 4  # owned: 0 ^ 0b11
+    c.data[hyp_page(pages[1]) + 3] = 0x1 << 4  # shared-borrowed: 0b10 ^ 0b11
+    figures = read_step(bytes(c.data), lay)
+    states = figures.pages_by_state
+    assert states["owned"] == {pages[0]}
+    assert states["shared-borrowed"] == {pages[1]}
+    assert states["nopage"] == {pages[2]}

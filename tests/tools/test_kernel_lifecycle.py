@@ -191,3 +191,40 @@ def test_the_boot_map_is_printed_on_request() -> None:
     check = LifecycleCheck(record, simulated(), [], [])
     assert "0x1000 0x2000 -> 0x5000_0000 owned" in render_table([check], show_map=True)
     assert "0x5000_0000" not in render_table([check])
+
+
+def test_the_vm_limit_keep_knob_reaches_the_guest_command_line(tmp_path: Path) -> None:
+    """--vm-limit-keep: /init (el2_init/init.c) reads pkvm_vm_keep=1 from /proc/cmdline and
+    powers off with the VM-limit VMs alive; without it nothing is added."""
+    from pkvm_sim.tools.el2_qemu import qemu_command  # noqa: PLC0415
+
+    def append(keep: bool) -> str:
+        argv = qemu_command(tmp_path / "Image", tmp_path / "initrd", cpus=1, memory_args=[],
+                            monitor=tmp_path / "mon", cpu_model="max", vm_cap=300,
+                            keep_vms=keep)
+        return argv[argv.index("-append") + 1]
+
+    assert "pkvm_vm_keep=1" in append(True).split()
+    assert "pkvm_vm_keep" not in append(False)
+    source = (Path(__file__).resolve().parents[2] / "server" / "pkvm_sim" / "tools" / "el2_init"
+              / "init.c").read_text()
+    assert 'cmdline_number("pkvm_vm_keep", 0)' in source
+
+
+SAVED_TODAY = sorted((Path(__file__).resolve().parents[1] / "data" / "lifecycle").glob("*.json"))
+
+
+def test_the_saved_6_18_and_7_3_records_match_the_simulator() -> None:
+    """The real 6.18.15 and 7.3.4 records (tests/data/lifecycle, 4K and 16K, several memory
+    sizes and CPU counts) against `scenario vm-lifecycle` for the same machines, as
+    `kernel-check --lifecycle --saved` judges them: every one matches."""
+    from pkvm_sim.tools.kernel_lifecycle import compare, load_truth  # noqa: PLC0415
+
+    assert len(SAVED_TODAY) == 6
+    for path in SAVED_TODAY:
+        kernel = load_truth(path)
+        assert kernel.error is None
+        check = compare(kernel)
+        assert check.match, (path.name, check.differences)
+        if kernel.vm_cap:  # 4G 4K: the limit was measured (--vm-limit-keep)
+            assert (kernel.vm_limit, kernel.vm_limit_failed_call) == (255, "KVM_CREATE_VM")

@@ -131,6 +131,64 @@ def test_vm_lifecycle_json_equals_the_real_kernel(capsys: pytest.CaptureFixture[
     assert out["vm_limit"] == REAL_VM_LIMIT[profile]
 
 
+# Real 6.18.15 and 7.3.4 (Debian 4K builds) under QEMU, RAM at 0x4000_0000, read by `pkvm-sim
+# kernel-check --lifecycle --kernel 6.18-4k|7.3-4k --memory M --cpus N --vm-cap 0` with the
+# v6.16+ dump reader (EL2's page state from the 8-byte hyp_page). Donated pages are the guest
+# PGD (16), pkvm_hyp_vm (2), pkvm_hyp_vcpu (2 in 6.18, 3 in 7.3: 9040 B) per vCPU and the 3
+# memcache pages of the guest's first fault; shared pages are the pinned struct kvm and
+# kvm_vcpu. The VM limit: 255, the 256th KVM_CREATE_VM failing with ENOMEM (6.18.15 with
+# --vm-cap 300; 7.3.4 with --vm-cap 300 --vm-limit-keep).
+# The model was written against the 4G 1-CPU machines; 6G 2 CPUs and 2G are checks.
+REAL_TODAY = {
+    ("v6.18", "4G", 1): [(2536, 35, 0, 0), (2533, 38, 23, 4), (2536, 35, 0, 0),
+                         (2534, 37, 29, 9), (2534, 37, 52, 13), (2536, 35, 0, 0)],
+    ("v7.3", "4G", 1): [(2536, 35, 0, 0), (2534, 37, 24, 5), (2536, 35, 0, 0),
+                        (2534, 37, 33, 12), (2534, 37, 57, 17), (2536, 35, 0, 0)],
+    ("v6.18", "6G", 2): [(3554, 43, 0, 0), (3550, 47, 23, 4), (3554, 43, 0, 0),
+                         (3552, 45, 29, 9), (3552, 45, 52, 13), (3554, 43, 0, 0)],
+    ("v7.3", "2G", 1): [(1516, 29, 0, 0), (1515, 30, 24, 5), (1516, 29, 0, 0),
+                        (1515, 30, 33, 12), (1515, 30, 57, 17), (1516, 29, 0, 0)],
+}
+# The 16K builds, booted with QEMU's lpa2=off (48-bit IPA: a 1-page guest PGD, hyp VM and
+# vCPU 1 page each, 3 memcache pages), 4 GiB, 1 CPU.
+REAL_TODAY_16K = {
+    "v6.18": [(155, 13, 0, 0), (155, 13, 6, 2), (155, 13, 0, 0), (155, 13, 9, 4),
+              (155, 13, 15, 6), (155, 13, 0, 0)],
+    "v7.3": [(154, 14, 0, 0), (154, 14, 6, 3), (154, 14, 0, 0), (154, 14, 9, 5),
+             (154, 14, 15, 6), (154, 14, 0, 0)],
+}
+
+
+@pytest.mark.parametrize(("profile", "memory", "cpus", "page_size"),
+                         [(*key, "4K") for key in REAL_TODAY]
+                         + [(p, "4G", 1, "16K") for p in REAL_TODAY_16K])
+def test_vm_lifecycle_today_equals_the_real_kernel(capsys: pytest.CaptureFixture[str],
+                                                   profile: str, memory: str,
+                                                   cpus: int, page_size: str) -> None:
+    """Donations and the VM limit exactly (and a 1-CPU boot); tables and shared pages within
+    what the host's placement moves (kernel_lifecycle.placement_allowance: slab slots, 2 MiB
+    windows, per-CPU areas), as `kernel-check --lifecycle` judges them."""
+    from pkvm_sim.tools.kernel_lifecycle import Phase, placement_allowance  # noqa: PLC0415
+
+    out = run_json(capsys, "vm-lifecycle", "--profile", profile, "--cpus", str(cpus),
+                   "--memblock", f"0x40000000:{memory}", "--page-size", page_size,
+                   "--vm-cap", "300")
+    phases = out["phases"]
+    assert isinstance(phases, list)
+    assert out["vm_limit"] == 255
+    figures = ("hyp_pool_free_pages", "hyp_s1_table_pages", "donated_pages", "shared_pages")
+    table = (REAL_TODAY[profile, memory, cpus] if page_size == "4K"
+             else REAL_TODAY_16K[profile])
+    for sim, real in zip(phases, table, strict=True):
+        kernel = Phase(sim["phase"], *real)
+        for figure, real_value in zip(figures, real, strict=True):
+            allowance = placement_allowance(kernel, figure, cpus)
+            assert abs(sim[figure] - real_value) <= allowance, (sim["phase"], figure)
+        assert sim["donated_pages"] == kernel.donated_pages
+    if cpus == 1:
+        assert phases[0]["hyp_s1_table_pages"] == table[0][1]
+
+
 def test_vm_lifecycle_on_a_machine_it_was_not_written_for(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Real 6.12 under QEMU, 2 GiB at 0x4000_0000 (no RAM above 4 GiB), 1 CPU."""
@@ -173,3 +231,14 @@ def test_vm_lifecycle_bad_input_is_a_clear_error(capsys: pytest.CaptureFixture[s
     assert main(["scenario", "vm-lifecycle", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("scenario: error: ") and "Traceback" not in err
+
+
+def test_vm_lifecycle_on_a_machine_without_a_modelled_build_says_why(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """v7.3 with 64K pages (no Debian build, so no run-time model): exit 2 and the reason,
+    no traceback."""
+    assert main(["scenario", "vm-lifecycle", "--profile", "v7.3", "--page-size", "64K",
+                 "--vm-cap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scenario: error: ") and "(NOT_MODELLED)" in err
+    assert "Traceback" not in err

@@ -170,6 +170,16 @@ def audit(hv: Hypervisor) -> None:
     assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
 
     hyp_mapped = set(hv._hyp_shared) | set(hv._kernel_shared)
+    if hv._pins_map:  # v6.16+: EL2 maps a shared page only while it is pinned
+        hyp_mapped = {pfn for pfn in hyp_mapped if hv.vmemmap.refcount(pfn)}
+        struct_pins: dict[int, int] = {}
+        for vm in hv._vms.values():
+            if vm.pool is not None:  # at EL2: __pkvm_init_vm/_vcpu pinned its structs
+                for pfn in vm.struct_pfns:
+                    struct_pins[pfn] = struct_pins.get(pfn, 0) + 1
+        for pfn in hv._kernel_shared:
+            assert hv.vmemmap.refcount(pfn) == struct_pins.get(pfn, 0), \
+                f"pin count of struct page {pfn:#x} drifted"
     for a in donated:
         hyp_mapped |= set(range(a.base_pfn, a.end_pfn))
     assert hv.hyp_stage1.mapped == hyp_mapped, \

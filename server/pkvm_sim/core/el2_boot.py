@@ -76,6 +76,20 @@ class KernelImage:
     hyp_vm_bytes: int = 0  # PKVM_HYP_VM_SIZE, sizeof(struct pkvm_hyp_vm) (v6.2+)
     hyp_vcpu_bytes: int = 0  # PKVM_HYP_VCPU_SIZE, sizeof(struct pkvm_hyp_vcpu) (v6.2+)
     shares_task_fpsimd: bool = False  # kvm_arch_vcpu_run_map_fp shares the task's FP state
+    # -- v6.16+ (mem_protect.c, pkvm.c) ------------------------------------------------------
+    # __pkvm_host_share_hyp maps the page at EL2 (up to v6.15); from v6.16 it only records the
+    # states in the hyp_page, and hyp_pin_shared_mem maps (the first pin) instead.
+    share_maps_at_el2: bool = True
+    # The hyp VM table slot is taken at KVM_CREATE_VM (pkvm_init_host_vm -> __pkvm_reserve_vm,
+    # 6.18+ builds, seen on 6.18.15 and 7.3.4), not at the first KVM_RUN (__pkvm_init_vm).
+    vm_slot_at_create: bool = False
+    # Non-protected guests' stage-2 is EL2's (v6.14+): the guest's first fault shares the page
+    # with __pkvm_host_share_guest after the host topped up the vCPU memcache.
+    guest_stage2_at_el2: bool = False
+    # kvm_compute_layout picks the linear alias's half by bit hyp_va_bits - 1 (7.3:
+    # kvm_hyp_va_bits()) instead of vabits_actual - 1 (up to 6.18); they differ when the
+    # kernel's VA size is below 48 bits (16K pages without LPA2: 47).
+    va_msb_from_hyp_va_bits: bool = False
 
 
 # linux-image-6.12.117+deb13-arm64 (4K), offsets from its kallsyms (_text ffff800080000000):
@@ -145,10 +159,117 @@ DEBIAN_6_12_16K = KernelImage(
     hyp_vcpu_bytes=7072,
 )
 
+# linux-image-6.18.15+deb13-arm64 (4K). Its section offsets are read from EL2's stage-1 after
+# a real boot (image at 0x4020_0000, `kernel-check --lifecycle --show-map`): the idmap page and
+# hyp text 114d000 .. 1165000 (24 pages, the idmap page first), hyp rodata 217d000 ..
+# 2184000, hyp data and bss 29bd000 .. 29bf000; the nVHE per-CPU area and the host SVE
+# state map 3 pages each. No host section is mapped at boot: from v6.16 a share with hyp
+# (kvm_vgic_global_state's included) maps nothing. BTF: struct kvm 4072, kvm_vcpu 7328,
+# pkvm_hyp_vm 4432, pkvm_hyp_vcpu 7344.
+DEBIAN_6_18_4K = KernelImage(
+    name="linux-image-6.18.15+deb13-arm64",
+    kernel_va_bits=48,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x114D000, 0x114D800),  # within its page: the walk shows the page only
+    hyp_sections=((0x114D800, 0x1165000), (0x217D000, 0x2184000), (0x29BD000, 0x29BF000)),
+    host_sections=(),
+    nvhe_percpu_bytes=3 * 4096,
+    sve_state_bytes=16 + 8736,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4072,
+    kvm_vcpu_bytes=7328,
+    hyp_vm_bytes=4432,
+    hyp_vcpu_bytes=7344,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+)
+
+# linux-image-7.3.4+deb13-arm64 (4K), read the same way (a real boot's EL2 stage-1): hyp text
+# 12bf000 .. 12da000 (27 pages, the idmap page first), hyp rodata 26e8000 .. 26f0000, hyp
+# data and bss 3140000 .. 3142000 (nvhe/setup.c maps __hyp_data and __hyp_bss, adjacent
+# here); per-CPU area 3 pages, host SVE state 4 pages (a larger cpu_sve_state). BTF: struct
+# kvm 4136 (kmalloc-8k: two pages), kvm_vcpu 9024, pkvm_hyp_vm 4496, pkvm_hyp_vcpu 9040.
+DEBIAN_7_3_4K = KernelImage(
+    name="linux-image-7.3.4+deb13-arm64",
+    kernel_va_bits=48,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x12BF000, 0x12BF800),
+    hyp_sections=((0x12BF800, 0x12DA000), (0x26E8000, 0x26F0000), (0x3140000, 0x3142000)),
+    host_sections=(),
+    nvhe_percpu_bytes=3 * 4096,
+    sve_state_bytes=4 * 4096,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4136,
+    kvm_vcpu_bytes=9024,
+    hyp_vm_bytes=4496,
+    hyp_vcpu_bytes=9040,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+    va_msb_from_hyp_va_bits=True,  # the same bit here: 52-bit kernel and hyp VAs with LPA2
+)
+
+# linux-image-6.18.15+deb13-arm64-16k, read the same way (booted with QEMU's lpa2=off, as
+# the 16K builds need in protected mode): hyp text 114c000 .. 1164000 (the idmap page
+# first), hyp rodata 2198000 .. 21a0000, hyp data and bss 2a28000 .. 2a2c000; per-CPU area
+# and host SVE state one 16 KiB page each. BTF: pkvm_hyp_vm 4448, the rest as 4K.
+DEBIAN_6_18_16K = KernelImage(
+    name="linux-image-6.18.15+deb13-arm64-16k",
+    kernel_va_bits=47,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x114C000, 0x114C800),
+    hyp_sections=((0x114C800, 0x1164000), (0x2198000, 0x21A0000), (0x2A28000, 0x2A2C000)),
+    host_sections=(),
+    nvhe_percpu_bytes=0x2B40,
+    sve_state_bytes=16 + 8736,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4072,
+    kvm_vcpu_bytes=7328,
+    hyp_vm_bytes=4448,
+    hyp_vcpu_bytes=7344,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+)
+
+# linux-image-7.3.4+deb13-arm64-16k, read the same way (lpa2=off): hyp text 12c0000 ..
+# 12dc000, hyp rodata 2708000 .. 2710000, hyp data and bss 31b8000 .. 31bc000; per-CPU
+# area and host SVE state one page each. The linear alias is in the upper half of the
+# 48-bit hyp VA space (0xd966...: bit 47, kvm_hyp_va_bits()), where 6.18's 16K build put it
+# in the lower (0x63b2...: bit 46). BTF: pkvm_hyp_vm 4512, the rest as 4K.
+DEBIAN_7_3_16K = KernelImage(
+    name="linux-image-7.3.4+deb13-arm64-16k",
+    kernel_va_bits=47,
+    kernel_va_bits_lpa2=52,
+    idmap=(0x12C0000, 0x12C0800),
+    hyp_sections=((0x12C0800, 0x12DC000), (0x2708000, 0x2710000), (0x31B8000, 0x31BC000)),
+    host_sections=(),
+    nvhe_percpu_bytes=3 * 4096,
+    sve_state_bytes=4 * 4096,
+    fixmap=True,
+    vmemmap_all_memory=True,
+    kvm_bytes=4136,
+    kvm_vcpu_bytes=9024,
+    hyp_vm_bytes=4512,
+    hyp_vcpu_bytes=9040,
+    share_maps_at_el2=False,
+    vm_slot_at_create=True,
+    guest_stage2_at_el2=True,
+    va_msb_from_hyp_va_bits=True,
+)
+
 KERNEL_IMAGES: dict[tuple[str, int], KernelImage] = {
     ("v6.1", 4096): DEBIAN_6_1_4K,
     ("v6.12", 4096): DEBIAN_6_12_4K,
     ("v6.12", 16384): DEBIAN_6_12_16K,
+    ("v6.18", 4096): DEBIAN_6_18_4K,
+    ("v6.18", 16384): DEBIAN_6_18_16K,
+    ("v7.3", 4096): DEBIAN_7_3_4K,
+    ("v7.3", 16384): DEBIAN_7_3_16K,
 }
 
 
@@ -172,6 +293,7 @@ class HypVaLayout:
     va_bits: int  # hyp_va_bits
     kernel_va_bits: int  # vabits_actual
     memstart: int  # memstart_addr: the PA the linear map starts at
+    msb_bits: int = 0  # the VA size whose top bit picks the linear alias's half (0: kernel's)
 
     @property
     def linear_base(self) -> int:
@@ -179,7 +301,8 @@ class HypVaLayout:
         RAM span; the model's tag is BIT(vabits_actual - 3), which keeps the alias clear of
         the private range and the vmemmap when both halves coincide (16K: 47-bit kernel VAs
         in a 48-bit hyp VA space), as the real boots' tags were."""
-        return 1 << (self.kernel_va_bits - 1) | 1 << (self.kernel_va_bits - 3)
+        msb = self.msb_bits or self.kernel_va_bits
+        return 1 << (msb - 1) | 1 << (self.kernel_va_bits - 3)
 
     @property
     def private_base(self) -> int:
@@ -236,8 +359,10 @@ def boot_mappings(*, page_size: int, nr_cpus: int, image: KernelImage, lpa2: boo
     vmemmap region of the carve-out."""
     shift = page_size.bit_length() - 1
     kernel_bits = image.kernel_va_bits_lpa2 if lpa2 else image.kernel_va_bits
-    lay = HypVaLayout(shift, max(IDMAP_VA_BITS, kernel_bits), kernel_bits,
-                      memstart_addr(min(b for b, _ in memblocks), page_size))
+    hyp_bits = max(IDMAP_VA_BITS, kernel_bits)
+    lay = HypVaLayout(shift, hyp_bits, kernel_bits,
+                      memstart_addr(min(b for b, _ in memblocks), page_size),
+                      msb_bits=hyp_bits if image.va_msb_from_hyp_va_bits else 0)
     maps: list[BootMapping] = []
 
     def linear(what: str, start: int, end: int) -> None:

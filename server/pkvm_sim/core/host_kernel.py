@@ -25,7 +25,9 @@ SLAB_ORDER = 3  # PAGE_ALLOC_COSTLY_ORDER: SLUB's largest slab order for these c
 CACHELINE_BYTES = 64  # arm64 L1_CACHE_BYTES: struct kvm_vcpu's slab alignment
 # Pageblock grouping of the host kernel's small allocations (HostMemory.alloc_grouped):
 # slab pages and task structs come from the same unmovable pageblocks.
-SLAB_GROUP = ("slab:", "task:")
+# The vCPU memcache top-ups (v6.14+: hostmc:, then memcache: once EL2 has them) are order-0
+# GFP_KERNEL_ACCOUNT pages too.
+SLAB_GROUP = ("slab:", "task:", "hostmc:", "memcache:")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,15 @@ class SlabCache:
 KMALLOC_4K = SlabCache("kmalloc-4k", 4096, 4096)  # struct kvm: < 4 KiB in 6.1 and 6.12
 
 
+def kvm_struct_cache(kvm_bytes: int) -> SlabCache:
+    """The kmalloc cache of struct kvm (kvm_arch_alloc_vm: kzalloc in protected mode):
+    kmalloc-4k up to 4 KiB (6.1 to 6.18: one page), kmalloc-8k above (7.3's 4136 B: 8 KiB
+    objects, naturally aligned, so kvm_share_hyp(kvm, kvm + 1) covers two pages)."""
+    if kvm_bytes <= 4096:
+        return KMALLOC_4K
+    return SlabCache("kmalloc-8k", kvm_bytes, 8192)
+
+
 def vcpu_cache(vcpu_bytes: int) -> SlabCache:
     """The kvm_vcpu cache of a build whose struct kvm_vcpu has `vcpu_bytes`."""
     slot = -(-vcpu_bytes // CACHELINE_BYTES) * CACHELINE_BYTES
@@ -56,5 +67,5 @@ def object_pfns(cache: SlabCache, obj: tuple[str, int, int], page_size: int) -> 
     return list(range(base + start // page_size, base + -(-end // page_size)))
 
 
-__all__ = ["CACHELINE_BYTES", "KMALLOC_4K", "SLAB_GROUP", "SlabCache", "object_pfns",
-           "vcpu_cache"]
+__all__ = ["CACHELINE_BYTES", "KMALLOC_4K", "SLAB_GROUP", "SlabCache", "kvm_struct_cache",
+           "object_pfns", "vcpu_cache"]

@@ -45,7 +45,7 @@ from .errors import (
     WouldPanic,
 )
 from .guest import GuestMmOps, GuestVm
-from .host_kernel import KMALLOC_4K, SLAB_GROUP, SlabCache, object_pfns, vcpu_cache
+from .host_kernel import SLAB_GROUP, SlabCache, kvm_struct_cache, object_pfns, vcpu_cache
 from .host_memory import HOST_OWNED_TAGS, HostMemory
 from .host_stage2 import HostStage2
 from .hyp_pool import HypPool, get_order
@@ -101,6 +101,8 @@ MAX_VCPUS = 512
 # request's time under the simulator lock short (about 40 ms), so no client can stall the
 # others for seconds. Callers loop for more.
 MAX_PAGES_PER_CALL = 4096
+# hyp_page.host_share_guest_count is a u32 (v6.14+); v6.16+ refuses -EBUSY at its maximum.
+U32_MAX = 2**32 - 1
 
 
 class Hypervisor:
@@ -137,8 +139,15 @@ class Hypervisor:
         self.slabs: dict[str, dict[int, set[int]]] = {}
         self._partial_slabs: dict[str, set[int]] = {}  # slabs with a free slot, per cache
         self.build = kernel_image_for(config.profile.value, config.page_size)
-        # What this profile serves (registry): a missing operation is NOT_IN_PROFILE.
-        self.operations = config.kernel.operations(config.vmemmap_coverage)
+        # What this profile serves (registry): a missing operation is NOT_IN_PROFILE. An
+        # operation whose rules need the build's sizes (v6.18, v7.3) is served where the
+        # build is modelled (el2_boot.KERNEL_IMAGES) and refused NOT_MODELLED elsewhere.
+        kernel = config.kernel
+        self.operations = kernel.operations(config.vmemmap_coverage)
+        self.unmodelled_operations = kernel.unmodelled_operations
+        if self.build is not None:
+            self.operations |= kernel.native_operations() & kernel.unmodelled_operations
+            self.unmodelled_operations = frozenset()
         # EL2's stage-1: its boot tables and those over pages it maps at their alias
         # (shares, donations).
         self.hyp_stage1 = hyp_stage1 or HypStage1(
@@ -214,9 +223,15 @@ class Hypervisor:
         if len(self._vms) >= MAX_VMS:
             raise OutOfMemory(f"the VM table is full ({MAX_VMS} VMs)", reason="VM_TABLE_FULL")
         at_el2 = Operation.VMS in self.operations
+        # 6.18+: KVM_CREATE_VM reserves the hyp VM table slot (pkvm_init_host_vm ->
+        # __pkvm_reserve_vm: -ENOMEM when all KVM_MAX_PVMS are reserved), so the 256th VM
+        # fails here; up to 6.12 the slot is taken at the first run (__pkvm_init_vm).
+        slot_now = not at_el2 or self._slot_at_create
         index = 0
         if not at_el2:  # the service's own table: the VMID never reaches EL2
             index = self._free_vm_slot(MAX_VMS)
+        elif slot_now:
+            index = self._free_vm_slot(self.config.kernel.vm_table_entries or MAX_VMS)
         elif run:  # the first run would find the hyp VM table full: refuse before anything
             self._free_vm_slot(self.config.kernel.vm_table_entries or MAX_VMS)
         handle = VM_HANDLE_OFFSET + self._vms_created
@@ -233,7 +248,7 @@ class Hypervisor:
             if isinstance(err, OutOfMemory):
                 raise OutOfMemory(f"cannot create VM: {err.message}", reason=err.reason) from err
             raise
-        vm = GuestVm(handle=handle, vmid=index + 1 if not at_el2 else 0,
+        vm = GuestVm(handle=handle, vmid=index + 1 if slot_now else 0,
                      name=name or f"vm-{handle:#x}", nr_vcpus=nr_vcpus,
                      slice_base_pfn=slice_base, slice_nr_pages=slice_pages,
                      struct_pfns=struct_pfns, slab_objects=objects)
@@ -291,7 +306,8 @@ class Hypervisor:
         handle, nr_vcpus = vm.handle, vm.nr_vcpus
         # The hyp VM table kvm_hyp_reserve reserved (v6.2+: KVM_MAX_PVMS slots); profiles
         # without one (v5.x serving VMs as an extension) keep the service's own table.
-        index = self._free_vm_slot(self.config.kernel.vm_table_entries or MAX_VMS)
+        index = (vm.vmid - 1 if vm.vmid
+                 else self._free_vm_slot(self.config.kernel.vm_table_entries or MAX_VMS))
         _start, pgd_pages = pgd_geometry(self.geometry, self.config.ia_bits)
         build = self.build
         vm_bytes = build.hyp_vm_bytes if build else PKVM_HYP_VM_BYTES
@@ -311,10 +327,15 @@ class Hypervisor:
                                             align_pages=pgd_pages)
             made.append(pgd_base)
             donated = [*range(meta, meta + meta_pages), *range(pgd_base, pgd_base + pgd_pages)]
-            self.hyp_stage1.check_can_map(donated)
+            # v6.16+: __pkvm_init_vm pins the host's struct kvm and __pkvm_init_vcpu each
+            # struct kvm_vcpu (hyp_pin_shared_mem), which maps the pages a first pin reaches.
+            pinned = self._first_pins(vm.struct_pfns) if self._pins_map else []
+            self.hyp_stage1.check_can_map(donated + pinned)
             # All or nothing (planned first): a refusal leaves the host stage-2 untouched.
             self.host_stage2.set_owner_pages(donated, OWNER_HYP)
             self.hyp_stage1.map_pages(donated)
+            if self._pins_map:
+                self._pin(vm.struct_pfns)
         except PkvmError as err:
             for base in reversed(made):
                 hm.free(base)
@@ -351,7 +372,8 @@ class Hypervisor:
         objects: list[tuple[str, int, int]] = []
         pfns: list[int] = []
         try:
-            for cache in [KMALLOC_4K] + [vcpu_cache(build.kvm_vcpu_bytes)] * nr_vcpus:
+            for cache in ([kvm_struct_cache(build.kvm_bytes)]
+                          + [vcpu_cache(build.kvm_vcpu_bytes)] * nr_vcpus):
                 obj = self._slab_alloc(cache)
                 objects.append(obj)
                 pfns += object_pfns(cache, obj, self.page_size)
@@ -425,9 +447,11 @@ class Hypervisor:
             for name, base, index in vm.slab_objects:
                 self.slabs.setdefault(name, {}).setdefault(base, set()).add(index)
         self._partial_slabs.clear()
-        sizes = {KMALLOC_4K.name: KMALLOC_4K}
+        sizes: dict[str, SlabCache] = {}
         if self.build is not None:
-            sizes["kvm_vcpu"] = vcpu_cache(self.build.kvm_vcpu_bytes)
+            kvm_cache = kvm_struct_cache(self.build.kvm_bytes)
+            sizes = {kvm_cache.name: kvm_cache,
+                     "kvm_vcpu": vcpu_cache(self.build.kvm_vcpu_bytes)}
         for name, slabs in self.slabs.items():
             per_slab = sizes[name].objects_per_slab(self.page_size)
             partial = {base for base, used in slabs.items() if len(used) < per_slab}
@@ -439,9 +463,11 @@ class Hypervisor:
         of one pfn: only the first reaches EL2)."""
         new = [pfn for pfn in dict.fromkeys(pfns) if pfn not in self._kernel_shared]
         if new:
-            self.hyp_stage1.check_can_map(new)
+            if not self._pins_map:
+                self.hyp_stage1.check_can_map(new)
             self.host_stage2.set_page_state(new, STATE_SHARED_OWNED)
-            self.hyp_stage1.map_pages(new)
+            if not self._pins_map:  # v6.16+: a share maps nothing at EL2
+                self.hyp_stage1.map_pages(new)
         for pfn in pfns:
             self._kernel_shared[pfn] = self._kernel_shared.get(pfn, 0) + 1
 
@@ -455,7 +481,41 @@ class Hypervisor:
                 last.append(pfn)
         if last:
             self.host_stage2.set_page_state(last, STATE_OWNED)
-            self.hyp_stage1.unmap_pages(last)
+            if not self._pins_map:
+                self.hyp_stage1.unmap_pages(last)
+
+    @property
+    def _pins_map(self) -> bool:
+        """v6.16+: shares map nothing at EL2, the first pin of a page maps it."""
+        return self.build is not None and not self.build.share_maps_at_el2
+
+    @property
+    def _slot_at_create(self) -> bool:
+        return self.build is not None and self.build.vm_slot_at_create
+
+    def _first_pins(self, pfns: list[int]) -> list[int]:
+        """The distinct pages of `pfns` no pin holds yet: those a pin maps."""
+        return [q for q in dict.fromkeys(pfns) if not self.vmemmap.refcount(q)]
+
+    def _pin(self, pfns: list[int]) -> None:
+        """hyp_pin_shared_mem (v6.16+), one reference per entry of `pfns` (a page twice in
+        it, e.g. a slab page two vCPUs touch, is pinned twice): hyp_page_ref_inc, and
+        pkvm_create_mappings_locked of a page whose refcount becomes 1. Checked first by
+        the caller (check_can_map of `_first_pins`)."""
+        for q in pfns:
+            count = self.vmemmap.refcount(q)
+            self.vmemmap.set_entry(q, refcount=count + 1)
+            if not count:
+                self.hyp_stage1.map_pages([q])
+
+    def _unpin(self, pfns: list[int]) -> None:
+        """hyp_unpin_shared_mem: kvm_pgtable_hyp_unmap of a page at refcount 1, then
+        hyp_page_ref_dec."""
+        for q in pfns:
+            count = self.vmemmap.refcount(q)
+            if count == 1:
+                self.hyp_stage1.unmap_pages([q])
+            self.vmemmap.set_entry(q, refcount=count - 1)
 
     def _share_task_fp(self) -> None:
         """v6.1 kvm_arch_vcpu_run_map_fp: the VMM task's user_fpsimd_state (one page of its
@@ -500,14 +560,21 @@ class Hypervisor:
         # EL2 drops its pins; the service unshares (the host's job in the kernel).
         for pfn in sorted(vm.pins):
             self.vmemmap.set_entry(pfn, refcount=0)
+            if self._pins_map:
+                self.hyp_stage1.unmap_pages([pfn])
         vm.pins.clear()
         if vm.shared:
             shared = sorted(vm.shared)
             self.host_stage2.set_page_state(shared, STATE_OWNED)
-            self.hyp_stage1.unmap_pages(shared)
+            if not self._pins_map:
+                self.hyp_stage1.unmap_pages(shared)
             for pfn in shared:
                 del self._hyp_shared[pfn]
             vm.shared.clear()
+        # v6.16+: __pkvm_teardown_vm (7.3: __pkvm_finalize_teardown_vm) unpins the host
+        # vCPUs and struct kvm (hyp_unpin_shared_mem unmaps at the last pin).
+        if self._pins_map and vm.pool is not None:
+            self._unpin(vm.struct_pfns)
         # The host kernel's own shares (kvm_arch_vcpu_destroy, kvm_arch_destroy_vm).
         if vm.struct_pfns:
             self._kernel_unshare(vm.struct_pfns)
@@ -756,11 +823,12 @@ class Hypervisor:
         """FAILED_PRECONDITION / NOT_MODELLED when the kernel has `op` but the core does not
         implement its rules for this version yet (profiles.py unmodelled_operations)."""
         kernel = self.config.kernel
-        if op in kernel.unmodelled_operations:
+        if op in self.unmodelled_operations:
             raise FailedPrecondition(
                 f"cannot {what}: profile {kernel.profile} models a kernel that has it, with"
-                " rules the simulator does not implement yet (docs/model.md, 'v6.18/v7.3:"
-                " run-time rules to wire'); it refuses rather than apply another version's",
+                " rules the simulator does not implement for this machine (docs/model.md,"
+                " 'v6.18/v7.3: run-time rules'); it refuses rather than apply another"
+                " version's",
                 reason="NOT_MODELLED",
             )
 
@@ -789,9 +857,11 @@ class Hypervisor:
                 )
             if q in self._hyp_shared:
                 raise PermissionDenied(f"hyp already maps page {q:#x}", reason="HYP_PAGE_MAPPED")
-        self.hyp_stage1.check_can_map(pfns)
+        if not self._pins_map:
+            self.hyp_stage1.check_can_map(pfns)
         hs2.set_page_state(pfns, STATE_SHARED_OWNED)
-        self.hyp_stage1.map_pages(pfns)
+        if not self._pins_map:  # v6.16+ __pkvm_host_share_hyp maps nothing at EL2
+            self.hyp_stage1.map_pages(pfns)
         for q in pfns:
             self._hyp_shared[q] = handle
             vm.shared.add(q)
@@ -837,7 +907,8 @@ class Hypervisor:
                 raise PermissionDenied(f"hyp does not borrow page {q:#x}",
                                        reason="HYP_PAGE_NOT_BORROWED")
         hs2.set_page_state(pfns, STATE_OWNED)
-        self.hyp_stage1.unmap_pages(pfns)
+        if not self._pins_map:  # v6.16+: nothing was mapped (pins are refused above)
+            self.hyp_stage1.unmap_pages(pfns)
         for q in pfns:
             del self._hyp_shared[q]
             vm.shared.discard(q)
@@ -854,8 +925,13 @@ class Hypervisor:
             if self.vmemmap.refcount(q) >= self.vmemmap.layout.refcount_max:
                 raise WouldPanic(f"pin count of page {q:#x} at the hyp_page limit",
                                  reason="REFCOUNT_OVERFLOW")
+        if self._pins_map:  # v6.16+: the first pin of a page maps it (tables from the pool)
+            self.hyp_stage1.check_can_map(self._first_pins(pfns))
+            self._pin(pfns)
+        else:
+            for q in pfns:
+                self.vmemmap.set_entry(q, refcount=self.vmemmap.refcount(q) + 1)
         for q in pfns:
-            self.vmemmap.set_entry(q, refcount=self.vmemmap.refcount(q) + 1)
             vm.pins[q] = vm.pins.get(q, 0) + 1
 
     def unpin_shared(self, handle: int, pfn: int, nr_pages: int = 1) -> None:
@@ -864,8 +940,12 @@ class Hypervisor:
             if not vm.pins.get(q):
                 raise WouldPanic(f"unpin of page {q:#x}, which is not pinned: refcount 0",
                                  reason="PUT_OF_FREE_PAGE")
+        if self._pins_map:  # v6.16+ hyp_unpin_shared_mem: the last pin unmaps
+            self._unpin(pfns)
+        else:
+            for q in pfns:
+                self.vmemmap.set_entry(q, refcount=self.vmemmap.refcount(q) - 1)
         for q in pfns:
-            self.vmemmap.set_entry(q, refcount=self.vmemmap.refcount(q) - 1)
             vm.pins[q] -= 1
             if not vm.pins[q]:
                 del vm.pins[q]
@@ -903,7 +983,10 @@ class Hypervisor:
             raise OutOfMemory(f"host RAM has {self.host_memory.free_pages} free pages, the"
                               f" top-up needs {missing}", reason="HOST_MEMORY_EXHAUSTED")
         for _ in range(missing):
-            pfn = self.host_memory.alloc(1, f"hostmc:{handle}")
+            # __get_free_page(GFP_KERNEL_ACCOUNT): with a modelled build, placed as the host
+            # kernel's other small allocations are (unmovable pageblocks, ZONE_NORMAL first).
+            pfn = (self._kernel_alloc(1, f"hostmc:{handle}", SLAB_GROUP)
+                   if self.build is not None else self.host_memory.alloc(1, f"hostmc:{handle}"))
             # push_hyp_memcache: each page holds the address of the one below it.
             head = vm.memcache[-1] if vm.memcache else None
             self.physmem.write(pfn, ("memcache_next", head))
@@ -942,13 +1025,21 @@ class Hypervisor:
                                    f" {pte[PTE_PFN]:#x}", reason="IPA_MAPPED")
         host_state = self._host_state(pfn)
         if host_state is PageState.SHARED_OWNED and not self._guest_shared.get(pfn):
+            if self._pins_map:  # v6.16+: a plain -EPERM
+                raise PermissionDenied(f"host page {pfn:#x} is shared with hyp, not with"
+                                       " guests", reason="HOST_PAGE_SHARED_WITH_HYP")
             # v6.14-v6.15 __pkvm_host_share_guest: WARN_ON(1) before -EPERM, fatal at EL2.
             raise WouldPanic(f"host page {pfn:#x} is shared with hyp, not with guests: EL2"
                              " WARNs (fatal)", reason="HOST_PAGE_SHARED_WITH_HYP")
         if host_state not in (PageState.OWNED, PageState.SHARED_OWNED):
             raise PermissionDenied(f"host page {pfn:#x} is {host_state.value}: cannot share"
                                    " it with the guest", reason="HOST_PAGE_NOT_OWNED")
+        if self._pins_map and self._guest_shared.get(pfn, 0) >= U32_MAX:
+            raise Busy(f"host page {pfn:#x} is shared with guests {U32_MAX} times",
+                       reason="GUEST_SHARE_COUNT_LIMIT")  # v6.16+: -EBUSY, no WARN
         refill = vm.refill_pages()
+        if self._pins_map:
+            self._check_guest_memcache(vm, pgt, len(refill))
         plan = pgt.plan_page_maps([ipa], leaf=True)
         vm.require_table_pages(plan.tables, len(refill))
         pgt.check_plan(plan)  # the 2-byte layout's refcount limit, before any change
@@ -967,6 +1058,17 @@ class Hypervisor:
         assert ret == OK, "pre-checked guest map failed"
         self._guest_shared[pfn] = self._guest_shared.get(pfn, 0) + 1
         return GuestMapResult(ipa, pfn, 3, mm.allocated - before, refilled_pages=len(refill))
+
+    def _check_guest_memcache(self, vm: GuestVm, pgt: Stage2PageTable, refill: int) -> None:
+        """v6.16+ __guest_check_pgtable_memcache: -ENOMEM unless EL2's memcache (after the
+        refill) holds kvm_mmu_cache_min_pages = the guest stage-2's levels - 1 pages, checked
+        before anything changes, so the map never runs short (no WARN)."""
+        min_pages = (4 - pgt.start_level) - 1
+        have = len(vm.hyp_memcache) + refill
+        if have < min_pages:
+            raise OutOfMemory(f"VM {vm.handle:#x}: EL2's memcache would hold {have} page(s),"
+                              f" a guest map needs {min_pages} (kvm_mmu_cache_min_pages):"
+                              " top up the memcache first", reason="MEMCACHE_TOO_SHORT")
 
     def _refill(self, vm: GuestVm, pages: list[int]) -> None:
         """refill_memcache after the donations: each page moves from the host's stack to

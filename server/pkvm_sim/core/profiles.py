@@ -27,9 +27,10 @@ What the reservation (kvm_hyp_reserve) adds up, per profile:
 
 v6.18 and v7.3 reserve by v6.12's formula with an 8-byte struct hyp_page (v6.14 added the host
 page state and the guest-share count to it): 1 MiB more per GiB of RAM with 4K pages.
-Run-time rules of v6.16+ that the core does not implement yet are refused NOT_MODELLED
-(`unmodelled_operations`, docs/model.md "v6.18/v7.3: run-time rules to wire"), never served
-with an older kernel's rules.
+Their run-time rules (v6.16+) need the build's struct sizes: they are served on a machine
+whose build is modelled (el2_boot.KERNEL_IMAGES: the 4K Debian builds) and refused
+NOT_MODELLED elsewhere (`unmodelled_operations`, docs/model.md "v6.18/v7.3: run-time
+rules"), never served with an older kernel's rules.
 
 This module depends on nothing of ours (layouts are named, see layout.LAYOUTS), so every other
 module of the core, and the CLI, can import it.
@@ -200,8 +201,9 @@ class KernelProfile:
     # Operations modelled beyond the kernel version, turned on knowingly (an extension
     # profile; none is registered today).
     extra_operations: frozenset[Operation] = frozenset()
-    # Operations this kernel has whose rules for this version the core does not implement
-    # yet: refused NOT_MODELLED rather than served with another version's rules.
+    # Operations this kernel has whose rules need a modelled build (el2_boot.KERNEL_IMAGES):
+    # refused NOT_MODELLED on a machine without one, rather than served with another
+    # version's rules; served where the build is modelled (Hypervisor.operations).
     unmodelled_operations: frozenset[Operation] = frozenset()
     # True for v5.13/v5.14: with vmemmap_coverage 'all' (the quick-start default) these
     # profiles also serve every later EL2 operation, with the later kernels' rules, on this
@@ -277,10 +279,10 @@ def _today(profile: Profile, *, summary: str, injects_abort: bool) -> KernelProf
         annotated_fault_injects_abort=injects_abort,
         booted_page_sizes=("4K", "16K"),
         # v6.16+: a host share no longer maps the page at EL2 (hyp_pin_shared_mem does, on
-        # the first pin); the core's share, unshare and pin map at share time as up to
-        # v6.15. VM creation donates v6.18/v7.3's struct sizes; guest shares take ranges
-        # and check the memcache first. Until the core has these rules (docs/model.md), the
-        # operations are refused NOT_MODELLED.
+        # the first pin); VM creation donates and pins by the build's struct sizes; the VM
+        # slot is taken at KVM_CREATE_VM. The core applies these rules where the build is
+        # modelled (Hypervisor: build.share_maps_at_el2 False); on any other machine (16K
+        # pages today) the operations are refused NOT_MODELLED.
         unmodelled_operations=frozenset(Operation),
     )
 

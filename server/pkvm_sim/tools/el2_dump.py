@@ -10,7 +10,9 @@ then the host stage-2 pool and the FF-A proxy pages.
 
 From one dump this module returns the hyp pool's free pages (refcount 0 in the vmemmap), the
 stage-1 table pages (a walk from the PGD), and each mapped leaf page by its software bits
-(`pkvm_mkstate`: OWNED = none, SHARED_OWNED = SW0 bit 55, SHARED_BORROWED = SW1 bit 56).
+(`pkvm_mkstate`: OWNED = none, SHARED_OWNED = SW0 bit 55, SHARED_BORROWED = SW1 bit 56; from
+v6.16 the state is in the page's 8-byte `hyp_page` instead, `__hyp_state_comp`, and read
+there: `hyp_states`).
 Self-check: the pool pages with a refcount > 0 are exactly the stage-1 table pages (every
 table page is pinned by its entries, `hyp_page_ref_inc` in the kvm_pgtable mm_ops, and the
 hyp pool gives pages to nothing else). When it fails the dump is reported as unreadable.
@@ -25,6 +27,10 @@ SW0_BIT = 1 << 55  # KVM_PGTABLE_PROT_SW0
 SW1_BIT = 1 << 56  # KVM_PGTABLE_PROT_SW1
 STATE_NAMES = {0: "owned", SW0_BIT: "shared-owned", SW1_BIT: "shared-borrowed",
                SW0_BIT | SW1_BIT: "reserved"}
+# pkvm_page_state (nvhe/memory.h) as get_hyp_state() decodes __hyp_state_comp (XOR with
+# PKVM_PAGE_STATE_VMEMMAP_MASK, so a zeroed vmemmap reads PKVM_NOPAGE)
+_VMEMMAP_STATE_MASK = 0b11
+VMEMMAP_STATE_NAMES = {0: "owned", 1: "shared-owned", 2: "shared-borrowed", 3: "nopage"}
 _OA_MASK = (1 << 48) - 1  # output address bits [47:page_shift]; RAM here is below 2^48
 _AP_RO_BIT = 1 << 7  # AP[2]: read-only
 _XN_BIT = 1 << 54  # XN (EL2 stage-1 of nVHE) / UXN (hVHE)
@@ -42,6 +48,15 @@ class HypPageLayout:
     entry_bytes: int = 4  # v6.1 and v6.12: unsigned short refcount; unsigned short order
     refcount_offset: int = 0
     refcount_bytes: int = 2
+    # v6.16+: the byte whose high nibble is __hyp_state_comp (u16 refcount, u8 order, then
+    # __host_state : 4 and __hyp_state_comp : 4, then u32 host_share_guest_count). EL2's page
+    # state lives there, not in the stage-1 software bits. None: read the software bits.
+    hyp_state_byte: int | None = None
+
+    @classmethod
+    def of_entry_bytes(cls, entry_bytes: int) -> HypPageLayout:
+        """The layout of a kernel whose struct hyp_page has `entry_bytes` (8: v6.16+)."""
+        return cls(entry_bytes=entry_bytes, hyp_state_byte=3 if entry_bytes == 8 else None)
 
 
 @dataclass(frozen=True)
@@ -214,6 +229,37 @@ def refcounts(dump: bytes, layout: CarveoutLayout, first_page: int, nr_pages: in
     return counts
 
 
+def hyp_states(dump: bytes, layout: CarveoutLayout, pages: set[int]) -> dict[str, set[int]]:
+    """v6.16+: EL2's state of each page, from `__hyp_state_comp` in its `hyp_page`
+    (hyp_page_state in nvhe/mem_protect.c): the stage-1 software bits are no longer set, so
+    a pinned shared page and a donated one look alike in the walk."""
+    byte = layout.hyp_page.hyp_state_byte
+    assert byte is not None
+    states: dict[str, set[int]] = {name: set() for name in STATE_NAMES.values()}
+    states["nopage"] = set()
+    for page in pages:
+        at = layout.vmemmap_offset(page) + byte
+        comp = dump[at] >> 4
+        states[VMEMMAP_STATE_NAMES[(comp ^ _VMEMMAP_STATE_MASK) & _VMEMMAP_STATE_MASK]].add(page)
+    return states
+
+
+def _pages_by_state(dump: bytes, layout: CarveoutLayout, stage1: Stage1) -> dict[str, set[int]]:
+    """Mapped pages by EL2's state: the software bits (up to v6.15) or the vmemmap (v6.16+;
+    a mapped page outside memory, e.g. the idmap of an image out of the memblocks, keeps its
+    software-bit state)."""
+    by_bits = stage1.pages_by_state()
+    if layout.hyp_page.hyp_state_byte is None:
+        return by_bits
+    mapped = set().union(*by_bits.values())
+    in_memory = {p for p in mapped
+                 if any(b <= p < b + size for b, size in layout.memblocks)}
+    states = hyp_states(dump, layout, in_memory)
+    for name, pages in by_bits.items():
+        states[name] |= pages - in_memory
+    return states
+
+
 def read_step(dump: bytes, layout: CarveoutLayout,
               va_bits_candidates: Sequence[int] = (48, 52, 47, 42, 39)) -> StepFigures:
     """The figures of one dump; DumpUnreadable when no walk passes the self-check."""
@@ -241,7 +287,7 @@ def read_step(dump: bytes, layout: CarveoutLayout,
             hyp_pool_pages=layout.hyp_pool_pages,
             hyp_pool_free_pages=layout.hyp_pool_pages - len(pinned),
             hyp_s1_table_pages=len(tables), table_pages_by_level=dict(sorted(by_level.items())),
-            pages_by_state=stage1.pages_by_state(), stage1=stage1,
+            pages_by_state=_pages_by_state(dump, layout, stage1), stage1=stage1,
         )
     raise DumpUnreadable("self-check failed: " + "; ".join(reasons))
 

@@ -46,9 +46,10 @@ class LifecycleBoot:
 
 
 def qemu_command(image: Path, initrd: Path, *, cpus: int, memory_args: Sequence[str],
-                 monitor: Path, cpu_model: str, vm_cap: int) -> list[str]:
+                 monitor: Path, cpu_model: str, vm_cap: int, keep_vms: bool = False
+                 ) -> list[str]:
     append = ("console=ttyAMA0 earlycon kvm-arm.mode=protected panic=-1 rdinit=/init "
-              f"pkvm_vm_cap={vm_cap}")
+              f"pkvm_vm_cap={vm_cap}" + (" pkvm_vm_keep=1" if keep_vms else ""))
     return [
         QEMU, "-M", "virt,virtualization=on,gic-version=3", "-cpu", cpu_model,
         "-smp", str(cpus), *memory_args, "-display", "none", "-serial", "stdio",

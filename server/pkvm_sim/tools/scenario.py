@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkvm_sim.core.config import Memblock, SimConfig, parse_size
+from pkvm_sim.core.errors import PkvmError
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.layout import GIB, PAGE_SIZES, Profile
 from pkvm_sim.core.model import FaultOutcome
@@ -306,6 +307,9 @@ def run_lifecycle_command(args: argparse.Namespace) -> int:
             plot_lifecycle(results, args.plot, _machine_line(configs[0], ia=len(configs) == 1))
     except ValueError as error:
         print(f"scenario: error: {error}", file=sys.stderr)
+        return 2
+    except PkvmError as error:  # e.g. NOT_MODELLED: a machine whose VMs are not modelled
+        print(f"scenario: error: {error.message} ({error.reason})", file=sys.stderr)
         return 2
     if args.json:
         out: Any = (results[0].as_json() if len(results) == 1

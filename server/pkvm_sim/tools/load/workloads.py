@@ -160,7 +160,9 @@ def _guest(w: Workload, state: VmState, rnd: random.Random) -> Call:
                  stake=w.topup_pages, batchable=False)
 
     def refused(refusal: Refusal) -> None:
-        if refusal.reason == "MEMCACHE_EMPTY":  # the memcache ran dry: top it up
+        # the memcache ran dry (v6.14: a fatal WARN, refused here; v6.16+: -ENOMEM below
+        # kvm_mmu_cache_min_pages): top it up
+        if refusal.reason in ("MEMCACHE_EMPTY", "MEMCACHE_TOO_SHORT"):
             state.pending.append(topup)
     # Unary: the ledger needs each top-up's memcache size and each map's refilled pages.
     return Call("guest_map", "guest_map", (ipa, pfn), mapped, refused=refused,
@@ -203,7 +205,9 @@ EXPECTED_FOR_OP = {
     # with hyp, or a memcache too short for the tables, WARNs at EL2 (fatal: refused here)
     "guest_map": frozenset({"PERMISSION_DENIED/IPA_MAPPED",
                             "FAILED_PRECONDITION/HOST_PAGE_SHARED_WITH_HYP",
-                            "FAILED_PRECONDITION/MEMCACHE_EMPTY"}),
+                            "FAILED_PRECONDITION/MEMCACHE_EMPTY",
+                            # v6.16+ (v6.18, v7.3): a page shared with hyp is a plain -EPERM
+                            "PERMISSION_DENIED/HOST_PAGE_SHARED_WITH_HYP"}),
     "share": frozenset({"PERMISSION_DENIED/HOST_PAGE_NOT_OWNED"}),
 }
 
