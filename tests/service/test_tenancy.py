@@ -220,17 +220,27 @@ def test_stop_during_a_heavy_batch_ends_within_grace() -> None:
         stub = Stub(channel)
         vm = create(stub, slice_pages=512)
         stream = OpenStream(stub, bearer(vm.token))
-        stream.requests.put(heavy_batch(vm.vm))
+        # Far more work than the grace period: batches back to back (a compiled core runs
+        # one in a fraction of a second), so the stop lands inside one of them.
+        for _ in range(64):
+            stream.requests.put(heavy_batch(vm.vm))
         time.sleep(0.3)
         # A grace long enough for the server to say goodbye on a loaded machine; the batch
-        # still stops at its next chunk, long before it would have ended.
+        # running still stops at its next chunk.
         service.stop(10.0)
-        partial = next(stream.call)  # the batch's answer: what ran, the rest ABORTED
-        assert 0 < partial.completed < 4096
+        answers: list[pb2.ExecuteResponse] = []
+
+        def read_until_the_stream_ends() -> None:
+            while True:
+                answers.append(next(stream.call))
+
+        assert refusal(read_until_the_stream_ends) == (grpc.StatusCode.UNAVAILABLE,
+                                                       "SHUTTING_DOWN")
+        *whole, partial = answers  # batches that ran before the stop, then the one it cut
+        assert all(answer.completed == 4096 for answer in whole)
+        assert 0 < partial.completed < 4096  # what ran; the rest ABORTED
         assert set(partial.codes[partial.completed:]) == {10}
         assert partial.errors[-1].reason == "SHUTTING_DOWN"
-        assert refusal(lambda: next(stream.call)) == (grpc.StatusCode.UNAVAILABLE,
-                                                      "SHUTTING_DOWN")
 
 
 # -- 3. quotas and bounds ---------------------------------------------------------------------
