@@ -43,7 +43,7 @@ allocations of `init_hyp_mode` are in PA (defaults: QEMU virt's).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .layout import ceil_div
@@ -216,24 +216,14 @@ DEBIAN_7_3_4K = KernelImage(
 # the 16K builds need in protected mode): hyp text 114c000 .. 1164000 (the idmap page
 # first), hyp rodata 2198000 .. 21a0000, hyp data and bss 2a28000 .. 2a2c000; per-CPU area
 # and host SVE state one 16 KiB page each. BTF: pkvm_hyp_vm 4448, the rest as 4K.
-DEBIAN_6_18_16K = KernelImage(
+DEBIAN_6_18_16K = replace(
+    DEBIAN_6_18_4K,
     name="linux-image-6.18.15+deb13-arm64-16k",
     kernel_va_bits=47,
-    kernel_va_bits_lpa2=52,
     idmap=(0x114C000, 0x114C800),
     hyp_sections=((0x114C800, 0x1164000), (0x2198000, 0x21A0000), (0x2A28000, 0x2A2C000)),
-    host_sections=(),
     nvhe_percpu_bytes=0x2B40,
-    sve_state_bytes=16 + 8736,
-    fixmap=True,
-    vmemmap_all_memory=True,
-    kvm_bytes=4072,
-    kvm_vcpu_bytes=7328,
     hyp_vm_bytes=4448,
-    hyp_vcpu_bytes=7344,
-    share_maps_at_el2=False,
-    vm_slot_at_create=True,
-    guest_stage2_at_el2=True,
 )
 
 # linux-image-7.3.4+deb13-arm64-16k, read the same way (lpa2=off): hyp text 12c0000 ..
@@ -241,25 +231,13 @@ DEBIAN_6_18_16K = KernelImage(
 # area and host SVE state one page each. The linear alias is in the upper half of the
 # 48-bit hyp VA space (0xd966...: bit 47, kvm_hyp_va_bits()), where 6.18's 16K build put it
 # in the lower (0x63b2...: bit 46). BTF: pkvm_hyp_vm 4512, the rest as 4K.
-DEBIAN_7_3_16K = KernelImage(
+DEBIAN_7_3_16K = replace(
+    DEBIAN_7_3_4K,
     name="linux-image-7.3.4+deb13-arm64-16k",
     kernel_va_bits=47,
-    kernel_va_bits_lpa2=52,
     idmap=(0x12C0000, 0x12C0800),
     hyp_sections=((0x12C0800, 0x12DC000), (0x2708000, 0x2710000), (0x31B8000, 0x31BC000)),
-    host_sections=(),
-    nvhe_percpu_bytes=3 * 4096,
-    sve_state_bytes=4 * 4096,
-    fixmap=True,
-    vmemmap_all_memory=True,
-    kvm_bytes=4136,
-    kvm_vcpu_bytes=9024,
     hyp_vm_bytes=4512,
-    hyp_vcpu_bytes=9040,
-    share_maps_at_el2=False,
-    vm_slot_at_create=True,
-    guest_stage2_at_el2=True,
-    va_msb_from_hyp_va_bits=True,
 )
 
 KERNEL_IMAGES: dict[tuple[str, int], KernelImage] = {
