@@ -302,3 +302,38 @@ def test_pins_cannot_take_more_hyp_pages_than_the_quota(clients: list[Client]) -
             pin(pfn, unpin=True)
         assert hyp_free_pages(client.stub) == start
         pin(pinned[0])  # the quota is back
+
+
+def test_the_ledger_follows_the_pool_whoever_frees_a_shared_table() -> None:
+    """Two VMs with small neighbouring slices (v6.12 places them in one 2 MiB region) share
+    a page each: the first share takes the leaf table, the second uses it. Whichever VM
+    unshares first, the pages charged to the two add up to the hyp pool pages their shares
+    took (GetStats), and to 0 once the last unshare frees the table."""
+    from pkvm_sim.core.config import SimConfig
+    from pkvm_sim.service.limits import Limits
+    from pkvm_sim.service.server import ServerSettings, start
+
+    service = start(SimConfig.from_mapping({"profile": "v6.12"}), ServerSettings(
+        listen="127.0.0.1:0", metrics_listen=None, limits=Limits(quota_hyp_pages=64)))
+    try:
+        ledger = service.servicer.ledger
+        for order in ((0, 1), (1, 0)):
+            client = Client(service.target)
+            vms = [client.create(slice_pages=64) for _ in range(2)]
+            start = hyp_free_pages(client.stub)
+            for vm in vms:
+                share(client, vm, vm.slice_base_pfn + 63)
+            charged = sum(ledger.held(vm.handle) for vm in vms)
+            assert charged == start - hyp_free_pages(client.stub) > 0
+            first, second = (vms[i] for i in order)
+            unshare(client, first, first.slice_base_pfn + 63)
+            charged = sum(ledger.held(vm.handle) for vm in vms)
+            assert charged == start - hyp_free_pages(client.stub)
+            unshare(client, second, second.slice_base_pfn + 63)
+            assert hyp_free_pages(client.stub) == start
+            assert [ledger.held(vm.handle) for vm in vms] == [0, 0]
+            for vm in vms:
+                client.destroy(vm)
+            client.close()
+    finally:
+        service.stop(0)
