@@ -382,13 +382,22 @@ def host_share(machine: Machine, handle: int, pfn: int, nr_pages: int,
     if not ledger.tracking or not _share_maps_at_el2(hv):
         return hv.host_share(handle, pfn, nr, page_by_page=page_by_page)
     stage1 = hv.hyp_stage1
-    keys = stage1.missing_tables(range(pfn, pfn + nr))
+    keys = planned_tables(stage1, pfn, nr)
     if page_by_page and len(keys) > ledger.room(handle):
         return _share_within_quota(machine, handle, pfn, nr)
     ledger.check_tables(handle, keys, f"sharing {nr} page(s)")
     result = hv.host_share(handle, pfn, nr, page_by_page=page_by_page)
     ledger.charge_tables(handle, stage1, keys)
     return result
+
+
+def planned_tables(stage1: HypStage1, pfn: int, nr_pages: int) -> list[Key]:
+    """The tables mapping [pfn, pfn + nr_pages) would take (HypStage1.missing_tables), from
+    one page per leaf-table span: the linear map moves a run of pages to a run of VAs, so
+    every table span the range meets holds the range's first or last page or one of the
+    pages `span` apart from the first, and all pages of a span share its tables."""
+    step = stage1.span_pages[stage1.table_levels[-1]]
+    return stage1.missing_tables([*range(pfn, pfn + nr_pages, step), pfn + nr_pages - 1])
 
 
 def _share_maps_at_el2(hv: Hypervisor) -> bool:
