@@ -11,9 +11,9 @@ all did before the charge). In each:
   (each such share makes EL2 take a stage-1 table from the hyp pool), stopping at the first
   refusal; printed: the hyp pool pages each VM's shares took (GetStats, before and after)
   and the pool's free pages left;
-- one VM times `--pairs` unary 256-page HostShare + HostUnshare pairs (the share is planned
-  against the quota with the quota, not without): p50 per server and the ratio of the two
-  in the same run.
+- then one VM on each server times `--pairs` unary 256-page HostShare + HostUnshare pairs,
+  the two servers in turn (so both see the same machine load); the share is planned against
+  the quota on the first server only. Printed: p50 per server and their ratio.
 """
 
 from __future__ import annotations
@@ -55,36 +55,29 @@ def fill_regions(stub: pb2_grpc.HypervisorServiceStub, regions: int) -> tuple[in
     return before - hyp_free(stub), ended
 
 
-def share_pairs(stub: pb2_grpc.HypervisorServiceStub, pairs: int) -> list[float]:
-    created = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=256), timeout=60)
-    vm, metadata = created.vm, bearer(created.token)
-    latencies = []
-    for _ in range(pairs):
+class SharingVm:
+    """A VM that times 256-page HostShare + HostUnshare pairs."""
+
+    def __init__(self, stub: pb2_grpc.HypervisorServiceStub) -> None:
+        created = stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=256), timeout=60)
+        self.stub, self.vm, self.metadata = stub, created.vm, bearer(created.token)
+
+    def pair(self) -> float:
+        handle, pfn = self.vm.handle, self.vm.slice_base_pfn
         start = time.perf_counter()
-        stub.HostShare(pb2.HostShareRequest(handle=vm.handle, pfn=vm.slice_base_pfn,
-                                            nr_pages=256), metadata=metadata, timeout=60)
-        stub.HostUnshare(pb2.HostUnshareRequest(handle=vm.handle, pfn=vm.slice_base_pfn,
-                                                nr_pages=256), metadata=metadata, timeout=60)
-        latencies.append(time.perf_counter() - start)
-    return latencies
+        self.stub.HostShare(pb2.HostShareRequest(handle=handle, pfn=pfn, nr_pages=256),
+                            metadata=self.metadata, timeout=60)
+        self.stub.HostUnshare(pb2.HostUnshareRequest(handle=handle, pfn=pfn, nr_pages=256),
+                              metadata=self.metadata, timeout=60)
+        return time.perf_counter() - start
 
 
-def run(quota: int, args: argparse.Namespace) -> float:
-    process, target = start_server("--profile", "v6.12", "--quota-hyp-pages", str(quota),
-                                   "--quota-slice-pages", "0")
-    try:
-        with grpc.insecure_channel(target) as channel:
-            stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
-            print(f"--quota-hyp-pages {quota}: hyp pool {hyp_free(stub)} pages free")
-            for index in range(args.vms):
-                taken, ended = fill_regions(stub, args.regions)
-                print(f"  VM {index}: its shares took {taken} hyp pool pages ({ended}); "
-                      f"pool free {hyp_free(stub)}")
-            p50 = summary(share_pairs(stub, args.pairs))["p50_ms"]
-            print(f"  256-page share+unshare pair: p50 {p50:.2f} ms")
-            return p50
-    finally:
-        stop_server(process)
+def fill(quota: int, stub: pb2_grpc.HypervisorServiceStub, args: argparse.Namespace) -> None:
+    print(f"--quota-hyp-pages {quota}: hyp pool {hyp_free(stub)} pages free")
+    for index in range(args.vms):
+        taken, ended = fill_regions(stub, args.regions)
+        print(f"  VM {index}: its shares took {taken} hyp pool pages ({ended}); "
+              f"pool free {hyp_free(stub)}")
 
 
 def main() -> int:
@@ -93,9 +86,28 @@ def main() -> int:
     parser.add_argument("--regions", type=int, default=300)
     parser.add_argument("--pairs", type=int, default=200)
     args = parser.parse_args()
-    with_quota = run(256, args)
-    without = run(0, args)
-    print(f"share+unshare p50 with the quota / without: {with_quota / without:.2f}")
+    quotas = (256, 0)
+    servers = [start_server("--profile", "v6.12", "--quota-hyp-pages", str(quota),
+                            "--quota-slice-pages", "0") for quota in quotas]
+    channels = [grpc.insecure_channel(target) for _process, target in servers]
+    try:
+        stubs = [pb2_grpc.HypervisorServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
+        for quota, stub in zip(quotas, stubs, strict=True):
+            fill(quota, stub, args)
+        sharers = [SharingVm(stub) for stub in stubs]
+        latencies: list[list[float]] = [[], []]
+        for _ in range(args.pairs):  # interleaved: both see the same machine load
+            for index, sharer in enumerate(sharers):
+                latencies[index].append(sharer.pair())
+        p50s = [summary(each)["p50_ms"] for each in latencies]
+        for quota, p50 in zip(quotas, p50s, strict=True):
+            print(f"256-page share+unshare pair, --quota-hyp-pages {quota}: p50 {p50:.2f} ms")
+        print(f"share+unshare p50 with the quota / without: {p50s[0] / p50s[1]:.2f}")
+    finally:
+        for channel in channels:
+            channel.close()
+        for process, _target in servers:
+            stop_server(process)
     return 0
 
 
