@@ -1,13 +1,15 @@
 """Every configuration knob, declared once: its flag, environment variable, config-file key,
 parser and help text. Defaults are never written here: help text reads them from the
-dataclass that owns the knob (`SimConfig`, `ServerSettings`, `Limits`), so they cannot drift.
+dataclass that owns the knob (`SimConfig`, `ServerSettings`, `Limits`: pkvm_sim/settings.py),
+so they cannot drift.
 
 Sources, later wins: defaults < `--config FILE` (TOML; YAML with PyYAML) < environment
 `PKVM_SIM_<KNOB>` < flags. In a config file the machine knobs sit at top level and the
 server knobs (listen address, security, limits) in a `[server]` table.
 
-It lives beside `cli.py`, outside the service, and imports no gRPC: `serve` and the offline
-tools (`reserve`, `scenario`) declare their machine flags through `add_sim_arguments`.
+It lives beside `cli.py` and `settings.py`, outside the service, and imports no gRPC: `serve`
+and the offline tools (`reserve`, `scenario`) declare their machine flags through
+`add_sim_arguments`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from pkvm_sim.core.config import Memblock, SimConfig
 from pkvm_sim.core.profiles import profile_help
+from pkvm_sim.settings import Limits, ServerSettings, parse_bool, split_host_port
 
 SIM = "sim"
 SERVER = "server"
@@ -55,8 +58,6 @@ def seconds(value: Any) -> float:
 
 def address(value: Any) -> str | None:
     """HOST:PORT, port 1..65535 (0 = any free port); 'off' disables (metrics only)."""
-    from pkvm_sim.service.server import split_host_port  # noqa: PLC0415 (keeps this module gRPC-free)
-
     text = str(value).strip()
     if text.lower() in ("", "off", "none"):
         return None
@@ -64,15 +65,7 @@ def address(value: Any) -> str | None:
     return text
 
 
-def boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"must be true or false, not {value!r}")
+boolean = parse_bool  # the one boolean parser of every source (flags, file, environment)
 
 
 def log_level(value: Any) -> str:
@@ -115,7 +108,7 @@ SIM_KNOBS = (
          "what the modelled boot takes, v6.1/v6.12)", "N"),
     Knob("hyp_pool_extra_pages", SIM, "enlarge the hyp pool by N pages", "N"),
     Knob("carveout_base", SIM, "place the carve-out here (none: top-down)", "ADDR"),
-    Knob("faithful_bugs", SIM, "reproduce the kernel's quirks (v5.13)", "BOOL"),
+    Knob("faithful_bugs", SIM, "reproduce the kernel's quirks (v5.13)", "BOOL", parse_bool),
     Knob("kernel_image_base", SIM, "where the kernel image sits (none: QEMU virt's, RAM "
          "base + 2 MiB)", "ADDR"),
     Knob("kvm_percpu_base", SIM, "where KVM's per-CPU host allocations start (none: 10 MiB "
@@ -138,8 +131,8 @@ SERVER_KNOBS = (
     Knob("tls_key", SERVER, "PEM private key of --tls-cert", "FILE", str),
     Knob("tls_client_ca", SERVER, "PEM CA bundle: require client certificates (mutual TLS)",
          "FILE", str),
-    Knob("client_token_file", SERVER, "CreateVM and host-wide calls need the token in this "
-         "file", "FILE", str),
+    Knob("client_token_file", SERVER, "CreateVM and host-wide calls need a token of this "
+         "file: one per line, 'TOKEN' or 'NAME TOKEN' (each line is one client)", "FILE", str),
     Knob("workers", SERVER, "ignored (the asyncio server needs no worker threads)", "N",
          non_negative_int),
     Knob("log_level", SERVER, "logging level: DEBUG, INFO, WARNING or ERROR", "LEVEL",
@@ -170,6 +163,12 @@ LIMIT_KNOBS = (
          non_negative_int),
     Knob("max_streams_per_connection", LIMITS, "concurrent HTTP/2 streams (calls) per "
          "connection; more are refused by HTTP/2 (0: no limit)", "N", non_negative_int),
+    Knob("max_vms_per_client", LIMITS, "VMs one client holds at once (a client: its line of "
+         "--client-token-file, else its connection; 0: no limit)", "N", non_negative_int),
+    Knob("max_streams_per_client", LIMITS, "open Execute streams on the VMs one client "
+         "created (0: no limit)", "N", non_negative_int),
+    Knob("max_lease_seconds_per_client", LIMITS, "lease seconds one client's live VMs hold "
+         "in all (0: no limit)", "S", seconds),
 )
 SERVICE_KNOBS = SERVER_KNOBS + LIMIT_KNOBS
 ALL_KNOBS = SIM_KNOBS + SERVICE_KNOBS
@@ -179,18 +178,12 @@ NOT_SETTINGS = ("log_level", "state_file")
 
 
 def _owner_defaults(section: str) -> dict[str, Any]:
-    # The service's dataclasses are imported only when their knobs are described, so the
-    # offline tools (reserve, scenario) never load gRPC.
     owner: type[Any]
     if section == SIM:
         owner = SimConfig
     elif section == LIMITS:
-        from pkvm_sim.service.limits import Limits  # noqa: PLC0415
-
         owner = Limits
     else:
-        from pkvm_sim.service.server import ServerSettings  # noqa: PLC0415
-
         owner = ServerSettings
     defaults: dict[str, Any] = {}
     for f in fields(owner):

@@ -210,7 +210,27 @@ def _coerce(key: str, value: Any) -> Any:
     if key in ("ia_bits", "nr_cpus", "hyp_s1_early_used_pages", "hyp_pool_extra_pages"):
         return int(value, 0) if isinstance(value, str) else int(value)
     if key == "faithful_bugs":
-        if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        return bool(value)
+        return parse_bool(value)
     return value
+
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(value: Any) -> bool:
+    """A boolean from a flag, an environment variable or a config file: a bool as is, 0 or
+    1, or one of TRUE_WORDS / FALSE_WORDS (any case, surrounding blanks ignored). Anything
+    else is a ValueError: "yes please" is a typo, not False. The one boolean parser of
+    every configuration source (pkvm_sim/settings.py exports it to the knobs)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in TRUE_WORDS:
+            return True
+        if text in FALSE_WORDS:
+            return False
+    raise ValueError(f"must be true or false, not {value!r}")

@@ -143,6 +143,21 @@ class HypStage1:
                     missing[key] = None
         return list(missing)
 
+    def missing_tables(self, pfns: Iterable[int]) -> list[Key]:
+        """The tables, by key, that mapping these (unmapped) pages would take from the hyp
+        pool, in the order mapping would allocate them (a plan: nothing changes)."""
+        return self._missing(pfns)
+
+    def table_at(self, key: Key) -> int | None:
+        """The pfn of the run-time table `key`, None when there is none (or it is a boot
+        table)."""
+        return self._tables.get(key)
+
+    @property
+    def nr_tables(self) -> int:
+        """Run-time table pages, those taken from the hyp pool and freed when empty."""
+        return len(self._tables)
+
     def tables_needed(self, pfns: Iterable[int]) -> int:
         """Hyp pool pages that mapping these (unmapped) pages would take."""
         return len(self._missing(pfns))

@@ -11,8 +11,10 @@ can hold anything. Tokens are looked up by their SHA-256 digest and then compare
 `hmac.compare_digest`, so neither step's timing depends on how much of a guess is right.
 Tokens are never logged.
 
-With a client token configured (`--client-token-file`), CreateVM and the host-wide calls
-(MapMMIO, HostFault) need `authorization: Bearer <client token>` (`ClientToken.check`).
+With client tokens configured (`--client-token-file`, one per line, each one client's),
+CreateVM and the host-wide calls (MapMMIO, HostFault) need `authorization: Bearer <client
+token>` (`ClientToken.check`), which names the client the per-client caps count against;
+without, a client is its connection (`client_of`).
 
 A successful VM check renews the VM's lease (service/leases.py): every call made on behalf of
 a VM, unary or an Execute batch, goes through `check`, so no RPC can forget to renew.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grpc
@@ -34,6 +36,7 @@ from .leases import LeaseTable
 AUTH_METADATA_KEY = "authorization"
 BEARER_SCHEME = "bearer"
 MAX_TOKEN_BYTES = 1024  # longer authorization values are refused without hashing them
+DEFAULT_CLIENT = "client"  # the client of a lone token
 REMEMBERED_REVOKED = 4096  # tokens of destroyed VMs still answered NOT_FOUND, not BAD_TOKEN
 
 
@@ -154,30 +157,64 @@ class TokenRegistry:
 
 
 class ClientToken:
-    """The token CreateVM and the host-wide calls need, when one is configured."""
+    """The tokens CreateVM and the host-wide calls need, when any is configured; each is
+    one client's (its name is who the per-client caps count against)."""
 
-    def __init__(self, token: str | None) -> None:
-        self._token = token.encode() if token else None
+    def __init__(self, token: str | None, *, named: Mapping[str, str] | None = None) -> None:
+        """`token`: one token, client name "client"; `named`: client name -> token."""
+        tokens = dict(named or {})
+        if token:
+            tokens.setdefault(DEFAULT_CLIENT, token)
+        self._tokens = [(secret.encode(), name) for name, secret in tokens.items()]
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> ClientToken:
-        """Read the token (surrounding whitespace stripped); an empty file is an error."""
+        """Read the tokens: one per line, `TOKEN` or `NAME TOKEN` (the line's client; an
+        unnamed line's client is "client" for a file of one token, else "line-N"). Blank
+        lines and lines starting with '#' are skipped; a file with no token is an error, and
+        so is a token or name given twice."""
         if path is None:
             return cls(None)
-        token = Path(path).read_text(encoding="utf-8").strip()
-        if not token or len(token) > MAX_TOKEN_BYTES or any(c.isspace() for c in token):
-            raise ValueError(f"{path}: the client token must be 1..{MAX_TOKEN_BYTES} "
-                             "characters without whitespace")
-        return cls(token)
+        lines = [(number, line.split()) for number, line in enumerate(
+            Path(path).read_text(encoding="utf-8").splitlines(), start=1)
+            if line.strip() and not line.lstrip().startswith("#")]
+        named: dict[str, str] = {}
+        for number, words in lines:
+            if len(words) > 2 or not all(1 <= len(w) <= MAX_TOKEN_BYTES for w in words):
+                raise ValueError(f"{path}:{number}: expected TOKEN or NAME TOKEN, a token of "
+                                 f"1..{MAX_TOKEN_BYTES} characters without whitespace")
+            token = words[-1]
+            name = words[0] if len(words) == 2 else (
+                DEFAULT_CLIENT if len(lines) == 1 else f"line-{number}")
+            if name in named or token in named.values():
+                raise ValueError(f"{path}:{number}: client {name!r} or its token is given twice")
+            named[name] = token
+        if not named:
+            raise ValueError(f"{path}: the client token file holds no token")
+        return cls(None, named=named)
 
     @property
     def required(self) -> bool:
-        return self._token is not None
+        return bool(self._tokens)
 
-    def check(self, token: str | None, what: str) -> None:
-        if self._token is None:
-            return
+    def check(self, token: str | None, what: str) -> str | None:
+        """The name of the client whose token this is; None when no token is configured.
+        Every configured token is compared (in constant time), whichever matches."""
+        if not self._tokens:
+            return None
         if token is None:
             raise missing_token(f"{what} (a client token is configured)")
-        if not hmac.compare_digest(token.encode(), self._token):
+        given = token.encode()
+        client = None
+        for secret, name in self._tokens:
+            if hmac.compare_digest(given, secret):
+                client = name
+        if client is None:
             raise _unauthenticated("BAD_CLIENT_TOKEN", f"{what}: the client token is wrong")
+        return client
+
+
+def client_of(named: str | None, peer: str) -> str:
+    """Who a call is, for the per-client caps: the client its token names, else its
+    connection (the gRPC peer, such as ipv4:127.0.0.1:50412)."""
+    return named if named is not None else peer

@@ -21,12 +21,14 @@ from collections.abc import Callable
 
 import grpc
 
+from pkvm_sim.settings import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_LEASE_SECONDS
+
 from .errors import ServiceError
 
-log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_LEASE_SECONDS", "DEFAULT_MAX_LEASE_SECONDS", "LeaseTable", "Reaper",
+           "check_interval"]
 
-DEFAULT_LEASE_SECONDS = 600.0
-DEFAULT_MAX_LEASE_SECONDS = 86_400.0
+log = logging.getLogger(__name__)
 MAX_CHECK_INTERVAL = 1.0
 # The shortest lease: below it the reaper (which looks every quarter lease) would spin, and
 # a client could not make a call before its VM expired.

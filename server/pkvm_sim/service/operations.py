@@ -26,7 +26,7 @@ import functools
 import logging
 import operator
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -36,11 +36,19 @@ from pkvm.v1 import hypervisor_pb2 as pb2
 
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.errors import InvalidArgument, WouldPanic
+from pkvm_sim.core.hyp_stage1 import HypStage1, Key
 from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.core.model import FaultOutcome, FaultResult, PoolKind, VmInfo
+from pkvm_sim.core.model import FaultOutcome, FaultResult, PoolKind, ShareResult, VmInfo
 
 from .errors import ServiceError
-from .limits import HypPageLedger, Limits, check_name, check_pages, quota_exceeded
+from .limits import (
+    ClientLedger,
+    HypPageLedger,
+    Limits,
+    check_name,
+    check_pages,
+    quota_exceeded,
+)
 
 if TYPE_CHECKING:
     from .auth import TokenRegistry
@@ -74,14 +82,18 @@ class Machine:
     tokens: TokenRegistry
     reservation: pb2.ReserveResponse
     instance_id: str
+    clients: ClientLedger
     # SaveState: takes the lock itself, writes on a worker thread (set by the servicer).
     save_state: Callable[[], Awaitable[SaveResult]] | None = None
     # GetStats: concurrent calls share one snapshot (service/coalesce.py; set by the servicer).
     shared_stats: Callable[[], Awaitable[Message]] | None = None
 
     def forget_vm(self, handle: int) -> None:
-        """Service bookkeeping of a destroyed VM."""
+        """Service bookkeeping of a destroyed VM (its teardown unmapped its shares and pins:
+        the tables EL2 freed are released first, whichever VM they were charged to)."""
         self.tokens.revoke(handle)
+        self.clients.forget(handle)
+        self.ledger.settle_tables(self.hv.hyp_stage1)
         self.ledger.drop(handle)
 
 
@@ -105,6 +117,7 @@ class Operation:
     # False: the call holds no --max-concurrent-rpcs slot (SaveState: its callers share
     # saves and wait at no cost, service/coalesce.py)
     admitted: bool = True
+    with_client: bool = False  # `run` takes the calling client last (auth.client_of)
 
     @functools.cached_property
     def response_type(self) -> type[Message]:
@@ -266,7 +279,8 @@ class CreatedVm:
 
 
 def create_vm(machine: Machine, nr_vcpus: int, slice_pages: int, name: str,
-              lease_seconds: float) -> CreatedVm:
+              lease_seconds: float, client: str | None = None) -> CreatedVm:
+    """CreateVM for `client` (None: no client is known, nothing is counted)."""
     lease = machine.leases.validate(lease_seconds)
     check_name(name)
     limits = machine.limits
@@ -275,9 +289,13 @@ def create_vm(machine: Machine, nr_vcpus: int, slice_pages: int, name: str,
                              f"{limits.quota_slice_pages} pages per VM")
     if limits.max_vms and len(machine.tokens) >= limits.max_vms:
         raise quota_exceeded(f"the server holds its maximum of {limits.max_vms} VMs")
+    if client is not None:
+        machine.clients.check_create(client, lease)
     info = machine.hv.create_vm(nr_vcpus=nr_vcpus, slice_pages=slice_pages,
                                 name=name or None)
     token = machine.tokens.issue(info.handle, lease)
+    if client is not None:
+        machine.clients.created(info.handle, client, lease)
     log.info("VM %#x created: %d vCPUs, %d slice pages, lease %g s", info.handle,
              info.nr_vcpus, info.slice_nr_pages, lease)
     return CreatedVm(info, token, lease)
@@ -355,20 +373,97 @@ def get_page(machine: Machine, handle: int, pfn: int) -> int:
 
 def host_share(machine: Machine, handle: int, pfn: int, nr_pages: int,
                page_by_page: bool = False) -> Any:
-    return machine.hv.host_share(handle, pfn, page_count(machine, nr_pages),
-                                 page_by_page=page_by_page)
+    """HostShare; where the kernel maps shares at EL2 (before v6.16) the stage-1 tables the
+    share makes EL2 allocate are charged to the VM's hyp pool quota, planned first: a share
+    over the quota is refused and changes nothing (page by page: the pages whose tables fit
+    are shared, the first one that does not fit is the refused page)."""
+    nr = page_count(machine, nr_pages)
+    hv, ledger = machine.hv, machine.ledger
+    if not ledger.tracking or not _share_maps_at_el2(hv):
+        return hv.host_share(handle, pfn, nr, page_by_page=page_by_page)
+    stage1 = hv.hyp_stage1
+    keys = planned_tables(stage1, pfn, nr)
+    if page_by_page and len(keys) > ledger.room(handle):
+        return _share_within_quota(machine, handle, pfn, nr)
+    ledger.check_tables(handle, keys, f"sharing {nr} page(s)")
+    result = hv.host_share(handle, pfn, nr, page_by_page=page_by_page)
+    ledger.charge_tables(handle, stage1, keys)
+    return result
+
+
+def planned_tables(stage1: HypStage1, pfn: int, nr_pages: int) -> list[Key]:
+    """The tables mapping [pfn, pfn + nr_pages) would take (HypStage1.missing_tables), from
+    one page per leaf-table span: the linear map moves a run of pages to a run of VAs, so
+    every table span the range meets holds the range's first or last page or one of the
+    pages `span` apart from the first, and all pages of a span share its tables."""
+    step = stage1.span_pages[stage1.table_levels[-1]]
+    return stage1.missing_tables([*range(pfn, pfn + nr_pages, step), pfn + nr_pages - 1])
+
+
+def _share_maps_at_el2(hv: Hypervisor) -> bool:
+    """Whether a host share maps the page in EL2's stage-1 (hyp_complete_share, before
+    v6.16); from v6.16 the first pin of a shared page maps it (hyp_pin_shared_mem)."""
+    build = hv.build
+    return build is None or build.share_maps_at_el2
+
+
+def _pages_within(stage1: HypStage1, pfns: range, room: int) -> tuple[int, list[Key]]:
+    """How many pages from the start of `pfns` can be mapped with at most `room` new
+    tables, and those tables."""
+    planned: dict[Key, None] = {}
+    for done, q in enumerate(pfns):
+        more = [key for key in stage1.missing_tables((q,)) if key not in planned]
+        if len(planned) + len(more) > room:
+            return done, list(planned)
+        planned.update(dict.fromkeys(more))
+    return len(pfns), list(planned)
+
+
+def _share_within_quota(machine: Machine, handle: int, pfn: int, nr: int) -> ShareResult:
+    """A page-by-page share the quota cuts short: the pages whose tables fit are shared as
+    the host's loop would share them; the first page over the quota is reported refused."""
+    hv, ledger = machine.hv, machine.ledger
+    fit, keys = _pages_within(hv.hyp_stage1, range(pfn, pfn + nr), max(0, ledger.room(handle)))
+    if not fit:
+        ledger.check_tables(handle, hv.hyp_stage1.missing_tables((pfn,)), "sharing the page")
+    result = hv.host_share(handle, pfn, fit, page_by_page=True)
+    ledger.charge_tables(handle, hv.hyp_stage1, keys)
+    if result.failed_pfn is None:  # every page that fits was shared: the next one is refused
+        return replace(result, nr_pages=nr, failed_pfn=pfn + fit,
+                       failed_reason="QUOTA_EXCEEDED", failed_errno="ENOMEM")
+    return replace(result, nr_pages=nr)
 
 
 def host_unshare(machine: Machine, handle: int, pfn: int, nr_pages: int) -> Any:
-    return machine.hv.host_unshare(handle, pfn, page_count(machine, nr_pages))
+    stage1 = machine.hv.hyp_stage1
+    before = stage1.nr_tables
+    result = machine.hv.host_unshare(handle, pfn, page_count(machine, nr_pages))
+    machine.ledger.settle_tables(stage1, before)
+    return result
 
 
 def pin_shared(machine: Machine, handle: int, pfn: int, nr_pages: int) -> None:
-    machine.hv.pin_shared(handle, pfn, page_count(machine, nr_pages))
+    """PinShared; from v6.16 the first pin of a page maps it at EL2 (hyp_pin_shared_mem):
+    those tables are charged to the VM's hyp pool quota, planned first."""
+    nr = page_count(machine, nr_pages)
+    hv, ledger = machine.hv, machine.ledger
+    if not ledger.tracking or _share_maps_at_el2(hv):
+        hv.pin_shared(handle, pfn, nr)
+        return
+    vmemmap = hv.vmemmap  # pages it does not cover: the core refuses the pin
+    first_pins = [q for q in range(pfn, pfn + nr)
+                  if vmemmap.covers(q) and not vmemmap.refcount(q)]
+    keys = hv.hyp_stage1.missing_tables(first_pins)
+    ledger.check_tables(handle, keys, f"pinning {nr} page(s)")
+    hv.pin_shared(handle, pfn, nr)
+    ledger.charge_tables(handle, hv.hyp_stage1, keys)
 
 
 def unpin_shared(machine: Machine, handle: int, pfn: int, nr_pages: int) -> None:
+    stage1 = machine.hv.hyp_stage1
+    before = stage1.nr_tables
     machine.hv.unpin_shared(handle, pfn, page_count(machine, nr_pages))
+    machine.ledger.settle_tables(stage1, before)
 
 
 def map_mmio(machine: Machine, addr: int) -> FaultResult:
@@ -461,7 +556,8 @@ _SHARE = ("pfn", "nr_pages")
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("CreateVM", Auth.CLIENT, create_vm,
-              ("nr_vcpus", "slice_pages", "name", "lease_seconds"), counted="create_vm"),
+              ("nr_vcpus", "slice_pages", "name", "lease_seconds"), counted="create_vm",
+              with_client=True),
     Operation("DestroyVM", Auth.VM, destroy_vm, ("handle",), Into("pages_returned"),
               counted="destroy_vm"),
     Operation("RenewVM", Auth.VM, renew_vm, ("handle",)),

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import ssl
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,17 +33,12 @@ from pkvm_sim.metrics import (
     locked_snapshot,
     serve_metrics,
 )
+from pkvm_sim.settings import ServerSettings as ServerSettings  # re-exported: its old home
+from pkvm_sim.settings import split_host_port as split_host_port
 
 from .auth import ClientToken
 from .decoding import add_servicer
-from .leases import (
-    DEFAULT_LEASE_SECONDS,
-    DEFAULT_MAX_LEASE_SECONDS,
-    LeaseTable,
-    Reaper,
-    check_interval,
-)
-from .limits import Limits
+from .leases import LeaseTable, Reaper, check_interval
 from .servicer import SERVICE_NAME, HypervisorServicer
 
 if TYPE_CHECKING:
@@ -57,79 +50,18 @@ MIB = 1 << 20
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """Transport, security and tenancy settings (docs/service.md). The knobs a user sets
-    are declared once in pkvm_sim/knobs.py, with these defaults."""
-
-    listen: str = "127.0.0.1:50051"
-    metrics_listen: str | None = "127.0.0.1:9100"  # None: no metrics endpoint
-    metrics_per_vm: bool = False  # per-VM pool series: the series count then grows with VMs
-    workers: int = 16  # unused by the asyncio server; kept so old configurations load
-    grace_seconds: float = 10.0  # shutdown completes within this, whatever is running
-    max_message_bytes: int = 4 * MIB  # a full 4096-op batch is about 60 KiB
-    keepalive_time_ms: int = 60_000  # server pings an idle connection every minute
-    keepalive_timeout_ms: int = 20_000  # and drops it if the ping is not answered
-    min_client_ping_interval_ms: int = 10_000  # clients may ping this often
-    max_connection_idle_ms: int = 0  # 0: never close idle connections (long-lived VMs)
-    vm_lease_seconds: float = DEFAULT_LEASE_SECONDS  # 0: no leases, VMs live until destroyed
-    max_vm_lease_seconds: float = DEFAULT_MAX_LEASE_SECONDS  # the longest lease a VM may ask
-    lease_check_interval: float | None = None  # None: min(1 s, vm_lease_seconds / 4)
-    limits: Limits = field(default_factory=Limits)
-    chunk_seconds: float = 0.002  # the longest a batch holds the lock at once (plus one op)
-    tls_cert: str | None = None  # PEM certificate chain: serve TLS (with tls_key)
-    tls_key: str | None = None  # PEM private key
-    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mTLS)
-    client_token_file: str | None = None  # CreateVM and host-wide calls need this token
-    extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        split_host_port(self.listen)
-        if self.metrics_listen is not None:
-            split_host_port(self.metrics_listen)
-        for name in ("grace_seconds", "chunk_seconds"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be finite and >= 0, not {value}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-
-    def grpc_options(self) -> list[tuple[str, Any]]:
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", self.min_client_ping_interval_ms),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.so_reuseport", 0),  # a second server on a busy port fails loudly
-        ]
-        if self.max_connection_idle_ms:
-            options.append(("grpc.max_connection_idle_ms", self.max_connection_idle_ms))
-        if self.limits.max_streams_per_connection:
-            options.append(("grpc.max_concurrent_streams",
-                            self.limits.max_streams_per_connection))
-        if self.limits.max_connections:
-            options.append(("grpc.max_allowed_incoming_connections",
-                            self.limits.max_connections))
-        options.extend(self.extra_options)
-        return options
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        """TLS credentials from the PEM files, or None for plaintext."""
-        if self.tls_cert is None or self.tls_key is None:
-            return None
-        check_key_pair(self.tls_cert, self.tls_key)
-        chain = Path(self.tls_cert).read_bytes()
-        key = Path(self.tls_key).read_bytes()
-        client_ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca else None
-        return grpc.ssl_server_credentials(
-            [(key, chain)], root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files, or None for plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    check_key_pair(settings.tls_cert, settings.tls_key)
+    chain = Path(settings.tls_cert).read_bytes()
+    key = Path(settings.tls_key).read_bytes()
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def check_key_pair(cert_path: str, key_path: str) -> None:
@@ -144,14 +76,6 @@ def check_key_pair(cert_path: str, key_path: str) -> None:
                              f" --tls-cert {cert_path}") from None
         raise ValueError(f"cannot load --tls-cert {cert_path} with --tls-key {key_path}:"
                          f" {error.reason or error}") from None
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """HOST:PORT with a port in 0..65535 (0: any free port, reported once listening)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT with a port in 1..65535 (0: any), not {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def carveout_parts(config: SimConfig) -> dict[str, int]:
@@ -280,7 +204,7 @@ def start(
     leases = LeaseTable(settings.vm_lease_seconds, settings.max_vm_lease_seconds)
     interval = check_interval(settings.vm_lease_seconds, settings.lease_check_interval)
     client_token = ClientToken.from_file(settings.client_token_file)
-    credentials = settings.server_credentials()
+    credentials = server_credentials(settings)
     hv = hypervisor if hypervisor is not None else Hypervisor.boot(config)
     servicer = HypervisorServicer(
         hv, config, leases, limits=settings.limits, client_token=client_token,

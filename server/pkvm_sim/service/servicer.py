@@ -42,7 +42,7 @@ from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.model import HypervisorStatistics
 from pkvm_sim.core.reservation import compute_reservation, partition_carveout
 
-from .auth import ClientToken, TokenRegistry, bearer_token
+from .auth import ClientToken, TokenRegistry, bearer_token, client_of
 from .batch import BatchRun, batch_functions, validate_batch
 from .coalesce import Coalesced
 from .counters import ServiceCounters
@@ -50,7 +50,7 @@ from .decoding import Undecodable
 from .errors import ServiceError, describe, to_status
 from .fairness import FairLock
 from .leases import LeaseTable
-from .limits import Admission, HypPageLedger, Limits, exhausted
+from .limits import Admission, ClientLedger, HypPageLedger, Limits, exhausted
 from .operations import OPERATIONS, Auth, Machine, Operation, stats_response
 
 if TYPE_CHECKING:
@@ -123,8 +123,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self._stats = Coalesced(self._stats_response, spacing=STATS_SPACING)
         self.machine = Machine(
             hypervisor, config, self.limits, self.ledger, self.counters, self.leases,
-            self.tokens, self.reservation, self.instance_id, self._save_state,
-            self._shared_stats,
+            self.tokens, self.reservation, self.instance_id, ClientLedger(self.limits),
+            self._save_state, self._shared_stats,
         )
         self._batch_fns = batch_functions(self.machine,
                                           host_wide_allowed=not self.client_token.required)
@@ -193,6 +193,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         method, auth, counted = operation.rpc, operation.auth, operation.counted
         run, read_args, reply = operation.run, operation.read_args, operation.replier
         awaited, admitted, machine = operation.awaited, operation.admitted, self.machine
+        with_client = operation.with_client
         operations, count_request = self.counters.operations, self.counters.count_request
         tokens, admission = self.tokens, self.admission
         instance_metadata = self.instance_metadata
@@ -212,13 +213,16 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 if admitted:  # SaveState's callers share saves and hold no slot
                     admission.enter_rpc()
                 try:
+                    named = None
                     if auth is Auth.VM:
                         tokens.check(request.handle,
                                      bearer_token(context.invocation_metadata()))
                     elif auth is Auth.CLIENT:
-                        self.client_token.check(bearer_token(context.invocation_metadata()),
-                                                method)
+                        named = self.client_token.check(
+                            bearer_token(context.invocation_metadata()), method)
                     args = read_args(request)
+                    if with_client:  # the per-client caps (limits.ClientLedger)
+                        args = (*args, client_of(named, context.peer()))
                     if awaited:
                         result = await run(machine, *args)
                     else:  # under the lock, in this client's fair turn (fairness.py)
@@ -288,7 +292,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self._admit()  # a stream counts as a call for as long as it is open
             try:
                 handle = self.tokens.handle_of(token)
-                self.admission.open_stream(handle)
+                client = self.machine.clients.owner_of(handle)
+                self.admission.open_stream(handle, client)
             except BaseException:
                 self.admission.leave_rpc()
                 raise
@@ -307,7 +312,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             self.counters.count_request("Execute", "UNAVAILABLE")
             await self._abort(context, shutting_down())
         finally:
-            self.admission.close_stream(handle)
+            self.admission.close_stream(handle, client)
             self.admission.leave_rpc()
         self.counters.count_request("Execute", "OK")
 
