@@ -182,9 +182,11 @@ def test_ctrl_c_keeps_finished_rows_and_says_how_many_are_missing(tmp_path: Path
     grid.write_text('runs = ["capacity"]\nprofiles = ["v6.1"]\n[shapes]\n'
                     f's = {{ vcpus = 1, memory = "16M" }}\n[machines]\n{machines}\n')
     out = tmp_path / "rows.csv"
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # keeps it ignored: give the sweep the disposition a terminal's Ctrl-C finds.
     proc = subprocess.Popen(
         [sys.executable, "-m", "pkvm_sim.cli", "sweep", str(grid), "--out", str(out), *where],
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         assert proc.stderr is not None
         first = proc.stderr.readline()  # printed when the first point is done
@@ -198,6 +200,10 @@ def test_ctrl_c_keeps_finished_rows_and_says_how_many_are_missing(tmp_path: Path
     assert 1 <= len(rows) < 40
     assert f"{40 - len(rows)} points missing" in err
     assert all(r["error"] is None and r["vms"] for r in rows)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # -- on real Dask clusters --------------------------------------------------------------
