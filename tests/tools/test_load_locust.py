@@ -39,8 +39,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Long enough for every user to make each of its calls on a machine at a load average of 12
+# (at 5 s, two runs there ended with no call but create/destroy, or with no figures at all).
+RUN_TIME = "20s"
+
+
 def run_args(target: str, users: int, workload: str) -> list[str]:
-    return ["--headless", "-u", str(users), "-r", str(users), "-t", "5s", "--stop-timeout",
+    return ["--headless", "-u", str(users), "-r", str(users), "-t", RUN_TIME, "--stop-timeout",
             "30", "--host", target, "--pkvm-workload", workload, "--json",
             "--loglevel", "WARNING"]
 
