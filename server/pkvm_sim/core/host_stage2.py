@@ -30,8 +30,9 @@ MMIO is recycled only if that makes the plan fit, and a refusal changes nothing.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from .config import Memblock, SimConfig
 from .errors import InvalidArgument, OutOfMemory, PermissionDenied, WouldPanic
@@ -483,6 +484,33 @@ class HostStage2:
     def host_leaf(self, pfn: int) -> tuple[Pte | None, int]:
         pte, level, _table = self.pgt.lookup(pfn << self.page_shift)
         return pte, level
+
+    # -- state (core/state_file.py) ------------------------------------------------------------
+
+    def state(self) -> dict[str, object]:
+        """What a restore needs beyond the table pages themselves (simulated memory) and
+        the pools: the PGD (a check: boot decides it), the counters, the mm_ops counts."""
+        return {
+            "pgd_pfns": list(self.pgt.pgd_pfns),
+            "counters": asdict(self.counters),
+            "tables_allocated": self.mm.allocated,
+            "tables_freed": self.mm.freed,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take `state()`'s values over a freshly booted host stage-2; ValueError, with
+        nothing changed, if the PGD or the set of counters is not this machine's."""
+        if list(state["pgd_pfns"]) != self.pgt.pgd_pfns:
+            raise ValueError("the host stage-2 PGD differs from the one this configuration"
+                             " boots")
+        counters = state["counters"]
+        known = {f.name for f in fields(_Counters)}
+        if set(counters) != known:
+            raise ValueError(f"host stage-2 counters {sorted(counters)}, expected"
+                             f" {sorted(known)}")
+        self.counters = _Counters(**{name: int(value) for name, value in counters.items()})
+        self.mm.allocated = int(state["tables_allocated"])
+        self.mm.freed = int(state["tables_freed"])
 
     def statistics(self, pool_stats: list[PoolStatistics]) -> HostStage2Statistics:
         c = self.counters
