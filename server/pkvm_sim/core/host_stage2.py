@@ -165,6 +165,7 @@ class HostStage2:
         self.mm = HostMmOps(list(pools), vmemmap.layout.refcount_max)
         self.memblocks: tuple[Memblock, ...] = config.memblocks
         self._bases = [block.base for block in self.memblocks]
+        self._ends = [block.end for block in self.memblocks]  # each fault reads them
         from .pgtable import pgd_geometry
 
         _start, nr_pgd = pgd_geometry(self.geometry, config.ia_bits)
@@ -186,11 +187,12 @@ class HostStage2:
 
     def find_mem_range(self, addr: int) -> tuple[bool, int, int]:
         """(is memory, range start, range end): the memblock holding addr, else the gap."""
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0 and addr < self.memblocks[i].end:
-            return True, self.memblocks[i].base, self.memblocks[i].end
-        start = self.memblocks[i].end if i >= 0 else 0
-        end = self.memblocks[i + 1].base if i + 1 < len(self.memblocks) else 1 << 64
+        bases = self._bases
+        i = bisect.bisect_right(bases, addr) - 1
+        if i >= 0 and addr < self._ends[i]:
+            return True, bases[i], self._ends[i]
+        start = self._ends[i] if i >= 0 else 0
+        end = bases[i + 1] if i + 1 < len(bases) else 1 << 64
         return False, start, end
 
     def is_memory(self, addr: int) -> bool:
