@@ -159,11 +159,13 @@ def audit(hv: Hypervisor) -> None:
             annotated.append((m.start, m.end))
             continue
         assert m.pte[PTE_KIND] == LEAF
-        i = bisect.bisect_right(starts, m.start) - 1
-        for s, e in hyp_runs[max(i, 0):]:
-            if s >= m.end:
-                break
-            assert e <= m.start, f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
+        # The hyp runs from the last one starting at or before the leaf, up to the leaf's
+        # end (indices, not a slice: a slice would copy the rest of the list per leaf).
+        i = max(bisect.bisect_right(starts, m.start) - 1, 0)
+        while i < len(hyp_runs) and hyp_runs[i][0] < m.end:
+            assert hyp_runs[i][1] <= m.start, \
+                f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
+            i += 1
         if m.pte[PTE_STATE] != STATE_OWNED:
             assert m.pte[PTE_STATE] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
             shared_host.add(m.start >> shift)

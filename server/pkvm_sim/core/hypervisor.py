@@ -54,7 +54,6 @@ from .host_stage2 import HostStage2
 from .hyp_pool import HypPool, get_order
 from .hyp_stage1 import HypStage1
 from .layout import ceil_div, effective_max_order
-from .state_values import decode_page, encode_page
 from .model import (
     FaultResult,
     GuestMapResult,
@@ -89,6 +88,7 @@ from .pgtable import (
 from .physmem import PhysicalMemory
 from .profiles import FIRST_KERNEL, KVM_MAX_PVMS, Operation
 from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
+from .state_values import decode_page, encode_page
 from .vmemmap import Vmemmap
 
 VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000

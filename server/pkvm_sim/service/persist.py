@@ -113,9 +113,10 @@ class StateKeeper:
         decoded = state_file.load(self.path)
         hv = state_file.restore(decoded)
         service = parse_service(decoded.service)
-        if set(service.tokens) != set(hv.vm_table):
-            raise StateFileError(f"the tokens of VMs {sorted(set(service.tokens) ^ set(hv.vm_table))}"
-                                 " do not match the machine's VMs")
+        odd = set(service.tokens) ^ set(hv.vm_table)
+        if odd:
+            raise StateFileError(f"the tokens of VMs {sorted(odd)} do not match the machine's"
+                                 " VMs")
         self._pending_service = service
         self.load_seconds = time.perf_counter() - started
         return Restored(hv, hv.config, decoded.size_bytes, tuple(decoded.notes))
