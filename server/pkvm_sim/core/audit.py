@@ -64,7 +64,7 @@ def audit(hv: Hypervisor) -> None:
     assert all(order == 0 for _rc, order in held.values()), "a host table block is not order 0"
 
     hyp_held = {pfn for pfn, _rc, _o in hv.hyp_pool.held_blocks()}
-    owned_hyp = {pfn for pfn, (_h, kind) in hv._owners.items() if kind is PoolKind.HYP}
+    owned_hyp = {pfn for pfn, (_h, kind) in hv.owners.items() if kind is PoolKind.HYP}
     s1_tables = hv.hyp_stage1.table_pages()
     assert not owned_hyp & set(s1_tables), "a VM's block is also a hyp stage-1 table"
     boot_tables = set(hv.hyp_stage1.pool_boot_tables.values())
@@ -79,19 +79,19 @@ def audit(hv: Hypervisor) -> None:
 
     table_pfns = set(host_tables)
     hm = hv.host_memory
-    for pfn, (h, _kind) in hv._owners.items():
-        assert h in hv._vms, f"block {pfn:#x} owned by a destroyed VM"
+    for pfn, (h, _kind) in hv.owners.items():
+        assert h in hv.vm_table, f"block {pfn:#x} owned by a destroyed VM"
     vm_owned_by_handle: dict[int, set[int]] = {}  # one pass over the owners, not one per VM
-    for pfn, (h, kind) in hv._owners.items():
+    for pfn, (h, kind) in hv.owners.items():
         if kind is PoolKind.VM:
             vm_owned_by_handle.setdefault(h, set()).add(pfn)
-    for handle, vm in hv._vms.items():
+    for handle, vm in hv.vm_table.items():
         alloc = hm.allocations.get(vm.slice_base_pfn)
         assert alloc is not None and alloc.owner == f"slice:{handle}"
         for pfn in vm.struct_pfns:
             alloc = hm.allocation_at(pfn)
             assert alloc is not None and alloc.owner.startswith("slab:")
-            assert pfn in hv._kernel_shared, f"struct page {pfn:#x} of VM {handle:#x} not shared"
+            assert pfn in hv.kernel_shared, f"struct page {pfn:#x} of VM {handle:#x} not shared"
         if vm.pool is None:
             assert (Operation.VMS not in hv.operations or not vm.ran) and vm.pgt is None
             continue
@@ -124,18 +124,18 @@ def audit(hv: Hypervisor) -> None:
     assert hm.free_pages + allocated + lay.nr_pages == total, "host RAM pages do not add up"
     for owner in {a.owner.split(":")[1] for a in hm.allocations.values()
                   if not a.owner.startswith(("task:", "slab:", "boot:"))}:
-        assert int(owner) in hv._vms, f"host allocation for a destroyed VM {owner}"
+        assert int(owner) in hv.vm_table, f"host allocation for a destroyed VM {owner}"
     task_pages = {a.base_pfn for a in hm.allocations.values() if a.owner.startswith("task:")}
-    assert task_pages == ({hv._task_fp_pfn} if hv._task_fp_pfn is not None else set())
+    assert task_pages == ({hv.task_fp_pfn} if hv.task_fp_pfn is not None else set())
     struct_refs: dict[int, int] = {}
-    for vm in hv._vms.values():
+    for vm in hv.vm_table.values():
         for pfn in vm.struct_pfns:
             struct_refs[pfn] = struct_refs.get(pfn, 0) + 1
-    if hv._task_fp_pfn is not None:
-        struct_refs[hv._task_fp_pfn] = sum(1 for vm in hv._vms.values() if vm.ran)
-    assert struct_refs == hv._kernel_shared, "kernel share counts differ from the structs"
+    if hv.task_fp_pfn is not None:
+        struct_refs[hv.task_fp_pfn] = sum(1 for vm in hv.vm_table.values() if vm.ran)
+    assert struct_refs == hv.kernel_shared, "kernel share counts differ from the structs"
     slabs: dict[str, dict[int, set[int]]] = {}
-    for vm in hv._vms.values():
+    for vm in hv.vm_table.values():
         for name, base, index in vm.slab_objects:
             slots = slabs.setdefault(name, {}).setdefault(base, set())
             assert index not in slots, f"slab slot {base:#x}/{index} used twice"
@@ -159,25 +159,27 @@ def audit(hv: Hypervisor) -> None:
             annotated.append((m.start, m.end))
             continue
         assert m.pte[PTE_KIND] == LEAF
-        i = bisect.bisect_right(starts, m.start) - 1
-        for s, e in hyp_runs[max(i, 0):]:
-            if s >= m.end:
-                break
-            assert e <= m.start, f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
+        # The hyp runs from the last one starting at or before the leaf, up to the leaf's
+        # end (indices, not a slice: a slice would copy the rest of the list per leaf).
+        i = max(bisect.bisect_right(starts, m.start) - 1, 0)
+        while i < len(hyp_runs) and hyp_runs[i][0] < m.end:
+            assert hyp_runs[i][1] <= m.start, \
+                f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
+            i += 1
         if m.pte[PTE_STATE] != STATE_OWNED:
             assert m.pte[PTE_STATE] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
             shared_host.add(m.start >> shift)
     assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
 
-    hyp_mapped = set(hv._hyp_shared) | set(hv._kernel_shared)
-    if hv._pins_map:  # v6.16+: EL2 maps a shared page only while it is pinned
+    hyp_mapped = set(hv.hyp_shared) | set(hv.kernel_shared)
+    if hv.pins_map:  # v6.16+: EL2 maps a shared page only while it is pinned
         hyp_mapped = {pfn for pfn in hyp_mapped if hv.vmemmap.refcount(pfn)}
         struct_pins: dict[int, int] = {}
-        for vm in hv._vms.values():
+        for vm in hv.vm_table.values():
             if vm.pool is not None:  # at EL2: __pkvm_init_vm/_vcpu pinned its structs
                 for pfn in vm.struct_pfns:
                     struct_pins[pfn] = struct_pins.get(pfn, 0) + 1
-        for pfn in hv._kernel_shared:
+        for pfn in hv.kernel_shared:
             assert hv.vmemmap.refcount(pfn) == struct_pins.get(pfn, 0), \
                 f"pin count of struct page {pfn:#x} drifted"
     for a in donated:
@@ -186,13 +188,13 @@ def audit(hv: Hypervisor) -> None:
         "EL2's stage-1 does not map exactly the hyp-borrowed and donated pages"
 
     # 6: sharing.
-    both = set(hv._hyp_shared) & set(hv._guest_shared)
+    both = set(hv.hyp_shared) & set(hv.guest_shared)
     assert not both, f"pages both guest-mapped and hyp-borrowed: {sorted(both)[:8]}"
     # Guest shares keep the host state in the vmemmap (v6.14+), not in host stage-2 leaves.
-    assert shared_host == set(hv._hyp_shared) | set(hv._kernel_shared), \
+    assert shared_host == set(hv.hyp_shared) | set(hv.kernel_shared), \
         "host stage-2 shared pages differ from the pages hyp borrows"
     guest_leaves: dict[int, int] = {}
-    for handle, vm in hv._vms.items():
+    for handle, vm in hv.vm_table.items():
         if vm.pgt is None:
             continue
         for m in vm.pgt.mappings():
@@ -201,17 +203,17 @@ def audit(hv: Hypervisor) -> None:
             pfn = m.pte[PTE_PFN]
             assert vm.in_slice(pfn), f"VM {handle:#x} maps pfn {pfn:#x} outside its slice"
             guest_leaves[pfn] = guest_leaves.get(pfn, 0) + 1
-    assert guest_leaves == hv._guest_shared, "guest share counts differ from guest leaves"
-    for pfn, handle in hv._hyp_shared.items():
-        vm = hv._vms[handle]
+    assert guest_leaves == hv.guest_shared, "guest share counts differ from guest leaves"
+    for pfn, handle in hv.hyp_shared.items():
+        vm = hv.vm_table[handle]
         assert pfn in vm.shared and vm.in_slice(pfn)
-    for vm in hv._vms.values():
+    for vm in hv.vm_table.values():
         assert set(vm.pins) <= vm.shared, "a pinned page is not shared"
         for pfn, count in vm.pins.items():
             assert hv.vmemmap.refcount(pfn) == count, f"pin count of {pfn:#x} drifted"
 
     # 7: simulated memory.
-    memcache = {pfn for vm in hv._vms.values() for pfn in vm.memcache + vm.hyp_memcache}
+    memcache = {pfn for vm in hv.vm_table.values() for pfn in vm.memcache + vm.hyp_memcache}
     for pfn in hv.physmem.written_pfns():
         assert pfn in table_pfns or pfn in memcache, f"page {pfn:#x} is dirty for no reason"
 

@@ -29,12 +29,15 @@ could not exist at all; VM pools only exist from v6.2 on, where the fix is in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import WouldPanic
 from .hyp_pool import HypPool
 from .pgtable import Stage2PageTable
 from .physmem import PhysicalMemory
+from .state_values import decode_value
 
 
 class GuestMmOps:
@@ -107,6 +110,44 @@ class GuestVm:
     slab_objects: list[tuple[str, int, int]] = field(default_factory=list)
     ran: bool = False  # its vCPUs ran once (v6.2+: the VM exists at EL2 from then on)
 
+    # -- state (core/state_file.py) ------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Every field as JSON values (state_values), in field order; the objects rebuilt on
+        restore (pool, pgt, mm) by what they hold: the pool's state, the PGD pages and the
+        table pages the guest stage-2 took."""
+        out: dict[str, Any] = {
+            "handle": self.handle, "vmid": self.vmid, "name": self.name,
+            "nr_vcpus": self.nr_vcpus, "slice_base_pfn": self.slice_base_pfn,
+            "slice_nr_pages": self.slice_nr_pages, "meta_pfn": self.meta_pfn,
+            "meta_pages": self.meta_pages, "pgd_base_pfn": self.pgd_base_pfn,
+            "pgd_pages": self.pgd_pages,
+            "memcache": {"l": list(self.memcache)},
+            "hyp_memcache": {"l": list(self.hyp_memcache)},
+            "admitted": {"l": list(self.admitted)},
+            "shared": {"s": sorted(self.shared)},
+            "pins": {"d": [[pfn, count] for pfn, count in self.pins.items()]},
+            "struct_pfns": {"l": list(self.struct_pfns)},
+            "slab_objects": {"l": [[name, base, index]
+                                   for name, base, index in self.slab_objects]},
+            "ran": self.ran,
+        }
+        out["pool"] = None if self.pool is None else self.pool.state()
+        out["pgd_pfns"] = None if self.pgt is None else list(self.pgt.pgd_pfns)
+        out["tables_allocated"] = None if self.mm is None else self.mm.allocated
+        return out
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> GuestVm:
+        """A VM with `state()`'s fields, without pool, tables or mm (Hypervisor rebuilds
+        them). A field a file lacks (written before the field existed) keeps its default;
+        a field this VM does not have is refused."""
+        unknown = set(state) - set(_FIELD_NAMES) - {"pool", "pgd_pfns", "tables_allocated"}
+        if unknown:
+            raise ValueError(f"unknown VM fields {sorted(unknown)}")
+        values = {name: decode_value(state[name]) for name in _FIELD_NAMES if name in state}
+        return cls(**values)
+
     @property
     def donated_pages(self) -> int:
         return self.meta_pages + self.pgd_pages
@@ -134,3 +175,10 @@ class GuestVm:
                 " memcache first",
                 reason="MEMCACHE_EMPTY",
             )
+
+
+# The fields a state file holds by value (the objects pool, pgt and mm are rebuilt).
+_FIELD_NAMES = ("handle", "vmid", "name", "nr_vcpus", "slice_base_pfn", "slice_nr_pages",
+                "meta_pfn", "meta_pages", "pgd_base_pfn", "pgd_pages", "memcache",
+                "hyp_memcache", "admitted", "shared", "pins", "struct_pfns", "slab_objects",
+                "ran")

@@ -13,6 +13,7 @@ what it was (a property the round-trip tests rely on).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import OutOfMemory
@@ -196,6 +197,27 @@ class HostMemory:
         for (_s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
             assert e1 <= s2, "an allocation overlaps another or free RAM"
         assert self.free_pages == sum(e - s for s, e in self._free)
+
+    # -- state (core/state_file.py) ------------------------------------------------------------
+
+    def state(self) -> dict[str, list[list[int | str]]]:
+        """Everything mutable, as JSON values: free ranges [start, end) in address order and
+        the allocations [base, pages, owner] in creation order (a dict keeps it)."""
+        return {
+            "free": [[start, end] for start, end in self._free],
+            "allocations": [[a.base_pfn, a.nr_pages, a.owner]
+                            for a in self.allocations.values()],
+        }
+
+    def restore(self, state: Mapping[str, Sequence[Sequence[int | str]]]) -> None:
+        """Replace the free ranges and allocations with `state`'s (what `state()` gave); the
+        tag index and free_pages are derived. The caller audits the result."""
+        self._free = [[int(start), int(end)] for start, end in state["free"]]
+        self.allocations = {}
+        for base, nr_pages, owner in state["allocations"]:
+            self.allocations[int(base)] = HostAllocation(int(base), int(nr_pages), str(owner))
+        self.reindex()
+        self.free_pages = sum(end - start for start, end in self._free)
 
 
 def _tag(owner: str) -> str:

@@ -30,8 +30,9 @@ MMIO is recycled only if that makes the plan fit, and a refusal changes nothing.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from .config import Memblock, SimConfig
 from .errors import InvalidArgument, OutOfMemory, PermissionDenied, WouldPanic
@@ -164,6 +165,7 @@ class HostStage2:
         self.mm = HostMmOps(list(pools), vmemmap.layout.refcount_max)
         self.memblocks: tuple[Memblock, ...] = config.memblocks
         self._bases = [block.base for block in self.memblocks]
+        self._ends = [block.end for block in self.memblocks]  # each fault reads them
         from .pgtable import pgd_geometry
 
         _start, nr_pgd = pgd_geometry(self.geometry, config.ia_bits)
@@ -185,11 +187,12 @@ class HostStage2:
 
     def find_mem_range(self, addr: int) -> tuple[bool, int, int]:
         """(is memory, range start, range end): the memblock holding addr, else the gap."""
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0 and addr < self.memblocks[i].end:
-            return True, self.memblocks[i].base, self.memblocks[i].end
-        start = self.memblocks[i].end if i >= 0 else 0
-        end = self.memblocks[i + 1].base if i + 1 < len(self.memblocks) else 1 << 64
+        bases = self._bases
+        i = bisect.bisect_right(bases, addr) - 1
+        if i >= 0 and addr < self._ends[i]:
+            return True, bases[i], self._ends[i]
+        start = self._ends[i] if i >= 0 else 0
+        end = bases[i + 1] if i + 1 < len(bases) else 1 << 64
         return False, start, end
 
     def is_memory(self, addr: int) -> bool:
@@ -483,6 +486,33 @@ class HostStage2:
     def host_leaf(self, pfn: int) -> tuple[Pte | None, int]:
         pte, level, _table = self.pgt.lookup(pfn << self.page_shift)
         return pte, level
+
+    # -- state (core/state_file.py) ------------------------------------------------------------
+
+    def state(self) -> dict[str, object]:
+        """What a restore needs beyond the table pages themselves (simulated memory) and
+        the pools: the PGD (a check: boot decides it), the counters, the mm_ops counts."""
+        return {
+            "pgd_pfns": list(self.pgt.pgd_pfns),
+            "counters": asdict(self.counters),
+            "tables_allocated": self.mm.allocated,
+            "tables_freed": self.mm.freed,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take `state()`'s values over a freshly booted host stage-2; ValueError, with
+        nothing changed, if the PGD or the set of counters is not this machine's."""
+        if list(state["pgd_pfns"]) != self.pgt.pgd_pfns:
+            raise ValueError("the host stage-2 PGD differs from the one this configuration"
+                             " boots")
+        counters = state["counters"]
+        known = {f.name for f in fields(_Counters)}
+        if set(counters) != known:
+            raise ValueError(f"host stage-2 counters {sorted(counters)}, expected"
+                             f" {sorted(known)}")
+        self.counters = _Counters(**{name: int(value) for name, value in counters.items()})
+        self.mm.allocated = int(state["tables_allocated"])
+        self.mm.freed = int(state["tables_freed"])
 
     def statistics(self, pool_stats: list[PoolStatistics]) -> HostStage2Statistics:
         c = self.counters

@@ -49,9 +49,9 @@ one lock of the simulator is taken by the caller; the methods here assume it is 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, final
+from typing import Any, Final, final
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
@@ -311,6 +311,34 @@ class HypPool:
         self._ghosts = [{} for _ in lists]
         self._nr_free = [len(heads) for heads in lists]
         self._admitted = set(admitted)
+
+    def state(self) -> dict[str, object]:
+        """The pool as JSON values (state files): its geometry (checked on restore), each
+        free list's live order head first (ghosts are not state), the admitted pages."""
+        return {
+            "base_pfn": self.base_pfn,
+            "nr_pages": self.nr_pages,
+            "reserved_pages": self.reserved_pages,
+            "max_order": self.max_order,
+            "free_lists": [self.free_list(order) for order in range(self.max_order)],
+            "admitted": sorted(self._admitted),
+            "alloc_failures": self.alloc_failures,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take `state()`'s free lists, admitted pages and failure count; ValueError, with
+        nothing changed, if its geometry is not this pool's. The vmemmap is restored apart."""
+        geometry = (self.base_pfn, self.nr_pages, self.reserved_pages, self.max_order)
+        saved = (state["base_pfn"], state["nr_pages"], state["reserved_pages"],
+                 state["max_order"])
+        if geometry != saved:
+            raise ValueError(f"pool {self.name} is {saved} in the file, {geometry} at boot")
+        lists = state["free_lists"]
+        if len(lists) != self.max_order:
+            raise ValueError(f"pool {self.name}: {len(lists)} free lists for max_order"
+                             f" {self.max_order}")
+        self.load_free_lists(lists, state["admitted"])
+        self.alloc_failures = int(state["alloc_failures"])
 
     # -- the allocator ----------------------------------------------------------------------
 

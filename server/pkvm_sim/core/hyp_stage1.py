@@ -26,7 +26,8 @@ Model:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .el2_boot import BootMapping, HypVaLayout
 from .errors import WouldPanic
@@ -242,3 +243,25 @@ class HypStage1:
         """Sorted (level, index, pfn) of the allocated tables (canonical_dump)."""
         return sorted((level, index, pfn) for (level, index), pfn in self._tables.items())
 
+
+    # -- state (core/state_file.py) ------------------------------------------------------------
+
+    def state(self) -> dict[str, object]:
+        """The run-time tables [level, index, pfn] (in creation order) and the pages hyp
+        maps; "va": "linear" when tables are keyed by hyp VA (a modelled boot)."""
+        out: dict[str, object] = {
+            "tables": [[level, index, pfn] for (level, index), pfn in self._tables.items()],
+            "mapped": sorted(self.mapped),
+        }
+        if self.va_layout is not None:
+            out["va"] = "linear"
+        return out
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take `state()`'s tables and mapped pages, in place (the audit checks them
+        against the hyp pool and the host's shares and donations)."""
+        self._tables.clear()
+        self._tables.update({(int(level), int(index)): int(pfn)
+                             for level, index, pfn in state["tables"]})
+        self.mapped.clear()
+        self.mapped.update(int(pfn) for pfn in state["mapped"])

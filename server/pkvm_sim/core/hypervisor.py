@@ -28,6 +28,9 @@ Who owns a page (what `audit` proves, and what `page_info` reports):
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -85,6 +88,7 @@ from .pgtable import (
 from .physmem import PhysicalMemory
 from .profiles import FIRST_KERNEL, KVM_MAX_PVMS, Operation
 from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
+from .state_values import decode_page, encode_page
 from .vmemmap import Vmemmap
 
 VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000
@@ -1183,6 +1187,187 @@ class Hypervisor:
                 hyp_state = PageState.OWNED
         return PageInfo(pfn, covered, refcount, order, owner, pool, host_state, hyp_state)
 
+    # -- records, read-only (audit, the service's persistence) ----------------------------------
+
+    @property
+    def vm_table(self) -> Mapping[int, GuestVm]:
+        """handle -> VM, in creation order (the live objects: do not mutate)."""
+        return self._vms
+
+    @property
+    def owners(self) -> Mapping[int, tuple[int, PoolKind]]:
+        """Block head pfn -> (VM handle, pool) of every block a VM holds."""
+        return self._owners
+
+    @property
+    def hyp_shared(self) -> Mapping[int, int]:
+        """pfn -> VM handle of the slice pages shared with hyp."""
+        return self._hyp_shared
+
+    @property
+    def guest_shared(self) -> Mapping[int, int]:
+        """pfn -> host_share_guest_count (v6.14+)."""
+        return self._guest_shared
+
+    @property
+    def kernel_shared(self) -> Mapping[int, int]:
+        """Host-kernel struct pages shared with hyp -> share count (v6.1, v6.12 builds)."""
+        return self._kernel_shared
+
+    @property
+    def task_fp_pfn(self) -> int | None:
+        """The VMM task's FP/SIMD state page shared with hyp, while a VM has run."""
+        return self._task_fp_pfn
+
+    @property
+    def pins_map(self) -> bool:
+        """v6.16+: a share maps nothing at EL2, the first pin of a page maps it."""
+        return self._pins_map
+
+    # -- state (core/state_file.py) --------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Every piece of mutable state as JSON values, each core object writing its own
+        part: the "machine" section of a state file but its "config" (state_file adds it
+        first) and the vmemmap entries (their own sections, `vmemmap_blobs`)."""
+        physmem = self.physmem
+        out: dict[str, Any] = {
+            "vms_created": self._vms_created,
+            "vmemmap": [{"base_pfn": seg.base_pfn, "nr_pages": seg.nr_pages,
+                         "item_bytes": seg.entries.itemsize}
+                        for seg in self.vmemmap.segments],
+            "physmem": [[pfn, encode_page(physmem.read(pfn))]
+                        for pfn in physmem.written_pfns()],
+            "pools": {pool.name: pool.state() for pool in (self.hyp_pool, *self.host_pools)},
+            "host_stage2": self.host_stage2.state(),
+            "host_memory": self.host_memory.state(),
+            "vms": [vm.state() for vm in self._vms.values()],
+            "owners": [[pfn, handle, kind.value]
+                       for pfn, (handle, kind) in self._owners.items()],
+            "hyp_shared": [[pfn, handle] for pfn, handle in self._hyp_shared.items()],
+            "hyp_stage1": self.hyp_stage1.state(),
+            "guest_shared": [[pfn, count] for pfn, count in self._guest_shared.items()],
+        }
+        if self._kernel_shared:  # v6.1/v6.12 machines: the host kernel's structs
+            out["kernel_shared"] = [[pfn, count] for pfn, count in self._kernel_shared.items()]
+            out["task_fp_pfn"] = self._task_fp_pfn
+        return out
+
+    def vmemmap_blobs(self) -> list[bytes]:
+        """Each vmemmap segment's packed entries, little-endian (one state-file section each)."""
+        return [_array_le_bytes(seg.entries) for seg in self.vmemmap.segments]
+
+    def restore_state(self, m: Mapping[str, Any], vmemmap_blobs: Sequence[bytes]) -> None:
+        """Overwrite this freshly booted machine's mutable state with `state()`'s (and the
+        vmemmap with `vmemmap_blobs`); the caller audits. Raises ValueError, LookupError,
+        TypeError or PkvmError for a document that does not fit this configuration."""
+        # VM pools first: hyp_pool_init needs their PGD ranges' entries zero, as at boot.
+        vms = [self._rebuild_vm(vm_state) for vm_state in m["vms"]]
+        self._load_vmemmap(m["vmemmap"], vmemmap_blobs)
+        physmem = self.physmem
+        for pfn in list(physmem.written_pfns()):  # in place: pools and tables hold it
+            physmem.zero_range(pfn, 1)
+        for pfn, value in m["physmem"]:
+            physmem.write(int(pfn), decode_page(value))
+        pools = {pool.name: pool for pool in (self.hyp_pool, *self.host_pools)}
+        if set(pools) != set(m["pools"]):
+            raise ValueError(f"pools {sorted(m['pools'])} in the file, {sorted(pools)} at boot")
+        for name, pool in pools.items():
+            pool.restore(m["pools"][name])
+        for vm, vm_state in zip(vms, m["vms"], strict=True):
+            if vm.pool is not None:
+                vm.pool.restore(vm_state["pool"])
+        self.host_stage2.restore(m["host_stage2"])
+        self.host_memory.restore(m["host_memory"])
+        self._vms = {vm.handle: vm for vm in vms}
+        self._owners = {int(pfn): (int(handle), PoolKind(kind))
+                        for pfn, handle, kind in m["owners"]}
+        self._hyp_shared = {int(pfn): int(handle) for pfn, handle in m["hyp_shared"]}
+        self._vms_created = int(m["vms_created"])
+        self.rebuild_slabs()
+        self._check_handle_counter()
+        self._restore_optional_state(m)
+
+    def _rebuild_vm(self, state: Mapping[str, Any]) -> GuestVm:
+        """A VM from its saved fields; its pool is initialised over the PGD range as at
+        creation (the vmemmap and free lists are then overwritten with the file's)."""
+        vm = GuestVm.from_state(state)
+        pool_state = state["pool"]
+        if "ran" not in state:  # files from before VMs had two steps: a VM at EL2 had run
+            vm.ran = pool_state is not None
+        if pool_state is None:
+            return vm
+        vm.pool = HypPool(self.vmemmap, self.physmem, vm.pgd_base_pfn, vm.pgd_pages, 0,
+                          page_shift=self.page_shift, max_order_cap=self.max_order,
+                          max_order_formula="v5.17", name=f"vm/{vm.handle}")
+        vm.mm = GuestMmOps(vm, self.physmem, self.vmemmap.layout.refcount_max)
+        vm.mm.allocated = int(state["tables_allocated"])
+        vm.pgt = Stage2PageTable(self.geometry, self.config.ia_bits, self.physmem, vm.mm,
+                                 [int(pfn) for pfn in state["pgd_pfns"]],
+                                 on_refcount_limit=self.host_stage2.count_refcount_limit)
+        return vm
+
+    def _load_vmemmap(self, segments: Sequence[Mapping[str, Any]],
+                      blobs: Sequence[bytes]) -> None:
+        live = self.vmemmap.segments
+        if [(s["base_pfn"], s["nr_pages"]) for s in segments] != [
+                (s.base_pfn, s.nr_pages) for s in live]:
+            raise ValueError("the file's vmemmap segments differ from the configuration's")
+        for seg, blob in zip(live, blobs, strict=True):
+            loaded = array(seg.entries.typecode)
+            if len(blob) != seg.nr_pages * loaded.itemsize:
+                raise ValueError(f"vmemmap segment at pfn {seg.base_pfn:#x} has {len(blob)}"
+                                 " bytes")
+            loaded.frombytes(blob)
+            if sys.byteorder != "little":
+                loaded.byteswap()
+            seg.entries[:] = loaded  # in place: the pools index this very array
+
+    def _check_handle_counter(self) -> None:
+        """Handles are never reused (the next is VM_HANDLE_OFFSET + VMs ever created): a
+        counter at or below a live VM's or a page owner's handle would hand one out again."""
+        handles = set(self._vms) | {handle for handle, _kind in self._owners.values()}
+        next_handle = VM_HANDLE_OFFSET + self._vms_created
+        if handles and max(handles) >= next_handle:
+            raise ValueError(f"vms_created {self._vms_created} would give handle"
+                             f" {next_handle:#x} again, but VM {max(handles):#x} exists")
+
+    def _restore_optional_state(self, m: Mapping[str, Any]) -> None:
+        """Parts older files lack (written before the model had them): such a file leaves
+        the part as a fresh boot has it."""
+        if "hyp_stage1" in m:
+            s1_state = m["hyp_stage1"]
+            if self.hyp_stage1.va_layout is not None and s1_state.get("va") != "linear":
+                # Written before EL2's boot was modelled (v6.1/v6.12): its tables are keyed
+                # by PA and nothing was charged at boot. Restore that machine as it was.
+                self.hyp_stage1 = self._legacy_stage1()
+            self.hyp_stage1.restore(s1_state)
+        if "guest_shared" in m:
+            self._guest_shared.clear()
+            self._guest_shared.update({int(pfn): int(count) for pfn, count in m["guest_shared"]})
+            # Files from before guest shares kept the host state in the vmemmap (as v6.14
+            # does) marked those pages SHARED_OWNED in the host stage-2: make them OWNED.
+            marked = [pfn for pfn in sorted(self._guest_shared)
+                      if self.host_stage2.host_state(pfn) is PageState.SHARED_OWNED]
+            if marked:
+                self.host_stage2.set_page_state(marked, STATE_OWNED)
+        if "kernel_shared" in m:
+            self._kernel_shared.clear()
+            self._kernel_shared.update({int(pfn): int(count)
+                                        for pfn, count in m["kernel_shared"]})
+            task_fp_pfn = m.get("task_fp_pfn")
+            self._task_fp_pfn = None if task_fp_pfn is None else int(task_fp_pfn)
+
+    def _legacy_stage1(self) -> HypStage1:
+        """EL2's stage-1 as files written before the boot model had it: hyp VA = PA, the
+        carve-out mapped at boot, no boot table charged to the hyp pool (such files also say
+        hyp_s1_early_used_pages 0)."""
+        if self.hyp_pool.reserved_pages:
+            raise ValueError("a file from before the boot model must have no early pages")
+        lay = self.carveout
+        return HypStage1(self.page_shift, self.hyp_pool,
+                         [(lay.base_pfn, lay.base_pfn + lay.nr_pages)])
+
     def audit(self) -> None:
         """Prove the whole-machine invariants (ownership, pool sums, table refcounts,
         no host mapping of hyp memory, shared-state consistency); AssertionError if not."""
@@ -1335,3 +1520,12 @@ def _check_page_count(nr_pages: int, *, minimum: int) -> None:
             f"nr_pages must be in {minimum}..{MAX_PAGES_PER_CALL} per call, not {nr_pages}",
             reason="BAD_SIZE",
         )
+
+
+def _array_le_bytes(entries: array[int]) -> bytes:
+    """An array's items as little-endian bytes, whatever this machine's byte order."""
+    if sys.byteorder == "little":
+        return entries.tobytes()
+    swapped = array(entries.typecode, entries)
+    swapped.byteswap()
+    return swapped.tobytes()

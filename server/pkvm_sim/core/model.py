@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final, final
 
 from .hyp_pool import PoolStatistics
 
@@ -47,23 +48,59 @@ class VmInfo:
     donated_pages: int  # host pages donated to hyp at creation (metadata + guest PGD)
 
 
-@dataclass(frozen=True, kw_only=True)
+_FAULT_FIELDS = ("addr", "is_memory", "outcome", "range_start", "range_end", "level",
+                 "recycled", "recycled_pages", "tables_allocated", "errno_name", "reason")
+
+
+@final
 class FaultResult:
     """Outcome of a host stage-2 fault (host_fault) or an MMIO fault (map_mmio). Built by
-    keyword only, as every result record here with more than a few fields."""
+    keyword only, as every result record here with more than a few fields; read-only.
 
-    addr: int
-    is_memory: bool
-    outcome: FaultOutcome
-    range_start: int  # the mapped block [range_start, range_end); equals addr's page if fatal
-    range_end: int
-    level: int  # page-table level of the leaf (1, 2 or 3)
-    recycled: bool = False  # unmap_dev_all ran to make room
-    recycled_pages: int = 0  # table pages that recycle freed
-    tables_allocated: int = 0  # table pages this fault added that are still in use (a table
-    # the first attempt took and the recycle freed is not counted; one taken again once)
-    errno_name: str | None = None  # for FATAL: 'EEXIST', 'ENOMEM', ...
-    reason: str | None = None  # for FATAL: human-readable cause
+    Written out rather than a frozen dataclass: one is built per fault, and a frozen
+    dataclass's generated __init__ (object.__setattr__ per field) is most of a spurious
+    fault's cost in the compiled core; this __init__ compiles to plain stores."""
+
+    __slots__ = ("addr", "is_memory", "outcome", "range_start", "range_end", "level",
+                 "recycled", "recycled_pages", "tables_allocated", "errno_name", "reason")
+    # (the service's result-to-message conversion finds the fields with dir(): the slots)
+
+    def __init__(self, *, addr: int, is_memory: bool, outcome: FaultOutcome, range_start: int,
+                 range_end: int, level: int, recycled: bool = False, recycled_pages: int = 0,
+                 tables_allocated: int = 0, errno_name: str | None = None,
+                 reason: str | None = None) -> None:
+        self.addr: Final = addr
+        self.is_memory: Final = is_memory
+        self.outcome: Final = outcome
+        # the mapped block [range_start, range_end); equals addr's page if fatal
+        self.range_start: Final = range_start
+        self.range_end: Final = range_end
+        self.level: Final = level  # page-table level of the leaf (1, 2 or 3)
+        self.recycled: Final = recycled  # unmap_dev_all ran to make room
+        self.recycled_pages: Final = recycled_pages  # table pages that recycle freed
+        # table pages this fault added that are still in use (a table the first attempt
+        # took and the recycle freed is not counted; one taken again once)
+        self.tables_allocated: Final = tables_allocated
+        self.errno_name: Final = errno_name  # for FATAL: 'EEXIST', 'ENOMEM', ...
+        self.reason: Final = reason  # for FATAL: human-readable cause
+
+    def _values(self) -> tuple[object, ...]:
+        return (self.addr, self.is_memory, self.outcome, self.range_start, self.range_end,
+                self.level, self.recycled, self.recycled_pages, self.tables_allocated,
+                self.errno_name, self.reason)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FaultResult):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}"
+                           for name, value in zip(_FAULT_FIELDS, self._values(), strict=True))
+        return f"FaultResult({fields})"
 
 
 @dataclass(frozen=True)

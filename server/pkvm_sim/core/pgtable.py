@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol, final
 
 from .errors import WouldPanic
 from .layout import PageGeometry
@@ -114,14 +114,33 @@ def annotation_pte(owner_id: int) -> Pte | None:
     return (ANNOTATED, owner_id) if owner_id else None
 
 
-@dataclass(frozen=True)
+@final
 class Mapping:
-    """One non-table pte as seen by a walk: covers [start, end) at `level`."""
+    """One non-table pte as seen by a walk: covers [start, end) at `level`; read-only.
 
-    start: int
-    end: int
-    level: int
-    pte: Pte
+    A plain class, not a frozen dataclass: walks (audit, teardown, dumps) build one per
+    leaf, and a frozen dataclass's __init__ costs microseconds in the compiled core."""
+
+    __slots__ = ("start", "end", "level", "pte")
+
+    def __init__(self, start: int, end: int, level: int, pte: Pte) -> None:
+        self.start: Final = start
+        self.end: Final = end
+        self.level: Final = level
+        self.pte: Final = pte
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return (self.start, self.end, self.level, self.pte) == (
+            other.start, other.end, other.level, other.pte)
+
+    def __hash__(self) -> int:
+        return hash((self.start, self.end, self.level, self.pte))
+
+    def __repr__(self) -> str:
+        return (f"Mapping(start={self.start!r}, end={self.end!r}, level={self.level!r},"
+                f" pte={self.pte!r})")
 
 
 @dataclass

@@ -39,25 +39,18 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import zlib
-from array import array
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from .config import SimConfig
 from .errors import PkvmError
-from .guest import GuestMmOps, GuestVm
-from .host_memory import HostAllocation
-from .hyp_pool import HypPool
-from .hyp_stage1 import HypStage1
-from .hypervisor import VM_HANDLE_OFFSET, Hypervisor
-from .model import PageState, PoolKind
-from .pgtable import STATE_OWNED, Stage2PageTable
+from .hypervisor import Hypervisor
 from .profiles import REMOVED_PROFILES
+from .state_values import decode_value, encode_value
 
 MAGIC = b"PKVMSTAT"
 FORMAT_VERSION = 1
@@ -68,10 +61,6 @@ SECTION_HEAD = struct.Struct("<B")
 SECTION_LENGTH = struct.Struct("<Q")
 COMPRESS_LEVEL = 1  # zlib level 1: a 64 GiB machine's vmemmap shrinks ~100x in well under 1 s
 FILE_MODE = 0o600  # the file holds the VMs' tokens: readable by its owner only
-
-# GuestVm fields that are objects rebuilt on restore, not saved values.
-_VM_OBJECT_FIELDS = ("pool", "pgt", "mm")
-
 
 class StateFileError(Exception):
     """A state file that cannot be read or restored; str() is one line for the user."""
@@ -105,8 +94,7 @@ class Snapshot:
 
 
 def snapshot(hv: Hypervisor, service: Mapping[str, Any] | None = None) -> Snapshot:
-    return Snapshot(capture(hv), dict(service or {}),
-                    [_array_le_bytes(seg.entries) for seg in hv.vmemmap.segments])
+    return Snapshot(capture(hv), dict(service or {}), hv.vmemmap_blobs())
 
 
 def pack(snap: Snapshot) -> bytes:
@@ -127,57 +115,9 @@ def encode(hv: Hypervisor, service: Mapping[str, Any] | None = None) -> bytes:
 
 
 def capture(hv: Hypervisor) -> dict[str, Any]:
-    """The "machine" section: every piece of mutable state, as JSON-able values."""
-    hs2 = hv.host_stage2
-    return {
-        "config": config_to_json(hv.config),
-        "vms_created": hv._vms_created,
-        "vmemmap": [
-            {"base_pfn": seg.base_pfn, "nr_pages": seg.nr_pages,
-             "item_bytes": seg.entries.itemsize}
-            for seg in hv.vmemmap.segments
-        ],
-        "physmem": [[pfn, encode_value(hv.physmem.read(pfn))]
-                    for pfn in hv.physmem.written_pfns()],
-        "pools": {pool.name: _pool_state(pool) for pool in (hv.hyp_pool, *hv.host_pools)},
-        "host_stage2": {
-            "pgd_pfns": list(hs2.pgt.pgd_pfns),
-            "counters": asdict(hs2.counters),
-            "tables_allocated": hs2.mm.allocated,
-            "tables_freed": hs2.mm.freed,
-        },
-        "host_memory": {
-            "free": [[start, end] for start, end in hv.host_memory._free],
-            "allocations": [[a.base_pfn, a.nr_pages, a.owner]
-                            for a in hv.host_memory.allocations.values()],
-        },
-        "vms": [_vm_state(vm) for vm in hv._vms.values()],
-        "owners": [[pfn, handle, kind.value] for pfn, (handle, kind) in hv._owners.items()],
-        "hyp_shared": [[pfn, handle] for pfn, handle in hv._hyp_shared.items()],
-        **_optional_state(hv),
-    }
-
-
-def _optional_state(hv: Hypervisor) -> dict[str, Any]:
-    """State of parts only some kernel profiles' machines have: EL2's stage-1 tables over
-    the pages it maps (shares, donations) and guest share counts (v6.14+)."""
-    out: dict[str, Any] = {}
-    stage1 = getattr(hv, "hyp_stage1", None)
-    if stage1 is not None:
-        out["hyp_stage1"] = {
-            "tables": [[level, index, pfn] for (level, index), pfn in stage1._tables.items()],
-            "mapped": sorted(stage1.mapped),
-        }
-        if stage1.va_layout is not None:  # tables keyed by hyp VA (a modelled boot)
-            out["hyp_stage1"]["va"] = "linear"
-    guest_shared = getattr(hv, "_guest_shared", None)
-    if guest_shared is not None:
-        out["guest_shared"] = [[pfn, count] for pfn, count in guest_shared.items()]
-    kernel_shared = getattr(hv, "_kernel_shared", None)
-    if kernel_shared:  # v6.1/v6.12 machines: the host kernel's structs shared with hyp
-        out["kernel_shared"] = [[pfn, count] for pfn, count in kernel_shared.items()]
-        out["task_fp_pfn"] = hv._task_fp_pfn
-    return out
+    """The "machine" section: the configuration, then every piece of mutable state as
+    JSON values, each core object writing its own part (`Hypervisor.state`)."""
+    return {"config": config_to_json(hv.config), **hv.state()}
 
 
 def config_to_json(config: SimConfig) -> dict[str, Any]:
@@ -193,67 +133,10 @@ def config_to_json(config: SimConfig) -> dict[str, Any]:
     return out
 
 
-def _pool_state(pool: HypPool) -> dict[str, Any]:
-    return {
-        "base_pfn": pool.base_pfn,
-        "nr_pages": pool.nr_pages,
-        "reserved_pages": pool.reserved_pages,
-        "max_order": pool.max_order,
-        "free_lists": [pool.free_list(order) for order in range(pool.max_order)],
-        "admitted": sorted(pool._admitted),
-        "alloc_failures": pool.alloc_failures,
-    }
-
-
-def _vm_state(vm: GuestVm) -> dict[str, Any]:
-    """Every GuestVm field by name (fields a later change adds are saved too), the objects
-    rebuilt on restore described by what they hold."""
-    state = {f.name: encode_value(getattr(vm, f.name)) for f in fields(vm)
-             if f.name not in _VM_OBJECT_FIELDS}
-    state["pool"] = None if vm.pool is None else _pool_state(vm.pool)
-    state["pgd_pfns"] = None if vm.pgt is None else list(vm.pgt.pgd_pfns)
-    state["tables_allocated"] = None if vm.mm is None else vm.mm.allocated
-    return state
-
-
-def encode_value(value: Any) -> Any:
-    """Page contents and VM fields as JSON: scalars as themselves, a tuple as an array,
-    {"l": [...]} a list, {"s": [...]} a set (sorted), {"d": [[key, value], ...]} a dict."""
-    if value is None or isinstance(value, bool | int | str | float):
-        return value
-    if isinstance(value, tuple):
-        return [encode_value(v) for v in value]
-    if isinstance(value, list):
-        return {"l": [encode_value(v) for v in value]}
-    if isinstance(value, set | frozenset):
-        return {"s": [encode_value(v) for v in sorted(value)]}
-    if isinstance(value, dict):
-        return {"d": [[encode_value(k), encode_value(v)] for k, v in value.items()]}
-    raise TypeError(f"the state file cannot hold a {type(value).__name__}: {value!r:.80}")
-
-
-def decode_value(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(decode_value(v) for v in value)
-    if isinstance(value, dict):
-        if "l" in value:
-            return [decode_value(v) for v in value["l"]]
-        if "s" in value:
-            return {decode_value(v) for v in value["s"]}
-        return {decode_value(k): decode_value(v) for k, v in value["d"]}
-    return value
-
-
 def _json_bytes(document: Mapping[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-def _array_le_bytes(entries: array[int]) -> bytes:
-    if sys.byteorder == "little":
-        return entries.tobytes()
-    swapped = array(entries.typecode, entries)
-    swapped.byteswap()
-    return swapped.tobytes()
+    # The documents are trees built here (no container is reached twice): the encoder's
+    # circular-reference bookkeeping, a third of its time, would find nothing. Same bytes.
+    return json.dumps(document, separators=(",", ":"), check_circular=False).encode()
 
 
 def _section(name: str, data: bytes) -> bytes:
@@ -385,157 +268,7 @@ def _map_removed_profile(state: StateFile) -> dict[str, Any]:
 
 def _apply(hv: Hypervisor, state: StateFile) -> None:
     """Overwrite a freshly booted machine's mutable state with the file's."""
-    m = state.machine
-    # VM pools first: hyp_pool_init needs their PGD ranges' entries zero, as at boot.
-    vms = [_rebuild_vm(hv, vm_state) for vm_state in m["vms"]]
-    _load_vmemmap(hv, m["vmemmap"], state.vmemmap)
-    contents = hv.physmem._contents
-    contents.clear()  # in place: every pool and table holds this very dict
-    for pfn, value in m["physmem"]:
-        contents[pfn] = decode_value(value)
-    pools = {pool.name: pool for pool in (hv.hyp_pool, *hv.host_pools)}
-    if set(pools) != set(m["pools"]):
-        raise ValueError(f"pools {sorted(m['pools'])} in the file, {sorted(pools)} at boot")
-    for name, pool in pools.items():
-        _load_pool(pool, m["pools"][name])
-    for vm, vm_state in zip(vms, m["vms"], strict=True):
-        if vm.pool is not None:
-            _load_pool(vm.pool, vm_state["pool"])
-    _load_host_stage2(hv, m["host_stage2"])
-    hm = hv.host_memory
-    hm._free = [[start, end] for start, end in m["host_memory"]["free"]]
-    hm.allocations = {}
-    for base, nr_pages, owner in m["host_memory"]["allocations"]:
-        hm.allocations[base] = HostAllocation(base, nr_pages, owner)
-    hm.reindex()
-    hm.free_pages = sum(end - start for start, end in hm._free)
-    hv._vms = {vm.handle: vm for vm in vms}
-    hv._owners = {pfn: (handle, PoolKind(kind)) for pfn, handle, kind in m["owners"]}
-    hv._hyp_shared = {pfn: handle for pfn, handle in m["hyp_shared"]}
-    hv._vms_created = int(m["vms_created"])
-    hv.rebuild_slabs()
-    _check_handle_counter(hv)
-    _load_optional_state(hv, m)
-
-
-def _check_handle_counter(hv: Hypervisor) -> None:
-    """Handles are never reused (the next is VM_HANDLE_OFFSET + VMs ever created): a counter
-    at or below a live VM's or a page owner's handle would hand that handle out again."""
-    handles = set(hv._vms) | {handle for handle, _kind in hv._owners.values()}
-    next_handle = VM_HANDLE_OFFSET + hv._vms_created
-    if handles and max(handles) >= next_handle:
-        raise ValueError(f"vms_created {hv._vms_created} would give handle {next_handle:#x}"
-                         f" again, but VM {max(handles):#x} exists")
-
-
-def _load_optional_state(hv: Hypervisor, m: dict[str, Any]) -> None:
-    """The parts `_optional_state` saves. A file without one (written before the model had
-    it) leaves the part as a fresh boot has it; a file with one this machine lacks is
-    refused."""
-    stage1 = getattr(hv, "hyp_stage1", None)
-    if "hyp_stage1" in m:
-        if stage1 is None:
-            raise ValueError("the file has hyp stage-1 tables, this machine has none")
-        if stage1.va_layout is not None and m["hyp_stage1"].get("va") != "linear":
-            # Written before EL2's boot was modelled (v6.1/v6.12): its tables are keyed by
-            # PA and nothing was charged at boot. Restore that machine as it was.
-            stage1 = hv.hyp_stage1 = _legacy_stage1(hv)
-        stage1._tables.clear()  # in place, as everywhere: nothing else need know
-        stage1._tables.update({(level, index): pfn
-                               for level, index, pfn in m["hyp_stage1"]["tables"]})
-        stage1.mapped.clear()
-        stage1.mapped.update(m["hyp_stage1"]["mapped"])
-    guest_shared = getattr(hv, "_guest_shared", None)
-    if "guest_shared" in m:
-        if guest_shared is None:
-            raise ValueError("the file has guest share counts, this machine has none")
-        guest_shared.clear()
-        guest_shared.update({pfn: count for pfn, count in m["guest_shared"]})
-        # Files from before guest shares kept the host state in the vmemmap (as v6.14
-        # does) marked those pages SHARED_OWNED in the host stage-2: make them OWNED there.
-        marked = [pfn for pfn in sorted(guest_shared)
-                  if hv.host_stage2.host_state(pfn) is PageState.SHARED_OWNED]
-        if marked:
-            hv.host_stage2.set_page_state(marked, STATE_OWNED)
-    if "kernel_shared" in m:
-        hv._kernel_shared.clear()
-        hv._kernel_shared.update({pfn: count for pfn, count in m["kernel_shared"]})
-        hv._task_fp_pfn = m.get("task_fp_pfn")
-
-
-def _load_vmemmap(hv: Hypervisor, segments: list[dict[str, Any]], blobs: list[bytes]) -> None:
-    live = hv.vmemmap.segments
-    if [(s["base_pfn"], s["nr_pages"]) for s in segments] != [(s.base_pfn, s.nr_pages)
-                                                              for s in live]:
-        raise ValueError("the file's vmemmap segments differ from the configuration's")
-    for seg, blob in zip(live, blobs, strict=True):
-        loaded = array(seg.entries.typecode)
-        if len(blob) != seg.nr_pages * loaded.itemsize:
-            raise ValueError(f"vmemmap segment at pfn {seg.base_pfn:#x} has {len(blob)} bytes")
-        loaded.frombytes(blob)
-        if sys.byteorder != "little":
-            loaded.byteswap()
-        seg.entries[:] = loaded  # in place: the pools index this very array
-
-
-def _load_pool(pool: HypPool, state: dict[str, Any]) -> None:
-    geometry = (pool.base_pfn, pool.nr_pages, pool.reserved_pages, pool.max_order)
-    saved = (state["base_pfn"], state["nr_pages"], state["reserved_pages"], state["max_order"])
-    if geometry != saved:
-        raise ValueError(f"pool {pool.name} is {saved} in the file, {geometry} at boot")
-    lists = state["free_lists"]
-    if len(lists) != pool.max_order:
-        raise ValueError(f"pool {pool.name}: {len(lists)} free lists for max_order"
-                         f" {pool.max_order}")
-    # The file holds each list's live order; ghosts (lazily removed entries) are not state.
-    pool.load_free_lists(lists, state["admitted"])
-    pool.alloc_failures = int(state["alloc_failures"])
-
-
-def _load_host_stage2(hv: Hypervisor, state: dict[str, Any]) -> None:
-    hs2 = hv.host_stage2
-    if list(state["pgd_pfns"]) != hs2.pgt.pgd_pfns:
-        raise ValueError("the host stage-2 PGD differs from the one this configuration boots")
-    counters = state["counters"]
-    known = {f.name for f in fields(hs2.counters)}
-    if set(counters) != known:
-        raise ValueError(f"host stage-2 counters {sorted(counters)}, expected {sorted(known)}")
-    for name, value in counters.items():
-        setattr(hs2.counters, name, int(value))
-    hs2.mm.allocated = int(state["tables_allocated"])
-    hs2.mm.freed = int(state["tables_freed"])
-
-
-def _legacy_stage1(hv: Hypervisor) -> HypStage1:
-    """EL2's stage-1 as files written before the boot model had it: hyp VA = PA, the
-    carve-out mapped at boot, no boot table charged to the hyp pool (such files also say
-    hyp_s1_early_used_pages 0)."""
-    if hv.hyp_pool.reserved_pages:
-        raise ValueError("a file from before the boot model must have no early pages")
-    lay = hv.carveout
-    return HypStage1(hv.page_shift, hv.hyp_pool, [(lay.base_pfn, lay.base_pfn + lay.nr_pages)])
-
-
-def _rebuild_vm(hv: Hypervisor, state: dict[str, Any]) -> GuestVm:
-    """A GuestVm from its saved fields; its pool is initialised over the PGD range as at
-    creation (the vmemmap and free lists are then overwritten with the file's)."""
-    values = {name: decode_value(value) for name, value in state.items()
-              if name not in ("pool", "pgd_pfns", "tables_allocated")}
-    vm = GuestVm(**values, pool=None)
-    if "ran" not in state:  # files from before VMs had two steps: a VM at EL2 had run
-        vm.ran = state["pool"] is not None
-    pool_state = state["pool"]
-    if pool_state is None:
-        return vm
-    vm.pool = HypPool(hv.vmemmap, hv.physmem, vm.pgd_base_pfn, vm.pgd_pages, 0,
-                      page_shift=hv.page_shift, max_order_cap=hv.max_order,
-                      max_order_formula="v5.17", name=f"vm/{vm.handle}")
-    vm.mm = GuestMmOps(vm, hv.physmem, hv.vmemmap.layout.refcount_max)
-    vm.mm.allocated = int(state["tables_allocated"])
-    vm.pgt = Stage2PageTable(hv.geometry, hv.config.ia_bits, hv.physmem, vm.mm,
-                             list(state["pgd_pfns"]),
-                             on_refcount_limit=hv.host_stage2.count_refcount_limit)
-    return vm
+    hv.restore_state(state.machine, state.vmemmap)
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -601,7 +334,9 @@ __all__ = [
     "capture",
     "check_header",
     "decode",
+    "decode_value",
     "encode",
+    "encode_value",
     "load",
     "restore",
     "pack",

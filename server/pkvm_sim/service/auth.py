@@ -104,6 +104,10 @@ class TokenRegistry:
         self.leases.grant(handle, lease_seconds)
         return token
 
+    def tokens(self) -> list[tuple[int, str]]:
+        """(handle, token) of every live VM, in issue order (a state file's service part)."""
+        return list(self._tokens.items())
+
     def adopt(self, handle: int, token: str) -> None:
         """Take back a token saved in a state file (service/persist.py); no lease."""
         self._tokens[handle] = token

@@ -6,6 +6,8 @@ batch, all on the event loop); the Prometheus collector turns them into samples 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pkvm_sim.core.model import FaultOutcome, FaultResult
 
 from .operations import BY_BATCH_OP, OPERATION_NAMES
@@ -43,6 +45,10 @@ class ServiceCounters:
         key = (method, code)
         requests = self._requests
         requests[key] = requests.get(key, 0) + 1
+
+    def restore_requests(self, requests: Mapping[tuple[str, str], int]) -> None:
+        """Take back a state file's request counts (before the first call is served)."""
+        self._requests.update(requests)
 
     def requests(self) -> dict[tuple[str, str], int]:
         return self._requests.copy()

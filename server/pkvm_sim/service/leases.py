@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -96,6 +96,20 @@ class LeaseTable:
             self._deadlines[handle] = self.clock() + seconds
         else:
             self.drop(handle)
+
+    def state(self) -> list[tuple[int, float, float]]:
+        """(handle, lease seconds, seconds left) of every lease, in grant order: what a
+        state file keeps (seconds left, not deadlines: the clock restarts with the server)."""
+        now = self.clock()
+        return [(handle, duration, max(0.0, self._deadlines.get(handle, now) - now))
+                for handle, duration in self._durations.items()]
+
+    def restore(self, leases: Iterable[tuple[int, float, float]]) -> None:
+        """Take back `state()`'s leases, each running for its seconds left from now."""
+        now = self.clock()
+        for handle, duration, left in leases:
+            self._durations[handle] = duration
+            self._deadlines[handle] = now + left
 
     def renew(self, handle: int) -> None:
         duration = self._durations.get(handle)

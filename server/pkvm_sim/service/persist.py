@@ -113,9 +113,10 @@ class StateKeeper:
         decoded = state_file.load(self.path)
         hv = state_file.restore(decoded)
         service = parse_service(decoded.service)
-        if set(service.tokens) != set(hv._vms):
-            raise StateFileError(f"the tokens of VMs {sorted(set(service.tokens) ^ set(hv._vms))}"
-                                 " do not match the machine's VMs")
+        odd = set(service.tokens) ^ set(hv.vm_table)
+        if odd:
+            raise StateFileError(f"the tokens of VMs {sorted(odd)} do not match the machine's"
+                                 " VMs")
         self._pending_service = service
         self.load_seconds = time.perf_counter() - started
         return Restored(hv, hv.config, decoded.size_bytes, tuple(decoded.notes))
@@ -133,7 +134,7 @@ class StateKeeper:
             with servicer.lock:
                 hv = servicer.hypervisor
                 snap = state_file.snapshot(hv, capture_service(servicer))
-                nr_vms = len(hv._vms)
+                nr_vms = len(hv.vm_table)
             size = state_file.write_snapshot(self.path, snap)
         seconds = time.perf_counter() - started
         self.last_save_seconds = seconds
@@ -221,13 +222,11 @@ def probe_writable(path: Path) -> None:
 
 def capture_service(servicer: HypervisorServicer) -> dict[str, Any]:
     """Tokens, leases (as seconds left) and counters; call under the simulator lock."""
-    leases = servicer.leases
-    now = leases.clock()
     counters = servicer.counters
     return {
-        "tokens": [[handle, token] for handle, token in servicer.tokens._tokens.items()],
-        "leases": [[handle, duration, max(0.0, leases._deadlines.get(handle, now) - now)]
-                   for handle, duration in leases._durations.items()],
+        "tokens": [[handle, token] for handle, token in servicer.tokens.tokens()],
+        "leases": [[handle, duration, left]
+                   for handle, duration, left in servicer.leases.state()],
         "counters": {
             "requests": [[method, code, n] for (method, code), n in counters.requests().items()],
             "operations": counters.operations_by_name(),
@@ -276,17 +275,14 @@ def restore_service(servicer: HypervisorServicer, state: ServiceState) -> None:
     for handle, token in state.tokens.items():
         servicer.tokens.adopt(handle, token)
     hv = servicer.hypervisor
-    for pfn, (handle, kind) in hv._owners.items():  # the hyp-pool quota ledger, re-derived
+    for pfn, (handle, kind) in hv.owners.items():  # the hyp-pool quota ledger, re-derived
         if kind is PoolKind.HYP:
             servicer.ledger.allocated(handle, [pfn], hv.hyp_pool.page_order(pfn))
     leases = servicer.leases
     if leases.enabled:  # a server started with leases off gives none back
-        now = leases.clock()
-        for handle, duration, left in state.leases:
-            leases._durations[handle] = duration
-            leases._deadlines[handle] = now + left
+        leases.restore(state.leases)
     counters = servicer.counters
-    counters._requests.update(state.requests)
+    counters.restore_requests(state.requests)
     counters.operations.update(state.operations)
     counters.fault_failures.update(state.fault_failures)
     counters.vms_expired = state.vms_expired
@@ -315,7 +311,7 @@ def describe(restored: Restored) -> str:
     """One line about what was restored."""
     c = restored.config
     gib = sum(b.size for b in c.memblocks) / (1 << 30)
-    return (f"{len(restored.hypervisor._vms)} VMs, {c.profile.value}, {gib:g} GiB in"
+    return (f"{len(restored.hypervisor.vm_table)} VMs, {c.profile.value}, {gib:g} GiB in"
             f" {len(c.memblocks)} memblock(s); its configuration is kept")
 
 
