@@ -26,6 +26,12 @@ by core work:
   runs on the loop (a unary call costs no more than an echo's), while the loop never spends
   more than a burst plus one job at a time on core work, and a tenant with heavy jobs always
   queues.
+
+While the worker has work, the interpreter's switch interval is `BUSY_SWITCH_INTERVAL_S`
+(0.2 ms instead of Python's 5 ms), so the loop thread gets the GIL back quickly from the
+worker between jobs and from gRPC's poller thread; when the queue is empty it goes back to
+what it was, since the frequent hand-offs cost a unary call half its throughput when there
+is nothing to share.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +56,7 @@ INLINE_BURST_S = 0.002  # the most inline credit the loop can save up
 LOOP_TURN_EVERY_S = 0.002  # the worker's lock time between two turns of the loop
 LOOP_TURN_ITERATIONS = 3  # a turn: enough for a new call to reach the queue
 LOOP_TURN_TIMEOUT_S = 0.1  # a loop that does not come round (stopping) is not waited for
+BUSY_SWITCH_INTERVAL_S = 0.0002  # sys.setswitchinterval while the worker has work
 
 Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
@@ -72,6 +80,8 @@ class FairLock:
         self._inline_credit_s = INLINE_BURST_S
         self._credit_at = clock()
         self._closed = False
+        self._idle_switch_interval_s = sys.getswitchinterval()
+        self._busy = False  # whether the busy switch interval is in force
         self._worker = threading.Thread(target=self._work, name="pkvm-fair", daemon=True)
         self._worker.start()
 
@@ -141,8 +151,12 @@ class FairLock:
         once closed."""
         while not self._waiting or self._running:
             if self._closed:
+                self._set_busy(False)
                 return None
+            if not self._waiting:
+                self._set_busy(False)
             self._state.wait()
+        self._set_busy(True)
         now = self.clock()
         tenant = min((t for t, queue in self._queues.items() if queue),
                      key=lambda t: self._decayed(t, now))
@@ -153,6 +167,13 @@ class FairLock:
         self._waiting -= 1
         self._running = True
         return tenant, job
+
+    def _set_busy(self, busy: bool) -> None:
+        """The switch interval for a worker with work or without (under _state)."""
+        if busy != self._busy:
+            self._busy = busy
+            sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy
+                                  else self._idle_switch_interval_s)
 
     def _work(self) -> None:
         held_since_turn_s = 0.0  # lock time since the loop's last turn
