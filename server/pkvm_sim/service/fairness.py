@@ -57,6 +57,9 @@ LOOP_TURN_EVERY_S = 0.002  # the worker's lock time between two turns of the loo
 LOOP_TURN_ITERATIONS = 3  # a turn: enough for a new call to reach the queue
 LOOP_TURN_TIMEOUT_S = 0.1  # a loop that does not come round (stopping) is not waited for
 BUSY_SWITCH_INTERVAL_S = 0.0002  # sys.setswitchinterval while the worker has work
+# What it goes back to: the process's interval when this module was imported (one server
+# per process; with several, the last worker to go idle restores it).
+IDLE_SWITCH_INTERVAL_S = sys.getswitchinterval()
 
 Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
@@ -80,7 +83,6 @@ class FairLock:
         self._inline_credit_s = INLINE_BURST_S
         self._credit_at = clock()
         self._closed = False
-        self._idle_switch_interval_s = sys.getswitchinterval()
         self._busy = False  # whether the busy switch interval is in force
         self._worker = threading.Thread(target=self._work, name="pkvm-fair", daemon=True)
         self._worker.start()
@@ -172,8 +174,7 @@ class FairLock:
         """The switch interval for a worker with work or without (under _state)."""
         if busy != self._busy:
             self._busy = busy
-            sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy
-                                  else self._idle_switch_interval_s)
+            sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else IDLE_SWITCH_INTERVAL_S)
 
     def _work(self) -> None:
         held_since_turn_s = 0.0  # lock time since the loop's last turn
