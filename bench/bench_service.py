@@ -134,7 +134,7 @@ def serve(kind: str) -> None:
     settings = ServerSettings(listen="127.0.0.1:0", metrics_listen=None,
                               limits=Limits(quota_hyp_pages=0))
     if kind == "real":
-        sys.setswitchinterval(0.001)  # as `pkvm-sim serve` does
+        # The switch interval is the FairLock's business (shorter while its worker has work).
         service = start(SimConfig(hyp_pool_extra_pages=EXTRA_HYP_PAGES), settings)
         port = service.port
         stop = service.stop

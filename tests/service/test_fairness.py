@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from pkvm_sim.service.fairness import FairLock
+from pkvm_sim.service.fairness import LOOP_TURN_EVERY_S, LOOP_TURN_ITERATIONS, FairLock
 
 
 def test_a_light_tenant_overtakes_a_heavy_tenants_queue() -> None:
@@ -58,3 +58,39 @@ def test_a_cancelled_waiting_job_does_not_run() -> None:
         return ran
 
     assert asyncio.run(scenario()) == ["first", "third"]
+
+
+def test_the_worker_gives_the_loop_a_turn_between_long_jobs() -> None:
+    """However full its queue, the worker lets the loop run LOOP_TURN_ITERATIONS iterations
+    between two jobs that each held the lock for LOOP_TURN_EVERY_S, so the loop can take
+    in calls (and queue a light tenant's job) while a flood runs."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        fair = FairLock(threading.Lock())
+        iterations = 0
+        spans: list[tuple[int, int]] = []  # loop iterations seen at each job's start and end
+
+        def count_iterations() -> None:
+            nonlocal iterations
+            iterations += 1
+            loop.call_soon(count_iterations)
+
+        def long_job() -> None:
+            started = iterations
+            until = fair.clock() + LOOP_TURN_EVERY_S
+            while fair.clock() < until:  # holds the lock (and mostly the GIL) that long
+                pass
+            spans.append((started, iterations))
+
+        loop = asyncio.get_running_loop()
+        loop.call_soon(count_iterations)
+        try:
+            fair._usage["heavy"] = (1.0, fair.clock())
+            await asyncio.gather(*(fair.submit("heavy", long_job) for _ in range(10)))
+        finally:
+            fair.close()
+        return spans
+
+    spans = asyncio.run(scenario())
+    gaps = [nxt[0] - prev[1] for prev, nxt in zip(spans, spans[1:], strict=False)]
+    assert min(gaps) >= LOOP_TURN_ITERATIONS, gaps

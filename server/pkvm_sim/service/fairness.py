@@ -3,18 +3,35 @@
 Every piece of work that holds the simulator lock for a client (a unary call's operation,
 a chunk of a batch) is a job of a tenant: the client's connection (`context.peer()`), so
 all the streams and calls one client multiplexes on its channel are one tenant. Jobs run
-one at a time on one worker thread, which always picks the waiting tenant that used the
-lock least recently (usage decays with a half-life of `HALF_LIFE_S`); a tenant's own jobs
-run in order. The event loop never runs them (but see below), so it is always free to take
-in new calls, and a light tenant's job waits for at most the one job that is running, not
-for the queue: one long batch, many small batches, or a flood of unary calls from others
-all look the same to it.
+one at a time. Queued jobs run on one worker thread, which always picks the waiting tenant
+that used the lock least recently (usage decays with a half-life of `HALF_LIFE_S`); a
+tenant's own jobs run in order. So a light tenant's job waits for at most the one job that
+is running, not for the queue: one long batch, many small batches, or a flood of unary
+calls from others all look the same to it.
 
-The fast path: when nothing is running or waiting, a light tenant's job (one that used
-less than `INLINE_MAX_USAGE_S` of lock time lately) runs at once on the loop, with no
-thread handoff, unless the loop ran one less than `INLINE_PAUSE` times that job's duration
-ago. So a light client pays nothing, a heavy one always queues (its jobs never hold the
-loop), and a burst of arrivals puts at most one job on the loop before the rest queue.
+Two rules keep the event loop, which takes every call in and answers it, from being starved
+by core work:
+
+- The worker gives the loop a turn: once it has held the lock for `LOOP_TURN_EVERY_S`
+  since the loop's last turn, it waits (without the lock, without the GIL) until the loop
+  has run `LOOP_TURN_ITERATIONS` iterations before it picks the next job. Without this, a
+  worker with a full queue hands the interpreter to the loop only for a switch interval
+  between two jobs (a compiled core does not give the GIL up inside a job), so another
+  tenant's call crawls through its steps (read, decode, check, submit, answer) one slice per
+  job of the flood.
+- The fast path runs a job at once on the loop, with no thread handoff, only when nothing
+  runs or waits, the tenant's recent jobs were cheap (`INLINE_MAX_JOB_S`, a decaying peak of
+  its job durations), and the loop has inline credit: it earns `INLINE_SHARE` of wall time
+  up to `INLINE_BURST_S`, and spends what its inline jobs take. So a flood of cheap calls
+  runs on the loop (a unary call costs no more than an echo's), while the loop never spends
+  more than a burst plus one job at a time on core work, and a tenant with heavy jobs always
+  queues.
+
+While the worker has work, the interpreter's switch interval is `BUSY_SWITCH_INTERVAL_S`
+(0.2 ms instead of Python's 5 ms), so the loop thread gets the GIL back quickly from the
+worker between jobs and from gRPC's poller thread; when the queue is empty it goes back to
+what it was, since the frequent hand-offs cost a unary call half its throughput when there
+is nothing to share.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +48,18 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-HALF_LIFE_S = 1.0
-INLINE_PAUSE = 4.0
-INLINE_MAX_USAGE_S = 0.005  # a tenant that used more lock time recently always queues
+HALF_LIFE_S = 1.0  # of a tenant's lock usage, which orders the waiting tenants
+INLINE_MAX_JOB_S = 0.0005  # a tenant whose recent jobs took longer always queues
+JOB_COST_DECAY = 0.5  # the predicted cost after a job: max(its duration, this x the former)
+INLINE_SHARE = 0.25  # the share of wall time the loop may spend on inline jobs
+INLINE_BURST_S = 0.002  # the most inline credit the loop can save up
+LOOP_TURN_EVERY_S = 0.002  # the worker's lock time between two turns of the loop
+LOOP_TURN_ITERATIONS = 3  # a turn: enough for a new call to reach the queue
+LOOP_TURN_TIMEOUT_S = 0.1  # a loop that does not come round (stopping) is not waited for
+BUSY_SWITCH_INTERVAL_S = 0.0002  # sys.setswitchinterval while the worker has work
+# What it goes back to: the process's interval when this module was imported (one server
+# per process; with several, the last worker to go idle restores it).
+IDLE_SWITCH_INTERVAL_S = sys.getswitchinterval()
 
 Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
@@ -46,22 +73,26 @@ class FairLock:
         self.clock = clock
         self.inline_jobs = 0
         self.queued_jobs = 0
+        self.loop_turns = 0
         self._state = threading.Condition(threading.Lock())  # guards everything below
         self._queues: dict[str, collections.deque[Job]] = {}
         self._usage: dict[str, tuple[float, float]] = {}  # tenant -> (seconds, as of when)
+        self._job_cost: dict[str, float] = {}  # tenant -> predicted seconds of its next job
         self._waiting = 0
         self._running = False
-        self._inline_ok_at = 0.0  # clock time after which the loop may run a job again
+        self._inline_credit_s = INLINE_BURST_S
+        self._credit_at = clock()
         self._closed = False
+        self._busy = False  # whether the busy switch interval is in force
         self._worker = threading.Thread(target=self._work, name="pkvm-fair", daemon=True)
         self._worker.start()
 
     async def run(self, tenant: str, fn: Callable[[], T]) -> T:
         """fn()'s result (or exception), run under the lock in the tenant's turn."""
         with self._state:
-            now = self.clock()
-            inline = not self._running and not self._waiting and now >= self._inline_ok_at \
-                and self._decayed(tenant, now) < INLINE_MAX_USAGE_S
+            inline = not self._running and not self._waiting \
+                and self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
+                and self._earn_credit(self.clock()) > 0.0
             if inline:
                 self._running = True
         if inline:
@@ -85,6 +116,13 @@ class FairLock:
             self._closed = True
             self._state.notify()
 
+    def _earn_credit(self, now: float) -> float:
+        """The loop's inline credit as of now (under _state)."""
+        earned = (now - self._credit_at) * INLINE_SHARE
+        self._inline_credit_s = min(INLINE_BURST_S, self._inline_credit_s + earned)
+        self._credit_at = now
+        return self._inline_credit_s
+
     def _run_inline(self, tenant: str, fn: Callable[[], T]) -> T:
         started = self.clock()
         try:
@@ -94,15 +132,17 @@ class FairLock:
             ended = self.clock()
             with self._state:
                 self._running = False
-                self._charge(tenant, ended - started, ended)
-                self._inline_ok_at = ended + INLINE_PAUSE * (ended - started)
+                self._done(tenant, ended - started, ended)
+                self._earn_credit(ended)
+                self._inline_credit_s -= ended - started
                 self.inline_jobs += 1
                 if self._waiting:
                     self._state.notify()
 
-    def _charge(self, tenant: str, seconds: float, now: float) -> None:
-        """Add lock time to the tenant's decayed usage (under _state)."""
+    def _done(self, tenant: str, seconds: float, now: float) -> None:
+        """Charge a job's lock time to its tenant (under _state)."""
         self._usage[tenant] = (self._decayed(tenant, now) + seconds, now)
+        self._job_cost[tenant] = max(seconds, JOB_COST_DECAY * self._job_cost.get(tenant, 0.0))
 
     def _decayed(self, tenant: str, now: float) -> float:
         used, at = self._usage.get(tenant, (0.0, now))
@@ -113,8 +153,12 @@ class FairLock:
         once closed."""
         while not self._waiting or self._running:
             if self._closed:
+                self._set_busy(False)
                 return None
+            if not self._waiting:
+                self._set_busy(False)
             self._state.wait()
+        self._set_busy(True)
         now = self.clock()
         tenant = min((t for t, queue in self._queues.items() if queue),
                      key=lambda t: self._decayed(t, now))
@@ -126,7 +170,14 @@ class FairLock:
         self._running = True
         return tenant, job
 
+    def _set_busy(self, busy: bool) -> None:
+        """The switch interval for a worker with work or without (under _state)."""
+        if busy != self._busy:
+            self._busy = busy
+            sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else IDLE_SWITCH_INTERVAL_S)
+
     def _work(self) -> None:
+        held_since_turn_s = 0.0  # lock time since the loop's last turn
         while True:
             with self._state:
                 picked = self._next_job()
@@ -147,17 +198,42 @@ class FairLock:
             ended = self.clock()
             with self._state:
                 self._running = False
-                self._charge(tenant, ended - started, ended)
+                self._done(tenant, ended - started, ended)
                 self._forget_idle(ended)
+            loop = future.get_loop()
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                future.get_loop().call_soon_threadsafe(_settle, future, outcome)
+                loop.call_soon_threadsafe(_settle, future, outcome)
+            held_since_turn_s += ended - started
+            if held_since_turn_s >= LOOP_TURN_EVERY_S:
+                self._give_loop_a_turn(loop)
+                held_since_turn_s = 0.0
+
+    def _give_loop_a_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until `loop` has run LOOP_TURN_ITERATIONS iterations (each call_soon runs in
+        the iteration after the one that scheduled it), so the calls that came meanwhile
+        have reached the queue before the next pick."""
+        turned = threading.Event()
+
+        def tick(hops_left: int) -> None:
+            if hops_left:
+                loop.call_soon(tick, hops_left - 1)
+            else:
+                turned.set()
+
+        try:
+            loop.call_soon_threadsafe(tick, LOOP_TURN_ITERATIONS - 1)
+        except RuntimeError:  # the loop is closed
+            return
+        turned.wait(LOOP_TURN_TIMEOUT_S)
+        self.loop_turns += 1
 
     def _forget_idle(self, now: float) -> None:
-        """Drop tenants whose usage decayed to nothing (keeps the table small)."""
+        """Drop tenants whose usage decayed to nothing (keeps the tables small)."""
         if len(self._usage) > 1024:
             for tenant in [t for t in self._usage
                            if t not in self._queues and self._decayed(t, now) < 1e-6]:
                 del self._usage[tenant]
+                self._job_cost.pop(tenant, None)
 
 
 def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:

@@ -50,7 +50,6 @@ from pkvm_sim.version import version_line
 
 log = logging.getLogger("pkvm_sim.serve")
 
-SWITCH_INTERVAL_SECONDS = 0.0002
 # How often the main thread looks for a stop signal (SIGTERM, SIGINT).
 STOP_POLL_SECONDS = 0.1
 EXIT_OK = 0
@@ -253,10 +252,8 @@ def run(args: argparse.Namespace) -> int:
         keeper, restored = outcome
         if restored is not None:
             config = restored.config
-    # The fair worker thread computes while the loop thread takes calls in: hand the GIL
-    # over every 0.2 ms instead of every 5, so another client's call is not held up at each
-    # of its steps (docs/service.md, bench_attacks.py: 1 ms left p99s 2-3x higher).
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    # The GIL switch interval is 0.2 ms only while the fair worker has work (fairness.py):
+    # Python's 5 ms otherwise, where the shorter one halved unary throughput.
 
     from .server import start
 
