@@ -126,7 +126,7 @@ def test_load_without_tls_cannot_reach_a_tls_server(
     token_file = tmp_path / "token"
     token_file.write_text(CLIENT_TOKEN + "\n")
     assert main([*load_args(guarded_mtls_service.target, tmp_path), "--client-token-file",
-                 str(token_file), "--connect-timeout", "2"]) == 2
+                 str(token_file), "--connect-timeout", "1"]) == 2
     assert guarded_mtls_service.target in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
