@@ -19,17 +19,19 @@ if TYPE_CHECKING:
     from pkvm_client import Hypervisor
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The SDK's connection options; `prefix` goes before each name, for a parser whose own
+    options could clash (the Locust file's are --pkvm-tls, --pkvm-ca-file...)."""
     group = parser.add_argument_group("connection (as the SDK's Hypervisor)")
-    group.add_argument("--tls", action="store_true",
+    group.add_argument(f"--{prefix}tls", action="store_true",
                        help="connect with TLS (implied by --ca-file or --cert-file)")
-    group.add_argument("--ca-file", type=Path, metavar="PEM",
+    group.add_argument(f"--{prefix}ca-file", type=Path, metavar="PEM",
                        help="CA bundle to trust (default: the system's)")
-    group.add_argument("--cert-file", type=Path, metavar="PEM",
+    group.add_argument(f"--{prefix}cert-file", type=Path, metavar="PEM",
                        help="client certificate chain for mutual TLS (with --key-file)")
-    group.add_argument("--key-file", type=Path, metavar="PEM",
+    group.add_argument(f"--{prefix}key-file", type=Path, metavar="PEM",
                        help="client private key for mutual TLS (with --cert-file)")
-    group.add_argument("--client-token-file", type=Path, metavar="FILE",
+    group.add_argument(f"--{prefix}client-token-file", type=Path, metavar="FILE",
                        help="the client token of a server started with --client-token-file")
 
 
@@ -60,15 +62,22 @@ def _read(path: Path | None) -> bytes | None:
     return None if path is None else path.read_bytes()
 
 
-def connection_from_args(args: argparse.Namespace) -> Connection:
-    """The settings the connection arguments ask for. OSError when a PEM or token file cannot
-    be read, ValueError for a key without a certificate (or the reverse)."""
-    if (args.key_file is None) != (args.cert_file is None):
-        raise ValueError("--cert-file and --key-file go together (mutual TLS)")
-    token_file: Path | None = args.client_token_file
+def connection_from_args(args: argparse.Namespace, prefix: str = "") -> Connection:
+    """The settings the connection arguments (added with the same `prefix`) ask for. OSError
+    when a PEM or token file cannot be read, ValueError for a key without a certificate (or
+    the reverse)."""
+    dest = prefix.replace("-", "_")
+
+    def given(name: str) -> Any:
+        return getattr(args, dest + name)
+
+    cert_file, key_file = given("cert_file"), given("key_file")
+    if (key_file is None) != (cert_file is None):
+        raise ValueError(f"--{prefix}cert-file and --{prefix}key-file go together (mutual TLS)")
+    token_file: Path | None = given("client_token_file")
     token = token_file.read_text().strip() if token_file is not None else None
-    return Connection(tls=args.tls, root_certificates=_read(args.ca_file),
-                      certificate_chain=_read(args.cert_file), private_key=_read(args.key_file),
+    return Connection(tls=bool(given("tls")), root_certificates=_read(given("ca_file")),
+                      certificate_chain=_read(cert_file), private_key=_read(key_file),
                       client_token=token or None)
 
 
