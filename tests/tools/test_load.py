@@ -30,6 +30,9 @@ from tests.tools.load_helpers import run_load, server_process
 
 LATENCY_KEYS = ("min", "mean", "p50", "p90", "p99", "p99_9", "max")
 SHORT = ("--vms", "3", "--duration", "0.8", "--sample-interval", "0.2")
+# A count, not a time, where a test needs operations to have happened: on a loaded machine
+# a short duration can pass in creating the VMs.
+COUNTED = ("--vms", "3", "--total", "300", "--sample-interval", "0.2")
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +245,7 @@ def test_each_workload_runs_its_operations_and_leaks_nothing(
     workload: str, service: RunningService, capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    code, report, _out = run_load(capsys, service.target, tmp_path, *SHORT,
+    code, report, _out = run_load(capsys, service.target, tmp_path, *COUNTED,
                                   "--workload", workload)
     assert code == 0, (report["unexpected"], report["leak_check"])
     ran = {op for op, fig in report["operations"].items() if fig["ok"]}
@@ -290,9 +293,9 @@ def test_mmio_over_fragmented_ram_puts_the_host_stage2_pool_under_pressure(
                                       memblocks=blocks))
     try:
         code, report, _out = run_load(
-            capsys, running.target, tmp_path, "--vms", "4", "--duration", "1.5",
-            "--workload", "mmio", "--mmio-base", "0x80000000", "--mmio-span",
-            hex(n * (size + hole)), "--slice-pages", "16")
+            capsys, running.target, tmp_path, "--vms", "4", "--total", "400",
+            "--sample-interval", "0.2", "--workload", "mmio", "--mmio-base", "0x80000000",
+            "--mmio-span", hex(n * (size + hole)), "--slice-pages", "16")
     finally:
         running.stop(0)
     assert code == 0, report["unexpected"]
