@@ -185,7 +185,9 @@ def test_connections_and_sample_interval(
                                   "--sample-interval", "0.1", "--workload", "churn")
     assert code == 0 and report["shape"]["connections"] == 3
     assert report["vms_started"] == 6
-    assert 6 <= len(report["pools"]) <= 13  # ~10 samples in 1 s, plus the final one
+    # ~10 samples in 1 s, plus the first and the final one; a loaded machine may take fewer
+    # (never more: the interval is a floor)
+    assert 2 <= len(report["pools"]) <= 13
     assert {"hyp", "host_s2"} <= set(report["pools"][0]["pools"])
 
 
