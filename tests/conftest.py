@@ -75,6 +75,14 @@ LANES_BY_NODE_ID: dict[str, tuple[str, ...]] = {
     "tests/tools/test_load.py::test_max_ops_bounds_each_vm": ("slow",),
     "tests/tools/test_load.py::test_progress_lines_and_terminal_progress": ("slow",),
     "tests/tools/test_load.py::test_open_loop_charges_a_stalled_server": ("slow",),
+    # floods and heavy batches: their point is to load the server for seconds
+    "tests/service/test_attacks.py::test_a_stream_flood_without_credentials_is_refused_by_http2":
+        ("slow",),
+    "tests/service/test_attacks.py::test_slowloris_connections_do_not_lock_scrapers_out":
+        ("slow",),
+    "tests/service/test_attacks.py::test_a_get_stats_flood_with_1000_vms_shares_snapshots":
+        ("slow",),
+    "tests/service/test_tenancy.py::test_stop_during_a_heavy_batch_ends_within_grace": ("slow",),
 }
 
 

@@ -4,6 +4,7 @@ out by name)."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -21,6 +22,18 @@ def declared_markers() -> set[str]:
 def test_every_lane_assignment_names_an_existing_path() -> None:
     missing = [prefix for prefix in LANES_BY_NODE_ID
                if not (REPO / prefix.split("::", 1)[0]).exists()]
+    assert not missing, missing
+
+
+def test_every_single_test_assignment_names_a_test_of_its_file() -> None:
+    """A renamed test would silently fall back into the fast lane: the name must still be
+    defined (as a prefix: `test_x` covers `test_x_and_more` and parametrized ids)."""
+    missing = []
+    for prefix in LANES_BY_NODE_ID:
+        path, _, name = prefix.partition("::")
+        if name and not re.search(rf"^(async )?def {re.escape(name)}",
+                                  (REPO / path).read_text(), re.M):
+            missing.append(prefix)
     assert not missing, missing
 
 

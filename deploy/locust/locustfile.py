@@ -21,6 +21,9 @@ user's own ledger (a `leak_check` failure if it differs).
     locust -f deploy/locust/locustfile.py --master --host 10.0.0.5:50051 --headless \
         -u 256 -r 32 -t 5m --stop-timeout 10
     locust -f deploy/locust/locustfile.py --worker --master-host 10.0.0.9
+    # a server with TLS or a client token: `pkvm-sim load`'s options, prefixed with pkvm-
+    locust -f deploy/locust/locustfile.py --host 10.0.0.5:50051 --pkvm-ca-file ca.pem \
+        --pkvm-client-token-file token
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import gevent
 from locust import User, constant, events, task
+from pkvm_sim.tools.connect import add_connection_arguments, connection_from_args
 from pkvm_sim.tools.load.runner import GONE_CODES, ledger_pages
 from pkvm_sim.tools.load.sdk import (
     Hypervisor,
@@ -70,8 +74,12 @@ def blocking(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return value
 
 
+PREFIX = "pkvm-"  # --pkvm-tls, --pkvm-ca-file...: Locust has --tls-cert of its own
+
+
 @events.init_command_line_parser.add_listener
 def _pkvm_options(parser: Any) -> None:
+    add_connection_arguments(parser, PREFIX)  # `pkvm-sim load`'s TLS and client-token options
     parser.add_argument("--pkvm-workload", default="mixed", include_in_web_ui=True,
                         help=f"one of {', '.join(BUILTIN)} or a TOML file (as pkvm-sim load)")
     parser.add_argument("--pkvm-slice-pages", type=int, default=256,
@@ -100,7 +108,8 @@ class PkvmUser(User):  # type: ignore[misc]
         self.slice_pages = int(opts.pkvm_slice_pages)
         self.lease = float(opts.pkvm_lease)
         gevent.get_hub().threadpool.maxsize = max(1, int(opts.pkvm_threads))
-        self.hv = Hypervisor(self.host, timeout=opts.pkvm_timeout)
+        self.hv = Hypervisor(self.host, timeout=opts.pkvm_timeout,
+                             **connection_from_args(opts, PREFIX).sdk_keywords())
         self.rnd = random.Random()
         self.page_size = int(blocking(self.hv.reserve).page_size)
         self.vm: Any = None

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-READY = re.compile(r"^pkvm-sim listening on 127\.0\.0\.1:(\d+)"
+READY = re.compile(r"^pkvm-sim listening on 127\.0\.0\.1:(\d+)(?: with TLS)?"
                    r"(?: \(metrics on 127\.0\.0\.1:(\d+)\))?$")
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("PKVM_SIM_")}
 

@@ -20,7 +20,7 @@ METRICS_LIST = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
 
 
 def scrape(service: RunningService) -> dict[str, list[tuple[dict[str, str], float]]]:
-    text = urllib.request.urlopen(f"http://{service.metrics_address}/metrics", timeout=5).read()
+    text = urllib.request.urlopen(f"http://{service.metrics_address}/metrics", timeout=60).read()
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text.decode()):
         for sample in family.samples:

@@ -1,13 +1,9 @@
 """Helpers of the load tests: run `pkvm-sim load` in-process, and a server in a child
-process (for tests that must freeze it with SIGSTOP)."""
+process (for tests that must freeze it with SIGSTOP, and for Locust)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +12,7 @@ from typing import Any
 import pytest
 from pkvm_sim.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
-SERVER_SCRIPT = """
-import sys
-from pkvm_sim.core.config import SimConfig
-from pkvm_sim.service.server import ServerSettings, start
-service = start(SimConfig(), ServerSettings(listen="127.0.0.1:0", metrics_listen=None))
-print(service.target, flush=True)
-sys.stdin.read()  # until the test closes our stdin
-service.stop(0)
-"""
+from tests.service.attack_helpers import ServeProcess
 
 
 def run_load(capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path,
@@ -41,20 +28,8 @@ def run_load(capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path,
 
 @contextmanager
 def server_process() -> Iterator[tuple[str, int]]:
-    """A real server in its own process: (target, pid)."""
-    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert proc.stdout is not None
-        target = proc.stdout.readline().strip()
-        assert target, "the server process did not start"
-        yield target, proc.pid
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """A real `pkvm-sim serve` in its own process (tests/service/attack_helpers.ServeProcess,
+    the one way the tests start one): (target, pid). A test may SIGSTOP it; it is killed at
+    the end, stopped or not."""
+    with ServeProcess() as server:
+        yield server.target, server.process.pid

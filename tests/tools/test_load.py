@@ -30,6 +30,9 @@ from tests.tools.load_helpers import run_load, server_process
 
 LATENCY_KEYS = ("min", "mean", "p50", "p90", "p99", "p99_9", "max")
 SHORT = ("--vms", "3", "--duration", "0.8", "--sample-interval", "0.2")
+# A count, not a time, where a test needs operations to have happened: on a loaded machine
+# a short duration can pass in creating the VMs.
+COUNTED = ("--vms", "3", "--total", "300", "--sample-interval", "0.2")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +185,9 @@ def test_connections_and_sample_interval(
                                   "--sample-interval", "0.1", "--workload", "churn")
     assert code == 0 and report["shape"]["connections"] == 3
     assert report["vms_started"] == 6
-    assert 6 <= len(report["pools"]) <= 13  # ~10 samples in 1 s, plus the final one
+    # ~10 samples in 1 s, plus the first and the final one; a loaded machine may take fewer
+    # (never more: the interval is a floor)
+    assert 2 <= len(report["pools"]) <= 13
     assert {"hyp", "host_s2"} <= set(report["pools"][0]["pools"])
 
 
@@ -242,7 +247,7 @@ def test_each_workload_runs_its_operations_and_leaks_nothing(
     workload: str, service: RunningService, capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
-    code, report, _out = run_load(capsys, service.target, tmp_path, *SHORT,
+    code, report, _out = run_load(capsys, service.target, tmp_path, *COUNTED,
                                   "--workload", workload)
     assert code == 0, (report["unexpected"], report["leak_check"])
     ran = {op for op, fig in report["operations"].items() if fig["ok"]}
@@ -289,17 +294,19 @@ def test_mmio_over_fragmented_ram_puts_the_host_stage2_pool_under_pressure(
     running = start_service(SimConfig(profile=Profile.V5_13, page_size=PAGE_SIZES["16K"],
                                       memblocks=blocks))
     try:
+        with Hypervisor(running.target) as hv:  # the pools before any MMIO fault
+            free_before = {pool.name: pool.free_pages for pool in hv.stats().pools}
         code, report, _out = run_load(
-            capsys, running.target, tmp_path, "--vms", "4", "--duration", "1.5",
-            "--workload", "mmio", "--mmio-base", "0x80000000", "--mmio-span",
-            hex(n * (size + hole)), "--slice-pages", "16")
+            capsys, running.target, tmp_path, "--vms", "4", "--total", "400",
+            "--sample-interval", "0.2", "--workload", "mmio", "--mmio-base", "0x80000000",
+            "--mmio-span", hex(n * (size + hole)), "--slice-pages", "16")
     finally:
         running.stop(0)
     assert code == 0, report["unexpected"]
     samples = report["pools"]
     host_pools = [name for name in samples[0]["pools"] if name.startswith("host_s2")]
     assert any(min(s["pools"][name]["free_pages"] for s in samples)
-               < samples[0]["pools"][name]["free_pages"] for name in host_pools), samples[-1]
+               < free_before[name] for name in host_pools), samples[-1]
     assert all("mmio_recycles" in s for s in samples)
     assert any(key.startswith("mmio: INVALID_ARGUMENT/NOT_MMIO")
                for key in report["expected_refusals"])

@@ -15,7 +15,11 @@ from typing import Any
 import pytest
 from pkvm_client import Hypervisor
 
+from tests.service.attack_helpers import ServeProcess
+from tests.service.test_security import pki
 from tests.tools.load_helpers import server_process
+
+__all__ = ["pki"]  # the fixture, used by name below
 
 REPO = Path(__file__).resolve().parents[2]
 LOCUSTFILE = REPO / "deploy" / "locust" / "locustfile.py"
@@ -115,3 +119,23 @@ def test_master_with_two_workers(target: str, tmp_path: Path) -> None:
     stats = by_name(master.stdout)
     assert_clean_run(stats, 4, {"alloc", "put", "get"})  # 2 users on each worker
     assert_no_vm_left(target)
+
+
+def test_a_tls_server_with_a_client_token(pki: Path, tmp_path: Path) -> None:
+    """The --pkvm- connection options (`pkvm-sim load`'s): mutual TLS and a client token."""
+    token = tmp_path / "token"
+    token.write_text("locust-token\n")
+    tls = ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+           "--tls-client-ca", str(pki / "ca.pem")]
+    with ServeProcess(*tls, "--client-token-file", str(token)) as server:
+        proc = subprocess.run(
+            [*LOCUST, *run_args(server.target, 2, "churn"), "--pkvm-ca-file",
+             str(pki / "ca.pem"), "--pkvm-cert-file", str(pki / "client.pem"),
+             "--pkvm-key-file", str(pki / "client.key"), "--pkvm-client-token-file", str(token)],
+            capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_clean_run(by_name(proc.stdout), 2, {"alloc", "put"})
+        with Hypervisor(server.target, root_certificates=(pki / "ca.pem").read_bytes(),
+                        certificate_chain=(pki / "client.pem").read_bytes(),
+                        private_key=(pki / "client.key").read_bytes()) as hv:
+            assert hv.stats().nr_vms == 0

@@ -61,6 +61,13 @@ def in_process_rows(grid: Path) -> list[dict[str, Any]]:
     return [run_point(point) for point in load_grid(grid).points()]
 
 
+@pytest.fixture(scope="module")
+def small_grid_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The small grid's rows, run in process once for the module (seconds of simulation);
+    each test reads them without changing them."""
+    return in_process_rows(small_grid(tmp_path_factory.mktemp("grid")))
+
+
 # -- the grid -------------------------------------------------------------------------------
 
 
@@ -106,8 +113,9 @@ def test_bad_grid_file_exits_2(tmp_path: Path) -> None:
 # -- points and rows ----------------------------------------------------------------------
 
 
-def test_every_row_has_every_column_and_its_runs_figures(tmp_path: Path) -> None:
-    rows = in_process_rows(small_grid(tmp_path))
+def test_every_row_has_every_column_and_its_runs_figures(
+        small_grid_rows: list[dict[str, Any]]) -> None:
+    rows = small_grid_rows
     assert all(list(row) == list(COLUMNS) for row in rows)
     assert all(row["error"] is None for row in rows)
     reserve = next(r for r in rows if r["run"] == "reserve")
@@ -139,8 +147,9 @@ def test_a_failed_point_is_a_row_with_its_error(tmp_path: Path) -> None:
     assert "1 failed" in done.stderr
 
 
-def test_csv_and_parquet_hold_the_same_rows(tmp_path: Path) -> None:
-    rows = in_process_rows(small_grid(tmp_path))
+def test_csv_and_parquet_hold_the_same_rows(small_grid_rows: list[dict[str, Any]],
+                                           tmp_path: Path) -> None:
+    rows = small_grid_rows
     shuffled = rows[::-1]  # written by point index whatever the order they finished in
     sweep.write_rows(shuffled, tmp_path / "rows.csv")
     sweep.write_rows(shuffled, tmp_path / "rows.parquet")
@@ -158,12 +167,13 @@ def test_progress_says_done_failed_left_and_time_to_go() -> None:
     assert " to go" in last and "?" not in last  # two points done: a rate exists
 
 
-def test_in_process_sweep_writes_rows_and_plot(tmp_path: Path) -> None:
+def test_in_process_sweep_writes_rows_and_plot(small_grid_rows: list[dict[str, Any]],
+                                               tmp_path: Path) -> None:
     out, picture = tmp_path / "rows.parquet", tmp_path / "sweep.png"
     done = sweep_cli(str(small_grid(tmp_path)), "--out", str(out), "--scheduler", "none",
                      "--plot", str(picture))
     assert done.returncode == 0, done.stderr
-    assert read_rows(out) == in_process_rows(small_grid(tmp_path))
+    assert read_rows(out) == small_grid_rows
     assert "20/20 done, 0 failed, 0 left" in done.stderr
     assert picture.read_bytes()[:4] == b"\x89PNG"
 
@@ -217,12 +227,13 @@ def require_dask() -> None:
 
 
 @pytest.mark.cluster
-def test_a_local_cluster_of_two_workers_gives_the_in_process_rows(tmp_path: Path) -> None:
+def test_a_local_cluster_of_two_workers_gives_the_in_process_rows(
+        small_grid_rows: list[dict[str, Any]], tmp_path: Path) -> None:
     require_dask()
     out = tmp_path / "rows.csv"
     done = sweep_cli(str(small_grid(tmp_path)), "--out", str(out), "--workers", "2")
     assert done.returncode == 0, done.stderr
-    assert read_rows(out) == in_process_rows(small_grid(tmp_path))
+    assert read_rows(out) == small_grid_rows
 
 
 @pytest.fixture
@@ -266,12 +277,12 @@ def dask_cluster(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.cluster
-def test_dask_scheduler_and_workers_give_the_in_process_rows(tmp_path: Path,
-                                                             dask_cluster: str) -> None:
+def test_dask_scheduler_and_workers_give_the_in_process_rows(
+        small_grid_rows: list[dict[str, Any]], tmp_path: Path, dask_cluster: str) -> None:
     out = tmp_path / "rows.parquet"
     done = sweep_cli(str(small_grid(tmp_path)), "--out", str(out), "--scheduler", dask_cluster)
     assert done.returncode == 0, done.stderr
-    assert read_rows(out) == in_process_rows(small_grid(tmp_path))
+    assert read_rows(out) == small_grid_rows
     from distributed import Client
 
     with Client(dask_cluster, timeout=DEADLINE_S) as client:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..connect import Connection, add_connection_arguments, connection_from_args
 from .interrupts import Abort, Interrupts
 from .workloads import BUILTIN, WorkloadError, load_workload
 
@@ -107,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="seconds between plain progress lines")
     out.add_argument("--sample-interval", type=float, default=d["sample_interval"],
                      help="seconds between GetStats samples of pool pressure")
+    add_connection_arguments(parser)
 
 
 def _usage_error(args: argparse.Namespace) -> str | None:
@@ -160,12 +162,15 @@ def run(args: argparse.Namespace) -> int:
     if problem is None:
         try:
             workload = load_workload(args.workload, args.mmio_base, args.mmio_span)
+            connection = connection_from_args(args)
         except WorkloadError as error:
             problem = str(error)
+        except (OSError, ValueError) as error:  # an unreadable PEM or token file
+            problem = f"error: {error}"
     if problem is not None:
         print(f"{prog}: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    shape = shape_from_args(args)
+    shape = shape_from_args(args, connection)
     interrupts = Interrupts()
     with interrupts.installed():
         try:
@@ -203,7 +208,7 @@ def _exit_now(message: str, code: int) -> None:
     os._exit(code)
 
 
-def shape_from_args(args: argparse.Namespace) -> Shape:
+def shape_from_args(args: argparse.Namespace, connection: Connection | None = None) -> Shape:
     """The run's shape, exactly as asked: no limit is cut or capped."""
     from .runner import Shape
 
@@ -219,6 +224,7 @@ def shape_from_args(args: argparse.Namespace) -> Shape:
         slice_pages=args.slice_pages, max_ops=args.max_ops, timeout=args.timeout,
         connect_timeout=args.connect_timeout, sample_interval=args.sample_interval,
         progress=progress, progress_interval=args.progress_interval,
+        connection=connection or Connection(),
     )
 
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
+from ..connect import Connection
 from .interrupts import Interrupts
 from .recorder import PoolSample, Recorder
 from .sdk import (
@@ -66,6 +67,7 @@ class Shape:
     sample_interval: float
     progress: str  # "tty", "lines" or "none"
     progress_interval: float
+    connection: Connection = Connection()  # TLS and client token: plaintext by default
 
 
 @dataclass
@@ -144,8 +146,10 @@ class LoadRun:
         shape = self.shape
         # The VMs' calls go over --connections channels with the --timeout deadline; Reserve
         # and the GetStats samples over one more, with the --connect-timeout deadline.
-        control = AsyncHypervisor(shape.target, timeout=shape.connect_timeout)
-        conns = [AsyncHypervisor(shape.target, timeout=shape.timeout)
+        # Every channel has the same TLS and client-token settings (--tls, --client-token-file).
+        sdk = shape.connection.sdk_keywords()
+        control = AsyncHypervisor(shape.target, timeout=shape.connect_timeout, **sdk)
+        conns = [AsyncHypervisor(shape.target, timeout=shape.timeout, **sdk)
                  for _ in range(shape.connections)]
         try:
             await self._connect(control, conns)
