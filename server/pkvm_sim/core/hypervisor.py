@@ -1194,6 +1194,15 @@ class Hypervisor:
         """handle -> VM, in creation order (the live objects: do not mutate)."""
         return self._vms
 
+    def guest_vm(self, handle: int) -> GuestVm:
+        """The live record of one VM (do not mutate); -ENOENT (NotFound) for an unknown handle."""
+        return self._vm(handle)
+
+    @property
+    def vms_created(self) -> int:
+        """VMs created since boot: the next handle is VM_HANDLE_OFFSET + this."""
+        return self._vms_created
+
     @property
     def owners(self) -> Mapping[int, tuple[int, PoolKind]]:
         """Block head pfn -> (VM handle, pool) of every block a VM holds."""

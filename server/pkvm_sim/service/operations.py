@@ -493,7 +493,7 @@ def topup_memcache(machine: Machine, handle: int, nr_pages: int) -> int:
     # A top-up fills the memcache up to nr_pages (__topup_hyp_memcache): what it would hold
     # afterwards is the larger of the two.
     if quota and nr_pages > quota:
-        held = len(machine.hv._vm(handle).memcache)  # NOT_FOUND for an unknown handle
+        held = len(machine.hv.guest_vm(handle).memcache)  # NOT_FOUND for an unknown handle
         if max(held, nr_pages) > quota:
             raise quota_exceeded(f"VM {handle:#x} holds {held} host memcache pages; filling it"
                                  f" up to {nr_pages} would exceed its quota of {quota}")

@@ -76,14 +76,14 @@ def lifecycle_config(profile: str, *, page_size: int = 4096, memblocks: list[str
 def _donated_pages(hv: Hypervisor) -> int:
     """Host pages EL2 owns by donation: VM structs and PGDs, admitted memcache pages."""
     return sum(vm.donated_pages + len(vm.admitted) + len(vm.hyp_memcache)
-               for vm in hv._vms.values())
+               for vm in hv.vm_table.values())
 
 
 def _shared_pages(hv: Hypervisor) -> int:
     """Host pages EL2 maps as shared, as a dump of EL2's stage-1 counts them: every share up
     to v6.15; from v6.16 (a share maps nothing) only the pinned ones."""
-    shared = set(hv._hyp_shared) | set(hv._kernel_shared)
-    if hv._pins_map:
+    shared = set(hv.hyp_shared) | set(hv.kernel_shared)
+    if hv.pins_map:
         return len(shared & hv.hyp_stage1.mapped)
     return len(shared)
 
@@ -116,7 +116,7 @@ def _first_guest_fault(hv: Hypervisor, handle: int) -> None:
     build = hv.build
     if build is None or not build.guest_stage2_at_el2:
         return
-    vm = hv._vm(handle)
+    vm = hv.guest_vm(handle)
     assert vm.pgt is not None
     hv.topup_memcache(handle, (4 - vm.pgt.start_level) - 1)
     hv.guest_map(handle, 0, vm.slice_base_pfn)

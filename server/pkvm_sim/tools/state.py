@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from pkvm_sim.core import state_file
-from pkvm_sim.core.hypervisor import Hypervisor
+from pkvm_sim.core.hypervisor import VM_HANDLE_OFFSET, Hypervisor
 from pkvm_sim.core.state_file import StateFileError
 
 EXIT_OK = 0
@@ -55,14 +55,14 @@ def summarise(decoded: state_file.StateFile, hv: Hypervisor) -> dict[str, Any]:
     leases = {int(h): (float(d), float(left))
               for h, d, left in decoded.service.get("leases", ())}
     vms = []
-    for handle, vm in hv._vms.items():
+    for handle, vm in hv.vm_table.items():
         duration, left = leases.get(handle, (0.0, 0.0))
         vms.append({
             "handle": handle, "vmid": vm.vmid, "name": vm.name, "nr_vcpus": vm.nr_vcpus,
             "slice_base_pfn": vm.slice_base_pfn, "slice_nr_pages": vm.slice_nr_pages,
             "donated_pages": vm.donated_pages, "memcache_pages": len(vm.memcache),
             "shared_pages": len(vm.shared), "pinned_pages": len(vm.pins),
-            "hyp_blocks": sum(1 for h, kind in hv._owners.values()
+            "hyp_blocks": sum(1 for h, kind in hv.owners.values()
                               if h == handle and kind.value == "hyp"),
             "lease_seconds": duration, "lease_left_seconds": round(left, 3),
         })
@@ -72,8 +72,8 @@ def summarise(decoded: state_file.StateFile, hv: Hypervisor) -> dict[str, Any]:
                  "checksum": "ok", "audit": "passed"},
         "config": state_file.config_to_json(hv.config),
         "hyp_page_layout": hv.config.layout.name,
-        "vms_created": hv._vms_created,
-        "next_handle": 0x1000 + hv._vms_created,
+        "vms_created": hv.vms_created,
+        "next_handle": VM_HANDLE_OFFSET + hv.vms_created,
         "vms": vms,
         "pools": [
             {"name": p.name, "base_pfn": p.base_pfn, "total_pages": p.total_pages,
