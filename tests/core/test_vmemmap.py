@@ -11,7 +11,6 @@ import sys
 from array import array
 
 import pytest
-
 from pkvm_sim.core.errors import WouldPanic
 from pkvm_sim.core.layout import LAYOUT_2, LAYOUT_4, LAYOUT_32, HypPageLayout
 from pkvm_sim.core.vmemmap import Vmemmap

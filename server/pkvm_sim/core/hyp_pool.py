@@ -55,7 +55,7 @@ from typing import Final, final
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
-from .vmemmap import Vmemmap
+from .vmemmap import Vmemmap, as_items
 
 U32_MASK: Final = 0xFFFF_FFFF
 # A queue's consumed prefix is dropped once it is this long and longer than the rest.
@@ -656,7 +656,8 @@ class HypPool:
 def _fill(items: memoryview, start: int, stop: int, value: int) -> None:
     """items[start:stop] = value, in bounded chunks so no temporary is larger than 1 Mi items."""
     chunk = 1 << 20
-    pattern = memoryview(array(items.format, [value]) * min(chunk, max(stop - start, 0)))
+    pattern = as_items(array(items.format, [value]) * min(chunk, max(stop - start, 0)),
+                       items.format)
     while start < stop:
         n = min(chunk, stop - start)
         items[start:start + n] = pattern[:n]

@@ -2,9 +2,9 @@
 
 The vmemmap's buffers are anonymous mappings that cost host memory only for the pages
 written so far (vmemmap.py); `resident_bytes` says how many that is, so the figures the
-simulator reports about its own memory stay true. (A page only ever read maps the shared zero
-page and counts as resident too: the figure errs high, never low.) Where mincore cannot be called (no libc,
-another OS) it answers the mapping's full size: an upper bound, never an underestimate.
+simulator reports about its own memory stay true. A page only ever read maps the shared zero
+page and counts as resident too, and where mincore cannot be called (no libc, another OS) the
+answer is the mapping's full size: the figure may err high, never low.
 """
 
 from __future__ import annotations

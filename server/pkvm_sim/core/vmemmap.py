@@ -63,8 +63,8 @@ class VmemmapSegment:
         if len(blob) != self.items.nbytes:
             raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has {self.items.nbytes}"
                              f" bytes, not {len(blob)}")
-        native = _little_endian(memoryview(blob).cast(self.items.format))  # LE <-> native
-        self.items[:] = memoryview(native).cast(self.items.format)
+        native = _little_endian(as_items(blob, self.items.format))  # LE <-> native
+        self.items[:] = as_items(native, self.items.format)
 
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
         """Native-order bytes of the entries of [start_pfn, end_pfn) (digests)."""
@@ -99,14 +99,20 @@ class SegmentEntries:
         return array(self._items.format, self._items[key].tobytes())
 
     def __setitem__(self, key: slice, values: array[int]) -> None:
-        self._items[key] = memoryview(values).cast("B").cast(self._items.format)
+        self._items[key] = as_items(values, self._items.format)
 
 
 def _lazily_zeroed(typecode: str, nr_entries: int) -> tuple[memoryview, mmap.mmap]:
     """nr_entries zero items of `typecode`, backed by zero pages until written."""
     itemsize = array(typecode).itemsize
     backing = mmap.mmap(-1, nr_entries * itemsize)  # anonymous, private: reads as zeros
-    return memoryview(backing).cast(typecode), backing
+    return as_items(backing, typecode), backing
+
+
+def as_items(buffer: bytes | bytearray | mmap.mmap | array[int], typecode: str) -> memoryview:
+    """The bytes of `buffer` seen as items of an integer `typecode` ('H', 'I', 'Q')."""
+    # typeshed types cast() per literal format; the layouts' typecodes are plain strs.
+    return memoryview(buffer).cast("B").cast(typecode)  # type: ignore[call-overload,no-any-return]
 
 
 def _little_endian(items: memoryview) -> bytes:
