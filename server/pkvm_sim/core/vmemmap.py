@@ -23,7 +23,6 @@ import mmap
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import cast, final
 
 from .errors import WouldPanic
@@ -32,14 +31,19 @@ from .residency import resident_bytes
 
 
 @final
-@dataclass
 class VmemmapSegment:
     """Entries for the contiguous pfns [base_pfn, base_pfn + nr_pages)."""
 
-    base_pfn: int
-    nr_pages: int
-    items: memoryview  # order << layout.order_shift | refcount, format layout.entry_typecode
-    backing: mmap.mmap = field(repr=False)  # the anonymous mapping behind `items`
+    # (A plain class: mypyc cannot build a dataclass with a memoryview field.)
+    def __init__(self, base_pfn: int, nr_pages: int, items: memoryview,
+                 backing: mmap.mmap) -> None:
+        self.base_pfn = base_pfn
+        self.nr_pages = nr_pages
+        self.items = items  # order << layout.order_shift | refcount, format entry_typecode
+        self.backing = backing  # the anonymous mapping behind `items`
+
+    def __repr__(self) -> str:
+        return f"VmemmapSegment(base_pfn={self.base_pfn:#x}, nr_pages={self.nr_pages})"
 
     @property
     def end_pfn(self) -> int:
