@@ -82,3 +82,21 @@ def test_the_array_view_reads_and_writes_the_live_entries() -> None:
     assert [vmemmap.entry(pfn) for pfn in range(4)] == [1, 2, 3, 4]
     if sys.byteorder == "little":
         assert seg.export_bytes() == view.tobytes()
+
+
+def test_the_machine_comparison_sees_a_changed_vmemmap_entry() -> None:
+    """The state file's deep comparison walks the vmemmap's buffers, not just their types."""
+    from pkvm_sim.core import state_file
+    from pkvm_sim.core.config import SimConfig
+    from pkvm_sim.core.hypervisor import Hypervisor
+
+    from tests.core.machine_compare import assert_same_machine
+
+    hv = Hypervisor.boot(SimConfig.from_mapping({"memblocks": ["0x80000000:64M"]}))
+    restored = state_file.restore(state_file.decode(state_file.encode(hv)))
+    assert_same_machine(hv, restored)
+    seg = restored.vmemmap.segments[0]
+    pfn = seg.end_pfn - 1
+    restored.vmemmap.set_entry(pfn, refcount=restored.vmemmap.refcount(pfn) + 1)
+    with pytest.raises(AssertionError, match=r"vmemmap\.segments\[0\]\.items: buffers differ"):
+        assert_same_machine(hv, restored)
