@@ -1,9 +1,9 @@
 """Page geometry and the `struct hyp_page` layouts (docs/service.md, Configuration).
 
 A *layout* is what one vmemmap entry looks like at EL2. The simulator stores each entry as
-one packed unsigned integer, `order << order_shift | refcount`, in a typed buffer whose item
-is never wider than the modelled struct (vmemmap.py), so "is this buddy free with order o" is a single
-compare against `o << order_shift` (refcount 0), as cheap as it is in the kernel:
+one packed unsigned integer, `order << order_shift | refcount`, in a typed buffer (vmemmap.py)
+whose item is never wider than the modelled struct, so "is this buddy free with order o" is a
+single compare against `o << order_shift` (refcount 0), as cheap as it is in the kernel:
 
     layout | modelled entry                      | stored as       | refcount max | NO_ORDER
     -------+-------------------------------------+-----------------+--------------+---------
