@@ -20,15 +20,15 @@ BASE_PFN = 0x80000
 HUGE_PAGE_BYTES = 2 << 20  # a transparent huge page, where the host uses them
 
 
-def test_a_1tib_vmemmap_reserves_1gib_and_stores_only_what_is_written() -> None:
+def test_a_1tib_vmemmap_stores_1gib_but_only_written_pages_are_resident() -> None:
     vmemmap = Vmemmap(LAYOUT_4, [(BASE_PFN, TIB_4K_PAGES)])
     assert vmemmap.modelled_bytes == 4 * TIB_4K_PAGES  # what EL2 spends: 1 GiB
-    assert vmemmap.reserved_bytes == 4 * TIB_4K_PAGES  # 'I' items: 4 bytes each
-    untouched = vmemmap.stored_bytes
+    assert vmemmap.stored_bytes == 4 * TIB_4K_PAGES  # 'I' items: 4 bytes each
+    untouched = vmemmap.resident_bytes
     assert untouched < HUGE_PAGE_BYTES  # nothing written yet: (nearly) nothing resident
     far = BASE_PFN + TIB_4K_PAGES - 1
     vmemmap.set_entry(far, refcount=3, order=2)
-    grown = vmemmap.stored_bytes - untouched
+    grown = vmemmap.resident_bytes - untouched
     assert mmap.PAGESIZE <= grown <= HUGE_PAGE_BYTES  # one entry: one host page (or one THP)
     assert vmemmap.refcount(far) == 3 and vmemmap.order(far) == 2
     assert vmemmap.entry(BASE_PFN + TIB_4K_PAGES // 2) == 0  # never written: reads as zero

@@ -8,8 +8,8 @@ Storage: each segment's buffer is an anonymous private mapping (`mmap`) viewed a
 `memoryview`. The OS hands out a zero page on the first touch of each page of it, so a
 segment costs nothing at boot and host memory grows with the pages actually written: a
 1 TiB machine (1 GiB of 4-byte entries) boots without zeroing 1 GiB. What the model reports
-(`modelled_bytes`: what EL2 spends) is kept apart from what the simulator reserves
-(`reserved_bytes`) and what it has touched so far (`stored_bytes`, resident pages).
+(`modelled_bytes`: what EL2 spends) is kept apart from what the simulator stores
+(`stored_bytes`: every entry's item) and what of that is in host memory (`resident_bytes`).
 
 Coverage: with 'carveout' (v5.13/v5.14) only the carve-out's pfns have entries; with 'all'
 (v6.2) every memblock pfn has one. Touching any other pfn's entry is the EL2 fault the
@@ -150,15 +150,16 @@ class Vmemmap:
         return self.covered_pages * self.layout.entry_bytes
 
     @property
-    def reserved_bytes(self) -> int:
-        """The address space of the simulator's buffers: what it would store if every entry
-        were written."""
+    def stored_bytes(self) -> int:
+        """What the simulator's buffers hold: every entry, written or not (the address space
+        it reserved; a figure that depends on the machine only, so a restored machine reports
+        what the saved one did). Host memory is at most this: see resident_bytes."""
         return sum(seg.items.nbytes for seg in self.segments)
 
     @property
-    def stored_bytes(self) -> int:
-        """What the simulator's buffers occupy in host memory: their resident pages (pages
-        never written cost nothing). reserved_bytes where the OS cannot say."""
+    def resident_bytes(self) -> int:
+        """The part of stored_bytes in host memory now (host pages touched so far: it depends
+        on the history, not only on the state)."""
         return sum(resident_bytes(seg.backing) for seg in self.segments)
 
     def _index(self, pfn: int) -> int:
