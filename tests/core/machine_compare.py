@@ -4,13 +4,14 @@
 attribute (`__dict__` and `__slots__`), container and array, and fails at the first
 difference with its path (`hv.host_stage2.counters.faults_mmio`). It also checks that the
 two graphs are shaped alike: where the original shares one object between two places (a
-pool's vmemmap array is its segment's array; every table reads the one page-contents dict),
+pool's vmemmap buffer is its segment's buffer; every table reads the one page-contents dict),
 the restored machine must share one object there too. An attribute that a later change adds
 to a core class, but the state file forgets, therefore fails the comparison.
 """
 
 from __future__ import annotations
 
+import mmap
 import random
 from array import array
 from collections import deque
@@ -69,6 +70,10 @@ class _Walker:
             self.walk(a.__self__, b.__self__, f"{path}.__self__")
         elif isinstance(a, array):
             assert a.typecode == b.typecode and a == b, f"{path}: arrays differ"
+        elif isinstance(a, memoryview):  # a vmemmap segment's entries
+            assert a.format == b.format and a == b, f"{path}: buffers differ"
+        elif isinstance(a, mmap.mmap):  # the mapping behind them, compared through the view
+            assert len(a) == len(b), f"{path}: mapping sizes differ"
         elif isinstance(a, list | deque):
             assert len(a) == len(b), f"{path}: lengths {len(a)} != {len(b)}"
             for i, (x, y) in enumerate(zip(a, b, strict=True)):

@@ -55,7 +55,7 @@ from typing import Any, Final, final
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
-from .vmemmap import Vmemmap
+from .vmemmap import Vmemmap, as_items
 
 U32_MASK: Final = 0xFFFF_FFFF
 # A queue's consumed prefix is dropped once it is this long and longer than the rest.
@@ -179,7 +179,7 @@ class HypPool:
         self._range_end_pfn = base_pfn + (range_bytes >> page_shift)
         self._first_unreserved = base_pfn + reserved_pages
         self._off = segment.base_pfn
-        self._vm = segment.entries
+        self._vm = segment.items
         self._shift = layout.order_shift
         self._tail = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
         self._lists: list[list[int]] = [[] for _ in range(max_order)]
@@ -681,21 +681,23 @@ class HypPool:
         return False
 
 
-def _fill(arr: array[int], start: int, stop: int, value: int) -> None:
-    """arr[start:stop] = value, in bounded chunks so no temporary is larger than 1 Mi items."""
+def _fill(items: memoryview, start: int, stop: int, value: int) -> None:
+    """items[start:stop] = value, in bounded chunks so no temporary is larger than 1 Mi items."""
     chunk = 1 << 20
-    pattern = array(arr.typecode, [value]) * min(chunk, max(stop - start, 0))
+    pattern = as_items(array(items.format, [value]) * min(chunk, max(stop - start, 0)),
+                       items.format)
     while start < stop:
         n = min(chunk, stop - start)
-        arr[start:start + n] = pattern if n == len(pattern) else pattern[:n]
+        items[start:start + n] = pattern[:n]
         start += n
 
 
-def _all_zero(arr: array[int], start: int, stop: int) -> bool:
-    """True when arr[start:stop] is all zeros, copying at most 1 Mi items at a time."""
+def _all_zero(items: memoryview, start: int, stop: int) -> bool:
+    """True when items[start:stop] is all zeros, copying at most 1 Mi items at a time."""
     chunk = 1 << 20
     for lo in range(start, stop, chunk):
         hi = min(lo + chunk, stop)
-        if arr[lo:hi].count(0) != hi - lo:
+        raw = items[lo:hi].tobytes()
+        if raw.count(0) != len(raw):
             return False
     return True

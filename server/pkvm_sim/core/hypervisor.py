@@ -1462,8 +1462,7 @@ class Hypervisor:
                     cuts += [lo, hi]
             cuts.append(seg.end_pfn)
             for a, b in zip(cuts[::2], cuts[1::2], strict=True):
-                i, j = a - seg.base_pfn, b - seg.base_pfn
-                digest.update(seg.entries[i:j].tobytes())
+                digest.update(seg.range_bytes(a, b))
         return digest.hexdigest()
 
 

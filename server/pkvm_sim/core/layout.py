@@ -1,17 +1,17 @@
 """Page geometry and the `struct hyp_page` layouts (docs/service.md, Configuration).
 
 A *layout* is what one vmemmap entry looks like at EL2. The simulator stores each entry as
-one packed unsigned integer, `order << order_shift | refcount`, in a typed array whose item
-is never wider than the modelled struct, so "is this buddy free with order o" is a single
-compare against `o << order_shift` (refcount 0), as cheap as it is in the kernel:
+one packed unsigned integer, `order << order_shift | refcount`, in a typed buffer (vmemmap.py)
+whose item is never wider than the modelled struct, so "is this buddy free with order o" is a
+single compare against `o << order_shift` (refcount 0), as cheap as it is in the kernel:
 
     layout | modelled entry                      | stored as       | refcount max | NO_ORDER
     -------+-------------------------------------+-----------------+--------------+---------
-    32     | u32 refcount, u32 order, ptr, list  | array('Q'), 8 B | 2**32 - 1    | 2**32-1
-    8      | u16 refcount, u8 order, 4+4-bit     | array('I'), 4 B | 65535        | 255
+    32     | u32 refcount, u32 order, ptr, list  | 'Q' items, 8 B  | 2**32 - 1    | 2**32-1
+    8      | u16 refcount, u8 order, 4+4-bit     | 'I' items, 4 B  | 65535        | 255
            | host/hyp state, u32 guest shares    |                 |              |
-    4      | u16 refcount, u16 order             | array('I'), 4 B | 65535        | 65535
-    2      | 13-bit refcount, 3-bit order        | array('H'), 2 B | 8191         | 7
+    4      | u16 refcount, u16 order             | 'I' items, 4 B  | 65535        | 65535
+    2      | 13-bit refcount, 3-bit order        | 'H' items, 2 B  | 8191         | 7
 
 Layout 8 is the struct of v6.16 to v7.3 (nvhe/memory.h; 8 bytes in the BTF of Debian's 6.18.15
 and 7.3.4 images): the page states and the guest-share count live beside the refcount and
@@ -65,7 +65,7 @@ class HypPageLayout:
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes the simulator itself spends per vmemmap entry."""
+        """Bytes the simulator itself spends per vmemmap entry once it is written."""
         from array import array
 
         return array(self.entry_typecode).itemsize
