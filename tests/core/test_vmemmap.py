@@ -7,8 +7,6 @@ behaves: a page costs host memory once written, and one entry lies in one host p
 from __future__ import annotations
 
 import mmap
-import sys
-from array import array
 
 import pytest
 from pkvm_sim.core.errors import WouldPanic
@@ -66,22 +64,6 @@ def test_export_is_little_endian_and_import_restores_it() -> None:
     assert [other.entry(pfn) for pfn in range(8)] == [vmemmap.entry(pfn) for pfn in range(8)]
     with pytest.raises(ValueError):
         other.segments[0].import_bytes(blob[:-4])
-
-
-def test_the_array_view_reads_and_writes_the_live_entries() -> None:
-    """state_file.py reads `entries` as an array and restores with `entries[:] = ...`."""
-    vmemmap = Vmemmap(LAYOUT_2, [(0, 4)])
-    seg = vmemmap.segments[0]
-    vmemmap.set_entry(2, refcount=5, order=1)
-    view = seg.entries
-    assert view.typecode == "H" and view.itemsize == 2 and len(view) == 4
-    assert list(view) == [0, 0, (1 << 13) | 5, 0]
-    assert view[1:3].tobytes() == array("H", [0, (1 << 13) | 5]).tobytes()
-    assert view.tobytes() == seg.range_bytes(0, 4)
-    view[:] = array("H", [1, 2, 3, 4])
-    assert [vmemmap.entry(pfn) for pfn in range(4)] == [1, 2, 3, 4]
-    if sys.byteorder == "little":
-        assert seg.export_bytes() == view.tobytes()
 
 
 def test_the_machine_comparison_sees_a_changed_vmemmap_entry() -> None:

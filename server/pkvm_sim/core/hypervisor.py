@@ -28,8 +28,6 @@ Who owns a page (what `audit` proves, and what `page_info` reports):
 from __future__ import annotations
 
 import hashlib
-import sys
-from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -1243,7 +1241,7 @@ class Hypervisor:
         out: dict[str, Any] = {
             "vms_created": self._vms_created,
             "vmemmap": [{"base_pfn": seg.base_pfn, "nr_pages": seg.nr_pages,
-                         "item_bytes": seg.entries.itemsize}
+                         "item_bytes": seg.items.itemsize}
                         for seg in self.vmemmap.segments],
             "physmem": [[pfn, encode_page(physmem.read(pfn))]
                         for pfn in physmem.written_pfns()],
@@ -1264,7 +1262,7 @@ class Hypervisor:
 
     def vmemmap_blobs(self) -> list[bytes]:
         """Each vmemmap segment's packed entries, little-endian (one state-file section each)."""
-        return [_array_le_bytes(seg.entries) for seg in self.vmemmap.segments]
+        return [seg.export_bytes() for seg in self.vmemmap.segments]
 
     def restore_state(self, m: Mapping[str, Any], vmemmap_blobs: Sequence[bytes]) -> None:
         """Overwrite this freshly booted machine's mutable state with `state()`'s (and the
@@ -1323,14 +1321,7 @@ class Hypervisor:
                 (s.base_pfn, s.nr_pages) for s in live]:
             raise ValueError("the file's vmemmap segments differ from the configuration's")
         for seg, blob in zip(live, blobs, strict=True):
-            loaded = array(seg.entries.typecode)
-            if len(blob) != seg.nr_pages * loaded.itemsize:
-                raise ValueError(f"vmemmap segment at pfn {seg.base_pfn:#x} has {len(blob)}"
-                                 " bytes")
-            loaded.frombytes(blob)
-            if sys.byteorder != "little":
-                loaded.byteswap()
-            seg.entries[:] = loaded  # in place: the pools index this very array
+            seg.import_bytes(blob)  # in place: the pools index this very buffer
 
     def _check_handle_counter(self) -> None:
         """Handles are never reused (the next is VM_HANDLE_OFFSET + VMs ever created): a
@@ -1528,12 +1519,3 @@ def _check_page_count(nr_pages: int, *, minimum: int) -> None:
             f"nr_pages must be in {minimum}..{MAX_PAGES_PER_CALL} per call, not {nr_pages}",
             reason="BAD_SIZE",
         )
-
-
-def _array_le_bytes(entries: array[int]) -> bytes:
-    """An array's items as little-endian bytes, whatever this machine's byte order."""
-    if sys.byteorder == "little":
-        return entries.tobytes()
-    swapped = array(entries.typecode, entries)
-    swapped.byteswap()
-    return swapped.tobytes()

@@ -22,8 +22,8 @@ import bisect
 import mmap
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
-from typing import cast, final
+from collections.abc import Iterable, Sequence
+from typing import final
 
 from .errors import WouldPanic
 from .layout import HypPageLayout
@@ -49,15 +49,6 @@ class VmemmapSegment:
     def end_pfn(self) -> int:
         return self.base_pfn + self.nr_pages
 
-    @property
-    def entries(self) -> array[int]:
-        """The items as the `array` that state_file.py reads and restores in place.
-
-        A view, not a copy: it has what that code uses of an array (typecode, itemsize,
-        tobytes, slices, slice assignment), each acting on the live buffer.
-        """
-        return cast("array[int]", SegmentEntries(self.items))
-
     def export_bytes(self) -> bytes:
         """The entries as little-endian items (the state file's vmemmap sections)."""
         return _little_endian(self.items)
@@ -73,37 +64,6 @@ class VmemmapSegment:
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
         """Native-order bytes of the entries of [start_pfn, end_pfn) (digests)."""
         return self.items[start_pfn - self.base_pfn:end_pfn - self.base_pfn].tobytes()
-
-
-@final
-class SegmentEntries:
-    """What state_file.py uses of an `array` of a segment's entries, on the live buffer."""
-
-    def __init__(self, items: memoryview) -> None:
-        self._items = items
-
-    @property
-    def typecode(self) -> str:
-        return self._items.format
-
-    @property
-    def itemsize(self) -> int:
-        return self._items.itemsize
-
-    def tobytes(self) -> bytes:
-        return self._items.tobytes()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._items.tolist())
-
-    def __getitem__(self, key: slice) -> array[int]:
-        return array(self._items.format, self._items[key].tobytes())
-
-    def __setitem__(self, key: slice, values: array[int]) -> None:
-        self._items[key] = as_items(values, self._items.format)
 
 
 def _lazily_zeroed(typecode: str, nr_entries: int) -> tuple[memoryview, mmap.mmap]:
