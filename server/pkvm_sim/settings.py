@@ -129,12 +129,6 @@ class ServerSettings:
         if self.limits.max_streams_per_connection:
             options.append(("grpc.max_concurrent_streams",
                             self.limits.max_streams_per_connection))
-            # gRPC's server by default counts a stream against the limit until its call is
-            # freed, after the answer went out ("overload protection"); its client counts it
-            # until the answer arrives, so it sends streams the server still counts and they
-            # are refused (RST_STREAM REFUSED_STREAM). Both count HTTP/2 streams with this off;
-            # the calls being served stay bounded by max_concurrent_rpcs.
-            options.append(("grpc.http.overload_protection", 0))
         if self.limits.max_connections:
             options.append(("grpc.max_allowed_incoming_connections",
                             self.limits.max_connections))
