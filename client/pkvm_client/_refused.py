@@ -23,7 +23,7 @@ import grpc
 
 # The details gRPC's C core gives a call reset with HTTP/2 error code 7 (REFUSED_STREAM).
 REFUSED_STREAM_DETAILS = "RST_STREAM with error code 7"
-MAX_REFUSED_RETRIES = 10
+MAX_REFUSED_RETRIES = 50  # about 20 s of backoff: the deadline usually ends it first
 FIRST_BACKOFF_S = 0.005
 MAX_BACKOFF_S = 0.5
 

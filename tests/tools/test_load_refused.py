@@ -41,9 +41,11 @@ def test_a_run_above_max_vms_fails_only_for_the_vms_it_could_not_create(
     assert report["unexpected"] == {}, report["unexpected"]
     assert "UNAVAILABLE" not in result.stdout + result.stderr
     assert report["leak_check"]["ok"], report["leak_check"]
-    assert report["vms_started"] == MAX_VMS
+    # A churn recycle frees a slot now and then, so a late client VM may still get one.
+    started = report["vms_started"]
+    assert MAX_VMS <= started < vms, started
     assert report["reasons"] == [
-        f"created {MAX_VMS} of {vms} VMs (first refusal: RESOURCE_EXHAUSTED/QUOTA_EXCEEDED"
+        f"created {started} of {vms} VMs (first refusal: RESOURCE_EXHAUSTED/QUOTA_EXCEEDED"
         f" the server holds its maximum of {MAX_VMS} VMs)"]
 
 
