@@ -2,10 +2,13 @@
 
 A server bounds the streams of one connection (SETTINGS_MAX_CONCURRENT_STREAMS). gRPC's
 client keeps its own calls under that bound, but it counts a stream as gone when the answer
-arrives, while the server counts it until it has finished writing the answer: a call sent in
-between is reset with RST_STREAM REFUSED_STREAM and fails UNAVAILABLE "Received RST_STREAM
-with error code 7". By HTTP/2 (RFC 9113, section 8.7) a refused stream was never processed,
-so sending the call again is safe for every call, mutations included. gRPC's own retries
+arrives, while gRPC's server (its default "overload protection") counts it until the call is
+freed, after the handler finished: a call sent in between is reset with RST_STREAM
+REFUSED_STREAM and fails UNAVAILABLE "Received RST_STREAM with error code 7" (docs/sdk.md,
+Deadlines, says why the server keeps that protection).
+
+By HTTP/2 (RFC 9113, section 8.7) a refused stream was never processed, so sending the call
+again is safe for every call, mutations included. gRPC's own retries
 do not cover it here (its retry policy is for the read-only calls only; a mutation that
 failed UNAVAILABLE for another reason may have run, and is not retried).
 
