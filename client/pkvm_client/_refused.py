@@ -8,9 +8,9 @@ REFUSED_STREAM and fails UNAVAILABLE "Received RST_STREAM with error code 7" (do
 Deadlines, says why the server keeps that protection).
 
 By HTTP/2 (RFC 9113, section 8.7) a refused stream was never processed, so sending the call
-again is safe for every call, mutations included. gRPC's own retries
-do not cover it here (its retry policy is for the read-only calls only; a mutation that
-failed UNAVAILABLE for another reason may have run, and is not retried).
+again is safe for every call, mutations included. gRPC's own retries do not cover it here
+(its retry policy is for the read-only calls only; a mutation that failed UNAVAILABLE for
+another reason may have run, and is not retried).
 
 `RefusedRetry` gives the waits between attempts: a short, growing, jittered backoff, a bounded
 number of attempts, and never past the call's deadline.
