@@ -35,6 +35,7 @@ from ._client import (
     with_client_token,
 )
 from ._errors import TransportError, from_rpc_error
+from ._refused import RefusedRetry
 from ._types import (
     USE_CLIENT_DEFAULT,
     Fault,
@@ -72,13 +73,20 @@ class ClientTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 
 async def _invoke(stub: Any, call: Call[T], timeout: float | None,
                   metadata: Sequence[tuple[str, str]] | None, fields: dict[str, Any]) -> T:
-    """Make one unary call of the call table; a failure is raised as its typed PkvmError."""
-    try:
-        response = await getattr(stub, call.rpc)(call.request(**fields), metadata=metadata,
-                                                 timeout=timeout)
-    except grpc.RpcError as error:
-        raise from_rpc_error(error) from None
-    return call.result(response)
+    """Make one unary call of the call table; a failure is raised as its typed PkvmError.
+    A call the server refused unprocessed (REFUSED_STREAM) is sent again (see _refused)."""
+    request, retry = call.request(**fields), RefusedRetry(timeout)
+    while True:
+        try:
+            response = await getattr(stub, call.rpc)(request, metadata=metadata,
+                                                     timeout=retry.timeout())
+        except grpc.RpcError as error:
+            wait_s = retry.backoff(error)
+            if wait_s is None:
+                raise from_rpc_error(error) from None
+            await asyncio.sleep(wait_s)
+        else:
+            return call.result(response)
 
 
 class AsyncHypervisor:

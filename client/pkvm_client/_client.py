@@ -12,7 +12,9 @@ one, since it is meant to live long; each `stream.execute(batch, timeout=...)` c
 
 Retries: only the read-only calls (GetStats, GetPageInfo, Reserve, health) are retried, by
 gRPC's own retry policy, when the server is UNAVAILABLE; a mutation is never retried because
-the client cannot know whether it ran.
+the client cannot know whether it ran. The one exception: a unary call whose stream the
+server refused unprocessed (HTTP/2 REFUSED_STREAM, its per-connection stream limit) is sent
+again, whatever it is, within its deadline (see `_refused`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import operator
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,6 +36,7 @@ from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 from ._batch import Batch, BatchResult
 from ._errors import TransportError, from_rpc_error
+from ._refused import RefusedRetry
 from ._types import (
     USE_CLIENT_DEFAULT,
     Fault,
@@ -244,13 +248,20 @@ def is_serving(response: bytes) -> bool:
 
 def _invoke(stub: Any, call: Call[T], timeout: float | None,
             metadata: Sequence[tuple[str, str]] | None, fields: dict[str, Any]) -> T:
-    """Make one unary call of the call table; a failure is raised as its typed PkvmError."""
-    try:
-        response = getattr(stub, call.rpc)(call.request(**fields), metadata=metadata,
-                                           timeout=timeout)
-    except grpc.RpcError as error:
-        raise from_rpc_error(error) from None
-    return call.result(response)
+    """Make one unary call of the call table; a failure is raised as its typed PkvmError.
+    A call the server refused unprocessed (REFUSED_STREAM) is sent again (see _refused)."""
+    request, retry = call.request(**fields), RefusedRetry(timeout)
+    while True:
+        try:
+            response = getattr(stub, call.rpc)(request, metadata=metadata,
+                                               timeout=retry.timeout())
+        except grpc.RpcError as error:
+            wait_s = retry.backoff(error)
+            if wait_s is None:
+                raise from_rpc_error(error) from None
+            time.sleep(wait_s)
+        else:
+            return call.result(response)
 
 
 class Hypervisor:
