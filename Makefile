@@ -7,7 +7,7 @@
 #                test but those marked as needing
 #                QEMU, Podman, Prometheus, test tools, Locust, Node, fresh venvs, a Dask
 #                cluster, or seconds of their own (markers: pyproject.toml); under a minute
-#                on a quiet 2-core machine (2 xdist workers: CHECK_WORKERS=0 for serial)
+#                on a quiet 2-core machine (3 xdist workers: CHECK_WORKERS=0 for serial)
 #   make test-pure  the core tests and the oracle traces on the pure-Python core
 #                (PKVM_SIM_PURE_PYTHON=1; `make test` runs the compiled one where it can)
 #   make image   build the Docker image with Podman (on a local base stand-in: no registry)
@@ -136,13 +136,14 @@ $(CHECK_STAMP): pyproject.toml setup.py $(CONSTRAINTS) | $(BIN)/python
 	  PKVM_SIM_PURE_PYTHON=1 $(PIP) --constraint $(CONSTRAINTS) -e '.[test]'; fi
 	@touch $@
 
-# Its tests run on CHECK_WORKERS pytest-xdist processes (2: the project's machines have 2
-# cores, and much of a test's time is spent waiting on a server or a child process), a whole
+# Its tests run on CHECK_WORKERS pytest-xdist processes (3 on the project's 2-core machines:
+# much of a test's time is spent waiting on a server or a child process, and a third worker
+# fills those waits; quiet machine: 61-68 s on 2 workers, 43 s on 3, 50 s on 4), a whole
 # file per worker (--dist loadfile: a module's shared server or certificates are made once).
 # The tests are parallel-safe: ports 0, tmp_path, nothing shared outside them.
 # CHECK_WORKERS=0 runs serially. `make test` stays serial: QEMU boots and Podman builds time out
 # when they share the 2 cores with the rest.
-CHECK_WORKERS ?= 2
+CHECK_WORKERS ?= 3
 check: $(CHECK_STAMP)
 	@rc=0; PKVM_SIM_PURE_PYTHON=1 $(BIN)/python -m pytest -q -m "not ($(SLOW_LANES))" \
 	  -n $(CHECK_WORKERS) --dist loadfile $(PYTEST_ARGS) || rc=$$?; \

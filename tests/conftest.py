@@ -83,6 +83,12 @@ LANES_BY_NODE_ID: dict[str, tuple[str, ...]] = {
     "tests/service/test_attacks.py::test_a_get_stats_flood_with_1000_vms_shares_snapshots":
         ("slow",),
     "tests/service/test_tenancy.py::test_stop_during_a_heavy_batch_ends_within_grace": ("slow",),
+    "tests/metrics/test_http.py::test_scrapers_in_a_crowd_share_renders_and_each_gets_a_fresh_one":
+        ("slow",),
+    # whole load runs against a server process, or a timed rate over seconds
+    "tests/tools/test_load_refused.py": ("slow",),
+    "tests/tools/test_load.py::test_open_loop_holds_the_asked_rate": ("slow",),
+    "tests/service/test_state_guard.py::test_the_save_fits_inside_the_grace_period": ("slow",),
 }
 
 
