@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,6 +15,8 @@ from pkvm_sim.metrics.http import MetricsHTTPServer, start_metrics_server
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -50,13 +52,6 @@ def test_an_idle_connection_is_closed_after_the_read_timeout(server: MetricsHTTP
     conn.close()
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def closed_by_server(conn: socket.socket) -> bool:

@@ -8,7 +8,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pkvm_sim.service.limits import Limits
 
 from tests.service.attack_helpers import SETTINGS_MAX_CONCURRENT_STREAMS, RawH2, ServeProcess
 from tests.service.tenants import Stub, serve
+from tests.waiting import wait_for
 
 GARBAGE = b"\xff\xff\xff\xff"  # field 31, wire type 7: no protobuf message parses this
 
@@ -64,13 +64,6 @@ def test_undecodable_bodies_get_invalid_argument_and_are_logged_once() -> None:
     assert len(reports) == 1, reports  # at most one line a minute
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 GET_STATS = "/pkvm.v1.HypervisorService/GetStats"
