@@ -137,10 +137,11 @@ class CallEnd:
         call.add_done_callback(self._record)
 
     def _record(self, call: Any) -> None:
-        # Runs inside gRPC's status setter: it must not raise.
+        # Runs inside gRPC's status setter, which must not see an exception: on any failure
+        # (not expected: the status is set before the callbacks run) error() reads the call.
         try:
             self._first = _settled(_status_of(call))
-        except RuntimeError:  # not expected: the status is set before the callbacks run
+        except Exception:
             self._first = None
 
     async def error(self) -> grpc.aio.AioRpcError:
