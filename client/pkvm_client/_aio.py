@@ -385,7 +385,7 @@ class AsyncBatchStream:
         self._next_id += 1
         request = batch.request(self.vm.handle, self._next_id)
         batch_deadline = deadline_in(timeout)
-        retry = RefusedRetry(earliest(timeout, seconds_left(self._deadline)))
+        retry: RefusedRetry | None = None  # made at the first failure (none: no cost)
         while True:
             try:
                 response = await self._exchange(request, seconds_left(batch_deadline))
@@ -397,6 +397,8 @@ class AsyncBatchStream:
                     code=grpc.StatusCode.DEADLINE_EXCEEDED,
                 ) from None
             except grpc.RpcError as error:
+                retry = retry or RefusedRetry(earliest(seconds_left(batch_deadline),
+                                                       seconds_left(self._deadline)))
                 wait_s = None if self._answered else retry.backoff(error)
                 if wait_s is None:
                     self._failed = True

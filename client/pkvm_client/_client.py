@@ -597,8 +597,7 @@ class BatchStream:
             if timer is not None:
                 timer.start()
             try:
-                response = self._exchange(request, RefusedRetry(
-                    earliest(timeout, seconds_left(self._deadline))))
+                response = self._exchange(request, deadline_in(timeout))
                 self._waiting = None
             except grpc.RpcError as error:
                 self._failed = True
@@ -613,15 +612,19 @@ class BatchStream:
                     timer.cancel()
         return BatchResult.from_response(response)
 
-    def _exchange(self, request: Any, retry: RefusedRetry) -> Any:
+    def _exchange(self, request: Any, batch_deadline: float | None) -> Any:
         """Send one batch and read its answer; a first batch refused with its stream is sent
-        again on a new one. Raises the call's RpcError otherwise."""
+        again on a new one, before `batch_deadline` (time.monotonic(); None: none) and the
+        stream's. Raises the call's RpcError otherwise."""
+        retry: RefusedRetry | None = None  # made at the first failure (none: no cost)
         while True:
             self._requests.put(request)
             try:
                 response = next(self._responses)
             except grpc.RpcError as error:
                 self._requests.put(_END)  # ends gRPC's thread sending for the failed call
+                retry = retry or RefusedRetry(earliest(seconds_left(batch_deadline),
+                                                       seconds_left(self._deadline)))
                 wait_s = None if self._answered or self._expired else retry.backoff(error)
                 if wait_s is None:
                     raise
