@@ -50,6 +50,7 @@ def one_page_batch() -> Batch:
 # -- against the real server -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds of traffic against a server process
 def test_async_streams_refused_at_open_run_every_batch_once(target: str) -> None:
     failures: Counter[str] = Counter()
 
@@ -84,6 +85,7 @@ def test_async_streams_refused_at_open_run_every_batch_once(target: str) -> None
     assert free_before - free_after == VMS * BATCHES_PER_VM
 
 
+@pytest.mark.slow
 def test_sync_streams_refused_at_open_run_every_batch_once(target: str) -> None:
     failures: Counter[str] = Counter()
     with Hypervisor(target) as hv:
