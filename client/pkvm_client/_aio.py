@@ -35,7 +35,7 @@ from ._client import (
     with_client_token,
 )
 from ._errors import TransportError, from_rpc_error
-from ._refused import RefusedRetry
+from ._refused import CallEnd, RefusedRetry, deadline_in, earliest, seconds_left
 from ._types import (
     USE_CLIENT_DEFAULT,
     Fault,
@@ -354,13 +354,22 @@ class AsyncVM(VmHandle):
 
 class AsyncBatchStream:
     """An open Execute stream over asyncio (`async with vm.stream() as s`). Deadlines end
-    the stream as in `BatchStream`."""
+    the stream as in `BatchStream`; a stream the server refused is opened again as there.
+    Send its batches one after another (await each `execute`)."""
 
     def __init__(self, vm: AsyncVM, *, timeout: float | None = None) -> None:
         self.vm = vm
-        self._call = vm._stub.Execute(metadata=vm._md, timeout=timeout)
+        self._deadline = deadline_in(timeout)  # the whole stream's, across new streams
         self._next_id = 0
         self._failed = False
+        self._open()
+
+    def _open(self) -> None:
+        """Open the Execute call (again, after a refusal: with what is left of the deadline)."""
+        self._call = self.vm._stub.Execute(metadata=self.vm._md,
+                                           timeout=seconds_left(self._deadline))
+        self._end = CallEnd(self._call)
+        self._answered = 0  # batches answered on this call: once one was, none is resent
 
     async def __aenter__(self) -> AsyncBatchStream:
         return self
@@ -370,31 +379,47 @@ class AsyncBatchStream:
 
     async def execute(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
         """Send one batch and wait for its result; `timeout`: this batch's deadline, in
-        seconds (None: only the stream's). A failure of the stream itself is raised."""
+        seconds (None: only the stream's). A failure of the stream itself is raised, but a
+        first batch the server refused with its stream (REFUSED_STREAM: nothing ran) is sent
+        again on a new stream, within both deadlines (see _refused)."""
         self._next_id += 1
-        try:
-            await self._call.write(batch.request(self.vm.handle, self._next_id))
-            response = await asyncio.wait_for(self._call.read(), timeout)
-        except TimeoutError:
-            self._failed = True
-            self._call.cancel()
-            raise TransportError(
-                f"no result for batch {self._next_id} within {timeout} s",
-                code=grpc.StatusCode.DEADLINE_EXCEEDED,
-            ) from None
-        except grpc.RpcError as error:
-            self._failed = True
-            raise from_rpc_error(error) from None
-        if response is grpc.aio.EOF:
-            self._failed = True
-            raise from_rpc_error(await self._error())
-        return BatchResult.from_response(response)
+        request = batch.request(self.vm.handle, self._next_id)
+        batch_deadline = deadline_in(timeout)
+        retry: RefusedRetry | None = None  # made at the first failure (none: no cost)
+        while True:
+            try:
+                response = await self._exchange(request, seconds_left(batch_deadline))
+            except TimeoutError:
+                self._failed = True
+                self._call.cancel()
+                raise TransportError(
+                    f"no result for batch {self._next_id} within {timeout} s",
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                ) from None
+            except grpc.RpcError as error:
+                retry = retry or RefusedRetry(earliest(seconds_left(batch_deadline),
+                                                       seconds_left(self._deadline)))
+                wait_s = None if self._answered else retry.backoff(error)
+                if wait_s is None:
+                    self._failed = True
+                    raise from_rpc_error(error) from None
+                await asyncio.sleep(wait_s)
+                self._open()
+            else:
+                return BatchResult.from_response(response)
 
-    async def _error(self) -> grpc.RpcError:
-        code = await self._call.code()
-        details = await self._call.details()
-        trailing = await self._call.trailing_metadata()
-        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
+    async def _exchange(self, request: Any, timeout: float | None) -> Any:
+        """Write one batch on the call and read its answer. A call that ended raises its
+        real status (CallEnd), whichever of the write or the read found it ended."""
+        try:
+            await self._call.write(request)
+            response = await asyncio.wait_for(self._call.read(), timeout)
+        except (grpc.RpcError, asyncio.InvalidStateError):  # InvalidState: already ended
+            raise await self._end.error() from None
+        if response is grpc.aio.EOF:
+            raise await self._end.error()
+        self._answered += 1
+        return response
 
     async def close(self) -> None:
         """Half-close the stream and wait for the server to end it."""
@@ -408,4 +433,4 @@ class AsyncBatchStream:
                 raise from_rpc_error(error) from None
             return
         if code is not grpc.StatusCode.OK and not self._failed:
-            raise from_rpc_error(await self._error())
+            raise from_rpc_error(await self._end.error())

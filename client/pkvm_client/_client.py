@@ -12,9 +12,10 @@ one, since it is meant to live long; each `stream.execute(batch, timeout=...)` c
 
 Retries: only the read-only calls (GetStats, GetPageInfo, Reserve, health) are retried, by
 gRPC's own retry policy, when the server is UNAVAILABLE; a mutation is never retried because
-the client cannot know whether it ran. The one exception: a unary call whose stream the
-server refused unprocessed (HTTP/2 REFUSED_STREAM, its per-connection stream limit) is sent
-again, whatever it is, within its deadline (see `_refused`).
+the client cannot know whether it ran. The one exception: a call whose stream the server
+refused unprocessed (HTTP/2 REFUSED_STREAM, its per-connection stream limit) is sent again,
+whatever it is, within its deadline: a unary call, or the first batch of an Execute stream
+on a new stream (see `_refused`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
 from ._batch import Batch, BatchResult
 from ._errors import TransportError, from_rpc_error
-from ._refused import RefusedRetry
+from ._refused import RefusedRetry, deadline_in, earliest, seconds_left
 from ._types import (
     USE_CLIENT_DEFAULT,
     Fault,
@@ -547,24 +548,35 @@ _END = object()
 
 
 class BatchStream:
-    """An open Execute stream of one VM (use as a context manager).
+    """An open Execute stream of one VM (use as a context manager). Send its batches one
+    after another (`execute` holds a lock for that).
 
     A deadline that passes, for the stream or for one batch, ends the stream with a
     TransportError (DEADLINE_EXCEEDED). Operations of that batch the server already ran stay
-    done; the client cannot tell how many ran."""
+    done; the client cannot tell how many ran. A stream the server refused when it opened
+    (REFUSED_STREAM, before any batch of it was answered) ran nothing: its first batch is sent
+    again on a new stream, within the deadlines (see _refused)."""
 
     def __init__(self, vm: VM, *, timeout: float | None = None) -> None:
         self.vm = vm
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._responses: Any = vm._stub.Execute(
-            iter(self._requests.get, _END), metadata=vm._md, timeout=timeout
-        )
+        self._deadline = deadline_in(timeout)  # the whole stream's, across new streams
         self._next_id = 0
         self._lock = threading.Lock()
         self._failed = False
         self._closed = False
         self._expired = False
         self._waiting: int | None = None  # the batch whose result execute() waits for
+        self._open()
+
+    def _open(self) -> None:
+        """Open the Execute call (again, after a refusal: with what is left of the deadline).
+        gRPC's thread sends what `_requests` yields, until _END."""
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._responses: Any = self.vm._stub.Execute(
+            iter(self._requests.get, _END), metadata=self.vm._md,
+            timeout=seconds_left(self._deadline),
+        )
+        self._answered = 0  # batches answered on this call: once one was, none is resent
 
     def __enter__(self) -> BatchStream:
         return self
@@ -577,7 +589,7 @@ class BatchStream:
         seconds (None: only the stream's). A failure of the stream itself is raised."""
         with self._lock:
             self._next_id += 1
-            self._requests.put(batch.request(self.vm.handle, self._next_id))
+            request = batch.request(self.vm.handle, self._next_id)
             batch_id = self._waiting = self._next_id
             timer = None if timeout is None else threading.Timer(
                 timeout, self._expire, (batch_id,)
@@ -585,7 +597,7 @@ class BatchStream:
             if timer is not None:
                 timer.start()
             try:
-                response = next(self._responses)
+                response = self._exchange(request, deadline_in(timeout))
                 self._waiting = None
             except grpc.RpcError as error:
                 self._failed = True
@@ -599,6 +611,31 @@ class BatchStream:
                 if timer is not None:
                     timer.cancel()
         return BatchResult.from_response(response)
+
+    def _exchange(self, request: Any, batch_deadline: float | None) -> Any:
+        """Send one batch and read its answer; a first batch refused with its stream is sent
+        again on a new one, before `batch_deadline` (time.monotonic(); None: none) and the
+        stream's. Raises the call's RpcError otherwise."""
+        retry: RefusedRetry | None = None  # made at the first failure (none: no cost)
+        while True:
+            self._requests.put(request)
+            try:
+                response = next(self._responses)
+            except grpc.RpcError as error:
+                self._requests.put(_END)  # ends gRPC's thread sending for the failed call
+                retry = retry or RefusedRetry(earliest(seconds_left(batch_deadline),
+                                                       seconds_left(self._deadline)))
+                wait_s = None if self._answered or self._expired else retry.backoff(error)
+                if wait_s is None:
+                    raise
+                time.sleep(wait_s)
+                self._open()
+                if self._expired:  # the batch deadline passed meanwhile (see _expire)
+                    self._responses.cancel()
+                    raise
+            else:
+                self._answered += 1
+                return response
 
     def _expire(self, batch_id: int) -> None:
         """A batch deadline passed: end the stream, unless that batch's result came in."""
