@@ -329,7 +329,7 @@ def test_the_ledger_follows_the_pool_whoever_frees_a_shared_table() -> None:
             vms = [client.create(slice_pages=64) for _ in range(2)]
             created = hyp_free_pages(client.stub)
 
-            def charged() -> int:
+            def charged(vms: list[pb2.VM] = vms) -> int:
                 return sum(ledger.held(vm.handle) for vm in vms)
 
             assert charged() == start - created

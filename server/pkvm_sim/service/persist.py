@@ -1,8 +1,9 @@
 """Keeping the machine across restarts: the service's half of `serve --state-file PATH`.
 
     start:    file exists -> restore it (core/state_file.py) instead of booting, then put
-              back the VMs' tokens, their leases (as the time they had left) and the request
-              counters before the first call is served; no file -> boot as usual
+              back the VMs' tokens, their leases (as the time they had left), their clients,
+              the hyp table charges and the request counters before the first call is
+              served; no file -> boot as usual
     SaveState (admin RPC) and SIGTERM/SIGINT (after in-flight calls finish): save
 
 The file's configuration wins over the defaults; a knob the user set explicitly (flag,
@@ -223,7 +224,8 @@ def probe_writable(path: Path) -> None:
 
 
 def capture_service(servicer: HypervisorServicer) -> dict[str, Any]:
-    """Tokens, leases (as seconds left) and counters; call under the simulator lock."""
+    """Tokens, clients, hyp table charges, leases (as seconds left) and counters; call
+    under the simulator lock."""
     counters = servicer.counters
     return {
         "tokens": [[handle, token] for handle, token in servicer.tokens.tokens()],
