@@ -325,26 +325,26 @@ def test_the_ledger_follows_the_pool_whoever_frees_a_shared_table() -> None:
         ledger = service.servicer.ledger
         for order in ((0, 1), (1, 0)):
             client = Client(service.target)
-            start = hyp_free_pages(client.stub)
+            booted = hyp_free_pages(client.stub)
             vms = [client.create(slice_pages=64) for _ in range(2)]
             created = hyp_free_pages(client.stub)
 
             def charged(vms: list[pb2.VM] = vms) -> int:
                 return sum(ledger.held(vm.handle) for vm in vms)
 
-            assert charged() == start - created
+            assert charged() == booted - created
             for vm in vms:
                 share(client, vm, vm.slice_base_pfn + 63)
-            assert charged() == start - hyp_free_pages(client.stub) > start - created
+            assert charged() == booted - hyp_free_pages(client.stub) > booted - created
             first, second = (vms[i] for i in order)
             unshare(client, first, first.slice_base_pfn + 63)
-            assert charged() == start - hyp_free_pages(client.stub)
+            assert charged() == booted - hyp_free_pages(client.stub)
             unshare(client, second, second.slice_base_pfn + 63)
             assert hyp_free_pages(client.stub) == created
-            assert charged() == start - created
+            assert charged() == booted - created
             for vm in vms:
                 client.destroy(vm)
-            assert hyp_free_pages(client.stub) == start
+            assert hyp_free_pages(client.stub) == booted
             assert charged() == 0
             client.close()
     finally:

@@ -13,6 +13,7 @@ then everything put back).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def room(client: Client, vm: pb2.VM, token: str | None = None) -> int:
                 handle=vm.handle, order=0, pool=pb2.POOL_KIND_HYP), metadata=metadata,
                 timeout=30)
         except grpc.RpcError as error:
-            assert refusal(lambda e=error: _raise(e)) == (EXHAUSTED, "QUOTA_EXCEEDED")
+            assert refusal(functools.partial(_raise, error)) == (EXHAUSTED, "QUOTA_EXCEEDED")
             break
         pfns.append(response.pfn)
     else:
