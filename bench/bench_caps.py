@@ -9,8 +9,8 @@ all did before the charge). In each:
 
 - `--vms` VMs each share one page in each of `--regions` fresh 2 MiB regions of their slice
   (each such share makes EL2 take a stage-1 table from the hyp pool), stopping at the first
-  refusal; printed: the hyp pool pages each VM's shares took (GetStats, before and after)
-  and the pool's free pages left;
+  refusal; printed: the hyp pool pages each VM's creation and shares took (GetStats, before
+  and after; the quota holds both) and the pool's free pages left;
 - then one VM on each server times `--pairs` unary 256-page HostShare + HostUnshare pairs,
   the two servers in turn (so both see the same machine load); the share is planned against
   the quota on the first server only. Printed: p50 per server and their ratio.
@@ -37,8 +37,11 @@ def hyp_free(stub: pb2_grpc.HypervisorServiceStub) -> int:
     return next(int(pool.free_pages) for pool in stats.pools if pool.name == "hyp")
 
 
-def fill_regions(stub: pb2_grpc.HypervisorServiceStub, regions: int) -> tuple[int, str]:
-    """One VM shares a page per fresh 2 MiB region: (hyp pool pages taken, how it ended)."""
+def fill_regions(stub: pb2_grpc.HypervisorServiceStub,
+                 regions: int) -> tuple[int, int, str]:
+    """One VM shares a page per fresh 2 MiB region: (hyp pool pages its creation took, pages
+    its shares took, how it ended). Both are charged to the VM."""
+    before_create = hyp_free(stub)
     created = stub.CreateVM(pb2.CreateVMRequest(
         nr_vcpus=1, slice_pages=regions * LEAF_TABLE_SPAN_PAGES), timeout=60)
     vm, metadata = created.vm, bearer(created.token)
@@ -52,7 +55,7 @@ def fill_regions(stub: pb2_grpc.HypervisorServiceStub, regions: int) -> tuple[in
         except grpc.RpcError as error:
             ended = f"refused after {region}: {error.code().name} {(error.details() or '')[:60]}"
             break
-    return before - hyp_free(stub), ended
+    return before_create - before, before - hyp_free(stub), ended
 
 
 class SharingVm:
@@ -75,9 +78,9 @@ class SharingVm:
 def fill(quota: int, stub: pb2_grpc.HypervisorServiceStub, args: argparse.Namespace) -> None:
     print(f"--quota-hyp-pages {quota}: hyp pool {hyp_free(stub)} pages free")
     for index in range(args.vms):
-        taken, ended = fill_regions(stub, args.regions)
-        print(f"  VM {index}: its shares took {taken} hyp pool pages ({ended}); "
-              f"pool free {hyp_free(stub)}")
+        creation, shares, ended = fill_regions(stub, args.regions)
+        print(f"  VM {index}: its creation took {creation} and its shares {shares} hyp pool"
+              f" pages, {creation + shares} in all ({ended}); pool free {hyp_free(stub)}")
 
 
 def main() -> int:

@@ -201,6 +201,11 @@ class ClientToken:
     def required(self) -> bool:
         return bool(self._tokens)
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The clients the tokens name (a restored VM keeps a client named here)."""
+        return frozenset(name for _secret, name in self._tokens)
+
     def check(self, token: str | None, what: str) -> str | None:
         """The name of the client whose token this is; None when no token is configured.
         Every configured token is compared (in constant time), whichever matches."""

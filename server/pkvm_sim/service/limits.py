@@ -30,6 +30,7 @@ event loop; the ledgers are written together with the core under the simulator l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -40,7 +41,7 @@ from pkvm_sim.settings import MAX_BATCH_OPS, UNLIMITED, Limits
 from .errors import ServiceError
 
 __all__ = ["MAX_BATCH_OPS", "MAX_NAME_BYTES", "UNLIMITED", "Admission", "ClientLedger",
-           "HypPageLedger", "Limits"]
+           "HypPageLedger", "Limits", "choose_payer"]
 
 MAX_NAME_BYTES = 64
 
@@ -79,9 +80,13 @@ class HypPageLedger:
     service, so the ledger follows the core exactly (tests compare it with the core's pool
     statistics). Blocks of a VM's own pool are not recorded.
 
-    A table page is charged to the VM whose share allocated it, and released when EL2
-    frees it (the table left empty), whichever VM's unshare empties it. A table still in
-    use when its VM is destroyed is charged to nobody from then on.
+    A table page is charged to the VM on whose behalf EL2 allocated it: its share or pin
+    (planned and refused over the quota), or its creation and its guest maps' memcache
+    refills (charged after the fact, never refused: `charge_new_tables`). The charge is
+    released when EL2 frees the table (left empty), whichever VM's unshare empties it. When
+    the paying VM is destroyed and the table is still in use, the charge moves to a VM that
+    uses it (`choose_payer`), even over that VM's quota: a destroy cannot be refused, and the
+    new payer's shares, pins and allocations are refused until it is back under.
     """
 
     def __init__(self, quota: int = UNLIMITED) -> None:
@@ -91,6 +96,9 @@ class HypPageLedger:
         self._blocks: dict[int, dict[int, int]] = {}
         self._pages: dict[int, int] = {}
         self._tables: dict[int, tuple[int, Key]] = {}  # table pfn -> (VM charged, its key)
+        # Tables no live VM used when their payer went (none expected: every page EL2 maps
+        # at run time is some VM's), never charged again while they last.
+        self._unpaid: dict[int, Key] = {}
 
     def tables_of(self, handle: int) -> int:
         """Stage-1 table pages charged to VM `handle`."""
@@ -111,20 +119,22 @@ class HypPageLedger:
         for key in keys:
             pfn = stage1.table_at(key)
             if pfn is not None and pfn not in self._tables:
-                self._tables[pfn] = (handle, key)
-                self._pages[handle] = self._pages.get(handle, 0) + 1
+                self._charge(pfn, handle, key)
 
     def settle_tables(self, stage1: HypStage1, tables_before: int | None = None) -> None:
         """Release the charge of every charged table EL2 has freed. An unmapping operation
         passes the run-time table count it started with: when the count did not go down it
         freed nothing, and the check costs one len() (None: always look, O(charged))."""
-        if not self._tables or (tables_before is not None
-                                and stage1.nr_tables >= tables_before):
+        if not (self._tables or self._unpaid) or (tables_before is not None
+                                                   and stage1.nr_tables >= tables_before):
             return
         for pfn, (owner, key) in list(self._tables.items()):
             if stage1.table_at(key) != pfn:
                 del self._tables[pfn]
                 self._pages[owner] -= 1
+        for pfn, key in list(self._unpaid.items()):
+            if stage1.table_at(key) != pfn:
+                del self._unpaid[pfn]
 
     def held(self, handle: int) -> int:
         return self._pages.get(handle, 0)
@@ -175,25 +185,109 @@ class HypPageLedger:
         if freed:
             self._pages[handle] -= freed
 
-    def drop(self, handle: int) -> None:
-        """The VM is gone: everything it held went back to the pool (its tables still in use
-        by other VMs' shares are charged to nobody from now on)."""
+    def charge_new_tables(self, handle: int, stage1: HypStage1, tables_before: int) -> None:
+        """Charge VM `handle` the tables an operation on its behalf made EL2 take without a
+        plan (its creation, a guest map's memcache refill): the run-time tables nobody is
+        charged for yet. `tables_before`: the run-time table count the operation started
+        with (unchanged: it made none, and this costs one len())."""
+        if not self.tracking or stage1.nr_tables <= tables_before:
+            return
+        for level, index, pfn in stage1.dump():
+            if pfn not in self._tables and pfn not in self._unpaid:
+                self._charge(pfn, handle, (level, index))
+
+    def _charge(self, pfn: int, handle: int, key: Key) -> None:
+        self._tables[pfn] = (handle, key)
+        self._pages[handle] = self._pages.get(handle, 0) + 1
+
+    def tables_charged_to(self, handle: int) -> dict[int, Key]:
+        """table pfn -> key of the tables charged to VM `handle`."""
+        return {pfn: key for pfn, (owner, key) in self._tables.items() if owner == handle}
+
+    def drop(self, handle: int, payers: dict[int, int | None] | None = None) -> None:
+        """The VM is gone: everything it held went back to the pool. Its tables still in
+        use (EL2 frees them when empty: settle first) are charged to `payers[pfn]`, the VM
+        `choose_payer` named (None, or no entry: no live VM uses it; it is then charged to
+        nobody, and not charged again)."""
         self._blocks.pop(handle, None)
         self._pages.pop(handle, None)
-        if self._tables:
-            for pfn in [pfn for pfn, (owner, _key) in self._tables.items() if owner == handle]:
-                del self._tables[pfn]
+        payers = payers or {}
+        for pfn, key in self.tables_charged_to(handle).items():
+            del self._tables[pfn]
+            payer = payers.get(pfn)
+            if payer is None:
+                self._unpaid[pfn] = key
+            else:
+                self._charge(pfn, payer, key)
+
+    # -- a state file's service section (service/persist.py) --------------------------------
+
+    def table_charges(self) -> list[list[int]]:
+        """[[table pfn, VM charged], ...] in charging order."""
+        return [[pfn, owner] for pfn, (owner, _key) in self._tables.items()]
+
+    def restore_tables(self, tables: dict[int, Key], charges: dict[int, int],
+                       payers: dict[int, int | None]) -> None:
+        """Charge the restored run-time `tables` (pfn -> key): to the VM a saved charge
+        names, else (a file from a server without a quota, or older than the charges) to
+        `payers[pfn]` (choose_payer; None: nobody)."""
+        if not self.tracking:
+            return
+        for pfn, key in tables.items():
+            payer = charges.get(pfn, payers.get(pfn))
+            if payer is None:
+                self._unpaid[pfn] = key
+            else:
+                self._charge(pfn, payer, key)
+
+
+def choose_payer(users: list[int], client_of: Callable[[int], str | None],
+                 payer_client: str | None) -> int | None:
+    """Who pays for a table once its payer is gone: among the live VMs that use it
+    (`users`), a VM of the same client as the payer first, then the lowest handle (the
+    oldest VM). Deterministic, so a restored server charges as the saved one did."""
+    if not users:
+        return None
+    return min(users, key=lambda handle: (
+        payer_client is None or client_of(handle) != payer_client, handle))
 
 
 class ClientLedger:
     """Which client created each live VM, and what each client holds: its VMs and the
-    lease seconds they hold in all. VMs restored from a state file have no client."""
+    lease seconds they hold in all.
+
+    A VM restored from a state file keeps the client saved with it when that client is a
+    line of this server's client token file (`restored`); otherwise (a connection's client,
+    which a restart cannot name again, or a name the file no longer has) the VM waits to be
+    adopted: without a token file, the first connection to call it with its VM token
+    becomes its client (`adopt`), even over that client's caps."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._of_vm: dict[int, tuple[str, float]] = {}  # handle -> (client, lease seconds)
         self._vms: dict[str, int] = {}
         self._lease_seconds: dict[str, float] = {}
+        self.adoptable: dict[int, float] = {}  # restored VM -> its lease seconds
+
+    def state(self) -> list[list[object]]:
+        """[[handle, client], ...] of the VMs with a client (a state file's section)."""
+        return [[handle, client] for handle, (client, _lease) in self._of_vm.items()]
+
+    def restored(self, handle: int, client: str | None, lease_seconds: float,
+                 adoptable: bool) -> None:
+        """A VM restored from a state file, saved with `client` (None: no client known)."""
+        if client is not None:
+            self.created(handle, client, lease_seconds)
+        elif adoptable:
+            self.adoptable[handle] = lease_seconds
+
+    def adopt(self, handle: int, client: str) -> str | None:
+        """`client` called restored VM `handle` with its token: it is now the VM's client
+        when the VM had none. The VM's client (None: none, and not adoptable)."""
+        lease_seconds = self.adoptable.pop(handle, None)
+        if lease_seconds is not None:
+            self.created(handle, client, lease_seconds)
+        return self.owner_of(handle)
 
     def owner_of(self, handle: int) -> str | None:
         entry = self._of_vm.get(handle)
@@ -228,6 +322,7 @@ class ClientLedger:
 
     def forget(self, handle: int) -> None:
         """VM `handle` is gone: its client holds one VM and its lease less."""
+        self.adoptable.pop(handle, None)
         entry = self._of_vm.pop(handle, None)
         if entry is None:
             return

@@ -47,8 +47,10 @@ from .limits import (
     Limits,
     check_name,
     check_pages,
+    choose_payer,
     quota_exceeded,
 )
+from .table_users import users_of
 
 if TYPE_CHECKING:
     from .auth import TokenRegistry
@@ -90,11 +92,24 @@ class Machine:
 
     def forget_vm(self, handle: int) -> None:
         """Service bookkeeping of a destroyed VM (its teardown unmapped its shares and pins:
-        the tables EL2 freed are released first, whichever VM they were charged to)."""
+        the tables EL2 freed are released first, whichever VM they were charged to; the
+        VM's tables still in use are charged to a VM using them, `choose_payer`)."""
         self.tokens.revoke(handle)
+        ledger = self.ledger
+        ledger.settle_tables(self.hv.hyp_stage1)
+        in_use = ledger.tables_charged_to(handle)
+        payers = self.payers_of(in_use, self.clients.owner_of(handle)) if in_use else {}
         self.clients.forget(handle)
-        self.ledger.settle_tables(self.hv.hyp_stage1)
-        self.ledger.drop(handle)
+        ledger.drop(handle, payers)
+
+    def payers_of(self, tables: dict[int, Key], payer_client: str | None
+                  ) -> dict[int, int | None]:
+        """table pfn -> the live VM to charge it to now (choose_payer; None: no VM uses
+        it). O(pages EL2 maps under those tables)."""
+        users = users_of(self.hv, tables.values())
+        owner_of = self.clients.owner_of
+        return {pfn: choose_payer(users[key], owner_of, payer_client)
+                for pfn, key in tables.items()}
 
 
 Run = Callable[..., Any]
@@ -291,8 +306,13 @@ def create_vm(machine: Machine, nr_vcpus: int, slice_pages: int, name: str,
         raise quota_exceeded(f"the server holds its maximum of {limits.max_vms} VMs")
     if client is not None:
         machine.clients.check_create(client, lease)
+    stage1 = machine.hv.hyp_stage1
+    tables_before = stage1.nr_tables
     info = machine.hv.create_vm(nr_vcpus=nr_vcpus, slice_pages=slice_pages,
                                 name=name or None)
+    # The tables its creation made EL2 take (the host's shares of struct kvm and the
+    # vCPUs, the donations at its first run; v6.16+ their pins) are the VM's.
+    machine.ledger.charge_new_tables(info.handle, stage1, tables_before)
     token = machine.tokens.issue(info.handle, lease)
     if client is not None:
         machine.clients.created(info.handle, client, lease)
@@ -501,7 +521,13 @@ def topup_memcache(machine: Machine, handle: int, nr_pages: int) -> int:
 
 
 def guest_map(machine: Machine, handle: int, ipa: int, pfn: int) -> Any:
-    return machine.hv.guest_map(handle, ipa, pfn)
+    """GuestMap; the tables EL2 takes to map the memcache pages it refills from the host's
+    (pkvm_refill_memcache -> hyp_complete_donation) are charged to the VM."""
+    stage1 = machine.hv.hyp_stage1
+    tables_before = stage1.nr_tables
+    result = machine.hv.guest_map(handle, ipa, pfn)
+    machine.ledger.charge_new_tables(handle, stage1, tables_before)
+    return result
 
 
 async def get_stats(machine: Machine) -> Message:

@@ -1,8 +1,9 @@
 """Keeping the machine across restarts: the service's half of `serve --state-file PATH`.
 
     start:    file exists -> restore it (core/state_file.py) instead of booting, then put
-              back the VMs' tokens, their leases (as the time they had left) and the request
-              counters before the first call is served; no file -> boot as usual
+              back the VMs' tokens, their leases (as the time they had left), their clients,
+              the hyp table charges and the request counters before the first call is
+              served; no file -> boot as usual
     SaveState (admin RPC) and SIGTERM/SIGINT (after in-flight calls finish): save
 
 The file's configuration wins over the defaults; a knob the user set explicitly (flag,
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from pkvm_sim.core.model import PoolKind
 from pkvm_sim.core.state_file import FORMAT_VERSION, StateFileError
 
 from .counters import OP_NAMES
+from .table_users import run_time_tables
 
 if TYPE_CHECKING:
     from .servicer import HypervisorServicer
@@ -117,6 +119,7 @@ class StateKeeper:
         if odd:
             raise StateFileError(f"the tokens of VMs {sorted(odd)} do not match the machine's"
                                  " VMs")
+        check_charges(service, hv)
         self._pending_service = service
         self.load_seconds = time.perf_counter() - started
         return Restored(hv, hv.config, decoded.size_bytes, tuple(decoded.notes))
@@ -221,10 +224,13 @@ def probe_writable(path: Path) -> None:
 
 
 def capture_service(servicer: HypervisorServicer) -> dict[str, Any]:
-    """Tokens, leases (as seconds left) and counters; call under the simulator lock."""
+    """Tokens, clients, hyp table charges, leases (as seconds left) and counters; call
+    under the simulator lock."""
     counters = servicer.counters
     return {
         "tokens": [[handle, token] for handle, token in servicer.tokens.tokens()],
+        "clients": servicer.machine.clients.state(),
+        "hyp_tables": servicer.ledger.table_charges(),
         "leases": [[handle, duration, left]
                    for handle, duration, left in servicer.leases.state()],
         "counters": {
@@ -246,6 +252,10 @@ class ServiceState:
     operations: dict[str, int]
     fault_failures: dict[str, int]
     vms_expired: int
+    clients: dict[int, str] = field(default_factory=dict)  # handle -> its client
+    # table pfn -> VM charged (a file written before the charges were saved: empty, and
+    # every table is charged by choose_payer)
+    hyp_tables: dict[int, int] = field(default_factory=dict)
 
 
 def parse_service(section: Mapping[str, Any]) -> ServiceState:
@@ -260,6 +270,8 @@ def parse_service(section: Mapping[str, Any]) -> ServiceState:
             fault_failures={str(k): int(n)
                             for k, n in counters.get("fault_failures", {}).items()},
             vms_expired=int(counters.get("vms_expired", 0)),
+            clients={int(h): str(client) for h, client in section.get("clients", ())},
+            hyp_tables={int(pfn): int(h) for pfn, h in section.get("hyp_tables", ())},
         )
     except (AttributeError, TypeError, ValueError) as error:
         raise StateFileError(f"corrupt service section: {type(error).__name__}: {error}") \
@@ -268,6 +280,19 @@ def parse_service(section: Mapping[str, Any]) -> ServiceState:
     if unknown:
         raise StateFileError(f"unknown operation counters {sorted(unknown)}")
     return state
+
+
+def check_charges(state: ServiceState, hv: Hypervisor) -> None:
+    """StateFileError unless the saved clients name live VMs and the saved table charges
+    name run-time tables of the machine and live VMs."""
+    strays = set(state.clients) - set(hv.vm_table)
+    if strays:
+        raise StateFileError(f"clients are saved for VMs {sorted(strays)} the machine lacks")
+    tables = run_time_tables(hv.hyp_stage1)
+    bad = sorted(pfn for pfn, handle in state.hyp_tables.items()
+                 if pfn not in tables or handle not in hv.vm_table)
+    if bad:
+        raise StateFileError(f"hyp table charges {bad} name no table or no VM of the machine")
 
 
 def restore_service(servicer: HypervisorServicer, state: ServiceState) -> None:
@@ -281,11 +306,40 @@ def restore_service(servicer: HypervisorServicer, state: ServiceState) -> None:
     leases = servicer.leases
     if leases.enabled:  # a server started with leases off gives none back
         leases.restore(state.leases)
+    restore_clients(servicer, state.clients)
+    restore_table_charges(servicer, state.hyp_tables)
     counters = servicer.counters
     counters.restore_requests(state.requests)
     counters.operations.update(state.operations)
     counters.fault_failures.update(state.fault_failures)
     counters.vms_expired = state.vms_expired
+
+
+def restore_clients(servicer: HypervisorServicer, saved: Mapping[int, str]) -> None:
+    """Each restored VM's client: the saved one when this server's client token file names
+    it; else, without a token file, whoever first calls the VM with its token adopts it
+    (a connection's client cannot be named again after a restart); else none."""
+    names = servicer.client_token.names
+    adoptable = not servicer.client_token.required
+    leases = servicer.leases
+    for handle in servicer.hypervisor.vm_table:
+        client = saved.get(handle)
+        servicer.machine.clients.restored(
+            handle, client if client in names else None,
+            leases.lease_seconds(handle), adoptable)
+
+
+def restore_table_charges(servicer: HypervisorServicer, saved: Mapping[int, int]) -> None:
+    """Charge the restored stage-1 tables as the saved server did; the tables the file does
+    not charge (saved without a quota, or by an older server) go to a VM that uses them,
+    the lowest handle (choose_payer), so every restart of one file charges alike."""
+    ledger = servicer.ledger
+    if not ledger.tracking:
+        return
+    tables = run_time_tables(servicer.hypervisor.hyp_stage1)
+    unsaved = {pfn: key for pfn, key in tables.items() if pfn not in saved}
+    payers = servicer.machine.payers_of(unsaved, None) if unsaved else {}
+    ledger.restore_tables(tables, dict(saved), payers)
 
 
 # -- file vs flags -------------------------------------------------------------------------

@@ -184,6 +184,17 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             log.info("VM %#x reaped: its lease expired", handle)
         return reaped
 
+    async def _adopt(self, handle: int, peer: str) -> str | None:
+        """A VM restored without a client is adopted by the connection that first calls it
+        with its token (no client token file: a client is its connection); under the lock,
+        in the caller's fair turn, as the ledger's other writes are."""
+        clients = self.machine.clients
+        if handle not in clients.adoptable:
+            return clients.owner_of(handle)
+        adopted: str | None = await self.fair.run(
+            peer, functools.partial(clients.adopt, handle, client_of(None, peer)))
+        return adopted
+
     def unary_handler(self, operation: Operation) -> UnaryHandler:
         """The handler of one unary RPC. Around `operation.run`: admission, credentials, the
         simulator lock, the operation count, the call count by status code, and refusals
@@ -195,7 +206,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         awaited, admitted, machine = operation.awaited, operation.admitted, self.machine
         with_client = operation.with_client
         operations, count_request = self.counters.operations, self.counters.count_request
-        tokens, admission = self.tokens, self.admission
+        tokens, admission, clients = self.tokens, self.admission, machine.clients
         instance_metadata = self.instance_metadata
         fair = self.fair
 
@@ -217,6 +228,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                     if auth is Auth.VM:
                         tokens.check(request.handle,
                                      bearer_token(context.invocation_metadata()))
+                        if clients.adoptable:  # a restored VM's first caller adopts it
+                            await self._adopt(request.handle, context.peer())
                     elif auth is Auth.CLIENT:
                         named = self.client_token.check(
                             bearer_token(context.invocation_metadata()), method)
@@ -293,6 +306,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             try:
                 handle = self.tokens.handle_of(token)
                 client = self.machine.clients.owner_of(handle)
+                if client is None and handle in self.machine.clients.adoptable:
+                    client = await self._adopt(handle, context.peer())
                 self.admission.open_stream(handle, client)
             except BaseException:
                 self.admission.leave_rpc()
