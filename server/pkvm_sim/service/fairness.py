@@ -103,9 +103,9 @@ class FairLock:
             if not self._running and not self._waiting:
                 cheap = self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
                     and self._earn_credit(now) > 0.0
-                # Alone (nobody else used the lock lately): no one to be fair to, and a
-                # thread hand-off per job would cost a stream of batches a third of its
-                # throughput (docs/service.md, "Where an Execute batch spends its time").
+                # Alone (nobody else used the lock lately): no one to be fair to, and two
+                # thread hand-offs per job cost a stream of batches server CPU and latency
+                # (docs/service.md, "Where an Execute batch spends its time").
                 inline = cheap or not self._is_contended(now)
             if inline:
                 self._running = True
