@@ -12,7 +12,8 @@ compared, so that drift on a shared machine hits both sides alike:
   1. unary: 64 concurrent VMs, each looping AllocPages(order 0) + PutPage pairs;
   2. Execute: 8 streams, batches of 1, 64 and 1024 operations (an alloc batch, then a put
      batch of the pfns it returned);
-  3. the in-process core: the same alloc-1024-then-put-1024 loop on Hypervisor directly.
+  3. the in-process core: the same alloc-1024-then-put-1024 loop on Hypervisor directly
+     (once per round, after the round's service phases).
 It prints ops/s, p50/p99 latency per call (unary) or per batch (Execute) and the ratios.
 Targets: unary real/echo >= 0.9; Execute(1024) real / in-process core >= 0.5.
 """
@@ -363,13 +364,18 @@ def main() -> int:
           for b in BATCH_SIZES),
     ]
     runs: dict[tuple[str, str], list[Figures]] = {}
+    cores: list[Figures] = []
+    core_runs_figures: list[Figures] = []
     servers = {kind: ServerProcess(kind) for kind in KINDS}
     try:
-        # Echo and real alternate phase by phase, so drift on a shared machine hits both.
+        # Echo and real alternate phase by phase, so drift on a shared machine hits both;
+        # the in-process core is measured in every round too, not once after all of them.
         for _ in range(rounds):
             for phase, run in phases:
                 for kind, server in servers.items():
                     runs.setdefault((kind, phase), []).append(run(server.target))
+            cores.append(bench_core(args.seconds / 2))
+            core_runs_figures.append(bench_core(args.seconds / 2, runs=True))
     finally:
         for server in servers.values():
             server.close()
@@ -379,8 +385,8 @@ def main() -> int:
         print(results[(kind, "unary")].line(f"unary ({NR_VMS} VMs)", "call"))
         for batch in BATCH_SIZES:
             print(results[(kind, f"execute{batch}")].line(f"Execute batch {batch}", "batch"))
-    core = median_figures([bench_core(args.seconds / 2) for _ in range(rounds)])
-    core_runs = median_figures([bench_core(args.seconds / 2, runs=True) for _ in range(rounds)])
+    core = median_figures(cores)
+    core_runs = median_figures(core_runs_figures)
     print("in-process core")
     print(f"  alloc {BATCH_SIZES[-1]} + put {BATCH_SIZES[-1]}    {core.ops_per_s:>12,.0f} ops/s"
           "   (one call per operation)")

@@ -40,6 +40,25 @@ def test_alloc_put_batch(stub: Stub, raw_vm: RawVM) -> None:
     assert free_pages(stub) == before
 
 
+@pytest.mark.parametrize("n", [1, 300, 2048])
+def test_an_all_ok_batch_reports_one_ok_code_and_one_value_per_op(
+    stub: Stub, raw_vm: RawVM, n: int
+) -> None:
+    """Whatever the size (up to what the test pool holds), and after a batch of another
+    size on the same stream: n codes, all OK, next to the n values."""
+    allocs = [pb2.ExecuteRequest(handle=raw_vm.handle, ops=[pb2.BATCH_OP_ALLOC_PAGES] * size,
+                                 batch_id=size) for size in (2, n)]
+    small, allocated = execute(stub, raw_vm, *allocs)
+    assert list(small.codes) == [OK, OK] and len(small.values) == 2
+    assert allocated.batch_id == n and allocated.completed == n and not allocated.errors
+    assert list(allocated.codes) == [OK] * n
+    assert len(set(allocated.values)) == n and not set(allocated.values) & set(small.values)
+    pfns = [*small.values, *allocated.values]
+    [put] = execute(stub, raw_vm, pb2.ExecuteRequest(
+        handle=raw_vm.handle, ops=[pb2.BATCH_OP_PUT_PAGE] * len(pfns), arg0=pfns))
+    assert list(put.codes) == [OK] * len(pfns) and list(put.values) == [0] * len(pfns)
+
+
 def test_many_batches_on_one_stream(stub: Stub, raw_vm: RawVM) -> None:
     def batches():  # type: ignore[no-untyped-def]
         for i in range(20):

@@ -4,9 +4,15 @@ tenant's job runs right after the job that is running, whatever is queued before
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
-from pkvm_sim.service.fairness import LOOP_TURN_EVERY_S, LOOP_TURN_ITERATIONS, FairLock
+from pkvm_sim.service.fairness import (
+    INLINE_MAX_JOB_S,
+    LOOP_TURN_EVERY_S,
+    LOOP_TURN_ITERATIONS,
+    FairLock,
+)
 
 
 def test_a_light_tenant_overtakes_a_heavy_tenants_queue() -> None:
@@ -94,3 +100,36 @@ def test_the_worker_gives_the_loop_a_turn_between_long_jobs() -> None:
     spans = asyncio.run(scenario())
     gaps = [nxt[0] - prev[1] for prev, nxt in zip(spans, spans[1:], strict=False)]
     assert min(gaps) >= LOOP_TURN_ITERATIONS, gaps
+
+
+def test_a_heavy_tenant_runs_on_the_loop_while_alone_and_queues_once_another_came() -> None:
+    """Heavy jobs (costlier than INLINE_MAX_JOB_S) of the only tenant run on the loop: no
+    thread hand-off, nobody to be fair to. Once another tenant used the lock within
+    HALF_LIFE_S, they go to the worker again."""
+
+    async def scenario() -> list[tuple[int, int, str]]:
+        fair = FairLock(threading.Lock())
+        loop_thread = threading.current_thread().name
+        seen: list[tuple[int, int, str]] = []
+
+        def heavy_job() -> None:
+            seen.append((fair.inline_jobs, fair.queued_jobs, threading.current_thread().name))
+
+        try:
+            fair._job_cost["heavy"] = 10 * INLINE_MAX_JOB_S
+            fair._inline_credit_s = -1.0  # no credit: only being alone lets it run inline
+            for _ in range(3):
+                await fair.run("heavy", heavy_job)
+            fair._usage["light"] = (0.001, fair.clock())  # another tenant, just now
+            fair._contention_checked_at = -math.inf  # recount the recent tenants now
+            fair._job_cost["heavy"] = 10 * INLINE_MAX_JOB_S
+            await fair.run("heavy", heavy_job)
+        finally:
+            fair.close()
+        return [(inline, queued, "loop" if name == loop_thread else name)
+                for inline, queued, name in seen]
+
+    assert asyncio.run(scenario()) == [
+        (0, 0, "loop"), (1, 0, "loop"), (2, 0, "loop"),  # alone: inline, uncounted so far
+        (3, 1, "pkvm-fair"),  # another tenant came: the worker
+    ]

@@ -24,8 +24,12 @@ by core work:
   its job durations), and the loop has inline credit: it earns `INLINE_SHARE` of wall time
   up to `INLINE_BURST_S`, and spends what its inline jobs take. So a flood of cheap calls
   runs on the loop (a unary call costs no more than an echo's), while the loop never spends
-  more than a burst plus one job at a time on core work, and a tenant with heavy jobs always
-  queues.
+  more than a burst plus one job at a time on core work, and a tenant with heavy jobs
+  queues, unless it is alone: when no other tenant used the lock in the last HALF_LIFE_S
+  (and none is queued), its jobs run on the loop whatever they cost, without spending
+  credit. Nobody waits for the lock then, the loop still reads new calls between two jobs
+  (the first one from another tenant ends the solitude), and a long batch's later chunks
+  go to the worker as always (`submit`).
 
 While the worker has work and two tenants or more contend (both queued, or both served in
 the last HALF_LIFE_S), the interpreter's switch interval is `BUSY_SWITCH_INTERVAL_S` (0.2 ms
@@ -94,13 +98,19 @@ class FairLock:
     async def run(self, tenant: str, fn: Callable[[], T]) -> T:
         """fn()'s result (or exception), run under the lock in the tenant's turn."""
         with self._state:
-            inline = not self._running and not self._waiting \
-                and self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
-                and self._earn_credit(self.clock()) > 0.0
+            now = self.clock()
+            inline = cheap = False
+            if not self._running and not self._waiting:
+                cheap = self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
+                    and self._earn_credit(now) > 0.0
+                # Alone (nobody else used the lock lately): no one to be fair to, and two
+                # thread hand-offs per job cost a stream of batches server CPU and latency
+                # (docs/service.md, "Where an Execute batch spends its time").
+                inline = cheap or not self._is_contended(now)
             if inline:
                 self._running = True
         if inline:
-            return self._run_inline(tenant, fn)
+            return self._run_inline(tenant, fn, charged=cheap)
         return await self.submit(tenant, fn)
 
     def submit(self, tenant: str, fn: Callable[[], T]) -> asyncio.Future[T]:
@@ -127,7 +137,9 @@ class FairLock:
         self._credit_at = now
         return self._inline_credit_s
 
-    def _run_inline(self, tenant: str, fn: Callable[[], T]) -> T:
+    def _run_inline(self, tenant: str, fn: Callable[[], T], *, charged: bool = True) -> T:
+        """Run fn on the loop; `charged`: its time comes out of the inline credit (a job
+        run because its tenant is alone is not charged: the credit is for sharing)."""
         started = self.clock()
         try:
             with self.lock:
@@ -138,7 +150,8 @@ class FairLock:
                 self._running = False
                 self._done(tenant, ended - started, ended)
                 self._earn_credit(ended)
-                self._inline_credit_s -= ended - started
+                if charged:
+                    self._inline_credit_s -= ended - started
                 self.inline_jobs += 1
                 if self._waiting:
                     self._state.notify()
