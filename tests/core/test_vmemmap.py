@@ -1,35 +1,60 @@
-"""The vmemmap's storage: lazily zeroed buffers, honest memory figures, bulk export/import.
+"""The vmemmap's storage: chunks allocated on first write, honest memory figures, bulk
+export/import in the layouts' own items.
 
-Expected values come from the layouts' sizes (layout.py) and from how an anonymous mapping
-behaves: a page costs host memory once written, and one entry lies in one host page.
+Expected values come from the layouts' sizes and packing (layout.py, the kernel's struct
+hyp_page), from the chunk geometry (an allocated chunk is CHUNK_ENTRIES 8-byte items) and
+from what the Python allocator reports (tracemalloc).
 """
 
 from __future__ import annotations
 
-import mmap
+import tracemalloc
+from collections.abc import Iterator
 
 import pytest
 from pkvm_sim.core.errors import WouldPanic
 from pkvm_sim.core.layout import LAYOUT_2, LAYOUT_4, LAYOUT_32, HypPageLayout
-from pkvm_sim.core.vmemmap import Vmemmap
+from pkvm_sim.core.vmemmap import CHUNK_ENTRIES, Vmemmap
 
 TIB_4K_PAGES = 1 << 28  # 1 TiB of 4 KiB pages
 BASE_PFN = 0x80000
-HUGE_PAGE_BYTES = 2 << 20  # a transparent huge page, where the host uses them
 
 
-def test_a_1tib_vmemmap_stores_1gib_but_only_written_pages_are_resident() -> None:
+def test_a_1tib_vmemmap_allocates_only_the_chunks_written() -> None:
     vmemmap = Vmemmap(LAYOUT_4, [(BASE_PFN, TIB_4K_PAGES)])
     assert vmemmap.modelled_bytes == 4 * TIB_4K_PAGES  # what EL2 spends: 1 GiB
-    assert vmemmap.stored_bytes == 4 * TIB_4K_PAGES  # 'I' items: 4 bytes each
-    untouched = vmemmap.resident_bytes
-    assert untouched < HUGE_PAGE_BYTES  # nothing written yet: (nearly) nothing resident
+    assert vmemmap.stored_bytes == 8 * TIB_4K_PAGES  # one i64 per entry, all chunks allocated
+    slots_bytes = 8 * (TIB_4K_PAGES // CHUNK_ENTRIES)  # one pointer per chunk: 512 KiB
+    assert vmemmap.resident_bytes == slots_bytes  # nothing written: the chunk list only
     far = BASE_PFN + TIB_4K_PAGES - 1
     vmemmap.set_entry(far, refcount=3, order=2)
-    grown = vmemmap.resident_bytes - untouched
-    assert mmap.PAGESIZE <= grown <= HUGE_PAGE_BYTES  # one entry: one host page (or one THP)
+    vmemmap.set_entry(far - 1, refcount=1, order=0)  # the same chunk
+    assert vmemmap.resident_bytes == slots_bytes + 8 * CHUNK_ENTRIES  # one chunk allocated
     assert vmemmap.refcount(far) == 3 and vmemmap.order(far) == 2
     assert vmemmap.entry(BASE_PFN + TIB_4K_PAGES // 2) == 0  # never written: reads as zero
+
+
+def test_resident_bytes_is_what_the_host_allocator_handed_out() -> None:
+    """Chunks are allocated on the Python heap: tracemalloc sees what they really take."""
+    vmemmap = Vmemmap(LAYOUT_4, [(BASE_PFN, TIB_4K_PAGES)])
+    before, reported = tracemalloc_bytes(), vmemmap.resident_bytes
+    for i in range(64):  # 64 chunks, one entry each
+        vmemmap.set_entry(BASE_PFN + i * 1_000_003, refcount=1)
+    traced = tracemalloc_bytes() - before
+    grown = vmemmap.resident_bytes - reported
+    assert grown == 64 * 8 * CHUNK_ENTRIES
+    assert grown <= traced <= grown + 64 * 1024  # a little allocator and object overhead
+
+
+def tracemalloc_bytes() -> int:
+    return tracemalloc.get_traced_memory()[0]
+
+
+@pytest.fixture(autouse=True)
+def _tracing() -> Iterator[None]:
+    tracemalloc.start()
+    yield
+    tracemalloc.stop()
 
 
 @pytest.mark.parametrize("layout", [LAYOUT_32, LAYOUT_4, LAYOUT_2], ids=lambda lay: lay.name)
@@ -80,5 +105,6 @@ def test_the_machine_comparison_sees_a_changed_vmemmap_entry() -> None:
     seg = restored.vmemmap.segments[0]
     pfn = seg.end_pfn - 1
     restored.vmemmap.set_entry(pfn, refcount=restored.vmemmap.refcount(pfn) + 1)
-    with pytest.raises(AssertionError, match=r"vmemmap\.segments\[0\]\.items: buffers differ"):
+    changed = r"vmemmap\.segments\[0\]\.chunks\[\d+\]: entries differ"
+    with pytest.raises(AssertionError, match=changed):
         assert_same_machine(hv, restored)

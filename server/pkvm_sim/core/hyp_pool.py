@@ -48,14 +48,13 @@ one lock of the simulator is taken by the caller; the methods here assume it is 
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
-from .vmemmap import Vmemmap, as_items
+from .vmemmap import CHUNK_MASK, CHUNK_SHIFT, Vmemmap, stored_item
 
 U32_MASK: Final = 0xFFFF_FFFF
 # A queue's consumed prefix is dropped once it is this long and longer than the rest.
@@ -124,7 +123,8 @@ class HypPool:
     __slots__ = (
         "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
         "refcount_max", "vmemmap", "physmem", "alloc_failures",
-        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_vm", "_shift", "_tail",
+        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_segment", "_chunks",
+        "_shift", "_tail", "_tail_entry",
         "_lists", "_heads", "_ghosts", "_nr_free", "_admitted", "_contents",
     )
 
@@ -179,9 +179,14 @@ class HypPool:
         self._range_end_pfn = base_pfn + (range_bytes >> page_shift)
         self._first_unreserved = base_pfn + reserved_pages
         self._off = segment.base_pfn
-        self._vm = segment.items
+        self._segment = segment
+        # The segment's chunks (vmemmap.py), indexed directly on the hot path: entry i of the
+        # segment is _chunks[i >> CHUNK_SHIFT][i & CHUNK_MASK], as an i64 item (stored_item).
+        # Every chunk of the pool's range is allocated by the init below.
+        self._chunks = segment.chunks
         self._shift = layout.order_shift
-        self._tail = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
+        self._tail_entry = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
+        self._tail = stored_item(self._tail_entry)  # the same, as an item
         self._lists: list[list[int]] = [[] for _ in range(max_order)]
         self._heads = [0] * max_order  # _lists[o][:_heads[o]] was taken already
         self._ghosts: list[dict[int, int]] = [{} for _ in range(max_order)]
@@ -205,17 +210,18 @@ class HypPool:
         """
         lo = self.base_pfn - self._off
         hi = self._end_pfn - self._off
-        if not _all_zero(self._vm, lo, hi):
+        segment = self._segment
+        if not segment.all_zero(lo, hi):
             raise WouldPanic(
                 f"pool {self.name}: a page in [{self.base_pfn:#x}, {self._end_pfn:#x}) already"
                 " has a refcount (overlapping pools?)",
                 reason="POOL_PAGES_IN_USE",
             )
         first_free = self._first_unreserved - self._off
-        _fill(self._vm, lo, first_free, 1)  # RESERVED: order 0, refcount 1
-        _fill(self._vm, first_free, hi, self._tail)  # every free page is a tail...
+        segment.fill(lo, first_free, 1)  # RESERVED: order 0, refcount 1
+        segment.fill(first_free, hi, self._tail_entry)  # every free page is a tail...
         for pfn, order in self._canonical_blocks():
-            self._vm[pfn - self._off] = order << self._shift  # ...except block heads
+            segment.set(pfn - self._off, order << self._shift)  # ...except block heads
             self._lists[order].append(pfn)
             self._nr_free[order] += 1
 
@@ -363,7 +369,7 @@ class HypPool:
         else:
             pfn = self._take_head(i)
             nr_free[i] -= 1
-        vm = self._vm
+        chunks = self._chunks
         off = self._off
         shift = self._shift
         # Invariant: a live list entry is a free head (entry == i << shift); no check needed.
@@ -372,10 +378,12 @@ class HypPool:
             while i > order:  # split: release the upper half at the tail of list i - 1
                 i -= 1
                 buddy = pfn ^ (1 << i)
-                vm[buddy - off] = i << shift
+                b = buddy - off
+                chunks[b >> CHUNK_SHIFT][b & CHUNK_MASK] = i << shift
                 lists[i].append(buddy)
                 nr_free[i] += 1
-        vm[pfn - off] = order << shift | 1
+        p = pfn - off
+        chunks[p >> CHUNK_SHIFT][p & CHUNK_MASK] = order << shift | 1
         return pfn
 
     def alloc_pages(self, order: int) -> int:
@@ -404,12 +412,14 @@ class HypPool:
         """
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._put_outside_range(pfn)
-        vm = self._vm
+        chunks = self._chunks
         off = self._off
-        entry = vm[pfn - off]
+        p = pfn - off
+        chunk = chunks[p >> CHUNK_SHIFT]
+        entry = chunk[p & CHUNK_MASK]
         count = entry & self.refcount_max
         if count > 1:
-            vm[pfn - off] = entry - 1
+            chunk[p & CHUNK_MASK] = entry - 1
             return count - 1
         if count == 0:
             raise WouldPanic(
@@ -431,15 +441,20 @@ class HypPool:
         top = self.max_order - 1
         while order < top:
             buddy = pfn ^ (1 << order)
-            if buddy < lo or buddy >= hi or vm[buddy - off] != order << shift:
-                break  # not in range, or not a free head of this order
+            if buddy < lo or buddy >= hi:
+                break  # not in range: someone else's page
+            b = buddy - off
+            chunk = chunks[b >> CHUNK_SHIFT]
+            if chunk[b & CHUNK_MASK] != order << shift:
+                break  # not a free head of this order
             self._list_remove(buddy, order)
-            vm[buddy - off] = self._tail
+            chunk[b & CHUNK_MASK] = self._tail
             pfn &= ~(1 << order)
             order += 1
         if pfn != freed:
-            vm[freed - off] = self._tail
-        vm[pfn - off] = order << shift
+            chunks[p >> CHUNK_SHIFT][p & CHUNK_MASK] = self._tail  # p: the freed page
+        h = pfn - off
+        chunks[h >> CHUNK_SHIFT][h & CHUNK_MASK] = order << shift
         self._lists[order].append(pfn)
         self._nr_free[order] += 1
         return 0
@@ -448,9 +463,9 @@ class HypPool:
         """hyp_get_page: take one more reference on an allocated head. Returns the count."""
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._get_outside_range(pfn)
-        vm = self._vm
         i = pfn - self._off
-        entry = vm[i]
+        chunk = self._chunks[i >> CHUNK_SHIFT]
+        entry = chunk[i & CHUNK_MASK]
         count = entry & self.refcount_max
         if count == 0:
             raise WouldPanic(
@@ -462,20 +477,21 @@ class HypPool:
                 f"refcount of pfn {pfn:#x} is at its limit {self.refcount_max}",
                 reason="REFCOUNT_OVERFLOW",
             )
-        vm[i] = entry + 1
+        chunk[i & CHUNK_MASK] = entry + 1  # the refcount bits do not carry: count < max
         return count + 1
 
     def split_page(self, pfn: int) -> None:
         """hyp_split_page (v5.15): turn a held block into 2**order held order-0 pages."""
         self._require_held_head(pfn)
+        segment = self._segment
         i = pfn - self._off
-        order = self._vm[i] >> self._shift
-        tails = range(i + 1, i + (1 << order))
-        if any(self._vm[t] != self._tail for t in tails):
+        entry = segment.get(i)
+        tails = range(i + 1, i + (1 << (entry >> self._shift)))
+        if any(segment.get(t) != self._tail_entry for t in tails):
             raise WouldPanic(f"a tail of block {pfn:#x} has a refcount", reason="TAIL_REFCOUNTED")
-        self._vm[i] &= self.refcount_max  # order 0, refcount kept
+        segment.set(i, entry & self.refcount_max)  # order 0, refcount kept
         for t in tails:
-            self._vm[t] = 1
+            segment.set(t, 1)
 
     # -- pages outside the range: memcache pages admitted into VM pools (v6.2) ---------------
 
@@ -544,7 +560,7 @@ class HypPool:
     def _require_held_head(self, pfn: int) -> None:
         if not self._first_unreserved <= pfn < self._end_pfn:
             raise self._not_ours(pfn)
-        entry = self._vm[pfn - self._off]
+        entry = self._segment.get(pfn - self._off)
         if not entry & self.refcount_max or entry >> self._shift == self.no_order:
             raise WouldPanic(f"pfn {pfn:#x} is not the head of a held block",
                              reason="NOT_A_HELD_HEAD")
@@ -587,9 +603,9 @@ class HypPool:
 
     def held_blocks(self) -> Iterator[tuple[int, int, int]]:
         """(head pfn, refcount, order) of every held block, reserved pages excluded. O(range)."""
-        vm, off, shift, mask = self._vm, self._off, self._shift, self.refcount_max
+        segment, off, shift, mask = self._segment, self._off, self._shift, self.refcount_max
         for pfn in range(self._first_unreserved, self._end_pfn):
-            entry = vm[pfn - off]
+            entry = segment.get(pfn - off)
             if entry & mask:
                 yield pfn, entry & mask, entry >> shift
         for pfn in sorted(self._admitted):
@@ -650,12 +666,12 @@ class HypPool:
         return [pfn for pfn in contents if lo <= pfn < end or pfn in admitted]
 
     def _check_range(self, free_heads: dict[int, int]) -> None:
-        vm, off, shift, mask = self._vm, self._off, self._shift, self.refcount_max
+        segment, off, shift, mask = self._segment, self._off, self._shift, self.refcount_max
         for pfn in range(self.base_pfn, self._first_unreserved):
-            assert vm[pfn - off] == 1, f"reserved page {pfn:#x} changed"
+            assert segment.get(pfn - off) == 1, f"reserved page {pfn:#x} changed"
         pfn = self._first_unreserved
         while pfn < self._end_pfn:
-            entry = vm[pfn - off]
+            entry = segment.get(pfn - off)
             order = entry >> shift
             if pfn in free_heads:
                 assert entry == free_heads[pfn] << shift, f"free head {pfn:#x} is wrong"
@@ -665,7 +681,7 @@ class HypPool:
             assert pfn % (1 << order) == 0, f"block {pfn:#x} of order {order} is misaligned"
             assert pfn + (1 << order) <= self._end_pfn, f"block {pfn:#x} overruns the pool"
             for tail in range(pfn + 1, pfn + (1 << order)):
-                assert vm[tail - off] == self._tail, \
+                assert segment.get(tail - off) == self._tail_entry, \
                     f"tail {tail:#x} of block {pfn:#x} is not a clean tail"
             pfn += 1 << order
 
@@ -680,24 +696,3 @@ class HypPool:
                 return True
         return False
 
-
-def _fill(items: memoryview, start: int, stop: int, value: int) -> None:
-    """items[start:stop] = value, in bounded chunks so no temporary is larger than 1 Mi items."""
-    chunk = 1 << 20
-    pattern = as_items(array(items.format, [value]) * min(chunk, max(stop - start, 0)),
-                       items.format)
-    while start < stop:
-        n = min(chunk, stop - start)
-        items[start:start + n] = pattern[:n]
-        start += n
-
-
-def _all_zero(items: memoryview, start: int, stop: int) -> bool:
-    """True when items[start:stop] is all zeros, copying at most 1 Mi items at a time."""
-    chunk = 1 << 20
-    for lo in range(start, stop, chunk):
-        hi = min(lo + chunk, stop)
-        raw = items[lo:hi].tobytes()
-        if raw.count(0) != len(raw):
-            return False
-    return True
