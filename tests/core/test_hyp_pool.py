@@ -223,6 +223,19 @@ class TestRefusals:
         assert pool.get_page(pfn) == 65536
         assert pool.no_order == 2**32 - 1
 
+    def test_32_byte_layout_splits_and_merges_with_64_bit_tails(self) -> None:
+        """A tail's entry is NO_ORDER << 32 = 0xffffffff00000000: all 64 bits are kept."""
+        pool = make_pool(0, 16, layout=LAYOUT_32)  # max_order 4: blocks 0 and 8 of order 3
+        assert pool.alloc_pages(0) == 0  # 4 -> list 2, 2 -> list 1, 1 -> list 0
+        assert lists(pool) == {0: [1], 1: [2], 2: [4], 3: [8]}
+        assert [pool.page_order(p) for p in range(8)] == [0, 0, 1, 2**32 - 1, 2, *[2**32 - 1] * 3]
+        assert pool.vmemmap.entry(5) == 0xFFFF_FFFF_0000_0000
+        pool.check_invariants()
+        assert pool.put_page(0) == 0  # merges with 1, 2 and 4 back into block 0 of order 3
+        assert lists(pool) == {3: [8, 0]}
+        assert pool.page_order(1) == 2**32 - 1 and pool.refcount(1) == 0
+        pool.check_invariants()
+
 
 class TestSplitAndAdmitted:
     def test_split_page_makes_independent_order0_pages(self) -> None:
