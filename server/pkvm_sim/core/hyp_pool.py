@@ -123,7 +123,7 @@ class HypPool:
     __slots__ = (
         "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
         "refcount_max", "vmemmap", "physmem", "alloc_failures",
-        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_segment", "_chunks",
+        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_origin", "_segment", "_chunks",
         "_shift", "_tail", "_tail_entry",
         "_lists", "_heads", "_ghosts", "_nr_free", "_admitted", "_contents",
     )
@@ -159,6 +159,12 @@ class HypPool:
                 " formula; the kernel would corrupt its free lists (use the v5.17 formula)",
                 reason="POOL_MAX_ORDER_ZERO",
             )
+        if max_order - 1 > CHUNK_SHIFT:
+            raise InvalidArgument(
+                f"pool {name}: blocks of order {max_order - 1} are larger than a vmemmap chunk"
+                f" (2**{CHUNK_SHIFT} pages; no kernel page size has them)",
+                reason="BAD_POOL_GEOMETRY",
+            )
         segment = vmemmap.segment_for(base_pfn, nr_pages)
         assert segment is not None
         layout = vmemmap.layout
@@ -178,11 +184,13 @@ class HypPool:
             range_bytes &= U32_MASK
         self._range_end_pfn = base_pfn + (range_bytes >> page_shift)
         self._first_unreserved = base_pfn + reserved_pages
-        self._off = segment.base_pfn
         self._segment = segment
-        # The segment's chunks (vmemmap.py), indexed directly on the hot path: entry i of the
-        # segment is _chunks[i >> CHUNK_SHIFT][i & CHUNK_MASK], as an i64 item (stored_item).
-        # Every chunk of the pool's range is allocated by the init below.
+        # The segment's chunks (vmemmap.py), indexed directly on the hot path: the entry of
+        # pfn is _chunks[(pfn - _origin) >> CHUNK_SHIFT][pfn & CHUNK_MASK], as an i64 item
+        # (stored_item). A block and every buddy it meets lie in one chunk (max_order - 1 <=
+        # CHUNK_SHIFT), looked up once per call. Every chunk of the pool's range is allocated
+        # by the init below.
+        self._origin = segment.origin_pfn
         self._chunks = segment.chunks
         self._shift = layout.order_shift
         self._tail_entry = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
@@ -208,20 +216,18 @@ class HypPool:
         blocks of the unreserved range (capped at max_order - 1), in increasing address
         order, which is what we build directly: O(number of blocks), not O(pages).
         """
-        lo = self.base_pfn - self._off
-        hi = self._end_pfn - self._off
         segment = self._segment
-        if not segment.all_zero(lo, hi):
+        if not segment.all_zero(self.base_pfn, self._end_pfn):
             raise WouldPanic(
                 f"pool {self.name}: a page in [{self.base_pfn:#x}, {self._end_pfn:#x}) already"
                 " has a refcount (overlapping pools?)",
                 reason="POOL_PAGES_IN_USE",
             )
-        first_free = self._first_unreserved - self._off
-        segment.fill(lo, first_free, 1)  # RESERVED: order 0, refcount 1
-        segment.fill(first_free, hi, self._tail_entry)  # every free page is a tail...
+        first_free = self._first_unreserved
+        segment.fill(self.base_pfn, first_free, 1)  # RESERVED: order 0, refcount 1
+        segment.fill(first_free, self._end_pfn, self._tail_entry)  # every free page a tail...
         for pfn, order in self._canonical_blocks():
-            segment.set(pfn - self._off, order << self._shift)  # ...except block heads
+            segment.set(pfn, order << self._shift)  # ...except block heads
             self._lists[order].append(pfn)
             self._nr_free[order] += 1
 
@@ -369,8 +375,7 @@ class HypPool:
         else:
             pfn = self._take_head(i)
             nr_free[i] -= 1
-        chunks = self._chunks
-        off = self._off
+        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]  # the block's entries
         shift = self._shift
         # Invariant: a live list entry is a free head (entry == i << shift); no check needed.
         if i > order:
@@ -378,12 +383,10 @@ class HypPool:
             while i > order:  # split: release the upper half at the tail of list i - 1
                 i -= 1
                 buddy = pfn ^ (1 << i)
-                b = buddy - off
-                chunks[b >> CHUNK_SHIFT][b & CHUNK_MASK] = i << shift
+                chunk[buddy & CHUNK_MASK] = i << shift
                 lists[i].append(buddy)
                 nr_free[i] += 1
-        p = pfn - off
-        chunks[p >> CHUNK_SHIFT][p & CHUNK_MASK] = order << shift | 1
+        chunk[pfn & CHUNK_MASK] = order << shift | 1
         return pfn
 
     def alloc_pages(self, order: int) -> int:
@@ -412,14 +415,11 @@ class HypPool:
         """
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._put_outside_range(pfn)
-        chunks = self._chunks
-        off = self._off
-        p = pfn - off
-        chunk = chunks[p >> CHUNK_SHIFT]
-        entry = chunk[p & CHUNK_MASK]
+        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]  # and every buddy's below
+        entry = chunk[pfn & CHUNK_MASK]
         count = entry & self.refcount_max
         if count > 1:
-            chunk[p & CHUNK_MASK] = entry - 1
+            chunk[pfn & CHUNK_MASK] = entry - 1
             return count - 1
         if count == 0:
             raise WouldPanic(
@@ -441,20 +441,15 @@ class HypPool:
         top = self.max_order - 1
         while order < top:
             buddy = pfn ^ (1 << order)
-            if buddy < lo or buddy >= hi:
-                break  # not in range: someone else's page
-            b = buddy - off
-            chunk = chunks[b >> CHUNK_SHIFT]
-            if chunk[b & CHUNK_MASK] != order << shift:
-                break  # not a free head of this order
+            if buddy < lo or buddy >= hi or chunk[buddy & CHUNK_MASK] != order << shift:
+                break  # not in range, or not a free head of this order
             self._list_remove(buddy, order)
-            chunk[b & CHUNK_MASK] = self._tail
+            chunk[buddy & CHUNK_MASK] = self._tail
             pfn &= ~(1 << order)
             order += 1
         if pfn != freed:
-            chunks[p >> CHUNK_SHIFT][p & CHUNK_MASK] = self._tail  # p: the freed page
-        h = pfn - off
-        chunks[h >> CHUNK_SHIFT][h & CHUNK_MASK] = order << shift
+            chunk[freed & CHUNK_MASK] = self._tail
+        chunk[pfn & CHUNK_MASK] = order << shift
         self._lists[order].append(pfn)
         self._nr_free[order] += 1
         return 0
@@ -463,9 +458,8 @@ class HypPool:
         """hyp_get_page: take one more reference on an allocated head. Returns the count."""
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._get_outside_range(pfn)
-        i = pfn - self._off
-        chunk = self._chunks[i >> CHUNK_SHIFT]
-        entry = chunk[i & CHUNK_MASK]
+        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]
+        entry = chunk[pfn & CHUNK_MASK]
         count = entry & self.refcount_max
         if count == 0:
             raise WouldPanic(
@@ -477,19 +471,18 @@ class HypPool:
                 f"refcount of pfn {pfn:#x} is at its limit {self.refcount_max}",
                 reason="REFCOUNT_OVERFLOW",
             )
-        chunk[i & CHUNK_MASK] = entry + 1  # the refcount bits do not carry: count < max
+        chunk[pfn & CHUNK_MASK] = entry + 1  # the refcount bits do not carry: count < max
         return count + 1
 
     def split_page(self, pfn: int) -> None:
         """hyp_split_page (v5.15): turn a held block into 2**order held order-0 pages."""
         self._require_held_head(pfn)
         segment = self._segment
-        i = pfn - self._off
-        entry = segment.get(i)
-        tails = range(i + 1, i + (1 << (entry >> self._shift)))
+        entry = segment.get(pfn)
+        tails = range(pfn + 1, pfn + (1 << (entry >> self._shift)))
         if any(segment.get(t) != self._tail_entry for t in tails):
             raise WouldPanic(f"a tail of block {pfn:#x} has a refcount", reason="TAIL_REFCOUNTED")
-        segment.set(i, entry & self.refcount_max)  # order 0, refcount kept
+        segment.set(pfn, entry & self.refcount_max)  # order 0, refcount kept
         for t in tails:
             segment.set(t, 1)
 
@@ -560,7 +553,7 @@ class HypPool:
     def _require_held_head(self, pfn: int) -> None:
         if not self._first_unreserved <= pfn < self._end_pfn:
             raise self._not_ours(pfn)
-        entry = self._segment.get(pfn - self._off)
+        entry = self._segment.get(pfn)
         if not entry & self.refcount_max or entry >> self._shift == self.no_order:
             raise WouldPanic(f"pfn {pfn:#x} is not the head of a held block",
                              reason="NOT_A_HELD_HEAD")
@@ -603,9 +596,9 @@ class HypPool:
 
     def held_blocks(self) -> Iterator[tuple[int, int, int]]:
         """(head pfn, refcount, order) of every held block, reserved pages excluded. O(range)."""
-        segment, off, shift, mask = self._segment, self._off, self._shift, self.refcount_max
+        segment, shift, mask = self._segment, self._shift, self.refcount_max
         for pfn in range(self._first_unreserved, self._end_pfn):
-            entry = segment.get(pfn - off)
+            entry = segment.get(pfn)
             if entry & mask:
                 yield pfn, entry & mask, entry >> shift
         for pfn in sorted(self._admitted):
@@ -666,12 +659,12 @@ class HypPool:
         return [pfn for pfn in contents if lo <= pfn < end or pfn in admitted]
 
     def _check_range(self, free_heads: dict[int, int]) -> None:
-        segment, off, shift, mask = self._segment, self._off, self._shift, self.refcount_max
+        segment, shift, mask = self._segment, self._shift, self.refcount_max
         for pfn in range(self.base_pfn, self._first_unreserved):
-            assert segment.get(pfn - off) == 1, f"reserved page {pfn:#x} changed"
+            assert segment.get(pfn) == 1, f"reserved page {pfn:#x} changed"
         pfn = self._first_unreserved
         while pfn < self._end_pfn:
-            entry = segment.get(pfn - off)
+            entry = segment.get(pfn)
             order = entry >> shift
             if pfn in free_heads:
                 assert entry == free_heads[pfn] << shift, f"free head {pfn:#x} is wrong"
@@ -681,7 +674,7 @@ class HypPool:
             assert pfn % (1 << order) == 0, f"block {pfn:#x} of order {order} is misaligned"
             assert pfn + (1 << order) <= self._end_pfn, f"block {pfn:#x} overruns the pool"
             for tail in range(pfn + 1, pfn + (1 << order)):
-                assert segment.get(tail - off) == self._tail_entry, \
+                assert segment.get(tail) == self._tail_entry, \
                     f"tail {tail:#x} of block {pfn:#x} is not a clean tail"
             pfn += 1 << order
 

@@ -9,9 +9,10 @@ natively, and that the interpreter indexes like an `array`). A chunk exists once
 entries is written (it is then allocated, zero-filled); until then it is the empty vec and
 its entries read as zero. So a segment costs one list slot per chunk at boot, a 1 TiB machine
 (2**28 entries) boots without zeroing anything, and host memory grows with the chunks
-written. The buddy allocator (hyp_pool.py) indexes a pool's chunks directly on its hot path:
-`chunks[i >> CHUNK_SHIFT][i & CHUNK_MASK]` for the segment index i; every chunk of a pool's
-range exists from the pool's init on (it writes every entry of its range).
+written. Chunks are aligned on absolute pfns (pfn's entry is item `pfn & CHUNK_MASK` of its
+chunk), so a naturally aligned block and its buddies share one chunk: the buddy allocator
+(hyp_pool.py) looks a block's chunk up once per call and indexes it directly; every chunk of
+a pool's range exists from the pool's init on (it writes every entry of its range).
 
 An item holds the entry's 64 bits as a signed integer: entries below 2**63 as they are, and
 the wider entries of layout 32 (a tail's NO_ORDER << 32 is 0xffffffff00000000) as the signed
@@ -43,8 +44,11 @@ from mypy_extensions import i64
 from .errors import WouldPanic
 from .layout import VMEMMAP_ITEM_BYTES, HypPageLayout
 
-CHUNK_SHIFT: Final = 12
-CHUNK_ENTRIES: Final = 1 << CHUNK_SHIFT  # 32 KiB of items per allocated chunk
+# A chunk holds 2**14 entries (128 KiB allocated), so a naturally aligned block of up to
+# 2**14 pages lies in one chunk: any block of the allocator (order 13 at most, 64K pages) and
+# every buddy it meets while splitting or merging.
+CHUNK_SHIFT: Final = 14
+CHUNK_ENTRIES: Final = 1 << CHUNK_SHIFT
 CHUNK_MASK: Final = CHUNK_ENTRIES - 1
 ITEM_BYTES: Final = VMEMMAP_ITEM_BYTES  # one i64 per entry, whatever the layout
 SLOT_BYTES: Final = 8  # one pointer per chunk in a segment's list
@@ -68,11 +72,6 @@ def _absent_chunk() -> vec[i64]:
     return vec[i64]()
 
 
-def _chunk_of(items: Sequence[int]) -> vec[i64]:
-    """An allocated chunk holding `items` (CHUNK_ENTRIES of them)."""
-    return vec[i64](items)
-
-
 @final
 class VmemmapSegment:
     """Entries for the contiguous pfns [base_pfn, base_pfn + nr_pages)."""
@@ -83,10 +82,13 @@ class VmemmapSegment:
         self.typecode = typecode  # the layout's item ('Q', 'I', 'H'): the state file's bytes
         self.item_bytes = array(typecode).itemsize
         self._entry_limit = 1 << (8 * self.item_bytes)  # entries are below this
-        # chunks[c] holds entries [c * CHUNK_ENTRIES, (c + 1) * CHUNK_ENTRIES) of the segment
-        # (the last chunk's items past nr_pages are never read); the list object itself is
-        # never replaced, so the pools that index it see every chunk allocated later.
-        self.chunks: list[vec[i64]] = [_absent_chunk()] * -(-nr_pages // CHUNK_ENTRIES)
+        # Chunks are aligned on absolute pfns: chunks[c] holds the entries of the pfns
+        # [origin_pfn + c * CHUNK_ENTRIES, origin_pfn + (c + 1) * CHUNK_ENTRIES), pfn at item
+        # pfn & CHUNK_MASK (items of pfns outside the segment are never read). The list object
+        # is never replaced, so the pools that index it see every chunk allocated later.
+        self.origin_pfn = base_pfn & ~CHUNK_MASK
+        nr_chunks = -(-(base_pfn + nr_pages - self.origin_pfn) // CHUNK_ENTRIES)
+        self.chunks: list[vec[i64]] = [_absent_chunk()] * nr_chunks
 
     def __repr__(self) -> str:
         return f"VmemmapSegment(base_pfn={self.base_pfn:#x}, nr_pages={self.nr_pages})"
@@ -95,41 +97,43 @@ class VmemmapSegment:
     def end_pfn(self) -> int:
         return self.base_pfn + self.nr_pages
 
-    # -- entries by index in the segment (0 <= index < nr_pages) ----------------------------
+    def chunk_index(self, pfn: int) -> int:
+        """The index in `chunks` of the chunk holding pfn's entry."""
+        return (pfn - self.origin_pfn) >> CHUNK_SHIFT
 
-    def get(self, index: int) -> int:
-        """The packed entry at `index`."""
-        chunk = self.chunks[index >> CHUNK_SHIFT]
+    # -- entries of pfns of the segment -------------------------------------------------------
+
+    def get(self, pfn: int) -> int:
+        """The packed entry of pfn."""
+        chunk = self.chunks[(pfn - self.origin_pfn) >> CHUNK_SHIFT]
         if not len(chunk):
             return 0
-        return entry_value(chunk[index & CHUNK_MASK])
+        return entry_value(chunk[pfn & CHUNK_MASK])
 
-    def set(self, index: int, entry: int) -> None:
-        """Write a packed entry; ValueError (nothing written) if the layout's item cannot
+    def set(self, pfn: int, entry: int) -> None:
+        """Write pfn's packed entry; ValueError (nothing written) if the layout's item cannot
         hold it."""
         self._check_entry(entry)
-        self._allocated(index >> CHUNK_SHIFT)[index & CHUNK_MASK] = stored_item(entry)
+        self._allocated(self.chunk_index(pfn))[pfn & CHUNK_MASK] = stored_item(entry)
 
-    def fill(self, start: int, stop: int, entry: int) -> None:
-        """Entries [start, stop) = entry, chunk by chunk (each chunk built in one go)."""
+    def fill(self, start_pfn: int, stop_pfn: int, entry: int) -> None:
+        """The entries of [start_pfn, stop_pfn) = entry, a chunk at a time."""
         self._check_entry(entry)
         item = stored_item(entry)
-        while start < stop:
-            c = start >> CHUNK_SHIFT
-            lo = start & CHUNK_MASK
-            hi = min(CHUNK_ENTRIES, lo + stop - start)
+        pfn = start_pfn
+        while pfn < stop_pfn:
+            c = self.chunk_index(pfn)
+            lo = pfn & CHUNK_MASK
+            hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
             chunk = self.chunks[c]
-            if lo == 0 and hi == CHUNK_ENTRIES:
-                self.chunks[c] = _chunk_of([item] * CHUNK_ENTRIES)
-            else:
-                items = list(chunk) if len(chunk) else [0] * CHUNK_ENTRIES
-                items[lo:hi] = [item] * (hi - lo)
-                self.chunks[c] = _chunk_of(items)
-            start += hi - lo
+            items = list(chunk) if len(chunk) else [0] * CHUNK_ENTRIES
+            items[lo:hi] = [item] * (hi - lo)
+            self.chunks[c] = vec[i64](items)
+            pfn += hi - lo
 
-    def all_zero(self, start: int, stop: int) -> bool:
-        """True when every entry of [start, stop) is zero."""
-        raw = self._native_bytes(start, stop)
+    def all_zero(self, start_pfn: int, stop_pfn: int) -> bool:
+        """True when the entry of every pfn of [start_pfn, stop_pfn) is zero."""
+        raw = self._native_bytes(start_pfn, stop_pfn)
         return raw.count(0) == len(raw)
 
     def _check_entry(self, entry: int) -> None:
@@ -140,7 +144,7 @@ class VmemmapSegment:
         """Chunk c, allocated (zero-filled) if it was absent."""
         chunk = self.chunks[c]
         if not len(chunk):
-            chunk = _chunk_of([0] * CHUNK_ENTRIES)
+            chunk = vec[i64]([0] * CHUNK_ENTRIES)
             self.chunks[c] = chunk
         return chunk
 
@@ -152,7 +156,7 @@ class VmemmapSegment:
 
     def export_bytes(self) -> bytes:
         """The entries as little-endian layout items (the state file's vmemmap sections)."""
-        native = self._native_bytes(0, self.nr_pages)
+        native = self._native_bytes(self.base_pfn, self.end_pfn)
         if _LITTLE_ENDIAN_HOST:
             return native
         swapped = array(self.typecode, native)
@@ -164,35 +168,37 @@ class VmemmapSegment:
 
         Chunks stay allocated (a pool indexes its chunks without looking); a chunk that was
         absent stays absent if its entries are all zero."""
-        expected = self.nr_pages * self.item_bytes
-        if len(blob) != expected:
-            raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has {expected}"
-                             f" bytes, not {len(blob)}")
+        width = self.item_bytes
+        if len(blob) != self.nr_pages * width:
+            raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has"
+                             f" {self.nr_pages * width} bytes, not {len(blob)}")
         # 'Q' entries are read as 'q': the signed item with the same bits (stored_item).
         items = array("q" if self.typecode == "Q" else self.typecode, blob)
         if not _LITTLE_ENDIAN_HOST:
             items.byteswap()
-        chunk_bytes = CHUNK_ENTRIES * self.item_bytes
         for c in range(len(self.chunks)):
-            part = items[c * CHUNK_ENTRIES:(c + 1) * CHUNK_ENTRIES]
-            lo, hi = c * chunk_bytes, min((c + 1) * chunk_bytes, len(blob))
-            if len(self.chunks[c]) or blob.count(0, lo, hi) != hi - lo:
-                part.extend([0] * (CHUNK_ENTRIES - len(part)))  # the last chunk's spare items
-                self.chunks[c] = _chunk_of(part)
+            first_pfn = self.origin_pfn + c * CHUNK_ENTRIES
+            lo = max(first_pfn, self.base_pfn) - self.base_pfn  # in items
+            hi = min(first_pfn + CHUNK_ENTRIES, self.end_pfn) - self.base_pfn
+            if len(self.chunks[c]) or blob.count(0, lo * width, hi * width) != (hi - lo) * width:
+                lead = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
+                self.chunks[c] = vec[i64](
+                    [0] * lead + items[lo:hi].tolist() + [0] * (CHUNK_ENTRIES - lead - hi + lo))
 
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
         """Native-order bytes of the layout items of the entries of [start_pfn, end_pfn)
         (digests)."""
-        return self._native_bytes(start_pfn - self.base_pfn, end_pfn - self.base_pfn)
+        return self._native_bytes(start_pfn, end_pfn)
 
-    def _native_bytes(self, start: int, stop: int) -> bytes:
-        """Entries [start, stop) as native-order layout items."""
+    def _native_bytes(self, start_pfn: int, stop_pfn: int) -> bytes:
+        """The entries of [start_pfn, stop_pfn) as native-order layout items."""
         pieces: list[bytes] = []
-        while start < stop:
-            lo = start & CHUNK_MASK
-            hi = min(CHUNK_ENTRIES, lo + stop - start)
-            pieces.append(self._chunk_items(self.chunks[start >> CHUNK_SHIFT], lo, hi))
-            start += hi - lo
+        pfn = start_pfn
+        while pfn < stop_pfn:
+            lo = pfn & CHUNK_MASK
+            hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
+            pieces.append(self._chunk_items(self.chunks[self.chunk_index(pfn)], lo, hi))
+            pfn += hi - lo
         return b"".join(pieces)
 
     def _chunk_items(self, chunk: vec[i64], lo: int, hi: int) -> bytes:
@@ -279,7 +285,7 @@ class Vmemmap:
         """The packed struct hyp_page of pfn (WouldPanic if not covered)."""
         seg = self.segment_for(pfn)
         assert seg is not None
-        return seg.get(pfn - seg.base_pfn)
+        return seg.get(pfn)
 
     def refcount(self, pfn: int) -> int:
         return self.entry(pfn) & self.layout.refcount_mask
@@ -291,7 +297,7 @@ class Vmemmap:
     def set_entry(self, pfn: int, *, refcount: int | None = None, order: int | None = None) -> None:
         seg = self.segment_for(pfn)
         assert seg is not None
-        old = seg.get(pfn - seg.base_pfn)
+        old = seg.get(pfn)
         shift = self.layout.order_shift
         new_refcount = old & self.layout.refcount_mask if refcount is None else refcount
         new_order = old >> shift if order is None else order
@@ -299,7 +305,7 @@ class Vmemmap:
             raise ValueError(f"refcount {new_refcount} does not fit layout {self.layout.name}")
         if not 0 <= new_order <= self.layout.no_order:
             raise ValueError(f"order {new_order} does not fit layout {self.layout.name}")
-        seg.set(pfn - seg.base_pfn, new_order << shift | new_refcount)
+        seg.set(pfn, new_order << shift | new_refcount)
 
 
 def _merge_ranges(pfn_ranges: Iterable[tuple[int, int]]) -> Sequence[tuple[int, int]]:
