@@ -105,10 +105,10 @@ class _Walker:
         return True
 
 
-def _chunk_entries(chunk: Any) -> list[int]:
+def _chunk_entries(chunk: Any) -> bytes:
     """A vmemmap chunk's items; an absent chunk (vmemmap.py: nothing written yet, so it is
     shared by every such slot and not paired) reads as zeros like an allocated zero one."""
-    return list(chunk) if len(chunk) else [0] * CHUNK_ENTRIES
+    return memoryview(chunk).tobytes() if len(chunk) else bytes(8 * CHUNK_ENTRIES)
 
 
 def _is_compiled_bound_method(obj: Any) -> bool:

@@ -72,6 +72,23 @@ def _absent_chunk() -> vec[i64]:
     return vec[i64]()
 
 
+def _chunk_of(items: array[int]) -> vec[i64]:
+    """An allocated chunk with CHUNK_ENTRIES 'q' `items`, copied through the buffer protocol
+    (a vec built from a list would convert item by item: about 100 times slower)."""
+    return vec[i64](items)
+
+
+def _chunk_items(chunk: vec[i64]) -> array[int]:
+    """A chunk's items as a 'q' array (zeros for an absent chunk), copied in one go."""
+    if not len(chunk):
+        return _zero_items()
+    return array("q", memoryview(chunk).cast("B").tobytes())
+
+
+def _zero_items() -> array[int]:
+    return array("q", bytes(CHUNK_ENTRIES * ITEM_BYTES))
+
+
 @final
 class VmemmapSegment:
     """Entries for the contiguous pfns [base_pfn, base_pfn + nr_pages)."""
@@ -125,10 +142,9 @@ class VmemmapSegment:
             c = self.chunk_index(pfn)
             lo = pfn & CHUNK_MASK
             hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
-            chunk = self.chunks[c]
-            items = list(chunk) if len(chunk) else [0] * CHUNK_ENTRIES
-            items[lo:hi] = [item] * (hi - lo)
-            self.chunks[c] = vec[i64](items)
+            items = _chunk_items(self.chunks[c])
+            items[lo:hi] = array("q", [item]) * (hi - lo)
+            self.chunks[c] = _chunk_of(items)
             pfn += hi - lo
 
     def all_zero(self, start_pfn: int, stop_pfn: int) -> bool:
@@ -144,7 +160,7 @@ class VmemmapSegment:
         """Chunk c, allocated (zero-filled) if it was absent."""
         chunk = self.chunks[c]
         if not len(chunk):
-            chunk = vec[i64]([0] * CHUNK_ENTRIES)
+            chunk = _chunk_of(_chunk_items(chunk))
             self.chunks[c] = chunk
         return chunk
 
@@ -173,17 +189,18 @@ class VmemmapSegment:
             raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has"
                              f" {self.nr_pages * width} bytes, not {len(blob)}")
         # 'Q' entries are read as 'q': the signed item with the same bits (stored_item).
-        items = array("q" if self.typecode == "Q" else self.typecode, blob)
+        entries = array("q" if self.typecode == "Q" else self.typecode, blob)
         if not _LITTLE_ENDIAN_HOST:
-            items.byteswap()
+            entries.byteswap()
         for c in range(len(self.chunks)):
             first_pfn = self.origin_pfn + c * CHUNK_ENTRIES
-            lo = max(first_pfn, self.base_pfn) - self.base_pfn  # in items
+            lo = max(first_pfn, self.base_pfn) - self.base_pfn  # in entries
             hi = min(first_pfn + CHUNK_ENTRIES, self.end_pfn) - self.base_pfn
             if len(self.chunks[c]) or blob.count(0, lo * width, hi * width) != (hi - lo) * width:
-                lead = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
-                self.chunks[c] = vec[i64](
-                    [0] * lead + items[lo:hi].tolist() + [0] * (CHUNK_ENTRIES - lead - hi + lo))
+                items = _zero_items()
+                start = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
+                items[start:start + hi - lo] = array("q", entries[lo:hi])  # widened to 'q'
+                self.chunks[c] = _chunk_of(items)
 
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
         """Native-order bytes of the layout items of the entries of [start_pfn, end_pfn)
