@@ -237,6 +237,22 @@ class TestRefusals:
         pool.check_invariants()
 
 
+class TestOverlap:
+    @pytest.mark.parametrize("overlap_pfn", [0x4000 + 40, 0x4000 + 63, 0x8000 + 5])
+    def test_a_pool_over_pages_with_a_refcount_is_refused(self, overlap_pfn: int) -> None:
+        """hyp_pool_init BUGs on a page whose refcount is not 0: the second pool's range
+        holds one referenced page (in the chunk of the first pool, or in another chunk)."""
+        vmemmap = Vmemmap(LAYOUT_4, [(0x4000, 0x8000)])
+        memory = PhysicalMemory()
+        HypPool(vmemmap, memory, 0x4000, 64, 64)  # 64 reserved pages: refcount 1 each
+        vmemmap.set_entry(0x8000 + 5, refcount=1)
+        with pytest.raises(WouldPanic) as info:
+            HypPool(vmemmap, memory, overlap_pfn, 64, 0)
+        assert info.value.reason == "POOL_PAGES_IN_USE"
+        assert vmemmap.refcount(overlap_pfn) == 1  # nothing written
+        HypPool(vmemmap, memory, 0x4000 + 64, 64, 0)  # the free pages next to it are fine
+
+
 class TestSplitAndAdmitted:
     def test_split_page_makes_independent_order0_pages(self) -> None:
         pool = make_pool(0, 16)

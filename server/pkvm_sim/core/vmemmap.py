@@ -142,15 +142,27 @@ class VmemmapSegment:
             c = self.chunk_index(pfn)
             lo = pfn & CHUNK_MASK
             hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
-            items = _chunk_items(self.chunks[c])
-            items[lo:hi] = array("q", [item]) * (hi - lo)
+            if hi - lo == CHUNK_ENTRIES:  # the whole chunk: nothing to keep
+                items = array("q", [item]) * CHUNK_ENTRIES
+            else:
+                items = _chunk_items(self.chunks[c])
+                items[lo:hi] = array("q", [item]) * (hi - lo)
             self.chunks[c] = _chunk_of(items)
             pfn += hi - lo
 
     def all_zero(self, start_pfn: int, stop_pfn: int) -> bool:
         """True when the entry of every pfn of [start_pfn, stop_pfn) is zero."""
-        raw = self._native_bytes(start_pfn, stop_pfn)
-        return raw.count(0) == len(raw)
+        pfn = start_pfn
+        while pfn < stop_pfn:
+            lo = pfn & CHUNK_MASK
+            hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
+            chunk = self.chunks[self.chunk_index(pfn)]
+            if len(chunk):  # an absent chunk is all zeros
+                raw = memoryview(chunk).cast("B")[lo * ITEM_BYTES:hi * ITEM_BYTES]
+                if raw.tobytes().count(0) != len(raw):
+                    return False
+            pfn += hi - lo
+        return True
 
     def _check_entry(self, entry: int) -> None:
         if not 0 <= entry < self._entry_limit:
