@@ -20,7 +20,9 @@ Where things live, as in the kernel after the series:
   Each queue is a plain list and the index of its head (`_heads[order]`): taking the head
   moves the index; the consumed prefix is dropped when the queue empties or when it is
   longer than what is left. (Plain lists and ints are what mypyc compiles to direct C; a
-  deque's methods stay Python calls: docs/compiled-core.md.)
+  deque's methods stay Python calls: docs/compiled-core.md. For the same reason a count in
+  a list is updated as `counts[o] = counts[o] + 1`: mypyc compiles `counts[o] += 1` into a
+  generic in-place call.)
 
 Page states (2.2), for every pfn q of the pool:
 
@@ -229,7 +231,7 @@ class HypPool:
         for pfn, order in self._canonical_blocks():
             segment.set(pfn, order << self._shift)  # ...except block heads
             self._lists[order].append(pfn)
-            self._nr_free[order] += 1
+            self._nr_free[order] = self._nr_free[order] + 1
 
     def _canonical_blocks(self) -> Iterator[tuple[int, int]]:
         """Maximal aligned blocks of the unreserved range, in address order."""
@@ -254,14 +256,14 @@ class HypPool:
         queue = self._lists[order]
         if queue[-1] == pfn:
             queue.pop()
-            self._nr_free[order] -= 1
+            self._nr_free[order] = self._nr_free[order] - 1
             if len(queue) == self._heads[order]:
                 queue.clear()
                 self._heads[order] = 0
             return
         ghosts = self._ghosts[order]
         ghosts[pfn] = ghosts.get(pfn, 0) + 1
-        self._nr_free[order] -= 1
+        self._nr_free[order] = self._nr_free[order] - 1
         if self._queued(order) > 2 * self._nr_free[order] + 64:
             self._compact(order)
 
@@ -310,7 +312,7 @@ class HypPool:
             if count > 1:
                 ghosts[pfn] = count - 1
             pfn = self._take_head(order)
-        self._nr_free[order] -= 1
+        self._nr_free[order] = self._nr_free[order] - 1
         return pfn
 
     def load_free_lists(self, lists: Sequence[Sequence[int]], admitted: Sequence[int]) -> None:
@@ -374,7 +376,7 @@ class HypPool:
                 return self._alloc_admitted(pfn)
         else:
             pfn = self._take_head(i)
-            nr_free[i] -= 1
+            nr_free[i] = nr_free[i] - 1
         chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]  # the block's entries
         shift = self._shift
         # Invariant: a live list entry is a free head (entry == i << shift); no check needed.
@@ -385,7 +387,7 @@ class HypPool:
                 buddy = pfn ^ (1 << i)
                 chunk[buddy & CHUNK_MASK] = i << shift
                 lists[i].append(buddy)
-                nr_free[i] += 1
+                nr_free[i] = nr_free[i] + 1
         chunk[pfn & CHUNK_MASK] = order << shift | 1
         return pfn
 
@@ -451,7 +453,7 @@ class HypPool:
             chunk[freed & CHUNK_MASK] = self._tail
         chunk[pfn & CHUNK_MASK] = order << shift
         self._lists[order].append(pfn)
-        self._nr_free[order] += 1
+        self._nr_free[order] = self._nr_free[order] + 1
         return 0
 
     def get_page(self, pfn: int) -> int:
@@ -525,7 +527,7 @@ class HypPool:
         if count == 1:
             self.physmem.zero_range(pfn, 1)
             self._lists[0].append(pfn)
-            self._nr_free[0] += 1
+            self._nr_free[0] = self._nr_free[0] + 1
         return count - 1
 
     def _get_outside_range(self, pfn: int) -> int:
