@@ -3,6 +3,7 @@
     python bench/bench_compiled.py              # a few minutes on a loaded 2-core machine
     python bench/bench_compiled.py --quick      # fewer operations, no service phase
     python bench/bench_compiled.py --only alloc_pair,boot_1tib
+    python bench/bench_compiled.py --only alloc_pair,alloc_trace,alloc_coalesced --cpu-time
 
 Every measurement runs in a fresh child process of this script, once with the core as
 installed (compiled when `pip install` had a C compiler) and once with PKVM_SIM_PURE_PYTHON=1
@@ -10,6 +11,8 @@ installed (compiled when `pip install` had a C compiler) and once with PKVM_SIM_
 time of each is kept, so that drift on a shared machine hits both alike. It prints seconds
 per operation for both and the ratio compiled / pure (lower is better). Targets: the
 allocator <= 0.25, the other core paths <= 0.5, 1 TiB boots in <= 0.4 s (compiled).
+With --cpu-time the allocator workloads are timed in process CPU time (time.process_time)
+instead of wall time: steadier when other processes share the CPUs.
 
 Workloads (`--only` names):
   alloc_pair       order-0 alloc + put on a warm fragmented 4 GiB pool (per pair)
@@ -44,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PURE_ENV = "PKVM_SIM_PURE_PYTHON"
+CPU_TIME_ENV = "PKVM_SIM_BENCH_CPU_TIME"  # set by --cpu-time for the children
 GIB_PAGES = 1 << 18
 BASE = 0x8000_0000
 
@@ -53,13 +57,18 @@ Timings = dict[str, float]
 # -- workloads (run in a child; each returns {figure: seconds per op or a ratio}) -------------
 
 
+def allocator_clock() -> Callable[[], float]:
+    """The allocator workloads' clock: wall time, or process CPU time with --cpu-time."""
+    return time.process_time if os.environ.get(CPU_TIME_ENV) else time.perf_counter
+
+
 def alloc_pair(quick: bool) -> Timings:
     import bench_core as bc
 
     pool = bc.make_pool(4 * GIB_PAGES)
     bc.fragment(pool.try_alloc_pages, pool.put_page)
     return {"alloc_pair": bc.time_pairs(pool.try_alloc_pages, pool.put_page,
-                                        50_000 if quick else 300_000)}
+                                        50_000 if quick else 300_000, allocator_clock())}
 
 
 def alloc_trace(quick: bool) -> Timings:
@@ -68,7 +77,8 @@ def alloc_trace(quick: bool) -> Timings:
     trace = bc.record_mixed_trace(4 * GIB_PAGES, 50_000 if quick else 300_000)
     pool = bc.make_pool(4 * GIB_PAGES)
     bc.fragment(pool.try_alloc_pages, pool.put_page)
-    return {"alloc_trace": bc.time_trace(pool.try_alloc_pages, pool.put_page, trace)}
+    return {"alloc_trace": bc.time_trace(pool.try_alloc_pages, pool.put_page, trace,
+                                         allocator_clock())}
 
 
 def alloc_coalesced(quick: bool) -> Timings:
@@ -76,7 +86,7 @@ def alloc_coalesced(quick: bool) -> Timings:
 
     pool = bc.make_pool(4 * GIB_PAGES)  # nothing held: every alloc splits a max-order block
     return {"alloc_coalesced": bc.time_pairs(pool.try_alloc_pages, pool.put_page,
-                                             30_000 if quick else 200_000)}
+                                             30_000 if quick else 200_000, allocator_clock())}
 
 
 def _machine(gib: int = 4) -> object:
@@ -206,11 +216,14 @@ OTHER_CORE_TARGET = 0.5
 # -- the parent -----------------------------------------------------------------------------
 
 
-def run_child(workload: str, pure: bool, quick: bool) -> tuple[str, Timings]:
+def run_child(workload: str, pure: bool, quick: bool, cpu_time: bool) -> tuple[str, Timings]:
     env = dict(os.environ)
     env.pop(PURE_ENV, None)
+    env.pop(CPU_TIME_ENV, None)
     if pure:
         env[PURE_ENV] = "1"
+    if cpu_time:
+        env[CPU_TIME_ENV] = "1"
     argv = [sys.executable, __file__, "--child", workload] + (["--quick"] if quick else [])
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
@@ -232,6 +245,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer operations, no service")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (best of)")
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the allocator workloads in process CPU time, not wall time")
     parser.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -243,13 +258,14 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     print(f"compiled / pure core, same run ({os.cpu_count()} CPUs, best of {args.rounds}"
-          " alternating rounds, each in a fresh process; lower ratio is better)")
+          " alternating rounds, each in a fresh process; lower ratio is better"
+          + ("; allocator in CPU time)" if args.cpu_time else ")"))
     flavours: dict[bool, str] = {}
     for name in names:
         best: dict[bool, Timings] = {}
         for _ in range(args.rounds):
             for pure in (False, True):
-                flavours[pure], timings = run_child(name, pure, args.quick)
+                flavours[pure], timings = run_child(name, pure, args.quick, args.cpu_time)
                 kept = best.setdefault(pure, timings)
                 for key, value in timings.items():
                     kept[key] = min(kept[key], value)

@@ -223,6 +223,35 @@ class TestRefusals:
         assert pool.get_page(pfn) == 65536
         assert pool.no_order == 2**32 - 1
 
+    def test_32_byte_layout_splits_and_merges_with_64_bit_tails(self) -> None:
+        """A tail's entry is NO_ORDER << 32 = 0xffffffff00000000: all 64 bits are kept."""
+        pool = make_pool(0, 16, layout=LAYOUT_32)  # max_order 4: blocks 0 and 8 of order 3
+        assert pool.alloc_pages(0) == 0  # 4 -> list 2, 2 -> list 1, 1 -> list 0
+        assert lists(pool) == {0: [1], 1: [2], 2: [4], 3: [8]}
+        assert [pool.page_order(p) for p in range(8)] == [0, 0, 1, 2**32 - 1, 2, *[2**32 - 1] * 3]
+        assert pool.vmemmap.entry(5) == 0xFFFF_FFFF_0000_0000
+        pool.check_invariants()
+        assert pool.put_page(0) == 0  # merges with 1, 2 and 4 back into block 0 of order 3
+        assert lists(pool) == {3: [8, 0]}
+        assert pool.page_order(1) == 2**32 - 1 and pool.refcount(1) == 0
+        pool.check_invariants()
+
+
+class TestOverlap:
+    @pytest.mark.parametrize("overlap_pfn", [0x4000 + 40, 0x4000 + 63, 0x8000 + 5])
+    def test_a_pool_over_pages_with_a_refcount_is_refused(self, overlap_pfn: int) -> None:
+        """hyp_pool_init BUGs on a page whose refcount is not 0: the second pool's range
+        holds one referenced page (in the chunk of the first pool, or in another chunk)."""
+        vmemmap = Vmemmap(LAYOUT_4, [(0x4000, 0x8000)])
+        memory = PhysicalMemory()
+        HypPool(vmemmap, memory, 0x4000, 64, 64)  # 64 reserved pages: refcount 1 each
+        vmemmap.set_entry(0x8000 + 5, refcount=1)
+        with pytest.raises(WouldPanic) as info:
+            HypPool(vmemmap, memory, overlap_pfn, 64, 0)
+        assert info.value.reason == "POOL_PAGES_IN_USE"
+        assert vmemmap.refcount(overlap_pfn) == 1  # nothing written
+        HypPool(vmemmap, memory, 0x4000 + 64, 64, 0)  # the free pages next to it are fine
+
 
 class TestSplitAndAdmitted:
     def test_split_page_makes_independent_order0_pages(self) -> None:

@@ -1,35 +1,53 @@
-"""The vmemmap's storage: lazily zeroed buffers, honest memory figures, bulk export/import.
+"""The vmemmap's storage: chunks allocated on first write, honest memory figures, bulk
+export/import in the layouts' own items.
 
-Expected values come from the layouts' sizes (layout.py) and from how an anonymous mapping
-behaves: a page costs host memory once written, and one entry lies in one host page.
+Expected values come from the layouts' sizes and packing (layout.py, the kernel's struct
+hyp_page), from the chunk geometry (an allocated chunk is CHUNK_ENTRIES 8-byte items) and
+from what the Python allocator reports (tracemalloc).
 """
 
 from __future__ import annotations
 
-import mmap
+import tracemalloc
+from array import array
 
 import pytest
 from pkvm_sim.core.errors import WouldPanic
 from pkvm_sim.core.layout import LAYOUT_2, LAYOUT_4, LAYOUT_32, HypPageLayout
-from pkvm_sim.core.vmemmap import Vmemmap
+from pkvm_sim.core.vmemmap import CHUNK_ENTRIES, Vmemmap
 
 TIB_4K_PAGES = 1 << 28  # 1 TiB of 4 KiB pages
 BASE_PFN = 0x80000
-HUGE_PAGE_BYTES = 2 << 20  # a transparent huge page, where the host uses them
 
 
-def test_a_1tib_vmemmap_stores_1gib_but_only_written_pages_are_resident() -> None:
+def test_a_1tib_vmemmap_allocates_only_the_chunks_written() -> None:
     vmemmap = Vmemmap(LAYOUT_4, [(BASE_PFN, TIB_4K_PAGES)])
     assert vmemmap.modelled_bytes == 4 * TIB_4K_PAGES  # what EL2 spends: 1 GiB
-    assert vmemmap.stored_bytes == 4 * TIB_4K_PAGES  # 'I' items: 4 bytes each
-    untouched = vmemmap.resident_bytes
-    assert untouched < HUGE_PAGE_BYTES  # nothing written yet: (nearly) nothing resident
+    assert vmemmap.stored_bytes == 8 * TIB_4K_PAGES  # one i64 per entry, all chunks allocated
+    slots_bytes = 8 * (TIB_4K_PAGES // CHUNK_ENTRIES)  # one pointer per chunk: 512 KiB
+    assert vmemmap.resident_bytes == slots_bytes  # nothing written: the chunk list only
     far = BASE_PFN + TIB_4K_PAGES - 1
     vmemmap.set_entry(far, refcount=3, order=2)
-    grown = vmemmap.resident_bytes - untouched
-    assert mmap.PAGESIZE <= grown <= HUGE_PAGE_BYTES  # one entry: one host page (or one THP)
+    vmemmap.set_entry(far - 1, refcount=1, order=0)  # the same chunk
+    assert vmemmap.resident_bytes == slots_bytes + 8 * CHUNK_ENTRIES  # one chunk allocated
     assert vmemmap.refcount(far) == 3 and vmemmap.order(far) == 2
     assert vmemmap.entry(BASE_PFN + TIB_4K_PAGES // 2) == 0  # never written: reads as zero
+
+
+def test_resident_bytes_is_what_the_host_allocator_handed_out() -> None:
+    """Chunks are allocated on the Python heap: tracemalloc sees what they really take."""
+    vmemmap = Vmemmap(LAYOUT_4, [(BASE_PFN, TIB_4K_PAGES)])
+    tracemalloc.start()
+    try:
+        before, reported = tracemalloc.get_traced_memory()[0], vmemmap.resident_bytes
+        for i in range(64):  # 64 chunks, one entry each
+            vmemmap.set_entry(BASE_PFN + i * 1_000_003, refcount=1)
+        traced = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    grown = vmemmap.resident_bytes - reported
+    assert grown == 64 * 8 * CHUNK_ENTRIES
+    assert grown <= traced <= grown + 64 * 1024  # a little allocator and object overhead
 
 
 @pytest.mark.parametrize("layout", [LAYOUT_32, LAYOUT_4, LAYOUT_2], ids=lambda lay: lay.name)
@@ -80,5 +98,63 @@ def test_the_machine_comparison_sees_a_changed_vmemmap_entry() -> None:
     seg = restored.vmemmap.segments[0]
     pfn = seg.end_pfn - 1
     restored.vmemmap.set_entry(pfn, refcount=restored.vmemmap.refcount(pfn) + 1)
-    with pytest.raises(AssertionError, match=r"vmemmap\.segments\[0\]\.items: buffers differ"):
+    changed = r"vmemmap\.segments\[0\]\.chunks\[\d+\]: entries differ"
+    with pytest.raises(AssertionError, match=changed):
         assert_same_machine(hv, restored)
+
+
+def test_layout_32_keeps_all_64_bits_of_an_entry() -> None:
+    """Layout 32's u32 refcount and u32 order fill a 64-bit entry: a tail (order NO_ORDER)
+    is 0xffffffff00000000, above the largest signed 64-bit integer."""
+    vmemmap = Vmemmap(LAYOUT_32, [(0, 8)])
+    vmemmap.set_entry(1, refcount=0, order=2**32 - 1)  # a tail
+    vmemmap.set_entry(2, refcount=2**32 - 1, order=2**32 - 1)  # every bit set
+    vmemmap.set_entry(3, refcount=2**32 - 2, order=0)
+    assert [vmemmap.entry(pfn) for pfn in range(4)] == [0, 0xFFFF_FFFF_0000_0000, 2**64 - 1,
+                                                       2**32 - 2]
+    assert vmemmap.order(1) == 2**32 - 1 and vmemmap.refcount(2) == 2**32 - 1
+    blob = vmemmap.segments[0].export_bytes()
+    assert blob[8:16] == bytes(4) + b"\xff" * 4 and blob[16:24] == b"\xff" * 8
+    assert vmemmap.segments[0].range_bytes(1, 3) == array("Q", [0xFFFF_FFFF_0000_0000,
+                                                                 2**64 - 1]).tobytes()
+    other = Vmemmap(LAYOUT_32, [(0, 8)])
+    other.segments[0].import_bytes(blob)
+    assert [other.entry(pfn) for pfn in range(8)] == [vmemmap.entry(pfn) for pfn in range(8)]
+
+
+@pytest.mark.parametrize(("layout", "width"), [(LAYOUT_32, 8), (LAYOUT_4, 4), (LAYOUT_2, 2)],
+                         ids=["32", "4", "2"])
+def test_export_carries_the_layouts_own_items(layout: HypPageLayout, width: int) -> None:
+    vmemmap = Vmemmap(layout, [(0, CHUNK_ENTRIES + 3)])  # a second, partial chunk
+    tail = layout.no_order << layout.order_shift
+    last = CHUNK_ENTRIES + 2
+    vmemmap.set_entry(last, order=layout.no_order)
+    blob = vmemmap.segments[0].export_bytes()
+    assert len(blob) == (CHUNK_ENTRIES + 3) * width
+    assert blob[last * width:] == tail.to_bytes(width, "little")
+    assert not any(blob[:last * width])  # every other entry: zero
+
+
+@pytest.mark.parametrize("layout", [LAYOUT_32, LAYOUT_4, LAYOUT_2], ids=lambda lay: lay.name)
+def test_an_order_wider_than_the_layout_is_refused_not_wrapped(layout: HypPageLayout) -> None:
+    vmemmap = Vmemmap(layout, [(0, 8)])
+    vmemmap.set_entry(3, refcount=1, order=1)
+    with pytest.raises(ValueError):
+        vmemmap.set_entry(3, order=layout.no_order + 1)
+    with pytest.raises(ValueError):
+        vmemmap.segments[0].set(3, 1 << (8 * layout.stored_bytes))  # too wide for any item
+    assert vmemmap.refcount(3) == 1 and vmemmap.order(3) == 1  # unchanged
+
+
+def test_import_allocates_only_chunks_with_entries_and_keeps_allocated_ones() -> None:
+    nr_pages = 4 * CHUNK_ENTRIES
+    vmemmap = Vmemmap(LAYOUT_4, [(0, nr_pages)])
+    slots_bytes = 8 * 4
+    chunk_bytes = 8 * CHUNK_ENTRIES
+    vmemmap.set_entry(0, refcount=1)  # chunk 0 allocated
+    blob = bytearray(4 * nr_pages)
+    blob[4 * 2 * CHUNK_ENTRIES] = 7  # chunk 2: refcount 7 at its first entry
+    vmemmap.segments[0].import_bytes(bytes(blob))
+    assert vmemmap.resident_bytes == slots_bytes + 2 * chunk_bytes  # chunks 0 and 2
+    assert vmemmap.entry(0) == 0 and vmemmap.refcount(2 * CHUNK_ENTRIES) == 7
+    assert vmemmap.segments[0].export_bytes() == bytes(blob)

@@ -20,7 +20,9 @@ Where things live, as in the kernel after the series:
   Each queue is a plain list and the index of its head (`_heads[order]`): taking the head
   moves the index; the consumed prefix is dropped when the queue empties or when it is
   longer than what is left. (Plain lists and ints are what mypyc compiles to direct C; a
-  deque's methods stay Python calls: docs/compiled-core.md.)
+  deque's methods stay Python calls: docs/compiled-core.md. For the same reason a count in
+  a list is updated as `counts[o] = counts[o] + 1`: mypyc compiles `counts[o] += 1` into a
+  generic in-place call.)
 
 Page states (2.2), for every pfn q of the pool:
 
@@ -48,14 +50,13 @@ one lock of the simulator is taken by the caller; the methods here assume it is 
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
-from .vmemmap import Vmemmap, as_items
+from .vmemmap import CHUNK_MASK, CHUNK_SHIFT, Vmemmap, stored_item
 
 U32_MASK: Final = 0xFFFF_FFFF
 # A queue's consumed prefix is dropped once it is this long and longer than the rest.
@@ -124,7 +125,8 @@ class HypPool:
     __slots__ = (
         "name", "base_pfn", "nr_pages", "reserved_pages", "max_order", "no_order",
         "refcount_max", "vmemmap", "physmem", "alloc_failures",
-        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_off", "_vm", "_shift", "_tail",
+        "_end_pfn", "_range_end_pfn", "_first_unreserved", "_origin", "_segment", "_chunks",
+        "_shift", "_tail", "_tail_entry",
         "_lists", "_heads", "_ghosts", "_nr_free", "_admitted", "_contents",
     )
 
@@ -159,6 +161,12 @@ class HypPool:
                 " formula; the kernel would corrupt its free lists (use the v5.17 formula)",
                 reason="POOL_MAX_ORDER_ZERO",
             )
+        if max_order - 1 > CHUNK_SHIFT:
+            raise InvalidArgument(
+                f"pool {name}: blocks of order {max_order - 1} are larger than a vmemmap chunk"
+                f" (2**{CHUNK_SHIFT} pages; no kernel page size has them)",
+                reason="BAD_POOL_GEOMETRY",
+            )
         segment = vmemmap.segment_for(base_pfn, nr_pages)
         assert segment is not None
         layout = vmemmap.layout
@@ -178,10 +186,17 @@ class HypPool:
             range_bytes &= U32_MASK
         self._range_end_pfn = base_pfn + (range_bytes >> page_shift)
         self._first_unreserved = base_pfn + reserved_pages
-        self._off = segment.base_pfn
-        self._vm = segment.items
+        self._segment = segment
+        # The segment's chunks (vmemmap.py), indexed directly on the hot path: the entry of
+        # pfn is _chunks[(pfn - _origin) >> CHUNK_SHIFT][pfn & CHUNK_MASK], as an i64 item
+        # (stored_item). A block and every buddy it meets lie in one chunk (max_order - 1 <=
+        # CHUNK_SHIFT), looked up once per call. Every chunk of the pool's range is allocated
+        # by the init below.
+        self._origin = segment.origin_pfn
+        self._chunks = segment.chunks
         self._shift = layout.order_shift
-        self._tail = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
+        self._tail_entry = layout.no_order << layout.order_shift  # order NO_ORDER, refcount 0
+        self._tail = stored_item(self._tail_entry)  # the same, as an item
         self._lists: list[list[int]] = [[] for _ in range(max_order)]
         self._heads = [0] * max_order  # _lists[o][:_heads[o]] was taken already
         self._ghosts: list[dict[int, int]] = [{} for _ in range(max_order)]
@@ -203,21 +218,20 @@ class HypPool:
         blocks of the unreserved range (capped at max_order - 1), in increasing address
         order, which is what we build directly: O(number of blocks), not O(pages).
         """
-        lo = self.base_pfn - self._off
-        hi = self._end_pfn - self._off
-        if not _all_zero(self._vm, lo, hi):
+        segment = self._segment
+        if not segment.all_zero(self.base_pfn, self._end_pfn):
             raise WouldPanic(
                 f"pool {self.name}: a page in [{self.base_pfn:#x}, {self._end_pfn:#x}) already"
                 " has a refcount (overlapping pools?)",
                 reason="POOL_PAGES_IN_USE",
             )
-        first_free = self._first_unreserved - self._off
-        _fill(self._vm, lo, first_free, 1)  # RESERVED: order 0, refcount 1
-        _fill(self._vm, first_free, hi, self._tail)  # every free page is a tail...
+        first_free = self._first_unreserved
+        segment.fill(self.base_pfn, first_free, 1)  # RESERVED: order 0, refcount 1
+        segment.fill(first_free, self._end_pfn, self._tail_entry)  # every free page a tail...
         for pfn, order in self._canonical_blocks():
-            self._vm[pfn - self._off] = order << self._shift  # ...except block heads
+            segment.set(pfn, order << self._shift)  # ...except block heads
             self._lists[order].append(pfn)
-            self._nr_free[order] += 1
+            self._nr_free[order] = self._nr_free[order] + 1
 
     def _canonical_blocks(self) -> Iterator[tuple[int, int]]:
         """Maximal aligned blocks of the unreserved range, in address order."""
@@ -242,14 +256,14 @@ class HypPool:
         queue = self._lists[order]
         if queue[-1] == pfn:
             queue.pop()
-            self._nr_free[order] -= 1
+            self._nr_free[order] = self._nr_free[order] - 1
             if len(queue) == self._heads[order]:
                 queue.clear()
                 self._heads[order] = 0
             return
         ghosts = self._ghosts[order]
         ghosts[pfn] = ghosts.get(pfn, 0) + 1
-        self._nr_free[order] -= 1
+        self._nr_free[order] = self._nr_free[order] - 1
         if self._queued(order) > 2 * self._nr_free[order] + 64:
             self._compact(order)
 
@@ -298,7 +312,7 @@ class HypPool:
             if count > 1:
                 ghosts[pfn] = count - 1
             pfn = self._take_head(order)
-        self._nr_free[order] -= 1
+        self._nr_free[order] = self._nr_free[order] - 1
         return pfn
 
     def load_free_lists(self, lists: Sequence[Sequence[int]], admitted: Sequence[int]) -> None:
@@ -362,9 +376,8 @@ class HypPool:
                 return self._alloc_admitted(pfn)
         else:
             pfn = self._take_head(i)
-            nr_free[i] -= 1
-        vm = self._vm
-        off = self._off
+            nr_free[i] = nr_free[i] - 1
+        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]  # the block's entries
         shift = self._shift
         # Invariant: a live list entry is a free head (entry == i << shift); no check needed.
         if i > order:
@@ -372,10 +385,10 @@ class HypPool:
             while i > order:  # split: release the upper half at the tail of list i - 1
                 i -= 1
                 buddy = pfn ^ (1 << i)
-                vm[buddy - off] = i << shift
+                chunk[buddy & CHUNK_MASK] = i << shift
                 lists[i].append(buddy)
-                nr_free[i] += 1
-        vm[pfn - off] = order << shift | 1
+                nr_free[i] = nr_free[i] + 1
+        chunk[pfn & CHUNK_MASK] = order << shift | 1
         return pfn
 
     def alloc_pages(self, order: int) -> int:
@@ -404,12 +417,11 @@ class HypPool:
         """
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._put_outside_range(pfn)
-        vm = self._vm
-        off = self._off
-        entry = vm[pfn - off]
+        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]  # and every buddy's below
+        entry = chunk[pfn & CHUNK_MASK]
         count = entry & self.refcount_max
         if count > 1:
-            vm[pfn - off] = entry - 1
+            chunk[pfn & CHUNK_MASK] = entry - 1
             return count - 1
         if count == 0:
             raise WouldPanic(
@@ -431,26 +443,25 @@ class HypPool:
         top = self.max_order - 1
         while order < top:
             buddy = pfn ^ (1 << order)
-            if buddy < lo or buddy >= hi or vm[buddy - off] != order << shift:
+            if buddy < lo or buddy >= hi or chunk[buddy & CHUNK_MASK] != order << shift:
                 break  # not in range, or not a free head of this order
             self._list_remove(buddy, order)
-            vm[buddy - off] = self._tail
+            chunk[buddy & CHUNK_MASK] = self._tail
             pfn &= ~(1 << order)
             order += 1
         if pfn != freed:
-            vm[freed - off] = self._tail
-        vm[pfn - off] = order << shift
+            chunk[freed & CHUNK_MASK] = self._tail
+        chunk[pfn & CHUNK_MASK] = order << shift
         self._lists[order].append(pfn)
-        self._nr_free[order] += 1
+        self._nr_free[order] = self._nr_free[order] + 1
         return 0
 
     def get_page(self, pfn: int) -> int:
         """hyp_get_page: take one more reference on an allocated head. Returns the count."""
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._get_outside_range(pfn)
-        vm = self._vm
-        i = pfn - self._off
-        entry = vm[i]
+        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]
+        entry = chunk[pfn & CHUNK_MASK]
         count = entry & self.refcount_max
         if count == 0:
             raise WouldPanic(
@@ -462,20 +473,20 @@ class HypPool:
                 f"refcount of pfn {pfn:#x} is at its limit {self.refcount_max}",
                 reason="REFCOUNT_OVERFLOW",
             )
-        vm[i] = entry + 1
+        chunk[pfn & CHUNK_MASK] = entry + 1  # the refcount bits do not carry: count < max
         return count + 1
 
     def split_page(self, pfn: int) -> None:
         """hyp_split_page (v5.15): turn a held block into 2**order held order-0 pages."""
         self._require_held_head(pfn)
-        i = pfn - self._off
-        order = self._vm[i] >> self._shift
-        tails = range(i + 1, i + (1 << order))
-        if any(self._vm[t] != self._tail for t in tails):
+        segment = self._segment
+        entry = segment.get(pfn)
+        tails = range(pfn + 1, pfn + (1 << (entry >> self._shift)))
+        if any(segment.get(t) != self._tail_entry for t in tails):
             raise WouldPanic(f"a tail of block {pfn:#x} has a refcount", reason="TAIL_REFCOUNTED")
-        self._vm[i] &= self.refcount_max  # order 0, refcount kept
+        segment.set(pfn, entry & self.refcount_max)  # order 0, refcount kept
         for t in tails:
-            self._vm[t] = 1
+            segment.set(t, 1)
 
     # -- pages outside the range: memcache pages admitted into VM pools (v6.2) ---------------
 
@@ -516,7 +527,7 @@ class HypPool:
         if count == 1:
             self.physmem.zero_range(pfn, 1)
             self._lists[0].append(pfn)
-            self._nr_free[0] += 1
+            self._nr_free[0] = self._nr_free[0] + 1
         return count - 1
 
     def _get_outside_range(self, pfn: int) -> int:
@@ -544,7 +555,7 @@ class HypPool:
     def _require_held_head(self, pfn: int) -> None:
         if not self._first_unreserved <= pfn < self._end_pfn:
             raise self._not_ours(pfn)
-        entry = self._vm[pfn - self._off]
+        entry = self._segment.get(pfn)
         if not entry & self.refcount_max or entry >> self._shift == self.no_order:
             raise WouldPanic(f"pfn {pfn:#x} is not the head of a held block",
                              reason="NOT_A_HELD_HEAD")
@@ -587,9 +598,9 @@ class HypPool:
 
     def held_blocks(self) -> Iterator[tuple[int, int, int]]:
         """(head pfn, refcount, order) of every held block, reserved pages excluded. O(range)."""
-        vm, off, shift, mask = self._vm, self._off, self._shift, self.refcount_max
+        segment, shift, mask = self._segment, self._shift, self.refcount_max
         for pfn in range(self._first_unreserved, self._end_pfn):
-            entry = vm[pfn - off]
+            entry = segment.get(pfn)
             if entry & mask:
                 yield pfn, entry & mask, entry >> shift
         for pfn in sorted(self._admitted):
@@ -650,12 +661,12 @@ class HypPool:
         return [pfn for pfn in contents if lo <= pfn < end or pfn in admitted]
 
     def _check_range(self, free_heads: dict[int, int]) -> None:
-        vm, off, shift, mask = self._vm, self._off, self._shift, self.refcount_max
+        segment, shift, mask = self._segment, self._shift, self.refcount_max
         for pfn in range(self.base_pfn, self._first_unreserved):
-            assert vm[pfn - off] == 1, f"reserved page {pfn:#x} changed"
+            assert segment.get(pfn) == 1, f"reserved page {pfn:#x} changed"
         pfn = self._first_unreserved
         while pfn < self._end_pfn:
-            entry = vm[pfn - off]
+            entry = segment.get(pfn)
             order = entry >> shift
             if pfn in free_heads:
                 assert entry == free_heads[pfn] << shift, f"free head {pfn:#x} is wrong"
@@ -665,7 +676,7 @@ class HypPool:
             assert pfn % (1 << order) == 0, f"block {pfn:#x} of order {order} is misaligned"
             assert pfn + (1 << order) <= self._end_pfn, f"block {pfn:#x} overruns the pool"
             for tail in range(pfn + 1, pfn + (1 << order)):
-                assert vm[tail - off] == self._tail, \
+                assert segment.get(tail) == self._tail_entry, \
                     f"tail {tail:#x} of block {pfn:#x} is not a clean tail"
             pfn += 1 << order
 
@@ -680,24 +691,3 @@ class HypPool:
                 return True
         return False
 
-
-def _fill(items: memoryview, start: int, stop: int, value: int) -> None:
-    """items[start:stop] = value, in bounded chunks so no temporary is larger than 1 Mi items."""
-    chunk = 1 << 20
-    pattern = as_items(array(items.format, [value]) * min(chunk, max(stop - start, 0)),
-                       items.format)
-    while start < stop:
-        n = min(chunk, stop - start)
-        items[start:start + n] = pattern[:n]
-        start += n
-
-
-def _all_zero(items: memoryview, start: int, stop: int) -> bool:
-    """True when items[start:stop] is all zeros, copying at most 1 Mi items at a time."""
-    chunk = 1 << 20
-    for lo in range(start, stop, chunk):
-        hi = min(lo + chunk, stop)
-        raw = items[lo:hi].tobytes()
-        if raw.count(0) != len(raw):
-            return False
-    return True

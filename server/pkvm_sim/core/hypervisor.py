@@ -1241,7 +1241,7 @@ class Hypervisor:
         out: dict[str, Any] = {
             "vms_created": self._vms_created,
             "vmemmap": [{"base_pfn": seg.base_pfn, "nr_pages": seg.nr_pages,
-                         "item_bytes": seg.items.itemsize}
+                         "item_bytes": seg.item_bytes}
                         for seg in self.vmemmap.segments],
             "physmem": [[pfn, encode_page(physmem.read(pfn))]
                         for pfn in physmem.written_pfns()],

@@ -1,17 +1,19 @@
 """Page geometry and the `struct hyp_page` layouts (docs/service.md, Configuration).
 
-A *layout* is what one vmemmap entry looks like at EL2. The simulator stores each entry as
-one packed unsigned integer, `order << order_shift | refcount`, in a typed buffer (vmemmap.py)
-whose item is never wider than the modelled struct, so "is this buddy free with order o" is a
-single compare against `o << order_shift` (refcount 0), as cheap as it is in the kernel:
+A *layout* is what one vmemmap entry looks like at EL2. The simulator packs each entry as
+one unsigned integer, `order << order_shift | refcount`, that fits the layout's item (the
+state file stores these items), so "is this buddy free with order o" is a single compare
+against `o << order_shift` (refcount 0), as cheap as it is in the kernel. In memory every
+entry is one 64-bit item, whatever the layout (vmemmap.py: what compiled code indexes
+natively):
 
-    layout | modelled entry                      | stored as       | refcount max | NO_ORDER
-    -------+-------------------------------------+-----------------+--------------+---------
-    32     | u32 refcount, u32 order, ptr, list  | 'Q' items, 8 B  | 2**32 - 1    | 2**32-1
-    8      | u16 refcount, u8 order, 4+4-bit     | 'I' items, 4 B  | 65535        | 255
-           | host/hyp state, u32 guest shares    |                 |              |
-    4      | u16 refcount, u16 order             | 'I' items, 4 B  | 65535        | 65535
-    2      | 13-bit refcount, 3-bit order        | 'H' items, 2 B  | 8191         | 7
+    layout | modelled entry                      | packed item | refcount max | NO_ORDER
+    -------+-------------------------------------+-------------+--------------+---------
+    32     | u32 refcount, u32 order, ptr, list  | 'Q', 8 B    | 2**32 - 1    | 2**32-1
+    8      | u16 refcount, u8 order, 4+4-bit     | 'I', 4 B    | 65535        | 255
+           | host/hyp state, u32 guest shares    |             |              |
+    4      | u16 refcount, u16 order             | 'I', 4 B    | 65535        | 65535
+    2      | 13-bit refcount, 3-bit order        | 'H', 2 B    | 8191         | 7
 
 Layout 8 is the struct of v6.16 to v7.3 (nvhe/memory.h; 8 bytes in the BTF of Debian's 6.18.15
 and 7.3.4 images): the page states and the guest-share count live beside the refcount and
@@ -38,6 +40,7 @@ __all__ = [
     "LAYOUT_4",
     "LAYOUT_8",
     "MIB",
+    "VMEMMAP_ITEM_BYTES",
     "PAGE_SIZES",
     "HypPageLayout",
     "PageGeometry",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 KIB = 1 << 10
+VMEMMAP_ITEM_BYTES = 8  # what the simulator spends per entry in an allocated chunk (an i64)
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -60,15 +64,13 @@ class HypPageLayout:
     refcount_max: int
     no_order: int  # HYP_NO_ORDER: the order value of every page that is not a block head
     max_order_cap: int | None  # layout-imposed MAX_ORDER (3-bit order field), None = none
-    entry_typecode: str  # array typecode of one packed entry
+    entry_typecode: str  # array typecode of one packed entry (the state file's items)
     order_shift: int  # entry = order << order_shift | refcount
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes the simulator itself spends per vmemmap entry once it is written."""
-        from array import array
-
-        return array(self.entry_typecode).itemsize
+        """Bytes the simulator itself spends per vmemmap entry once its chunk is written."""
+        return VMEMMAP_ITEM_BYTES
 
     @property
     def refcount_mask(self) -> int:

@@ -1,15 +1,29 @@
 """The hyp vmemmap: one `struct hyp_page` per covered pfn (docs/reservation.md).
 
-Entries are stored packed (`order << shift | refcount`, see layout.py), one typed buffer per
-covered segment. A fresh vmemmap reads as zeros (refcount 0, order 0), as the kernel's zeroed
-early allocation does.
+Entries are packed (`order << shift | refcount`, see layout.py). A fresh vmemmap reads as
+zeros (refcount 0, order 0), as the kernel's zeroed early allocation does.
 
-Storage: each segment's buffer is an anonymous private mapping (`mmap`) viewed as a typed
-`memoryview`. The OS hands out a zero page on the first touch of each page of it, so a
-segment costs nothing at boot and host memory grows with the pages actually written: a
-1 TiB machine (1 GiB of 4-byte entries) boots without zeroing 1 GiB. What the model reports
-(`modelled_bytes`: what EL2 spends) is kept apart from what the simulator stores
-(`stored_bytes`: every entry's item) and what of that is in host memory (`resident_bytes`).
+Storage: each covered segment is a list of fixed-size *chunks* of CHUNK_ENTRIES entries, each
+a `vec[i64]` (librt.vecs: an array of 64-bit integers that mypyc-compiled code indexes
+natively, and that the interpreter indexes like an `array`). A chunk exists once one of its
+entries is written (it is then allocated, zero-filled); until then it is the empty vec and
+its entries read as zero. So a segment costs one list slot per chunk at boot, a 1 TiB machine
+(2**28 entries) boots without zeroing anything, and host memory grows with the chunks
+written. Chunks are aligned on absolute pfns (pfn's entry is item `pfn & CHUNK_MASK` of its
+chunk), so a naturally aligned block and its buddies share one chunk: the buddy allocator
+(hyp_pool.py) looks a block's chunk up once per call and indexes it directly; every chunk of
+a pool's range exists from the pool's init on (it writes every entry of its range).
+
+An item holds the entry's 64 bits as a signed integer: entries below 2**63 as they are, and
+the wider entries of layout 32 (a tail's NO_ORDER << 32 is 0xffffffff00000000) as the signed
+integer with the same bits (`stored_item`, `entry_value` convert). The bytes the state file
+carries are the layout's own items ('Q', 'I' or 'H', little-endian): `export_bytes` and
+`import_bytes` convert, and an entry that does not fit its layout's item is refused
+(ValueError), never wrapped.
+
+What the model reports (`modelled_bytes`: what EL2 spends) is kept apart from what the
+simulator would store with every chunk allocated (`stored_bytes`) and what it holds now
+(`resident_bytes`: the allocated chunks and the chunk lists).
 
 Coverage: with 'carveout' (v5.13/v5.14) only the carve-out's pfns have entries; with 'all'
 (v6.2) every memblock pfn has one. Touching any other pfn's entry is the EL2 fault the
@@ -19,28 +33,79 @@ kernel would take, reported as `WouldPanic`.
 from __future__ import annotations
 
 import bisect
-import mmap
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
-from typing import final
+from typing import Final, final
+
+from librt.vecs import vec
+from mypy_extensions import i64
 
 from .errors import WouldPanic
-from .layout import HypPageLayout
-from .residency import resident_bytes
+from .layout import VMEMMAP_ITEM_BYTES, HypPageLayout
+
+# A chunk holds 2**14 entries (128 KiB allocated), so a naturally aligned block of up to
+# 2**14 pages lies in one chunk: any block of the allocator (order 13 at most, 64K pages) and
+# every buddy it meets while splitting or merging.
+CHUNK_SHIFT: Final = 14
+CHUNK_ENTRIES: Final = 1 << CHUNK_SHIFT
+CHUNK_MASK: Final = CHUNK_ENTRIES - 1
+ITEM_BYTES: Final = VMEMMAP_ITEM_BYTES  # one i64 per entry, whatever the layout
+SLOT_BYTES: Final = 8  # one pointer per chunk in a segment's list
+_U64_LIMIT: Final = 1 << 64
+_I64_LIMIT: Final = 1 << 63
+_LITTLE_ENDIAN_HOST: Final = sys.byteorder == "little"
+
+
+def stored_item(entry: int) -> int:
+    """The i64 item holding a packed entry (0 <= entry < 2**64): the same 64 bits."""
+    return entry - _U64_LIMIT if entry >= _I64_LIMIT else entry
+
+
+def entry_value(item: int) -> int:
+    """The packed entry an i64 item holds (stored_item's inverse)."""
+    return item + _U64_LIMIT if item < 0 else item
+
+
+def _absent_chunk() -> vec[i64]:
+    """A chunk never written: no items, every entry reads as zero."""
+    return vec[i64]()
+
+
+def _chunk_of(items: array[int]) -> vec[i64]:
+    """An allocated chunk with CHUNK_ENTRIES 'q' `items`, copied through the buffer protocol
+    (a vec built from a list would convert item by item: about 100 times slower)."""
+    return vec[i64](items)
+
+
+def _chunk_items(chunk: vec[i64]) -> array[int]:
+    """A chunk's items as a 'q' array (zeros for an absent chunk), copied in one go."""
+    if not len(chunk):
+        return _zero_items()
+    return array("q", memoryview(chunk).cast("B").tobytes())
+
+
+def _zero_items() -> array[int]:
+    return array("q", bytes(CHUNK_ENTRIES * ITEM_BYTES))
 
 
 @final
 class VmemmapSegment:
     """Entries for the contiguous pfns [base_pfn, base_pfn + nr_pages)."""
 
-    # (A plain class: mypyc cannot build a dataclass with a memoryview field.)
-    def __init__(self, base_pfn: int, nr_pages: int, items: memoryview,
-                 backing: mmap.mmap) -> None:
+    def __init__(self, base_pfn: int, nr_pages: int, typecode: str) -> None:
         self.base_pfn = base_pfn
         self.nr_pages = nr_pages
-        self.items = items  # order << layout.order_shift | refcount, format entry_typecode
-        self.backing = backing  # the anonymous mapping behind `items`
+        self.typecode = typecode  # the layout's item ('Q', 'I', 'H'): the state file's bytes
+        self.item_bytes = array(typecode).itemsize
+        self._entry_limit = 1 << (8 * self.item_bytes)  # entries are below this
+        # Chunks are aligned on absolute pfns: chunks[c] holds the entries of the pfns
+        # [origin_pfn + c * CHUNK_ENTRIES, origin_pfn + (c + 1) * CHUNK_ENTRIES), pfn at item
+        # pfn & CHUNK_MASK (items of pfns outside the segment are never read). The list object
+        # is never replaced, so the pools that index it see every chunk allocated later.
+        self.origin_pfn = base_pfn & ~CHUNK_MASK
+        nr_chunks = -(-(base_pfn + nr_pages - self.origin_pfn) // CHUNK_ENTRIES)
+        self.chunks: list[vec[i64]] = [_absent_chunk()] * nr_chunks
 
     def __repr__(self) -> str:
         return f"VmemmapSegment(base_pfn={self.base_pfn:#x}, nr_pages={self.nr_pages})"
@@ -49,43 +114,137 @@ class VmemmapSegment:
     def end_pfn(self) -> int:
         return self.base_pfn + self.nr_pages
 
+    def chunk_index(self, pfn: int) -> int:
+        """The index in `chunks` of the chunk holding pfn's entry."""
+        return (pfn - self.origin_pfn) >> CHUNK_SHIFT
+
+    # -- entries of pfns of the segment -------------------------------------------------------
+
+    def get(self, pfn: int) -> int:
+        """The packed entry of pfn."""
+        chunk = self.chunks[(pfn - self.origin_pfn) >> CHUNK_SHIFT]
+        if not len(chunk):
+            return 0
+        return entry_value(chunk[pfn & CHUNK_MASK])
+
+    def set(self, pfn: int, entry: int) -> None:
+        """Write pfn's packed entry; ValueError (nothing written) if the layout's item cannot
+        hold it."""
+        self._check_entry(entry)
+        self._allocated(self.chunk_index(pfn))[pfn & CHUNK_MASK] = stored_item(entry)
+
+    def fill(self, start_pfn: int, stop_pfn: int, entry: int) -> None:
+        """The entries of [start_pfn, stop_pfn) = entry, a chunk at a time."""
+        self._check_entry(entry)
+        item = stored_item(entry)
+        pfn = start_pfn
+        while pfn < stop_pfn:
+            c = self.chunk_index(pfn)
+            lo = pfn & CHUNK_MASK
+            hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
+            if hi - lo == CHUNK_ENTRIES:  # the whole chunk: nothing to keep
+                items = array("q", [item]) * CHUNK_ENTRIES
+            else:
+                items = _chunk_items(self.chunks[c])
+                items[lo:hi] = array("q", [item]) * (hi - lo)
+            self.chunks[c] = _chunk_of(items)
+            pfn += hi - lo
+
+    def all_zero(self, start_pfn: int, stop_pfn: int) -> bool:
+        """True when the entry of every pfn of [start_pfn, stop_pfn) is zero."""
+        pfn = start_pfn
+        while pfn < stop_pfn:
+            lo = pfn & CHUNK_MASK
+            hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
+            chunk = self.chunks[self.chunk_index(pfn)]
+            if len(chunk):  # an absent chunk is all zeros
+                raw = memoryview(chunk).cast("B")[lo * ITEM_BYTES:hi * ITEM_BYTES]
+                if raw.tobytes().count(0) != len(raw):
+                    return False
+            pfn += hi - lo
+        return True
+
+    def _check_entry(self, entry: int) -> None:
+        if not 0 <= entry < self._entry_limit:
+            raise ValueError(f"vmemmap entry {entry:#x} does not fit a '{self.typecode}' item")
+
+    def _allocated(self, c: int) -> vec[i64]:
+        """Chunk c, allocated (zero-filled) if it was absent."""
+        chunk = self.chunks[c]
+        if not len(chunk):
+            chunk = _chunk_of(_chunk_items(chunk))
+            self.chunks[c] = chunk
+        return chunk
+
+    # -- bulk: state files, digests, memory figures ------------------------------------------
+
+    @property
+    def allocated_chunks(self) -> int:
+        return sum(1 for chunk in self.chunks if len(chunk))
+
     def export_bytes(self) -> bytes:
-        """The entries as little-endian items (the state file's vmemmap sections)."""
-        return _little_endian(self.items)
+        """The entries as little-endian layout items (the state file's vmemmap sections)."""
+        native = self._native_bytes(self.base_pfn, self.end_pfn)
+        if _LITTLE_ENDIAN_HOST:
+            return native
+        swapped = array(self.typecode, native)
+        swapped.byteswap()
+        return swapped.tobytes()
 
     def import_bytes(self, blob: bytes) -> None:
-        """Overwrite every entry from little-endian items (export_bytes' format)."""
-        if len(blob) != self.items.nbytes:
-            raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has {self.items.nbytes}"
-                             f" bytes, not {len(blob)}")
-        native = _little_endian(as_items(blob, self.items.format))  # LE <-> native
-        self.items[:] = as_items(native, self.items.format)
+        """Overwrite every entry from little-endian layout items (export_bytes' format).
+
+        Chunks stay allocated (a pool indexes its chunks without looking); a chunk that was
+        absent stays absent if its entries are all zero."""
+        width = self.item_bytes
+        if len(blob) != self.nr_pages * width:
+            raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has"
+                             f" {self.nr_pages * width} bytes, not {len(blob)}")
+        # 'Q' entries are read as 'q': the signed item with the same bits (stored_item).
+        entries = array("q" if self.typecode == "Q" else self.typecode, blob)
+        if not _LITTLE_ENDIAN_HOST:
+            entries.byteswap()
+        for c in range(len(self.chunks)):
+            first_pfn = self.origin_pfn + c * CHUNK_ENTRIES
+            lo = max(first_pfn, self.base_pfn) - self.base_pfn  # in entries
+            hi = min(first_pfn + CHUNK_ENTRIES, self.end_pfn) - self.base_pfn
+            if len(self.chunks[c]) or blob.count(0, lo * width, hi * width) != (hi - lo) * width:
+                items = _zero_items()
+                start = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
+                items[start:start + hi - lo] = array("q", entries[lo:hi])  # widened to 'q'
+                self.chunks[c] = _chunk_of(items)
 
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
-        """Native-order bytes of the entries of [start_pfn, end_pfn) (digests)."""
-        return self.items[start_pfn - self.base_pfn:end_pfn - self.base_pfn].tobytes()
+        """Native-order bytes of the layout items of the entries of [start_pfn, end_pfn)
+        (digests)."""
+        return self._native_bytes(start_pfn, end_pfn)
+
+    def _native_bytes(self, start_pfn: int, stop_pfn: int) -> bytes:
+        """The entries of [start_pfn, stop_pfn) as native-order layout items."""
+        pieces: list[bytes] = []
+        pfn = start_pfn
+        while pfn < stop_pfn:
+            lo = pfn & CHUNK_MASK
+            hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
+            pieces.append(self._chunk_items(self.chunks[self.chunk_index(pfn)], lo, hi))
+            pfn += hi - lo
+        return b"".join(pieces)
+
+    def _chunk_items(self, chunk: vec[i64], lo: int, hi: int) -> bytes:
+        """Items [lo, hi) of one chunk as native-order layout items: the low item_bytes of
+        each i64 (entries fit them), taken by a strided view, no Python loop."""
+        if not len(chunk):
+            return bytes((hi - lo) * self.item_bytes)
+        step = ITEM_BYTES // self.item_bytes  # layout items per i64
+        low = 0 if _LITTLE_ENDIAN_HOST else step - 1  # where the low item of an i64 sits
+        view = _cast(memoryview(chunk).cast("B"), self.typecode)
+        return view[lo * step + low:hi * step:step].tobytes()
 
 
-def _lazily_zeroed(typecode: str, nr_entries: int) -> tuple[memoryview, mmap.mmap]:
-    """nr_entries zero items of `typecode`, backed by zero pages until written."""
-    itemsize = array(typecode).itemsize
-    backing = mmap.mmap(-1, nr_entries * itemsize)  # anonymous, private: reads as zeros
-    return as_items(backing, typecode), backing
-
-
-def as_items(buffer: bytes | bytearray | mmap.mmap | array[int], typecode: str) -> memoryview:
-    """The bytes of `buffer` seen as items of an integer `typecode` ('H', 'I', 'Q')."""
+def _cast(raw: memoryview, typecode: str) -> memoryview:
+    """Bytes seen as items of an integer `typecode` ('H', 'I', 'Q')."""
     # typeshed types cast() per literal format; the layouts' typecodes are plain strs.
-    return memoryview(buffer).cast("B").cast(typecode)  # type: ignore[call-overload,no-any-return]
-
-
-def _little_endian(items: memoryview) -> bytes:
-    """The items' bytes in little-endian order, whatever the host's."""
-    if sys.byteorder == "little":
-        return items.tobytes()
-    swapped = array(items.format, items.tobytes())
-    swapped.byteswap()
-    return swapped.tobytes()
+    return raw.cast(typecode)  # type: ignore[call-overload,no-any-return]
 
 
 @final
@@ -94,10 +253,10 @@ class Vmemmap:
 
     def __init__(self, layout: HypPageLayout, pfn_ranges: Iterable[tuple[int, int]]) -> None:
         self.layout = layout
-        self.segments: list[VmemmapSegment] = []
-        for base_pfn, nr_pages in sorted(_merge_ranges(pfn_ranges)):
-            items, backing = _lazily_zeroed(layout.entry_typecode, nr_pages)
-            self.segments.append(VmemmapSegment(base_pfn, nr_pages, items, backing))
+        self.segments: list[VmemmapSegment] = [
+            VmemmapSegment(base_pfn, nr_pages, layout.entry_typecode)
+            for base_pfn, nr_pages in sorted(_merge_ranges(pfn_ranges))
+        ]
         self._bases = [seg.base_pfn for seg in self.segments]
 
     @property
@@ -111,16 +270,19 @@ class Vmemmap:
 
     @property
     def stored_bytes(self) -> int:
-        """What the simulator's buffers hold: every entry, written or not (the address space
-        it reserved; a figure that depends on the machine only, so a restored machine reports
-        what the saved one did). Host memory is at most this: see resident_bytes."""
-        return sum(seg.items.nbytes for seg in self.segments)
+        """What the simulator's chunks would hold with every one allocated: a figure that
+        depends on the machine only, so a restored machine reports what the saved one did.
+        Host memory is at most this (and the chunk lists): see resident_bytes."""
+        return sum(len(seg.chunks) for seg in self.segments) * CHUNK_ENTRIES * ITEM_BYTES
 
     @property
     def resident_bytes(self) -> int:
-        """The part of stored_bytes in host memory now (host pages touched so far: it depends
-        on the history, not only on the state)."""
-        return sum(resident_bytes(seg.backing) for seg in self.segments)
+        """What the vmemmap holds in host memory now: its allocated chunks (written once
+        each, so resident) and the chunk lists. It depends on the history (a chunk stays
+        allocated once written), not only on the state."""
+        slots = sum(len(seg.chunks) for seg in self.segments)
+        chunks = sum(seg.allocated_chunks for seg in self.segments)
+        return chunks * CHUNK_ENTRIES * ITEM_BYTES + slots * SLOT_BYTES
 
     def _index(self, pfn: int) -> int:
         """The index of the last segment starting at or below pfn (-1: none)."""
@@ -152,7 +314,7 @@ class Vmemmap:
         """The packed struct hyp_page of pfn (WouldPanic if not covered)."""
         seg = self.segment_for(pfn)
         assert seg is not None
-        return seg.items[pfn - seg.base_pfn]
+        return seg.get(pfn)
 
     def refcount(self, pfn: int) -> int:
         return self.entry(pfn) & self.layout.refcount_mask
@@ -164,13 +326,15 @@ class Vmemmap:
     def set_entry(self, pfn: int, *, refcount: int | None = None, order: int | None = None) -> None:
         seg = self.segment_for(pfn)
         assert seg is not None
-        old = seg.items[pfn - seg.base_pfn]
+        old = seg.get(pfn)
         shift = self.layout.order_shift
         new_refcount = old & self.layout.refcount_mask if refcount is None else refcount
         new_order = old >> shift if order is None else order
         if not 0 <= new_refcount <= self.layout.refcount_max:
             raise ValueError(f"refcount {new_refcount} does not fit layout {self.layout.name}")
-        seg.items[pfn - seg.base_pfn] = new_order << shift | new_refcount
+        if not 0 <= new_order <= self.layout.no_order:
+            raise ValueError(f"order {new_order} does not fit layout {self.layout.name}")
+        seg.set(pfn, new_order << shift | new_refcount)
 
 
 def _merge_ranges(pfn_ranges: Iterable[tuple[int, int]]) -> Sequence[tuple[int, int]]:
