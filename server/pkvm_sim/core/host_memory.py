@@ -15,8 +15,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import OutOfMemory
+from .state_values import IntsIn, put_list
 
 # Host allocations that stay host-owned (every other owner tag is donated to hyp): VM slices,
 # the host memcaches, and the host kernel's structs it shares with hyp (struct kvm and
@@ -200,17 +202,36 @@ class HostMemory:
 
     # -- state (core/state_file.py) ------------------------------------------------------------
 
-    def state(self) -> dict[str, list[list[int | str]]]:
-        """Everything mutable, as JSON values: free ranges [start, end) in address order and
-        the allocations [base, pages, owner] in creation order (a dict keeps it)."""
+    def state(self, out: list[int]) -> dict[str, list[str]]:
+        """Everything mutable: the free ranges [start, end) in address order and the
+        allocations (base, pages) in creation order (a dict keeps it) appended to `out`;
+        the allocations' owners, in the same order, as JSON values."""
+        put_list(out, [bound for start_end in self._free for bound in start_end])
+        bases: list[int] = []
+        owners: list[str] = []
+        for a in self.allocations.values():
+            bases.append(a.base_pfn)
+            bases.append(a.nr_pages)
+            owners.append(a.owner)
+        put_list(out, bases)
+        return {"owners": owners}
+
+    @staticmethod
+    def take_state(state: Mapping[str, Any], ints: IntsIn) -> dict[str, list[list[Any]]]:
+        """A version-2 state (`state()`'s) as version 1 held it, what `restore` reads."""
+        bounds = ints.take_list()
+        sizes = ints.take_list()
+        owners = state["owners"]
+        if len(bounds) % 2 or len(sizes) != 2 * len(owners):
+            raise ValueError("host memory: the ranges and owners do not pair up")
         return {
-            "free": [[start, end] for start, end in self._free],
-            "allocations": [[a.base_pfn, a.nr_pages, a.owner]
-                            for a in self.allocations.values()],
+            "free": [[bounds[i], bounds[i + 1]] for i in range(0, len(bounds), 2)],
+            "allocations": [[sizes[2 * i], sizes[2 * i + 1], owner]
+                            for i, owner in enumerate(owners)],
         }
 
     def restore(self, state: Mapping[str, Sequence[Sequence[int | str]]]) -> None:
-        """Replace the free ranges and allocations with `state`'s (what `state()` gave); the
+        """Replace the free ranges and allocations with `state`'s (version 1's form); the
         tag index and free_pages are derived. The caller audits the result."""
         self._free = [[int(start), int(end)] for start, end in state["free"]]
         self.allocations = {}

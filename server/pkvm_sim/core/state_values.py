@@ -10,6 +10,8 @@ byte-identical while a save costs one list per table page, not one object per en
 
 from __future__ import annotations
 
+import sys
+from array import array
 from typing import Any
 
 
@@ -64,3 +66,144 @@ def decode_page(value: Any) -> Any:
                for index, pte in entries):
             return {index: tuple(pte) for index, pte in entries}
     return decode_value(value)
+
+
+# -- packed integers (format version 2) ---------------------------------------------------------
+#
+# Version 2 keeps the large homogeneous data (table entries, free lists, VM page lists, owner
+# records...) out of JSON: each core object appends unsigned integers to its own stream, and
+# the file holds each stream as one "ints/<name>" section of little-endian u64 values. The
+# reader takes them back in the order they were written. A list is written as its length,
+# then its items.
+
+INT_TYPECODE = "Q"  # unsigned long long: 8 bytes on every platform CPython supports
+# The streams of a version-2 file, in the order of their sections (docs/state-file.md).
+STREAMS = ("physmem", "pools", "vms", "host_memory", "hyp_stage1", "records")
+
+
+class IntsIn:
+    """One stream of a version-2 file, read front to back. Taking past the end raises
+    IndexError; `finish` raises ValueError when values are left over (a file whose
+    streams do not match its JSON)."""
+
+    def __init__(self, name: str, values: list[int]) -> None:
+        self.name = name
+        self._values = values
+        self._pos = 0
+
+    def take(self) -> int:
+        value = self._values[self._pos]
+        self._pos += 1
+        return value
+
+    def take_list(self) -> list[int]:
+        """A list written by `put_list`: its length, then its items."""
+        values = self._values
+        n = values[self._pos]
+        start = self._pos + 1
+        end = start + n
+        if end > len(values):
+            raise IndexError(f"ints/{self.name}: a list of {n} runs past the end")
+        self._pos = end
+        return values[start:end]
+
+    def take_pairs(self) -> list[tuple[int, int]]:
+        """A list of pairs written by `put_pairs`."""
+        flat = self.take_list()
+        if len(flat) % 2:
+            raise ValueError(f"ints/{self.name}: an odd number of pair values")
+        return list(zip(flat[::2], flat[1::2], strict=True))
+
+    def take_page(self) -> tuple[int, dict[int, tuple[int, ...]] | None]:
+        """(pfn, entries) of a page written by `put_table_page`; entries None for a page
+        whose content is the next item of the machine's JSON "physmem" list."""
+        values = self._values
+        pos = self._pos
+        pfn = values[pos]
+        form = values[pos + 1]
+        pos += 2
+        if form == PAGE_JSON:
+            self._pos = pos
+            return pfn, None
+        if form != PAGE_TABLE:
+            raise ValueError(f"ints/{self.name}: page {pfn:#x} has an unknown form {form}")
+        nr_entries = values[pos]
+        pos += 1
+        entries: dict[int, tuple[int, ...]] = {}
+        for _ in range(nr_entries):
+            index = values[pos]
+            end = pos + 2 + values[pos + 1]
+            entries[index] = tuple(values[pos + 2:end])
+            pos = end
+        if pos > len(values):
+            raise IndexError(f"ints/{self.name}: page {pfn:#x} runs past the end")
+        self._pos = pos
+        return pfn, entries
+
+    def at_end(self) -> bool:
+        return self._pos >= len(self._values)
+
+    def finish(self) -> None:
+        left = len(self._values) - self._pos
+        if left:
+            raise ValueError(f"ints/{self.name}: {left} values left over")
+
+
+PAGE_TABLE = 0  # a table page: its entries follow in the stream
+PAGE_JSON = 1  # any other content: the next item of the machine's JSON "physmem" list
+
+
+def put_table_page(out: list[int], pfn: int, content: object) -> bool:
+    """Append a table page (a dict {int index: tuple of ints}) as pfn, PAGE_TABLE, the
+    number of entries, then each entry as index, pte length, pte fields; False, with
+    nothing appended, for any other content (the caller writes pfn, PAGE_JSON)."""
+    if type(content) is not dict:
+        return False
+    start = len(out)
+    out.append(pfn)
+    out.append(PAGE_TABLE)
+    out.append(len(content))
+    for index, pte in content.items():
+        if type(index) is not int or type(pte) is not tuple:
+            del out[start:]
+            return False
+        out.append(index)
+        out.append(len(pte))
+        for field in pte:
+            if type(field) is not int:
+                del out[start:]
+                return False
+            out.append(field)
+    return True
+
+
+def put_list(out: list[int], items: list[int]) -> None:
+    """Append `items` to a stream as `IntsIn.take_list` reads them."""
+    out.append(len(items))
+    out.extend(items)
+
+
+def put_pairs(out: list[int], pairs: dict[int, int]) -> None:
+    """Append a dict of int -> int, in its order, as `IntsIn.take_pairs` reads it."""
+    out.append(2 * len(pairs))
+    for key, value in pairs.items():
+        out.append(key)
+        out.append(value)
+
+
+def pack_ints(values: list[int]) -> bytes:
+    """A stream as little-endian u64 bytes; OverflowError for a negative or huge value."""
+    packed = array(INT_TYPECODE, values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_ints(data: bytes) -> list[int]:
+    if len(data) % 8:
+        raise ValueError(f"{len(data)} bytes of u64 values: not a multiple of 8")
+    packed = array(INT_TYPECODE)
+    packed.frombytes(data)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tolist()
