@@ -195,6 +195,21 @@ def with_state(data: bytes, edit: Any) -> bytes:
                                                 decoded.vmemmap, decoded.ints))
 
 
+def list_positions(stream: list[int], count: int) -> list[int]:
+    """Where the first `count` lists of a stream start (each is its length, then items)."""
+    positions, pos = [], 0
+    for _ in range(count):
+        positions.append(pos)
+        pos += 1 + stream[pos]
+    return positions
+
+
+def drop_last(stream: list[int], pos: int) -> None:
+    """Remove the last item of the list that starts at `pos`."""
+    del stream[pos + stream[pos]]
+    stream[pos] -= 1
+
+
 def test_a_good_file_decodes(good_file: bytes) -> None:
     assert good_file[:8] == MAGIC == b"PKVMSTAT"
     state_file.restore(state_file.decode(good_file))
@@ -223,20 +238,15 @@ def test_bad_files_are_refused_with_one_line(good_file: bytes, mangle: Any,
 
 def test_a_state_that_fails_audit_is_refused(good_file: bytes) -> None:
     def forget_an_owner(decoded: state_file.StateFile) -> None:
-        records = decoded.ints["records"]  # first the owners: a list of (pfn, handle, pool)
-        assert records[0] >= 3
-        del records[records[0] - 2:records[0] + 1]
-        records[0] -= 3
+        records = decoded.ints["records"]  # first the owners: pfns, handles, pools
+        for pos in reversed(list_positions(records, 3)):
+            assert records[pos] >= 1
+            drop_last(records, pos)
 
     def leak_a_free_block(decoded: state_file.StateFile) -> None:
         pools = decoded.ints["pools"]  # first the hyp pool's free lists, order 0 first
-        lists, pos = [], 0
-        for _order in range(decoded.machine["pools"]["hyp"]["max_order"]):
-            lists.append(pos)
-            pos += 1 + pools[pos]
-        pos = max(p for p in lists if pools[p])  # the highest non-empty list loses its tail
-        del pools[pos + pools[pos]]
-        pools[pos] -= 1
+        lists = list_positions(pools, decoded.machine["pools"]["hyp"]["max_order"])
+        drop_last(pools, max(p for p in lists if pools[p]))  # the highest non-empty list
 
     for edit in (forget_an_owner, leak_a_free_block):
         with pytest.raises(StateFileError, match="fails audit"):
@@ -451,5 +461,47 @@ def test_every_guest_vm_field_is_in_its_state() -> None:
     json_fields = [name for name in declared if name not in _PACKED_FIELDS]
     state = vm.state(out)
     assert list(state) == [*json_fields, "pool", "pgd_pfns", "tables_allocated"]
-    assert out == [2, 5, 6, 1, 7, 1, 8, 2, 1, 3, 2, 1, 2, 1, 9]  # lists: length, items
+    # lists as length, items; the pins as the list of pfns, then the list of counts
+    assert out == [2, 5, 6, 1, 7, 1, 8, 2, 1, 3, 1, 1, 1, 2, 1, 9]
     assert GuestVm.from_state(state, IntsIn("vms", out)) == vm
+
+
+# -- version 2's packed sections ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [
+    b"",
+    bytes(3000),  # all zero: no chunk stored
+    bytes(1024) + b"\x01" + bytes(1022) + b"\x02" + bytes(100) + b"\x03",  # short last chunk
+    bytes(range(256)) * 9,  # every chunk stored
+])
+def test_a_sparse_vmemmap_section_gives_back_the_raw_entries(raw: bytes) -> None:
+    chunk = state_file.VMEMMAP_CHUNK_BYTES
+    sparse = state_file.sparse_vmemmap(raw)
+    nonzero_chunks = sum(1 for i in range(0, len(raw), chunk) if any(raw[i:i + chunk]))
+    head = state_file.VMEMMAP_HEAD.unpack_from(sparse)
+    assert head == (len(raw), chunk, nonzero_chunks)
+    assert state_file.dense_vmemmap(sparse) == raw
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda s: s[:-1], "chunks hold"),
+    (lambda s: s + b"\0", "chunks hold"),
+    # the chunk index (u64 right after the head) pointing past the segment
+    (lambda s: s[:24] + (99).to_bytes(8, "little") + s[32:], "not increasing indices"),
+])
+def test_a_sparse_vmemmap_section_that_does_not_add_up_is_refused(edit: Any,
+                                                                   says: str) -> None:
+    sparse = state_file.sparse_vmemmap(bytes(2048) + b"\x01" + bytes(1023))
+    assert state_file.dense_vmemmap(sparse)[2048] == 1
+    with pytest.raises(ValueError, match=says):
+        state_file.dense_vmemmap(edit(sparse))
+
+
+def test_a_stream_with_values_left_over_is_refused(good_file: bytes) -> None:
+    def append_to_vms(decoded: state_file.StateFile) -> None:
+        decoded.ints["vms"].append(0)
+
+    with pytest.raises(StateFileError, match="inconsistent machine state.*ints/vms: 1 values"
+                       " left over"):
+        state_file.restore(state_file.decode(with_state(good_file, append_to_vms)))

@@ -203,31 +203,25 @@ class HostMemory:
     # -- state (core/state_file.py) ------------------------------------------------------------
 
     def state(self, out: list[int]) -> dict[str, list[str]]:
-        """Everything mutable: the free ranges [start, end) in address order and the
-        allocations (base, pages) in creation order (a dict keeps it) appended to `out`;
-        the allocations' owners, in the same order, as JSON values."""
-        put_list(out, [bound for start_end in self._free for bound in start_end])
-        bases: list[int] = []
-        owners: list[str] = []
-        for a in self.allocations.values():
-            bases.append(a.base_pfn)
-            bases.append(a.nr_pages)
-            owners.append(a.owner)
-        put_list(out, bases)
-        return {"owners": owners}
+        """Everything mutable: the free ranges [start, end) in address order (their starts,
+        then their ends) and the allocations in creation order (a dict keeps it: their
+        bases, then their sizes) appended to `out`; the allocations' owners, in the same
+        order, as JSON values."""
+        put_list(out, [start for start, _end in self._free])
+        put_list(out, [end for _start, end in self._free])
+        put_list(out, list(self.allocations))  # keyed by base pfn
+        put_list(out, [a.nr_pages for a in self.allocations.values()])
+        return {"owners": [a.owner for a in self.allocations.values()]}
 
     @staticmethod
     def take_state(state: Mapping[str, Any], ints: IntsIn) -> dict[str, list[list[Any]]]:
         """A version-2 state (`state()`'s) as version 1 held it, what `restore` reads."""
-        bounds = ints.take_list()
-        sizes = ints.take_list()
-        owners = state["owners"]
-        if len(bounds) % 2 or len(sizes) != 2 * len(owners):
-            raise ValueError("host memory: the ranges and owners do not pair up")
+        starts, ends = ints.take_list(), ints.take_list()
+        bases, sizes = ints.take_list(), ints.take_list()
         return {
-            "free": [[bounds[i], bounds[i + 1]] for i in range(0, len(bounds), 2)],
-            "allocations": [[sizes[2 * i], sizes[2 * i + 1], owner]
-                            for i, owner in enumerate(owners)],
+            "free": [[start, end] for start, end in zip(starts, ends, strict=True)],
+            "allocations": [[base, nr_pages, owner] for base, nr_pages, owner
+                            in zip(bases, sizes, state["owners"], strict=True)],
         }
 
     def restore(self, state: Mapping[str, Sequence[Sequence[int | str]]]) -> None:

@@ -248,21 +248,20 @@ class HypStage1:
     # -- state (core/state_file.py) ------------------------------------------------------------
 
     def state(self, out: list[int]) -> dict[str, object]:
-        """The run-time tables (level, index, pfn; in creation order) and the pages hyp maps
-        (sorted) appended to `out`; "va": "linear" when tables are keyed by hyp VA (a
+        """The run-time tables (in creation order: their levels, indices, then pfns) and the
+        pages hyp maps (sorted) appended to `out`; "va": "linear" when tables are keyed by hyp VA (a
         modelled boot)."""
-        put_list(out, [value for (level, index), pfn in self._tables.items()
-                       for value in (level, index, pfn)])
+        put_list(out, [level for level, _index in self._tables])
+        put_list(out, [index for _level, index in self._tables])
+        put_list(out, list(self._tables.values()))
         put_list(out, sorted(self.mapped))
         return {"va": "linear"} if self.va_layout is not None else {}
 
     @staticmethod
     def take_state(state: Mapping[str, Any], ints: IntsIn) -> dict[str, Any]:
         """A version-2 state (`state()`'s) as version 1 held it, what `restore` reads."""
-        flat = ints.take_list()
-        if len(flat) % 3:
-            raise ValueError("hyp stage-1: the table records are not triples")
-        tables = [flat[i:i + 3] for i in range(0, len(flat), 3)]
+        levels, indices, pfns = ints.take_list(), ints.take_list(), ints.take_list()
+        tables = list(zip(levels, indices, pfns, strict=True))
         return {**state, "tables": tables, "mapped": ints.take_list()}
 
     def restore(self, state: Mapping[str, Any]) -> None:

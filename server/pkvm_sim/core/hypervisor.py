@@ -1264,12 +1264,9 @@ class Hypervisor:
             "task_fp_pfn": self._task_fp_pfn,
         }
         records = streams["records"]
-        owners: list[int] = []
-        for pfn, (handle, kind) in self._owners.items():
-            owners.append(pfn)
-            owners.append(handle)
-            owners.append(_POOL_KIND_CODES[kind])
-        put_list(records, owners)
+        put_list(records, list(self._owners))
+        put_list(records, [handle for handle, _kind in self._owners.values()])
+        put_list(records, [_POOL_KIND_CODES[kind] for _handle, kind in self._owners.values()])
         put_pairs(records, self._hyp_shared)
         put_pairs(records, self._guest_shared)
         put_pairs(records, self._kernel_shared)
@@ -1345,14 +1342,12 @@ class Hypervisor:
         """A version-2 machine section with what its "records" and "hyp_stage1" streams
         hold put back where version 1 had it (owners, shares, EL2's stage-1)."""
         records = streams["records"]
-        owners = records.take_list()
-        if len(owners) % 3:
-            raise ValueError("the owner records are not triples")
+        pfns, handles, codes = records.take_list(), records.take_list(), records.take_list()
         kinds = [kind.value for kind in _POOL_KINDS]
         return {
             **m,
-            "owners": [[owners[i], owners[i + 1], kinds[owners[i + 2]]]
-                       for i in range(0, len(owners), 3)],
+            "owners": [[pfn, handle, kinds[code]]
+                       for pfn, handle, code in zip(pfns, handles, codes, strict=True)],
             "hyp_shared": records.take_pairs(),
             "guest_shared": records.take_pairs(),
             "kernel_shared": records.take_pairs(),

@@ -158,19 +158,23 @@ def sparse_vmemmap(blob: bytes) -> bytes:
     chunk = VMEMMAP_CHUNK_BYTES
     zero = bytes(chunk)
     raw_bytes = len(blob)
+    whole_bytes = raw_bytes - raw_bytes % chunk
     indices: list[int] = []
-    for index, offset in enumerate(range(0, raw_bytes, chunk)):
+    for index, offset in enumerate(range(0, whole_bytes, chunk)):
         if not blob.startswith(zero, offset):  # memcmp in place, no copy
             indices.append(index)
+    if blob.count(0, whole_bytes) != raw_bytes - whole_bytes:  # a short last chunk
+        indices.append(whole_bytes // chunk)
     data = b"".join([blob[i * chunk:(i + 1) * chunk] for i in indices])
-    return VMEMMAP_HEAD.pack(raw_bytes, chunk, len(indices)) + pack_ints(indices) + data
+    return (VMEMMAP_HEAD.pack(raw_bytes, chunk, len(indices))
+            + struct.pack(f"<{len(indices)}Q", *indices) + data)
 
 
 def dense_vmemmap(data: bytes) -> bytes:
     """The inverse of sparse_vmemmap; ValueError if the chunks do not fit the length."""
     raw_bytes, chunk, count = VMEMMAP_HEAD.unpack_from(data)
     indices_end = VMEMMAP_HEAD.size + 8 * count
-    indices = unpack_ints(data[VMEMMAP_HEAD.size:indices_end])
+    indices = list(struct.unpack_from(f"<{count}Q", data, VMEMMAP_HEAD.size))
     if not chunk or indices != sorted(set(indices)) or (
             indices and indices[-1] * chunk >= raw_bytes):
         raise ValueError("the vmemmap chunks are not increasing indices inside the segment")
@@ -213,7 +217,7 @@ def decode(data: bytes) -> StateFile:
             ints = {name: unpack_ints(sections.pop(f"ints/{name}")) for name in STREAMS}
             blobs = [dense_vmemmap(blob) for blob in blobs]
     except (LookupError, ValueError, TypeError, AttributeError, RecursionError, struct.error,
-            zlib.error) as error:
+            zlib.error, OverflowError, MemoryError) as error:
         raise StateFileError(f"corrupt: cannot decode the payload ({_describe(error)})") from None
     if sections:
         raise StateFileError(f"corrupt: unknown sections {sorted(sections)}")
@@ -331,9 +335,9 @@ def _holds_guest_state(state: StateFile) -> bool:
         if vm_state["pool"] is not None:  # its pool's free lists and admitted pages
             for _ in range(int(vm_state["pool"]["max_order"]) + 1):
                 streams["vms"].take_list()
-    streams["records"].take_list()  # the owners, the pages hyp borrows, then guest shares
-    streams["records"].take_list()
-    return bool(streams["records"].take_list())
+    for _ in range(3 + 2):  # the owners (3 lists), the pages hyp borrows (2), then...
+        streams["records"].take_list()
+    return bool(streams["records"].take_list())  # ... the pages guests share
 
 
 def _streams(state: StateFile) -> dict[str, IntsIn] | None:

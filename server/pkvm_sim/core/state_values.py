@@ -76,7 +76,6 @@ def decode_page(value: Any) -> Any:
 # reader takes them back in the order they were written. A list is written as its length,
 # then its items.
 
-INT_TYPECODE = "Q"  # unsigned long long: 8 bytes on every platform CPython supports
 # The streams of a version-2 file, in the order of their sections (docs/state-file.md).
 STREAMS = ("physmem", "pools", "vms", "host_memory", "hyp_stage1", "records")
 
@@ -108,11 +107,12 @@ class IntsIn:
         return values[start:end]
 
     def take_pairs(self) -> list[tuple[int, int]]:
-        """A list of pairs written by `put_pairs`."""
-        flat = self.take_list()
-        if len(flat) % 2:
-            raise ValueError(f"ints/{self.name}: an odd number of pair values")
-        return list(zip(flat[::2], flat[1::2], strict=True))
+        """The (key, value) pairs of a dict written by `put_pairs`."""
+        keys = self.take_list()
+        values = self.take_list()
+        if len(keys) != len(values):
+            raise ValueError(f"ints/{self.name}: {len(keys)} keys, {len(values)} values")
+        return list(zip(keys, values, strict=True))
 
     def take_page(self) -> tuple[int, dict[int, tuple[int, ...]] | None]:
         """(pfn, entries) of a page written by `put_table_page`; entries None for a page
@@ -153,27 +153,26 @@ PAGE_TABLE = 0  # a table page: its entries follow in the stream
 PAGE_JSON = 1  # any other content: the next item of the machine's JSON "physmem" list
 
 
-def put_table_page(out: list[int], pfn: int, content: object) -> bool:
-    """Append a table page (a dict {int index: tuple of ints}) as pfn, PAGE_TABLE, the
-    number of entries, then each entry as index, pte length, pte fields; False, with
-    nothing appended, for any other content (the caller writes pfn, PAGE_JSON)."""
-    if type(content) is not dict:
+def put_table_page(out: list[Any], pfn: int, content: object) -> bool:
+    """Append a table page (a dict {index: pte tuple}) as pfn, PAGE_TABLE, the number of
+    entries, then each entry as index, pte length, pte fields; False, with nothing
+    appended, for any other content (the caller writes pfn, PAGE_JSON). The fields are
+    checked to be unsigned integers when the stream is packed (TypeError)."""
+    # `out` holds Any: compiled, an item goes in as the object it is (no unboxing and
+    # boxing again of every pfn).
+    if not isinstance(content, dict):
         return False
     start = len(out)
     out.append(pfn)
     out.append(PAGE_TABLE)
     out.append(len(content))
     for index, pte in content.items():
-        if type(index) is not int or type(pte) is not tuple:
+        if type(pte) is not tuple:
             del out[start:]
             return False
         out.append(index)
         out.append(len(pte))
-        for field in pte:
-            if type(field) is not int:
-                del out[start:]
-                return False
-            out.append(field)
+        out.extend(pte)
     return True
 
 
@@ -184,26 +183,36 @@ def put_list(out: list[int], items: list[int]) -> None:
 
 
 def put_pairs(out: list[int], pairs: dict[int, int]) -> None:
-    """Append a dict of int -> int, in its order, as `IntsIn.take_pairs` reads it."""
-    out.append(2 * len(pairs))
-    for key, value in pairs.items():
-        out.append(key)
-        out.append(value)
+    """Append a dict of int -> int, in its order, as `IntsIn.take_pairs` reads it: the list
+    of its keys, then the list of its values."""
+    put_list(out, list(pairs))
+    put_list(out, list(pairs.values()))
+
+
+# The item types of a packed stream, by the byte width its largest value needs.
+_WIDTH_TYPECODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 def pack_ints(values: list[int]) -> bytes:
-    """A stream as little-endian u64 bytes; OverflowError for a negative or huge value."""
-    packed = array(INT_TYPECODE, values)
+    """A stream as one byte, the item width w (1, 2, 4 or 8: the narrowest that holds its
+    largest value), then its values as little-endian unsigned w-byte integers; OverflowError
+    for a negative or huge value, TypeError for something that is not an integer."""
+    top = max(values, default=0)
+    width = next((w for w in (1, 2, 4) if top < 1 << 8 * w), 8)
+    packed = array(_WIDTH_TYPECODES[width], values)
     if sys.byteorder == "big":
         packed.byteswap()
-    return packed.tobytes()
+    return bytes([width]) + packed.tobytes()
 
 
 def unpack_ints(data: bytes) -> list[int]:
-    if len(data) % 8:
-        raise ValueError(f"{len(data)} bytes of u64 values: not a multiple of 8")
-    packed = array(INT_TYPECODE)
-    packed.frombytes(data)
+    """The inverse of pack_ints; ValueError for an unknown width or a partial item."""
+    if not data or data[0] not in _WIDTH_TYPECODES:
+        raise ValueError("a packed stream must start with its item width: 1, 2, 4 or 8")
+    packed = array(_WIDTH_TYPECODES[data[0]])
+    if (len(data) - 1) % packed.itemsize:
+        raise ValueError(f"{len(data) - 1} bytes of {packed.itemsize}-byte values")
+    packed.frombytes(data[1:])
     if sys.byteorder == "big":
         packed.byteswap()
     return packed.tolist()
