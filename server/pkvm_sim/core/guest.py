@@ -147,12 +147,16 @@ class GuestVm:
         unknown = set(state) - set(_FIELD_NAMES) - {"pool", "pgd_pfns", "tables_allocated"}
         if unknown:
             raise ValueError(f"unknown VM fields {sorted(unknown)}")
-        values = {name: decode_value(state[name]) for name in _FIELD_NAMES if name in state}
-        if ints is not None:
-            values.update(memcache=ints.take_list(), hyp_memcache=ints.take_list(),
-                          admitted=ints.take_list(), shared=set(ints.take_list()),
-                          pins=dict(ints.take_pairs()), struct_pfns=ints.take_list())
-        return cls(**values)
+        if ints is None:
+            values = {name: decode_value(state[name]) for name in _FIELD_NAMES if name in state}
+            return cls(**values)
+        # Version 2: the scalars are themselves (decode_value would give them back as they
+        # are), the slab objects in the value encoding, the page lists in the stream.
+        values = {name: state[name] for name in _SCALAR_FIELDS if name in state}
+        return cls(**values, slab_objects=decode_value(state["slab_objects"]),
+                   memcache=ints.take_list(), hyp_memcache=ints.take_list(),
+                   admitted=ints.take_list(), shared=set(ints.take_list()),
+                   pins=dict(ints.take_pairs()), struct_pfns=ints.take_list())
 
     @property
     def donated_pages(self) -> int:
@@ -190,3 +194,5 @@ _FIELD_NAMES = ("handle", "vmid", "name", "nr_vcpus", "slice_base_pfn", "slice_n
                 "hyp_memcache", "admitted", "shared", "pins", "struct_pfns", "slab_objects",
                 "ran")
 _PACKED_FIELDS = ("memcache", "hyp_memcache", "admitted", "shared", "pins", "struct_pfns")
+_SCALAR_FIELDS = tuple(name for name in _FIELD_NAMES
+                       if name not in _PACKED_FIELDS and name != "slab_objects")

@@ -213,24 +213,27 @@ class HostMemory:
         put_list(out, [a.nr_pages for a in self.allocations.values()])
         return {"owners": [a.owner for a in self.allocations.values()]}
 
-    @staticmethod
-    def take_state(state: Mapping[str, Any], ints: IntsIn) -> dict[str, list[list[Any]]]:
-        """A version-2 state (`state()`'s) as version 1 held it, what `restore` reads."""
+    def restore_packed(self, state: Mapping[str, Any], ints: IntsIn) -> None:
+        """`restore` from a version-2 state (`state()`'s JSON and stream); ValueError for
+        columns of different lengths."""
         starts, ends = ints.take_list(), ints.take_list()
         bases, sizes = ints.take_list(), ints.take_list()
-        return {
-            "free": [[start, end] for start, end in zip(starts, ends, strict=True)],
-            "allocations": [[base, nr_pages, owner] for base, nr_pages, owner
-                            in zip(bases, sizes, state["owners"], strict=True)],
-        }
+        owners: list[str] = [str(owner) for owner in state["owners"]]
+        self._free = [[start, end] for start, end in zip(starts, ends, strict=True)]
+        self.allocations = {base: HostAllocation(base, nr_pages, owner) for base, nr_pages, owner
+                            in zip(bases, sizes, owners, strict=True)}
+        self._derive()
 
     def restore(self, state: Mapping[str, Sequence[Sequence[int | str]]]) -> None:
-        """Replace the free ranges and allocations with `state`'s (version 1's form); the
-        tag index and free_pages are derived. The caller audits the result."""
+        """Replace the free ranges and allocations with a version-1 state's; the tag index
+        and free_pages are derived. The caller audits the result."""
         self._free = [[int(start), int(end)] for start, end in state["free"]]
         self.allocations = {}
         for base, nr_pages, owner in state["allocations"]:
             self.allocations[int(base)] = HostAllocation(int(base), int(nr_pages), str(owner))
+        self._derive()
+
+    def _derive(self) -> None:
         self.reindex()
         self.free_pages = sum(end - start for start, end in self._free)
 

@@ -1322,10 +1322,10 @@ class Hypervisor:
             if vm.pool is not None and vm_pool_state is not None:
                 vm.pool.restore(vm_pool_state)
         self.host_stage2.restore(m["host_stage2"])
-        host_state = m["host_memory"]
-        if streams is not None:
-            host_state = HostMemory.take_state(host_state, streams["host_memory"])
-        self.host_memory.restore(host_state)
+        if streams is None:
+            self.host_memory.restore(m["host_memory"])
+        else:
+            self.host_memory.restore_packed(m["host_memory"], streams["host_memory"])
         self._vms = {vm.handle: vm for vm, _pool_state in vms}
         self._owners = {int(pfn): (int(handle), PoolKind(kind))
                         for pfn, handle, kind in m["owners"]}
