@@ -178,17 +178,24 @@ def dense_vmemmap(data: bytes) -> bytes:
     if not chunk or indices != sorted(set(indices)) or (
             indices and indices[-1] * chunk >= raw_bytes):
         raise ValueError("the vmemmap chunks are not increasing indices inside the segment")
-    dense = bytearray(raw_bytes)
+    # The zero runs are views of one zero buffer that bytes() allocates lazily zeroed
+    # (calloc): the join below is the only pass that writes the segment's bytes.
+    zero = memoryview(bytes(raw_bytes))
+    parts: list[bytes | memoryview] = []
+    done = 0
     offset = indices_end
     for index in indices:
         start = index * chunk
         end = min(start + chunk, raw_bytes)
-        dense[start:end] = data[offset:offset + end - start]
+        parts.append(zero[done:start])
+        parts.append(data[offset:offset + end - start])
         offset += end - start
+        done = end
+    parts.append(zero[done:])
     if offset != len(data):
         raise ValueError(f"the vmemmap chunks hold {offset - indices_end} bytes, the section"
                          f" {len(data) - indices_end}")
-    return bytes(dense)
+    return b"".join(parts)
 
 
 def _section(name: str, data: bytes) -> bytes:
