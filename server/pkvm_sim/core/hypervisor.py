@@ -1327,13 +1327,16 @@ class Hypervisor:
         else:
             self.host_memory.restore_packed(m["host_memory"], streams["host_memory"])
         self._vms = {vm.handle: vm for vm, _pool_state in vms}
-        self._owners = {int(pfn): (int(handle), PoolKind(kind))
-                        for pfn, handle, kind in m["owners"]}
+        if streams is None:
+            self._owners = {int(pfn): (int(handle), PoolKind(kind))
+                            for pfn, handle, kind in m["owners"]}
+        else:  # built by _unpack_records, without an Enum lookup per record
+            self._owners = dict(m["owners"])
         self._hyp_shared = {int(pfn): int(handle) for pfn, handle in m["hyp_shared"]}
         self._vms_created = int(m["vms_created"])
         self.rebuild_slabs()
         self._check_handle_counter()
-        self._restore_optional_state(m)
+        self._restore_optional_state(m, legacy=streams is None)
         for stream in (streams or {}).values():
             stream.finish()
 
@@ -1343,11 +1346,10 @@ class Hypervisor:
         hold put back where version 1 had it (owners, shares, EL2's stage-1)."""
         records = streams["records"]
         pfns, handles, codes = records.take_list(), records.take_list(), records.take_list()
-        kinds = [kind.value for kind in _POOL_KINDS]
         return {
             **m,
-            "owners": [[pfn, handle, kinds[code]]
-                       for pfn, handle, code in zip(pfns, handles, codes, strict=True)],
+            "owners": {pfn: (handle, _POOL_KINDS[code])
+                       for pfn, handle, code in zip(pfns, handles, codes, strict=True)},
             "hyp_shared": records.take_pairs(),
             "guest_shared": records.take_pairs(),
             "kernel_shared": records.take_pairs(),
@@ -1406,9 +1408,10 @@ class Hypervisor:
             raise ValueError(f"vms_created {self._vms_created} would give handle"
                              f" {next_handle:#x} again, but VM {max(handles):#x} exists")
 
-    def _restore_optional_state(self, m: Mapping[str, Any]) -> None:
+    def _restore_optional_state(self, m: Mapping[str, Any], *, legacy: bool) -> None:
         """Parts older files lack (written before the model had them): such a file leaves
-        the part as a fresh boot has it."""
+        the part as a fresh boot has it. `legacy`: a version-1 file, which may hold guest
+        shares the way the model kept them before."""
         if "hyp_stage1" in m:
             s1_state = m["hyp_stage1"]
             if self.hyp_stage1.va_layout is not None and s1_state.get("va") != "linear":
@@ -1421,8 +1424,10 @@ class Hypervisor:
             self._guest_shared.update({int(pfn): int(count) for pfn, count in m["guest_shared"]})
             # Files from before guest shares kept the host state in the vmemmap (as v6.14
             # does) marked those pages SHARED_OWNED in the host stage-2: make them OWNED.
-            marked = [pfn for pfn in sorted(self._guest_shared)
-                      if self.host_stage2.host_state(pfn) is PageState.SHARED_OWNED]
+            # (Version 2 was never written by such a model.)
+            marked = [] if not legacy else [
+                pfn for pfn in sorted(self._guest_shared)
+                if self.host_stage2.host_state(pfn) is PageState.SHARED_OWNED]
             if marked:
                 self.host_stage2.set_page_state(marked, STATE_OWNED)
         if "kernel_shared" in m:
