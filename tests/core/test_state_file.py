@@ -17,6 +17,7 @@ from pkvm_sim.core.errors import PkvmError
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.profiles import Profile
 from pkvm_sim.core.state_file import FORMAT_VERSION, HEADER, MAGIC, StateFileError
+from pkvm_sim.core.state_values import STREAMS
 
 from tests.core.machine_compare import Workload, _attributes, assert_same_machine
 
@@ -183,14 +184,30 @@ def reheader(payload: bytes, version: int = FORMAT_VERSION) -> bytes:
 
 def with_machine(data: bytes, edit: Any) -> bytes:
     """The file with its machine section edited, re-checksummed (so only audit can tell)."""
+    return with_state(data, lambda decoded: edit(decoded.machine))
+
+
+def with_state(data: bytes, edit: Any) -> bytes:
+    """The file with its decoded state (JSON and integer streams) edited, re-packed."""
     decoded = state_file.decode(data)
-    machine = decoded.machine
-    edit(machine)
-    sections = [("machine", json.dumps(machine).encode()),
-                ("service", json.dumps(decoded.service).encode())]
-    sections += [(f"vmemmap/{i}", blob) for i, blob in enumerate(decoded.vmemmap)]
-    payload = b"".join(state_file._section(name, blob) for name, blob in sections)
-    return reheader(payload)
+    edit(decoded)
+    return state_file.pack(state_file.Snapshot(decoded.machine, decoded.service,
+                                                decoded.vmemmap, decoded.ints))
+
+
+def list_positions(stream: list[int], count: int) -> list[int]:
+    """Where the first `count` lists of a stream start (each is its length, then items)."""
+    positions, pos = [], 0
+    for _ in range(count):
+        positions.append(pos)
+        pos += 1 + stream[pos]
+    return positions
+
+
+def drop_last(stream: list[int], pos: int) -> None:
+    """Remove the last item of the list that starts at `pos`."""
+    del stream[pos + stream[pos]]
+    stream[pos] -= 1
 
 
 def test_a_good_file_decodes(good_file: bytes) -> None:
@@ -206,7 +223,9 @@ def test_a_good_file_decodes(good_file: bytes) -> None:
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "corrupt: the SHA-256 checksum"),
     (lambda d: d[:100] + bytes([d[100] ^ 0x40]) + d[101:], "corrupt: the SHA-256 checksum"),
     (lambda d: d + b"\0", "has trailing bytes"),
-    (lambda d: reheader(d[HEADER.size:], FORMAT_VERSION + 1), "format version 2 is a newer"),
+    (lambda d: reheader(d[HEADER.size:], FORMAT_VERSION + 1),
+     f"format version {FORMAT_VERSION + 1} is a newer"),
+    (lambda d: reheader(d[HEADER.size:], 0), "format version 0 is an older, unsupported"),
     (lambda d: reheader(b"\x07machine\x03\0\0\0\0\0\0\0abc"), "corrupt: cannot decode"),
     (lambda d: reheader(b""), "corrupt: cannot decode"),
 ])
@@ -218,13 +237,20 @@ def test_bad_files_are_refused_with_one_line(good_file: bytes, mangle: Any,
 
 
 def test_a_state_that_fails_audit_is_refused(good_file: bytes) -> None:
-    def leak_a_free_block(machine: dict[str, Any]) -> None:
-        lists = machine["pools"]["hyp"]["free_lists"]
-        order = max(o for o, heads in enumerate(lists) if heads)
-        lists[order].pop()
+    def forget_an_owner(decoded: state_file.StateFile) -> None:
+        records = decoded.ints["records"]  # first the owners: pfns, handles, pools
+        for pos in reversed(list_positions(records, 3)):
+            assert records[pos] >= 1
+            drop_last(records, pos)
 
-    with pytest.raises(StateFileError, match="fails audit"):
-        state_file.restore(state_file.decode(with_machine(good_file, leak_a_free_block)))
+    def leak_a_free_block(decoded: state_file.StateFile) -> None:
+        pools = decoded.ints["pools"]  # first the hyp pool's free lists, order 0 first
+        lists = list_positions(pools, decoded.machine["pools"]["hyp"]["max_order"])
+        drop_last(pools, max(p for p in lists if pools[p]))  # the highest non-empty list
+
+    for edit in (forget_an_owner, leak_a_free_block):
+        with pytest.raises(StateFileError, match="fails audit"):
+            state_file.restore(state_file.decode(with_state(good_file, edit)))
 
 
 def test_inconsistent_states_are_refused(good_file: bytes) -> None:
@@ -281,7 +307,7 @@ def test_sections_are_zlib_streams_in_the_documented_order(good_file: bytes) -> 
         length = int.from_bytes(payload[offset:offset + 8], "little")
         zlib.decompress(payload[offset + 8:offset + 8 + length])
         offset += 8 + length
-    assert names == ["machine", "service", "vmemmap/0"]
+    assert names == ["machine", "service", *(f"ints/{name}" for name in STREAMS), "vmemmap/0"]
     assert os.path.basename("x") == "x"
 
 
@@ -301,6 +327,21 @@ def test_a_committed_version_1_file_still_restores() -> None:
     0x8000_0000 and 0x8800_0000."""
     decoded = state_file.load(V1_FILE)
     assert decoded.version == 1
+    assert_the_small_machine(decoded)
+
+
+V2_FILE = V1_FILE.with_name("v2-small.pkvm")
+
+
+def test_a_committed_version_2_file_still_restores() -> None:
+    """tests/data/state/v2-small.pkvm is v1-small.pkvm restored and saved by the first
+    writer of format version 2 (the same machine and service section); never regenerated."""
+    decoded = state_file.load(V2_FILE)
+    assert decoded.version == 2 and set(decoded.ints) == set(STREAMS)
+    assert_the_small_machine(decoded)
+
+
+def assert_the_small_machine(decoded: state_file.StateFile) -> None:
     assert decoded.service["tokens"] == [[0x1000, "token-a"], [0x1002, "token-b"]]
     hv = state_file.restore(decoded)
     assert hv.config.vmemmap_coverage == "carveout" and hv.config.profile.value == "v5.14"
@@ -393,10 +434,10 @@ GOLDEN = Path(__file__).resolve().parents[1] / "data" / "state" / "golden-sha256
 @pytest.mark.parametrize("name", CONFIGS)
 def test_the_file_bytes_are_those_of_the_format_s_first_writer(name: str) -> None:
     """tests/data/state/golden-sha256.json holds the SHA-256 of the file each configuration's
-    driven machine (seed 7, 600 steps) gave with the serialiser as it was before the core
-    objects wrote their own state (commit 9edcd84, pure core). The same state must keep
-    giving the same bytes, in both flavours: a reader of an older pkvm-sim, a diff of two
-    saves and the checksum all rely on that."""
+    driven machine (seed 7, 600 steps) gave with the first writer of format version 2 (pure
+    core; version 1's were replaced with the format, docs/state-file.md). The same state
+    must keep giving the same bytes, in both flavours: a diff of two saves and the checksum
+    rely on that, and a change of bytes means a new format version."""
     expected = json.loads(GOLDEN.read_text())
     hv, _ = driven(CONFIGS[name], seed=7, steps=600)
     data = state_file.encode(hv, {"tokens": [[1, "t"]]})
@@ -408,10 +449,59 @@ def test_every_guest_vm_field_is_in_its_state() -> None:
     must be added there too, or a save would drop it."""
     from dataclasses import fields
 
-    from pkvm_sim.core.guest import _FIELD_NAMES, GuestVm
+    from pkvm_sim.core.guest import _FIELD_NAMES, _PACKED_FIELDS, GuestVm
+    from pkvm_sim.core.state_values import IntsIn
 
     declared = [f.name for f in fields(GuestVm) if f.name not in ("pool", "pgt", "mm")]
     assert list(_FIELD_NAMES) == declared
     vm = GuestVm(handle=0x1000, vmid=1, name="x", nr_vcpus=1, slice_base_pfn=0,
-                 slice_nr_pages=1)
-    assert list(vm.state()) == [*declared, "pool", "pgd_pfns", "tables_allocated"]
+                 slice_nr_pages=1, memcache=[5, 6], hyp_memcache=[7], admitted=[8],
+                 shared={3, 1}, pins={1: 2}, struct_pfns=[9], ran=True)
+    out: list[int] = []
+    json_fields = [name for name in declared if name not in _PACKED_FIELDS]
+    state = vm.state(out)
+    assert list(state) == [*json_fields, "pool", "pgd_pfns", "tables_allocated"]
+    # lists as length, items; the pins as the list of pfns, then the list of counts
+    assert out == [2, 5, 6, 1, 7, 1, 8, 2, 1, 3, 1, 1, 1, 2, 1, 9]
+    assert GuestVm.from_state(state, IntsIn("vms", out)) == vm
+
+
+# -- version 2's packed sections ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [
+    b"",
+    bytes(3000),  # all zero: no chunk stored
+    bytes(1024) + b"\x01" + bytes(1022) + b"\x02" + bytes(100) + b"\x03",  # short last chunk
+    bytes(range(256)) * 9,  # every chunk stored
+])
+def test_a_sparse_vmemmap_section_gives_back_the_raw_entries(raw: bytes) -> None:
+    chunk = state_file.VMEMMAP_CHUNK_BYTES
+    sparse = state_file.sparse_vmemmap(raw)
+    nonzero_chunks = sum(1 for i in range(0, len(raw), chunk) if any(raw[i:i + chunk]))
+    head = state_file.VMEMMAP_HEAD.unpack_from(sparse)
+    assert head == (len(raw), chunk, nonzero_chunks)
+    assert state_file.dense_vmemmap(sparse) == raw
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda s: s[:-1], "chunks hold"),
+    (lambda s: s + b"\0", "chunks hold"),
+    # the chunk index (u64 right after the head) pointing past the segment
+    (lambda s: s[:24] + (99).to_bytes(8, "little") + s[32:], "not increasing indices"),
+])
+def test_a_sparse_vmemmap_section_that_does_not_add_up_is_refused(edit: Any,
+                                                                   says: str) -> None:
+    sparse = state_file.sparse_vmemmap(bytes(2048) + b"\x01" + bytes(1023))
+    assert state_file.dense_vmemmap(sparse)[2048] == 1
+    with pytest.raises(ValueError, match=says):
+        state_file.dense_vmemmap(edit(sparse))
+
+
+def test_a_stream_with_values_left_over_is_refused(good_file: bytes) -> None:
+    def append_to_vms(decoded: state_file.StateFile) -> None:
+        decoded.ints["vms"].append(0)
+
+    with pytest.raises(StateFileError, match="inconsistent machine state.*ints/vms: 1 values"
+                       " left over"):
+        state_file.restore(state_file.decode(with_state(good_file, append_to_vms)))

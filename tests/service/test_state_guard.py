@@ -143,7 +143,8 @@ def test_a_rechecksummed_file_with_a_lowered_handle_counter_is_refused(tmp_path:
     machine = json.loads(json.dumps(decoded.machine))
     assert machine["vms_created"] == 1
     machine["vms_created"] = 0  # the next VM would get 0x1000 again
-    forged = state_file.pack(state_file.Snapshot(machine, decoded.service, decoded.vmemmap))
+    forged = state_file.pack(state_file.Snapshot(machine, decoded.service, decoded.vmemmap,
+                                                 decoded.ints))
     path = tmp_path / "forged.pkvm"
     path.write_bytes(forged)
     assert_one_line_exit_2(serve_once(path), "would give handle 0x1000 again")

@@ -77,7 +77,7 @@ def test_save_state_and_restore_keep_the_machine_tokens_and_leases(
         held = drive(hv)
         before_id = hv.instance_id()
         saved = hv.save_state()
-        assert (saved.path, saved.nr_vms, saved.format_version) == (str(path), 2, 1)
+        assert (saved.path, saved.nr_vms, saved.format_version) == (str(path), 2, 2)
         assert saved.size_bytes == path.stat().st_size and saved.instance_id == before_id
         stats_before = hv.stats()
         pages_before = [hv.page_info(held["base"] + i) for i in range(10)]

@@ -108,7 +108,7 @@ def _future(data: bytes) -> bytes:
     ("corrupt", lambda d: d[:200] + bytes([d[200] ^ 1]) + d[201:], "corrupt"),
     ("truncated", lambda d: d[:-7], "truncated"),
     ("foreign", lambda d: b'{"this": "is json"}\n', "not a pkvm-sim state file"),
-    ("future-version", _future, "format version 2"),
+    ("future-version", _future, f"format version {FORMAT_VERSION + 1} is a newer"),
 ])
 def test_a_bad_state_file_exits_2_with_one_line_and_is_left_untouched(
     tmp_path: Path, kind: str, mangle: object, says: str

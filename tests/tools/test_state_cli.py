@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pkvm_sim.core import state_file
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
@@ -33,7 +34,7 @@ def test_inspect_prints_configuration_vms_and_pools(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert TOKEN not in out
-    assert "format version 1, checksum ok, audit passed" in out
+    assert f"format version {state_file.FORMAT_VERSION}, checksum ok, audit passed" in out
     assert "profile v5.14, page size 4K, hyp_page layout 4" in out
     assert "memblocks 0x80000000:4096M" in out
     # docs/reservation.md worked example A: hyp 2569 pages, host_s2 2585; the VM's order-2
@@ -65,3 +66,18 @@ def test_inspect_of_a_bad_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = subprocess.run([*INSPECT, str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "truncated" in result.stderr
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_inspect_reads_every_format_version(version: int) -> None:
+    """The committed small machine (tests/core/test_state_file.py), as each version wrote it."""
+    path = Path(__file__).resolve().parents[1] / "data" / "state" / f"v{version}-small.pkvm"
+    result = subprocess.run([*INSPECT, str(path), "--json"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["file"]["format_version"] == version
+    assert [vm["handle"] for vm in summary["vms"]] == [0x1000, 0x1002]
+    assert summary["vms"][0]["name"] == "kept"
+    assert [vm["slice_nr_pages"] for vm in summary["vms"]] == [64, 16]
+    assert summary["next_handle"] == 0x1003

@@ -105,12 +105,13 @@ def audit(hv: Hypervisor) -> None:
         assert all(_pool_has(vm.pool, pfn) for pfn in tables)
         caches = (vm.memcache, vm.hyp_memcache, vm.admitted)
         assert sum(map(len, caches)) == len(set().union(*caches)), "a memcache page twice"
+        donated_memcache, host_memcache = f"memcache:{handle}", f"hostmc:{handle}"
         for pfn in vm.hyp_memcache + vm.admitted:
             alloc = hm.allocations.get(pfn)
-            assert alloc is not None and alloc.owner == f"memcache:{handle}"
+            assert alloc is not None and alloc.owner == donated_memcache
         for pfn in vm.memcache:
             alloc = hm.allocations.get(pfn)
-            assert alloc is not None and alloc.owner == f"hostmc:{handle}"
+            assert alloc is not None and alloc.owner == host_memcache
         for base, owner in ((vm.meta_pfn, "meta"), (vm.pgd_base_pfn, "pgd"),
                             (vm.slice_base_pfn, "slice")):
             alloc = hm.allocations.get(base)
@@ -183,7 +184,7 @@ def audit(hv: Hypervisor) -> None:
             assert hv.vmemmap.refcount(pfn) == struct_pins.get(pfn, 0), \
                 f"pin count of struct page {pfn:#x} drifted"
     for a in donated:
-        hyp_mapped |= set(range(a.base_pfn, a.end_pfn))
+        hyp_mapped.update(range(a.base_pfn, a.base_pfn + a.nr_pages))
     assert hv.hyp_stage1.mapped == hyp_mapped, \
         "EL2's stage-1 does not map exactly the hyp-borrowed and donated pages"
 

@@ -37,7 +37,7 @@ from .errors import WouldPanic
 from .hyp_pool import HypPool
 from .pgtable import Stage2PageTable
 from .physmem import PhysicalMemory
-from .state_values import decode_value
+from .state_values import IntsIn, decode_value, put_list, put_pairs
 
 
 class GuestMmOps:
@@ -112,41 +112,51 @@ class GuestVm:
 
     # -- state (core/state_file.py) ------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
-        """Every field as JSON values (state_values), in field order; the objects rebuilt on
-        restore (pool, pgt, mm) by what they hold: the pool's state, the PGD pages and the
-        table pages the guest stage-2 took."""
-        out: dict[str, Any] = {
+    def state(self, out: list[int]) -> dict[str, Any]:
+        """The VM for a state file: its scalar fields and slab objects as JSON values
+        (state_values), in field order; its page lists (_PACKED_FIELDS, in that order, the
+        pins as pairs) appended to `out`, then its pool's free lists. The objects rebuilt
+        on restore (pool, pgt, mm) are saved by what they hold: the pool's geometry, the
+        PGD pages and the count of table pages the guest stage-2 took."""
+        put_list(out, self.memcache)
+        put_list(out, self.hyp_memcache)
+        put_list(out, self.admitted)
+        put_list(out, sorted(self.shared))
+        put_pairs(out, self.pins)
+        put_list(out, self.struct_pfns)
+        return {
             "handle": self.handle, "vmid": self.vmid, "name": self.name,
             "nr_vcpus": self.nr_vcpus, "slice_base_pfn": self.slice_base_pfn,
             "slice_nr_pages": self.slice_nr_pages, "meta_pfn": self.meta_pfn,
             "meta_pages": self.meta_pages, "pgd_base_pfn": self.pgd_base_pfn,
             "pgd_pages": self.pgd_pages,
-            "memcache": {"l": list(self.memcache)},
-            "hyp_memcache": {"l": list(self.hyp_memcache)},
-            "admitted": {"l": list(self.admitted)},
-            "shared": {"s": sorted(self.shared)},
-            "pins": {"d": [[pfn, count] for pfn, count in self.pins.items()]},
-            "struct_pfns": {"l": list(self.struct_pfns)},
             "slab_objects": {"l": [[name, base, index]
                                    for name, base, index in self.slab_objects]},
             "ran": self.ran,
+            "pool": None if self.pool is None else self.pool.state(out),
+            "pgd_pfns": None if self.pgt is None else list(self.pgt.pgd_pfns),
+            "tables_allocated": None if self.mm is None else self.mm.allocated,
         }
-        out["pool"] = None if self.pool is None else self.pool.state()
-        out["pgd_pfns"] = None if self.pgt is None else list(self.pgt.pgd_pfns)
-        out["tables_allocated"] = None if self.mm is None else self.mm.allocated
-        return out
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> GuestVm:
+    def from_state(cls, state: Mapping[str, Any], ints: IntsIn | None = None) -> GuestVm:
         """A VM with `state()`'s fields, without pool, tables or mm (Hypervisor rebuilds
-        them). A field a file lacks (written before the field existed) keeps its default;
-        a field this VM does not have is refused."""
+        them); `ints` is the "vms" stream of a version-2 file, None for version 1 (where
+        every field is a JSON value). A field a file lacks (written before the field
+        existed) keeps its default; a field this VM does not have is refused."""
         unknown = set(state) - set(_FIELD_NAMES) - {"pool", "pgd_pfns", "tables_allocated"}
         if unknown:
             raise ValueError(f"unknown VM fields {sorted(unknown)}")
-        values = {name: decode_value(state[name]) for name in _FIELD_NAMES if name in state}
-        return cls(**values)
+        if ints is None:
+            values = {name: decode_value(state[name]) for name in _FIELD_NAMES if name in state}
+            return cls(**values)
+        # Version 2: the scalars are themselves (decode_value would give them back as they
+        # are), the slab objects in the value encoding, the page lists in the stream.
+        values = {name: state[name] for name in _SCALAR_FIELDS if name in state}
+        return cls(**values, slab_objects=decode_value(state["slab_objects"]),
+                   memcache=ints.take_list(), hyp_memcache=ints.take_list(),
+                   admitted=ints.take_list(), shared=set(ints.take_list()),
+                   pins=dict(ints.take_pairs()), struct_pfns=ints.take_list())
 
     @property
     def donated_pages(self) -> int:
@@ -177,8 +187,12 @@ class GuestVm:
             )
 
 
-# The fields a state file holds by value (the objects pool, pgt and mm are rebuilt).
+# The fields a state file holds by value (the objects pool, pgt and mm are rebuilt); since
+# format version 2 those of _PACKED_FIELDS are in the "vms" stream, not in JSON.
 _FIELD_NAMES = ("handle", "vmid", "name", "nr_vcpus", "slice_base_pfn", "slice_nr_pages",
                 "meta_pfn", "meta_pages", "pgd_base_pfn", "pgd_pages", "memcache",
                 "hyp_memcache", "admitted", "shared", "pins", "struct_pfns", "slab_objects",
                 "ran")
+_PACKED_FIELDS = ("memcache", "hyp_memcache", "admitted", "shared", "pins", "struct_pfns")
+_SCALAR_FIELDS = tuple(name for name in _FIELD_NAMES
+                       if name not in _PACKED_FIELDS and name != "slab_objects")

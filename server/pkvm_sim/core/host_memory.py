@@ -15,8 +15,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import OutOfMemory
+from .state_values import IntsIn, put_list
 
 # Host allocations that stay host-owned (every other owner tag is donated to hyp): VM slices,
 # the host memcaches, and the host kernel's structs it shares with hyp (struct kvm and
@@ -200,22 +202,38 @@ class HostMemory:
 
     # -- state (core/state_file.py) ------------------------------------------------------------
 
-    def state(self) -> dict[str, list[list[int | str]]]:
-        """Everything mutable, as JSON values: free ranges [start, end) in address order and
-        the allocations [base, pages, owner] in creation order (a dict keeps it)."""
-        return {
-            "free": [[start, end] for start, end in self._free],
-            "allocations": [[a.base_pfn, a.nr_pages, a.owner]
-                            for a in self.allocations.values()],
-        }
+    def state(self, out: list[int]) -> dict[str, list[str]]:
+        """Everything mutable: the free ranges [start, end) in address order (their starts,
+        then their ends) and the allocations in creation order (a dict keeps it: their
+        bases, then their sizes) appended to `out`; the allocations' owners, in the same
+        order, as JSON values."""
+        put_list(out, [start for start, _end in self._free])
+        put_list(out, [end for _start, end in self._free])
+        put_list(out, list(self.allocations))  # keyed by base pfn
+        put_list(out, [a.nr_pages for a in self.allocations.values()])
+        return {"owners": [a.owner for a in self.allocations.values()]}
+
+    def restore_packed(self, state: Mapping[str, Any], ints: IntsIn) -> None:
+        """`restore` from a version-2 state (`state()`'s JSON and stream); ValueError for
+        columns of different lengths."""
+        starts, ends = ints.take_list(), ints.take_list()
+        bases, sizes = ints.take_list(), ints.take_list()
+        owners: list[str] = [str(owner) for owner in state["owners"]]
+        self._free = [[start, end] for start, end in zip(starts, ends, strict=True)]
+        self.allocations = {base: HostAllocation(base, nr_pages, owner) for base, nr_pages, owner
+                            in zip(bases, sizes, owners, strict=True)}
+        self._derive()
 
     def restore(self, state: Mapping[str, Sequence[Sequence[int | str]]]) -> None:
-        """Replace the free ranges and allocations with `state`'s (what `state()` gave); the
-        tag index and free_pages are derived. The caller audits the result."""
+        """Replace the free ranges and allocations with a version-1 state's; the tag index
+        and free_pages are derived. The caller audits the result."""
         self._free = [[int(start), int(end)] for start, end in state["free"]]
         self.allocations = {}
         for base, nr_pages, owner in state["allocations"]:
             self.allocations[int(base)] = HostAllocation(int(base), int(nr_pages), str(owner))
+        self._derive()
+
+    def _derive(self) -> None:
         self.reindex()
         self.free_pages = sum(end - start for start, end in self._free)
 

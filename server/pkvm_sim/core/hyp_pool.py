@@ -56,6 +56,7 @@ from typing import Any, Final, final
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
+from .state_values import IntsIn, put_list
 from .vmemmap import CHUNK_MASK, CHUNK_SHIFT, Vmemmap, stored_item
 
 U32_MASK: Final = 0xFFFF_FFFF
@@ -326,21 +327,29 @@ class HypPool:
         self._nr_free = [len(heads) for heads in lists]
         self._admitted = set(admitted)
 
-    def state(self) -> dict[str, object]:
-        """The pool as JSON values (state files): its geometry (checked on restore), each
-        free list's live order head first (ghosts are not state), the admitted pages."""
+    def state(self, out: list[int]) -> dict[str, object]:
+        """The pool for a state file: its geometry (checked on restore) and failure count as
+        JSON values; each free list's live order head first (ghosts are not state), then the
+        admitted pages (sorted), appended to `out` (state_values.put_list)."""
+        for order in range(self.max_order):
+            put_list(out, self.free_list(order))
+        put_list(out, sorted(self._admitted))
         return {
             "base_pfn": self.base_pfn,
             "nr_pages": self.nr_pages,
             "reserved_pages": self.reserved_pages,
             "max_order": self.max_order,
-            "free_lists": [self.free_list(order) for order in range(self.max_order)],
-            "admitted": sorted(self._admitted),
             "alloc_failures": self.alloc_failures,
         }
 
+    def take_state(self, state: Mapping[str, Any], ints: IntsIn) -> dict[str, Any]:
+        """`state` (a version-2 pool: geometry) with the free lists and admitted pages that
+        `state()` wrote to the stream: what `restore` reads, as version 1 held it."""
+        return {**state, "free_lists": [ints.take_list() for _ in range(self.max_order)],
+                "admitted": ints.take_list()}
+
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Take `state()`'s free lists, admitted pages and failure count; ValueError, with
+        """Take a saved pool's free lists, admitted pages and failure count; ValueError, with
         nothing changed, if its geometry is not this pool's. The vmemmap is restored apart."""
         geometry = (self.base_pfn, self.nr_pages, self.reserved_pages, self.max_order)
         saved = (state["base_pfn"], state["nr_pages"], state["reserved_pages"],

@@ -32,6 +32,7 @@ from typing import Any
 from .el2_boot import BootMapping, HypVaLayout
 from .errors import WouldPanic
 from .hyp_pool import HypPool
+from .state_values import IntsIn, put_list
 
 HYP_VA_BITS = 48
 LEAF_LEVEL = 3
@@ -246,20 +247,26 @@ class HypStage1:
 
     # -- state (core/state_file.py) ------------------------------------------------------------
 
-    def state(self) -> dict[str, object]:
-        """The run-time tables [level, index, pfn] (in creation order) and the pages hyp
-        maps; "va": "linear" when tables are keyed by hyp VA (a modelled boot)."""
-        out: dict[str, object] = {
-            "tables": [[level, index, pfn] for (level, index), pfn in self._tables.items()],
-            "mapped": sorted(self.mapped),
-        }
-        if self.va_layout is not None:
-            out["va"] = "linear"
-        return out
+    def state(self, out: list[int]) -> dict[str, object]:
+        """The run-time tables (in creation order: their levels, indices, then pfns) and the
+        pages hyp maps (sorted) appended to `out`; "va": "linear" when tables are keyed by hyp VA (a
+        modelled boot)."""
+        put_list(out, [level for level, _index in self._tables])
+        put_list(out, [index for _level, index in self._tables])
+        put_list(out, list(self._tables.values()))
+        put_list(out, sorted(self.mapped))
+        return {"va": "linear"} if self.va_layout is not None else {}
+
+    @staticmethod
+    def take_state(state: Mapping[str, Any], ints: IntsIn) -> dict[str, Any]:
+        """A version-2 state (`state()`'s) as version 1 held it, what `restore` reads."""
+        levels, indices, pfns = ints.take_list(), ints.take_list(), ints.take_list()
+        tables = list(zip(levels, indices, pfns, strict=True))
+        return {**state, "tables": tables, "mapped": ints.take_list()}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Take `state()`'s tables and mapped pages, in place (the audit checks them
-        against the hyp pool and the host's shares and donations)."""
+        """Take a saved state's tables and mapped pages (version 1's form), in place (the
+        audit checks them against the hyp pool and the host's shares and donations)."""
         self._tables.clear()
         self._tables.update({(int(level), int(index)): int(pfn)
                              for level, index, pfn in state["tables"]})

@@ -86,7 +86,16 @@ from .pgtable import (
 from .physmem import PhysicalMemory
 from .profiles import FIRST_KERNEL, KVM_MAX_PVMS, Operation
 from .reservation import CarveoutLayout, Reservation, compute_reservation, partition_carveout
-from .state_values import decode_page, encode_page
+from .state_values import (
+    PAGE_JSON,
+    STREAMS,
+    IntsIn,
+    decode_page,
+    encode_value,
+    put_list,
+    put_pairs,
+    put_table_page,
+)
 from .vmemmap import Vmemmap
 
 VM_HANDLE_OFFSET = 0x1000  # the first handle; the kernel's is table index + 0x1000
@@ -1233,86 +1242,153 @@ class Hypervisor:
 
     # -- state (core/state_file.py) --------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
-        """Every piece of mutable state as JSON values, each core object writing its own
-        part: the "machine" section of a state file but its "config" (state_file adds it
-        first) and the vmemmap entries (their own sections, `vmemmap_blobs`)."""
-        physmem = self.physmem
+    def state(self) -> tuple[dict[str, Any], dict[str, list[int]]]:
+        """Every piece of mutable state, each core object writing its own part: the
+        "machine" section of a state file (JSON values) but its "config" (state_file adds
+        it first), and the integer streams (state_values.STREAMS, in that order) that hold
+        the large homogeneous data. The vmemmap entries have their own sections
+        (`vmemmap_blobs`)."""
+        streams: dict[str, list[int]] = {name: [] for name in STREAMS}
         out: dict[str, Any] = {
             "vms_created": self._vms_created,
             "vmemmap": [{"base_pfn": seg.base_pfn, "nr_pages": seg.nr_pages,
                          "item_bytes": seg.item_bytes}
                         for seg in self.vmemmap.segments],
-            "physmem": [[pfn, encode_page(physmem.read(pfn))]
-                        for pfn in physmem.written_pfns()],
-            "pools": {pool.name: pool.state() for pool in (self.hyp_pool, *self.host_pools)},
+            "physmem": self._pages_state(streams["physmem"]),
+            "pools": {pool.name: pool.state(streams["pools"])
+                      for pool in (self.hyp_pool, *self.host_pools)},
             "host_stage2": self.host_stage2.state(),
-            "host_memory": self.host_memory.state(),
-            "vms": [vm.state() for vm in self._vms.values()],
-            "owners": [[pfn, handle, kind.value]
-                       for pfn, (handle, kind) in self._owners.items()],
-            "hyp_shared": [[pfn, handle] for pfn, handle in self._hyp_shared.items()],
-            "hyp_stage1": self.hyp_stage1.state(),
-            "guest_shared": [[pfn, count] for pfn, count in self._guest_shared.items()],
+            "host_memory": self.host_memory.state(streams["host_memory"]),
+            "vms": [vm.state(streams["vms"]) for vm in self._vms.values()],
+            "hyp_stage1": self.hyp_stage1.state(streams["hyp_stage1"]),
+            "task_fp_pfn": self._task_fp_pfn,
         }
-        if self._kernel_shared:  # v6.1/v6.12 machines: the host kernel's structs
-            out["kernel_shared"] = [[pfn, count] for pfn, count in self._kernel_shared.items()]
-            out["task_fp_pfn"] = self._task_fp_pfn
-        return out
+        records = streams["records"]
+        put_list(records, list(self._owners))
+        put_list(records, [handle for handle, _kind in self._owners.values()])
+        put_list(records, [_POOL_KIND_CODES[kind] for _handle, kind in self._owners.values()])
+        put_pairs(records, self._hyp_shared)
+        put_pairs(records, self._guest_shared)
+        put_pairs(records, self._kernel_shared)
+        return out, streams
+
+    def _pages_state(self, out: list[int]) -> list[Any]:
+        """Every written page, in order, appended to `out`: a table page with its entries,
+        any other content as (pfn, PAGE_JSON) and its value in the returned JSON list."""
+        physmem = self.physmem
+        other: list[Any] = []
+        for pfn in physmem.written_pfns():
+            content = physmem.read(pfn)
+            if not put_table_page(out, pfn, content):
+                out.append(pfn)
+                out.append(PAGE_JSON)
+                other.append(encode_value(content))
+        return other
 
     def vmemmap_blobs(self) -> list[bytes]:
         """Each vmemmap segment's packed entries, little-endian (one state-file section each)."""
         return [seg.export_bytes() for seg in self.vmemmap.segments]
 
-    def restore_state(self, m: Mapping[str, Any], vmemmap_blobs: Sequence[bytes]) -> None:
+    def restore_state(self, m: Mapping[str, Any], vmemmap_blobs: Sequence[bytes],
+                      streams: Mapping[str, IntsIn] | None = None) -> None:
         """Overwrite this freshly booted machine's mutable state with `state()`'s (and the
-        vmemmap with `vmemmap_blobs`); the caller audits. Raises ValueError, LookupError,
-        TypeError or PkvmError for a document that does not fit this configuration."""
+        vmemmap with `vmemmap_blobs`); `streams` are a version-2 file's integer streams,
+        None for a version-1 file (everything in `m`). The caller audits. Raises
+        ValueError, LookupError, TypeError or PkvmError for a document that does not fit
+        this configuration."""
+        if streams is not None:
+            m = self._unpack_records(m, streams)
         # VM pools first: hyp_pool_init needs their PGD ranges' entries zero, as at boot.
-        vms = [self._rebuild_vm(vm_state) for vm_state in m["vms"]]
+        vms_in = None if streams is None else streams["vms"]
+        vms = [self._rebuild_vm(vm_state, vms_in) for vm_state in m["vms"]]
         self._load_vmemmap(m["vmemmap"], vmemmap_blobs)
         physmem = self.physmem
         for pfn in list(physmem.written_pfns()):  # in place: pools and tables hold it
             physmem.zero_range(pfn, 1)
-        for pfn, value in m["physmem"]:
-            physmem.write(int(pfn), decode_page(value))
+        if streams is None:
+            for pfn, value in m["physmem"]:
+                physmem.write(int(pfn), decode_page(value))
+        else:
+            self._load_pages(m["physmem"], streams["physmem"])
         pools = {pool.name: pool for pool in (self.hyp_pool, *self.host_pools)}
         if set(pools) != set(m["pools"]):
             raise ValueError(f"pools {sorted(m['pools'])} in the file, {sorted(pools)} at boot")
-        for name, pool in pools.items():
-            pool.restore(m["pools"][name])
-        for vm, vm_state in zip(vms, m["vms"], strict=True):
-            if vm.pool is not None:
-                vm.pool.restore(vm_state["pool"])
+        for name, pool_state in m["pools"].items():
+            pool = pools[name]
+            if streams is not None:
+                pool_state = pool.take_state(pool_state, streams["pools"])
+            pool.restore(pool_state)
+        for vm, vm_pool_state in vms:
+            if vm.pool is not None and vm_pool_state is not None:
+                vm.pool.restore(vm_pool_state)
         self.host_stage2.restore(m["host_stage2"])
-        self.host_memory.restore(m["host_memory"])
-        self._vms = {vm.handle: vm for vm in vms}
-        self._owners = {int(pfn): (int(handle), PoolKind(kind))
-                        for pfn, handle, kind in m["owners"]}
+        if streams is None:
+            self.host_memory.restore(m["host_memory"])
+        else:
+            self.host_memory.restore_packed(m["host_memory"], streams["host_memory"])
+        self._vms = {vm.handle: vm for vm, _pool_state in vms}
+        if streams is None:
+            self._owners = {int(pfn): (int(handle), PoolKind(kind))
+                            for pfn, handle, kind in m["owners"]}
+        else:  # built by _unpack_records, without an Enum lookup per record
+            self._owners = dict(m["owners"])
         self._hyp_shared = {int(pfn): int(handle) for pfn, handle in m["hyp_shared"]}
         self._vms_created = int(m["vms_created"])
         self.rebuild_slabs()
         self._check_handle_counter()
-        self._restore_optional_state(m)
+        self._restore_optional_state(m, legacy=streams is None)
+        for stream in (streams or {}).values():
+            stream.finish()
 
-    def _rebuild_vm(self, state: Mapping[str, Any]) -> GuestVm:
-        """A VM from its saved fields; its pool is initialised over the PGD range as at
-        creation (the vmemmap and free lists are then overwritten with the file's)."""
-        vm = GuestVm.from_state(state)
+    @staticmethod
+    def _unpack_records(m: Mapping[str, Any], streams: Mapping[str, IntsIn]) -> dict[str, Any]:
+        """A version-2 machine section with what its "records" and "hyp_stage1" streams
+        hold put back where version 1 had it (owners, shares, EL2's stage-1)."""
+        records = streams["records"]
+        pfns, handles, codes = records.take_list(), records.take_list(), records.take_list()
+        return {
+            **m,
+            "owners": {pfn: (handle, _POOL_KINDS[code])
+                       for pfn, handle, code in zip(pfns, handles, codes, strict=True)},
+            "hyp_shared": records.take_pairs(),
+            "guest_shared": records.take_pairs(),
+            "kernel_shared": records.take_pairs(),
+            "hyp_stage1": HypStage1.take_state(m["hyp_stage1"], streams["hyp_stage1"]),
+        }
+
+    def _load_pages(self, other: Sequence[Any], pages: IntsIn) -> None:
+        """Write the pages of a version-2 "physmem" stream (and of the JSON list for the
+        pages that are not tables), in their saved order."""
+        physmem = self.physmem
+        others = iter(other)
+        while not pages.at_end():
+            pfn, entries = pages.take_page()
+            physmem.write(pfn, decode_page(next(others)) if entries is None else entries)
+        if next(others, None) is not None:
+            raise ValueError("physmem: more JSON pages than the stream names")
+
+    def _rebuild_vm(self, state: Mapping[str, Any],
+                    ints: IntsIn | None) -> tuple[GuestVm, Mapping[str, Any] | None]:
+        """A VM from its saved fields (`ints`: a version-2 file's "vms" stream), and its
+        pool's saved state (version 1's form); its pool is initialised over the PGD range
+        as at creation (the vmemmap and free lists are then overwritten with the file's)."""
+        vm = GuestVm.from_state(state, ints)
         pool_state = state["pool"]
         if "ran" not in state:  # files from before VMs had two steps: a VM at EL2 had run
             vm.ran = pool_state is not None
         if pool_state is None:
-            return vm
+            return vm, None
         vm.pool = HypPool(self.vmemmap, self.physmem, vm.pgd_base_pfn, vm.pgd_pages, 0,
                           page_shift=self.page_shift, max_order_cap=self.max_order,
                           max_order_formula="v5.17", name=f"vm/{vm.handle}")
+        if ints is not None:
+            pool_state = vm.pool.take_state(pool_state, ints)
         vm.mm = GuestMmOps(vm, self.physmem, self.vmemmap.layout.refcount_max)
         vm.mm.allocated = int(state["tables_allocated"])
         vm.pgt = Stage2PageTable(self.geometry, self.config.ia_bits, self.physmem, vm.mm,
                                  [int(pfn) for pfn in state["pgd_pfns"]],
                                  on_refcount_limit=self.host_stage2.count_refcount_limit)
-        return vm
+        return vm, pool_state
 
     def _load_vmemmap(self, segments: Sequence[Mapping[str, Any]],
                       blobs: Sequence[bytes]) -> None:
@@ -1332,9 +1408,10 @@ class Hypervisor:
             raise ValueError(f"vms_created {self._vms_created} would give handle"
                              f" {next_handle:#x} again, but VM {max(handles):#x} exists")
 
-    def _restore_optional_state(self, m: Mapping[str, Any]) -> None:
+    def _restore_optional_state(self, m: Mapping[str, Any], *, legacy: bool) -> None:
         """Parts older files lack (written before the model had them): such a file leaves
-        the part as a fresh boot has it."""
+        the part as a fresh boot has it. `legacy`: a version-1 file, which may hold guest
+        shares the way the model kept them before."""
         if "hyp_stage1" in m:
             s1_state = m["hyp_stage1"]
             if self.hyp_stage1.va_layout is not None and s1_state.get("va") != "linear":
@@ -1347,8 +1424,10 @@ class Hypervisor:
             self._guest_shared.update({int(pfn): int(count) for pfn, count in m["guest_shared"]})
             # Files from before guest shares kept the host state in the vmemmap (as v6.14
             # does) marked those pages SHARED_OWNED in the host stage-2: make them OWNED.
-            marked = [pfn for pfn in sorted(self._guest_shared)
-                      if self.host_stage2.host_state(pfn) is PageState.SHARED_OWNED]
+            # (Version 2 was never written by such a model.)
+            marked = [] if not legacy else [
+                pfn for pfn in sorted(self._guest_shared)
+                if self.host_stage2.host_state(pfn) is PageState.SHARED_OWNED]
             if marked:
                 self.host_stage2.set_page_state(marked, STATE_OWNED)
         if "kernel_shared" in m:
@@ -1509,6 +1588,10 @@ def _jsonable(value: Any) -> Any:
         return value.value
     return value
 
+
+# Owner records in a version-2 file: a block's pool as a number (its index here).
+_POOL_KINDS = (PoolKind.HYP, PoolKind.VM)
+_POOL_KIND_CODES = {kind: code for code, kind in enumerate(_POOL_KINDS)}
 
 __all__ = ["Hypervisor"]
 

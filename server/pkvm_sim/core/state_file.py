@@ -48,19 +48,26 @@ from typing import Any
 
 from .config import SimConfig
 from .errors import PkvmError
+from .guest import GuestVm
 from .hypervisor import Hypervisor
 from .profiles import REMOVED_PROFILES
-from .state_values import decode_value, encode_value
+from .state_values import STREAMS, IntsIn, decode_value, encode_value, pack_ints, unpack_ints
 
 MAGIC = b"PKVMSTAT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the version this pkvm-sim writes
+READ_VERSIONS = (1, 2)  # the versions it reads
 HEADER = struct.Struct("<8sIIQ32s")  # magic, version, flags, payload length, sha256
-KNOWN_FLAGS = 0  # version 1 defines no flag: any set bit is a file this reader cannot trust
+KNOWN_FLAGS = 0  # versions 1 and 2 define no flag: any set bit is a file this reader cannot trust
 TEMPORARY_INFIX = ".tmp-"  # a save writes `.<name>.tmp-<pid>` first, then renames it
 SECTION_HEAD = struct.Struct("<B")
 SECTION_LENGTH = struct.Struct("<Q")
 COMPRESS_LEVEL = 1  # zlib level 1: a 64 GiB machine's vmemmap shrinks ~100x in well under 1 s
 FILE_MODE = 0o600  # the file holds the VMs' tokens: readable by its owner only
+# Version 2 stores a vmemmap segment as its non-zero chunks of this many bytes (a machine's
+# entries are mostly zero: host pages, the tails of free blocks), so zlib and SHA-256 see a
+# few hundred KiB instead of the whole array (4 MiB for 4 GiB of RAM, 64 MiB for 64 GiB).
+VMEMMAP_CHUNK_BYTES = 1024
+VMEMMAP_HEAD = struct.Struct("<QQQ")  # raw bytes, chunk bytes, number of chunks stored
 
 class StateFileError(Exception):
     """A state file that cannot be read or restored; str() is one line for the user."""
@@ -75,6 +82,8 @@ class StateFile:
     service: dict[str, Any]
     vmemmap: list[bytes] = field(repr=False)
     size_bytes: int = 0
+    # Version 2: the integer streams by name (state_values.STREAMS); empty for version 1.
+    ints: dict[str, list[int]] = field(default_factory=dict, repr=False)
     # What restore() changed to read the file, one line each for the user (a profile
     # that was removed, restored as its replacement).
     notes: list[str] = field(default_factory=list)
@@ -91,19 +100,27 @@ class Snapshot:
     machine: dict[str, Any]
     service: dict[str, Any]
     vmemmap: list[bytes] = field(repr=False)
+    ints: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
 
 def snapshot(hv: Hypervisor, service: Mapping[str, Any] | None = None) -> Snapshot:
-    return Snapshot(capture(hv), dict(service or {}), hv.vmemmap_blobs())
+    machine, ints = hv.state()
+    return Snapshot({"config": config_to_json(hv.config), **machine}, dict(service or {}),
+                    hv.vmemmap_blobs(), ints)
 
 
 def pack(snap: Snapshot) -> bytes:
-    """The bytes of a state file holding `snap`."""
+    """The bytes of a state file (of FORMAT_VERSION) holding `snap`."""
+    try:
+        ints = [(f"ints/{name}", pack_ints(snap.ints[name])) for name in STREAMS]
+    except OverflowError as error:  # a negative or huge number in a page or a list
+        raise TypeError(f"the state file cannot hold it: {error}") from None
     sections: list[tuple[str, bytes]] = [
         ("machine", _json_bytes(snap.machine)),
         ("service", _json_bytes(snap.service)),
+        *ints,
     ]
-    sections += [(f"vmemmap/{i}", blob) for i, blob in enumerate(snap.vmemmap)]
+    sections += [(f"vmemmap/{i}", sparse_vmemmap(blob)) for i, blob in enumerate(snap.vmemmap)]
     payload = b"".join(_section(name, data) for name, data in sections)
     digest = hashlib.sha256(payload).digest()
     return HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload), digest) + payload
@@ -112,12 +129,6 @@ def pack(snap: Snapshot) -> bytes:
 def encode(hv: Hypervisor, service: Mapping[str, Any] | None = None) -> bytes:
     """The whole machine (and the service's section) as the bytes of a state file."""
     return pack(snapshot(hv, service))
-
-
-def capture(hv: Hypervisor) -> dict[str, Any]:
-    """The "machine" section: the configuration, then every piece of mutable state as
-    JSON values, each core object writing its own part (`Hypervisor.state`)."""
-    return {"config": config_to_json(hv.config), **hv.state()}
 
 
 def config_to_json(config: SimConfig) -> dict[str, Any]:
@@ -139,6 +150,54 @@ def _json_bytes(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), check_circular=False).encode()
 
 
+def sparse_vmemmap(blob: bytes) -> bytes:
+    """A vmemmap segment's little-endian entries as version 2 stores them: VMEMMAP_HEAD
+    (the raw length, VMEMMAP_CHUNK_BYTES, the number of chunks n), n u64 chunk indices in
+    increasing order, then those chunks' bytes (the last chunk of the raw bytes may be
+    shorter). The chunks not stored are zero."""
+    chunk = VMEMMAP_CHUNK_BYTES
+    zero = bytes(chunk)
+    raw_bytes = len(blob)
+    whole_bytes = raw_bytes - raw_bytes % chunk
+    indices: list[int] = []
+    for index, offset in enumerate(range(0, whole_bytes, chunk)):
+        if not blob.startswith(zero, offset):  # memcmp in place, no copy
+            indices.append(index)
+    if blob.count(0, whole_bytes) != raw_bytes - whole_bytes:  # a short last chunk
+        indices.append(whole_bytes // chunk)
+    data = b"".join([blob[i * chunk:(i + 1) * chunk] for i in indices])
+    return (VMEMMAP_HEAD.pack(raw_bytes, chunk, len(indices))
+            + struct.pack(f"<{len(indices)}Q", *indices) + data)
+
+
+def dense_vmemmap(data: bytes) -> bytes:
+    """The inverse of sparse_vmemmap; ValueError if the chunks do not fit the length."""
+    raw_bytes, chunk, count = VMEMMAP_HEAD.unpack_from(data)
+    indices_end = VMEMMAP_HEAD.size + 8 * count
+    indices = list(struct.unpack_from(f"<{count}Q", data, VMEMMAP_HEAD.size))
+    if not chunk or indices != sorted(set(indices)) or (
+            indices and indices[-1] * chunk >= raw_bytes):
+        raise ValueError("the vmemmap chunks are not increasing indices inside the segment")
+    # The zero runs are views of one zero buffer that bytes() allocates lazily zeroed
+    # (calloc): the join below is the only pass that writes the segment's bytes.
+    zero = memoryview(bytes(raw_bytes))
+    parts: list[bytes | memoryview] = []
+    done = 0
+    offset = indices_end
+    for index in indices:
+        start = index * chunk
+        end = min(start + chunk, raw_bytes)
+        parts.append(zero[done:start])
+        parts.append(data[offset:offset + end - start])
+        offset += end - start
+        done = end
+    parts.append(zero[done:])
+    if offset != len(data):
+        raise ValueError(f"the vmemmap chunks hold {offset - indices_end} bytes, the section"
+                         f" {len(data) - indices_end}")
+    return b"".join(parts)
+
+
 def _section(name: str, data: bytes) -> bytes:
     raw = name.encode("ascii")
     packed = zlib.compress(data, COMPRESS_LEVEL)
@@ -154,17 +213,22 @@ def decode(data: bytes) -> StateFile:
     payload = memoryview(data)[HEADER.size:]
     if hashlib.sha256(payload).digest() != digest:
         raise StateFileError("corrupt: the SHA-256 checksum of the payload does not match")
+    version = HEADER.unpack_from(data)[1]
     try:
         sections = _sections(payload)
         machine = json.loads(sections.pop("machine"))
         service = json.loads(sections.pop("service"))
-        vmemmap = [sections.pop(f"vmemmap/{i}") for i in range(len(machine["vmemmap"]))]
+        blobs = [sections.pop(f"vmemmap/{i}") for i in range(len(machine["vmemmap"]))]
+        ints: dict[str, list[int]] = {}
+        if version >= 2:
+            ints = {name: unpack_ints(sections.pop(f"ints/{name}")) for name in STREAMS}
+            blobs = [dense_vmemmap(blob) for blob in blobs]
     except (LookupError, ValueError, TypeError, AttributeError, RecursionError, struct.error,
-            zlib.error) as error:
+            zlib.error, OverflowError, MemoryError) as error:
         raise StateFileError(f"corrupt: cannot decode the payload ({_describe(error)})") from None
     if sections:
         raise StateFileError(f"corrupt: unknown sections {sorted(sections)}")
-    return StateFile(FORMAT_VERSION, machine, service, vmemmap, len(data))
+    return StateFile(version, machine, service, blobs, len(data), ints=ints)
 
 
 def check_header(head: bytes, file_bytes: int) -> tuple[int, bytes]:
@@ -177,13 +241,13 @@ def check_header(head: bytes, file_bytes: int) -> tuple[int, bytes]:
     if len(head) < HEADER.size:
         raise StateFileError(f"truncated: {file_bytes} bytes, shorter than the header")
     _magic, version, flags, length, digest = HEADER.unpack_from(head)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         newer = "a newer" if version > FORMAT_VERSION else "an older, unsupported"
         raise StateFileError(f"format version {version} is {newer} format; this pkvm-sim"
-                             f" reads version {FORMAT_VERSION}")
+                             f" reads versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}")
     if flags & ~KNOWN_FLAGS:
         raise StateFileError(f"unknown header flags {flags:#010x}: format version"
-                             f" {FORMAT_VERSION} defines none")
+                             f" {version} defines none")
     payload_bytes = file_bytes - HEADER.size
     if payload_bytes != length:
         what = "truncated" if payload_bytes < length else "has trailing bytes"
@@ -251,11 +315,7 @@ def _map_removed_profile(state: StateFile) -> dict[str, Any]:
     if not isinstance(name, str) or name not in REMOVED_PROFILES:
         return config_map
     replacement, why = REMOVED_PROFILES[name]
-    m = state.machine
-    guest_state = bool(m.get("guest_shared")) or any(
-        decode_value(vm.get("memcache")) or decode_value(vm.get("hyp_memcache"))
-        for vm in m.get("vms", [])
-    )
+    guest_state = _holds_guest_state(state)
     if guest_state:
         raise StateFileError(f"{why}; this file holds guest shares or memcache pages, which"
                              f" {replacement} cannot have: it cannot be restored")
@@ -266,9 +326,37 @@ def _map_removed_profile(state: StateFile) -> dict[str, Any]:
     return config_map
 
 
+def _holds_guest_state(state: StateFile) -> bool:
+    """Whether the file holds guest shares or memcache pages (read, nothing restored)."""
+    m = state.machine
+    if state.version == 1:
+        return bool(m.get("guest_shared")) or any(
+            decode_value(vm.get("memcache")) or decode_value(vm.get("hyp_memcache"))
+            for vm in m.get("vms", [])
+        )
+    streams = {name: IntsIn(name, state.ints[name]) for name in STREAMS}
+    for vm_state in m["vms"]:
+        vm = GuestVm.from_state(vm_state, streams["vms"])
+        if vm.memcache or vm.hyp_memcache:
+            return True
+        if vm_state["pool"] is not None:  # its pool's free lists and admitted pages
+            for _ in range(int(vm_state["pool"]["max_order"]) + 1):
+                streams["vms"].take_list()
+    for _ in range(3 + 2):  # the owners (3 lists), the pages hyp borrows (2), then...
+        streams["records"].take_list()
+    return bool(streams["records"].take_list())  # ... the pages guests share
+
+
+def _streams(state: StateFile) -> dict[str, IntsIn] | None:
+    """Fresh readers of a version-2 file's streams (None for version 1)."""
+    if state.version == 1:
+        return None
+    return {name: IntsIn(name, state.ints[name]) for name in STREAMS}
+
+
 def _apply(hv: Hypervisor, state: StateFile) -> None:
     """Overwrite a freshly booted machine's mutable state with the file's."""
-    hv.restore_state(state.machine, state.vmemmap)
+    hv.restore_state(state.machine, state.vmemmap, _streams(state))
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -331,7 +419,6 @@ __all__ = [
     "Snapshot",
     "StateFile",
     "StateFileError",
-    "capture",
     "check_header",
     "decode",
     "decode_value",

@@ -10,6 +10,8 @@ byte-identical while a save costs one list per table page, not one object per en
 
 from __future__ import annotations
 
+import sys
+from array import array
 from typing import Any
 
 
@@ -64,3 +66,153 @@ def decode_page(value: Any) -> Any:
                for index, pte in entries):
             return {index: tuple(pte) for index, pte in entries}
     return decode_value(value)
+
+
+# -- packed integers (format version 2) ---------------------------------------------------------
+#
+# Version 2 keeps the large homogeneous data (table entries, free lists, VM page lists, owner
+# records...) out of JSON: each core object appends unsigned integers to its own stream, and
+# the file holds each stream as one "ints/<name>" section of little-endian u64 values. The
+# reader takes them back in the order they were written. A list is written as its length,
+# then its items.
+
+# The streams of a version-2 file, in the order of their sections (docs/state-file.md).
+STREAMS = ("physmem", "pools", "vms", "host_memory", "hyp_stage1", "records")
+
+
+class IntsIn:
+    """One stream of a version-2 file, read front to back. Taking past the end raises
+    IndexError; `finish` raises ValueError when values are left over (a file whose
+    streams do not match its JSON)."""
+
+    def __init__(self, name: str, values: list[int]) -> None:
+        self.name = name
+        self._values = values
+        self._pos = 0
+
+    def take(self) -> int:
+        value = self._values[self._pos]
+        self._pos += 1
+        return value
+
+    def take_list(self) -> list[int]:
+        """A list written by `put_list`: its length, then its items."""
+        values = self._values
+        n = values[self._pos]
+        start = self._pos + 1
+        end = start + n
+        if end > len(values):
+            raise IndexError(f"ints/{self.name}: a list of {n} runs past the end")
+        self._pos = end
+        return values[start:end]
+
+    def take_pairs(self) -> list[tuple[int, int]]:
+        """The (key, value) pairs of a dict written by `put_pairs`."""
+        keys = self.take_list()
+        values = self.take_list()
+        if len(keys) != len(values):
+            raise ValueError(f"ints/{self.name}: {len(keys)} keys, {len(values)} values")
+        return list(zip(keys, values, strict=True))
+
+    def take_page(self) -> tuple[int, dict[int, tuple[int, ...]] | None]:
+        """(pfn, entries) of a page written by `put_table_page`; entries None for a page
+        whose content is the next item of the machine's JSON "physmem" list."""
+        values = self._values
+        pos = self._pos
+        pfn = values[pos]
+        form = values[pos + 1]
+        pos += 2
+        if form == PAGE_JSON:
+            self._pos = pos
+            return pfn, None
+        if form != PAGE_TABLE:
+            raise ValueError(f"ints/{self.name}: page {pfn:#x} has an unknown form {form}")
+        nr_entries = values[pos]
+        pos += 1
+        entries: dict[int, tuple[int, ...]] = {}
+        for _ in range(nr_entries):
+            index = values[pos]
+            end = pos + 2 + values[pos + 1]
+            entries[index] = tuple(values[pos + 2:end])
+            pos = end
+        if pos > len(values):
+            raise IndexError(f"ints/{self.name}: page {pfn:#x} runs past the end")
+        self._pos = pos
+        return pfn, entries
+
+    def at_end(self) -> bool:
+        return self._pos >= len(self._values)
+
+    def finish(self) -> None:
+        left = len(self._values) - self._pos
+        if left:
+            raise ValueError(f"ints/{self.name}: {left} values left over")
+
+
+PAGE_TABLE = 0  # a table page: its entries follow in the stream
+PAGE_JSON = 1  # any other content: the next item of the machine's JSON "physmem" list
+
+
+def put_table_page(out: list[Any], pfn: int, content: object) -> bool:
+    """Append a table page (a dict {index: pte tuple}) as pfn, PAGE_TABLE, the number of
+    entries, then each entry as index, pte length, pte fields; False, with nothing
+    appended, for any other content (the caller writes pfn, PAGE_JSON). The fields are
+    checked to be unsigned integers when the stream is packed (TypeError)."""
+    # `out` holds Any: compiled, an item goes in as the object it is (no unboxing and
+    # boxing again of every pfn).
+    if not isinstance(content, dict):
+        return False
+    start = len(out)
+    out.append(pfn)
+    out.append(PAGE_TABLE)
+    out.append(len(content))
+    for index, pte in content.items():
+        if type(pte) is not tuple:
+            del out[start:]
+            return False
+        out.append(index)
+        out.append(len(pte))
+        out.extend(pte)
+    return True
+
+
+def put_list(out: list[int], items: list[int]) -> None:
+    """Append `items` to a stream as `IntsIn.take_list` reads them."""
+    out.append(len(items))
+    out.extend(items)
+
+
+def put_pairs(out: list[int], pairs: dict[int, int]) -> None:
+    """Append a dict of int -> int, in its order, as `IntsIn.take_pairs` reads it: the list
+    of its keys, then the list of its values."""
+    put_list(out, list(pairs))
+    put_list(out, list(pairs.values()))
+
+
+# The item types of a packed stream, by the byte width its largest value needs.
+_WIDTH_TYPECODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def pack_ints(values: list[int]) -> bytes:
+    """A stream as one byte, the item width w (1, 2, 4 or 8: the narrowest that holds its
+    largest value), then its values as little-endian unsigned w-byte integers; OverflowError
+    for a negative or huge value, TypeError for something that is not an integer."""
+    top = max(values, default=0)
+    width = next((w for w in (1, 2, 4) if top < 1 << 8 * w), 8)
+    packed = array(_WIDTH_TYPECODES[width], values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return bytes([width]) + packed.tobytes()
+
+
+def unpack_ints(data: bytes) -> list[int]:
+    """The inverse of pack_ints; ValueError for an unknown width or a partial item."""
+    if not data or data[0] not in _WIDTH_TYPECODES:
+        raise ValueError("a packed stream must start with its item width: 1, 2, 4 or 8")
+    packed = array(_WIDTH_TYPECODES[data[0]])
+    if (len(data) - 1) % packed.itemsize:
+        raise ValueError(f"{len(data) - 1} bytes of {packed.itemsize}-byte values")
+    packed.frombytes(data[1:])
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tolist()
