@@ -54,6 +54,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
+from mypy_extensions import i64
+
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
 from .state_values import IntsIn, put_list
@@ -386,18 +388,21 @@ class HypPool:
         else:
             pfn = self._take_head(i)
             nr_free[i] = nr_free[i] - 1
-        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]  # the block's entries
-        shift = self._shift
+        # Machine integers (i64) from here: the compiled core does the bit arithmetic in C.
+        head: i64 = pfn
+        level: i64 = i
+        shift: i64 = self._shift
+        chunk = self._chunks[(head - self._origin) >> CHUNK_SHIFT]  # the block's entries
         # Invariant: a live list entry is a free head (entry == i << shift); no check needed.
-        if i > order:
+        if level > order:
             lists = self._lists
-            while i > order:  # split: release the upper half at the tail of list i - 1
-                i -= 1
-                buddy = pfn ^ (1 << i)
-                chunk[buddy & CHUNK_MASK] = i << shift
-                lists[i].append(buddy)
-                nr_free[i] = nr_free[i] + 1
-        chunk[pfn & CHUNK_MASK] = order << shift | 1
+            while level > order:  # split: release the upper half at the tail of list i - 1
+                level -= 1
+                buddy = head ^ (1 << level)
+                chunk[buddy & CHUNK_MASK] = level << shift
+                lists[level].append(buddy)
+                nr_free[level] = nr_free[level] + 1
+        chunk[head & CHUNK_MASK] = order << shift | 1
         return pfn
 
     def alloc_pages(self, order: int) -> int:
@@ -426,11 +431,13 @@ class HypPool:
         """
         if not self._first_unreserved <= pfn < self._end_pfn:
             return self._put_outside_range(pfn)
-        chunk = self._chunks[(pfn - self._origin) >> CHUNK_SHIFT]  # and every buddy's below
-        entry = chunk[pfn & CHUNK_MASK]
-        count = entry & self.refcount_max
+        # Machine integers (i64) from here: the compiled core does the bit arithmetic in C.
+        head: i64 = pfn
+        chunk = self._chunks[(head - self._origin) >> CHUNK_SHIFT]  # and every buddy's below
+        entry: i64 = chunk[head & CHUNK_MASK]
+        count: i64 = entry & self.refcount_max
         if count > 1:
-            chunk[pfn & CHUNK_MASK] = entry - 1
+            chunk[head & CHUNK_MASK] = entry - 1
             return count - 1
         if count == 0:
             raise WouldPanic(
@@ -438,30 +445,30 @@ class HypPool:
                 " the refcount would wrap",
                 reason="PUT_OF_FREE_PAGE",
             )
-        shift = self._shift
-        order = entry >> shift
+        shift: i64 = self._shift
+        order: i64 = entry >> shift
         contents = self._contents
         if contents:  # memset(0) of the block: only written pages cost anything
             if order:
                 self.physmem.zero_range(pfn, 1 << order)
             elif pfn in contents:
                 del contents[pfn]
-        freed = pfn
-        lo = self.base_pfn
-        hi = self._range_end_pfn
-        top = self.max_order - 1
+        lo: i64 = self.base_pfn
+        hi: i64 = self._range_end_pfn
+        top: i64 = self.max_order - 1
+        tail: i64 = self._tail
         while order < top:
-            buddy = pfn ^ (1 << order)
+            buddy = head ^ (1 << order)
             if buddy < lo or buddy >= hi or chunk[buddy & CHUNK_MASK] != order << shift:
                 break  # not in range, or not a free head of this order
             self._list_remove(buddy, order)
-            chunk[buddy & CHUNK_MASK] = self._tail
-            pfn &= ~(1 << order)
+            chunk[buddy & CHUNK_MASK] = tail
+            head &= ~(1 << order)
             order += 1
-        if pfn != freed:
-            chunk[freed & CHUNK_MASK] = self._tail
-        chunk[pfn & CHUNK_MASK] = order << shift
-        self._lists[order].append(pfn)
+        if head != pfn:  # merged with a lower buddy: the freed head is a tail now
+            chunk[pfn & CHUNK_MASK] = tail
+        chunk[head & CHUNK_MASK] = order << shift
+        self._lists[order].append(head)
         self._nr_free[order] = self._nr_free[order] + 1
         return 0
 
