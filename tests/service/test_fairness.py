@@ -6,7 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from pkvm_sim.service.fairness import LOOP_TURN_EVERY_S, LOOP_TURN_ITERATIONS, FairLock
+from pkvm_sim.service.fairness import (
+    LOOP_TURN_EVERY_S,
+    LOOP_TURN_ITERATIONS,
+    FairLock,
+    TenantGate,
+)
 
 
 def test_a_light_tenant_overtakes_a_heavy_tenants_queue() -> None:
@@ -94,3 +99,58 @@ def test_the_worker_gives_the_loop_a_turn_between_long_jobs() -> None:
     spans = asyncio.run(scenario())
     gaps = [nxt[0] - prev[1] for prev, nxt in zip(spans, spans[1:], strict=False)]
     assert min(gaps) >= LOOP_TURN_ITERATIONS, gaps
+
+
+def test_the_gate_lets_a_tenants_calls_through_one_at_a_time_in_order() -> None:
+    async def scenario() -> tuple[list[str], int]:
+        gate = TenantGate(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def call(tenant: str, name: str) -> None:
+            await gate.enter(tenant)
+            try:
+                order.append(f"{name} in")
+                if name == "a0":
+                    await release.wait()  # a0 holds A's slot until told
+                await asyncio.sleep(0)
+                order.append(f"{name} out")
+            finally:
+                gate.leave(tenant)
+
+        a_calls = [asyncio.create_task(call("A", f"a{i}")) for i in range(4)]
+        await asyncio.sleep(0.01)
+        await call("B", "b")  # another tenant passes while A's slot is taken
+        release.set()
+        await asyncio.gather(*a_calls)
+        return order, gate.waits
+
+    order, waits = asyncio.run(scenario())
+    assert order == ["a0 in", "b in", "b out", "a0 out", "a1 in", "a1 out", "a2 in", "a2 out",
+                     "a3 in", "a3 out"]
+    assert waits == 3
+
+
+def test_a_cancelled_waiter_takes_no_slot_and_passes_on_one_it_was_handed() -> None:
+    async def scenario() -> list[str]:
+        gate = TenantGate(1)
+        passed: list[str] = []
+
+        async def call(name: str) -> None:
+            await gate.enter("A")
+            passed.append(name)
+            gate.leave("A")
+
+        assert gate.try_enter("A")  # the slot is taken
+        waiting = [asyncio.create_task(call(f"w{i}")) for i in range(3)]
+        await asyncio.sleep(0.01)
+        waiting[0].cancel()  # cancelled while waiting: forgotten
+        await asyncio.sleep(0.01)
+        gate.leave("A")  # handed to w1 ...
+        waiting[1].cancel()  # ... which is cancelled before it runs: w2 gets it
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert gate.try_enter("A")  # and w2 gave it back: the gate is free again
+        gate.leave("A")
+        return passed
+
+    assert asyncio.run(scenario()) == ["w2"]
