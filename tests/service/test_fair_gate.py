@@ -44,8 +44,8 @@ class Outstanding:
         self._guard = threading.Lock()  # jobs finish on the worker thread
         inline, submit = fair._run_inline, fair.submit
 
-        def counted_inline(tenant: str, fn: Callable[[], Any]) -> Any:
-            return inline(tenant, self._counted(tenant, fn))
+        def counted_inline(tenant: str, fn: Callable[[], Any], **options: Any) -> Any:
+            return inline(tenant, self._counted(tenant, fn), **options)
 
         def counted_submit(tenant: str, fn: Callable[[], Any]) -> Any:
             return submit(tenant, self._counted(tenant, fn))
