@@ -12,6 +12,7 @@ from pkvm_sim.service.fairness import (
     LOOP_TURN_EVERY_S,
     LOOP_TURN_ITERATIONS,
     FairLock,
+    TenantGate,
 )
 
 
@@ -133,3 +134,58 @@ def test_a_heavy_tenant_runs_on_the_loop_while_alone_and_queues_once_another_cam
         (0, 0, "loop"), (1, 0, "loop"), (2, 0, "loop"),  # alone: inline, uncounted so far
         (3, 1, "pkvm-fair"),  # another tenant came: the worker
     ]
+
+
+def test_the_gate_lets_a_tenants_calls_through_one_at_a_time_in_order() -> None:
+    async def scenario() -> tuple[list[str], int]:
+        gate = TenantGate(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def call(tenant: str, name: str) -> None:
+            await gate.enter(tenant)
+            try:
+                order.append(f"{name} in")
+                if name == "a0":
+                    await release.wait()  # a0 holds A's slot until told
+                await asyncio.sleep(0)
+                order.append(f"{name} out")
+            finally:
+                gate.leave(tenant)
+
+        a_calls = [asyncio.create_task(call("A", f"a{i}")) for i in range(4)]
+        await asyncio.sleep(0.01)
+        await call("B", "b")  # another tenant passes while A's slot is taken
+        release.set()
+        await asyncio.gather(*a_calls)
+        return order, gate.waits
+
+    order, waits = asyncio.run(scenario())
+    assert order == ["a0 in", "b in", "b out", "a0 out", "a1 in", "a1 out", "a2 in", "a2 out",
+                     "a3 in", "a3 out"]
+    assert waits == 3
+
+
+def test_a_cancelled_waiter_takes_no_slot_and_passes_on_one_it_was_handed() -> None:
+    async def scenario() -> list[str]:
+        gate = TenantGate(1)
+        passed: list[str] = []
+
+        async def call(name: str) -> None:
+            await gate.enter("A")
+            passed.append(name)
+            gate.leave("A")
+
+        assert gate.try_enter("A")  # the slot is taken
+        waiting = [asyncio.create_task(call(f"w{i}")) for i in range(3)]
+        await asyncio.sleep(0.01)
+        waiting[0].cancel()  # cancelled while waiting: forgotten
+        await asyncio.sleep(0.01)
+        gate.leave("A")  # handed to w1 ...
+        waiting[1].cancel()  # ... which is cancelled before it runs: w2 gets it
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert gate.try_enter("A")  # and w2 gave it back: the gate is free again
+        gate.leave("A")
+        return passed
+
+    assert asyncio.run(scenario()) == ["w2"]

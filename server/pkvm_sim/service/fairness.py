@@ -13,12 +13,14 @@ Two rules keep the event loop, which takes every call in and answers it, from be
 by core work:
 
 - The worker gives the loop a turn: once it has held the lock for `LOOP_TURN_EVERY_S`
-  since the loop's last turn, it waits (without the lock, without the GIL) until the loop
-  has run `LOOP_TURN_ITERATIONS` iterations before it picks the next job. Without this, a
-  worker with a full queue hands the interpreter to the loop only for a switch interval
-  between two jobs (a compiled core does not give the GIL up inside a job), so another
-  tenant's call crawls through its steps (read, decode, check, submit, answer) one slice per
-  job of the flood.
+  since the loop's last turn, or after every job while two tenants contend, it waits
+  (without the lock, without the GIL) until the loop has run `LOOP_TURN_ITERATIONS`
+  iterations before it picks the next job. The turn after every job lets the answer of a
+  light tenant's job, and the steps of its next call, run before the next job of a flood.
+  Without turns, a worker with a full queue hands the interpreter to the loop only for a
+  switch interval between two jobs (a compiled core does not give the GIL up inside a
+  job), so another tenant's call crawls through its steps (read, decode, check, submit,
+  answer) one slice per job of the flood.
 - The fast path runs a job at once on the loop, with no thread handoff, only when nothing
   runs or waits, the tenant's recent jobs were cheap (`INLINE_MAX_JOB_S`, a decaying peak of
   its job durations), and the loop has inline credit: it earns `INLINE_SHARE` of wall time
@@ -30,6 +32,15 @@ by core work:
   credit. Nobody waits for the lock then, the loop still reads new calls between two jobs
   (the first one from another tenant ends the solitude), and a long batch's later chunks
   go to the worker as always (`submit`).
+
+The loop itself is shared too: it runs ready steps first come, first served, and each call
+takes a few (read, decode, check, submit, answer). A tenant with many calls in flight on
+its connection (16 Execute streams, 8 threads of unary calls) would keep a step of each
+ready ahead of another tenant's every step. `TenantGate` lets one call or batch of a tenant
+at a time past it (`servicer.GATE_PER_TENANT`); the tenant's others wait before any work, a
+stream before it reads its next batch (HTTP/2 flow control then holds the client back at
+no cost to the server). A batch leaves the gate after its first chunk, so a long batch
+does not hold up its tenant's other calls for longer than a chunk.
 
 While the worker has work and two tenants or more contend (both queued, or both served in
 the last HALF_LIFE_S), the interpreter's switch interval is `BUSY_SWITCH_INTERVAL_S` (0.2 ms
@@ -48,7 +59,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -236,7 +247,9 @@ class FairLock:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(_settle, future, outcome)
             held_since_turn_s += ended - started
-            if held_since_turn_s >= LOOP_TURN_EVERY_S:
+            # Contended (two tenants): a turn after every job, so another tenant's call
+            # advances on the loop between two of a flood's jobs, its answer included.
+            if self._busy or held_since_turn_s >= LOOP_TURN_EVERY_S:
                 self._give_loop_a_turn(loop)
                 held_since_turn_s = 0.0
 
@@ -276,3 +289,111 @@ def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
         future.set_result(value)
     else:
         future.set_exception(value)
+
+
+class TenantGate:
+    """At most `per_tenant` calls or batches of one tenant past the gate at a time; the
+    tenant's others wait in order, each parked on a future of the event loop.
+
+    The fair lock orders the tenants' jobs, but every call also costs the event loop its
+    steps (decode, check, submit, answer), and the loop runs ready steps first come, first
+    served. A tenant with many calls in flight on one connection (16 Execute streams, 8
+    threads of unary calls) keeps that many steps ready ahead of any other tenant's, so
+    another tenant's call waits behind all of them at each of its steps. Past the gate, a
+    tenant has at most `per_tenant` calls with steps to run; the rest cost nothing until
+    their turn. An Execute stream waits here after reading a batch, so it reads its next one
+    only once the gate let this one through: the others stay unread in gRPC's buffers, and
+    HTTP/2 flow control stops the client from sending more. Use from one event loop."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self.waits = 0  # calls that found the tenant's slots taken
+        self._inside: dict[str, int] = {}  # tenant -> its calls past the gate (> 0)
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
+
+    def try_enter(self, tenant: str) -> bool:
+        """Pass at once if the tenant has a free slot (the common case: no await)."""
+        inside = self._inside.get(tenant, 0)
+        if inside >= self.per_tenant:
+            return False
+        self._inside[tenant] = inside + 1
+        return True
+
+    async def enter(self, tenant: str) -> None:
+        """Pass the gate; every enter must be followed by one leave."""
+        if self.try_enter(tenant):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tenant, collections.deque()).append(waiter)
+        self.waits += 1
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a slot as it was cancelled
+                self.leave(tenant)
+            else:
+                self._forget(tenant, waiter)
+            raise
+
+    def leave(self, tenant: str) -> None:
+        """Hand the slot to the tenant's oldest waiter, or free it."""
+        queue = self._waiting.get(tenant)
+        while queue:
+            waiter = queue.popleft()
+            if not queue:
+                del self._waiting[tenant]
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on: the count is unchanged
+                return
+        inside = self._inside[tenant] - 1
+        if inside:
+            self._inside[tenant] = inside
+        else:
+            del self._inside[tenant]
+
+    async def turn(self, tenant: str) -> Turn:
+        """Pass the gate; the slot is held until the returned turn ends."""
+        await self.enter(tenant)
+        return Turn(self, tenant)
+
+    def _forget(self, tenant: str, waiter: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(tenant)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+            if not queue:
+                del self._waiting[tenant]
+
+
+
+class Turn:
+    """A tenant's slot past a TenantGate, held until `end()` (which may be called again)."""
+
+    __slots__ = ("_gate", "_tenant")
+
+    def __init__(self, gate: TenantGate, tenant: str) -> None:
+        self._gate: TenantGate | None = gate
+        self._tenant = tenant
+
+    def end(self) -> None:
+        if self._gate is not None:
+            self._gate.leave(self._tenant)
+            self._gate = None
+
+
+def gated(gate: TenantGate, handler: Callable[[Any, Any], Awaitable[T]]
+          ) -> Callable[[Any, Any], Coroutine[Any, Any, T]]:
+    """A unary handler `handler(request, context)` run in its tenant's turn through `gate`
+    (the tenant: the call's connection, `context.peer()`), keeping its name."""
+
+    async def in_turn(request: Any, context: Any) -> T:
+        tenant = context.peer()
+        if not gate.try_enter(tenant):
+            await gate.enter(tenant)
+        try:
+            return await handler(request, context)
+        finally:
+            gate.leave(tenant)
+
+    in_turn.__name__ = in_turn.__qualname__ = handler.__name__
+    return in_turn

@@ -48,7 +48,7 @@ from .coalesce import Coalesced
 from .counters import ServiceCounters
 from .decoding import Undecodable
 from .errors import ServiceError, describe, to_status
-from .fairness import FairLock
+from .fairness import FairLock, TenantGate, Turn, gated
 from .leases import LeaseTable
 from .limits import Admission, ClientLedger, HypPageLedger, Limits, exhausted
 from .operations import OPERATIONS, Auth, Machine, Operation, stats_response
@@ -110,6 +110,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         # Every unary operation and batch chunk takes the lock through this: tenants get
         # fair turns, and the loop stays free to take in calls (fairness.py).
         self.fair = FairLock(self.lock)
+        # At most GATE_PER_TENANT calls or batches of one tenant on the loop at a time: a
+        # flood of one tenant's calls cannot fill the loop's queue ahead of another's.
+        self.gate = TenantGate(GATE_PER_TENANT)
         self.stopping = False  # set by begin_shutdown: new calls are refused
         self._stop_deadline = float("inf")  # batches end by then (time.monotonic)
         self._idle_streams: set[asyncio.Task[Any]] = set()  # streams waiting for a batch
@@ -257,7 +260,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             return response
 
         handler.__name__ = handler.__qualname__ = method
-        return handler
+        return handler if awaited else gated(self.gate, handler)
 
     async def _save_state(self) -> SaveResult:
         """SaveState: the copy is taken under the lock; compressing and writing run on a
@@ -357,20 +360,28 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 return
             if isinstance(request, Undecodable):
                 raise request.refusal()
-            validate_batch(request)
-            # The stream's token is its VM's, so this also refuses another VM's handle;
-            # NOT_FOUND once the VM is destroyed. Renews the lease.
-            self.tokens.check(request.handle, token)
-            run = BatchRun(self.machine, self._batch_fns, request)
+            # In the tenant's turn (fairness.TenantGate): its streams' next batches stay
+            # unread until this one's first chunk has run.
+            tenant = context.peer()
+            turn = await self.gate.turn(tenant)
             try:
-                await self._run_chunks(run, token, context.peer())
+                validate_batch(request)
+                # The stream's token is its VM's, so this also refuses another VM's handle;
+                # NOT_FOUND once the VM is destroyed. Renews the lease.
+                self.tokens.check(request.handle, token)
+                run = BatchRun(self.machine, self._batch_fns, request)
+                try:
+                    await self._run_chunks(run, token, tenant, turn)
+                finally:
+                    run.count_into(self.counters.operations)
             finally:
-                run.count_into(self.counters.operations)
+                turn.end()
             await context.write(run.response())
             if run.abort_reason == "SHUTTING_DOWN":
                 raise shutting_down("; the batch was cut short")
 
-    async def _run_chunks(self, run: BatchRun, token: str | None, tenant: str) -> None:
+    async def _run_chunks(self, run: BatchRun, token: str | None, tenant: str,
+                          turn: Turn) -> None:
         """Run the batch chunk by chunk, each in the tenant's fair turn for the lock
         (fairness.py), so other calls are served between two chunks. A cancelled call
         (client gone, deadline passed) stops at the next boundary: the await raises
@@ -378,6 +389,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         chunk_fn = functools.partial(self._chunk, run, token)
         if await self.fair.run(tenant, chunk_fn):
             return
+        turn.end()  # a long batch's later chunks leave its tenant's other calls their turns
         while True:
             if self.stopping and time.monotonic() >= self._stop_deadline:
                 run.abort_rest("SHUTTING_DOWN", "the server is shutting down")
@@ -401,6 +413,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             return True
         return run.step(self.chunk_seconds)
 
+
+# Calls or batches of one tenant (connection) on the loop at a time (fairness.TenantGate).
+GATE_PER_TENANT = 1
 
 # Saves are spaced by their duration (busy at most half of the time), GetStats snapshots by
 # ten times theirs (a tenth): see coalesce.py.

@@ -1,0 +1,139 @@
+"""A tenant's calls pass the gate one at a time (service/fairness.py, TenantGate), end to end:
+the real service on a loopback port, real gRPC clients.
+
+Tenant A keeps 16 calls in flight on one connection: 16 Execute streams of 1-operation
+batches, or 16 threads of unary calls, each a 256-page share or unshare (a job of about a
+millisecond on the fair worker). Without the gate, every one of them reaches the fair lock
+and queues there, so A has up to 16 jobs outstanding, each one with steps on the event loop
+ahead of any other tenant's. With the gate, A's other calls wait before any work (a stream
+does not even read its next batch), so A never has more than one job queued or running.
+We count A's outstanding jobs at every submission: an ordering fact, not a duration.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from pkvm.v1 import hypervisor_pb2 as pb2
+from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
+from pkvm_sim.service.fairness import FairLock
+from pkvm_sim.service.server import RunningService
+
+from tests.service.fixtures import bearer, start_service
+from tests.waiting import wait_for
+
+PAGES = 256  # the default max_pages_per_op
+A_CALLS = 16  # 4 VMs x max_streams_per_vm, or 16 threads of unary calls
+A_JOBS = 400  # A's jobs to watch
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
+class Outstanding:
+    """Counts each tenant's jobs submitted to the fair lock and not finished yet, and the
+    most a tenant ever had at once (wraps the two ways in: FairLock.submit, and the inline
+    run of FairLock.run)."""
+
+    def __init__(self, fair: FairLock) -> None:
+        self.now: dict[str, int] = {}
+        self.most: dict[str, int] = {}
+        self.jobs = 0
+        self._guard = threading.Lock()  # jobs finish on the worker thread
+        inline, submit = fair._run_inline, fair.submit
+
+        def counted_inline(tenant: str, fn: Callable[[], Any], **options: Any) -> Any:
+            return inline(tenant, self._counted(tenant, fn), **options)
+
+        def counted_submit(tenant: str, fn: Callable[[], Any]) -> Any:
+            return submit(tenant, self._counted(tenant, fn))
+
+        fair._run_inline = counted_inline  # type: ignore[method-assign]
+        fair.submit = counted_submit  # type: ignore[method-assign]
+
+    def _counted(self, tenant: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        with self._guard:
+            self.now[tenant] = self.now.get(tenant, 0) + 1
+            self.most[tenant] = max(self.most.get(tenant, 0), self.now[tenant])
+
+        def job() -> Any:
+            try:
+                return fn()
+            finally:
+                with self._guard:
+                    self.now[tenant] -= 1
+                    self.jobs += 1
+
+        return job
+
+
+def _stream(stub: Any, vm: Any, pfn: int, running: threading.Event) -> None:
+    def requests() -> Iterator[pb2.ExecuteRequest]:
+        while running.is_set():
+            for op in (pb2.BATCH_OP_HOST_SHARE, pb2.BATCH_OP_HOST_UNSHARE):
+                yield pb2.ExecuteRequest(handle=vm.vm.handle, ops=[op], arg0=[pfn],
+                                         arg1=[PAGES])
+
+    for response in stub.Execute(requests(), metadata=bearer(vm.token), timeout=300):
+        assert list(response.codes) == [0]
+
+
+def _unary(stub: Any, vm: Any, pfn: int, running: threading.Event) -> None:
+    md, handle = bearer(vm.token), vm.vm.handle
+    while running.is_set():
+        stub.HostShare(pb2.HostShareRequest(handle=handle, pfn=pfn, nr_pages=PAGES),
+                       metadata=md, timeout=300)
+        stub.HostUnshare(pb2.HostUnshareRequest(handle=handle, pfn=pfn, nr_pages=PAGES),
+                         metadata=md, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[RunningService]:
+    running = start_service()
+    yield running
+    running.stop(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["streams", "unary"])
+def test_a_flooding_tenant_has_one_job_outstanding_at_a_time(service: RunningService,
+                                                              shape: str) -> None:
+    outstanding = Outstanding(service.servicer.fair)
+    running = threading.Event()
+    running.set()
+    errors: list[BaseException] = []
+    with grpc.insecure_channel(service.target, options=OWN_CONNECTION) as channel:
+        stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
+        vms = [stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=4 * PAGES),
+                             timeout=60) for _ in range(A_CALLS // 4)]
+        start = outstanding.jobs
+
+        def call(fn: Callable[..., None], vm: Any, pfn: int) -> None:
+            try:
+                fn(stub, vm, pfn, running)
+            except grpc.RpcError as error:
+                if running.is_set():
+                    errors.append(error)
+            except AssertionError as error:
+                errors.append(error)
+
+        fn = _stream if shape == "streams" else _unary
+        # 4 callers per VM (max_streams_per_vm), each sharing a range of its own.
+        threads = [threading.Thread(target=call, args=(fn, vm, vm.vm.slice_base_pfn + q * PAGES),
+                                    daemon=True)
+                   for vm in vms for q in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            assert wait_for(lambda: outstanding.jobs - start >= A_JOBS or bool(errors),
+                            seconds=300)
+        finally:
+            running.clear()  # the unary loops stop, the streams' requests end
+            for thread in threads:
+                thread.join(60)
+    assert not errors, errors[:1]
+    flooder = max(outstanding.most, key=lambda tenant: outstanding.most[tenant])
+    # Past the gate: one of A's calls (GATE_PER_TENANT), with one job at a time.
+    assert outstanding.most[flooder] == 1, outstanding.most
