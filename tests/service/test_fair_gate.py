@@ -8,6 +8,8 @@ and queues there, so A has up to 16 jobs outstanding, each one with steps on the
 ahead of any other tenant's. With the gate, A's other calls wait before any work (a stream
 does not even read its next batch), so A never has more than one job queued or running.
 We count A's outstanding jobs at every submission: an ordering fact, not a duration.
+The gate holds a tenant back only while another is about, so tenant B makes one call at a
+time on a connection of its own throughout (alone, A's calls would all pass).
 """
 
 from __future__ import annotations
@@ -80,6 +82,16 @@ def _stream(stub: Any, vm: Any, pfn: int, running: threading.Event) -> None:
         assert list(response.codes) == [0]
 
 
+def _light_tenant(stub: Any, vm: Any, running: threading.Event, calls: list[int]) -> None:
+    """Tenant B: AllocPages + PutPage, one call at a time, until told to stop."""
+    md, handle = bearer(vm.token), vm.vm.handle
+    while running.is_set():
+        pfn = stub.AllocPages(pb2.AllocPagesRequest(handle=handle, order=0), metadata=md,
+                              timeout=300).pfn
+        stub.PutPage(pb2.PutPageRequest(handle=handle, pfn=pfn), metadata=md, timeout=300)
+        calls.append(2)
+
+
 def _unary(stub: Any, vm: Any, pfn: int, running: threading.Event) -> None:
     md, handle = bearer(vm.token), vm.vm.handle
     while running.is_set():
@@ -104,10 +116,18 @@ def test_a_flooding_tenant_has_one_job_outstanding_at_a_time(service: RunningSer
     running = threading.Event()
     running.set()
     errors: list[BaseException] = []
-    with grpc.insecure_channel(service.target, options=OWN_CONNECTION) as channel:
+    b_calls: list[int] = []
+    with grpc.insecure_channel(service.target, options=OWN_CONNECTION) as channel, \
+            grpc.insecure_channel(service.target, options=OWN_CONNECTION) as b_channel:
         stub = pb2_grpc.HypervisorServiceStub(channel)  # type: ignore[no-untyped-call]
+        b_stub = pb2_grpc.HypervisorServiceStub(b_channel)  # type: ignore[no-untyped-call]
         vms = [stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=4 * PAGES),
                              timeout=60) for _ in range(A_CALLS // 4)]
+        b_vm = b_stub.CreateVM(pb2.CreateVMRequest(nr_vcpus=1, slice_pages=PAGES), timeout=60)
+        b_thread = threading.Thread(target=_light_tenant, args=(b_stub, b_vm, running, b_calls),
+                                    daemon=True)
+        b_thread.start()
+        assert wait_for(lambda: len(b_calls) >= 2, seconds=120)  # B is about before A starts
         start = outstanding.jobs
 
         def call(fn: Callable[..., None], vm: Any, pfn: int) -> None:
@@ -131,9 +151,10 @@ def test_a_flooding_tenant_has_one_job_outstanding_at_a_time(service: RunningSer
                             seconds=300)
         finally:
             running.clear()  # the unary loops stop, the streams' requests end
-            for thread in threads:
+            for thread in [*threads, b_thread]:
                 thread.join(60)
     assert not errors, errors[:1]
-    flooder = max(outstanding.most, key=lambda tenant: outstanding.most[tenant])
-    # Past the gate: one of A's calls (GATE_PER_TENANT), with one job at a time.
-    assert outstanding.most[flooder] == 1, outstanding.most
+    assert len(outstanding.most) == 2, outstanding.most  # A and B, each its connection
+    # Past the gate: one of A's calls (GATE_PER_TENANT), with one job at a time; B makes
+    # one call at a time anyway.
+    assert max(outstanding.most.values()) == 1, outstanding.most

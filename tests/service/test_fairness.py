@@ -139,6 +139,7 @@ def test_a_heavy_tenant_runs_on_the_loop_while_alone_and_queues_once_another_cam
 def test_the_gate_lets_a_tenants_calls_through_one_at_a_time_in_order() -> None:
     async def scenario() -> tuple[list[str], int]:
         gate = TenantGate(1)
+        assert gate.try_enter("C")  # another tenant is about for the whole scenario
         order: list[str] = []
         release = asyncio.Event()
 
@@ -169,6 +170,7 @@ def test_the_gate_lets_a_tenants_calls_through_one_at_a_time_in_order() -> None:
 def test_a_cancelled_waiter_takes_no_slot_and_passes_on_one_it_was_handed() -> None:
     async def scenario() -> list[str]:
         gate = TenantGate(1)
+        assert gate.try_enter("C")  # another tenant is about for the whole scenario
         passed: list[str] = []
 
         async def call(name: str) -> None:
@@ -189,3 +191,17 @@ def test_a_cancelled_waiter_takes_no_slot_and_passes_on_one_it_was_handed() -> N
         return passed
 
     assert asyncio.run(scenario()) == ["w2"]
+
+
+def test_the_gate_holds_a_tenant_back_only_while_another_is_about() -> None:
+    gate = TenantGate(1)
+    # Alone, a tenant's calls all pass: one at a time would only cost it its pipelining.
+    assert [gate.try_enter("A") for _ in range(4)] == [True] * 4
+    assert gate.try_enter("B")  # B has no call inside: it passes
+    assert not gate.try_enter("A")  # now A has more than its one slot while B is inside
+    for _ in range(4):
+        gate.leave("A")
+    gate.leave("B")
+    assert gate.try_enter("A")  # A's first slot, free again
+    assert not gate.try_enter("A")  # B was seen a moment ago: A gets one slot only
+
