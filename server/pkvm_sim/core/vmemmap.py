@@ -89,6 +89,28 @@ def _zero_items() -> array[int]:
     return array("q", bytes(CHUNK_ENTRIES * ITEM_BYTES))
 
 
+def _widened_items(little_endian: bytes, typecode: str, start: int) -> array[int]:
+    """A chunk's 'q' items from little-endian layout items of `typecode`, the first one at
+    item `start`, zeros elsewhere. An entry's item has the same bits (stored_item: 'Q'
+    entries become the signed item with those bits), so on a little-endian host each byte
+    lane of the entries goes to the same lane of the items: `width` strided copies in C,
+    with no Python integer per entry (a restore copies the whole vmemmap this way)."""
+    if not _LITTLE_ENDIAN_HOST:
+        entries = array("q" if typecode == "Q" else typecode, little_endian)
+        entries.byteswap()
+        items = _zero_items()
+        items[start:start + len(entries)] = array("q", entries)
+        return items
+    width = array(typecode).itemsize
+    raw = bytearray(CHUNK_ENTRIES * ITEM_BYTES)
+    lanes = memoryview(raw)
+    first = start * ITEM_BYTES
+    last = first + len(little_endian) // width * ITEM_BYTES
+    for byte in range(width):
+        lanes[first + byte:last:ITEM_BYTES] = little_endian[byte::width]
+    return array("q", raw)
+
+
 @final
 class VmemmapSegment:
     """Entries for the contiguous pfns [base_pfn, base_pfn + nr_pages)."""
@@ -200,19 +222,14 @@ class VmemmapSegment:
         if len(blob) != self.nr_pages * width:
             raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has"
                              f" {self.nr_pages * width} bytes, not {len(blob)}")
-        # 'Q' entries are read as 'q': the signed item with the same bits (stored_item).
-        entries = array("q" if self.typecode == "Q" else self.typecode, blob)
-        if not _LITTLE_ENDIAN_HOST:
-            entries.byteswap()
         for c in range(len(self.chunks)):
             first_pfn = self.origin_pfn + c * CHUNK_ENTRIES
             lo = max(first_pfn, self.base_pfn) - self.base_pfn  # in entries
             hi = min(first_pfn + CHUNK_ENTRIES, self.end_pfn) - self.base_pfn
             if len(self.chunks[c]) or blob.count(0, lo * width, hi * width) != (hi - lo) * width:
-                items = _zero_items()
                 start = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
-                items[start:start + hi - lo] = array("q", entries[lo:hi])  # widened to 'q'
-                self.chunks[c] = _chunk_of(items)
+                self.chunks[c] = _chunk_of(
+                    _widened_items(blob[lo * width:hi * width], self.typecode, start))
 
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
         """Native-order bytes of the layout items of the entries of [start_pfn, end_pfn)
