@@ -92,22 +92,20 @@ def _zero_items() -> array[int]:
 def _widened_items(little_endian: bytes, typecode: str, start: int) -> array[int]:
     """A chunk's 'q' items from little-endian layout items of `typecode`, the first one at
     item `start`, zeros elsewhere. An entry's item has the same bits (stored_item: 'Q'
-    entries become the signed item with those bits), so on a little-endian host each byte
-    lane of the entries goes to the same lane of the items: `width` strided copies in C,
-    with no Python integer per entry (a restore copies the whole vmemmap this way)."""
+    entries become the signed item with those bits), so on a little-endian host each entry
+    is the low layout item of its i64: one strided copy of whole layout items in C, with no
+    Python integer per entry (a restore copies the whole vmemmap this way)."""
     if not _LITTLE_ENDIAN_HOST:
         entries = array("q" if typecode == "Q" else typecode, little_endian)
         entries.byteswap()
         items = _zero_items()
         items[start:start + len(entries)] = array("q", entries)
         return items
-    width = array(typecode).itemsize
     raw = bytearray(CHUNK_ENTRIES * ITEM_BYTES)
-    lanes = memoryview(raw)
-    first = start * ITEM_BYTES
-    last = first + len(little_endian) // width * ITEM_BYTES
-    for byte in range(width):
-        lanes[first + byte:last:ITEM_BYTES] = little_endian[byte::width]
+    step = ITEM_BYTES // array(typecode).itemsize  # layout items per i64
+    layout_items = _cast(memoryview(little_endian).cast("B"), typecode)
+    slots = _cast(memoryview(raw), typecode)
+    slots[start * step:(start + len(layout_items)) * step:step] = layout_items
     return array("q", raw)
 
 
