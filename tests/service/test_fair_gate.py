@@ -8,8 +8,10 @@ and queues there, so A has up to 16 jobs outstanding, each one with steps on the
 ahead of any other tenant's. With the gate, A's other calls wait before any work (a stream
 does not even read its next batch), so A never has more than one job queued or running.
 We count A's outstanding jobs at every submission: an ordering fact, not a duration.
-The gate holds a tenant back only while another is about, so tenant B makes one call at a
-time on a connection of its own throughout (alone, A's calls would all pass).
+The gate holds a tenant back only while another is about (alone, A's calls would all pass):
+tenant B makes one call at a time on a connection of its own throughout, and a third tenant
+holds a slot past the gate for the whole flood, as a long call would, so that another tenant
+is about even when B's client thread is starved for longer than the gate's memory of it.
 """
 
 from __future__ import annotations
@@ -101,6 +103,22 @@ def _unary(stub: Any, vm: Any, pfn: int, running: threading.Event) -> None:
                          metadata=md, timeout=300)
 
 
+LONG_CALL_TENANT = "a tenant with a long call in progress"
+
+
+def hold_a_slot(service: RunningService, hold: bool) -> None:
+    """Take (or give back) a slot past the gate for LONG_CALL_TENANT, on the server's loop."""
+    gate = service.servicer.gate
+
+    async def change() -> None:
+        if hold:
+            assert gate.try_enter(LONG_CALL_TENANT)
+        else:
+            gate.leave(LONG_CALL_TENANT)
+
+    service.runner.call(change(), timeout=60)
+
+
 @pytest.fixture(scope="module")
 def service() -> Iterator[RunningService]:
     running = start_service()
@@ -128,6 +146,7 @@ def test_a_flooding_tenant_has_one_job_outstanding_at_a_time(service: RunningSer
                                     daemon=True)
         b_thread.start()
         assert wait_for(lambda: len(b_calls) >= 2, seconds=120)  # B is about before A starts
+        hold_a_slot(service, True)
         start = outstanding.jobs
 
         def call(fn: Callable[..., None], vm: Any, pfn: int) -> None:
@@ -151,6 +170,7 @@ def test_a_flooding_tenant_has_one_job_outstanding_at_a_time(service: RunningSer
                             seconds=300)
         finally:
             running.clear()  # the unary loops stop, the streams' requests end
+            hold_a_slot(service, False)
             for thread in [*threads, b_thread]:
                 thread.join(60)
     assert not errors, errors[:1]

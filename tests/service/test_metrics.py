@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.catalog import load_metric_catalog, series_catalog
 from tests.service.fixtures import RawVM
+from tests.waiting import wait_for
 
 METRICS_LIST = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
 
@@ -35,7 +36,16 @@ def test_exported_names_match_the_list(
     stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=0), metadata=raw_vm.md)
     with pytest.raises(grpc.RpcError):  # a refusal: pkvm_grpc_refusals_total gets a sample
         stub.AllocPages(pb2.AllocPagesRequest(handle=raw_vm.handle, order=99), metadata=raw_vm.md)
-    samples = scrape(service)
+    # The server counts a call when its handler has ended, which may be after the client
+    # has the answer, and /metrics may serve a render made just before: wait for the sample.
+    latest: dict[str, dict[str, list[tuple[dict[str, str], float]]]] = {}
+
+    def refusal_counted() -> bool:
+        latest["samples"] = scrape(service)
+        return "pkvm_grpc_refusals_total" in latest["samples"]
+
+    assert wait_for(refusal_counted, seconds=60)
+    samples = latest["samples"]
     series = series_catalog(load_metric_catalog(METRICS_LIST))
     exported = {name for name in samples if not name.endswith("_created")}
     assert exported == set(series)
