@@ -23,15 +23,18 @@ The service does not depend on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import itertools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -368,9 +371,12 @@ def _clock(seconds: float) -> str:
 
 
 def run_in_process(points: Sequence[Point], on_row: Callable[[Row], None],
-                   rows: list[Row]) -> list[Row]:
-    """Each point in turn, here; finished rows are appended to `rows` as they come."""
+                   rows: list[Row], stop: threading.Event | None = None) -> list[Row]:
+    """Each point in turn, here; finished rows are appended to `rows` as they come. Once
+    `stop` is set, KeyboardInterrupt is raised before the next point."""
     for point in points:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
         row = run_point(point)
         rows.append(row)
         on_row(row)
@@ -590,6 +596,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
+@contextlib.contextmanager
+def ctrl_c_between_points() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C (SIGINT) instead of a KeyboardInterrupt raised wherever the
+    interpreter happens to be, for an in-process run to stop between two points. Ctrl-C
+    once aborted an in-process sweep (SIGABRT, "fatal: out of memory" from mypyc's runtime,
+    with a 28 MiB process), most likely a KeyboardInterrupt surfacing inside the compiled
+    core; between two points none of it is running. Outside the main thread, or where SIGINT
+    is not Python's default handler (ignored in a background job, or handled by the
+    caller), nothing changes."""
+    pressed = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: pressed.set())
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         grid = load_grid(args.grid)
@@ -610,7 +637,8 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         if args.scheduler == "none":
-            run_in_process(points, progress.update, rows)
+            with ctrl_c_between_points() as pressed:
+                run_in_process(points, progress.update, rows, pressed)
         else:
             run_on_dask(points, args.scheduler, args.workers or default_workers(),
                         progress.update, rows, wait_workers=args.wait_workers)
