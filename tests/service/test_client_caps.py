@@ -11,7 +11,7 @@ share of one page in each fresh 2 MiB of the linear map needs a table of its own
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -60,14 +60,6 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
-
-
-@pytest.fixture
-def clients() -> Iterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for client in made:
-        client.close()
 
 
 def hyp_free_pages(stub: Stub) -> int:

@@ -14,7 +14,6 @@ then everything put back).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -35,14 +34,6 @@ from tests.service.test_client_caps import (
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 QUOTA = 32
-
-
-@pytest.fixture
-def clients() -> Iterator[list[Client]]:
-    made: list[Client] = []
-    yield made
-    for client in made:
-        client.close()
 
 
 def room(client: Client, vm: pb2.VM, token: str | None = None) -> int:
