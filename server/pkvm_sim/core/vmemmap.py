@@ -192,7 +192,7 @@ class VmemmapSegment:
         """Chunk c, allocated (zero-filled) if it was absent."""
         chunk = self.chunks[c]
         if not len(chunk):
-            chunk = _chunk_of(_chunk_items(chunk))
+            chunk = _chunk_of(_zero_items())
             self.chunks[c] = chunk
         return chunk
 
@@ -241,11 +241,11 @@ class VmemmapSegment:
         while pfn < stop_pfn:
             lo = pfn & CHUNK_MASK
             hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
-            pieces.append(self._chunk_items(self.chunks[self.chunk_index(pfn)], lo, hi))
+            pieces.append(self._layout_items(self.chunks[self.chunk_index(pfn)], lo, hi))
             pfn += hi - lo
         return b"".join(pieces)
 
-    def _chunk_items(self, chunk: vec[i64], lo: int, hi: int) -> bytes:
+    def _layout_items(self, chunk: vec[i64], lo: int, hi: int) -> bytes:
         """Items [lo, hi) of one chunk as native-order layout items: the low item_bytes of
         each i64 (entries fit them), taken by a strided view, no Python loop."""
         if not len(chunk):

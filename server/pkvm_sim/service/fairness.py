@@ -391,7 +391,6 @@ class TenantGate:
                 del self._waiting[tenant]
 
 
-
 class Turn:
     """A tenant's slot past a TenantGate, held until `end()` (which may be called again)."""
 
