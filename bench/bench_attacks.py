@@ -17,6 +17,14 @@ its own connection(s), to 127.0.0.1 only, for as long as B measures:
 
 Prints p50/p99/max per shape and the p99 ratio to B alone. Targets: ratio <= 3, no call of
 B over 250 ms.
+
+It also prints the machine's floor, which is no attack: B measured while one, then two
+processes spin on the CPU without touching the server (`cpu1`, `cpu2`). On a 2-core machine
+the attacker's client and the server it keeps busy fill both cores in every shape but
+`long`, where the attacker's client mostly waits. So `cpu2` is what B would see under those
+shapes from the operating system's scheduler alone, from a server that spent no time on the
+attack at all. `cpu1` is the same floor for `long`. The floors are references: the verdict
+is on the attack shapes only.
 """
 
 from __future__ import annotations
@@ -138,6 +146,13 @@ def attack_stats(stub: Any, running: Any) -> None:
     _threads(flood, 16)
 
 
+def spin(running: Any) -> None:
+    """Burn one CPU until `running` is cleared; touches nothing else (the floor)."""
+    while running.value:
+        for _ in range(10_000):
+            pass
+
+
 def _threads(fn: Callable[[], None], count: int) -> None:
     threads = [threading.Thread(target=fn) for _ in range(count)]
     for thread in threads:
@@ -146,8 +161,15 @@ def _threads(fn: Callable[[], None], count: int) -> None:
         thread.join()
 
 
-def attacker(shape: str, target: str, running: Any) -> None:
+FLOORS = {"cpu1": 1, "cpu2": 2}  # reference shapes: how many processes spin
+
+
+def attacker(shape: str, target: str, running: Any, niceness: int = 0) -> None:
     """The attack, in its own process, until `running` is cleared."""
+    os.nice(niceness)
+    if shape in FLOORS:
+        spin(running)
+        return
     if shape == "h2flood":
         attack_h2flood(target, running)
         return
@@ -157,11 +179,36 @@ def attacker(shape: str, target: str, running: Any) -> None:
          "stats": attack_stats}[shape](stub, running)
 
 
+def measure_under(shape: str, target: str, stub: Any, vm: Any, pairs: int,
+                  niceness: int) -> dict[str, float]:
+    """B's figures while `shape` runs in its own process(es)."""
+    spawn = multiprocessing.get_context("spawn")  # no fork after gRPC started
+    running = spawn.Value("b", 1)
+    processes = [spawn.Process(target=attacker, args=(shape, target, running, niceness))
+                 for _ in range(FLOORS.get(shape, 1))]
+    for process in processes:
+        process.start()
+    time.sleep(2.0)  # the attack is under way
+    try:
+        return summary(measure_b(stub, vm, pairs))
+    finally:
+        running.value = 0
+        for process in processes:
+            process.join(120)
+            if process.is_alive():
+                process.kill()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=400)
     parser.add_argument("--shapes", default="long,small,unary,h2flood,stats")
+    parser.add_argument("--floors", default="cpu1,cpu2",
+                        help="reference shapes that only spin on the CPU ('' for none)")
+    parser.add_argument("--attacker-nice", type=int, default=0,
+                        help="the attacking (and spinning) processes' niceness")
     args = parser.parse_args()
+    floors = [shape for shape in args.floors.split(",") if shape]
     shapes = args.shapes.split(",")
     process, target = start_server("--quota-hyp-pages", "0", "--max-vms", "2048")
     worst_ratio, worst_ms = 0.0, 0.0
@@ -173,24 +220,19 @@ def main() -> int:
             alone = summary(measure_b(stub, vm, args.pairs))
             print(f"B alone: p50 {alone['p50_ms']:.2f} ms, p99 {alone['p99_ms']:.2f} ms, "
                   f"max {alone['max_ms']:.1f} ms", flush=True)
-            for shape in shapes:
+            for shape in floors + shapes:
                 if shape == "stats":
                     for _ in range(1000 - 1):
                         new_vm(stub, 1)
-                spawn = multiprocessing.get_context("spawn")  # no fork after gRPC started
-                running = spawn.Value("b", 1)
-                attack = spawn.Process(target=attacker, args=(shape, target, running))
-                attack.start()
-                time.sleep(2.0)  # the attack is under way
-                under = summary(measure_b(stub, vm, args.pairs))
-                running.value = 0
-                attack.join(120)
-                if attack.is_alive():
-                    attack.kill()
+                under = measure_under(shape, target, stub, vm, args.pairs, args.attacker_nice)
                 ratio = under["p99_ms"] / alone["p99_ms"]
-                worst_ratio, worst_ms = max(worst_ratio, ratio), max(worst_ms, under["max_ms"])
-                print(f"{shape:8s}: p50 {under['p50_ms']:.2f} ms, p99 {under['p99_ms']:.2f} ms,"
-                      f" max {under['max_ms']:.1f} ms | p99 ratio {ratio:.2f}", flush=True)
+                label = "floor" if shape in FLOORS else "attack"
+                if label == "attack":
+                    worst_ratio = max(worst_ratio, ratio)
+                    worst_ms = max(worst_ms, under["max_ms"])
+                print(f"{label} {shape:8s}: p50 {under['p50_ms']:.2f} ms, p99 "
+                      f"{under['p99_ms']:.2f} ms, max {under['max_ms']:.1f} ms | p99 ratio "
+                      f"{ratio:.2f}", flush=True)
     finally:
         stop_server(process)
     verdict = "ok" if worst_ratio <= 3 and worst_ms <= 250 else "MISSED"
