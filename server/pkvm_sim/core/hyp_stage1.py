@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import preempt
 from .el2_boot import BootMapping, HypVaLayout
 from .errors import WouldPanic
 from .hyp_pool import HypPool
@@ -181,6 +182,7 @@ class HypStage1:
         allocated = 0
         for pfn in pfns:
             assert pfn not in self.mapped, f"hyp already maps page {pfn:#x}"
+            preempt.point()
             parent: int | None = None  # None: the root or a boot table (not counted)
             for key in self._path(pfn):
                 table = self._tables.get(key)
@@ -201,6 +203,7 @@ class HypStage1:
         freed = 0
         for pfn in pfns:
             self.mapped.remove(pfn)
+            preempt.point()
             # Walk back up: put the entry in each table, free the ones left empty.
             for key in reversed(self._path(pfn)):
                 table = self._tables.get(key)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, Protocol, final
 
+from . import preempt
 from .errors import WouldPanic
 from .layout import PageGeometry
 from .physmem import PhysicalMemory
@@ -294,6 +295,7 @@ class Stage2PageTable:
         end = addr + size
         if end > self.ia_size:
             raise ValueError(f"range {addr:#x}+{size:#x} beyond the IPA space")
+        preempt.point()
         walk = _Walk(addr, end, pte)
         for pgd_pfn, _base in self._pgd_pages_for(addr, end):
             ret = self._map_table(pgd_pfn, self.start_level, walk)
@@ -413,6 +415,7 @@ class Stage2PageTable:
         end = min(addr + size, self.ia_size)
         if addr >= end:
             return
+        preempt.point()
         for pgd_pfn, base in self._pgd_pages_for(addr, end):
             self._unmap_table(pgd_pfn, self.start_level, base, addr, end)
 

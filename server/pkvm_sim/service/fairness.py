@@ -85,6 +85,15 @@ IDLE_SWITCH_INTERVAL_S = sys.getswitchinterval()
 Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
 
+
+def let_other_threads_run() -> None:
+    """The core's preemption hook (core/preempt.py). Compiled code keeps the GIL; a call of
+    a plain Python function is where the interpreter hands it to a thread that asked for it
+    (the event loop, gRPC's poller), so another tenant's call is read and answered in the
+    middle of a long operation of a flood (a 256-page share: about 1 ms). The switch
+    interval says how soon a waiting thread asks (BUSY_SWITCH_INTERVAL_S while contended)."""
+
+
 class FairLock:
     """Runs `fn()` under `lock` for a tenant, scheduled fairly (module docstring)."""
 

@@ -25,6 +25,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
+from pkvm_sim.core import preempt
 from pkvm_sim.core.config import SimConfig
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.metrics import (
@@ -39,6 +40,7 @@ from pkvm_sim.settings import split_host_port as split_host_port
 
 from .auth import ClientToken
 from .decoding import add_servicer
+from .fairness import let_other_threads_run
 from .leases import LeaseTable, Reaper, check_interval
 from .servicer import SERVICE_NAME, HypervisorServicer
 
@@ -236,6 +238,7 @@ def start(
     )
     service.tls = credentials is not None
     tune_gc()
+    preempt.set_hook(let_other_threads_run)  # long core walks offer the GIL (core/preempt.py)
     return service
 
 
