@@ -261,10 +261,27 @@ class FairLock:
                 loop.call_soon_threadsafe(_settle, future, outcome)
             held_since_turn_s += ended - started
             # Contended (two tenants): a turn after every job, so another tenant's call
-            # advances on the loop between two of a flood's jobs, its answer included.
-            if self._busy or held_since_turn_s >= LOOP_TURN_EVERY_S:
+            # advances on the loop between two of a flood's jobs, its answer included;
+            # unless a lighter tenant's job already waits: it is picked next, and a turn of
+            # a loop full of the flood's steps would only delay it.
+            if (self._busy or held_since_turn_s >= LOOP_TURN_EVERY_S) \
+                    and not self._lighter_tenant_waiting(tenant):
                 self._give_loop_a_turn(loop)
                 held_since_turn_s = 0.0
+
+    def _lighter_tenant_waiting(self, served: str) -> bool:
+        """Whether a tenant that used the lock less than `served` has a job queued."""
+        with self._state:
+            now = self.clock()
+            used = self._decayed(served, now)
+            return any(self._decayed(tenant, now) < used
+                       for tenant, queue in self._queues.items() if queue and tenant != served)
+
+    @property
+    def contended(self) -> bool:
+        """Whether two tenants or more use the lock lately (see _is_contended)."""
+        with self._state:
+            return self._is_contended(self.clock())
 
     def _give_loop_a_turn(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until `loop` has run LOOP_TURN_ITERATIONS iterations (each call_soon runs in
