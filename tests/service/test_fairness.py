@@ -8,10 +8,13 @@ import math
 import threading
 
 from pkvm_sim.service.fairness import (
+    BUSY_SWITCH_INTERVAL_S,
+    IDLE_SWITCH_INTERVAL_S,
     INLINE_MAX_JOB_S,
     LOOP_TURN_EVERY_S,
     LOOP_TURN_ITERATIONS,
     FairLock,
+    SwitchInterval,
     TenantGate,
 )
 
@@ -205,3 +208,21 @@ def test_the_gate_holds_a_tenant_back_only_while_another_is_about() -> None:
     assert gate.try_enter("A")  # A's first slot, free again
     assert not gate.try_enter("A")  # B was seen a moment ago: A gets one slot only
 
+
+
+def test_the_switch_interval_is_short_while_anyone_holds_it() -> None:
+    import sys
+
+    interval = SwitchInterval()
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(IDLE_SWITCH_INTERVAL_S)
+    try:
+        interval.hold()  # the fair worker, say
+        with interval.held():  # and a GetStats message being built
+            assert math.isclose(sys.getswitchinterval(), BUSY_SWITCH_INTERVAL_S, rel_tol=0.01)
+        # One holder left: still short.
+        assert math.isclose(sys.getswitchinterval(), BUSY_SWITCH_INTERVAL_S, rel_tol=0.01)
+        interval.release()
+        assert math.isclose(sys.getswitchinterval(), IDLE_SWITCH_INTERVAL_S, rel_tol=0.01)
+    finally:
+        sys.setswitchinterval(before)

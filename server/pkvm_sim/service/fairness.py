@@ -63,7 +63,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -84,6 +84,41 @@ IDLE_SWITCH_INTERVAL_S = sys.getswitchinterval()
 
 Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
 
+
+
+class SwitchInterval:
+    """The interpreter's switch interval, shared by whoever needs it short: it is
+    BUSY_SWITCH_INTERVAL_S while one holder or more hold it, IDLE_SWITCH_INTERVAL_S
+    otherwise. Holders: the fair worker while tenants contend, and Python work on other
+    threads that runs for milliseconds (a GetStats message with 1000 VMs), so that the loop
+    thread waits for the GIL at most the short interval meanwhile. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._guard = threading.Lock()
+
+    def hold(self) -> None:
+        with self._guard:
+            self._holders += 1
+            if self._holders == 1:
+                sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S)
+
+    def release(self) -> None:
+        with self._guard:
+            self._holders -= 1
+            if self._holders == 0:
+                sys.setswitchinterval(IDLE_SWITCH_INTERVAL_S)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+SHORT_SWITCH_INTERVAL = SwitchInterval()  # one per process, as the interval is
 
 
 def let_other_threads_run() -> None:
@@ -230,7 +265,10 @@ class FairLock:
         """The switch interval for a worker with work or without (under _state)."""
         if busy != self._busy:
             self._busy = busy
-            sys.setswitchinterval(BUSY_SWITCH_INTERVAL_S if busy else IDLE_SWITCH_INTERVAL_S)
+            if busy:
+                SHORT_SWITCH_INTERVAL.hold()
+            else:
+                SHORT_SWITCH_INTERVAL.release()
 
     def _work(self) -> None:
         held_since_turn_s = 0.0  # lock time since the loop's last turn
