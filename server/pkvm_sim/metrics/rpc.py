@@ -19,6 +19,9 @@ interceptor does at registration time instead of on every call: the `add_*_to_se
 functions register through it and each method handler is wrapped once. grpc.aio runs an
 interceptor chain (two more coroutines and a handler look-up) per call; the service uses
 `InstrumentedServer` for that reason (docs/service.md, "Where a unary call spends its time").
+A behaviour marked `counts_itself` feeds its `RpcStats` directly (`started`, then `ended` or
+`finish`), which spares a unary call the wrapper's coroutine: every wrapper here leaves it as
+it is. The service's unary handlers do so.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -97,9 +100,14 @@ class RpcStats:
     def handled(
         self, record: MethodRecord, code: grpc.StatusCode, start: float, reason: str | None = None
     ) -> None:
+        self.ended(record, code.name, start, reason)
+
+    def ended(self, record: MethodRecord, name: str, start: float,
+              reason: str | None = None) -> None:
+        """Count a call started at `start` (perf_counter) that ended with the status code
+        named `name` ("OK", "NOT_FOUND"...), and a refusal's ErrorInfo reason if any."""
         seconds = time.perf_counter() - start
         bucket = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)  # le is inclusive
-        name = code.name
         with self._lock:
             record.handled[name] = record.handled.get(name, 0) + 1
             record.bucket_counts[bucket] += 1
@@ -200,6 +208,21 @@ def refusal_reason(context: Any) -> str | None:
     return None
 
 
+_COUNTS_ITSELF = "__counts_rpcs_itself__"
+Behaviour = TypeVar("Behaviour", bound=Callable[..., Any])
+
+
+def counts_itself(behaviour: Behaviour) -> Behaviour:
+    """Mark a method handler's behaviour that feeds the RpcStats of its server itself (the
+    metrics wrappers then leave it alone, so that a call is counted once)."""
+    setattr(behaviour, _COUNTS_ITSELF, True)
+    return behaviour
+
+
+def _counts_itself(handler: Handler) -> bool:
+    return bool(getattr(_behavior(handler), _COUNTS_ITSELF, False))
+
+
 def _rebuild(handler: Handler, behavior: Callable[..., Any]) -> Any:
     """`handler` with its behaviour replaced; serializers and streaming flags kept."""
     factory = {
@@ -262,6 +285,8 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
         return self._wrapped.get(handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
+        if _counts_itself(handler):
+            return handler
         return wrap_blocking(self._stats, full_method, handler)
 
 
@@ -360,6 +385,8 @@ class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         return self._wrapped.get(full_method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
+        if _counts_itself(handler):
+            return handler
         behavior = _behavior(handler)
         stats = self._stats
         if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
