@@ -21,7 +21,8 @@ interceptor chain (two more coroutines and a handler look-up) per call; the serv
 `InstrumentedServer` for that reason (docs/service.md, "Where a unary call spends its time").
 A behaviour marked `counts_itself` feeds its `RpcStats` directly (`started`, then `ended` or
 `finish`), which spares a unary call the wrapper's coroutine: every wrapper here leaves it as
-it is. The service's unary handlers do so.
+it is. The service's unary handlers do so, on the event loop, the one thread that writes
+their records: without the lock (`started_unlocked`, `ended_unlocked`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 @dataclass
 class MethodRecord:
-    """Counts of one method; mutated only under `RpcStats._lock`."""
+    """Counts of one method; mutated under `RpcStats._lock`, or by one thread only (the
+    `_unlocked` methods of RpcStats say when)."""
 
     grpc_type: str  # "unary" | "client_stream" | "server_stream" | "bidi_stream"
     service: str
@@ -68,10 +70,14 @@ class MethodRecord:
     refusals: dict[tuple[str, str], int] = field(default_factory=dict)  # (code, reason) -> n
 
     def copy(self) -> MethodRecord:
-        return MethodRecord(
-            self.grpc_type, self.service, self.method, self.started, dict(self.handled),
-            list(self.bucket_counts), self.seconds_sum, dict(self.refusals),
-        )
+        """Each field read whole (under the GIL), in the reverse of the order a call updates
+        them, so that a copy taken while its one writer runs without the lock still has
+        started >= handled >= the histogram's count."""
+        refusals, seconds_sum = dict(self.refusals), self.seconds_sum
+        bucket_counts = list(self.bucket_counts)
+        handled = dict(self.handled)
+        return MethodRecord(self.grpc_type, self.service, self.method, self.started, handled,
+                            bucket_counts, seconds_sum, refusals)
 
 
 class RpcStats:
@@ -94,7 +100,13 @@ class RpcStats:
 
     def started(self, record: MethodRecord) -> float:
         with self._lock:
-            record.started += 1
+            return self.started_unlocked(record)
+
+    def started_unlocked(self, record: MethodRecord) -> float:
+        """`started` without the lock, for a record that one thread alone writes (a handler
+        that counts itself, on its server's event loop); a scrape copies it whole anyway
+        (MethodRecord.copy)."""
+        record.started += 1
         return time.perf_counter()
 
     def handled(
@@ -106,15 +118,20 @@ class RpcStats:
               reason: str | None = None) -> None:
         """Count a call started at `start` (perf_counter) that ended with the status code
         named `name` ("OK", "NOT_FOUND"...), and a refusal's ErrorInfo reason if any."""
-        seconds = time.perf_counter() - start
-        bucket = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)  # le is inclusive
         with self._lock:
-            record.handled[name] = record.handled.get(name, 0) + 1
-            record.bucket_counts[bucket] += 1
-            record.seconds_sum += seconds
-            if reason is not None:
-                key = (name, reason)
-                record.refusals[key] = record.refusals.get(key, 0) + 1
+            self.ended_unlocked(record, name, start, reason)
+
+    def ended_unlocked(self, record: MethodRecord, name: str, start: float,
+                       reason: str | None = None) -> None:
+        """`ended` without the lock, for a record that one thread alone writes (as
+        `started_unlocked`). The order of the updates is the one MethodRecord.copy relies on."""
+        seconds = time.perf_counter() - start
+        record.handled[name] = record.handled.get(name, 0) + 1
+        record.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # le: <=
+        record.seconds_sum += seconds
+        if reason is not None:
+            key = (name, reason)
+            record.refusals[key] = record.refusals.get(key, 0) + 1
 
     def finish(self, record: MethodRecord, context: Any, start: float,
                error: BaseException | None = None) -> None:

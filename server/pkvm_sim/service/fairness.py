@@ -133,19 +133,27 @@ class FairLock:
         """fn(*args)'s result (or exception), run on the loop at once, if the fast path
         (module docstring) allows it; else `Queue.JOB`: nothing ran, and the caller submits
         the job. A unary call does this itself rather than `await run(...)`: one coroutine
-        less per call."""
-        with self._mutex:
-            if self._running or self._waiting:
-                return Queue.JOB
-            started = self.clock()
-            cheap = self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
-                and self._earn_credit(started) > 0.0  # as of `started`: see below
+        less per call.
+
+        The claim of the running slot takes no mutex: jobs are queued only from the loop
+        (`submit`, like this, runs on the event loop that serves the calls), so while the
+        loop finds nothing queued, nothing is, and the worker, which only takes the slot to
+        run a queued job, cannot take it; and the loop sees the slot free only once the
+        worker is done with it. The inline credit is the loop's alone. The rest of the state
+        is the worker's too: read under the mutex when iterated, written under it."""
+        if self._running or self._waiting:
+            return Queue.JOB
+        started = self.clock()
+        cheap = self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
+            and self._earn_credit(started) > 0.0  # as of `started`: see below
+        if not cheap:
             # Alone (nobody else used the lock lately): no one to be fair to, and two
             # thread hand-offs per job cost a stream of batches server CPU and latency
             # (docs/service.md, "Where an Execute batch spends its time").
-            if not cheap and self._is_contended(started):
-                return Queue.JOB
-            self._running = True
+            with self._mutex:
+                if self._is_contended(started):
+                    return Queue.JOB
+        self._running = True
         try:
             with self.lock:
                 return fn(*args)
@@ -182,7 +190,7 @@ class FairLock:
             self._state.notify()
 
     def _earn_credit(self, now: float) -> float:
-        """The loop's inline credit as of now (under _state)."""
+        """The loop's inline credit as of now (the loop's alone: see run_now)."""
         earned = (now - self._credit_at) * INLINE_SHARE
         self._inline_credit_s = min(INLINE_BURST_S, self._inline_credit_s + earned)
         self._credit_at = now
@@ -190,9 +198,12 @@ class FairLock:
 
     def _done(self, tenant: str, seconds: float, now: float) -> None:
         """Charge a job's lock time to its tenant (under _state)."""
-        used, at = self._usage.get(tenant, (0.0, now))
-        self._usage[tenant] = (used * math.exp2((at - now) / HALF_LIFE_S) + seconds, now)
-        self._job_cost[tenant] = max(seconds, JOB_COST_DECAY * self._job_cost.get(tenant, 0.0))
+        usage = self._usage.get(tenant)
+        used = seconds if usage is None else \
+            seconds + usage[0] * math.exp2((usage[1] - now) / HALF_LIFE_S)
+        self._usage[tenant] = (used, now)
+        cost = JOB_COST_DECAY * self._job_cost.get(tenant, 0.0)
+        self._job_cost[tenant] = seconds if seconds > cost else cost  # max(), without a call
 
     def _decayed(self, tenant: str, now: float) -> float:
         used, at = self._usage.get(tenant, (0.0, now))

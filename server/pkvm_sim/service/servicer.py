@@ -235,7 +235,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             return result
 
         async def handler(request: Any, context: Context) -> Any:
-            start = stats.started(record)
+            # Only this handler, on the event loop, writes `record`: no lock needed.
+            start = stats.started_unlocked(record)
             refused: tuple[str, str] | None = None  # (code, reason) of the status sent
             try:
                 context.set_trailing_metadata(instance_metadata)  # sent with the status
@@ -290,12 +291,12 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                         gate.leave(tenant)
             except BaseException as error:  # the abort that sent a refusal, or cancellation
                 if refused is not None:
-                    stats.ended(record, refused[0], start, refused[1] or None)
+                    stats.ended_unlocked(record, refused[0], start, refused[1] or None)
                 else:
                     stats.finish(record, context, start, error)
                 raise
             count_request(method, "OK")
-            stats.ended(record, "OK", start)
+            stats.ended_unlocked(record, "OK", start)
             return response
 
         handler.__name__ = handler.__qualname__ = method
