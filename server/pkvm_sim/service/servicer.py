@@ -8,10 +8,12 @@ see a half-done operation because every core method either completes or raises b
 first write, and both happen inside the lock.
 
 Every unary handler is made by `unary_handler` from the operation's record
-(service/operations.py, which holds the core call, its bounds, quota ledger and reply): the
-handler refuses calls while the server stops or is over its call limit, checks the
-credentials the method needs (`Auth`), runs the operation under the lock, counts the
-operation and the call, and turns refusals into rich statuses. An Execute stream is
+(service/operations.py, which holds the core call, its bounds, quota ledger and reply), as
+one coroutine: the handler counts itself in the grpc_server_* metrics, refuses an
+undecodable request, waits for its tenant's turn at the gate, refuses calls while the
+server stops or is over its call limit, checks the credentials the method needs (`Auth`),
+runs the operation under the lock, counts the operation and the call, and turns refusals
+into rich statuses. An Execute stream is
 authenticated when it starts, counted against the stream limits, closed when idle, and runs
 each batch in chunks of `chunk_seconds` (service/batch.py, whose table of operations is made
 from the same records).
