@@ -8,7 +8,10 @@ Phases, each against every server (each runs in its own process; the client is t
 process): the real service, an echo service built like it (grpc.aio, same settings), and,
 for reference, an echo service in the former flavour (sync, 16 worker threads). They
 alternate phase by phase for --rounds rounds and the medians are
-compared, so that drift on a shared machine hits both sides alike:
+compared, so that drift on a shared machine hits both sides alike: each phase runs against
+the echo and the real service back to back, echo first in even rounds and real first in
+odd ones (a load that rises or falls during a round then favours neither), and against the
+sync echo after them:
   1. unary: 64 concurrent VMs, each looping AllocPages(order 0) + PutPage pairs;
   2. Execute: 8 streams, batches of 1, 64 and 1024 operations (an alloc batch, then a put
      batch of the pfns it returned);
@@ -36,7 +39,7 @@ import grpc
 from pkvm.v1 import hypervisor_pb2 as pb2
 from pkvm.v1 import hypervisor_pb2_grpc as pb2_grpc
 
-KINDS = ("echo", "echo-sync", "real")  # echo: the real server's flavour; echo-sync: reference
+KINDS = ("echo", "real", "echo-sync")  # echo: the real server's flavour; echo-sync: reference
 NR_VMS = 64
 NR_STREAMS = 8
 BATCH_SIZES = (1, 64, 1024)
@@ -345,6 +348,13 @@ def bench_core(seconds: float, batch: int = BATCH_SIZES[-1], *, runs: bool = Fal
     return Figures(ops, time.perf_counter() - t_start, [])
 
 
+def phase_order(round_number: int) -> tuple[str, ...]:
+    """The servers in the order a round's phases measure them: echo and real back to back,
+    their order swapped every round, then the sync echo (a reference only)."""
+    pair = ("echo", "real") if round_number % 2 == 0 else ("real", "echo")
+    return (*pair, "echo-sync")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
@@ -370,10 +380,10 @@ def main() -> int:
     try:
         # Echo and real alternate phase by phase, so drift on a shared machine hits both;
         # the in-process core is measured in every round too, not once after all of them.
-        for _ in range(rounds):
+        for round_number in range(rounds):
             for phase, run in phases:
-                for kind, server in servers.items():
-                    runs.setdefault((kind, phase), []).append(run(server.target))
+                for kind in phase_order(round_number):
+                    runs.setdefault((kind, phase), []).append(run(servers[kind].target))
             cores.append(bench_core(args.seconds / 2))
             core_runs_figures.append(bench_core(args.seconds / 2, runs=True))
     finally:

@@ -39,32 +39,41 @@ OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 class Outstanding:
     """Counts each tenant's jobs submitted to the fair lock and not finished yet, and the
     most a tenant ever had at once (wraps the two ways in: FairLock.submit, and the inline
-    run of FairLock.run)."""
+    run of FairLock.run_now)."""
 
     def __init__(self, fair: FairLock) -> None:
         self.now: dict[str, int] = {}
         self.most: dict[str, int] = {}
         self.jobs = 0
         self._guard = threading.Lock()  # jobs finish on the worker thread
-        inline, submit = fair._run_inline, fair.submit
+        run_now, submit = fair.run_now, fair.submit
 
-        def counted_inline(tenant: str, fn: Callable[[], Any], **options: Any) -> Any:
-            return inline(tenant, self._counted(tenant, fn), **options)
+        def counted_run_now(tenant: str, fn: Callable[..., Any], *args: Any) -> Any:
+            # A job counts once it runs: run_now may answer Queue.JOB without running it
+            # (then it is submitted, and counted there).
+            return run_now(tenant, self._counted(tenant, fn, args, on_start=True))
 
-        def counted_submit(tenant: str, fn: Callable[[], Any]) -> Any:
-            return submit(tenant, self._counted(tenant, fn))
+        def counted_submit(tenant: str, fn: Callable[..., Any], *args: Any) -> Any:
+            return submit(tenant, self._counted(tenant, fn, args))
 
-        fair._run_inline = counted_inline  # type: ignore[method-assign]
+        fair.run_now = counted_run_now  # type: ignore[method-assign]
         fair.submit = counted_submit  # type: ignore[method-assign]
 
-    def _counted(self, tenant: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def _arrived(self, tenant: str) -> None:
         with self._guard:
             self.now[tenant] = self.now.get(tenant, 0) + 1
             self.most[tenant] = max(self.most.get(tenant, 0), self.now[tenant])
 
+    def _counted(self, tenant: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                 *, on_start: bool = False) -> Callable[[], Any]:
+        if not on_start:
+            self._arrived(tenant)
+
         def job() -> Any:
+            if on_start:
+                self._arrived(tenant)
             try:
-                return fn()
+                return fn(*args)
             finally:
                 with self._guard:
                     self.now[tenant] -= 1

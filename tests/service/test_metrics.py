@@ -211,6 +211,33 @@ def test_interceptor_counts_unary_calls_by_code(service: RunningService,
     assert buckets[-1] == (float("inf"), done)
 
 
+def test_an_undecodable_unary_body_is_counted_with_its_reason(
+    service: RunningService, channel: grpc.Channel
+) -> None:
+    """The unary handler counts its own calls (metrics/rpc.py, `counts_itself`): a body that
+    is no AllocPagesRequest is refused before any other step, and still counted once, as
+    started and as handled, with its code and reason."""
+    def figures() -> tuple[float, float, float]:
+        samples = scrape(service)
+        started = sum(v for lab, v in samples["grpc_server_started_total"]
+                      if lab["grpc_method"] == "AllocPages")
+        refused = sum(v for lab, v in samples["grpc_server_handled_total"]
+                      if lab["grpc_method"] == "AllocPages"
+                      and lab["grpc_code"] == "INVALID_ARGUMENT")
+        reasons = sum(v for lab, v in samples.get("pkvm_grpc_refusals_total", [])
+                      if (lab["grpc_method"], lab["grpc_code"], lab["reason"])
+                      == ("AllocPages", "INVALID_ARGUMENT", "UNDECODABLE_REQUEST"))
+        return started, refused, reasons
+
+    started, refused, reasons = figures()
+    raw = channel.unary_unary("/pkvm.v1.HypervisorService/AllocPages")
+    with pytest.raises(grpc.RpcError) as caught:
+        raw(b"\xff\xff\xff", timeout=60)  # a truncated varint: not a message
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert wait_for(lambda: figures()[1] == refused + 1, seconds=60)
+    assert figures() == (started + 1, refused + 1, reasons + 1)
+
+
 def test_interceptor_counts_a_bidi_stream_once(service: RunningService,
                                                stub: pb2_grpc.HypervisorServiceStub,
                                                raw_vm: RawVM) -> None:

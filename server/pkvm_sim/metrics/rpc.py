@@ -19,6 +19,10 @@ interceptor does at registration time instead of on every call: the `add_*_to_se
 functions register through it and each method handler is wrapped once. grpc.aio runs an
 interceptor chain (two more coroutines and a handler look-up) per call; the service uses
 `InstrumentedServer` for that reason (docs/service.md, "Where a unary call spends its time").
+A behaviour marked `counts_itself` feeds its `RpcStats` directly (`started`, then `ended` or
+`finish`), which spares a unary call the wrapper's coroutine: every wrapper here leaves it as
+it is. The service's unary handlers do so, on the event loop, the one thread that writes
+their records: without the lock (`started_unlocked`, `ended_unlocked`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -53,7 +57,8 @@ _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 @dataclass
 class MethodRecord:
-    """Counts of one method; mutated only under `RpcStats._lock`."""
+    """Counts of one method; mutated under `RpcStats._lock`, or by one thread only (the
+    `_unlocked` methods of RpcStats say when)."""
 
     grpc_type: str  # "unary" | "client_stream" | "server_stream" | "bidi_stream"
     service: str
@@ -65,10 +70,14 @@ class MethodRecord:
     refusals: dict[tuple[str, str], int] = field(default_factory=dict)  # (code, reason) -> n
 
     def copy(self) -> MethodRecord:
-        return MethodRecord(
-            self.grpc_type, self.service, self.method, self.started, dict(self.handled),
-            list(self.bucket_counts), self.seconds_sum, dict(self.refusals),
-        )
+        """Each field read whole (under the GIL), in the reverse of the order a call updates
+        them, so that a copy taken while its one writer runs without the lock still has
+        started >= handled >= the histogram's count."""
+        refusals, seconds_sum = dict(self.refusals), self.seconds_sum
+        bucket_counts = list(self.bucket_counts)
+        handled = dict(self.handled)
+        return MethodRecord(self.grpc_type, self.service, self.method, self.started, handled,
+                            bucket_counts, seconds_sum, refusals)
 
 
 class RpcStats:
@@ -91,22 +100,38 @@ class RpcStats:
 
     def started(self, record: MethodRecord) -> float:
         with self._lock:
-            record.started += 1
+            return self.started_unlocked(record)
+
+    def started_unlocked(self, record: MethodRecord) -> float:
+        """`started` without the lock, for a record that one thread alone writes (a handler
+        that counts itself, on its server's event loop); a scrape copies it whole anyway
+        (MethodRecord.copy)."""
+        record.started += 1
         return time.perf_counter()
 
     def handled(
         self, record: MethodRecord, code: grpc.StatusCode, start: float, reason: str | None = None
     ) -> None:
-        seconds = time.perf_counter() - start
-        bucket = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)  # le is inclusive
-        name = code.name
+        self.ended(record, code.name, start, reason)
+
+    def ended(self, record: MethodRecord, name: str, start: float,
+              reason: str | None = None) -> None:
+        """Count a call started at `start` (perf_counter) that ended with the status code
+        named `name` ("OK", "NOT_FOUND"...), and a refusal's ErrorInfo reason if any."""
         with self._lock:
-            record.handled[name] = record.handled.get(name, 0) + 1
-            record.bucket_counts[bucket] += 1
-            record.seconds_sum += seconds
-            if reason is not None:
-                key = (name, reason)
-                record.refusals[key] = record.refusals.get(key, 0) + 1
+            self.ended_unlocked(record, name, start, reason)
+
+    def ended_unlocked(self, record: MethodRecord, name: str, start: float,
+                       reason: str | None = None) -> None:
+        """`ended` without the lock, for a record that one thread alone writes (as
+        `started_unlocked`). The order of the updates is the one MethodRecord.copy relies on."""
+        seconds = time.perf_counter() - start
+        record.handled[name] = record.handled.get(name, 0) + 1
+        record.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # le: <=
+        record.seconds_sum += seconds
+        if reason is not None:
+            key = (name, reason)
+            record.refusals[key] = record.refusals.get(key, 0) + 1
 
     def finish(self, record: MethodRecord, context: Any, start: float,
                error: BaseException | None = None) -> None:
@@ -200,6 +225,21 @@ def refusal_reason(context: Any) -> str | None:
     return None
 
 
+_COUNTS_ITSELF = "__counts_rpcs_itself__"
+Behaviour = TypeVar("Behaviour", bound=Callable[..., Any])
+
+
+def counts_itself(behaviour: Behaviour) -> Behaviour:
+    """Mark a method handler's behaviour that feeds the RpcStats of its server itself (the
+    metrics wrappers then leave it alone, so that a call is counted once)."""
+    setattr(behaviour, _COUNTS_ITSELF, True)
+    return behaviour
+
+
+def _counts_itself(handler: Handler) -> bool:
+    return bool(getattr(_behavior(handler), _COUNTS_ITSELF, False))
+
+
 def _rebuild(handler: Handler, behavior: Callable[..., Any]) -> Any:
     """`handler` with its behaviour replaced; serializers and streaming flags kept."""
     factory = {
@@ -262,6 +302,8 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
         return self._wrapped.get(handler_call_details.method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
+        if _counts_itself(handler):
+            return handler
         return wrap_blocking(self._stats, full_method, handler)
 
 
@@ -360,6 +402,8 @@ class AioServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         return self._wrapped.get(full_method, handler, self._wrap)
 
     def _wrap(self, full_method: str, handler: Handler) -> Handler:
+        if _counts_itself(handler):
+            return handler
         behavior = _behavior(handler)
         stats = self._stats
         if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):

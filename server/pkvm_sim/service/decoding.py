@@ -3,10 +3,10 @@
 gRPC's own handling of a request body that is not the method's protobuf message answers
 UNKNOWN and logs a traceback per call, so one client sending garbage in a loop writes
 gigabytes of log. Here each method's parser returns an `Undecodable` instead of raising; the
-handler answers INVALID_ARGUMENT (reason `UNDECODABLE_REQUEST`) without touching anything,
-and one log line at most every `LOG_INTERVAL_SECONDS` says how many such requests came.
-An Execute stream reads its batches itself and ends with the same status
-(`HypervisorServicer._serve_stream`).
+handler answers INVALID_ARGUMENT (reason `UNDECODABLE_REQUEST`) without touching anything
+(`HypervisorServicer.unary_handler`), and one log line at most every `LOG_INTERVAL_SECONDS`
+says how many such requests came. An Execute stream reads its batches itself and ends with
+the same status (`HypervisorServicer._serve_stream`).
 """
 
 from __future__ import annotations
@@ -87,20 +87,6 @@ def tolerant_parser(message_class: type[Message]) -> Callable[[bytes], Any]:
     return parse
 
 
-def refusing_undecodable(servicer: HypervisorServicer, name: str,
-                         behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    """A unary handler that answers INVALID_ARGUMENT for an Undecodable request."""
-
-    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if isinstance(request, Undecodable):
-            context.set_trailing_metadata(servicer.instance_metadata)
-            servicer.counters.count_request(name, "INVALID_ARGUMENT")
-            await servicer._abort(context, request.refusal())
-        return await behaviour(request, context)
-
-    return handler
-
-
 def add_servicer(servicer: HypervisorServicer, server: grpc.aio.Server) -> None:
     """What the generated add_HypervisorServiceServicer_to_server does, with tolerant
     parsers: one handler per method of the service descriptor."""
@@ -115,9 +101,10 @@ def add_servicer(servicer: HypervisorServicer, server: grpc.aio.Server) -> None:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 behaviour, request_deserializer=parse, response_serializer=serialize)
         else:
+            # The servicer's unary handler answers an Undecodable itself
+            # (HypervisorServicer.unary_handler).
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                refusing_undecodable(servicer, method.name, behaviour),
-                request_deserializer=parse, response_serializer=serialize)
+                behaviour, request_deserializer=parse, response_serializer=serialize)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -59,11 +59,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import math
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -82,7 +83,13 @@ CONTENTION_RECHECK_S = 0.01  # how often the worker counts the tenants of the la
 # per process; with several, the last worker to go idle restores it).
 IDLE_SWITCH_INTERVAL_S = sys.getswitchinterval()
 
-Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+class Queue(enum.Enum):
+    """What `FairLock.run_now` answers when the job must be queued instead."""
+
+    JOB = "queue the job"
+
+
+Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]  # fn, args, future
 
 
 
@@ -130,7 +137,9 @@ def let_other_threads_run() -> None:
 
 
 class FairLock:
-    """Runs `fn()` under `lock` for a tenant, scheduled fairly (module docstring)."""
+    """Runs `fn(*args)` under `lock` for a tenant, scheduled fairly (module docstring).
+
+    `run` is the whole of it: `run_now` (the fast path), else `submit` (the queue)."""
 
     def __init__(self, lock: threading.Lock, *, clock: Callable[[], float] = time.perf_counter
                  ) -> None:
@@ -139,7 +148,10 @@ class FairLock:
         self.inline_jobs = 0
         self.queued_jobs = 0
         self.loop_turns = 0
-        self._state = threading.Condition(threading.Lock())  # guards everything below
+        # Guards everything below. The fast paths take the mutex itself (a Condition's
+        # `with` is two more Python calls); holding it is holding the Condition.
+        self._mutex = threading.Lock()
+        self._state = threading.Condition(self._mutex)
         self._queues: dict[str, collections.deque[Job]] = {}
         self._usage: dict[str, tuple[float, float]] = {}  # tenant -> (seconds, as of when)
         self._job_cost: dict[str, float] = {}  # tenant -> predicted seconds of its next job
@@ -154,31 +166,63 @@ class FairLock:
         self._worker = threading.Thread(target=self._work, name="pkvm-fair", daemon=True)
         self._worker.start()
 
-    async def run(self, tenant: str, fn: Callable[[], T]) -> T:
-        """fn()'s result (or exception), run under the lock in the tenant's turn."""
-        with self._state:
-            now = self.clock()
-            inline = cheap = False
-            if not self._running and not self._waiting:
-                cheap = self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
-                    and self._earn_credit(now) > 0.0
-                # Alone (nobody else used the lock lately): no one to be fair to, and two
-                # thread hand-offs per job cost a stream of batches server CPU and latency
-                # (docs/service.md, "Where an Execute batch spends its time").
-                inline = cheap or not self._is_contended(now)
-            if inline:
-                self._running = True
-        if inline:
-            return self._run_inline(tenant, fn, charged=cheap)
-        return await self.submit(tenant, fn)
+    async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args)'s result (or exception), run under the lock in the tenant's turn."""
+        result = self.run_now(tenant, fn, *args)
+        if result is Queue.JOB:
+            return await self.submit(tenant, fn, *args)
+        return result
 
-    def submit(self, tenant: str, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """Queue fn for the worker; the future completes on the caller's loop."""
+    def run_now(self, tenant: str, fn: Callable[..., T], *args: Any) -> T | Queue:
+        """fn(*args)'s result (or exception), run on the loop at once, if the fast path
+        (module docstring) allows it; else `Queue.JOB`: nothing ran, and the caller submits
+        the job. A unary call does this itself rather than `await run(...)`: one coroutine
+        less per call.
+
+        The claim of the running slot takes no mutex: jobs are queued only from the loop
+        (`submit`, like this, runs on the event loop that serves the calls), so while the
+        loop finds nothing queued, nothing is, and the worker, which only takes the slot to
+        run a queued job, cannot take it; and the loop sees the slot free only once the
+        worker is done with it. The inline credit is the loop's alone. The rest of the state
+        is the worker's too: read under the mutex when iterated, written under it."""
+        if self._running or self._waiting:
+            return Queue.JOB
+        started = self.clock()
+        cheap = self._job_cost.get(tenant, 0.0) <= INLINE_MAX_JOB_S \
+            and self._earn_credit(started) > 0.0  # as of `started`: see below
+        if not cheap:
+            # Alone (nobody else used the lock lately): no one to be fair to, and two
+            # thread hand-offs per job cost a stream of batches server CPU and latency
+            # (docs/service.md, "Where an Execute batch spends its time").
+            with self._mutex:
+                if self._is_contended(started):
+                    return Queue.JOB
+        self._running = True
+        try:
+            with self.lock:
+                return fn(*args)
+        finally:
+            ended = self.clock()
+            seconds = ended - started
+            with self._mutex:
+                self._running = False
+                self._done(tenant, seconds, ended)
+                if cheap:  # the credit was earned as of `started` (_earn_credit, inline)
+                    self._inline_credit_s = min(
+                        INLINE_BURST_S, self._inline_credit_s + seconds * INLINE_SHARE
+                    ) - seconds  # a job run because its tenant is alone is not charged:
+                    self._credit_at = ended  # the credit is for sharing
+                self.inline_jobs += 1
+                if self._waiting:
+                    self._state.notify()
+
+    def submit(self, tenant: str, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue fn(*args) for the worker; the future completes on the caller's loop."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        with self._state:
+        with self._mutex:
             if self._closed:
                 raise RuntimeError("the server is stopping")
-            self._queues.setdefault(tenant, collections.deque()).append((fn, future))
+            self._queues.setdefault(tenant, collections.deque()).append((fn, args, future))
             self._waiting += 1
             self.queued_jobs += 1
             self._state.notify()
@@ -190,39 +234,24 @@ class FairLock:
             self._state.notify()
 
     def _earn_credit(self, now: float) -> float:
-        """The loop's inline credit as of now (under _state)."""
+        """The loop's inline credit as of now (the loop's alone: see run_now)."""
         earned = (now - self._credit_at) * INLINE_SHARE
         self._inline_credit_s = min(INLINE_BURST_S, self._inline_credit_s + earned)
         self._credit_at = now
         return self._inline_credit_s
 
-    def _run_inline(self, tenant: str, fn: Callable[[], T], *, charged: bool = True) -> T:
-        """Run fn on the loop; `charged`: its time comes out of the inline credit (a job
-        run because its tenant is alone is not charged: the credit is for sharing)."""
-        started = self.clock()
-        try:
-            with self.lock:
-                return fn()
-        finally:
-            ended = self.clock()
-            with self._state:
-                self._running = False
-                self._done(tenant, ended - started, ended)
-                self._earn_credit(ended)
-                if charged:
-                    self._inline_credit_s -= ended - started
-                self.inline_jobs += 1
-                if self._waiting:
-                    self._state.notify()
-
     def _done(self, tenant: str, seconds: float, now: float) -> None:
         """Charge a job's lock time to its tenant (under _state)."""
-        self._usage[tenant] = (self._decayed(tenant, now) + seconds, now)
-        self._job_cost[tenant] = max(seconds, JOB_COST_DECAY * self._job_cost.get(tenant, 0.0))
+        usage = self._usage.get(tenant)
+        used = seconds if usage is None else \
+            seconds + usage[0] * math.exp2((usage[1] - now) / HALF_LIFE_S)
+        self._usage[tenant] = (used, now)
+        cost = JOB_COST_DECAY * self._job_cost.get(tenant, 0.0)
+        self._job_cost[tenant] = seconds if seconds > cost else cost  # max(), without a call
 
     def _decayed(self, tenant: str, now: float) -> float:
         used, at = self._usage.get(tenant, (0.0, now))
-        return used * math.exp2(-(now - at) / HALF_LIFE_S)
+        return used * math.exp2((at - now) / HALF_LIFE_S)
 
     def _next_job(self) -> tuple[str, Job] | None:
         """The oldest job of the waiting tenant with the least usage (under _state); None
@@ -277,7 +306,7 @@ class FairLock:
                 picked = self._next_job()
                 if picked is None:
                     return
-            tenant, (fn, future) = picked
+            tenant, (fn, args, future) = picked
             if future.cancelled():  # its caller went away while it waited: do not run it
                 with self._state:
                     self._running = False
@@ -286,7 +315,7 @@ class FairLock:
             outcome: tuple[bool, Any]
             try:
                 with self.lock:
-                    outcome = (True, fn())
+                    outcome = (True, fn(*args))
             except BaseException as error:  # noqa: BLE001 (handed to the caller)
                 outcome = (False, error)
             ended = self.clock()
@@ -387,12 +416,15 @@ class TenantGate:
         cases: no await)."""
         now = time.monotonic()
         inside = self._inside.get(tenant, 0)
-        if inside >= self.per_tenant and self._others_about(tenant, now):
+        passes = inside < self.per_tenant or not self._others_about(tenant, now)
+        recent = self._recent
+        if recent and recent[0][0] == tenant:  # _seen's common case, without the call
+            recent[0] = (tenant, now)
+        else:
             self._seen(tenant, now)
-            return False
-        self._seen(tenant, now)
-        self._inside[tenant] = inside + 1
-        return True
+        if passes:
+            self._inside[tenant] = inside + 1
+        return passes
 
     def _others_about(self, tenant: str, now: float) -> bool:
         """Whether a tenant other than `tenant` is inside, waiting, or was seen lately."""
@@ -468,21 +500,3 @@ class Turn:
         if self._gate is not None:
             self._gate.leave(self._tenant)
             self._gate = None
-
-
-def gated(gate: TenantGate, handler: Callable[[Any, Any], Awaitable[T]]
-          ) -> Callable[[Any, Any], Coroutine[Any, Any, T]]:
-    """A unary handler `handler(request, context)` run in its tenant's turn through `gate`
-    (the tenant: the call's connection, `context.peer()`), keeping its name."""
-
-    async def in_turn(request: Any, context: Any) -> T:
-        tenant = context.peer()
-        if not gate.try_enter(tenant):
-            await gate.enter(tenant)
-        try:
-            return await handler(request, context)
-        finally:
-            gate.leave(tenant)
-
-    in_turn.__name__ = in_turn.__qualname__ = handler.__name__
-    return in_turn

@@ -148,8 +148,8 @@ class Operation:
         if len(self.args) == 1:
             (name,) = self.args
             return lambda request: (getattr(request, name),)
-        getter = operator.attrgetter(*self.args)
-        return lambda request: getter(request)
+        getter: Callable[[Any], tuple[Any, ...]] = operator.attrgetter(*self.args)
+        return getter  # several names: attrgetter answers a tuple
 
     @functools.cached_property
     def replier(self) -> Replier:

@@ -215,7 +215,7 @@ def start(
     )
     if state is not None:
         state.attach(servicer)
-    rpc_stats = RpcStats()  # the grpc_server_* series (observe)
+    rpc_stats = servicer.rpc_stats  # the grpc_server_* series (observe)
     runner = EventLoopThread()
     try:
         server, health_servicer, port = runner.call(

@@ -8,10 +8,12 @@ see a half-done operation because every core method either completes or raises b
 first write, and both happen inside the lock.
 
 Every unary handler is made by `unary_handler` from the operation's record
-(service/operations.py, which holds the core call, its bounds, quota ledger and reply): the
-handler refuses calls while the server stops or is over its call limit, checks the
-credentials the method needs (`Auth`), runs the operation under the lock, counts the
-operation and the call, and turns refusals into rich statuses. An Execute stream is
+(service/operations.py, which holds the core call, its bounds, quota ledger and reply), as
+one coroutine: the handler counts itself in the grpc_server_* metrics, refuses an
+undecodable request, waits for its tenant's turn at the gate, refuses calls while the
+server stops or is over its call limit, checks the credentials the method needs (`Auth`),
+runs the operation under the lock, counts the operation and the call, and turns refusals
+into rich statuses. An Execute stream is
 authenticated when it starts, counted against the stream limits, closed when idle, and runs
 each batch in chunks of `chunk_seconds` (service/batch.py, whose table of operations is made
 from the same records).
@@ -41,14 +43,16 @@ from pkvm_sim.core.errors import PkvmError
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.model import HypervisorStatistics
 from pkvm_sim.core.reservation import compute_reservation, partition_carveout
+from pkvm_sim.metrics.rpc import RpcStats, counts_itself
 
 from .auth import ClientToken, TokenRegistry, bearer_token, client_of
 from .batch import BatchRun, batch_functions, validate_batch
 from .coalesce import Coalesced
 from .counters import ServiceCounters
+from .decoding import REASON as UNDECODABLE_REASON
 from .decoding import Undecodable
 from .errors import ServiceError, describe, to_status
-from .fairness import SHORT_SWITCH_INTERVAL, FairLock, TenantGate, Turn, gated
+from .fairness import SHORT_SWITCH_INTERVAL, FairLock, Queue, TenantGate, Turn
 from .leases import LeaseTable
 from .limits import Admission, ClientLedger, HypPageLedger, Limits, exhausted
 from .operations import OPERATIONS, Auth, Machine, Operation, stats_response
@@ -105,6 +109,9 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         self.admission = Admission(self.limits)
         self.ledger = HypPageLedger(self.limits.quota_hyp_pages)
         self.counters = ServiceCounters()
+        # The grpc_server_* series: the unary handlers count themselves in it, the server
+        # wraps the other handlers it serves to count in it too (server.py).
+        self.rpc_stats = RpcStats()
         self.reservation = reserve_message(config)
         self.chunk_seconds = chunk_seconds
         # Every unary operation and batch chunk takes the lock through this: tenants get
@@ -199,19 +206,29 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         return adopted
 
     def unary_handler(self, operation: Operation) -> UnaryHandler:
-        """The handler of one unary RPC. Around `operation.run`: admission, credentials, the
-        simulator lock, the operation count, the call count by status code, and refusals
-        turned into rich statuses. The reply is built after the lock is released (results
-        are immutable snapshots). A coroutine `run` (SaveState) is awaited instead, and
-        takes the lock itself for as long as it needs it."""
+        """The whole of one unary RPC, as one coroutine built once. Each step used to be a
+        coroutine wrapping the next (metrics, undecodable requests, the tenant gate, the
+        call), and those layers cost more than the call's own work (docs/service.md, "Where
+        a unary call spends its time"). In order: the call is counted as started in the
+        grpc_server_* metrics (metrics/rpc.py: this handler `counts_itself`); an undecodable
+        request is refused (decoding.py); the call waits for its tenant's turn at the gate
+        (fairness.TenantGate; not SaveState, whose callers share saves and wait at no cost);
+        then admission, credentials, the operation under the simulator lock in the tenant's
+        fair turn (fairness.FairLock), the operation count, the call count by status code,
+        and refusals turned into rich statuses. The tenant is the call's connection (its
+        peer, read once). The reply is built after the lock is released (results are
+        immutable snapshots). A coroutine `run` (SaveState) is awaited instead, and takes
+        the lock itself for as long as it needs it."""
         method, auth, counted = operation.rpc, operation.auth, operation.counted
         run, read_args, reply = operation.run, operation.read_args, operation.replier
         awaited, admitted, machine = operation.awaited, operation.admitted, self.machine
         with_client = operation.with_client
         operations, count_request = self.counters.operations, self.counters.count_request
         tokens, admission, clients = self.tokens, self.admission, machine.clients
-        instance_metadata = self.instance_metadata
-        fair = self.fair
+        instance_metadata, fair, gate = self.instance_metadata, self.fair, self.gate
+        stats = self.rpc_stats
+        record = stats.record_for(f"/{SERVICE_NAME}/{method}", "unary")
+        gated = not awaited
 
         def locked(*args: Any) -> Any:
             result = run(machine, *args)
@@ -220,47 +237,72 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
             return result
 
         async def handler(request: Any, context: Context) -> Any:
-            context.set_trailing_metadata(instance_metadata)  # sent with the status
+            # Only this handler, on the event loop, writes `record`: no lock needed.
+            start = stats.started_unlocked(record)
+            refused: tuple[str, str] | None = None  # (code, reason) of the status sent
             try:
-                if self.stopping:
-                    raise shutting_down()
-                if admitted:  # SaveState's callers share saves and hold no slot
-                    admission.enter_rpc()
+                context.set_trailing_metadata(instance_metadata)  # sent with the status
+                if type(request) is Undecodable:  # changes nothing, waits for nothing
+                    refused = ("INVALID_ARGUMENT", UNDECODABLE_REASON)
+                    count_request(method, "INVALID_ARGUMENT")
+                    await self._abort(context, request.refusal())
+                tenant = context.peer()
+                if gated and not gate.try_enter(tenant):
+                    await gate.enter(tenant)
                 try:
-                    named = None
-                    if auth is Auth.VM:
-                        tokens.check(request.handle,
-                                     bearer_token(context.invocation_metadata()))
-                        if clients.adoptable:  # a restored VM's first caller adopts it
-                            await self._adopt(request.handle, context.peer())
-                    elif auth is Auth.CLIENT:
-                        named = self.client_token.check(
-                            bearer_token(context.invocation_metadata()), method)
-                    args = read_args(request)
-                    if with_client:  # the per-client caps (limits.ClientLedger)
-                        args = (*args, client_of(named, context.peer()))
-                    if awaited:
-                        result = await run(machine, *args)
-                    else:  # under the lock, in this client's fair turn (fairness.py)
-                        result = await fair.run(context.peer(),
-                                                functools.partial(locked, *args))
-                    response = reply(machine, request, result)
+                    if self.stopping:
+                        raise shutting_down()
+                    if admitted:  # SaveState's callers share saves and hold no slot
+                        admission.enter_rpc()
+                    try:
+                        named = None
+                        if auth is Auth.VM:
+                            tokens.check(request.handle,
+                                         bearer_token(context.invocation_metadata()))
+                            if clients.adoptable:  # a restored VM's first caller adopts it
+                                await self._adopt(request.handle, tenant)
+                        elif auth is Auth.CLIENT:
+                            named = self.client_token.check(
+                                bearer_token(context.invocation_metadata()), method)
+                        args = read_args(request)
+                        if with_client:  # the per-client caps (limits.ClientLedger)
+                            args = (*args, client_of(named, tenant))
+                        if awaited:
+                            result = await run(machine, *args)
+                        else:  # under the lock, in this client's fair turn (fairness.py)
+                            result = fair.run_now(tenant, locked, *args)
+                            if result is Queue.JOB:
+                                result = await fair.submit(tenant, locked, *args)
+                        response = reply(machine, request, result)
+                    finally:
+                        if admitted:
+                            admission.leave_rpc()
+                except REFUSALS as error:
+                    code, reason = describe(error)[:2]
+                    refused = (code.name, reason)
+                    count_request(method, code.name)
+                    await self._abort(context, error)
+                except Exception as error:
+                    log.exception("%s failed", method)
+                    refused = ("INTERNAL", "INTERNAL")
+                    count_request(method, "INTERNAL")
+                    await self._abort(context, ServiceError(grpc.StatusCode.INTERNAL,
+                                                            "INTERNAL", repr(error)))
                 finally:
-                    if admitted:
-                        admission.leave_rpc()
-            except REFUSALS as error:
-                count_request(method, describe(error)[0].name)
-                await self._abort(context, error)
-            except Exception as error:
-                log.exception("%s failed", method)
-                count_request(method, "INTERNAL")
-                await self._abort(context, ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL",
-                                                        repr(error)))
+                    if gated:
+                        gate.leave(tenant)
+            except BaseException as error:  # the abort that sent a refusal, or cancellation
+                if refused is not None:
+                    stats.ended_unlocked(record, refused[0], start, refused[1] or None)
+                else:
+                    stats.finish(record, context, start, error)
+                raise
             count_request(method, "OK")
+            stats.ended_unlocked(record, "OK", start)
             return response
 
         handler.__name__ = handler.__qualname__ = method
-        return handler if awaited else gated(self.gate, handler)
+        return counts_itself(handler)
 
     async def _save_state(self) -> SaveResult:
         """SaveState: the copy is taken under the lock; compressing and writing run on a
