@@ -294,6 +294,32 @@ def test_shares_and_donations_take_hyp_stage1_tables_from_the_hyp_pool(profile: 
     hv.audit()
 
 
+@pytest.mark.parametrize("profile", ["v5.14", "v6.12"])
+def test_audit_counts_each_hyp_stage1_tables_entries(profile: str) -> None:
+    """Each run-time table's refcount is 1 + its entries (one per page mapped under a
+    last-level table, one per child table above it), keyed by PA (v5.14) or by the linear
+    alias (v6.12): the audit recomputes the entries from the mapped pages and refuses a
+    refcount one off, up or down, in any table."""
+    hv = boot(profile=profile, memblocks=["0x80000000:4G"])
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4096)
+    for pfn in range(vm.slice_base_pfn + 600, vm.slice_base_pfn + 2000, 100):
+        hv.host_share(vm.handle, pfn, 3)  # 3 pages, some across a 2 MiB boundary
+    s1 = hv.hyp_stage1
+    tables = s1.table_pages()
+    assert {pfn: entries for pfn, (_level, entries) in tables.items()} == s1.expected_entries()
+    levels = sorted({level for level, _entries in tables.values()})
+    assert levels[-1] == 3 and len(tables) >= 3  # several last-level tables
+    hv.audit()
+    for table in tables:
+        for change, undo in ((hv.hyp_pool.get_page, hv.hyp_pool.put_page),
+                             (hv.hyp_pool.put_page, hv.hyp_pool.get_page)):
+            change(table)
+            with pytest.raises(AssertionError, match="refcount says"):
+                hv.audit()
+            undo(table)
+    hv.audit()
+
+
 def test_v6_1_shares_take_and_give_back_hyp_stage1_tables() -> None:
     """v6.1's hyp_unmap_walker frees empty tables as 6.12's does. A v6.1 VM has no EL2 part
     but the host shares its struct kvm (1 page), struct kvm_vcpu (9680 B: 3 pages) and, at

@@ -490,10 +490,9 @@ class Stage2PageTable:
             pfn, level = stack.pop()
             entries = self.entries(pfn)
             yield pfn, level, len(entries)
-            for idx in sorted(entries, reverse=True):
-                pte = entries[idx]
-                if pte[PTE_KIND] == TABLE:
-                    stack.append((pte[PTE_PFN], level + 1))
+            for idx in sorted([i for i, pte in entries.items() if pte[PTE_KIND] == TABLE],
+                              reverse=True):
+                stack.append((entries[idx][PTE_PFN], level + 1))
 
     def tables_needed_for_page(self, addr: int, planned: set[tuple[int, int]]) -> int:
         """New table pages a page-level map of addr would allocate, not counting tables

@@ -55,6 +55,9 @@ SLOT_BYTES: Final = 8  # one pointer per chunk in a segment's list
 _U64_LIMIT: Final = 1 << 64
 _I64_LIMIT: Final = 1 << 63
 _LITTLE_ENDIAN_HOST: Final = sys.byteorder == "little"
+# VmemmapSegment.fill writes a run of up to this many entries of one chunk item by item: a
+# chunk rebuilt in C costs two 128 KiB copies, a few hundred items set from the interpreter.
+FILL_IN_PLACE_ENTRIES: Final = 256
 
 
 def stored_item(entry: int) -> int:
@@ -154,7 +157,12 @@ class VmemmapSegment:
         self._allocated(self.chunk_index(pfn))[pfn & CHUNK_MASK] = stored_item(entry)
 
     def fill(self, start_pfn: int, stop_pfn: int, entry: int) -> None:
-        """The entries of [start_pfn, stop_pfn) = entry, a chunk at a time."""
+        """The entries of [start_pfn, stop_pfn) = entry, a chunk at a time.
+
+        A short run is written item by item into the chunk (allocated if absent); a longer
+        one builds the chunk anew in C (its items copied out, the run set, copied back),
+        which costs two chunk copies whatever the run's length: a VM's pool (its PGD
+        pages, one to sixteen) would pay them for a few entries."""
         self._check_entry(entry)
         item = stored_item(entry)
         pfn = start_pfn
@@ -162,12 +170,16 @@ class VmemmapSegment:
             c = self.chunk_index(pfn)
             lo = pfn & CHUNK_MASK
             hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
-            if hi - lo == CHUNK_ENTRIES:  # the whole chunk: nothing to keep
-                items = array("q", [item]) * CHUNK_ENTRIES
+            if hi - lo <= FILL_IN_PLACE_ENTRIES:
+                chunk = self._allocated(c)
+                for i in range(lo, hi):
+                    chunk[i] = item
+            elif hi - lo == CHUNK_ENTRIES:  # the whole chunk: nothing to keep
+                self.chunks[c] = _chunk_of(array("q", [item]) * CHUNK_ENTRIES)
             else:
                 items = _chunk_items(self.chunks[c])
                 items[lo:hi] = array("q", [item]) * (hi - lo)
-            self.chunks[c] = _chunk_of(items)
+                self.chunks[c] = _chunk_of(items)
             pfn += hi - lo
 
     def all_zero(self, start_pfn: int, stop_pfn: int) -> bool:
