@@ -130,11 +130,24 @@ class IntsIn:
         nr_entries = values[pos]
         pos += 1
         entries: dict[int, tuple[int, ...]] = {}
-        for _ in range(nr_entries):
-            index = values[pos]
-            end = pos + 2 + values[pos + 1]
-            entries[index] = tuple(values[pos + 2:end])
-            pos = end
+        # Items as objects (compiled: no unboxing and boxing again of each field), and the
+        # two pte lengths the model has built directly: no list slice per entry.
+        items: list[Any] = values
+        pte: tuple[Any, ...]
+        try:
+            for _ in range(nr_entries):
+                index = items[pos]
+                length = values[pos + 1]
+                if length == 4:  # (LEAF, out_pfn, prot, state)
+                    pte = (items[pos + 2], items[pos + 3], items[pos + 4], items[pos + 5])
+                elif length == 2:  # (TABLE, child_pfn), (ANNOTATED, owner_id)
+                    pte = (items[pos + 2], items[pos + 3])
+                else:
+                    pte = tuple(values[pos + 2:pos + 2 + length])
+                entries[index] = pte
+                pos += 2 + length
+        except IndexError:
+            pos = len(values) + 1
         if pos > len(values):
             raise IndexError(f"ints/{self.name}: page {pfn:#x} runs past the end")
         self._pos = pos

@@ -75,9 +75,10 @@ def _absent_chunk() -> vec[i64]:
     return vec[i64]()
 
 
-def _chunk_of(items: array[int]) -> vec[i64]:
-    """An allocated chunk with CHUNK_ENTRIES 'q' `items`, copied through the buffer protocol
-    (a vec built from a list would convert item by item: about 100 times slower)."""
+def _chunk_of(items: array[int] | memoryview) -> vec[i64]:
+    """An allocated chunk with CHUNK_ENTRIES 'q' `items` (an array, or a view of format 'q'),
+    copied through the buffer protocol (a vec built from a list would convert item by item:
+    about 100 times slower)."""
     return vec[i64](items)
 
 
@@ -92,7 +93,12 @@ def _zero_items() -> array[int]:
     return array("q", bytes(CHUNK_ENTRIES * ITEM_BYTES))
 
 
-def _widened_items(little_endian: bytes, typecode: str, start: int) -> array[int]:
+# A chunk's worth of zero items, never written: the source of every chunk allocated from
+# zeros (a vec copies it).
+_ZERO_ITEMS: Final = _zero_items()
+
+
+def _widened_items(little_endian: bytes, typecode: str, start: int) -> array[int] | memoryview:
     """A chunk's 'q' items from little-endian layout items of `typecode`, the first one at
     item `start`, zeros elsewhere. An entry's item has the same bits (stored_item: 'Q'
     entries become the signed item with those bits), so on a little-endian host each entry
@@ -109,7 +115,7 @@ def _widened_items(little_endian: bytes, typecode: str, start: int) -> array[int
     layout_items = _cast(memoryview(little_endian).cast("B"), typecode)
     slots = _cast(memoryview(raw), typecode)
     slots[start * step:(start + len(layout_items)) * step:step] = layout_items
-    return array("q", raw)
+    return memoryview(raw).cast("q")  # the chunk copies it: no array copy in between
 
 
 @final
@@ -189,7 +195,13 @@ class VmemmapSegment:
             lo = pfn & CHUNK_MASK
             hi = min(CHUNK_ENTRIES, lo + stop_pfn - pfn)
             chunk = self.chunks[self.chunk_index(pfn)]
-            if len(chunk):  # an absent chunk is all zeros
+            if not len(chunk):  # an absent chunk is all zeros
+                pass
+            elif hi - lo <= FILL_IN_PLACE_ENTRIES:  # a short run: item by item, as fill
+                for i in range(lo, hi):
+                    if chunk[i]:
+                        return False
+            else:
                 raw = memoryview(chunk).cast("B")[lo * ITEM_BYTES:hi * ITEM_BYTES]
                 if raw.tobytes().count(0) != len(raw):
                     return False
@@ -204,7 +216,7 @@ class VmemmapSegment:
         """Chunk c, allocated (zero-filled) if it was absent."""
         chunk = self.chunks[c]
         if not len(chunk):
-            chunk = _chunk_of(_zero_items())
+            chunk = _chunk_of(_ZERO_ITEMS)
             self.chunks[c] = chunk
         return chunk
 
