@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +17,20 @@ from pkvm_sim.core.errors import (
 )
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.model import FaultOutcome, PageState, PoolKind
+from pkvm_sim.core.pgtable import (
+    ANNOTATED,
+    LEAF,
+    OWNER_HYP,
+    PROT_RWX,
+    PTE_KIND,
+    PTE_PFN,
+    PTE_PROT,
+    PTE_STATE,
+    STATE_OWNED,
+    STATE_SHARED_BORROWED,
+    STATE_SHARED_OWNED,
+    leaf_pte,
+)
 from pkvm_sim.core.profiles import (
     FIRST_KERNEL,
     Operation,
@@ -413,6 +428,53 @@ def test_audit_refuses_a_page_both_guest_mapped_and_hyp_borrowed() -> None:
     hv.hyp_stage1.map_pages([vm.slice_base_pfn])
     with pytest.raises(AssertionError, match="both guest-mapped and hyp-borrowed"):
         hv.audit()
+
+
+def _host_level3_entry(hv: Hypervisor, wanted: Callable[[tuple[int, ...]], bool]
+                       ) -> tuple[dict[int, tuple[int, ...]], int]:
+    """(the live entries of a host level-3 table, an index) of a pte `wanted` accepts."""
+    pgt = hv.host_stage2.pgt
+    for table, level, _n in pgt.table_pages():
+        entries = pgt.entries(table)
+        for index, pte in entries.items():
+            if level == 3 and wanted(pte):
+                return entries, index
+    raise AssertionError("no such host leaf")
+
+
+@pytest.mark.parametrize(("corrupt", "message"), [
+    # a hyp-owned page (annotated) mapped by a valid host leaf instead
+    ((ANNOTATED,), "maps hyp memory"),
+    # a host page annotated as hyp's, though no hyp-owned range holds it
+    ((LEAF, STATE_OWNED), "host annotations differ from hyp-owned memory"),
+    # a host page left SHARED_OWNED though hyp does not borrow it
+    ((LEAF, STATE_SHARED_OWNED), "host stage-2 shared pages differ"),
+    # a host leaf in a state only a guest's leaves have
+    ((LEAF, STATE_SHARED_BORROWED), "bad host page state"),
+])
+def test_audit_refuses_a_host_stage2_that_disagrees_with_ownership(
+        corrupt: tuple[int, ...], message: str) -> None:
+    """Section 5 of the audit, one corruption of a host level-3 entry at a time (the entry
+    count stays, so only the ownership checks can see it)."""
+    hv = boot()
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=64)
+    hv.host_share(vm.handle, vm.slice_base_pfn + 8, 2)  # SHARED_OWNED level-3 leaves
+    hv.host_fault((vm.slice_base_pfn + 12) << hv.page_shift)  # an OWNED one beside them
+    hv.audit()
+    kind = corrupt[0]
+    entries, index = _host_level3_entry(hv, lambda pte: pte[PTE_KIND] == kind and (
+        kind == ANNOTATED or pte[PTE_STATE] == STATE_OWNED))
+    original = entries[index]
+    if kind == ANNOTATED:
+        entries[index] = leaf_pte(0x1000, PROT_RWX)
+    elif corrupt[1] == STATE_OWNED:
+        entries[index] = (ANNOTATED, OWNER_HYP)
+    else:
+        entries[index] = leaf_pte(original[PTE_PFN], original[PTE_PROT], corrupt[1])
+    with pytest.raises(AssertionError, match=message):
+        hv.audit()
+    entries[index] = original
+    hv.audit()
 
 
 # -- finding 5: page by page ------------------------------------------------------------------

@@ -24,7 +24,6 @@ Cost: O(pool pages + mappings): for tests and on-demand checks, never on the hot
 
 from __future__ import annotations
 
-import bisect
 from typing import TYPE_CHECKING
 
 from .host_memory import HOST_OWNED_TAGS
@@ -152,25 +151,33 @@ def audit(hv: Hypervisor) -> None:
     donated = [a for a in hm.allocations.values() if not a.owner.startswith(HOST_OWNED_TAGS)]
     hyp_owned += [(a.base_pfn << shift, a.end_pfn << shift) for a in donated]
     hyp_runs = _merge(hyp_owned)
-    starts = [s for s, _e in hyp_runs]
-    annotated: list[tuple[int, int]] = []
+    run_starts, run_ends = [s for s, _e in hyp_runs], [e for _s, e in hyp_runs]
+    # mappings() walks in address order, so the leaves' starts increase: the first hyp run
+    # that ends after a leaf's start only moves forward, and the annotations are merged into
+    # runs (as _merge would) as they come.
+    annotated_starts: list[int] = []
+    annotated_ends: list[int] = []
     shared_host: set[int] = set()
+    run = 0
     for m in hv.host_stage2.pgt.mappings():
-        if m.pte[PTE_KIND] == ANNOTATED:
-            annotated.append((m.start, m.end))
+        start, end, pte = m.start, m.end, m.pte
+        if pte[PTE_KIND] == ANNOTATED:
+            if annotated_ends and start <= annotated_ends[-1]:
+                annotated_ends[-1] = max(annotated_ends[-1], end)
+            else:
+                annotated_starts.append(start)
+                annotated_ends.append(end)
             continue
-        assert m.pte[PTE_KIND] == LEAF
-        # The hyp runs from the last one starting at or before the leaf, up to the leaf's
-        # end (indices, not a slice: a slice would copy the rest of the list per leaf).
-        i = max(bisect.bisect_right(starts, m.start) - 1, 0)
-        while i < len(hyp_runs) and hyp_runs[i][0] < m.end:
-            assert hyp_runs[i][1] <= m.start, \
-                f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
-            i += 1
-        if m.pte[PTE_STATE] != STATE_OWNED:
-            assert m.pte[PTE_STATE] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
-            shared_host.add(m.start >> shift)
-    assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
+        assert pte[PTE_KIND] == LEAF
+        while run < len(run_ends) and run_ends[run] <= start:
+            run += 1
+        assert run == len(run_starts) or end <= run_starts[run], \
+            f"host leaf [{start:#x}, {end:#x}) maps hyp memory"
+        if pte[PTE_STATE] != STATE_OWNED:
+            assert pte[PTE_STATE] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
+            shared_host.add(start >> shift)
+    assert annotated_starts == run_starts and annotated_ends == run_ends, \
+        "host annotations differ from hyp-owned memory"
 
     hyp_mapped = set(hv.hyp_shared) | set(hv.kernel_shared)
     if hv.pins_map:  # v6.16+: EL2 maps a shared page only while it is pinned

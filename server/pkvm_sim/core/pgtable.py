@@ -451,17 +451,23 @@ class Stage2PageTable:
     # -- read-only walks ---------------------------------------------------------------
 
     def mappings(self, start: int = 0, end: int | None = None) -> Iterator[Mapping]:
-        """Every non-zero, non-table pte intersecting [start, end), in address order."""
+        """Every non-zero, non-table pte intersecting [start, end), in address order (all
+        collected before the first is returned: one recursive walk that appends to a list,
+        not a generator per table)."""
         end = self.ia_size if end is None else end
+        found: list[Mapping] = []
         for pgd_pfn, base in self._pgd_pages_for(start, end):
-            yield from self._leaves(pgd_pfn, self.start_level, base, start, end)
+            self._collect_leaves(pgd_pfn, self.start_level, base, start, end, found)
+        return iter(found)
 
-    def _leaves(self, table: int, level: int, base: int, start: int, end: int) -> Iterator[Mapping]:
+    def _collect_leaves(self, table: int, level: int, base: int, start: int, end: int,
+                        found: list[Mapping]) -> None:
+        size = 1 << self._shift[level]
         for _idx, pte, at in self._slots_in(table, level, base, start, end):
             if pte[PTE_KIND] == TABLE:
-                yield from self._leaves(pte[PTE_PFN], level + 1, at, start, end)
+                self._collect_leaves(pte[PTE_PFN], level + 1, at, start, end, found)
             else:
-                yield Mapping(at, at + (1 << self._shift[level]), level, pte)
+                found.append(Mapping(at, at + size, level, pte))
 
     def range_compatible(self, start: int, end: int, accept: Callable[[Pte], bool]) -> bool:
         """True when every non-zero leaf pte covering [start, end) satisfies `accept`.
