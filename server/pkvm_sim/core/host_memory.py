@@ -170,9 +170,14 @@ class HostMemory:
 
     def reindex(self) -> None:
         """Rebuild the tag index from `allocations` (after they are replaced wholesale)."""
-        self._by_tag = {}
-        for alloc in self.allocations.values():
-            self._by_tag.setdefault(_tag(alloc.owner), set()).add(alloc.base_pfn)
+        by_tag: dict[str, set[int]] = {}
+        for base, alloc in self.allocations.items():
+            tag = _tag(alloc.owner)
+            bases = by_tag.get(tag)
+            if bases is None:
+                bases = by_tag[tag] = set()
+            bases.add(base)
+        self._by_tag = by_tag
 
     def free(self, base_pfn: int) -> HostAllocation:
         alloc = self.allocations.pop(base_pfn)
@@ -262,4 +267,4 @@ class HostMemory:
 
 def _tag(owner: str) -> str:
     """'slab:' for 'slab:kvm_vcpu': the prefix alloc_grouped groups by."""
-    return owner.split(":", 1)[0] + ":"
+    return owner.partition(":")[0] + ":"

@@ -75,10 +75,9 @@ def _absent_chunk() -> vec[i64]:
     return vec[i64]()
 
 
-def _chunk_of(items: array[int] | memoryview) -> vec[i64]:
-    """An allocated chunk with CHUNK_ENTRIES 'q' `items` (an array, or a view of format 'q'),
-    copied through the buffer protocol (a vec built from a list would convert item by item:
-    about 100 times slower)."""
+def _chunk_of(items: array[int]) -> vec[i64]:
+    """An allocated chunk with CHUNK_ENTRIES 'q' `items`, copied through the buffer protocol
+    (a vec built from a list would convert item by item: about 100 times slower)."""
     return vec[i64](items)
 
 
@@ -96,16 +95,24 @@ def _zero_items() -> array[int]:
 # A chunk's worth of zero items, never written: the source of every chunk allocated from
 # zeros (a vec copies it).
 _ZERO_ITEMS: Final = _zero_items()
+_ZERO_BYTES: Final = memoryview(bytes(CHUNK_ENTRIES * ITEM_BYTES))
 
 
-def _widened_items(little_endian: bytes, typecode: str, start: int) -> array[int] | memoryview:
+def _zero_bytes(data: bytes, start: int, stop: int) -> bool:
+    """Whether data[start:stop] (at most a chunk of items) is all zero bytes: compared with
+    zeros in place (memcmp), some 20 times faster than counting the zero bytes."""
+    return data.startswith(_ZERO_BYTES[:stop - start], start)
+
+
+def _widened_items(little_endian: bytes | memoryview, typecode: str, start: int
+                   ) -> array[int]:
     """A chunk's 'q' items from little-endian layout items of `typecode`, the first one at
     item `start`, zeros elsewhere. An entry's item has the same bits (stored_item: 'Q'
     entries become the signed item with those bits), so on a little-endian host each entry
     is the low layout item of its i64: one strided copy of whole layout items in C, with no
     Python integer per entry (a restore copies the whole vmemmap this way)."""
     if not _LITTLE_ENDIAN_HOST:
-        entries = array("q" if typecode == "Q" else typecode, little_endian)
+        entries = array("q" if typecode == "Q" else typecode, bytes(little_endian))
         entries.byteswap()
         items = _zero_items()
         items[start:start + len(entries)] = array("q", entries)
@@ -115,7 +122,7 @@ def _widened_items(little_endian: bytes, typecode: str, start: int) -> array[int
     layout_items = _cast(memoryview(little_endian).cast("B"), typecode)
     slots = _cast(memoryview(raw), typecode)
     slots[start * step:(start + len(layout_items)) * step:step] = layout_items
-    return memoryview(raw).cast("q")  # the chunk copies it: no array copy in between
+    return array("q", raw)  # (a vec built from a memoryview would take it item by item)
 
 
 @final
@@ -244,14 +251,18 @@ class VmemmapSegment:
         if len(blob) != self.nr_pages * width:
             raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has"
                              f" {self.nr_pages * width} bytes, not {len(blob)}")
+        view = memoryview(blob)
         for c in range(len(self.chunks)):
             first_pfn = self.origin_pfn + c * CHUNK_ENTRIES
             lo = max(first_pfn, self.base_pfn) - self.base_pfn  # in entries
             hi = min(first_pfn + CHUNK_ENTRIES, self.end_pfn) - self.base_pfn
-            if len(self.chunks[c]) or blob.count(0, lo * width, hi * width) != (hi - lo) * width:
-                start = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
-                self.chunks[c] = _chunk_of(
-                    _widened_items(blob[lo * width:hi * width], self.typecode, start))
+            if _zero_bytes(blob, lo * width, hi * width):
+                if len(self.chunks[c]):
+                    self.chunks[c] = _chunk_of(_ZERO_ITEMS)
+                continue
+            start = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
+            self.chunks[c] = _chunk_of(
+                _widened_items(view[lo * width:hi * width], self.typecode, start))
 
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
         """Native-order bytes of the layout items of the entries of [start_pfn, end_pfn)
