@@ -484,6 +484,27 @@ def test_a_sparse_vmemmap_section_gives_back_the_raw_entries(raw: bytes) -> None
     assert state_file.dense_vmemmap(sparse) == raw
 
 
+@pytest.mark.parametrize("raw", [
+    bytes(1024) + b"\x01" + bytes(1022) + b"\x02" + bytes(100) + b"\x03",  # short last chunk
+    bytes(range(256)) * 9,  # every chunk stored
+    bytes(5000) + b"\x07" + bytes(3000),  # one chunk stored, in the middle
+])
+def test_a_sparse_section_gives_any_range_of_its_raw_bytes(raw: bytes) -> None:
+    """What a restore reads (one vmemmap chunk's range at a time): every range, inside a
+    stored chunk, across stored and absent ones, at the short end; None when all zero."""
+    sparse = state_file.read_sparse_vmemmap(state_file.sparse_vmemmap(raw))
+    assert len(sparse) == len(raw)
+    edges = sorted({0, 1, 700, 1023, 1024, 1025, 2047, 2048, 3000, 4999, 5001, len(raw) - 1,
+                    len(raw)} & set(range(len(raw) + 1)))
+    for start in edges:
+        for stop in (e for e in edges if e >= start):
+            span = sparse.span(start, stop)
+            if span is None:
+                assert not any(raw[start:stop]), (start, stop)
+            else:
+                assert span == raw[start:stop], (start, stop)
+
+
 @pytest.mark.parametrize(("edit", "says"), [
     (lambda s: s[:-1], "chunks hold"),
     (lambda s: s + b"\0", "chunks hold"),

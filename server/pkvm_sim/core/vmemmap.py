@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, final
 
 from librt.vecs import vec
@@ -247,22 +247,29 @@ class VmemmapSegment:
 
         Chunks stay allocated (a pool indexes its chunks without looking); a chunk that was
         absent stays absent if its entries are all zero."""
-        width = self.item_bytes
-        if len(blob) != self.nr_pages * width:
-            raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has"
-                             f" {self.nr_pages * width} bytes, not {len(blob)}")
         view = memoryview(blob)
+        self.import_spans(len(blob), lambda start, stop: (
+            None if _zero_bytes(blob, start, stop) else view[start:stop]))
+
+    def import_spans(self, raw_bytes: int,
+                     span: Callable[[int, int], bytes | memoryview | None]) -> None:
+        """import_bytes of `raw_bytes` bytes given by range: span(start, stop) is raw bytes
+        [start, stop) (at most a chunk's items), or None when they are all zero."""
+        width = self.item_bytes
+        if raw_bytes != self.nr_pages * width:
+            raise ValueError(f"vmemmap segment at pfn {self.base_pfn:#x} has"
+                             f" {self.nr_pages * width} bytes, not {raw_bytes}")
         for c in range(len(self.chunks)):
             first_pfn = self.origin_pfn + c * CHUNK_ENTRIES
             lo = max(first_pfn, self.base_pfn) - self.base_pfn  # in entries
             hi = min(first_pfn + CHUNK_ENTRIES, self.end_pfn) - self.base_pfn
-            if _zero_bytes(blob, lo * width, hi * width):
+            items = span(lo * width, hi * width)
+            if items is None:  # all zero
                 if len(self.chunks[c]):
                     self.chunks[c] = _chunk_of(_ZERO_ITEMS)
                 continue
             start = self.base_pfn + lo - first_pfn  # the first chunk's pfns below base_pfn
-            self.chunks[c] = _chunk_of(
-                _widened_items(view[lo * width:hi * width], self.typecode, start))
+            self.chunks[c] = _chunk_of(_widened_items(items, self.typecode, start))
 
     def range_bytes(self, start_pfn: int, end_pfn: int) -> bytes:
         """Native-order bytes of the layout items of the entries of [start_pfn, end_pfn)
