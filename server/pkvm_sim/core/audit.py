@@ -54,7 +54,7 @@ def audit(hv: Hypervisor) -> None:
             f"pool {pool.name}: pages do not add up"
 
     # 2 + 3: host stage-2 tables and pools.
-    host_tables = _check_tables(hv.host_stage2.pgt, "host")
+    host_tables = _check_tables(hv.host_stage2.pgt, None)
     held = {pfn: (rc, order) for pool in hv.host_pools for pfn, rc, order in pool.held_blocks()}
     assert set(held) == set(host_tables), (
         f"host_s2 pages held but not tables: {sorted(set(held) - set(host_tables))[:8]},"
@@ -95,7 +95,7 @@ def audit(hv: Hypervisor) -> None:
             assert (Operation.VMS not in hv.operations or not vm.ran) and vm.pgt is None
             continue
         assert vm.pgt is not None
-        tables = _check_tables(vm.pgt, f"vm {handle:#x}")
+        tables = _check_tables(vm.pgt, handle)
         assert not set(tables) & table_pfns, "a table page is used twice"
         table_pfns |= set(tables)
         vm_held = {pfn for pfn, _rc, _o in vm.pool.held_blocks()}
@@ -230,15 +230,22 @@ def _pool_has(pool: HypPool, pfn: int) -> bool:
     return pool.contains(pfn)
 
 
-def _check_tables(pgt: Stage2PageTable, what: str) -> dict[int, int]:
-    """{table pfn: level}; asserts the refcount rule and single reference."""
+def _check_tables(pgt: Stage2PageTable, handle: int | None) -> dict[int, int]:
+    """{table pfn: level} of the host's (handle None) or a VM's stage-2; asserts the
+    refcount rule and single reference."""
     seen: dict[int, int] = {}
+    mm_ops = pgt.mm_ops
     for pfn, level, n in pgt.table_pages():
-        assert pfn not in seen, f"{what}: table page {pfn:#x} referenced twice"
+        assert pfn not in seen, f"{_owner(handle)}: table page {pfn:#x} referenced twice"
         seen[pfn] = level
-        count = pgt.mm_ops.page_count(pfn)
-        assert count == 1 + n, f"{what}: table page {pfn:#x} has refcount {count}, {n} entries"
+        count = mm_ops.page_count(pfn)
+        assert count == 1 + n, \
+            f"{_owner(handle)}: table page {pfn:#x} has refcount {count}, {n} entries"
     return seen
+
+
+def _owner(handle: int | None) -> str:
+    return "host" if handle is None else f"vm {handle:#x}"
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -422,16 +422,21 @@ class Stage2PageTable:
         in address order; `base` is the address the table's entry 0 maps. A snapshot, so the
         caller may change the table while it iterates."""
         shift = self._shift[level]
+        entries = self.entries(table)
+        return [(idx, entries[idx], base + (idx << shift))
+                for idx in self._indices_in(entries, shift, base, start, end)]
+
+    def _indices_in(self, entries: dict[int, Pte], shift: int, base: int, start: int,
+                    end: int) -> list[int]:
+        """The indices of `entries` (a table whose entries map 2**shift bytes each from
+        `base`) that intersect [start, end), in increasing order."""
         lo = max(0, (start - base) >> shift)
         hi = min(self.ptrs - 1, (end - 1 - base) >> shift)
-        entries = self.entries(table)
         if hi - lo < len(entries):  # a narrow window on a full table: probe the window
-            indices = [i for i in range(lo, hi + 1) if i in entries]
-        elif lo == 0 and hi == self.ptrs - 1:  # the whole table
-            indices = sorted(entries)
-        else:
-            indices = sorted(i for i in entries if lo <= i <= hi)
-        return [(idx, entries[idx], base + (idx << shift)) for idx in indices]
+            return [i for i in range(lo, hi + 1) if i in entries]
+        if lo == 0 and hi == self.ptrs - 1:  # the whole table
+            return sorted(entries)
+        return sorted([i for i in entries if lo <= i <= hi])
 
     def _unmap_table(self, table: int, level: int, base: int, start: int, end: int) -> None:
         mm = self.mm_ops
@@ -462,8 +467,12 @@ class Stage2PageTable:
 
     def _collect_leaves(self, table: int, level: int, base: int, start: int, end: int,
                         found: list[Mapping]) -> None:
-        size = 1 << self._shift[level]
-        for _idx, pte, at in self._slots_in(table, level, base, start, end):
+        shift = self._shift[level]
+        size = 1 << shift
+        entries = self.entries(table)  # read, not changed: no snapshot of (index, pte) pairs
+        for idx in self._indices_in(entries, shift, base, start, end):
+            pte = entries[idx]
+            at = base + (idx << shift)
             if pte[PTE_KIND] == TABLE:
                 self._collect_leaves(pte[PTE_PFN], level + 1, at, start, end, found)
             else:
