@@ -152,15 +152,17 @@ def audit(hv: Hypervisor) -> None:
     hyp_owned += [(a.base_pfn << shift, a.end_pfn << shift) for a in donated]
     hyp_runs = _merge(hyp_owned)
     run_starts, run_ends = [s for s, _e in hyp_runs], [e for _s, e in hyp_runs]
-    # mappings() walks in address order, so the leaves' starts increase: the first hyp run
+    # The walk is in address order, so the leaves' starts increase: the first hyp run
     # that ends after a leaf's start only moves forward, and the annotations are merged into
     # runs (as _merge would) as they come.
     annotated_starts: list[int] = []
     annotated_ends: list[int] = []
     shared_host: set[int] = set()
     run = 0
-    for m in hv.host_stage2.pgt.mappings():
-        start, end, pte = m.start, m.end, m.pte
+    host_pgt = hv.host_stage2.pgt
+    leaves = host_pgt.leaf_columns()
+    for start, level, pte in zip(leaves.starts, leaves.levels, leaves.ptes, strict=True):
+        end = start + host_pgt.granule(level)
         if pte[PTE_KIND] == ANNOTATED:
             if annotated_ends and start <= annotated_ends[-1]:
                 annotated_ends[-1] = max(annotated_ends[-1], end)
@@ -174,7 +176,7 @@ def audit(hv: Hypervisor) -> None:
         assert run == len(run_starts) or end <= run_starts[run], \
             f"host leaf [{start:#x}, {end:#x}) maps hyp memory"
         if pte[PTE_STATE] != STATE_OWNED:
-            assert pte[PTE_STATE] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
+            assert pte[PTE_STATE] == STATE_SHARED_OWNED and level == 3, "bad host page state"
             shared_host.add(start >> shift)
     assert annotated_starts == run_starts and annotated_ends == run_ends, \
         "host annotations differ from hyp-owned memory"
@@ -205,10 +207,11 @@ def audit(hv: Hypervisor) -> None:
     for handle, vm in hv.vm_table.items():
         if vm.pgt is None:
             continue
-        for m in vm.pgt.mappings():
-            assert m.level == 3 and m.pte[PTE_STATE] == STATE_SHARED_BORROWED, \
-                f"VM {handle:#x}: guest leaf at {m.start:#x} is not a shared page"
-            pfn = m.pte[PTE_PFN]
+        leaves = vm.pgt.leaf_columns()
+        for start, level, pte in zip(leaves.starts, leaves.levels, leaves.ptes, strict=True):
+            assert level == 3 and pte[PTE_STATE] == STATE_SHARED_BORROWED, \
+                f"VM {handle:#x}: guest leaf at {start:#x} is not a shared page"
+            pfn = pte[PTE_PFN]
             assert vm.in_slice(pfn), f"VM {handle:#x} maps pfn {pfn:#x} outside its slice"
             guest_leaves[pfn] = guest_leaves.get(pfn, 0) + 1
     assert guest_leaves == hv.guest_shared, "guest share counts differ from guest leaves"

@@ -143,6 +143,19 @@ class Mapping:
                 f" pte={self.pte!r})")
 
 
+@final
+class LeafColumns:
+    """The leaves of a walk (Stage2PageTable.leaf_columns), one list per field: leaf i maps
+    [starts[i], starts[i] + granule(levels[i])) with ptes[i]."""
+
+    __slots__ = ("starts", "levels", "ptes")
+
+    def __init__(self) -> None:
+        self.starts: Final[list[int]] = []
+        self.levels: Final[list[int]] = []
+        self.ptes: Final[list[Pte]] = []
+
+
 @dataclass
 class PageMapPlan:
     """What page-level maps of a set of pages would do (`Stage2PageTable.plan_page_maps`).
@@ -457,26 +470,36 @@ class Stage2PageTable:
 
     def mappings(self, start: int = 0, end: int | None = None) -> Iterator[Mapping]:
         """Every non-zero, non-table pte intersecting [start, end), in address order (all
-        collected before the first is returned: one recursive walk that appends to a list,
+        collected before the first is returned: one recursive walk that appends to lists,
         not a generator per table)."""
+        leaves = self.leaf_columns(start, end)
+        shift = self._shift
+        return iter([Mapping(at, at + (1 << shift[level]), level, pte)
+                     for at, level, pte in zip(leaves.starts, leaves.levels, leaves.ptes,
+                                               strict=True)])
+
+    def leaf_columns(self, start: int = 0, end: int | None = None) -> LeafColumns:
+        """mappings() as columns: no object per leaf (the audit walks every leaf of every
+        stage-2; a Mapping each is tens of thousands of objects for the collector)."""
         end = self.ia_size if end is None else end
-        found: list[Mapping] = []
+        leaves = LeafColumns()
         for pgd_pfn, base in self._pgd_pages_for(start, end):
-            self._collect_leaves(pgd_pfn, self.start_level, base, start, end, found)
-        return iter(found)
+            self._collect_leaves(pgd_pfn, self.start_level, base, start, end, leaves)
+        return leaves
 
     def _collect_leaves(self, table: int, level: int, base: int, start: int, end: int,
-                        found: list[Mapping]) -> None:
+                        leaves: LeafColumns) -> None:
         shift = self._shift[level]
-        size = 1 << shift
         entries = self.entries(table)  # read, not changed: no snapshot of (index, pte) pairs
         for idx in self._indices_in(entries, shift, base, start, end):
             pte = entries[idx]
             at = base + (idx << shift)
             if pte[PTE_KIND] == TABLE:
-                self._collect_leaves(pte[PTE_PFN], level + 1, at, start, end, found)
+                self._collect_leaves(pte[PTE_PFN], level + 1, at, start, end, leaves)
             else:
-                found.append(Mapping(at, at + size, level, pte))
+                leaves.starts.append(at)
+                leaves.levels.append(level)
+                leaves.ptes.append(pte)
 
     def range_compatible(self, start: int, end: int, accept: Callable[[Pte], bool]) -> bool:
         """True when every non-zero leaf pte covering [start, end) satisfies `accept`.
