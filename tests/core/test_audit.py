@@ -1,12 +1,26 @@
-"""audit()'s table checks (section 2): each corruption of a stage-2's tables is refused, and
-the message says whose tables (the host's or which VM's)."""
+"""audit()'s stage-2 checks: each corruption of a stage-2's tables (section 2) or of a guest's
+leaves (section 6) is refused, and the message says whose (the host's or which VM's)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from pkvm_sim.core.config import SimConfig
+from pkvm_sim.core.guest import GuestVm
 from pkvm_sim.core.hypervisor import Hypervisor
-from pkvm_sim.core.pgtable import PTE_KIND, TABLE, Stage2PageTable
+from pkvm_sim.core.pgtable import (
+    LEAF,
+    PTE_KIND,
+    PTE_PFN,
+    PTE_PROT,
+    PTE_STATE,
+    STATE_OWNED,
+    TABLE,
+    Pte,
+    Stage2PageTable,
+    leaf_pte,
+)
 
 
 def machine() -> tuple[Hypervisor, int]:
@@ -65,4 +79,33 @@ def test_a_table_page_referenced_twice_is_refused(whose: str) -> None:
     with pytest.raises(AssertionError, match=f"{says}: table page 0x[0-9a-f]+ referenced twice"):
         hv.audit()
     entries[index] = original
+    hv.audit()
+
+
+@pytest.mark.parametrize(("corrupt", "says"), [
+    # a guest leaf in a state only the host's leaves have
+    (lambda pte, vm: leaf_pte(pte[PTE_PFN], pte[PTE_PROT], STATE_OWNED),
+     "guest leaf at 0x[0-9a-f]+ is not a shared page"),
+    # a guest leaf over a page of no slice of its VM
+    (lambda pte, vm: leaf_pte(vm.slice_base_pfn + vm.slice_nr_pages, pte[PTE_PROT],
+                              pte[PTE_STATE]), "maps pfn 0x[0-9a-f]+ outside its slice"),
+    # a guest leaf moved to another page of its slice: the share counts no longer match
+    (lambda pte, vm: leaf_pte(pte[PTE_PFN] + 5, pte[PTE_PROT], pte[PTE_STATE]),
+     "guest share counts differ from guest leaves"),
+])
+def test_a_guest_leaf_that_disagrees_with_the_shares_is_refused(
+        corrupt: Callable[[Pte, GuestVm], Pte], says: str) -> None:
+    hv, handle = machine()
+    vm = hv.vm_table[handle]
+    assert vm.pgt is not None
+    for table, level, _n in vm.pgt.table_pages():
+        entries = vm.pgt.entries(table)
+        leaves = [index for index, pte in entries.items() if pte[PTE_KIND] == LEAF]
+        if level == 3 and leaves:
+            break
+    original = entries[leaves[0]]
+    entries[leaves[0]] = corrupt(original, vm)
+    with pytest.raises(AssertionError, match=f"VM {handle:#x}: {says}|{says}"):
+        hv.audit()
+    entries[leaves[0]] = original
     hv.audit()
