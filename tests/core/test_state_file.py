@@ -519,6 +519,27 @@ def test_a_sparse_vmemmap_section_that_does_not_add_up_is_refused(edit: Any,
         state_file.dense_vmemmap(edit(sparse))
 
 
+@pytest.mark.parametrize("raw_bytes", [2**64 - 1, 2**40, 8])
+def test_a_sparse_vmemmap_of_the_wrong_length_is_refused(good_file: bytes,
+                                                         raw_bytes: int) -> None:
+    """A re-checksummed file whose vmemmap section announces another length (any u64, no
+    chunk stored): refused in one line, nothing allocated for the announced length."""
+    payload, offset, sections = good_file[HEADER.size:], 0, []
+    while offset < len(payload):
+        n = payload[offset]
+        name = payload[offset + 1:offset + 1 + n].decode()
+        offset += 1 + n
+        length = int.from_bytes(payload[offset:offset + 8], "little")
+        sections.append((name, zlib.decompress(payload[offset + 8:offset + 8 + length])))
+        offset += 8 + length
+    sections = [(name, state_file.VMEMMAP_HEAD.pack(raw_bytes, 1024, 0)
+                 if name == "vmemmap/0" else data) for name, data in sections]
+    bad = reheader(b"".join(state_file._section(name, data) for name, data in sections))
+    with pytest.raises(state_file.StateFileError, match="inconsistent machine state") as error:
+        state_file.restore(state_file.decode(bad))
+    assert "\n" not in str(error.value)
+
+
 def test_a_stream_with_values_left_over_is_refused(good_file: bytes) -> None:
     def append_to_vms(decoded: state_file.StateFile) -> None:
         decoded.ints["vms"].append(0)

@@ -1401,7 +1401,7 @@ class Hypervisor:
             if isinstance(blob, bytes):
                 seg.import_bytes(blob)
             else:  # a version-2 file's stored chunks, read in place
-                seg.import_spans(len(blob), blob.span)
+                seg.import_spans(blob.raw_bytes, blob.span)  # (len() fails past 2**63)
 
     def _check_handle_counter(self) -> None:
         """Handles are never reused (the next is VM_HANDLE_OFFSET + VMs ever created): a
