@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +17,20 @@ from pkvm_sim.core.errors import (
 )
 from pkvm_sim.core.hypervisor import Hypervisor
 from pkvm_sim.core.model import FaultOutcome, PageState, PoolKind
+from pkvm_sim.core.pgtable import (
+    ANNOTATED,
+    LEAF,
+    OWNER_HYP,
+    PROT_RWX,
+    PTE_KIND,
+    PTE_PFN,
+    PTE_PROT,
+    PTE_STATE,
+    STATE_OWNED,
+    STATE_SHARED_BORROWED,
+    STATE_SHARED_OWNED,
+    leaf_pte,
+)
 from pkvm_sim.core.profiles import (
     FIRST_KERNEL,
     Operation,
@@ -294,6 +309,32 @@ def test_shares_and_donations_take_hyp_stage1_tables_from_the_hyp_pool(profile: 
     hv.audit()
 
 
+@pytest.mark.parametrize("profile", ["v5.14", "v6.12"])
+def test_audit_counts_each_hyp_stage1_tables_entries(profile: str) -> None:
+    """Each run-time table's refcount is 1 + its entries (one per page mapped under a
+    last-level table, one per child table above it), keyed by PA (v5.14) or by the linear
+    alias (v6.12): the audit recomputes the entries from the mapped pages and refuses a
+    refcount one off, up or down, in any table."""
+    hv = boot(profile=profile, memblocks=["0x80000000:4G"])
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=4096)
+    for pfn in range(vm.slice_base_pfn + 600, vm.slice_base_pfn + 2000, 100):
+        hv.host_share(vm.handle, pfn, 3)  # 3 pages, some across a 2 MiB boundary
+    s1 = hv.hyp_stage1
+    tables = s1.table_pages()
+    assert {pfn: entries for pfn, (_level, entries) in tables.items()} == s1.expected_entries()
+    levels = sorted({level for level, _entries in tables.values()})
+    assert levels[-1] == 3 and len(tables) >= 3  # several last-level tables
+    hv.audit()
+    for table in tables:
+        for change, undo in ((hv.hyp_pool.get_page, hv.hyp_pool.put_page),
+                             (hv.hyp_pool.put_page, hv.hyp_pool.get_page)):
+            change(table)
+            with pytest.raises(AssertionError, match="refcount says"):
+                hv.audit()
+            undo(table)
+    hv.audit()
+
+
 def test_v6_1_shares_take_and_give_back_hyp_stage1_tables() -> None:
     """v6.1's hyp_unmap_walker frees empty tables as 6.12's does. A v6.1 VM has no EL2 part
     but the host shares its struct kvm (1 page), struct kvm_vcpu (9680 B: 3 pages) and, at
@@ -387,6 +428,53 @@ def test_audit_refuses_a_page_both_guest_mapped_and_hyp_borrowed() -> None:
     hv.hyp_stage1.map_pages([vm.slice_base_pfn])
     with pytest.raises(AssertionError, match="both guest-mapped and hyp-borrowed"):
         hv.audit()
+
+
+def _host_level3_entry(hv: Hypervisor, wanted: Callable[[tuple[int, ...]], bool]
+                       ) -> tuple[dict[int, tuple[int, ...]], int]:
+    """(the live entries of a host level-3 table, an index) of a pte `wanted` accepts."""
+    pgt = hv.host_stage2.pgt
+    for table, level, _n in pgt.table_pages():
+        entries = pgt.entries(table)
+        for index, pte in entries.items():
+            if level == 3 and wanted(pte):
+                return entries, index
+    raise AssertionError("no such host leaf")
+
+
+@pytest.mark.parametrize(("corrupt", "message"), [
+    # a hyp-owned page (annotated) mapped by a valid host leaf instead
+    ((ANNOTATED,), "maps hyp memory"),
+    # a host page annotated as hyp's, though no hyp-owned range holds it
+    ((LEAF, STATE_OWNED), "host annotations differ from hyp-owned memory"),
+    # a host page left SHARED_OWNED though hyp does not borrow it
+    ((LEAF, STATE_SHARED_OWNED), "host stage-2 shared pages differ"),
+    # a host leaf in a state only a guest's leaves have
+    ((LEAF, STATE_SHARED_BORROWED), "bad host page state"),
+])
+def test_audit_refuses_a_host_stage2_that_disagrees_with_ownership(
+        corrupt: tuple[int, ...], message: str) -> None:
+    """Section 5 of the audit, one corruption of a host level-3 entry at a time (the entry
+    count stays, so only the ownership checks can see it)."""
+    hv = boot()
+    vm = hv.create_vm(nr_vcpus=1, slice_pages=64)
+    hv.host_share(vm.handle, vm.slice_base_pfn + 8, 2)  # SHARED_OWNED level-3 leaves
+    hv.host_fault((vm.slice_base_pfn + 12) << hv.page_shift)  # an OWNED one beside them
+    hv.audit()
+    kind = corrupt[0]
+    entries, index = _host_level3_entry(hv, lambda pte: pte[PTE_KIND] == kind and (
+        kind == ANNOTATED or pte[PTE_STATE] == STATE_OWNED))
+    original = entries[index]
+    if kind == ANNOTATED:
+        entries[index] = leaf_pte(0x1000, PROT_RWX)
+    elif corrupt[1] == STATE_OWNED:
+        entries[index] = (ANNOTATED, OWNER_HYP)
+    else:
+        entries[index] = leaf_pte(original[PTE_PFN], original[PTE_PROT], corrupt[1])
+    with pytest.raises(AssertionError, match=message):
+        hv.audit()
+    entries[index] = original
+    hv.audit()
 
 
 # -- finding 5: page by page ------------------------------------------------------------------

@@ -484,6 +484,27 @@ def test_a_sparse_vmemmap_section_gives_back_the_raw_entries(raw: bytes) -> None
     assert state_file.dense_vmemmap(sparse) == raw
 
 
+@pytest.mark.parametrize("raw", [
+    bytes(1024) + b"\x01" + bytes(1022) + b"\x02" + bytes(100) + b"\x03",  # short last chunk
+    bytes(range(256)) * 9,  # every chunk stored
+    bytes(5000) + b"\x07" + bytes(3000),  # one chunk stored, in the middle
+])
+def test_a_sparse_section_gives_any_range_of_its_raw_bytes(raw: bytes) -> None:
+    """What a restore reads (one vmemmap chunk's range at a time): every range, inside a
+    stored chunk, across stored and absent ones, at the short end; None when all zero."""
+    sparse = state_file.read_sparse_vmemmap(state_file.sparse_vmemmap(raw))
+    assert len(sparse) == len(raw)
+    edges = sorted({0, 1, 700, 1023, 1024, 1025, 2047, 2048, 3000, 4999, 5001, len(raw) - 1,
+                    len(raw)} & set(range(len(raw) + 1)))
+    for start in edges:
+        for stop in (e for e in edges if e >= start):
+            span = sparse.span(start, stop)
+            if span is None:
+                assert not any(raw[start:stop]), (start, stop)
+            else:
+                assert span == raw[start:stop], (start, stop)
+
+
 @pytest.mark.parametrize(("edit", "says"), [
     (lambda s: s[:-1], "chunks hold"),
     (lambda s: s + b"\0", "chunks hold"),
@@ -496,6 +517,27 @@ def test_a_sparse_vmemmap_section_that_does_not_add_up_is_refused(edit: Any,
     assert state_file.dense_vmemmap(sparse)[2048] == 1
     with pytest.raises(ValueError, match=says):
         state_file.dense_vmemmap(edit(sparse))
+
+
+@pytest.mark.parametrize("raw_bytes", [2**64 - 1, 2**40, 8])
+def test_a_sparse_vmemmap_of_the_wrong_length_is_refused(good_file: bytes,
+                                                         raw_bytes: int) -> None:
+    """A re-checksummed file whose vmemmap section announces another length (any u64, no
+    chunk stored): refused in one line, nothing allocated for the announced length."""
+    payload, offset, sections = good_file[HEADER.size:], 0, []
+    while offset < len(payload):
+        n = payload[offset]
+        name = payload[offset + 1:offset + 1 + n].decode()
+        offset += 1 + n
+        length = int.from_bytes(payload[offset:offset + 8], "little")
+        sections.append((name, zlib.decompress(payload[offset + 8:offset + 8 + length])))
+        offset += 8 + length
+    sections = [(name, state_file.VMEMMAP_HEAD.pack(raw_bytes, 1024, 0)
+                 if name == "vmemmap/0" else data) for name, data in sections]
+    bad = reheader(b"".join(state_file._section(name, data) for name, data in sections))
+    with pytest.raises(state_file.StateFileError, match="inconsistent machine state") as error:
+        state_file.restore(state_file.decode(bad))
+    assert "\n" not in str(error.value)
 
 
 def test_a_stream_with_values_left_over_is_refused(good_file: bytes) -> None:

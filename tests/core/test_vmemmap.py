@@ -158,3 +158,31 @@ def test_import_allocates_only_chunks_with_entries_and_keeps_allocated_ones() ->
     assert vmemmap.resident_bytes == slots_bytes + 2 * chunk_bytes  # chunks 0 and 2
     assert vmemmap.entry(0) == 0 and vmemmap.refcount(2 * CHUNK_ENTRIES) == 7
     assert vmemmap.segments[0].export_bytes() == bytes(blob)
+
+
+@pytest.mark.parametrize("layout", [LAYOUT_32, LAYOUT_4, LAYOUT_2], ids=lambda lay: lay.name)
+def test_fill_sets_exactly_its_range_whatever_the_run_length(layout: HypPageLayout) -> None:
+    """Runs short and long, inside one chunk, across chunks, whole chunks, on absent and on
+    allocated chunks: every entry of the range is the fill value, every other one keeps its
+    value (each pfn was given its own value first, so a shifted or short fill shows)."""
+    nr_pages = 3 * CHUNK_ENTRIES
+    base = 5  # the segment's first chunk starts below it
+    vmemmap = Vmemmap(layout, [(base, nr_pages)])
+    segment = vmemmap.segments[0]
+    tail = layout.no_order << layout.order_shift  # the widest entry (layout 32: bit 63 set)
+    expected = dict.fromkeys(range(base, base + nr_pages), 0)
+    for pfn in range(base, base + CHUNK_ENTRIES, 97):  # chunk 0 allocated, chunk 1 absent
+        vmemmap.set_entry(pfn, refcount=pfn % 5 + 1)
+        expected[pfn] = pfn % 5 + 1
+    first_of_1, first_of_2 = CHUNK_ENTRIES, 2 * CHUNK_ENTRIES
+    runs = [(base + 10, base + 12, tail), (base + 300, base + 300 + 256, 1),
+            (base + 1000, base + 1257, tail), (first_of_1 - 3, first_of_1 + 4, 1),
+            (first_of_1 + 9, first_of_2 - 2, tail), (first_of_2, base + nr_pages, 1),
+            (base + 40, base + 40, tail)]  # the last one is empty
+    for start, stop, entry in runs:
+        segment.fill(start, stop, entry)
+        expected.update(dict.fromkeys(range(start, stop), entry))
+    assert {pfn: segment.get(pfn) for pfn in expected} == expected
+    with pytest.raises(ValueError):
+        segment.fill(base, base + 2, 1 << (8 * layout.stored_bytes))
+    assert segment.get(base + 10) == tail  # refused: nothing written

@@ -24,7 +24,6 @@ Cost: O(pool pages + mappings): for tests and on-demand checks, never on the hot
 
 from __future__ import annotations
 
-import bisect
 from typing import TYPE_CHECKING
 
 from .host_memory import HOST_OWNED_TAGS
@@ -55,7 +54,7 @@ def audit(hv: Hypervisor) -> None:
             f"pool {pool.name}: pages do not add up"
 
     # 2 + 3: host stage-2 tables and pools.
-    host_tables = _check_tables(hv.host_stage2.pgt, "host")
+    host_tables = _check_tables(hv.host_stage2.pgt, None)
     held = {pfn: (rc, order) for pool in hv.host_pools for pfn, rc, order in pool.held_blocks()}
     assert set(held) == set(host_tables), (
         f"host_s2 pages held but not tables: {sorted(set(held) - set(host_tables))[:8]},"
@@ -96,7 +95,7 @@ def audit(hv: Hypervisor) -> None:
             assert (Operation.VMS not in hv.operations or not vm.ran) and vm.pgt is None
             continue
         assert vm.pgt is not None
-        tables = _check_tables(vm.pgt, f"vm {handle:#x}")
+        tables = _check_tables(vm.pgt, handle)
         assert not set(tables) & table_pfns, "a table page is used twice"
         table_pfns |= set(tables)
         vm_held = {pfn for pfn, _rc, _o in vm.pool.held_blocks()}
@@ -152,25 +151,35 @@ def audit(hv: Hypervisor) -> None:
     donated = [a for a in hm.allocations.values() if not a.owner.startswith(HOST_OWNED_TAGS)]
     hyp_owned += [(a.base_pfn << shift, a.end_pfn << shift) for a in donated]
     hyp_runs = _merge(hyp_owned)
-    starts = [s for s, _e in hyp_runs]
-    annotated: list[tuple[int, int]] = []
+    run_starts, run_ends = [s for s, _e in hyp_runs], [e for _s, e in hyp_runs]
+    # The walk is in address order, so the leaves' starts increase: the first hyp run
+    # that ends after a leaf's start only moves forward, and the annotations are merged into
+    # runs (as _merge would) as they come.
+    annotated_starts: list[int] = []
+    annotated_ends: list[int] = []
     shared_host: set[int] = set()
-    for m in hv.host_stage2.pgt.mappings():
-        if m.pte[PTE_KIND] == ANNOTATED:
-            annotated.append((m.start, m.end))
+    run = 0
+    host_pgt = hv.host_stage2.pgt
+    leaves = host_pgt.leaf_columns()
+    for start, level, pte in zip(leaves.starts, leaves.levels, leaves.ptes, strict=True):
+        end = start + host_pgt.granule(level)
+        if pte[PTE_KIND] == ANNOTATED:
+            if annotated_ends and start <= annotated_ends[-1]:
+                annotated_ends[-1] = max(annotated_ends[-1], end)
+            else:
+                annotated_starts.append(start)
+                annotated_ends.append(end)
             continue
-        assert m.pte[PTE_KIND] == LEAF
-        # The hyp runs from the last one starting at or before the leaf, up to the leaf's
-        # end (indices, not a slice: a slice would copy the rest of the list per leaf).
-        i = max(bisect.bisect_right(starts, m.start) - 1, 0)
-        while i < len(hyp_runs) and hyp_runs[i][0] < m.end:
-            assert hyp_runs[i][1] <= m.start, \
-                f"host leaf [{m.start:#x}, {m.end:#x}) maps hyp memory"
-            i += 1
-        if m.pte[PTE_STATE] != STATE_OWNED:
-            assert m.pte[PTE_STATE] == STATE_SHARED_OWNED and m.level == 3, "bad host page state"
-            shared_host.add(m.start >> shift)
-    assert _merge(annotated) == hyp_runs, "host annotations differ from hyp-owned memory"
+        assert pte[PTE_KIND] == LEAF
+        while run < len(run_ends) and run_ends[run] <= start:
+            run += 1
+        assert run == len(run_starts) or end <= run_starts[run], \
+            f"host leaf [{start:#x}, {end:#x}) maps hyp memory"
+        if pte[PTE_STATE] != STATE_OWNED:
+            assert pte[PTE_STATE] == STATE_SHARED_OWNED and level == 3, "bad host page state"
+            shared_host.add(start >> shift)
+    assert annotated_starts == run_starts and annotated_ends == run_ends, \
+        "host annotations differ from hyp-owned memory"
 
     hyp_mapped = set(hv.hyp_shared) | set(hv.kernel_shared)
     if hv.pins_map:  # v6.16+: EL2 maps a shared page only while it is pinned
@@ -198,10 +207,11 @@ def audit(hv: Hypervisor) -> None:
     for handle, vm in hv.vm_table.items():
         if vm.pgt is None:
             continue
-        for m in vm.pgt.mappings():
-            assert m.level == 3 and m.pte[PTE_STATE] == STATE_SHARED_BORROWED, \
-                f"VM {handle:#x}: guest leaf at {m.start:#x} is not a shared page"
-            pfn = m.pte[PTE_PFN]
+        leaves = vm.pgt.leaf_columns()
+        for start, level, pte in zip(leaves.starts, leaves.levels, leaves.ptes, strict=True):
+            assert level == 3 and pte[PTE_STATE] == STATE_SHARED_BORROWED, \
+                f"VM {handle:#x}: guest leaf at {start:#x} is not a shared page"
+            pfn = pte[PTE_PFN]
             assert vm.in_slice(pfn), f"VM {handle:#x} maps pfn {pfn:#x} outside its slice"
             guest_leaves[pfn] = guest_leaves.get(pfn, 0) + 1
     assert guest_leaves == hv.guest_shared, "guest share counts differ from guest leaves"
@@ -223,15 +233,22 @@ def _pool_has(pool: HypPool, pfn: int) -> bool:
     return pool.contains(pfn)
 
 
-def _check_tables(pgt: Stage2PageTable, what: str) -> dict[int, int]:
-    """{table pfn: level}; asserts the refcount rule and single reference."""
+def _check_tables(pgt: Stage2PageTable, handle: int | None) -> dict[int, int]:
+    """{table pfn: level} of the host's (handle None) or a VM's stage-2; asserts the
+    refcount rule and single reference."""
     seen: dict[int, int] = {}
+    mm_ops = pgt.mm_ops
     for pfn, level, n in pgt.table_pages():
-        assert pfn not in seen, f"{what}: table page {pfn:#x} referenced twice"
+        assert pfn not in seen, f"{_owner(handle)}: table page {pfn:#x} referenced twice"
         seen[pfn] = level
-        count = pgt.mm_ops.page_count(pfn)
-        assert count == 1 + n, f"{what}: table page {pfn:#x} has refcount {count}, {n} entries"
+        count = mm_ops.page_count(pfn)
+        assert count == 1 + n, \
+            f"{_owner(handle)}: table page {pfn:#x} has refcount {count}, {n} entries"
     return seen
+
+
+def _owner(handle: int | None) -> str:
+    return "host" if handle is None else f"vm {handle:#x}"
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -144,7 +144,7 @@ class GuestVm:
         them); `ints` is the "vms" stream of a version-2 file, None for version 1 (where
         every field is a JSON value). A field a file lacks (written before the field
         existed) keeps its default; a field this VM does not have is refused."""
-        unknown = set(state) - set(_FIELD_NAMES) - {"pool", "pgd_pfns", "tables_allocated"}
+        unknown = state.keys() - _STATE_KEYS
         if unknown:
             raise ValueError(f"unknown VM fields {sorted(unknown)}")
         if ints is None:
@@ -196,3 +196,5 @@ _FIELD_NAMES = ("handle", "vmid", "name", "nr_vcpus", "slice_base_pfn", "slice_n
 _PACKED_FIELDS = ("memcache", "hyp_memcache", "admitted", "shared", "pins", "struct_pfns")
 _SCALAR_FIELDS = tuple(name for name in _FIELD_NAMES
                        if name not in _PACKED_FIELDS and name != "slab_objects")
+# Every key a VM's state may have: its fields, and what rebuilds its pool, tables and mm.
+_STATE_KEYS = frozenset(_FIELD_NAMES) | {"pool", "pgd_pfns", "tables_allocated"}

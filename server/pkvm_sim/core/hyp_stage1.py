@@ -56,6 +56,13 @@ class HypStage1:
         self.page_shift = page_shift
         self.va_bits = va_bits
         self.va_layout = va_layout
+        # A page's hyp VA page is its pfn plus this: linear_page(pfn << page_shift) is
+        # (linear_base - memstart + (pfn << page_shift)) >> page_shift, and a whole number of
+        # pages added under a floor division by the page size comes out whole.
+        self._va_offset_pages = 0
+        if va_layout is not None:
+            assert va_layout.page_shift == page_shift
+            self._va_offset_pages = va_layout.linear_page(0)
         bits = page_shift - 3
         # span_pages[level]: the pages one table of that level covers (levels -1 .. 3).
         self.span_pages = {lvl: 1 << (bits * (LEAF_LEVEL + 1 - lvl))
@@ -131,9 +138,15 @@ class HypStage1:
         return dict(sorted(counts.items()))
 
     def _path(self, pfn: int) -> list[Key]:
-        va_page = (pfn if self.va_layout is None
-                   else self.va_layout.linear_page(pfn << self.page_shift))
+        va_page = pfn + self._va_offset_pages  # va_layout.linear_page(pfn << page_shift)
         return [(level, va_page // self.span_pages[level]) for level in self.table_levels]
+
+    def _path_of_leaf(self, leaf_index: int) -> list[Key]:
+        """_path of every page under the leaf table of that index (each span divides the
+        next level's)."""
+        leaf_span = self.span_pages[LEAF_LEVEL]
+        return [(level, leaf_index // (self.span_pages[level] // leaf_span))
+                for level in self.table_levels]
 
     def _is_boot(self, key: Key) -> bool:
         return key in self._boot or key in self.pool_boot_tables
@@ -223,12 +236,19 @@ class HypStage1:
     def expected_entries(self) -> dict[int, int]:
         """{table pfn: entries it must hold} recomputed from the mapped pages (for audit)."""
         counts = dict.fromkeys(self._tables.values(), 0)
-        children: set[tuple[int, int]] = set()
+        # Pages per leaf table (by index): one integer division and a dict of ints per
+        # mapped page; the paths (tuples) are built once per leaf table, not per page.
+        leaf_span, offset = self.span_pages[LEAF_LEVEL], self._va_offset_pages
+        pages_by_leaf: dict[int, int] = {}
         for pfn in self.mapped:
-            path = self._path(pfn)
+            leaf_index = (pfn + offset) // leaf_span
+            pages_by_leaf[leaf_index] = pages_by_leaf.get(leaf_index, 0) + 1
+        children: set[tuple[int, int]] = set()
+        for leaf_index, pages in pages_by_leaf.items():
+            path = self._path_of_leaf(leaf_index)
             leaf_table = self._tables.get(path[-1])
             if leaf_table is not None:
-                counts[leaf_table] += 1
+                counts[leaf_table] += pages
             for parent_key, child_key in zip(path, path[1:], strict=False):
                 parent = self._tables.get(parent_key)
                 if parent is not None and child_key in self._tables:

@@ -90,6 +90,7 @@ from .state_values import (
     PAGE_JSON,
     STREAMS,
     IntsIn,
+    SparseBytes,
     decode_page,
     encode_value,
     put_list,
@@ -1289,7 +1290,7 @@ class Hypervisor:
         """Each vmemmap segment's packed entries, little-endian (one state-file section each)."""
         return [seg.export_bytes() for seg in self.vmemmap.segments]
 
-    def restore_state(self, m: Mapping[str, Any], vmemmap_blobs: Sequence[bytes],
+    def restore_state(self, m: Mapping[str, Any], vmemmap_blobs: Sequence[bytes | SparseBytes],
                       streams: Mapping[str, IntsIn] | None = None) -> None:
         """Overwrite this freshly booted machine's mutable state with `state()`'s (and the
         vmemmap with `vmemmap_blobs`); `streams` are a version-2 file's integer streams,
@@ -1391,13 +1392,16 @@ class Hypervisor:
         return vm, pool_state
 
     def _load_vmemmap(self, segments: Sequence[Mapping[str, Any]],
-                      blobs: Sequence[bytes]) -> None:
+                      blobs: Sequence[bytes | SparseBytes]) -> None:
         live = self.vmemmap.segments
         if [(s["base_pfn"], s["nr_pages"]) for s in segments] != [
                 (s.base_pfn, s.nr_pages) for s in live]:
             raise ValueError("the file's vmemmap segments differ from the configuration's")
-        for seg, blob in zip(live, blobs, strict=True):
-            seg.import_bytes(blob)  # in place: the pools index this very buffer
+        for seg, blob in zip(live, blobs, strict=True):  # in place: the pools index them
+            if isinstance(blob, bytes):
+                seg.import_bytes(blob)
+            else:  # a version-2 file's stored chunks, read in place
+                seg.import_spans(blob.raw_bytes, blob.span)  # (len() fails past 2**63)
 
     def _check_handle_counter(self) -> None:
         """Handles are never reused (the next is VM_HANDLE_OFFSET + VMs ever created): a

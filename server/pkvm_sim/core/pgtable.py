@@ -144,6 +144,19 @@ class Mapping:
                 f" pte={self.pte!r})")
 
 
+@final
+class LeafColumns:
+    """The leaves of a walk (Stage2PageTable.leaf_columns), one list per field: leaf i maps
+    [starts[i], starts[i] + granule(levels[i])) with ptes[i]."""
+
+    __slots__ = ("starts", "levels", "ptes")
+
+    def __init__(self) -> None:
+        self.starts: Final[list[int]] = []
+        self.levels: Final[list[int]] = []
+        self.ptes: Final[list[Pte]] = []
+
+
 @dataclass
 class PageMapPlan:
     """What page-level maps of a set of pages would do (`Stage2PageTable.plan_page_maps`).
@@ -425,16 +438,21 @@ class Stage2PageTable:
         in address order; `base` is the address the table's entry 0 maps. A snapshot, so the
         caller may change the table while it iterates."""
         shift = self._shift[level]
+        entries = self.entries(table)
+        return [(idx, entries[idx], base + (idx << shift))
+                for idx in self._indices_in(entries, shift, base, start, end)]
+
+    def _indices_in(self, entries: dict[int, Pte], shift: int, base: int, start: int,
+                    end: int) -> list[int]:
+        """The indices of `entries` (a table whose entries map 2**shift bytes each from
+        `base`) that intersect [start, end), in increasing order."""
         lo = max(0, (start - base) >> shift)
         hi = min(self.ptrs - 1, (end - 1 - base) >> shift)
-        entries = self.entries(table)
         if hi - lo < len(entries):  # a narrow window on a full table: probe the window
-            indices = [i for i in range(lo, hi + 1) if i in entries]
-        elif lo == 0 and hi == self.ptrs - 1:  # the whole table
-            indices = sorted(entries)
-        else:
-            indices = sorted(i for i in entries if lo <= i <= hi)
-        return [(idx, entries[idx], base + (idx << shift)) for idx in indices]
+            return [i for i in range(lo, hi + 1) if i in entries]
+        if lo == 0 and hi == self.ptrs - 1:  # the whole table
+            return sorted(entries)
+        return sorted([i for i in entries if lo <= i <= hi])
 
     def _unmap_table(self, table: int, level: int, base: int, start: int, end: int) -> None:
         mm = self.mm_ops
@@ -454,17 +472,37 @@ class Stage2PageTable:
     # -- read-only walks ---------------------------------------------------------------
 
     def mappings(self, start: int = 0, end: int | None = None) -> Iterator[Mapping]:
-        """Every non-zero, non-table pte intersecting [start, end), in address order."""
-        end = self.ia_size if end is None else end
-        for pgd_pfn, base in self._pgd_pages_for(start, end):
-            yield from self._leaves(pgd_pfn, self.start_level, base, start, end)
+        """Every non-zero, non-table pte intersecting [start, end), in address order (all
+        collected before the first is returned: one recursive walk that appends to lists,
+        not a generator per table)."""
+        leaves = self.leaf_columns(start, end)
+        shift = self._shift
+        return iter([Mapping(at, at + (1 << shift[level]), level, pte)
+                     for at, level, pte in zip(leaves.starts, leaves.levels, leaves.ptes,
+                                               strict=True)])
 
-    def _leaves(self, table: int, level: int, base: int, start: int, end: int) -> Iterator[Mapping]:
-        for _idx, pte, at in self._slots_in(table, level, base, start, end):
+    def leaf_columns(self, start: int = 0, end: int | None = None) -> LeafColumns:
+        """mappings() as columns: no object per leaf (the audit walks every leaf of every
+        stage-2; a Mapping each is tens of thousands of objects for the collector)."""
+        end = self.ia_size if end is None else end
+        leaves = LeafColumns()
+        for pgd_pfn, base in self._pgd_pages_for(start, end):
+            self._collect_leaves(pgd_pfn, self.start_level, base, start, end, leaves)
+        return leaves
+
+    def _collect_leaves(self, table: int, level: int, base: int, start: int, end: int,
+                        leaves: LeafColumns) -> None:
+        shift = self._shift[level]
+        entries = self.entries(table)  # read, not changed: no snapshot of (index, pte) pairs
+        for idx in self._indices_in(entries, shift, base, start, end):
+            pte = entries[idx]
+            at = base + (idx << shift)
             if pte[PTE_KIND] == TABLE:
-                yield from self._leaves(pte[PTE_PFN], level + 1, at, start, end)
+                self._collect_leaves(pte[PTE_PFN], level + 1, at, start, end, leaves)
             else:
-                yield Mapping(at, at + (1 << self._shift[level]), level, pte)
+                leaves.starts.append(at)
+                leaves.levels.append(level)
+                leaves.ptes.append(pte)
 
     def range_compatible(self, start: int, end: int, accept: Callable[[Pte], bool]) -> bool:
         """True when every non-zero leaf pte covering [start, end) satisfies `accept`.
@@ -493,10 +531,9 @@ class Stage2PageTable:
             pfn, level = stack.pop()
             entries = self.entries(pfn)
             yield pfn, level, len(entries)
-            for idx in sorted(entries, reverse=True):
-                pte = entries[idx]
-                if pte[PTE_KIND] == TABLE:
-                    stack.append((pte[PTE_PFN], level + 1))
+            for idx in sorted([i for i, pte in entries.items() if pte[PTE_KIND] == TABLE],
+                              reverse=True):
+                stack.append((entries[idx][PTE_PFN], level + 1))
 
     def tables_needed_for_page(self, addr: int, planned: set[tuple[int, int]]) -> int:
         """New table pages a page-level map of addr would allocate, not counting tables

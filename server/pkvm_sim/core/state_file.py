@@ -40,7 +40,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -51,7 +51,15 @@ from .errors import PkvmError
 from .guest import GuestVm
 from .hypervisor import Hypervisor
 from .profiles import REMOVED_PROFILES
-from .state_values import STREAMS, IntsIn, decode_value, encode_value, pack_ints, unpack_ints
+from .state_values import (
+    STREAMS,
+    IntsIn,
+    SparseBytes,
+    decode_value,
+    encode_value,
+    pack_ints,
+    unpack_ints,
+)
 
 MAGIC = b"PKVMSTAT"
 FORMAT_VERSION = 2  # the version this pkvm-sim writes
@@ -80,7 +88,9 @@ class StateFile:
     version: int
     machine: dict[str, Any]
     service: dict[str, Any]
-    vmemmap: list[bytes] = field(repr=False)
+    # Each segment's raw little-endian entries: bytes (version 1) or the stored chunks
+    # (version 2, read in place).
+    vmemmap: list[bytes | SparseBytes] = field(repr=False)
     size_bytes: int = 0
     # Version 2: the integer streams by name (state_values.STREAMS); empty for version 1.
     ints: dict[str, list[int]] = field(default_factory=dict, repr=False)
@@ -99,7 +109,7 @@ class Snapshot:
 
     machine: dict[str, Any]
     service: dict[str, Any]
-    vmemmap: list[bytes] = field(repr=False)
+    vmemmap: Sequence[bytes | SparseBytes] = field(repr=False)
     ints: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
 
@@ -120,7 +130,8 @@ def pack(snap: Snapshot) -> bytes:
         ("service", _json_bytes(snap.service)),
         *ints,
     ]
-    sections += [(f"vmemmap/{i}", sparse_vmemmap(blob)) for i, blob in enumerate(snap.vmemmap)]
+    sections += [(f"vmemmap/{i}", sparse_vmemmap(_raw(blob)))
+                 for i, blob in enumerate(snap.vmemmap)]
     payload = b"".join(_section(name, data) for name, data in sections)
     digest = hashlib.sha256(payload).digest()
     return HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload), digest) + payload
@@ -170,32 +181,30 @@ def sparse_vmemmap(blob: bytes) -> bytes:
             + struct.pack(f"<{len(indices)}Q", *indices) + data)
 
 
+def _raw(blob: bytes | SparseBytes) -> bytes:
+    return blob if isinstance(blob, bytes) else blob.dense()
+
+
 def dense_vmemmap(data: bytes) -> bytes:
     """The inverse of sparse_vmemmap; ValueError if the chunks do not fit the length."""
+    return read_sparse_vmemmap(data).dense()
+
+
+def read_sparse_vmemmap(data: bytes) -> SparseBytes:
+    """A version-2 vmemmap section as the raw bytes it stands for, read in place (a restore
+    takes them chunk by chunk, never as the raw segment); ValueError if the chunks do not
+    fit the length."""
     raw_bytes, chunk, count = VMEMMAP_HEAD.unpack_from(data)
     indices_end = VMEMMAP_HEAD.size + 8 * count
     indices = list(struct.unpack_from(f"<{count}Q", data, VMEMMAP_HEAD.size))
     if not chunk or indices != sorted(set(indices)) or (
             indices and indices[-1] * chunk >= raw_bytes):
         raise ValueError("the vmemmap chunks are not increasing indices inside the segment")
-    # The zero runs are views of one zero buffer that bytes() allocates lazily zeroed
-    # (calloc): the join below is the only pass that writes the segment's bytes.
-    zero = memoryview(bytes(raw_bytes))
-    parts: list[bytes | memoryview] = []
-    done = 0
-    offset = indices_end
-    for index in indices:
-        start = index * chunk
-        end = min(start + chunk, raw_bytes)
-        parts.append(zero[done:start])
-        parts.append(data[offset:offset + end - start])
-        offset += end - start
-        done = end
-    parts.append(zero[done:])
-    if offset != len(data):
-        raise ValueError(f"the vmemmap chunks hold {offset - indices_end} bytes, the section"
+    stored_bytes = sum(min(chunk, raw_bytes - index * chunk) for index in indices)
+    if indices_end + stored_bytes != len(data):
+        raise ValueError(f"the vmemmap chunks hold {stored_bytes} bytes, the section"
                          f" {len(data) - indices_end}")
-    return b"".join(parts)
+    return SparseBytes(raw_bytes, chunk, indices, data, indices_end)
 
 
 def _section(name: str, data: bytes) -> bytes:
@@ -220,15 +229,16 @@ def decode(data: bytes) -> StateFile:
         service = json.loads(sections.pop("service"))
         blobs = [sections.pop(f"vmemmap/{i}") for i in range(len(machine["vmemmap"]))]
         ints: dict[str, list[int]] = {}
+        vmemmap: list[bytes | SparseBytes] = list(blobs)
         if version >= 2:
             ints = {name: unpack_ints(sections.pop(f"ints/{name}")) for name in STREAMS}
-            blobs = [dense_vmemmap(blob) for blob in blobs]
+            vmemmap = [read_sparse_vmemmap(blob) for blob in blobs]
     except (LookupError, ValueError, TypeError, AttributeError, RecursionError, struct.error,
             zlib.error, OverflowError, MemoryError) as error:
         raise StateFileError(f"corrupt: cannot decode the payload ({_describe(error)})") from None
     if sections:
         raise StateFileError(f"corrupt: unknown sections {sorted(sections)}")
-    return StateFile(version, machine, service, blobs, len(data), ints=ints)
+    return StateFile(version, machine, service, vmemmap, len(data), ints=ints)
 
 
 def check_header(head: bytes, file_bytes: int) -> tuple[int, bytes]:
