@@ -24,7 +24,9 @@ the attacker's client and the server it keeps busy fill both cores in every shap
 `long`, where the attacker's client mostly waits. So `cpu2` is what B would see under those
 shapes from the operating system's scheduler alone, from a server that spent no time on the
 attack at all. `cpu1` is the same floor for `long`. The floors are references: the verdict
-is on the attack shapes only.
+is on the attack shapes only. `--attacker-nice 19` runs the attacking and spinning processes
+at the lowest priority, the closest this machine comes to an attacker on another machine
+(its client's CPU then yields to B's and the server's).
 """
 
 from __future__ import annotations
