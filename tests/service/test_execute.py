@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 from grpc_status import rpc_status
@@ -232,3 +234,32 @@ def test_a_run_of_allocs_that_exhausts_the_pool_stops_at_the_first_failure(
     assert all(pfn % (1 << big) == 0 for pfn in pfns) and len(set(pfns)) == first_refused
     execute(stub, raw_vm, pb2.ExecuteRequest(
         handle=raw_vm.handle, ops=[pb2.BATCH_OP_PUT_PAGE] * first_refused, arg0=pfns))
+
+
+def test_operations_are_counted_once_each_across_chunks(raw_vm: RawVM) -> None:
+    """pkvm_operations_total counts every op that ran and was not refused, once, however the
+    batch was cut in chunks (each chunk counts its own, under the simulator lock). With
+    1-microsecond chunks a 600-op batch runs in hundreds of chunks."""
+    from tests.service.fixtures import TEST_SETTINGS, start_service
+
+    service = start_service(settings=dataclasses.replace(TEST_SETTINGS, chunk_seconds=1e-6))
+    try:
+        with grpc.insecure_channel(service.target) as channel:
+            stub = Stub(channel)  # type: ignore[no-untyped-call]
+            vm = RawVM(stub)
+            operations = service.servicer.counters.operations
+            allocs_before, puts_before = operations["alloc_pages"], operations["put_page"]
+            n = 200
+            [allocated] = execute(stub, vm, pb2.ExecuteRequest(
+                handle=vm.handle, ops=[pb2.BATCH_OP_ALLOC_PAGES] * n))
+            pfns = list(allocated.values)
+            # n good puts, each followed by a put of page 0 (not the VM's: refused).
+            puts = [pb2.BATCH_OP_PUT_PAGE] * (2 * n)
+            args = [value for pfn in pfns for value in (pfn, 0)]
+            [put] = execute(stub, vm, pb2.ExecuteRequest(handle=vm.handle, ops=puts, arg0=args))
+            assert list(put.codes[0::2]) == [OK] * n
+            assert all(code != OK for code in put.codes[1::2])
+            assert operations["alloc_pages"] - allocs_before == n
+            assert operations["put_page"] - puts_before == n
+    finally:
+        service.stop(0)

@@ -19,6 +19,7 @@ per operation says whether it took effect.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
 from collections import Counter
@@ -220,9 +221,11 @@ class BatchRun:
         response.completed = n
         return response
 
-    def count_into(self, operations: dict[str, int]) -> None:
-        """pkvm_operations_total: every op that ran and was not refused."""
-        ran = self.ops if self.next == self.n else self.ops[:self.next]
+    def count_into(self, operations: dict[str, int], start: int = 0) -> None:
+        """pkvm_operations_total: every op from `start` to the next one to run that ran and
+        was not refused. Call under the simulator lock, which guards `operations` (the
+        service counts each chunk's ops as the chunk ends)."""
+        ran = self.ops if start == 0 and self.next == self.n else self.ops[start:self.next]
         if ran and ran.count(ran[0]) == len(ran):  # one kind of op (counted at C speed)
             kinds: dict[int, int] = {ran[0]: len(ran)}
         else:
@@ -231,9 +234,9 @@ class BatchRun:
             name = _COUNTED.get(op)
             if name is not None:
                 operations[name] += number
-        for i in self.refused:
-            name = _COUNTED.get(ran[i])
-            if name is not None:
+        for i in self.refused[bisect.bisect_left(self.refused, start):]:
+            name = _COUNTED.get(self.ops[i])
+            if name is not None and i < self.next:
                 operations[name] -= 1
 
 

@@ -26,7 +26,9 @@ class ServiceCounters:
 
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str], int] = {}
-        # Written only under the simulator lock (the service holds it around every op).
+        # Written only under the simulator lock: by a unary call's job, and by each chunk of
+        # a batch for its own ops (BatchRun.count_into). Two threads write it (the loop's
+        # inline jobs, the fair worker), so a write outside the lock could be lost.
         self.operations: dict[str, int] = dict.fromkeys(OP_NAMES, 0)
         # Host stage-2 faults with a FATAL outcome, by kind ("memory", "mmio"): the core's
         # statistics count them without the kind, and every fault passes through here.

@@ -415,10 +415,7 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 # NOT_FOUND once the VM is destroyed. Renews the lease.
                 self.tokens.check(request.handle, token)
                 run = BatchRun(self.machine, self._batch_fns, request)
-                try:
-                    await self._run_chunks(run, token, tenant, turn)
-                finally:
-                    run.count_into(self.counters.operations)
+                await self._run_chunks(run, token, tenant, turn)  # each chunk counts its ops
             finally:
                 turn.end()
             await context.write(run.response())
@@ -444,8 +441,8 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
                 if await asyncio.shield(chunk):
                     return
             except asyncio.CancelledError:
-                # The worker cannot be interrupted: let its chunk end before the caller
-                # counts what ran (run.next), or that chunk's operations would go uncounted.
+                # The worker cannot be interrupted: the handler ends after its chunk (which
+                # counts its own operations), not while the run is still being stepped.
                 await asyncio.wait({chunk})
                 raise
 
@@ -460,7 +457,10 @@ class HypervisorServicer(pb2_grpc.HypervisorServiceServicer):
         # that is running (fairness.py).
         budget = min(self.chunk_seconds, CONTENDED_CHUNK_SECONDS) if self.fair.contended \
             else self.chunk_seconds
-        return run.step(budget)
+        start = run.next
+        done = run.step(budget)
+        run.count_into(self.counters.operations, start)  # under the lock, as unary ops are
+        return done
 
 
 # Calls or batches of one tenant (connection) on the loop at a time (fairness.TenantGate).
