@@ -213,7 +213,7 @@ def main() -> int:
     floors = [shape for shape in args.floors.split(",") if shape]
     shapes = args.shapes.split(",")
     process, target = start_server("--quota-hyp-pages", "0", "--max-vms", "2048")
-    worst_ratio, worst_ms = 0.0, 0.0
+    worst_ratio, worst_ms, floor_ratio = 0.0, 0.0, 0.0
     try:
         with grpc.insecure_channel(target) as channel:
             stub = Stub(channel)  # type: ignore[no-untyped-call]
@@ -232,6 +232,8 @@ def main() -> int:
                 if label == "attack":
                     worst_ratio = max(worst_ratio, ratio)
                     worst_ms = max(worst_ms, under["max_ms"])
+                else:
+                    floor_ratio = max(floor_ratio, ratio)
                 print(f"{label} {shape:8s}: p50 {under['p50_ms']:.2f} ms, p99 "
                       f"{under['p99_ms']:.2f} ms, max {under['max_ms']:.1f} ms | p99 ratio "
                       f"{ratio:.2f}", flush=True)
@@ -240,6 +242,10 @@ def main() -> int:
     verdict = "ok" if worst_ratio <= 3 and worst_ms <= 250 else "MISSED"
     print(f"attacks: worst p99 ratio {worst_ratio:.2f} (target <= 3), slowest call of B "
           f"{worst_ms:.1f} ms (target <= 250): {verdict}")
+    if floor_ratio > 3:
+        print(f"note: processes that only spin put B's p99 at {floor_ratio:.2f}x on this "
+              "machine: the 3x target is below its floor (the attacker's client shares B's "
+              "CPUs)")
     return 0
 
 
