@@ -77,11 +77,12 @@ INLINE_BURST_S = 0.002  # the most inline credit the loop can save up
 LOOP_TURN_EVERY_S = 0.002  # the worker's lock time between two turns of the loop
 LOOP_TURN_ITERATIONS = 3  # a turn: enough for a new call to reach the queue
 LOOP_TURN_TIMEOUT_S = 0.1  # a loop that does not come round (stopping) is not waited for
-BUSY_SWITCH_INTERVAL_S = 0.0002  # sys.setswitchinterval while the worker has contended work
+BUSY_SWITCH_INTERVAL_S = 0.0002  # the switch interval while SHORT_SWITCH_INTERVAL is held
 CONTENTION_RECHECK_S = 0.01  # how often the worker counts the tenants of the last HALF_LIFE_S
-# What it goes back to: the process's interval when this module was imported (one server
-# per process; with several, the last worker to go idle restores it).
+# What it goes back to once nobody holds it: the process's interval when this module was
+# imported.
 IDLE_SWITCH_INTERVAL_S = sys.getswitchinterval()
+
 
 class Queue(enum.Enum):
     """What `FairLock.run_now` answers when the job must be queued instead."""
@@ -90,7 +91,6 @@ class Queue(enum.Enum):
 
 
 Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]  # fn, args, future
-
 
 
 class SwitchInterval:
