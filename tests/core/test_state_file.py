@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -210,6 +211,13 @@ def drop_last(stream: list[int], pos: int) -> None:
     stream[pos] -= 1
 
 
+def _forget_an_owner(decoded: state_file.StateFile) -> None:
+    records = decoded.ints["records"]  # first the owners: pfns, handles, pools
+    for pos in reversed(list_positions(records, 3)):
+        assert records[pos] >= 1
+        drop_last(records, pos)
+
+
 def test_a_good_file_decodes(good_file: bytes) -> None:
     assert good_file[:8] == MAGIC == b"PKVMSTAT"
     state_file.restore(state_file.decode(good_file))
@@ -237,20 +245,70 @@ def test_bad_files_are_refused_with_one_line(good_file: bytes, mangle: Any,
 
 
 def test_a_state_that_fails_audit_is_refused(good_file: bytes) -> None:
-    def forget_an_owner(decoded: state_file.StateFile) -> None:
-        records = decoded.ints["records"]  # first the owners: pfns, handles, pools
-        for pos in reversed(list_positions(records, 3)):
-            assert records[pos] >= 1
-            drop_last(records, pos)
-
     def leak_a_free_block(decoded: state_file.StateFile) -> None:
         pools = decoded.ints["pools"]  # first the hyp pool's free lists, order 0 first
         lists = list_positions(pools, decoded.machine["pools"]["hyp"]["max_order"])
         drop_last(pools, max(p for p in lists if pools[p]))  # the highest non-empty list
 
-    for edit in (forget_an_owner, leak_a_free_block):
+    for edit in (_forget_an_owner, leak_a_free_block):
         with pytest.raises(StateFileError, match="fails audit"):
             state_file.restore(state_file.decode(with_state(good_file, edit)))
+
+
+@contextlib.contextmanager
+def collections_counted() -> Any:
+    """Counts the cyclic collections that start within the block (gc.callbacks)."""
+    started: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        yield started
+    finally:
+        gc.callbacks.remove(count)
+
+
+def test_a_restore_runs_at_most_one_cyclic_collection() -> None:
+    """The collector is paused while a restore builds the machine. It would otherwise start
+    a young collection every gc.get_threshold()[0] new containers, and this restore builds
+    several times that many; one may start when the collector resumes at the end."""
+    hv = boot({"memblocks": ["0x80000000:1G"]})
+    for _ in range(160):
+        vm = hv.create_vm(nr_vcpus=1, slice_pages=4)
+        hv.alloc_pages(vm.handle, 0)
+    decoded = state_file.decode(state_file.encode(hv))
+    gc.collect()
+    threshold = gc.get_threshold()[0]
+    assert threshold > 0
+    before = len(gc.get_objects())
+    with collections_counted() as started:
+        restored = state_file.restore(decoded)
+    built = len(gc.get_objects()) - before
+    assert built > 3 * threshold  # a restore without the pause would start several
+    assert len(started) <= 1
+    assert gc.isenabled()
+    del restored
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_snapshot_and_restore_leave_the_collector_as_they_found_it(good_file: bytes,
+                                                                   enabled: bool) -> None:
+    hv = state_file.restore(state_file.decode(good_file))
+    try:
+        if not enabled:
+            gc.disable()
+        state_file.snapshot(hv)
+        assert gc.isenabled() is enabled
+        state_file.restore(state_file.decode(good_file))
+        assert gc.isenabled() is enabled
+        with pytest.raises(StateFileError):  # a refusal resumes it too
+            state_file.restore(state_file.decode(with_state(good_file, _forget_an_owner)))
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
 
 
 def test_inconsistent_states_are_refused(good_file: bytes) -> None:
