@@ -415,7 +415,23 @@ def main() -> int:
               f"   real/core {real / core.ops_per_s:6.2f}"
               f"   real/core-runs {real / core_runs.ops_per_s:6.2f}"
               + ("   (target >= 0.5)" if batch == BATCH_SIZES[-1] else ""))
+    largest = BATCH_SIZES[-1]
+    real = results[("real", f"execute{largest}")].ops_per_s
+    bound = echo_plus_core(results[("echo", f"execute{largest}")].ops_per_s,
+                           core_runs.ops_per_s)
+    print(f"  Execute {largest:>4} if a batch took the echo's time plus the core's runs':"
+          f" {bound:,.0f} ops/s, {bound / core_runs.ops_per_s:.2f} of core-runs;"
+          f" real is {real / bound:.2f} of that")
     return 0
+
+
+def echo_plus_core(echo_ops_per_s: float, core_ops_per_s: float) -> float:
+    """Ops/s of a service whose batch takes the echo service's time plus the core's run
+    methods' time in process: what the real service would reach if it added nothing to
+    gRPC's work and the core's. A reference, not a strict bound: gRPC's own threads work
+    without the GIL and may overlap the core a little (docs/service.md, "Where an Execute
+    batch spends its time")."""
+    return 1 / (1 / echo_ops_per_s + 1 / core_ops_per_s)
 
 
 if __name__ == "__main__":
