@@ -48,25 +48,26 @@ class EchoWithIo(bs.AsyncEchoServicer):
     """The echo service, asking of gRPC per call what the real one asks."""
 
     async def AllocPages(self, request: Any, context: Any) -> Any:
-        _ask_like_the_service(context)
+        _ask_like_the_service(context, TRAILER)
         return pb2.AllocPagesResponse(pfn=request.handle, order=request.order)
 
     async def PutPage(self, request: Any, context: Any) -> Any:
-        _ask_like_the_service(context)
+        _ask_like_the_service(context, TRAILER)
         return pb2.PutPageResponse(refcount=0)
 
 
-def _ask_like_the_service(context: Any) -> None:
+def _ask_like_the_service(context: Any, trailer: Any) -> str | None:
+    """What the service asks of gRPC per call: sends `trailer`, reads the peer (the
+    tenant); returns the bearer token."""
     from pkvm_sim.service.auth import bearer_token
 
-    context.set_trailing_metadata(TRAILER)
+    context.set_trailing_metadata(trailer)
     context.peer()
-    bearer_token(context.invocation_metadata())
+    return bearer_token(context.invocation_metadata())
 
 
 def bare_servicer_class() -> type[HypervisorServicer]:
     """HypervisorServicer whose AllocPages and PutPage do only what cannot be skipped."""
-    from pkvm_sim.service.auth import bearer_token
     from pkvm_sim.service.servicer import HypervisorServicer
 
     class BareServicer(HypervisorServicer):
@@ -78,9 +79,7 @@ def bare_servicer_class() -> type[HypervisorServicer]:
             trailer = self.instance_metadata
 
             async def handler(request: Any, context: Any) -> Any:
-                context.set_trailing_metadata(trailer)
-                context.peer()
-                tokens.check(request.handle, bearer_token(context.invocation_metadata()))
+                tokens.check(request.handle, _ask_like_the_service(context, trailer))
                 with lock:
                     result = run(machine, *read_args(request))
                 return reply(machine, request, result)

@@ -239,7 +239,7 @@ def test_a_run_of_allocs_that_exhausts_the_pool_stops_at_the_first_failure(
 def test_operations_are_counted_once_each_across_chunks(raw_vm: RawVM) -> None:
     """pkvm_operations_total counts every op that ran and was not refused, once, however the
     batch was cut in chunks (each chunk counts its own, under the simulator lock). With
-    1-microsecond chunks a 600-op batch runs in hundreds of chunks."""
+    1-microsecond chunks batches of 200 and 400 ops run in hundreds of chunks."""
     from tests.service.fixtures import TEST_SETTINGS, start_service
 
     service = start_service(settings=dataclasses.replace(TEST_SETTINGS, chunk_seconds=1e-6))

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
 from .errors import OutOfMemory
+from .records import ValueRecord
 from .state_values import IntsIn, put_list
 
 # Host allocations that stay host-owned (every other owner tag is donated to hyp): VM slices,
@@ -26,14 +27,13 @@ HOST_OWNED_TAGS = ("slice:", "hostmc:", "slab:", "task:", "boot:")
 
 
 @final
-class HostAllocation:
+class HostAllocation(ValueRecord):
     """One host allocation: [base_pfn, base_pfn + nr_pages) held by `owner`; read-only.
+    A ValueRecord (records.py), not a frozen dataclass: a restore builds one per allocation
+    (over a thousand for 256 VMs)."""
 
-    A plain class, not a frozen dataclass: a restore builds one per allocation (over a
-    thousand for 256 VMs), and a frozen dataclass's __init__ (object.__setattr__ per field)
-    costs microseconds each in the compiled core; this one compiles to plain stores."""
-
-    __slots__ = ("base_pfn", "nr_pages", "owner")
+    _FIELDS = ("base_pfn", "nr_pages", "owner")
+    __slots__ = _FIELDS
 
     def __init__(self, base_pfn: int, nr_pages: int, owner: str) -> None:
         self.base_pfn: Final = base_pfn
@@ -46,18 +46,6 @@ class HostAllocation:
     def end_pfn(self) -> int:
         return self.base_pfn + self.nr_pages
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, HostAllocation):
-            return NotImplemented
-        return (self.base_pfn, self.nr_pages, self.owner) == (
-            other.base_pfn, other.nr_pages, other.owner)
-
-    def __hash__(self) -> int:
-        return hash((self.base_pfn, self.nr_pages, self.owner))
-
-    def __repr__(self) -> str:
-        return (f"HostAllocation(base_pfn={self.base_pfn!r}, nr_pages={self.nr_pages!r},"
-                f" owner={self.owner!r})")
 
 
 class HostMemory:

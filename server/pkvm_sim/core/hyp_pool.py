@@ -57,6 +57,7 @@ from mypy_extensions import i64
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfMemory, WouldPanic
 from .physmem import PhysicalMemory
+from .records import ValueRecord
 from .state_values import IntsIn, put_list
 from .vmemmap import CHUNK_MASK, CHUNK_SHIFT, Vmemmap, stored_item
 
@@ -101,17 +102,15 @@ def pool_max_order(
 
 
 @final
-class PoolStatistics:
+class PoolStatistics(ValueRecord):
     """A consistent snapshot of one pool; the service, metrics and CLI all render this.
-    Built by keyword; read-only.
+    Built by keyword; read-only. A ValueRecord (records.py), not a frozen dataclass: every
+    audit builds one per pool (hundreds with VMs)."""
 
-    A plain class, not a frozen dataclass: every audit builds one per pool (hundreds with
-    VMs), and a frozen dataclass's __init__ (object.__setattr__ per field) costs microseconds
-    in the compiled core; this one compiles to plain stores."""
-
-    __slots__ = ("name", "base_pfn", "nr_pages", "admitted_pages", "reserved_pages",
-                 "free_pages", "allocated_pages", "max_order", "free_blocks_per_order",
-                 "alloc_failures")
+    _FIELDS = ("name", "base_pfn", "nr_pages", "admitted_pages", "reserved_pages",
+               "free_pages", "allocated_pages", "max_order", "free_blocks_per_order",
+               "alloc_failures")
+    __slots__ = _FIELDS
 
     def __init__(self, *, name: str, base_pfn: int, nr_pages: int, admitted_pages: int,
                  reserved_pages: int, free_pages: int, allocated_pages: int, max_order: int,
@@ -132,25 +131,6 @@ class PoolStatistics:
     def total_pages(self) -> int:
         return self.nr_pages + self.admitted_pages
 
-    def _values(self) -> tuple[object, ...]:
-        return (self.name, self.base_pfn, self.nr_pages, self.admitted_pages,
-                self.reserved_pages, self.free_pages, self.allocated_pages, self.max_order,
-                self.free_blocks_per_order, self.alloc_failures)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PoolStatistics):
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        names = ("name", "base_pfn", "nr_pages", "admitted_pages", "reserved_pages",
-                 "free_pages", "allocated_pages", "max_order", "free_blocks_per_order",
-                 "alloc_failures")
-        fields_text = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._values(), strict=True))
-        return f"PoolStatistics({fields_text})"
 
 
 @final

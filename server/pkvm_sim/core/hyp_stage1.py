@@ -139,11 +139,11 @@ class HypStage1:
 
     def _path(self, pfn: int) -> list[Key]:
         va_page = pfn + self._va_offset_pages  # va_layout.linear_page(pfn << page_shift)
-        return [(level, va_page // self.span_pages[level]) for level in self.table_levels]
+        return self._path_of_leaf(va_page // self.span_pages[LEAF_LEVEL])
 
     def _path_of_leaf(self, leaf_index: int) -> list[Key]:
-        """_path of every page under the leaf table of that index (each span divides the
-        next level's)."""
+        """The path of every page under the leaf table of that index: (level, VA page //
+        span) per level, as each span is a whole number of leaf spans."""
         leaf_span = self.span_pages[LEAF_LEVEL]
         return [(level, leaf_index // (self.span_pages[level] // leaf_span))
                 for level in self.table_levels]

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Final, final
 
 from .hyp_pool import PoolStatistics
+from .records import ValueRecord
 
 
 class PoolKind(StrEnum):
@@ -48,21 +49,17 @@ class VmInfo:
     donated_pages: int  # host pages donated to hyp at creation (metadata + guest PGD)
 
 
-_FAULT_FIELDS = ("addr", "is_memory", "outcome", "range_start", "range_end", "level",
-                 "recycled", "recycled_pages", "tables_allocated", "errno_name", "reason")
-
-
 @final
-class FaultResult:
+class FaultResult(ValueRecord):
     """Outcome of a host stage-2 fault (host_fault) or an MMIO fault (map_mmio). Built by
     keyword only, as every result record here with more than a few fields; read-only.
 
-    Written out rather than a frozen dataclass: one is built per fault, and a frozen
-    dataclass's generated __init__ (object.__setattr__ per field) is most of a spurious
-    fault's cost in the compiled core; this __init__ compiles to plain stores."""
+    A ValueRecord (records.py), not a frozen dataclass: one is built per fault, and the
+    dataclass's __init__ was most of a spurious fault's cost in the compiled core."""
 
-    __slots__ = ("addr", "is_memory", "outcome", "range_start", "range_end", "level",
-                 "recycled", "recycled_pages", "tables_allocated", "errno_name", "reason")
+    _FIELDS = ("addr", "is_memory", "outcome", "range_start", "range_end", "level",
+               "recycled", "recycled_pages", "tables_allocated", "errno_name", "reason")
+    __slots__ = _FIELDS
     # (the service's result-to-message conversion finds the fields with dir(): the slots)
 
     def __init__(self, *, addr: int, is_memory: bool, outcome: FaultOutcome, range_start: int,
@@ -84,23 +81,6 @@ class FaultResult:
         self.errno_name: Final = errno_name  # for FATAL: 'EEXIST', 'ENOMEM', ...
         self.reason: Final = reason  # for FATAL: human-readable cause
 
-    def _values(self) -> tuple[object, ...]:
-        return (self.addr, self.is_memory, self.outcome, self.range_start, self.range_end,
-                self.level, self.recycled, self.recycled_pages, self.tables_allocated,
-                self.errno_name, self.reason)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, FaultResult):
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={value!r}"
-                           for name, value in zip(_FAULT_FIELDS, self._values(), strict=True))
-        return f"FaultResult({fields})"
 
 
 @dataclass(frozen=True)

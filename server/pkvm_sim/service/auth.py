@@ -133,7 +133,7 @@ class TokenRegistry:
             )
         if token is None:
             raise missing_token("per-VM calls")
-        if not (token.isascii() and hmac.compare_digest(token, expected)):  # as _same does
+        if not _same(token, expected):
             raise _unauthenticated("BAD_TOKEN", f"the token is not VM {handle:#x}'s")
         self.leases.renew(handle)
 

@@ -242,12 +242,8 @@ class FairLock:
 
     def _done(self, tenant: str, seconds: float, now: float) -> None:
         """Charge a job's lock time to its tenant (under _state)."""
-        usage = self._usage.get(tenant)
-        used = seconds if usage is None else \
-            seconds + usage[0] * math.exp2((usage[1] - now) / HALF_LIFE_S)
-        self._usage[tenant] = (used, now)
-        cost = JOB_COST_DECAY * self._job_cost.get(tenant, 0.0)
-        self._job_cost[tenant] = seconds if seconds > cost else cost  # max(), without a call
+        self._usage[tenant] = (self._decayed(tenant, now) + seconds, now)
+        self._job_cost[tenant] = max(seconds, JOB_COST_DECAY * self._job_cost.get(tenant, 0.0))
 
     def _decayed(self, tenant: str, now: float) -> float:
         used, at = self._usage.get(tenant, (0.0, now))
@@ -417,11 +413,7 @@ class TenantGate:
         now = time.monotonic()
         inside = self._inside.get(tenant, 0)
         passes = inside < self.per_tenant or not self._others_about(tenant, now)
-        recent = self._recent
-        if recent and recent[0][0] == tenant:  # _seen's common case, without the call
-            recent[0] = (tenant, now)
-        else:
-            self._seen(tenant, now)
+        self._seen(tenant, now)
         if passes:
             self._inside[tenant] = inside + 1
         return passes
